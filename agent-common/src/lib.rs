@@ -1,0 +1,272 @@
+//! The contract between Tapir's kernel programs (`agent-ebpf`) and its userspace agent.
+//!
+//! Every type here is `#[repr(C)]`, padding-free, and has its size asserted by tests, so both
+//! sides agree byte for byte. Every ring-buffer record starts with an [`EventHeader`] whose
+//! first byte is an [`EventKind`] tag.
+#![no_std]
+
+/// Names of the maps and globals shared by both sides (map names are at most 15 bytes).
+pub mod names {
+    pub const EVENTS: &str = "TAPIR_EVENTS";
+    pub const CONNS: &str = "TAPIR_CONNS";
+    pub const COUNTERS: &str = "TAPIR_COUNTERS";
+    pub const OFFSETS: &str = "TAPIR_OFFSETS";
+    pub const AGENT_TGID: &str = "TAPIR_AGENT_TGID";
+    pub const CAPTURE_BYTES: &str = "TAPIR_CAPTURE";
+}
+
+/// The most payload bytes one data event carries. A power of two: the kernel side masks
+/// offsets with `MAX_CAPTURE - 1` to keep the verifier's bounds simple.
+pub const MAX_CAPTURE: usize = 8192;
+/// Default number of payload bytes copied per syscall.
+pub const DEFAULT_CAPTURE: u32 = MAX_CAPTURE as u32;
+/// At most this many iovec entries are copied from readv/writev/recvmsg/sendmsg.
+pub const MAX_IOVECS: usize = 8;
+
+/// The first byte of every ring-buffer record.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A TCP connection was accepted, connected, or first seen ([`ConnEvent`]).
+    ConnOpen = 1,
+    /// A tracked TCP connection was closed by its process ([`ConnEvent`]).
+    ConnClose = 2,
+    /// Bytes were read from or written to a tracked TCP connection ([`DataEvent`]).
+    Data = 3,
+    /// A process exited ([`EventHeader`] only).
+    ProcExit = 4,
+}
+
+impl EventKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::ConnOpen),
+            2 => Some(Self::ConnClose),
+            3 => Some(Self::Data),
+            4 => Some(Self::ProcExit),
+            _ => None,
+        }
+    }
+}
+
+/// Common start of every event. `ts_ns` is `CLOCK_MONOTONIC` (bpf_ktime_get_ns).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    pub kind: u8,
+    pub _pad: [u8; 3],
+    pub tgid: u32,
+    pub tid: u32,
+    pub fd: u32,
+    pub ts_ns: u64,
+}
+
+/// Which side of the connection the process is on.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Opened before the agent started or otherwise not seen being set up.
+    Unknown = 0,
+    /// The process accepted the connection.
+    Server = 1,
+    /// The process connected it.
+    Client = 2,
+}
+
+impl Role {
+    pub fn from_u8(v: u8) -> Self {
+        match v {
+            1 => Self::Server,
+            2 => Self::Client,
+            _ => Self::Unknown,
+        }
+    }
+}
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Addresses of a TCP connection as the observing process sees them. Ports are host order;
+/// IPv4 addresses occupy the first 4 bytes of the 16-byte fields.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnTuple {
+    pub family: u16,
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u16,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+}
+
+/// [`EventKind::ConnOpen`] / [`EventKind::ConnClose`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEvent {
+    pub header: EventHeader,
+    /// Kernel address of the `struct sock`: tells a reused fd number from the same connection.
+    pub sock_id: u64,
+    pub tuple: ConnTuple,
+    /// A [`Role`].
+    pub role: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Direction of a [`DataEvent`], from the observed process's point of view.
+pub const DIR_INGRESS: u8 = 0;
+pub const DIR_EGRESS: u8 = 1;
+
+/// The syscall family that produced a [`DataEvent`] (for diagnostics).
+pub mod syscall {
+    pub const READ: u8 = 1;
+    pub const READV: u8 = 2;
+    pub const RECVFROM: u8 = 3;
+    pub const RECVMSG: u8 = 4;
+    pub const WRITE: u8 = 5;
+    pub const WRITEV: u8 = 6;
+    pub const SENDTO: u8 = 7;
+    pub const SENDMSG: u8 = 8;
+    pub const SENDFILE: u8 = 9;
+}
+
+/// [`EventKind::Data`]: fixed part; `captured` payload bytes follow it in the record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataEventHeader {
+    pub header: EventHeader,
+    pub sock_id: u64,
+    /// Bytes the syscall moved.
+    pub total: u32,
+    /// Payload bytes that follow (a prefix of `total`, at most [`MAX_CAPTURE`]).
+    pub captured: u32,
+    pub direction: u8,
+    pub syscall: u8,
+    /// Valid bytes in `tail` (0 when the whole payload was captured).
+    pub tail_len: u8,
+    pub _pad: [u8; 5],
+    /// The last bytes moved when they were not captured: enough to see the end of a
+    /// chunked body (`0\r\n\r\n`) that lies beyond the captured prefix.
+    pub tail: [u8; TAIL_BYTES],
+}
+
+/// Size of [`DataEventHeader::tail`].
+pub const TAIL_BYTES: usize = 16;
+
+/// What the kernel side remembers per (tgid, fd).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnKey {
+    pub tgid: u32,
+    pub fd: u32,
+}
+
+/// [`ConnState::flags`]: the fd is a TCP socket that is tracked.
+pub const CONN_TCP: u32 = 1;
+/// The connection has carried something that starts like HTTP/1.x: its later chunks
+/// (header continuations, bodies) are reported too.
+pub const CONN_HTTP: u32 = 2;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnState {
+    pub sock_id: u64,
+    pub flags: u32,
+    pub role: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Struct member offsets (bytes) of the running kernel, read from its BTF at start-up and
+/// handed to the programs as a read-only global, so that no layout is hard-coded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
+    pub file_private_data: u32,
+    pub file_f_inode: u32,
+    pub inode_i_mode: u32,
+    pub socket_type: u32,
+    pub socket_sk: u32,
+    pub sock_protocol: u32,
+    pub skc_family: u32,
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    /// Size in bytes of `sock.sk_protocol` (2 on current kernels, 1 on old bitfield ones).
+    pub sock_protocol_size: u32,
+}
+
+/// Indexes of the kernel-side counters (a per-CPU array summed by userspace).
+pub mod counter {
+    /// A record did not fit in the ring buffer.
+    pub const RINGBUF_FULL: u32 = 0;
+    /// The fd → socket walk failed (unreadable kernel memory).
+    pub const WALK_FAILED: u32 = 1;
+    /// The connection table was full when a connection was first seen.
+    pub const CONN_TABLE_FULL: u32 = 2;
+    /// A user buffer could not be read.
+    pub const READ_USER_FAILED: u32 = 3;
+    /// Data events submitted.
+    pub const DATA_EVENTS: u32 = 4;
+    /// Connection events submitted.
+    pub const CONN_EVENTS: u32 = 5;
+    pub const COUNT: u32 = 8;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are repr(C), contain only integers and byte arrays, and have no padding
+    // (asserted by the layout tests below).
+    unsafe impl aya::Pod for KernelOffsets {}
+    unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for ConnState {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{align_of, offset_of, size_of};
+
+    #[test]
+    fn layouts_are_padding_free_and_stable() {
+        assert_eq!(size_of::<EventHeader>(), 24);
+        assert_eq!(size_of::<ConnTuple>(), 40);
+        assert_eq!(size_of::<ConnEvent>(), 24 + 8 + 40 + 8);
+        assert_eq!(offset_of!(ConnEvent, tuple), 32);
+        assert_eq!(offset_of!(ConnEvent, role), 72);
+        assert_eq!(size_of::<DataEventHeader>(), 64);
+        assert_eq!(offset_of!(DataEventHeader, tail), 48);
+        assert_eq!(offset_of!(DataEventHeader, total), 32);
+        assert_eq!(offset_of!(DataEventHeader, direction), 40);
+        assert_eq!(size_of::<ConnKey>(), 8);
+        assert_eq!(size_of::<ConnState>(), 16);
+        assert_eq!(size_of::<KernelOffsets>(), 18 * 4);
+        assert_eq!(align_of::<DataEventHeader>(), 8);
+    }
+
+    #[test]
+    fn event_kinds_round_trip() {
+        for k in [
+            EventKind::ConnOpen,
+            EventKind::ConnClose,
+            EventKind::Data,
+            EventKind::ProcExit,
+        ] {
+            assert_eq!(EventKind::from_u8(k as u8), Some(k));
+        }
+        assert_eq!(EventKind::from_u8(0), None);
+        assert_eq!(EventKind::from_u8(255), None);
+        assert_eq!(Role::from_u8(7), Role::Unknown);
+    }
+
+    #[test]
+    fn max_capture_is_a_power_of_two() {
+        assert!(MAX_CAPTURE.is_power_of_two());
+    }
+}

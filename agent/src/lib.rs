@@ -1,0 +1,7 @@
+//! Tapir: eBPF zero-code auto-instrumentation.
+//!
+//! Modules follow the data flow: kernel probes ([`probes`], [`loader`]) → ring buffer
+//! records ([`capture`]) → per-connection HTTP/1.x assembly ([`http`]) → finished exchanges
+//! ([`exchange`]) → outputs ([`watch`]).
+pub mod btf;
+pub mod http;
