@@ -171,8 +171,10 @@ pub const CONN_HTTP: u32 = 2;
 pub struct ConnState {
     pub sock_id: u64,
     pub flags: u32,
+    /// The process's fd generation when this was cached (see the kernel's PROC_GEN map).
+    pub gen: u32,
     pub role: u8,
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 7],
 }
 
 /// Struct member offsets (bytes) of the running kernel, read from its BTF at start-up and
@@ -245,7 +247,7 @@ mod tests {
         assert_eq!(offset_of!(DataEventHeader, total), 32);
         assert_eq!(offset_of!(DataEventHeader, direction), 40);
         assert_eq!(size_of::<ConnKey>(), 8);
-        assert_eq!(size_of::<ConnState>(), 16);
+        assert_eq!(size_of::<ConnState>(), 24);
         assert_eq!(size_of::<KernelOffsets>(), 18 * 4);
         assert_eq!(align_of::<DataEventHeader>(), 8);
     }

@@ -5,3 +5,11 @@
 //! ([`exchange`]) → outputs ([`watch`]).
 pub mod btf;
 pub mod http;
+pub mod capture;
+pub mod clock;
+pub mod doctor;
+pub mod loader;
+pub mod probes;
+pub mod process;
+pub mod tracefs;
+pub mod stats;

@@ -1,1 +1,183 @@
-fn main() {}
+//! `cargo xtask build | run | test | bench`: everything a newcomer needs, installed on demand.
+use std::{
+    env,
+    ffi::OsString,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod setup;
+
+#[derive(Parser)]
+#[command(about = "Tapir's build, run, test and bench tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the eBPF object (nightly, bpfel) and the release `tapir` binary that embeds it.
+    Build,
+    /// Build, then run `tapir` as root with the given arguments: `cargo xtask run -- doctor`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Build, install test dependencies, run unit tests and the root end-to-end tests.
+    Test {
+        /// Only run end-to-end tests whose name matches (pytest -k expression).
+        #[arg(short = 'k')]
+        filter: Option<String>,
+        /// Skip the unit tests.
+        #[arg(long)]
+        e2e_only: bool,
+    },
+    /// Benchmarks: overhead on observed services and the agent's own cost.
+    Bench {
+        /// A 1–2 minute smoke run.
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    let root = project_root();
+    match cli.cmd {
+        Cmd::Build => build(&root).map(|_| ()),
+        Cmd::Run { args } => {
+            let bin = build(&root)?;
+            run_tapir(&bin, &args)
+        }
+        Cmd::Test { filter, e2e_only } => test(&root, filter.as_deref(), e2e_only),
+        Cmd::Bench { quick } => {
+            let bin = build(&root)?;
+            bench::run(&root, &bin, quick)
+        }
+    }
+}
+
+pub fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+pub fn ebpf_object(root: &Path) -> PathBuf {
+    root.join("agent-ebpf/target/bpfel-unknown-none/release/tapir-ebpf")
+}
+
+/// Builds everything; returns the path of the release binary.
+fn build(root: &Path) -> Result<PathBuf> {
+    setup::ensure_ebpf_toolchain(root)?;
+    let obj = ebpf_object(root);
+    status(
+        Command::new("rustup")
+            .args(["run", "nightly", "cargo", "build", "--release"])
+            .args(["-Z", "build-std=core", "--target", "bpfel-unknown-none"])
+            .current_dir(root.join("agent-ebpf"))
+            // The outer `cargo xtask` sets these for the stable toolchain; the nightly build
+            // must not inherit them.
+            .env_remove("RUSTC")
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO"),
+        "building the eBPF programs (nightly, bpfel-unknown-none)",
+    )?;
+    if !obj.exists() {
+        bail!("the eBPF build finished but {} is missing", obj.display());
+    }
+    status(
+        Command::new(cargo())
+            .args(["build", "--release", "-p", "tapir"])
+            .env("TAPIR_EBPF_OBJECT", &obj)
+            .current_dir(root),
+        "building the tapir binary",
+    )?;
+    Ok(root.join("target/release/tapir"))
+}
+
+fn run_tapir(bin: &Path, args: &[OsString]) -> Result<()> {
+    let mut cmd = if is_root() {
+        Command::new(bin)
+    } else {
+        eprintln!("xtask: tapir needs root to load eBPF programs; running it with sudo");
+        let mut c = Command::new("sudo");
+        c.arg("-E").arg(bin);
+        c
+    };
+    cmd.args(args);
+    let st = cmd
+        .status()
+        .with_context(|| format!("could not start {}", bin.display()))?;
+    if !st.success() {
+        bail!("tapir exited with {st}");
+    }
+    Ok(())
+}
+
+fn test(root: &Path, filter: Option<&str>, e2e_only: bool) -> Result<()> {
+    let bin = build(root)?;
+    if !e2e_only {
+        status(
+            Command::new(cargo())
+                .args(["test", "--workspace", "--release"])
+                .env("TAPIR_EBPF_OBJECT", ebpf_object(root))
+                .current_dir(root),
+            "unit tests",
+        )?;
+    }
+    let python = setup::ensure_test_deps(root)?;
+    if !is_root() {
+        if env::var("CI").is_ok_and(|v| v == "true") {
+            bail!("the end-to-end tests must run as root under CI");
+        }
+        eprintln!("xtask: not root: skipping the end-to-end tests (they load eBPF programs)");
+        return Ok(());
+    }
+    let mut cmd = Command::new(python);
+    cmd.args(["-m", "pytest", "-v", "-p", "no:cacheprovider", "tests"])
+        .env("TAPIR_BIN", &bin)
+        .current_dir(root);
+    if let Some(k) = filter {
+        cmd.args(["-k", k]);
+    }
+    status(&mut cmd, "end-to-end tests")
+}
+
+pub fn cargo() -> OsString {
+    env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+}
+
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+pub fn status(cmd: &mut Command, what: &str) -> Result<()> {
+    let st = cmd
+        .status()
+        .with_context(|| format!("{what}: could not start {:?}", cmd.get_program()))?;
+    if !st.success() {
+        bail!("{what} failed ({st})");
+    }
+    Ok(())
+}

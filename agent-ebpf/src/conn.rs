@@ -1,0 +1,130 @@
+//! The per-(tgid, fd) cache: one map lookup decides whether a syscall is on a TCP socket.
+use agent_common::{
+    counter, ConnEvent, ConnKey, ConnState, ConnTuple, EventHeader, EventKind, Role, CONN_TCP,
+};
+use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns};
+
+use crate::{
+    maps::{count, ringbuf_flags, CONNS, EVENTS, PROC_GEN},
+    sock::{resolve_fd, FdKind},
+};
+
+#[inline(always)]
+pub fn current_gen(tgid: u32) -> u32 {
+    // SAFETY: plain value read of a map entry.
+    unsafe { PROC_GEN.get(tgid).copied().unwrap_or(0) }
+}
+
+/// Invalidates every cached fd of `tgid` (exec, close_range, exit).
+#[inline(always)]
+pub fn bump_gen(tgid: u32) {
+    let next = current_gen(tgid).wrapping_add(1);
+    let _ = PROC_GEN.insert(tgid, next, 0);
+}
+
+/// The cached state of `fd` in the current process, resolving and caching it on a miss.
+/// Returns `None` for anything that is not a tracked TCP connection.
+#[inline(always)]
+pub fn lookup_tcp(tgid: u32, fd: u32) -> Option<*mut ConnState> {
+    let key = ConnKey { tgid, fd };
+    let gen = current_gen(tgid);
+    if let Some(state) = CONNS.get_ptr_mut(key) {
+        // SAFETY: pointer from a successful lookup.
+        let s = unsafe { &*state };
+        if s.gen == gen {
+            return if s.flags & CONN_TCP != 0 {
+                Some(state)
+            } else {
+                None
+            };
+        }
+    }
+    // First sight of this fd (or a stale entry): classify it once.
+    match resolve_fd(fd) {
+        FdKind::Tcp { sock_id, tuple } => {
+            let state = ConnState {
+                sock_id,
+                flags: CONN_TCP,
+                gen,
+                role: Role::Unknown as u8,
+                _pad: [0; 7],
+            };
+            if CONNS.insert(key, state, 0).is_err() {
+                count(counter::CONN_TABLE_FULL);
+                return None;
+            }
+            emit_conn(EventKind::ConnOpen, fd, sock_id, &tuple, Role::Unknown);
+            CONNS.get_ptr_mut(key)
+        }
+        FdKind::Other => {
+            let state = ConnState {
+                gen,
+                ..ConnState::default()
+            };
+            let _ = CONNS.insert(key, state, 0);
+            None
+        }
+        FdKind::Unknown => {
+            count(counter::WALK_FAILED);
+            None
+        }
+    }
+}
+
+/// Records a connection the process just accepted or connected, replacing whatever was
+/// cached for that fd number.
+#[inline(always)]
+pub fn track_new(tgid: u32, fd: u32, role: Role) -> bool {
+    match resolve_fd(fd) {
+        FdKind::Tcp { sock_id, tuple } => {
+            let state = ConnState {
+                sock_id,
+                flags: CONN_TCP,
+                gen: current_gen(tgid),
+                role: role as u8,
+                _pad: [0; 7],
+            };
+            if CONNS.insert(ConnKey { tgid, fd }, state, 0).is_err() {
+                count(counter::CONN_TABLE_FULL);
+                return false;
+            }
+            emit_conn(EventKind::ConnOpen, fd, sock_id, &tuple, role);
+            true
+        }
+        FdKind::Other => false,
+        FdKind::Unknown => {
+            count(counter::WALK_FAILED);
+            false
+        }
+    }
+}
+
+#[inline(always)]
+pub fn header(kind: EventKind, fd: u32) -> EventHeader {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    EventHeader {
+        kind: kind as u8,
+        _pad: [0; 3],
+        tgid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        fd,
+        // SAFETY: helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+    }
+}
+
+#[inline(always)]
+pub fn emit_conn(kind: EventKind, fd: u32, sock_id: u64, tuple: &ConnTuple, role: Role) {
+    let ev = ConnEvent {
+        header: header(kind, fd),
+        sock_id,
+        tuple: *tuple,
+        role: role as u8,
+        _pad: [0; 7],
+    };
+    // Connection events are rare and userspace wants them promptly.
+    match EVENTS.output::<ConnEvent>(&ev, ringbuf_flags()) {
+        Ok(()) => count(counter::CONN_EVENTS),
+        Err(_) => count(counter::RINGBUF_FULL),
+    }
+}

@@ -1,0 +1,277 @@
+//! read/write-family syscalls on tracked TCP connections: save the arguments at entry, copy
+//! a bounded prefix (and the last few bytes) at exit when the bytes are or follow HTTP/1.x.
+use agent_common::{
+    counter, syscall, ConnKey, EventKind, CONN_HTTP, DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE,
+    MAX_IOVECS, TAIL_BYTES,
+};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_ringbuf_output},
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+
+use crate::{
+    conn::{header, lookup_tcp},
+    maps::{
+        agent_tgid, capture_bytes, count, ringbuf_flags, PendingIo, CONNS, EVENTS, PENDING,
+        SCRATCH, SCRATCH_BYTES, SHAPE_BUF, SHAPE_IOVEC, SHAPE_MSGHDR, SHAPE_NONE,
+    },
+};
+
+/// Syscall tracepoint arguments start at offset 16, 8 bytes each; `ret` of sys_exit_* is at 16.
+#[inline(always)]
+fn arg(ctx: &TracePointContext, n: usize) -> u64 {
+    // SAFETY: the tracepoint record has at least 6 argument slots.
+    unsafe { ctx.read_at::<u64>(16 + 8 * n).unwrap_or(0) }
+}
+
+#[inline(always)]
+fn enter(ctx: &TracePointContext, call: u8, direction: u8, shape: u8) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if tgid == agent_tgid() {
+        return 0;
+    }
+    let fd = arg(ctx, 0) as u32;
+    let Some(state) = lookup_tcp(tgid, fd) else {
+        return 0;
+    };
+    // SAFETY: pointer from a successful map lookup.
+    let sock_id = unsafe { (*state).sock_id };
+    let pending = PendingIo {
+        buf: arg(ctx, 1),
+        vlen: if shape == SHAPE_IOVEC { arg(ctx, 2) } else { 0 },
+        sock_id,
+        fd,
+        flags: 0,
+        syscall: call,
+        direction,
+        shape,
+        _pad: [0; 5],
+    };
+    let _ = PENDING.insert(pid_tgid, pending, 0);
+    0
+}
+
+#[inline(always)]
+fn exit<const SHAPE: u8>(ctx: &TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: value copied out before the entry is removed.
+    let Some(p) = (unsafe { PENDING.get(pid_tgid).copied() }) else {
+        return 0;
+    };
+    let _ = PENDING.remove(pid_tgid);
+    let ret = arg(ctx, 0) as i64;
+    if ret <= 0 {
+        return 0;
+    }
+    let key = ConnKey {
+        tgid: (pid_tgid >> 32) as u32,
+        fd: p.fd,
+    };
+    let Some(state) = CONNS.get_ptr_mut(key) else {
+        return 0;
+    };
+    // SAFETY: pointer from a successful map lookup.
+    let state = unsafe { &mut *state };
+    if state.sock_id != p.sock_id || p.shape != SHAPE {
+        return 0;
+    }
+    let _ = emit_data::<SHAPE>(&p, ret as u64, state);
+    0
+}
+
+/// The first buffer of the call: (address, length).
+#[inline(always)]
+fn first_segment<const SHAPE: u8>(p: &PendingIo, total: u64) -> Option<(u64, u64)> {
+    match SHAPE {
+        SHAPE_BUF => Some((p.buf, total)),
+        SHAPE_IOVEC => read_iovec(p.buf, 0),
+        SHAPE_MSGHDR => {
+            let (iov, _) = msghdr_iov(p.buf)?;
+            read_iovec(iov, 0)
+        }
+        _ => None,
+    }
+}
+
+#[inline(always)]
+fn read_iovec(base: u64, i: u64) -> Option<(u64, u64)> {
+    // SAFETY: bpf_probe_read_user tolerates any address.
+    unsafe { bpf_probe_read_user((base + i * 16) as *const [u64; 2]) }
+        .ok()
+        .map(|v| (v[0], v[1]))
+}
+
+/// struct user_msghdr: msg_iov at 16, msg_iovlen at 24.
+#[inline(always)]
+fn msghdr_iov(msg: u64) -> Option<(u64, u64)> {
+    // SAFETY: bpf_probe_read_user tolerates any address.
+    let v = unsafe { bpf_probe_read_user((msg + 16) as *const [u64; 2]) }.ok()?;
+    Some((v[0], v[1]))
+}
+
+/// Does this look like the start of an HTTP/1.x request or response?
+#[inline(always)]
+fn looks_like_http(addr: u64, len: u64) -> bool {
+    if len < 4 {
+        return false;
+    }
+    // SAFETY: bpf_probe_read_user tolerates any address.
+    let Ok(b) = (unsafe { bpf_probe_read_user(addr as *const [u8; 4]) }) else {
+        return false;
+    };
+    matches!(
+        &b,
+        b"GET " | b"POST" | b"PUT " | b"HEAD" | b"DELE" | b"PATC" | b"OPTI" | b"CONN" | b"TRAC"
+            | b"HTTP"
+    )
+}
+
+#[inline(always)]
+fn emit_data<const SHAPE: u8>(
+    p: &PendingIo,
+    total: u64,
+    state: &mut agent_common::ConnState,
+) -> Option<()> {
+    if state.flags & CONN_HTTP == 0 {
+        // Only connections that have carried HTTP/1.x are reported; everything else costs
+        // one lookup and this check.
+        let (addr, len) = first_segment::<SHAPE>(p, total)?;
+        if !looks_like_http(addr, len.min(total)) {
+            return None;
+        }
+        state.flags |= CONN_HTTP;
+    }
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU scratch slot; nothing else on this CPU uses it during this program.
+    let scratch = unsafe { &mut *scratch };
+    let cap = (capture_bytes() as u64).min(total);
+    let mut captured: u64 = 0;
+    let mut tail_addr: u64 = 0;
+    if SHAPE == SHAPE_BUF {
+        captured = copy_user(&mut scratch.data, 0, p.buf, cap);
+        if total > captured && total >= TAIL_BYTES as u64 {
+            tail_addr = p.buf + total - TAIL_BYTES as u64;
+        }
+    } else if SHAPE == SHAPE_IOVEC || SHAPE == SHAPE_MSGHDR {
+        let (iov, vlen) = if SHAPE == SHAPE_IOVEC {
+            (p.buf, p.vlen)
+        } else {
+            msghdr_iov(p.buf)?
+        };
+        let mut consumed: u64 = 0;
+        let mut last: (u64, u64) = (0, 0);
+        for i in 0..MAX_IOVECS as u64 {
+            if i >= vlen || consumed >= total {
+                break;
+            }
+            let Some((base, len)) = read_iovec(iov, i) else {
+                break;
+            };
+            let seg = len.min(total - consumed);
+            // Opaque to the verifier so iterations share states instead of multiplying.
+            let done = core::hint::black_box(captured);
+            if done < cap {
+                captured = done + copy_user(&mut scratch.data, done, base, seg.min(cap - done));
+            }
+            consumed += seg;
+            last = (base, seg);
+        }
+        if consumed >= total && last.1 >= TAIL_BYTES as u64 {
+            tail_addr = last.0 + last.1 - TAIL_BYTES as u64;
+        }
+    }
+    let hdr = &mut scratch.hdr;
+    hdr.header = header(EventKind::Data, p.fd);
+    hdr.sock_id = p.sock_id;
+    hdr.total = total.min(u32::MAX as u64) as u32;
+    hdr.captured = captured as u32;
+    hdr.direction = p.direction;
+    hdr.syscall = p.syscall;
+    hdr.tail_len = 0;
+    if tail_addr != 0 && total > captured {
+        // SAFETY: bpf_probe_read_user tolerates any address.
+        if let Ok(t) = unsafe { bpf_probe_read_user(tail_addr as *const [u8; TAIL_BYTES]) } {
+            hdr.tail = t;
+            hdr.tail_len = TAIL_BYTES as u8;
+        }
+    }
+    let size = core::mem::size_of::<agent_common::DataEventHeader>() as u64
+        + (core::hint::black_box(captured.min(MAX_CAPTURE as u64)) & (2 * MAX_CAPTURE as u64 - 1));
+    // SAFETY: `size` never exceeds the scratch record.
+    let rc = unsafe {
+        bpf_ringbuf_output(
+            core::ptr::addr_of!(EVENTS) as *mut _,
+            scratch as *mut _ as *mut _,
+            size,
+            ringbuf_flags(),
+        )
+    };
+    if rc == 0 {
+        count(counter::DATA_EVENTS);
+    } else {
+        count(counter::RINGBUF_FULL);
+    }
+    Some(())
+}
+
+/// Copies `len` (≤ MAX_CAPTURE) user bytes to `dst[off..]`; returns the bytes copied (0 on
+/// failure). Offset and length pass through `black_box` and a mask so that the verifier
+/// sees explicit bounds (off < MAX, len < 2×MAX) and the write stays inside 3×MAX.
+#[inline(always)]
+fn copy_user(dst: &mut [u8; SCRATCH_BYTES], off: u64, src: u64, len: u64) -> u64 {
+    let len = len.min(MAX_CAPTURE as u64);
+    let off = core::hint::black_box(off) & (MAX_CAPTURE as u64 - 1);
+    let len = core::hint::black_box(len) & (2 * MAX_CAPTURE as u64 - 1);
+    if len == 0 {
+        return 0;
+    }
+    // SAFETY: off < MAX_CAPTURE and len < 2×MAX_CAPTURE, so the write stays in `dst`.
+    let rc = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(
+            dst.as_mut_ptr().add(off as usize) as *mut _,
+            len as u32,
+            src as *const _,
+        )
+    };
+    if rc == 0 {
+        len
+    } else {
+        count(counter::READ_USER_FAILED);
+        0
+    }
+}
+
+macro_rules! io_pair {
+    ($enter:ident, $exit:ident, $call:expr, $dir:expr, $shape:expr) => {
+        #[tracepoint]
+        pub fn $enter(ctx: TracePointContext) -> u32 {
+            enter(&ctx, $call, $dir, $shape)
+        }
+        #[tracepoint]
+        pub fn $exit(ctx: TracePointContext) -> u32 {
+            exit::<$shape>(&ctx)
+        }
+    };
+}
+
+io_pair!(tapir_enter_read, tapir_exit_read, syscall::READ, DIR_INGRESS, SHAPE_BUF);
+io_pair!(tapir_enter_readv, tapir_exit_readv, syscall::READV, DIR_INGRESS, SHAPE_IOVEC);
+io_pair!(tapir_enter_recvfrom, tapir_exit_recvfrom, syscall::RECVFROM, DIR_INGRESS, SHAPE_BUF);
+io_pair!(tapir_enter_recvmsg, tapir_exit_recvmsg, syscall::RECVMSG, DIR_INGRESS, SHAPE_MSGHDR);
+io_pair!(tapir_enter_write, tapir_exit_write, syscall::WRITE, DIR_EGRESS, SHAPE_BUF);
+io_pair!(tapir_enter_writev, tapir_exit_writev, syscall::WRITEV, DIR_EGRESS, SHAPE_IOVEC);
+io_pair!(tapir_enter_sendto, tapir_exit_sendto, syscall::SENDTO, DIR_EGRESS, SHAPE_BUF);
+io_pair!(tapir_enter_sendmsg, tapir_exit_sendmsg, syscall::SENDMSG, DIR_EGRESS, SHAPE_MSGHDR);
+
+/// sendfile64(out_fd, in_fd, offset, count): the socket is `out_fd`; only the byte count is
+/// reported (the payload is in a file, not in user memory).
+#[tracepoint]
+pub fn tapir_enter_sendfile(ctx: TracePointContext) -> u32 {
+    enter(&ctx, syscall::SENDFILE, DIR_EGRESS, SHAPE_NONE)
+}
+#[tracepoint]
+pub fn tapir_exit_sendfile(ctx: TracePointContext) -> u32 {
+    exit::<SHAPE_NONE>(&ctx)
+}

@@ -1,0 +1,167 @@
+//! Connection and process lifecycle: accept/connect start tracking with a known role,
+//! close/dup2 end it, exec/close_range/exit invalidate a process's cached fds.
+use agent_common::{ConnKey, ConnTuple, EventKind, Role, CONN_TCP};
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
+};
+use aya_log_ebpf::debug;
+
+use crate::{
+    conn::{bump_gen, emit_conn, header, track_new},
+    maps::{agent_tgid, count, ringbuf_flags, PendingIo, CONNS, EVENTS, PENDING, SHAPE_NONE},
+};
+
+const EINPROGRESS: i64 = -115;
+const CONNECT_MARK: u8 = 0xff;
+
+#[inline(always)]
+fn arg(ctx: &TracePointContext, n: usize) -> u64 {
+    // SAFETY: syscall tracepoint records have at least 6 argument slots.
+    unsafe { ctx.read_at::<u64>(16 + 8 * n).unwrap_or(0) }
+}
+
+#[inline(always)]
+fn current() -> (u64, u32) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    (pid_tgid, (pid_tgid >> 32) as u32)
+}
+
+#[inline(always)]
+fn on_accept_exit(ctx: &TracePointContext) -> u32 {
+    let (_, tgid) = current();
+    if tgid == agent_tgid() {
+        return 0;
+    }
+    let ret = arg(ctx, 0) as i64;
+    if ret < 0 {
+        return 0;
+    }
+    if track_new(tgid, ret as u32, Role::Server) {
+        debug!(ctx, "tapir: pid {} accepted tcp fd {}", tgid, ret as u32);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn tapir_exit_accept4(ctx: TracePointContext) -> u32 {
+    on_accept_exit(&ctx)
+}
+
+#[tracepoint]
+pub fn tapir_exit_accept(ctx: TracePointContext) -> u32 {
+    on_accept_exit(&ctx)
+}
+
+#[tracepoint]
+pub fn tapir_enter_connect(ctx: TracePointContext) -> u32 {
+    let (pid_tgid, tgid) = current();
+    if tgid == agent_tgid() {
+        return 0;
+    }
+    let p = PendingIo {
+        buf: 0,
+        vlen: 0,
+        sock_id: 0,
+        fd: arg(&ctx, 0) as u32,
+        flags: 0,
+        syscall: CONNECT_MARK,
+        direction: 0,
+        shape: SHAPE_NONE,
+        _pad: [0; 5],
+    };
+    let _ = PENDING.insert(pid_tgid, p, 0);
+    0
+}
+
+#[tracepoint]
+pub fn tapir_exit_connect(ctx: TracePointContext) -> u32 {
+    let (pid_tgid, tgid) = current();
+    // SAFETY: value copied out before the entry is removed.
+    let Some(p) = (unsafe { PENDING.get(pid_tgid).copied() }) else {
+        return 0;
+    };
+    let _ = PENDING.remove(pid_tgid);
+    if p.syscall != CONNECT_MARK {
+        return 0;
+    }
+    let ret = arg(&ctx, 0) as i64;
+    if ret != 0 && ret != EINPROGRESS {
+        return 0;
+    }
+    if track_new(tgid, p.fd, Role::Client) {
+        debug!(&ctx, "tapir: pid {} connected tcp fd {}", tgid, p.fd);
+    }
+    0
+}
+
+/// Forgets `fd` of the current process, reporting the close of a tracked connection.
+#[inline(always)]
+fn forget_fd(tgid: u32, fd: u32) {
+    let key = ConnKey { tgid, fd };
+    // SAFETY: value copied out before the entry is removed.
+    let Some(state) = (unsafe { CONNS.get(key).copied() }) else {
+        return;
+    };
+    let _ = CONNS.remove(key);
+    if state.flags & CONN_TCP != 0 {
+        emit_conn(
+            EventKind::ConnClose,
+            fd,
+            state.sock_id,
+            &ConnTuple::default(),
+            Role::from_u8(state.role),
+        );
+    }
+}
+
+#[tracepoint]
+pub fn tapir_enter_close(ctx: TracePointContext) -> u32 {
+    let (_, tgid) = current();
+    forget_fd(tgid, arg(&ctx, 0) as u32);
+    0
+}
+
+/// dup2/dup3 silently close `newfd` first.
+#[tracepoint]
+pub fn tapir_enter_dup2(ctx: TracePointContext) -> u32 {
+    let (_, tgid) = current();
+    forget_fd(tgid, arg(&ctx, 1) as u32);
+    0
+}
+
+#[tracepoint]
+pub fn tapir_enter_dup3(ctx: TracePointContext) -> u32 {
+    let (_, tgid) = current();
+    forget_fd(tgid, arg(&ctx, 1) as u32);
+    0
+}
+
+#[tracepoint]
+pub fn tapir_enter_close_range(_ctx: TracePointContext) -> u32 {
+    let (_, tgid) = current();
+    bump_gen(tgid);
+    0
+}
+
+/// sched/sched_process_exec: CLOEXEC fds are gone without a close().
+#[tracepoint]
+pub fn tapir_sched_exec(_ctx: TracePointContext) -> u32 {
+    let (_, tgid) = current();
+    bump_gen(tgid);
+    0
+}
+
+/// sched/sched_process_exit fires per thread; the process is gone when its leader exits.
+#[tracepoint]
+pub fn tapir_sched_exit(_ctx: TracePointContext) -> u32 {
+    let (pid_tgid, tgid) = current();
+    if pid_tgid as u32 != tgid {
+        return 0;
+    }
+    bump_gen(tgid);
+    let hdr = header(EventKind::ProcExit, 0);
+    if EVENTS.output::<agent_common::EventHeader>(&hdr, ringbuf_flags()).is_err() {
+        count(agent_common::counter::RINGBUF_FULL);
+    }
+    0
+}

@@ -1,0 +1,138 @@
+//! Maps and read-only globals shared with userspace (names in `agent_common::names`).
+use agent_common::{ConnKey, ConnState, DataEventHeader, KernelOffsets, MAX_CAPTURE};
+use aya_ebpf::{
+    macros::map,
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+};
+
+/// Kernel struct offsets, filled by the agent from BTF before loading.
+#[unsafe(no_mangle)]
+pub static TAPIR_OFFSETS: KernelOffsets = KernelOffsets {
+    task_files: 0,
+    files_fdt: 0,
+    fdtable_max_fds: 0,
+    fdtable_fd: 0,
+    file_private_data: 0,
+    file_f_inode: 0,
+    inode_i_mode: 0,
+    socket_type: 0,
+    socket_sk: 0,
+    sock_protocol: 0,
+    skc_family: 0,
+    skc_daddr: 0,
+    skc_rcv_saddr: 0,
+    skc_dport: 0,
+    skc_num: 0,
+    skc_v6_daddr: 0,
+    skc_v6_rcv_saddr: 0,
+    sock_protocol_size: 0,
+};
+
+/// The agent's own process: its exporter traffic must never be observed.
+#[unsafe(no_mangle)]
+pub static TAPIR_AGENT_TGID: u32 = 0;
+
+/// Payload bytes copied per syscall (≤ MAX_CAPTURE).
+#[unsafe(no_mangle)]
+pub static TAPIR_CAPTURE: u32 = agent_common::DEFAULT_CAPTURE;
+
+#[inline(always)]
+pub fn offsets() -> KernelOffsets {
+    // SAFETY: reading a static; volatile so the loader's value is used, not the default.
+    unsafe { core::ptr::read_volatile(&TAPIR_OFFSETS) }
+}
+
+#[inline(always)]
+pub fn agent_tgid() -> u32 {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(&TAPIR_AGENT_TGID) }
+}
+
+#[inline(always)]
+pub fn capture_bytes() -> usize {
+    // SAFETY: as above.
+    let v = unsafe { core::ptr::read_volatile(&TAPIR_CAPTURE) } as usize;
+    if v > MAX_CAPTURE {
+        MAX_CAPTURE
+    } else {
+        v
+    }
+}
+
+#[map(name = "TAPIR_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+
+/// (tgid, fd) → what we know about that fd: a TCP connection or not a TCP socket.
+#[map(name = "TAPIR_CONNS")]
+pub static CONNS: LruHashMap<ConnKey, ConnState> = LruHashMap::with_max_entries(65536, 0);
+
+/// tgid → generation, bumped when a process replaces fds wholesale (exec, close_range,
+/// exit) so that cached (tgid, fd) entries from before are not trusted.
+#[map(name = "TAPIR_PROC_GEN")]
+pub static PROC_GEN: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
+
+/// Arguments saved at syscall entry, keyed by pid_tgid, consumed at exit.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct PendingIo {
+    pub buf: u64,
+    /// For vectored calls: number of iovecs; otherwise 0.
+    pub vlen: u64,
+    pub sock_id: u64,
+    pub fd: u32,
+    pub flags: u32,
+    pub syscall: u8,
+    pub direction: u8,
+    /// How `buf` is to be read: plain buffer, iovec array, or msghdr.
+    pub shape: u8,
+    pub _pad: [u8; 5],
+}
+
+pub const SHAPE_BUF: u8 = 0;
+pub const SHAPE_IOVEC: u8 = 1;
+pub const SHAPE_MSGHDR: u8 = 2;
+pub const SHAPE_NONE: u8 = 3;
+
+#[map(name = "TAPIR_PENDING")]
+pub static PENDING: LruHashMap<u64, PendingIo> = LruHashMap::with_max_entries(16384, 0);
+
+/// Room for a copy at a masked offset (< MAX) with a masked length (< 2×MAX).
+pub const SCRATCH_BYTES: usize = 3 * MAX_CAPTURE;
+
+/// Per-CPU scratch record for a data event: header plus room for a masked copy.
+#[repr(C)]
+pub struct DataScratch {
+    pub hdr: DataEventHeader,
+    pub data: [u8; SCRATCH_BYTES],
+}
+
+#[map(name = "TAPIR_SCRATCH")]
+pub static SCRATCH: PerCpuArray<DataScratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "TAPIR_COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(agent_common::counter::COUNT, 0);
+
+#[inline(always)]
+pub fn count(idx: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(idx) {
+        // SAFETY: per-CPU slot, only this CPU writes it.
+        unsafe { *p += 1 };
+    }
+}
+
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+/// Wake the reader only once this much is waiting: a wakeup per record costs a self-IPI
+/// in the hook. The reader also drains on a short timer.
+const WAKEUP_THRESHOLD: u64 = 256 * 1024;
+
+#[inline(always)]
+pub fn ringbuf_flags() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_THRESHOLD {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}

@@ -1,0 +1,133 @@
+//! One module per subcommand; shared start-up/shutdown plumbing here.
+pub mod doctor;
+pub mod run;
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    thread,
+};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tapir::loader::{self, Attached, LoadOptions};
+use tracing_subscriber::EnvFilter;
+
+/// Logs go to stderr; RUST_LOG picks the level (e.g. `RUST_LOG=debug`, `RUST_LOG=tapir=trace`).
+pub fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Capture options shared by `run` and `watch`.
+#[derive(Args, Debug, Clone)]
+pub struct CaptureArgs {
+    /// Payload bytes copied from each read/write syscall (max 8192). Requests whose headers
+    /// are longer than this in a single syscall lose the headers beyond it.
+    #[arg(long, env = "TAPIR_CAPTURE_BYTES", default_value_t = agent_common::DEFAULT_CAPTURE)]
+    pub capture_bytes: u32,
+    /// Kernel → agent ring buffer size in bytes (power of two). When it is full, events are
+    /// dropped and counted (tapir.events.dropped).
+    #[arg(long, env = "TAPIR_RINGBUF_BYTES", default_value_t = 16 << 20)]
+    pub ringbuf_bytes: u32,
+    /// Connections tracked at once (kernel and agent). The least recently used are evicted.
+    #[arg(long, env = "TAPIR_MAX_CONNECTIONS", default_value_t = 65536)]
+    pub max_connections: u32,
+}
+
+impl CaptureArgs {
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            capture_bytes: self.capture_bytes,
+            ringbuf_bytes: self.ringbuf_bytes,
+            max_connections: self.max_connections,
+        }
+    }
+}
+
+/// Loads and attaches the probes, reporting on stderr any that could not be attached.
+pub fn attach(args: &CaptureArgs) -> Result<Attached> {
+    let attached = loader::load_and_attach(&args.load_options())
+        .context("starting the eBPF probes (`tapir doctor` tells what this host lacks)")?;
+    if attached.tracefs == tapir::tracefs::TracefsState::MountedNow {
+        tracing::info!("tracefs was not mounted: mounted it at {}", tapir::tracefs::TRACEFS);
+    }
+    for f in &attached.failures {
+        eprintln!(
+            "tapir: warning: probe {} ({}) not attached: {}; without it: {}",
+            f.probe.program,
+            loader::hook_name(&f.probe.hook),
+            f.error,
+            f.probe.without
+        );
+    }
+    Ok(attached)
+}
+
+/// Blocks until SIGINT or SIGTERM.
+pub fn wait_for_shutdown_signal() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the signal runtime")?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r,
+            _ = term.recv() => Ok(()),
+        }
+    })
+    .context("waiting for SIGINT/SIGTERM")
+}
+
+/// The capture thread plus the flag that stops it.
+pub struct CaptureThread {
+    stop: Arc<AtomicBool>,
+    handle: thread::JoinHandle<()>,
+}
+
+impl CaptureThread {
+    pub fn spawn(f: impl FnOnce(Arc<AtomicBool>) + Send + 'static) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let handle = thread::Builder::new()
+            .name("tapir-capture".into())
+            .spawn(move || f(s))
+            .context("starting the capture thread")?;
+        Ok(Self { stop, handle })
+    }
+
+    /// Asks the thread to drain what is pending and stop, then waits for it.
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.handle.join();
+    }
+}
+
+type Logger = aya_log::EbpfLogger<&'static dyn log::Log>;
+type LogFlush = Box<dyn FnMut(&mut Logger) + Send>;
+
+/// The ring buffer of kernel events, taken out of the loaded object.
+pub fn take_ring(attached: &mut Attached) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
+    let map = attached
+        .ebpf
+        .take_map(agent_common::names::EVENTS)
+        .context("the eBPF object has no event ring buffer")?;
+    aya::maps::RingBuf::try_from(map).context("opening the event ring buffer")
+}
+
+/// eBPF-side logs (aya-log), forwarded to our log at their level (debug).
+pub fn take_logger(attached: &mut Attached) -> Option<(Logger, LogFlush)> {
+    match aya_log::EbpfLogger::init(&mut attached.ebpf) {
+        Ok(l) => Some((l, Box::new(|l: &mut Logger| l.flush()))),
+        Err(e) => {
+            tracing::debug!(error = %e, "no eBPF log buffer");
+            None
+        }
+    }
+}

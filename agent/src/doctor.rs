@@ -1,0 +1,309 @@
+//! `tapir doctor`: what this host's kernel offers, probed for real (by loading tiny
+//! programs and maps, not by comparing version numbers), and what stops working without it.
+use std::{fmt::Write as _, fs, path::Path};
+
+use aya::{
+    maps::MapType,
+    programs::ProgramType,
+    sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper},
+};
+
+use crate::{loader, tracefs};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    Missing,
+    /// Could not be determined (e.g. the probe itself failed).
+    Unknown,
+}
+
+impl Status {
+    fn label(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Missing => "missing",
+            Status::Unknown => "unknown",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub feature: String,
+    pub status: Status,
+    /// What was found (version, path, error).
+    pub detail: String,
+    /// What stops working without it.
+    pub without: &'static str,
+    /// Tapir cannot capture anything without a core feature.
+    pub core: bool,
+}
+
+/// One kernel capability to probe.
+#[derive(Debug, Clone, Copy)]
+enum Probe {
+    Program(ProgramType),
+    Map(MapType),
+    Helper(ProgramType, BpfHelper),
+}
+
+/// (feature, probe, core, what stops working without it)
+const KERNEL_FEATURES: &[(&str, Probe, bool, &str)] = &[
+    ("program type: tracepoint", Probe::Program(ProgramType::TracePoint), true, "nothing can be captured (syscall tracepoints)"),
+    ("program type: raw_tracepoint", Probe::Program(ProgramType::RawTracePoint), false, "nothing today (reserved for cheaper syscall hooks)"),
+    ("program type: kprobe/uprobe", Probe::Program(ProgramType::KProbe), false, "TLS capture (uprobes on libssl) is unavailable"),
+    ("program type: sock_ops", Probe::Program(ProgramType::SockOps), false, "traceparent injection into outgoing requests"),
+    ("program type: sk_msg", Probe::Program(ProgramType::SkMsg), false, "traceparent injection into outgoing requests"),
+    ("map: ring buffer", Probe::Map(MapType::RingBuf), true, "no events reach the agent"),
+    ("map: LRU hash", Probe::Map(MapType::LruHash), true, "connections cannot be tracked"),
+    ("map: per-CPU array", Probe::Map(MapType::PerCpuArray), true, "no scratch space for payload copies"),
+    ("map: sockhash", Probe::Map(MapType::SockHash), false, "traceparent injection into outgoing requests"),
+    ("helper: bpf_probe_read_user", Probe::Helper(ProgramType::TracePoint, BpfHelper::BPF_FUNC_probe_read_user), true, "payloads cannot be copied"),
+    ("helper: bpf_ringbuf_output", Probe::Helper(ProgramType::TracePoint, BpfHelper::BPF_FUNC_ringbuf_output), true, "no events reach the agent"),
+    ("helper: bpf_loop", Probe::Helper(ProgramType::TracePoint, BpfHelper::BPF_FUNC_loop), false, "header scans beyond the first bytes in the kernel"),
+    ("helper: bpf_msg_push_data", Probe::Helper(ProgramType::SkMsg, BpfHelper::BPF_FUNC_msg_push_data), false, "traceparent injection into outgoing requests"),
+];
+
+fn run_probe(p: Probe) -> (Status, String) {
+    let r = match p {
+        Probe::Program(t) => is_program_supported(t).map_err(|e| e.to_string()),
+        Probe::Map(t) => is_map_supported(t).map_err(|e| e.to_string()),
+        Probe::Helper(t, h) => is_helper_supported(t, h).map_err(|e| e.to_string()),
+    };
+    match r {
+        Ok(true) => (Status::Ok, "loaded a test program/map".into()),
+        Ok(false) => (Status::Missing, "rejected by the kernel".into()),
+        Err(e) => (Status::Unknown, e),
+    }
+}
+
+/// Probes the running host. May mount tracefs (and says so).
+pub fn check_host() -> Vec<Check> {
+    let mut checks = Vec::new();
+    let privileged = privileges();
+    checks.push(Check {
+        feature: "privileges (root or CAP_BPF+CAP_PERFMON+CAP_SYS_ADMIN)".into(),
+        status: if privileged.0 { Status::Ok } else { Status::Missing },
+        detail: privileged.1,
+        without: "nothing can be loaded: run tapir as root",
+        core: true,
+    });
+    checks.push(Check {
+        feature: "kernel".into(),
+        status: Status::Ok,
+        detail: kernel_release(),
+        without: "",
+        core: false,
+    });
+    let btf_path = Path::new("/sys/kernel/btf/vmlinux");
+    let (status, detail) = if !btf_path.exists() {
+        (Status::Missing, "no /sys/kernel/btf/vmlinux (CONFIG_DEBUG_INFO_BTF)".to_string())
+    } else {
+        match loader::kernel_offsets() {
+            Ok(o) => (
+                Status::Ok,
+                format!("struct offsets resolved (sock.sk_protocol at {})", o.sock_protocol),
+            ),
+            Err(e) => (Status::Missing, format!("{e}: {}", error_chain(&e))),
+        }
+    };
+    checks.push(Check {
+        feature: "kernel BTF".into(),
+        status,
+        detail,
+        without: "sockets cannot be found from file descriptors",
+        core: true,
+    });
+    let (status, detail) = match tracefs::ensure_mounted() {
+        Ok(tracefs::TracefsState::AlreadyMounted) => (Status::Ok, "mounted".to_string()),
+        Ok(tracefs::TracefsState::MountedNow) => {
+            (Status::Ok, format!("was not mounted: mounted it at {}", tracefs::TRACEFS))
+        }
+        Err(e) => (Status::Missing, e.to_string()),
+    };
+    checks.push(Check {
+        feature: "tracefs".into(),
+        status,
+        detail,
+        without: "syscall tracepoints cannot be attached",
+        core: true,
+    });
+    let sys_tp = Path::new(tracefs::TRACEFS).join("events/syscalls/sys_enter_read");
+    checks.push(Check {
+        feature: "syscall tracepoints".into(),
+        status: if sys_tp.exists() { Status::Ok } else { Status::Missing },
+        detail: if sys_tp.exists() {
+            "events/syscalls present".into()
+        } else {
+            "no events/syscalls (CONFIG_FTRACE_SYSCALLS)".into()
+        },
+        without: "nothing can be captured",
+        core: true,
+    });
+    for (feature, probe, core, without) in KERNEL_FEATURES {
+        let (status, detail) = run_probe(*probe);
+        checks.push(Check {
+            feature: (*feature).into(),
+            status,
+            detail,
+            without,
+            core: *core,
+        });
+    }
+    let uprobes = Path::new(tracefs::TRACEFS).join("uprobe_events").exists();
+    checks.push(Check {
+        feature: "uprobe events".into(),
+        status: if uprobes { Status::Ok } else { Status::Missing },
+        detail: if uprobes { "uprobe_events present".into() } else { "no uprobe_events (CONFIG_UPROBE_EVENTS)".into() },
+        without: "TLS capture (uprobes on libssl) is unavailable",
+        core: false,
+    });
+    let cg = cgroup2_mount(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
+    checks.push(Check {
+        feature: "cgroup v2".into(),
+        status: if cg.is_some() { Status::Ok } else { Status::Missing },
+        detail: cg.unwrap_or_else(|| "no cgroup2 mount".into()),
+        without: "traceparent injection (sock_ops attaches to a cgroup v2)",
+        core: false,
+    });
+    checks.push(Check {
+        feature: "embedded eBPF programs".into(),
+        status: if loader::has_embedded_object() { Status::Ok } else { Status::Missing },
+        detail: if loader::has_embedded_object() {
+            "present".into()
+        } else {
+            "binary built without them: use `cargo xtask build`".into()
+        },
+        without: "nothing can be loaded",
+        core: true,
+    });
+    checks
+}
+
+/// True when every core feature is present: the agent can capture.
+pub fn core_ok(checks: &[Check]) -> bool {
+    checks.iter().all(|c| !c.core || c.status == Status::Ok)
+}
+
+pub fn render(checks: &[Check]) -> String {
+    let w = checks.iter().map(|c| c.feature.len()).max().unwrap_or(7).max(7);
+    let mut out = String::new();
+    let _ = writeln!(out, "{:<w$}  {:<7}  {}", "FEATURE", "STATUS", "DETAIL / WITHOUT IT");
+    for c in checks {
+        let _ = writeln!(out, "{:<w$}  {:<7}  {}", c.feature, c.status.label(), c.detail);
+        if c.status != Status::Ok && !c.without.is_empty() {
+            let tag = if c.core { "core" } else { "optional" };
+            let _ = writeln!(out, "{:<w$}  {:<7}  without it ({tag}): {}", "", "", c.without);
+        }
+    }
+    let verdict = if core_ok(checks) {
+        "core capture works on this host"
+    } else {
+        "core capture CANNOT work on this host: fix the 'core' lines above"
+    };
+    let _ = writeln!(out, "\n{verdict}");
+    out
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut src = e.source();
+    while let Some(s) = src {
+        parts.push(s.to_string());
+        src = s.source();
+    }
+    parts.join(": ")
+}
+
+fn kernel_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// (privileged, detail). Root, or the capabilities the loader needs.
+fn privileges() -> (bool, String) {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return (true, "running as root".into());
+    }
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let caps = cap_eff(&status).unwrap_or(0);
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let has = |c: u32| caps & (1u64 << c) != 0;
+    let ok = has(CAP_SYS_ADMIN) && has(CAP_PERFMON) && has(CAP_BPF);
+    (ok, format!("not root; effective capabilities {caps:#x}"))
+}
+
+fn cap_eff(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
+
+/// The mount point of the cgroup v2 hierarchy, from /proc/self/mountinfo.
+pub fn cgroup2_mount(mountinfo: &str) -> Option<String> {
+    mountinfo.lines().find_map(|line| {
+        let (pre, post) = line.split_once(" - ")?;
+        let fstype = post.split_whitespace().next()?;
+        (fstype == "cgroup2").then(|| pre.split_whitespace().nth(4).map(str::to_string))?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(feature: &str, status: Status, core: bool) -> Check {
+        Check {
+            feature: feature.into(),
+            status,
+            detail: "d".into(),
+            without: "it breaks",
+            core,
+        }
+    }
+
+    #[test]
+    fn missing_core_feature_fails_the_verdict() {
+        let checks = vec![check("a", Status::Ok, true), check("ring buffer", Status::Missing, true)];
+        assert!(!core_ok(&checks));
+        let table = render(&checks);
+        assert!(table.contains("ring buffer"));
+        assert!(table.contains("missing"));
+        assert!(table.contains("without it (core): it breaks"));
+        assert!(table.contains("CANNOT"));
+    }
+
+    #[test]
+    fn unknown_core_feature_fails_the_verdict() {
+        assert!(!core_ok(&[check("x", Status::Unknown, true)]));
+    }
+
+    #[test]
+    fn missing_optional_feature_keeps_core_working() {
+        let checks = vec![check("a", Status::Ok, true), check("sk_msg", Status::Missing, false)];
+        assert!(core_ok(&checks));
+        assert!(render(&checks).contains("without it (optional)"));
+    }
+
+    #[test]
+    fn finds_cgroup2_mount_in_hybrid_and_pure_layouts() {
+        let hybrid = "35 25 0:30 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw\n\
+                      36 25 0:31 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu";
+        assert_eq!(cgroup2_mount(hybrid).as_deref(), Some("/sys/fs/cgroup/unified"));
+        let pure = "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw";
+        assert_eq!(cgroup2_mount(pure).as_deref(), Some("/sys/fs/cgroup"));
+        assert_eq!(cgroup2_mount("garbage\n\n - "), None);
+    }
+
+    #[test]
+    fn parses_effective_capabilities() {
+        assert_eq!(cap_eff("Name:\tx\nCapEff:\t000001ffffffffff\n"), Some(0x1ff_ffff_ffff));
+        assert_eq!(cap_eff("CapEff: zz"), None);
+    }
+}

@@ -1,0 +1,136 @@
+//! Loads the embedded eBPF object with this kernel's struct offsets and attaches every
+//! probe in [`crate::probes::PROBES`].
+use agent_common::{names, KernelOffsets, MAX_CAPTURE};
+use aya::{programs::TracePoint, Ebpf, EbpfLoader};
+use thiserror::Error;
+
+use crate::{
+    btf::{self, Btf},
+    probes::{Hook, Probe, PROBES},
+    tracefs::{self, TracefsState},
+};
+
+/// The eBPF object built by `cargo xtask build`, embedded at compile time.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tapir.bpf.o"));
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Payload bytes copied per syscall (clamped to MAX_CAPTURE).
+    pub capture_bytes: u32,
+    /// Ring buffer size (a power of two, multiple of the page size).
+    pub ringbuf_bytes: u32,
+    /// Connections the kernel tracks at once.
+    pub max_connections: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            capture_bytes: agent_common::DEFAULT_CAPTURE,
+            ringbuf_bytes: 16 << 20,
+            max_connections: 65536,
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum LoadError {
+    #[error("this tapir binary was built without its eBPF programs; build it with `cargo xtask build`")]
+    NoObject,
+    #[error(transparent)]
+    Tracefs(#[from] tracefs::TracefsError),
+    #[error("reading kernel BTF (/sys/kernel/btf/vmlinux; needs CONFIG_DEBUG_INFO_BTF=y)")]
+    Btf(#[source] btf::BtfError),
+    #[error("loading the eBPF programs into the kernel (run as root, or with CAP_BPF + CAP_PERFMON + CAP_SYS_ADMIN)")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("required probe {program} ({hook}) could not be attached: {error}")]
+    RequiredProbe {
+        program: &'static str,
+        hook: String,
+        error: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct ProbeFailure {
+    pub probe: Probe,
+    pub error: String,
+}
+
+pub struct Attached {
+    /// Owns programs, links and maps: dropping it detaches everything.
+    pub ebpf: Ebpf,
+    pub failures: Vec<ProbeFailure>,
+    pub tracefs: TracefsState,
+    pub offsets: KernelOffsets,
+}
+
+pub fn has_embedded_object() -> bool {
+    !EBPF_OBJECT.is_empty()
+}
+
+pub fn hook_name(hook: &Hook) -> String {
+    match hook {
+        Hook::TracePoint(cat, name) => format!("tracepoint {cat}/{name}"),
+    }
+}
+
+pub fn kernel_offsets() -> Result<KernelOffsets, LoadError> {
+    let btf = Btf::from_sys_fs().map_err(LoadError::Btf)?;
+    btf::kernel_offsets(&btf).map_err(LoadError::Btf)
+    // The parsed BTF (tens of MB) is dropped here, before anything else is allocated.
+}
+
+pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
+    if !has_embedded_object() {
+        return Err(LoadError::NoObject);
+    }
+    let tracefs = tracefs::ensure_mounted()?;
+    let offsets = kernel_offsets()?;
+    let agent_tgid = std::process::id();
+    let capture = opts.capture_bytes.min(MAX_CAPTURE as u32);
+    let mut ebpf = EbpfLoader::new()
+        .override_global(names::OFFSETS, &offsets, true)
+        .override_global(names::AGENT_TGID, &agent_tgid, true)
+        .override_global(names::CAPTURE_BYTES, &capture, true)
+        .map_max_entries(names::EVENTS, opts.ringbuf_bytes)
+        .map_max_entries(names::CONNS, opts.max_connections)
+        .load(EBPF_OBJECT)
+        .map_err(|e| LoadError::Load(Box::new(e)))?;
+    let mut failures = Vec::new();
+    for probe in PROBES {
+        if let Err(error) = attach(&mut ebpf, probe) {
+            if probe.required {
+                return Err(LoadError::RequiredProbe {
+                    program: probe.program,
+                    hook: hook_name(&probe.hook),
+                    error,
+                });
+            }
+            failures.push(ProbeFailure {
+                probe: *probe,
+                error,
+            });
+        }
+    }
+    Ok(Attached {
+        ebpf,
+        failures,
+        tracefs,
+        offsets,
+    })
+}
+
+fn attach(ebpf: &mut Ebpf, probe: &Probe) -> Result<(), String> {
+    let prog = ebpf
+        .program_mut(probe.program)
+        .ok_or_else(|| format!("program {} is missing from the eBPF object", probe.program))?;
+    match probe.hook {
+        Hook::TracePoint(category, name) => {
+            let tp: &mut TracePoint = prog.try_into().map_err(|e| format!("{e}"))?;
+            tp.load().map_err(|e| format!("{e:#}"))?;
+            tp.attach(category, name).map_err(|e| format!("{e:#}"))?;
+        }
+    }
+    Ok(())
+}

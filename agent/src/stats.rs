@@ -1,0 +1,44 @@
+//! The agent's own counters: every drop has a named reason. Exported as `tapir.*` metrics.
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($( $(#[$doc:meta])* $name:ident => $metric:literal ),* $(,)?) => {
+        /// Monotonic counters, shared between the capture thread and exporters.
+        #[derive(Debug, Default)]
+        pub struct Stats {
+            $( $(#[$doc])* pub $name: AtomicU64, )*
+        }
+
+        impl Stats {
+            /// (metric name, value) for every counter.
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![$( ($metric, self.$name.load(Ordering::Relaxed)), )*]
+            }
+        }
+    };
+}
+
+counters! {
+    /// Ring-buffer records received from the kernel.
+    records => "tapir.events.received",
+    /// Records that could not be decoded.
+    records_malformed => "tapir.events.malformed",
+    /// TCP connections seen opening (accept/connect) or first seen in use.
+    conns_opened => "tapir.connections.opened",
+    /// TCP connections seen closing.
+    conns_closed => "tapir.connections.closed",
+    /// Connections evicted from the agent's table because it was full.
+    conns_evicted => "tapir.connections.evicted",
+    /// Data records for a connection the agent did not know (fd reused, table evicted).
+    data_unknown_conn => "tapir.events.unknown_connection",
+    /// HTTP exchanges completed.
+    exchanges => "tapir.exchanges",
+    /// Processes seen exiting.
+    process_exits => "tapir.processes.exited",
+}
+
+impl Stats {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,197 @@
+"""Shared fixtures for Tapir's end-to-end tests.
+
+These tests run the real `tapir` binary as root against real, unmodified programs on
+loopback. Each test filters the agent by its own ports, so tests never see each other's
+traffic. Readiness is always a signal (a log line, a socket accepting), never a sleep.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+TAPIR = os.environ.get("TAPIR_BIN", str(ROOT / "target/release/tapir"))
+IN_CI = os.environ.get("CI") == "true"
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() != 0:
+        reason = "end-to-end tests load eBPF programs and need root"
+        if IN_CI:
+            raise pytest.UsageError(reason + " (CI=true: a skip would be a failure)")
+        for item in items:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def free_port(family=socket.AF_INET, addr="127.0.0.1"):
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, addr="127.0.0.1", timeout=15.0):
+    """Wait until something accepts connections on addr:port."""
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.settimeout(0.5)
+            if s.connect_ex((addr, port)) == 0:
+                return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listening on {addr}:{port} after {timeout}s")
+
+
+class Proc:
+    """A child process whose stdout/stderr lines are collected by reader threads."""
+
+    def __init__(self, argv, env=None, cwd=None):
+        self.argv = [str(a) for a in argv]
+        self.p = subprocess.Popen(
+            self.argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            text=True,
+            errors="replace",
+        )
+        self.out, self.err = [], []
+        self._cv = threading.Condition()
+        self._threads = [
+            threading.Thread(target=self._pump, args=(self.p.stdout, self.out), daemon=True),
+            threading.Thread(target=self._pump, args=(self.p.stderr, self.err), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def pid(self):
+        return self.p.pid
+
+    def _pump(self, stream, sink):
+        for line in stream:
+            with self._cv:
+                sink.append(line.rstrip("\n"))
+                self._cv.notify_all()
+        with self._cv:
+            self._cv.notify_all()
+
+    def wait_for(self, pred, stream="err", timeout=30.0, what="line"):
+        """Block until a collected line satisfies pred (or the process dies)."""
+        sink = self.err if stream == "err" else self.out
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while True:
+                for line in sink:
+                    if pred(line):
+                        return line
+                if self.p.poll() is not None and not any(t.is_alive() for t in self._threads):
+                    raise AssertionError(
+                        f"{self.argv[0]} exited ({self.p.returncode}) before {what}:\n"
+                        + "\n".join(self.err[-30:])
+                    )
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no {what} within {timeout}s; stderr:\n" + "\n".join(self.err[-30:]))
+                self._cv.wait(min(left, 0.2))
+
+    def stop(self, sig=signal.SIGINT, timeout=30.0):
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+        try:
+            self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+            raise AssertionError(f"{self.argv} did not stop within {timeout}s after {sig}")
+        for t in self._threads:
+            t.join(5)
+        return self.p.returncode
+
+
+class Agent(Proc):
+    """`tapir <args>`, started and waited for until it logs that it is ready."""
+
+    def __init__(self, *args, env=None):
+        e = dict(os.environ)
+        e.setdefault("RUST_LOG", "info")
+        if env:
+            e.update(env)
+        super().__init__([TAPIR, *args], env=e)
+        self.wait_for(lambda l: "ready" in l, what="the agent's ready line", timeout=60)
+
+    def exchanges(self):
+        """Parsed `watch --json` records printed so far."""
+        out = []
+        for line in self.out:
+            line = line.strip()
+            if line.startswith("{"):
+                out.append(json.loads(line))
+        return out
+
+    def wait_exchanges(self, n, timeout=30.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.exchanges()) >= n:
+                return self.exchanges()
+            with self._cv:
+                self._cv.wait(0.2)
+        return self.exchanges()
+
+
+@pytest.fixture
+def procs():
+    """Start helper processes; all are stopped at the end of the test."""
+    started = []
+
+    def start(argv, ready_port=None, ready_addr="127.0.0.1", **kw):
+        p = Proc(argv, **kw)
+        started.append(p)
+        if ready_port is not None:
+            wait_port(ready_port, ready_addr)
+        return p
+
+    yield start
+    for p in reversed(started):
+        if p.p.poll() is None:
+            p.stop(signal.SIGTERM, timeout=10)
+
+
+@pytest.fixture
+def py_server(procs):
+    """Start tests/servers/pyserver.py on a fresh port: returns (proc, port)."""
+
+    def start(*extra, bind="127.0.0.1", env=None):
+        family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        port = free_port(family, bind)
+        p = procs(
+            [sys.executable, TESTS / "servers/pyserver.py", port, "--bind", bind, *extra],
+            ready_port=port,
+            ready_addr=bind,
+            env=env,
+        )
+        return p, port
+
+    return start
+
+
+def curl(*args, check=True):
+    r = subprocess.run(["curl", "-sS", *map(str, args)], capture_output=True, text=True, timeout=60)
+    if check and r.returncode != 0:
+        raise AssertionError(f"curl {args} failed: {r.stderr}")
+    return r
+
+
+def have(cmd):
+    return shutil.which(cmd) is not None
