@@ -54,13 +54,13 @@ def wait_port(port, addr="127.0.0.1", timeout=15.0):
 class Proc:
     """A child process whose stdout/stderr lines are collected by reader threads."""
 
-    def __init__(self, argv, env=None, cwd=None):
+    def __init__(self, argv, env=None, cwd=None, stdin=False):
         self.argv = [str(a) for a in argv]
         self.p = subprocess.Popen(
             self.argv,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             env=env,
             cwd=cwd,
             text=True,
@@ -78,6 +78,16 @@ class Proc:
     @property
     def pid(self):
         return self.p.pid
+
+    def send_line(self, line=""):
+        self.p.stdin.write(line + "\n")
+        self.p.stdin.flush()
+
+    def wait_exit(self, timeout=60):
+        code = self.p.wait(timeout)
+        for t in self._threads:
+            t.join(5)
+        return code
 
     def _pump(self, stream, sink):
         for line in stream:

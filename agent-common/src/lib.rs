@@ -110,6 +110,8 @@ pub struct ConnEvent {
     /// A [`Role`].
     pub role: u8,
     pub _pad: [u8; 7],
+    /// The thread's command name: identifies processes that exit before /proc is read.
+    pub comm: [u8; 16],
 }
 
 /// Direction of a [`DataEvent`], from the observed process's point of view.
@@ -239,7 +241,8 @@ mod tests {
     fn layouts_are_padding_free_and_stable() {
         assert_eq!(size_of::<EventHeader>(), 24);
         assert_eq!(size_of::<ConnTuple>(), 40);
-        assert_eq!(size_of::<ConnEvent>(), 24 + 8 + 40 + 8);
+        assert_eq!(size_of::<ConnEvent>(), 24 + 8 + 40 + 8 + 16);
+        assert_eq!(offset_of!(ConnEvent, comm), 80);
         assert_eq!(offset_of!(ConnEvent, tuple), 32);
         assert_eq!(offset_of!(ConnEvent, role), 72);
         assert_eq!(size_of::<DataEventHeader>(), 64);

@@ -2,7 +2,7 @@
 use agent_common::{
     counter, ConnEvent, ConnKey, ConnState, ConnTuple, EventHeader, EventKind, Role, CONN_TCP,
 };
-use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns};
+use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns};
 
 use crate::{
     maps::{count, ringbuf_flags, CONNS, EVENTS, PROC_GEN},
@@ -121,6 +121,7 @@ pub fn emit_conn(kind: EventKind, fd: u32, sock_id: u64, tuple: &ConnTuple, role
         tuple: *tuple,
         role: role as u8,
         _pad: [0; 7],
+        comm: bpf_get_current_comm().unwrap_or_default(),
     };
     // Connection events are rare and userspace wants them promptly.
     match EVENTS.output::<ConnEvent>(&ev, ringbuf_flags()) {

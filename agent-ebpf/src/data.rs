@@ -1,11 +1,14 @@
 //! read/write-family syscalls on tracked TCP connections: save the arguments at entry, copy
 //! a bounded prefix (and the last few bytes) at exit when the bytes are or follow HTTP/1.x.
 use agent_common::{
-    counter, syscall, ConnKey, EventKind, CONN_HTTP, DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE,
-    MAX_IOVECS, TAIL_BYTES,
+    counter, syscall, EventKind, CONN_HTTP, DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE, MAX_IOVECS,
+    TAIL_BYTES,
 };
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_ringbuf_output},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user,
+        generated::{bpf_get_current_task_btf, bpf_ringbuf_output, bpf_task_pt_regs},
+    },
     macros::tracepoint,
     programs::TracePointContext,
 };
@@ -13,8 +16,8 @@ use aya_ebpf::{
 use crate::{
     conn::{header, lookup_tcp},
     maps::{
-        agent_tgid, capture_bytes, count, ringbuf_flags, PendingIo, CONNS, EVENTS, PENDING,
-        SCRATCH, SCRATCH_BYTES, SHAPE_BUF, SHAPE_IOVEC, SHAPE_MSGHDR, SHAPE_NONE,
+        agent_tgid, capture_bytes, count, ringbuf_flags, PendingIo, EVENTS, SCRATCH, SCRATCH_BYTES,
+        SHAPE_BUF, SHAPE_IOVEC, SHAPE_MSGHDR, SHAPE_NONE,
     },
 };
 
@@ -25,58 +28,52 @@ fn arg(ctx: &TracePointContext, n: usize) -> u64 {
     unsafe { ctx.read_at::<u64>(16 + 8 * n).unwrap_or(0) }
 }
 
+/// The syscall's first three arguments, read back from the registers saved at syscall
+/// entry (x86_64 `struct pt_regs`: dx at 96, si at 104, di at 112). Reading them at exit,
+/// instead of saving them at entry, halves the hooks on the hottest syscalls and also
+/// catches calls that were already blocked (a server waiting in recv) when Tapir started.
 #[inline(always)]
-fn enter(ctx: &TracePointContext, call: u8, direction: u8, shape: u8) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    if tgid == agent_tgid() {
-        return 0;
+fn syscall_args() -> Option<(u64, u64, u64)> {
+    // SAFETY: bpf_get_current_task_btf has no preconditions; bpf_task_pt_regs accepts it.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    if regs == 0 {
+        return None;
     }
-    let fd = arg(ctx, 0) as u32;
-    let Some(state) = lookup_tcp(tgid, fd) else {
-        return 0;
-    };
-    // SAFETY: pointer from a successful map lookup.
-    let sock_id = unsafe { (*state).sock_id };
-    let pending = PendingIo {
-        buf: arg(ctx, 1),
-        vlen: if shape == SHAPE_IOVEC { arg(ctx, 2) } else { 0 },
-        sock_id,
-        fd,
-        flags: 0,
-        syscall: call,
-        direction,
-        shape,
-        _pad: [0; 5],
-    };
-    let _ = PENDING.insert(pid_tgid, pending, 0);
-    0
+    // SAFETY: bpf_probe_read_kernel tolerates any address.
+    let [dx, si, di] = unsafe { bpf_probe_read_kernel((regs + 96) as *const [u64; 3]) }.ok()?;
+    Some((di, si, dx))
 }
 
 #[inline(always)]
-fn exit<const SHAPE: u8>(ctx: &TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: value copied out before the entry is removed.
-    let Some(p) = (unsafe { PENDING.get(pid_tgid).copied() }) else {
-        return 0;
-    };
-    let _ = PENDING.remove(pid_tgid);
+fn exit<const SHAPE: u8>(ctx: &TracePointContext, call: u8, direction: u8) -> u32 {
     let ret = arg(ctx, 0) as i64;
     if ret <= 0 {
         return 0;
     }
-    let key = ConnKey {
-        tgid: (pid_tgid >> 32) as u32,
-        fd: p.fd,
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if tgid == agent_tgid() {
+        return 0;
+    }
+    let Some((fd, buf, third)) = syscall_args() else {
+        return 0;
     };
-    let Some(state) = CONNS.get_ptr_mut(key) else {
+    let fd = fd as u32;
+    let Some(state) = lookup_tcp(tgid, fd) else {
         return 0;
     };
     // SAFETY: pointer from a successful map lookup.
     let state = unsafe { &mut *state };
-    if state.sock_id != p.sock_id || p.shape != SHAPE {
-        return 0;
-    }
+    let p = PendingIo {
+        buf,
+        vlen: if SHAPE == SHAPE_IOVEC { third } else { 0 },
+        sock_id: state.sock_id,
+        fd,
+        flags: 0,
+        syscall: call,
+        direction,
+        shape: SHAPE,
+        _pad: [0; 5],
+    };
     let _ = emit_data::<SHAPE>(&p, ret as u64, state);
     0
 }
@@ -123,7 +120,15 @@ fn looks_like_http(addr: u64, len: u64) -> bool {
     };
     matches!(
         &b,
-        b"GET " | b"POST" | b"PUT " | b"HEAD" | b"DELE" | b"PATC" | b"OPTI" | b"CONN" | b"TRAC"
+        b"GET "
+            | b"POST"
+            | b"PUT "
+            | b"HEAD"
+            | b"DELE"
+            | b"PATC"
+            | b"OPTI"
+            | b"CONN"
+            | b"TRAC"
             | b"HTTP"
     )
 }
@@ -243,35 +248,49 @@ fn copy_user(dst: &mut [u8; SCRATCH_BYTES], off: u64, src: u64, len: u64) -> u64
     }
 }
 
-macro_rules! io_pair {
-    ($enter:ident, $exit:ident, $call:expr, $dir:expr, $shape:expr) => {
+macro_rules! io_exit {
+    ($name:ident, $call:expr, $dir:expr, $shape:expr) => {
         #[tracepoint]
-        pub fn $enter(ctx: TracePointContext) -> u32 {
-            enter(&ctx, $call, $dir, $shape)
-        }
-        #[tracepoint]
-        pub fn $exit(ctx: TracePointContext) -> u32 {
-            exit::<$shape>(&ctx)
+        pub fn $name(ctx: TracePointContext) -> u32 {
+            exit::<$shape>(&ctx, $call, $dir)
         }
     };
 }
 
-io_pair!(tapir_enter_read, tapir_exit_read, syscall::READ, DIR_INGRESS, SHAPE_BUF);
-io_pair!(tapir_enter_readv, tapir_exit_readv, syscall::READV, DIR_INGRESS, SHAPE_IOVEC);
-io_pair!(tapir_enter_recvfrom, tapir_exit_recvfrom, syscall::RECVFROM, DIR_INGRESS, SHAPE_BUF);
-io_pair!(tapir_enter_recvmsg, tapir_exit_recvmsg, syscall::RECVMSG, DIR_INGRESS, SHAPE_MSGHDR);
-io_pair!(tapir_enter_write, tapir_exit_write, syscall::WRITE, DIR_EGRESS, SHAPE_BUF);
-io_pair!(tapir_enter_writev, tapir_exit_writev, syscall::WRITEV, DIR_EGRESS, SHAPE_IOVEC);
-io_pair!(tapir_enter_sendto, tapir_exit_sendto, syscall::SENDTO, DIR_EGRESS, SHAPE_BUF);
-io_pair!(tapir_enter_sendmsg, tapir_exit_sendmsg, syscall::SENDMSG, DIR_EGRESS, SHAPE_MSGHDR);
+io_exit!(tapir_exit_read, syscall::READ, DIR_INGRESS, SHAPE_BUF);
+io_exit!(tapir_exit_readv, syscall::READV, DIR_INGRESS, SHAPE_IOVEC);
+io_exit!(
+    tapir_exit_recvfrom,
+    syscall::RECVFROM,
+    DIR_INGRESS,
+    SHAPE_BUF
+);
+io_exit!(
+    tapir_exit_recvmsg,
+    syscall::RECVMSG,
+    DIR_INGRESS,
+    SHAPE_MSGHDR
+);
+io_exit!(tapir_exit_write, syscall::WRITE, DIR_EGRESS, SHAPE_BUF);
+io_exit!(tapir_exit_writev, syscall::WRITEV, DIR_EGRESS, SHAPE_IOVEC);
+io_exit!(tapir_exit_sendto, syscall::SENDTO, DIR_EGRESS, SHAPE_BUF);
+io_exit!(
+    tapir_exit_sendmsg,
+    syscall::SENDMSG,
+    DIR_EGRESS,
+    SHAPE_MSGHDR
+);
+// sendfile64(out_fd, in_fd, offset, count): the socket is `out_fd`; only the byte count is
+// reported (the payload is in a file, not in user memory).
+io_exit!(
+    tapir_exit_sendfile,
+    syscall::SENDFILE,
+    DIR_EGRESS,
+    SHAPE_NONE
+);
 
-/// sendfile64(out_fd, in_fd, offset, count): the socket is `out_fd`; only the byte count is
-/// reported (the payload is in a file, not in user memory).
-#[tracepoint]
-pub fn tapir_enter_sendfile(ctx: TracePointContext) -> u32 {
-    enter(&ctx, syscall::SENDFILE, DIR_EGRESS, SHAPE_NONE)
-}
-#[tracepoint]
-pub fn tapir_exit_sendfile(ctx: TracePointContext) -> u32 {
-    exit::<SHAPE_NONE>(&ctx)
+/// The first argument (an fd) of the current syscall, at its exit.
+#[inline(always)]
+pub fn syscall_fd() -> Option<u32> {
+    syscall_args().map(|(fd, _, _)| fd as u32)
 }

@@ -8,11 +8,10 @@ use aya_log_ebpf::debug;
 
 use crate::{
     conn::{bump_gen, emit_conn, header, track_new},
-    maps::{agent_tgid, count, ringbuf_flags, PendingIo, CONNS, EVENTS, PENDING, SHAPE_NONE},
+    maps::{agent_tgid, count, ringbuf_flags, CONNS, EVENTS},
 };
 
 const EINPROGRESS: i64 = -115;
-const CONNECT_MARK: u8 = 0xff;
 
 #[inline(always)]
 fn arg(ctx: &TracePointContext, n: usize) -> u64 {
@@ -52,44 +51,22 @@ pub fn tapir_exit_accept(ctx: TracePointContext) -> u32 {
     on_accept_exit(&ctx)
 }
 
-#[tracepoint]
-pub fn tapir_enter_connect(ctx: TracePointContext) -> u32 {
-    let (pid_tgid, tgid) = current();
-    if tgid == agent_tgid() {
-        return 0;
-    }
-    let p = PendingIo {
-        buf: 0,
-        vlen: 0,
-        sock_id: 0,
-        fd: arg(&ctx, 0) as u32,
-        flags: 0,
-        syscall: CONNECT_MARK,
-        direction: 0,
-        shape: SHAPE_NONE,
-        _pad: [0; 5],
-    };
-    let _ = PENDING.insert(pid_tgid, p, 0);
-    0
-}
-
+/// connect(fd, …): the fd is read back from the saved registers at exit (see data.rs).
 #[tracepoint]
 pub fn tapir_exit_connect(ctx: TracePointContext) -> u32 {
-    let (pid_tgid, tgid) = current();
-    // SAFETY: value copied out before the entry is removed.
-    let Some(p) = (unsafe { PENDING.get(pid_tgid).copied() }) else {
-        return 0;
-    };
-    let _ = PENDING.remove(pid_tgid);
-    if p.syscall != CONNECT_MARK {
+    let (_, tgid) = current();
+    if tgid == agent_tgid() {
         return 0;
     }
     let ret = arg(&ctx, 0) as i64;
     if ret != 0 && ret != EINPROGRESS {
         return 0;
     }
-    if track_new(tgid, p.fd, Role::Client) {
-        debug!(&ctx, "tapir: pid {} connected tcp fd {}", tgid, p.fd);
+    let Some(fd) = crate::data::syscall_fd() else {
+        return 0;
+    };
+    if track_new(tgid, fd, Role::Client) {
+        debug!(&ctx, "tapir: pid {} connected tcp fd {}", tgid, fd);
     }
     0
 }
@@ -160,7 +137,10 @@ pub fn tapir_sched_exit(_ctx: TracePointContext) -> u32 {
     }
     bump_gen(tgid);
     let hdr = header(EventKind::ProcExit, 0);
-    if EVENTS.output::<agent_common::EventHeader>(&hdr, ringbuf_flags()).is_err() {
+    if EVENTS
+        .output::<agent_common::EventHeader>(&hdr, ringbuf_flags())
+        .is_err()
+    {
         count(agent_common::counter::RINGBUF_FULL);
     }
     0

@@ -71,7 +71,7 @@ pub static CONNS: LruHashMap<ConnKey, ConnState> = LruHashMap::with_max_entries(
 #[map(name = "TAPIR_PROC_GEN")]
 pub static PROC_GEN: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 0);
 
-/// Arguments saved at syscall entry, keyed by pid_tgid, consumed at exit.
+/// One data syscall's arguments and result, as the copy routine needs them.
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct PendingIo {
@@ -92,9 +92,6 @@ pub const SHAPE_BUF: u8 = 0;
 pub const SHAPE_IOVEC: u8 = 1;
 pub const SHAPE_MSGHDR: u8 = 2;
 pub const SHAPE_NONE: u8 = 3;
-
-#[map(name = "TAPIR_PENDING")]
-pub static PENDING: LruHashMap<u64, PendingIo> = LruHashMap::with_max_entries(16384, 0);
 
 /// Room for a copy at a masked offset (< MAX) with a masked length (< 2×MAX).
 pub const SCRATCH_BYTES: usize = 3 * MAX_CAPTURE;

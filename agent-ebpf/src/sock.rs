@@ -11,7 +11,10 @@ const SOCK_STREAM: i16 = 1;
 const IPPROTO_TCP: u16 = 6;
 
 pub enum FdKind {
-    Tcp { sock_id: u64, tuple: ConnTuple },
+    Tcp {
+        sock_id: u64,
+        tuple: ConnTuple,
+    },
     Other,
     /// Kernel memory could not be read; say nothing about this fd.
     Unknown,

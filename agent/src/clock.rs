@@ -57,7 +57,11 @@ mod tests {
         let c = MonoToWall::new();
         let wall = c.to_unix_ns(monotonic_now_ns()) as i128;
         let real = now_ns(libc::CLOCK_REALTIME);
-        assert!((wall - real).abs() < 50_000_000, "off by {} ns", wall - real);
+        assert!(
+            (wall - real).abs() < 50_000_000,
+            "off by {} ns",
+            wall - real
+        );
     }
 
     #[test]

@@ -50,19 +50,84 @@ enum Probe {
 
 /// (feature, probe, core, what stops working without it)
 const KERNEL_FEATURES: &[(&str, Probe, bool, &str)] = &[
-    ("program type: tracepoint", Probe::Program(ProgramType::TracePoint), true, "nothing can be captured (syscall tracepoints)"),
-    ("program type: raw_tracepoint", Probe::Program(ProgramType::RawTracePoint), false, "nothing today (reserved for cheaper syscall hooks)"),
-    ("program type: kprobe/uprobe", Probe::Program(ProgramType::KProbe), false, "TLS capture (uprobes on libssl) is unavailable"),
-    ("program type: sock_ops", Probe::Program(ProgramType::SockOps), false, "traceparent injection into outgoing requests"),
-    ("program type: sk_msg", Probe::Program(ProgramType::SkMsg), false, "traceparent injection into outgoing requests"),
-    ("map: ring buffer", Probe::Map(MapType::RingBuf), true, "no events reach the agent"),
-    ("map: LRU hash", Probe::Map(MapType::LruHash), true, "connections cannot be tracked"),
-    ("map: per-CPU array", Probe::Map(MapType::PerCpuArray), true, "no scratch space for payload copies"),
-    ("map: sockhash", Probe::Map(MapType::SockHash), false, "traceparent injection into outgoing requests"),
-    ("helper: bpf_probe_read_user", Probe::Helper(ProgramType::TracePoint, BpfHelper::BPF_FUNC_probe_read_user), true, "payloads cannot be copied"),
-    ("helper: bpf_ringbuf_output", Probe::Helper(ProgramType::TracePoint, BpfHelper::BPF_FUNC_ringbuf_output), true, "no events reach the agent"),
-    ("helper: bpf_loop", Probe::Helper(ProgramType::TracePoint, BpfHelper::BPF_FUNC_loop), false, "header scans beyond the first bytes in the kernel"),
-    ("helper: bpf_msg_push_data", Probe::Helper(ProgramType::SkMsg, BpfHelper::BPF_FUNC_msg_push_data), false, "traceparent injection into outgoing requests"),
+    (
+        "program type: tracepoint",
+        Probe::Program(ProgramType::TracePoint),
+        true,
+        "nothing can be captured (syscall tracepoints)",
+    ),
+    (
+        "program type: raw_tracepoint",
+        Probe::Program(ProgramType::RawTracePoint),
+        false,
+        "nothing today (reserved for cheaper syscall hooks)",
+    ),
+    (
+        "program type: kprobe/uprobe",
+        Probe::Program(ProgramType::KProbe),
+        false,
+        "TLS capture (uprobes on libssl) is unavailable",
+    ),
+    (
+        "program type: sock_ops",
+        Probe::Program(ProgramType::SockOps),
+        false,
+        "traceparent injection into outgoing requests",
+    ),
+    (
+        "program type: sk_msg",
+        Probe::Program(ProgramType::SkMsg),
+        false,
+        "traceparent injection into outgoing requests",
+    ),
+    (
+        "map: ring buffer",
+        Probe::Map(MapType::RingBuf),
+        true,
+        "no events reach the agent",
+    ),
+    (
+        "map: LRU hash",
+        Probe::Map(MapType::LruHash),
+        true,
+        "connections cannot be tracked",
+    ),
+    (
+        "map: per-CPU array",
+        Probe::Map(MapType::PerCpuArray),
+        true,
+        "no scratch space for payload copies",
+    ),
+    (
+        "map: sockhash",
+        Probe::Map(MapType::SockHash),
+        false,
+        "traceparent injection into outgoing requests",
+    ),
+    (
+        "helper: bpf_probe_read_user",
+        Probe::Helper(ProgramType::TracePoint, BpfHelper::BPF_FUNC_probe_read_user),
+        true,
+        "payloads cannot be copied",
+    ),
+    (
+        "helper: bpf_ringbuf_output",
+        Probe::Helper(ProgramType::TracePoint, BpfHelper::BPF_FUNC_ringbuf_output),
+        true,
+        "no events reach the agent",
+    ),
+    (
+        "helper: bpf_loop",
+        Probe::Helper(ProgramType::TracePoint, BpfHelper::BPF_FUNC_loop),
+        false,
+        "header scans beyond the first bytes in the kernel",
+    ),
+    (
+        "helper: bpf_msg_push_data",
+        Probe::Helper(ProgramType::SkMsg, BpfHelper::BPF_FUNC_msg_push_data),
+        false,
+        "traceparent injection into outgoing requests",
+    ),
 ];
 
 fn run_probe(p: Probe) -> (Status, String) {
@@ -84,7 +149,11 @@ pub fn check_host() -> Vec<Check> {
     let privileged = privileges();
     checks.push(Check {
         feature: "privileges (root or CAP_BPF+CAP_PERFMON+CAP_SYS_ADMIN)".into(),
-        status: if privileged.0 { Status::Ok } else { Status::Missing },
+        status: if privileged.0 {
+            Status::Ok
+        } else {
+            Status::Missing
+        },
         detail: privileged.1,
         without: "nothing can be loaded: run tapir as root",
         core: true,
@@ -98,12 +167,18 @@ pub fn check_host() -> Vec<Check> {
     });
     let btf_path = Path::new("/sys/kernel/btf/vmlinux");
     let (status, detail) = if !btf_path.exists() {
-        (Status::Missing, "no /sys/kernel/btf/vmlinux (CONFIG_DEBUG_INFO_BTF)".to_string())
+        (
+            Status::Missing,
+            "no /sys/kernel/btf/vmlinux (CONFIG_DEBUG_INFO_BTF)".to_string(),
+        )
     } else {
         match loader::kernel_offsets() {
             Ok(o) => (
                 Status::Ok,
-                format!("struct offsets resolved (sock.sk_protocol at {})", o.sock_protocol),
+                format!(
+                    "struct offsets resolved (sock.sk_protocol at {})",
+                    o.sock_protocol
+                ),
             ),
             Err(e) => (Status::Missing, format!("{e}: {}", error_chain(&e))),
         }
@@ -117,9 +192,10 @@ pub fn check_host() -> Vec<Check> {
     });
     let (status, detail) = match tracefs::ensure_mounted() {
         Ok(tracefs::TracefsState::AlreadyMounted) => (Status::Ok, "mounted".to_string()),
-        Ok(tracefs::TracefsState::MountedNow) => {
-            (Status::Ok, format!("was not mounted: mounted it at {}", tracefs::TRACEFS))
-        }
+        Ok(tracefs::TracefsState::MountedNow) => (
+            Status::Ok,
+            format!("was not mounted: mounted it at {}", tracefs::TRACEFS),
+        ),
         Err(e) => (Status::Missing, e.to_string()),
     };
     checks.push(Check {
@@ -132,7 +208,11 @@ pub fn check_host() -> Vec<Check> {
     let sys_tp = Path::new(tracefs::TRACEFS).join("events/syscalls/sys_enter_read");
     checks.push(Check {
         feature: "syscall tracepoints".into(),
-        status: if sys_tp.exists() { Status::Ok } else { Status::Missing },
+        status: if sys_tp.exists() {
+            Status::Ok
+        } else {
+            Status::Missing
+        },
         detail: if sys_tp.exists() {
             "events/syscalls present".into()
         } else {
@@ -155,21 +235,33 @@ pub fn check_host() -> Vec<Check> {
     checks.push(Check {
         feature: "uprobe events".into(),
         status: if uprobes { Status::Ok } else { Status::Missing },
-        detail: if uprobes { "uprobe_events present".into() } else { "no uprobe_events (CONFIG_UPROBE_EVENTS)".into() },
+        detail: if uprobes {
+            "uprobe_events present".into()
+        } else {
+            "no uprobe_events (CONFIG_UPROBE_EVENTS)".into()
+        },
         without: "TLS capture (uprobes on libssl) is unavailable",
         core: false,
     });
     let cg = cgroup2_mount(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
     checks.push(Check {
         feature: "cgroup v2".into(),
-        status: if cg.is_some() { Status::Ok } else { Status::Missing },
+        status: if cg.is_some() {
+            Status::Ok
+        } else {
+            Status::Missing
+        },
         detail: cg.unwrap_or_else(|| "no cgroup2 mount".into()),
         without: "traceparent injection (sock_ops attaches to a cgroup v2)",
         core: false,
     });
     checks.push(Check {
         feature: "embedded eBPF programs".into(),
-        status: if loader::has_embedded_object() { Status::Ok } else { Status::Missing },
+        status: if loader::has_embedded_object() {
+            Status::Ok
+        } else {
+            Status::Missing
+        },
         detail: if loader::has_embedded_object() {
             "present".into()
         } else {
@@ -187,14 +279,29 @@ pub fn core_ok(checks: &[Check]) -> bool {
 }
 
 pub fn render(checks: &[Check]) -> String {
-    let w = checks.iter().map(|c| c.feature.len()).max().unwrap_or(7).max(7);
+    let w = checks
+        .iter()
+        .map(|c| c.feature.len())
+        .max()
+        .unwrap_or(7)
+        .max(7);
     let mut out = String::new();
-    let _ = writeln!(out, "{:<w$}  {:<7}  {}", "FEATURE", "STATUS", "DETAIL / WITHOUT IT");
+    let _ = writeln!(out, "{:<w$}  {:<7}  DETAIL / WITHOUT IT", "FEATURE", "STATUS");
     for c in checks {
-        let _ = writeln!(out, "{:<w$}  {:<7}  {}", c.feature, c.status.label(), c.detail);
+        let _ = writeln!(
+            out,
+            "{:<w$}  {:<7}  {}",
+            c.feature,
+            c.status.label(),
+            c.detail
+        );
         if c.status != Status::Ok && !c.without.is_empty() {
             let tag = if c.core { "core" } else { "optional" };
-            let _ = writeln!(out, "{:<w$}  {:<7}  without it ({tag}): {}", "", "", c.without);
+            let _ = writeln!(
+                out,
+                "{:<w$}  {:<7}  without it ({tag}): {}",
+                "", "", c.without
+            );
         }
     }
     let verdict = if core_ok(checks) {
@@ -270,7 +377,10 @@ mod tests {
 
     #[test]
     fn missing_core_feature_fails_the_verdict() {
-        let checks = vec![check("a", Status::Ok, true), check("ring buffer", Status::Missing, true)];
+        let checks = vec![
+            check("a", Status::Ok, true),
+            check("ring buffer", Status::Missing, true),
+        ];
         assert!(!core_ok(&checks));
         let table = render(&checks);
         assert!(table.contains("ring buffer"));
@@ -286,7 +396,10 @@ mod tests {
 
     #[test]
     fn missing_optional_feature_keeps_core_working() {
-        let checks = vec![check("a", Status::Ok, true), check("sk_msg", Status::Missing, false)];
+        let checks = vec![
+            check("a", Status::Ok, true),
+            check("sk_msg", Status::Missing, false),
+        ];
         assert!(core_ok(&checks));
         assert!(render(&checks).contains("without it (optional)"));
     }
@@ -295,7 +408,10 @@ mod tests {
     fn finds_cgroup2_mount_in_hybrid_and_pure_layouts() {
         let hybrid = "35 25 0:30 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw\n\
                       36 25 0:31 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu";
-        assert_eq!(cgroup2_mount(hybrid).as_deref(), Some("/sys/fs/cgroup/unified"));
+        assert_eq!(
+            cgroup2_mount(hybrid).as_deref(),
+            Some("/sys/fs/cgroup/unified")
+        );
         let pure = "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw";
         assert_eq!(cgroup2_mount(pure).as_deref(), Some("/sys/fs/cgroup"));
         assert_eq!(cgroup2_mount("garbage\n\n - "), None);
@@ -303,7 +419,10 @@ mod tests {
 
     #[test]
     fn parses_effective_capabilities() {
-        assert_eq!(cap_eff("Name:\tx\nCapEff:\t000001ffffffffff\n"), Some(0x1ff_ffff_ffff));
+        assert_eq!(
+            cap_eff("Name:\tx\nCapEff:\t000001ffffffffff\n"),
+            Some(0x1ff_ffff_ffff)
+        );
         assert_eq!(cap_eff("CapEff: zz"), None);
     }
 }

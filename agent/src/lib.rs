@@ -3,13 +3,16 @@
 //! Modules follow the data flow: kernel probes ([`probes`], [`loader`]) → ring buffer
 //! records ([`capture`]) → per-connection HTTP/1.x assembly ([`http`]) → finished exchanges
 //! ([`exchange`]) → outputs ([`watch`]).
+pub mod assemble;
 pub mod btf;
-pub mod http;
 pub mod capture;
 pub mod clock;
 pub mod doctor;
+pub mod exchange;
+pub mod http;
 pub mod loader;
+pub mod pipeline;
 pub mod probes;
 pub mod process;
-pub mod tracefs;
 pub mod stats;
+pub mod tracefs;

@@ -35,7 +35,9 @@ impl Default for LoadOptions {
 
 #[derive(Debug, Error)]
 pub enum LoadError {
-    #[error("this tapir binary was built without its eBPF programs; build it with `cargo xtask build`")]
+    #[error(
+        "this tapir binary was built without its eBPF programs; build it with `cargo xtask build`"
+    )]
     NoObject,
     #[error(transparent)]
     Tracefs(#[from] tracefs::TracefsError),

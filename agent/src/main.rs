@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     /// Run the agent: capture HTTP exchanges on this host (needs root).
     Run(cmd::run::RunArgs),
+    /// Live view of captured HTTP exchanges, one line (or JSON object) each (needs root).
+    Watch(cmd::watch::WatchArgs),
     /// Check what this host's kernel supports and what would not work without it.
     Doctor,
 }
@@ -27,6 +29,7 @@ fn main() -> ExitCode {
     cmd::init_logging();
     let result = match cli.command {
         Command::Run(args) => cmd::run::run(args),
+        Command::Watch(args) => cmd::watch::run(args),
         Command::Doctor => cmd::doctor::run(),
     };
     match result {

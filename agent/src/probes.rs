@@ -19,7 +19,12 @@ pub struct Probe {
     pub without: &'static str,
 }
 
-const fn tp(program: &'static str, name: &'static str, required: bool, without: &'static str) -> Probe {
+const fn tp(
+    program: &'static str,
+    name: &'static str,
+    required: bool,
+    without: &'static str,
+) -> Probe {
     Probe {
         program,
         hook: Hook::TracePoint("syscalls", name),
@@ -38,34 +43,112 @@ const fn sched(program: &'static str, name: &'static str, without: &'static str)
 }
 
 pub const PROBES: &[Probe] = &[
-    tp("tapir_exit_accept4", "sys_exit_accept4", true, "accepted connections are not known to be server-side"),
-    tp("tapir_exit_accept", "sys_exit_accept", false, "servers using accept() (not accept4) get their role inferred from traffic"),
-    tp("tapir_enter_connect", "sys_enter_connect", true, "outgoing connections are not known to be client-side"),
-    tp("tapir_exit_connect", "sys_exit_connect", true, "outgoing connections are not known to be client-side"),
-    tp("tapir_enter_read", "sys_enter_read", true, "requests and responses read with read() are missed"),
-    tp("tapir_exit_read", "sys_exit_read", true, "requests and responses read with read() are missed"),
-    tp("tapir_enter_readv", "sys_enter_readv", false, "data read with readv() is missed"),
-    tp("tapir_exit_readv", "sys_exit_readv", false, "data read with readv() is missed"),
-    tp("tapir_enter_recvfrom", "sys_enter_recvfrom", false, "data read with recv()/recvfrom() is missed"),
-    tp("tapir_exit_recvfrom", "sys_exit_recvfrom", false, "data read with recv()/recvfrom() is missed"),
-    tp("tapir_enter_recvmsg", "sys_enter_recvmsg", false, "data read with recvmsg() is missed"),
-    tp("tapir_exit_recvmsg", "sys_exit_recvmsg", false, "data read with recvmsg() is missed"),
-    tp("tapir_enter_write", "sys_enter_write", true, "requests and responses sent with write() are missed"),
-    tp("tapir_exit_write", "sys_exit_write", true, "requests and responses sent with write() are missed"),
-    tp("tapir_enter_writev", "sys_enter_writev", false, "data sent with writev() (nginx) is missed"),
-    tp("tapir_exit_writev", "sys_exit_writev", false, "data sent with writev() (nginx) is missed"),
-    tp("tapir_enter_sendto", "sys_enter_sendto", false, "data sent with send()/sendto() is missed"),
-    tp("tapir_exit_sendto", "sys_exit_sendto", false, "data sent with send()/sendto() is missed"),
-    tp("tapir_enter_sendmsg", "sys_enter_sendmsg", false, "data sent with sendmsg() is missed"),
-    tp("tapir_exit_sendmsg", "sys_exit_sendmsg", false, "data sent with sendmsg() is missed"),
-    tp("tapir_enter_sendfile", "sys_enter_sendfile64", false, "bodies sent with sendfile() are not counted; such responses end late"),
-    tp("tapir_exit_sendfile", "sys_exit_sendfile64", false, "bodies sent with sendfile() are not counted; such responses end late"),
-    tp("tapir_enter_close", "sys_enter_close", true, "closed connections are noticed late; close-delimited responses end late"),
-    tp("tapir_enter_dup2", "sys_enter_dup2", false, "an fd replaced with dup2() may be misclassified"),
-    tp("tapir_enter_dup3", "sys_enter_dup3", false, "an fd replaced with dup3() may be misclassified"),
-    tp("tapir_enter_close_range", "sys_enter_close_range", false, "fds closed with close_range() may be misclassified"),
-    sched("tapir_sched_exec", "sched_process_exec", "fds closed by exec() may be misclassified"),
-    sched("tapir_sched_exit", "sched_process_exit", "state of exited processes is freed late (by LRU eviction)"),
+    tp(
+        "tapir_exit_accept4",
+        "sys_exit_accept4",
+        true,
+        "accepted connections are not known to be server-side",
+    ),
+    tp(
+        "tapir_exit_accept",
+        "sys_exit_accept",
+        false,
+        "servers using accept() (not accept4) get their role inferred from traffic",
+    ),
+    tp(
+        "tapir_exit_connect",
+        "sys_exit_connect",
+        true,
+        "outgoing connections are not known to be client-side",
+    ),
+    tp(
+        "tapir_exit_read",
+        "sys_exit_read",
+        true,
+        "requests and responses read with read() are missed",
+    ),
+    tp(
+        "tapir_exit_readv",
+        "sys_exit_readv",
+        false,
+        "data read with readv() is missed",
+    ),
+    tp(
+        "tapir_exit_recvfrom",
+        "sys_exit_recvfrom",
+        false,
+        "data read with recv()/recvfrom() is missed",
+    ),
+    tp(
+        "tapir_exit_recvmsg",
+        "sys_exit_recvmsg",
+        false,
+        "data read with recvmsg() is missed",
+    ),
+    tp(
+        "tapir_exit_write",
+        "sys_exit_write",
+        true,
+        "requests and responses sent with write() are missed",
+    ),
+    tp(
+        "tapir_exit_writev",
+        "sys_exit_writev",
+        false,
+        "data sent with writev() (nginx) is missed",
+    ),
+    tp(
+        "tapir_exit_sendto",
+        "sys_exit_sendto",
+        false,
+        "data sent with send()/sendto() is missed",
+    ),
+    tp(
+        "tapir_exit_sendmsg",
+        "sys_exit_sendmsg",
+        false,
+        "data sent with sendmsg() is missed",
+    ),
+    tp(
+        "tapir_exit_sendfile",
+        "sys_exit_sendfile64",
+        false,
+        "bodies sent with sendfile() are not counted; such responses end late",
+    ),
+    tp(
+        "tapir_enter_close",
+        "sys_enter_close",
+        true,
+        "closed connections are noticed late; close-delimited responses end late",
+    ),
+    tp(
+        "tapir_enter_dup2",
+        "sys_enter_dup2",
+        false,
+        "an fd replaced with dup2() may be misclassified",
+    ),
+    tp(
+        "tapir_enter_dup3",
+        "sys_enter_dup3",
+        false,
+        "an fd replaced with dup3() may be misclassified",
+    ),
+    tp(
+        "tapir_enter_close_range",
+        "sys_enter_close_range",
+        false,
+        "fds closed with close_range() may be misclassified",
+    ),
+    sched(
+        "tapir_sched_exec",
+        "sched_process_exec",
+        "fds closed by exec() may be misclassified",
+    ),
+    sched(
+        "tapir_sched_exit",
+        "sched_process_exit",
+        "state of exited processes is freed late (by LRU eviction)",
+    ),
 ];
 
 #[cfg(test)]

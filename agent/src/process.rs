@@ -22,14 +22,20 @@ impl ProcessInfo {
     /// yields what could be read (at least the pid).
     pub fn read(proc_root: &Path, pid: u32) -> Self {
         let dir = proc_root.join(pid.to_string());
-        let exe_path = fs::read_link(dir.join("exe"))
-            .ok()
-            .map(|p| p.to_string_lossy().trim_end_matches(" (deleted)").to_string());
+        let exe_path = fs::read_link(dir.join("exe")).ok().map(|p| {
+            p.to_string_lossy()
+                .trim_end_matches(" (deleted)")
+                .to_string()
+        });
         let exe_name = exe_path
             .as_deref()
             .and_then(|p| Path::new(p).file_name())
             .map(|n| n.to_string_lossy().into_owned())
-            .or_else(|| fs::read_to_string(dir.join("comm")).ok().map(|s| s.trim().to_string()))
+            .or_else(|| {
+                fs::read_to_string(dir.join("comm"))
+                    .ok()
+                    .map(|s| s.trim().to_string())
+            })
             .unwrap_or_default();
         let environ = fs::read(dir.join("environ")).unwrap_or_default();
         Self {
@@ -62,18 +68,25 @@ impl ProcessCache {
     }
 
     pub fn with_root(capacity: usize, root: impl Into<std::path::PathBuf>) -> Self {
-        let cap = std::num::NonZeroUsize::new(capacity.max(1)).unwrap_or(std::num::NonZeroUsize::MIN);
+        let cap =
+            std::num::NonZeroUsize::new(capacity.max(1)).unwrap_or(std::num::NonZeroUsize::MIN);
         Self {
             cache: LruCache::new(cap),
             proc_root: root.into(),
         }
     }
 
-    pub fn get(&mut self, pid: u32) -> Arc<ProcessInfo> {
+    /// The process's info; `comm` (from the kernel) names it when /proc no longer can.
+    pub fn get(&mut self, pid: u32, comm: &[u8]) -> Arc<ProcessInfo> {
         if let Some(p) = self.cache.get(&pid) {
             return p.clone();
         }
-        let info = Arc::new(ProcessInfo::read(&self.proc_root, pid));
+        let mut info = ProcessInfo::read(&self.proc_root, pid);
+        if info.exe_name.is_empty() {
+            let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
+            info.exe_name = String::from_utf8_lossy(&comm[..end]).into_owned();
+        }
+        let info = Arc::new(info);
         self.cache.put(pid, info.clone());
         info
     }
@@ -120,10 +133,17 @@ mod tests {
     }
 
     #[test]
+    fn kernel_comm_names_vanished_processes() {
+        let mut c = ProcessCache::with_root(2, "/nonexistent-proc");
+        assert_eq!(c.get(7, b"curl\0\0\0\0").exe_name, "curl");
+        assert_eq!(c.get(8, b"sixteen-bytes-xx").exe_name, "sixteen-bytes-xx");
+    }
+
+    #[test]
     fn cache_is_bounded() {
         let mut c = ProcessCache::with_root(2, "/nonexistent-proc");
         for pid in 1..10 {
-            c.get(pid);
+            c.get(pid, b"x\0");
         }
         assert_eq!(c.len(), 2);
         c.forget(9);

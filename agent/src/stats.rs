@@ -1,12 +1,16 @@
 //! The agent's own counters: every drop has a named reason. Exported as `tapir.*` metrics.
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::http::{DropReason, StreamStats};
+
 macro_rules! counters {
     ($( $(#[$doc:meta])* $name:ident => $metric:literal ),* $(,)?) => {
         /// Monotonic counters, shared between the capture thread and exporters.
         #[derive(Debug, Default)]
         pub struct Stats {
             $( $(#[$doc])* pub $name: AtomicU64, )*
+            /// HTTP messages dropped, by [`DropReason`].
+            pub http_drops: [AtomicU64; DropReason::COUNT],
         }
 
         impl Stats {
@@ -40,5 +44,30 @@ counters! {
 impl Stats {
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Folds one connection's drop counts into the totals.
+    pub fn add_stream(&self, s: &StreamStats) {
+        for (reason, n) in s.iter() {
+            if n > 0 {
+                if let Some(c) = self.http_drops.get(reason as usize) {
+                    c.fetch_add(n, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// (reason, count) of HTTP messages dropped.
+    pub fn http_drops(&self) -> Vec<(&'static str, u64)> {
+        DropReason::ALL
+            .iter()
+            .map(|r| {
+                let n = self
+                    .http_drops
+                    .get(*r as usize)
+                    .map_or(0, |c| c.load(Ordering::Relaxed));
+                (r.as_str(), n)
+            })
+            .collect()
     }
 }

@@ -84,8 +84,18 @@ fn install_bpf_linker(root: &Path, sysroot: &Path) -> Result<()> {
     eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} against nightly's LLVM {major} (about a minute)");
     status(
         Command::new(cargo())
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked"])
-            .args(["--no-default-features", "--features", &format!("llvm-{major}")])
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+            ])
+            .args([
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{major}"),
+            ])
             .env("LLVM_PREFIX", &prefix),
         "installing bpf-linker (needs crates.io and a C++ compiler; see TOOLCHAIN notes in README)",
     )?;
@@ -96,11 +106,7 @@ fn install_bpf_linker(root: &Path, sysroot: &Path) -> Result<()> {
 }
 
 /// Debian commands the end-to-end tests drive, by the package that provides them.
-const DEBIAN_TOOLS: &[(&str, &str)] = &[
-    ("curl", "curl"),
-    ("nginx", "nginx"),
-    ("ip", "iproute2"),
-];
+const DEBIAN_TOOLS: &[(&str, &str)] = &[("curl", "curl"), ("nginx", "nginx"), ("ip", "iproute2")];
 
 /// Installs the Debian packages and the Python environment of the end-to-end tests;
 /// returns the Python interpreter to run pytest with.
@@ -158,7 +164,14 @@ pub fn ensure_venv(root: &Path, requirements: &Path) -> Result<PathBuf> {
     eprintln!("xtask: installing Python test requirements");
     status(
         Command::new(&python)
-            .args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "-r"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "-r",
+            ])
             .arg(requirements),
         "pip install of the test requirements (needs PyPI)",
     )?;

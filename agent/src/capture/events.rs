@@ -1,7 +1,5 @@
 //! Typed views of the ring-buffer records defined in `agent_common`.
-use agent_common::{
-    ConnEvent, DataEventHeader, EventHeader, EventKind, MAX_CAPTURE, TAIL_BYTES,
-};
+use agent_common::{ConnEvent, DataEventHeader, EventHeader, EventKind, MAX_CAPTURE, TAIL_BYTES};
 use thiserror::Error;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,7 +24,11 @@ pub enum DecodeError {
     #[error("unknown event kind {0}")]
     UnknownKind(u8),
     #[error("record of kind {kind:?} is {len} bytes, shorter than {need}")]
-    Short { kind: EventKind, len: usize, need: usize },
+    Short {
+        kind: EventKind,
+        len: usize,
+        need: usize,
+    },
     #[error("data record claims {claimed} captured bytes but carries {carried}")]
     BadCaptureLength { claimed: usize, carried: usize },
 }
@@ -86,8 +88,10 @@ mod tests {
 
     fn as_bytes<T>(v: &T) -> Vec<u8> {
         // SAFETY: test-only view of a repr(C) POD value.
-        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
-            .to_vec()
+        unsafe {
+            std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>())
+        }
+        .to_vec()
     }
 
     fn data_record(captured: u32, payload: &[u8]) -> Vec<u8> {
@@ -144,9 +148,15 @@ mod tests {
         assert_eq!(decode(&[99, 0, 0]), Err(DecodeError::UnknownKind(99)));
         assert!(matches!(decode(&[1, 0, 0]), Err(DecodeError::Short { .. })));
         let rec = data_record(50, b"short");
-        assert!(matches!(decode(&rec), Err(DecodeError::BadCaptureLength { .. })));
+        assert!(matches!(
+            decode(&rec),
+            Err(DecodeError::BadCaptureLength { .. })
+        ));
         let rec = data_record(u32::MAX, b"x");
-        assert!(matches!(decode(&rec), Err(DecodeError::BadCaptureLength { .. })));
+        assert!(matches!(
+            decode(&rec),
+            Err(DecodeError::BadCaptureLength { .. })
+        ));
     }
 
     proptest::proptest! {

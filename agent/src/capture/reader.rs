@@ -25,13 +25,16 @@ pub trait RecordSink {
     fn on_idle(&mut self);
 }
 
+/// A second fd to wake on (the aya-log buffer) and what to do when it is readable.
+pub type ExtraFd<L> = Option<(L, Box<dyn FnMut(&mut L) + Send>)>;
+
 /// Runs until `stop` is set; drains once more before returning so nothing already
 /// submitted is lost. `extra` is another fd to wake on (the aya-log buffer) and its handler.
 pub fn drain_loop<S: RecordSink, L: AsFd>(
     mut ring: RingBuf<MapData>,
     sink: &mut S,
     stop: &Arc<AtomicBool>,
-    mut extra: Option<(L, Box<dyn FnMut(&mut L) + Send>)>,
+    mut extra: ExtraFd<L>,
 ) {
     loop {
         let stopping = stop.load(Ordering::Acquire);

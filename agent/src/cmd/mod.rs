@@ -1,6 +1,7 @@
 //! One module per subcommand; shared start-up/shutdown plumbing here.
 pub mod doctor;
 pub mod run;
+pub mod watch;
 
 use std::{
     sync::{
@@ -21,6 +22,7 @@ pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 
@@ -55,7 +57,10 @@ pub fn attach(args: &CaptureArgs) -> Result<Attached> {
     let attached = loader::load_and_attach(&args.load_options())
         .context("starting the eBPF probes (`tapir doctor` tells what this host lacks)")?;
     if attached.tracefs == tapir::tracefs::TracefsState::MountedNow {
-        tracing::info!("tracefs was not mounted: mounted it at {}", tapir::tracefs::TRACEFS);
+        tracing::info!(
+            "tracefs was not mounted: mounted it at {}",
+            tapir::tracefs::TRACEFS
+        );
     }
     for f in &attached.failures {
         eprintln!(

@@ -1,0 +1,100 @@
+//! `tapir watch`: one line (or JSON object) per finished exchange, on stdout.
+use std::{
+    io::{self, Write},
+    process::ExitCode,
+    sync::Arc,
+};
+
+use anyhow::Result;
+use clap::Args;
+use tapir::{
+    capture::reader::drain_loop,
+    exchange::CapturedExchange,
+    pipeline::{fmt_addr, ExchangeSink, Filter, Pipeline},
+    stats::Stats,
+};
+
+use super::{attach, wait_for_shutdown_signal, CaptureArgs, CaptureThread};
+
+#[derive(Args, Debug, Clone)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub capture: CaptureArgs,
+    /// One JSON object per exchange (keys follow OpenTelemetry semantic conventions).
+    #[arg(long)]
+    pub json: bool,
+    /// Only exchanges of this process id (repeatable).
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Only connections with this local or remote port (repeatable).
+    #[arg(long = "port", value_name = "PORT")]
+    pub ports: Vec<u16>,
+}
+
+struct Printer {
+    json: bool,
+    out: io::BufWriter<io::Stdout>,
+}
+
+impl ExchangeSink for Printer {
+    fn on_exchange(&mut self, ex: CapturedExchange) {
+        let _ = if self.json {
+            writeln!(self.out, "{}", ex.to_json())
+        } else {
+            writeln!(self.out, "{}", human_line(&ex))
+        };
+    }
+
+    fn flush(&mut self) {
+        let _ = self.out.flush();
+    }
+}
+
+fn human_line(ex: &CapturedExchange) -> String {
+    let (server, client) = ex.server_client();
+    let secs = ex.start_unix_ns / 1_000_000_000;
+    let (h, m, s, ms) = (
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60,
+        (ex.start_unix_ns / 1_000_000) % 1000,
+    );
+    let peer = if ex.is_server() { client } else { server };
+    format!(
+        "{h:02}:{m:02}:{s:02}.{ms:03} {pid:>7} {name:<16} {kind:<6} {method:<7} {path} {status} {dur:.3}ms peer={peer}",
+        pid = ex.process.pid,
+        name = ex.process.exe_name,
+        kind = if ex.is_server() { "server" } else { "client" },
+        method = ex.http.method,
+        path = ex.http.path,
+        status = ex.http.status,
+        dur = ex.duration_ns() as f64 / 1e6,
+        peer = fmt_addr(peer),
+    )
+}
+
+pub fn run(args: WatchArgs) -> Result<ExitCode> {
+    let mut attached = attach(&args.capture)?;
+    let ring = super::take_ring(&mut attached)?;
+    let logger = super::take_logger(&mut attached);
+    let filter = Filter {
+        pids: args.pids.clone(),
+        ports: args.ports.clone(),
+    };
+    let max_conns = args.capture.max_connections as usize;
+    let json = args.json;
+    let capture = CaptureThread::spawn(move |stop| {
+        let printer = Printer {
+            json,
+            out: io::BufWriter::new(io::stdout()),
+        };
+        let mut pipeline = Pipeline::new(max_conns, filter, Arc::new(Stats::default()), printer);
+        drain_loop(ring, &mut pipeline, &stop, logger);
+        pipeline.sink_mut().flush();
+    })?;
+    tracing::info!("ready: watching HTTP exchanges (Ctrl-C to stop)");
+    wait_for_shutdown_signal()?;
+    capture.stop();
+    drop(attached);
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,83 @@
+//! A finished HTTP exchange with everything exporters need: process, addresses, wall times.
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+
+use crate::{
+    clock::MonoToWall,
+    http::{Exchange, ExchangeRole, HttpVersion},
+    pipeline::Endpoints,
+    process::ProcessInfo,
+};
+
+#[derive(Debug, Clone)]
+pub struct CapturedExchange {
+    pub http: Exchange,
+    pub process: Arc<ProcessInfo>,
+    pub endpoints: Endpoints,
+    pub start_unix_ns: u64,
+    pub end_unix_ns: u64,
+}
+
+impl CapturedExchange {
+    pub fn new(
+        http: Exchange,
+        process: Arc<ProcessInfo>,
+        endpoints: Endpoints,
+        clock: &MonoToWall,
+    ) -> Self {
+        Self {
+            start_unix_ns: clock.to_unix_ns(http.start_ns),
+            end_unix_ns: clock.to_unix_ns(http.end_ns.max(http.start_ns)),
+            http,
+            process,
+            endpoints,
+        }
+    }
+
+    pub fn is_server(&self) -> bool {
+        self.http.role == ExchangeRole::Server
+    }
+
+    pub fn duration_ns(&self) -> u64 {
+        self.end_unix_ns.saturating_sub(self.start_unix_ns)
+    }
+
+    /// (server address, client address): a server's own side is local, a client's remote.
+    pub fn server_client(&self) -> ((std::net::IpAddr, u16), (std::net::IpAddr, u16)) {
+        if self.is_server() {
+            (self.endpoints.local, self.endpoints.remote)
+        } else {
+            (self.endpoints.remote, self.endpoints.local)
+        }
+    }
+
+    pub fn protocol_version(&self) -> &'static str {
+        match self.http.version {
+            HttpVersion::Http10 => "1.0",
+            HttpVersion::Http11 => "1.1",
+        }
+    }
+
+    /// The `tapir watch --json` record.
+    pub fn to_json(&self) -> Value {
+        let (server, client) = self.server_client();
+        json!({
+            "kind": if self.is_server() { "server" } else { "client" },
+            "process.pid": self.process.pid,
+            "process.executable.name": self.process.exe_name,
+            "http.request.method": self.http.method,
+            "url.path": self.http.path,
+            "http.response.status_code": self.http.status,
+            "server.address": server.0.to_string(),
+            "server.port": server.1,
+            "client.address": client.0.to_string(),
+            "client.port": client.1,
+            "network.protocol.version": self.protocol_version(),
+            "start_time_unix_nano": self.start_unix_ns,
+            "duration_ns": self.duration_ns(),
+            "http.request.body.size": self.http.request_body_bytes,
+            "http.response.body.size": self.http.response_body_bytes,
+        })
+    }
+}

@@ -1,0 +1,62 @@
+//! A finished request/response pair: what the agent turns into a span.
+
+/// Which end of the exchange the observed process was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExchangeRole {
+    /// The process received the request and sent the response.
+    Server,
+    /// The process sent the request and received the response.
+    Client,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HttpVersion {
+    Http10,
+    Http11,
+}
+
+impl HttpVersion {
+    /// The `network.protocol.version` attribute value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http10 => "1.0",
+            Self::Http11 => "1.1",
+        }
+    }
+}
+
+/// One HTTP/1.x request and its final response.
+///
+/// Only the fields below are kept from the traffic; every other header is never copied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Exchange {
+    pub role: ExchangeRole,
+    pub method: String,
+    /// Request target without its query (for absolute-form targets, only the path part).
+    pub path: String,
+    /// Query string without the `?`; `None` when absent or empty.
+    pub query: Option<String>,
+    /// Version of the request.
+    pub version: HttpVersion,
+    /// Status of the final response (or 101 for an upgrade).
+    pub status: u16,
+    pub host: Option<String>,
+    pub user_agent: Option<String>,
+    /// The first `traceparent` header.
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+    /// The request carried more than one `traceparent` header.
+    pub traceparent_duplicated: bool,
+    /// Timestamp of the first chunk of the request head.
+    pub start_ns: u64,
+    /// Timestamp of the first chunk of the final response head.
+    pub response_start_ns: u64,
+    /// Timestamp of the chunk that completed the response (or of the close that ended it).
+    pub end_ns: u64,
+    /// Body bytes of the request (chunked: payload only, unless framing was lost).
+    pub request_body_bytes: u64,
+    /// Body bytes of the final response (chunked: payload only, unless framing was lost).
+    pub response_body_bytes: u64,
+    /// The capture limit cut the request head: fields past the captured prefix are missing.
+    pub request_head_truncated: bool,
+}

@@ -1,0 +1,1052 @@
+//! The per-connection HTTP/1.x state machine: chunks in, [`Exchange`]s out.
+//!
+//! Each direction of the connection is parsed on its own (`Side`): requests on one,
+//! responses on the other, decided by which side the first message comes from. Requests
+//! wait in a bounded FIFO (`Pairing`) and are paired with responses in order, which also
+//! covers pipelining. Whatever cannot be followed is dropped, counted, and parsing resumes
+//! at the next chunk that starts like a message.
+
+use std::collections::VecDeque;
+use std::mem::discriminant;
+
+use agent_common::TAIL_BYTES;
+
+use super::chunk::{Chunk, Direction};
+use super::chunked::{ChunkedDecoder, ChunkedProgress};
+use super::cursor::Cursor;
+use super::exchange::{Exchange, ExchangeRole, HttpVersion};
+use super::head::{
+    self, ConnectionOption, HeadEndScanner, HeadError, HeadFields, MessageKind, MessageStart,
+    RequestHead, ResponseHead,
+};
+use super::stats::{DropReason, StreamStats};
+
+/// Limits of one [`Http1Stream`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StreamConfig {
+    /// Longest head accepted (and buffered while it arrives in pieces).
+    pub max_head_bytes: usize,
+    /// Requests that may wait for their responses (pipelining).
+    pub max_pending: usize,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            max_head_bytes: 64 * 1024,
+            max_pending: 64,
+        }
+    }
+}
+
+/// A chunk that cannot come from the kernel side; it is ignored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    #[error("chunk has {captured} captured bytes but only {total} were moved")]
+    CapturedExceedsTotal { captured: usize, total: usize },
+    #[error("chunk tail has {0} bytes, more than {TAIL_BYTES}")]
+    TailTooLong(usize),
+}
+
+/// HTTP/1.x state of one TCP connection. See the module docs.
+#[derive(Debug, Default)]
+pub struct Http1Stream {
+    /// Ingress, egress.
+    sides: [Side; 2],
+    pairing: Pairing,
+}
+
+impl Http1Stream {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with_config(config: StreamConfig) -> Self {
+        Self {
+            sides: Default::default(),
+            pairing: Pairing {
+                config,
+                ..Pairing::default()
+            },
+        }
+    }
+
+    /// Applies one syscall's chunk; finished exchanges are appended to `out`.
+    pub fn on_chunk(
+        &mut self,
+        chunk: &Chunk<'_>,
+        out: &mut Vec<Exchange>,
+    ) -> Result<(), StreamError> {
+        if chunk.data.len() > chunk.total {
+            return Err(StreamError::CapturedExceedsTotal {
+                captured: chunk.data.len(),
+                total: chunk.total,
+            });
+        }
+        if chunk.tail.len() > TAIL_BYTES {
+            return Err(StreamError::TailTooLong(chunk.tail.len()));
+        }
+        if self.pairing.upgraded || chunk.total == 0 {
+            return Ok(());
+        }
+        let mut cursor = Cursor::new(chunk.data, chunk.total, chunk.tail);
+        let [ingress, egress] = &mut self.sides;
+        let (side, other) = match chunk.direction {
+            Direction::Ingress => (ingress, egress),
+            Direction::Egress => (egress, ingress),
+        };
+        let mut run = Run {
+            side,
+            other,
+            pairing: &mut self.pairing,
+            direction: chunk.direction,
+            ts: chunk.ts_ns,
+            total: chunk.total as u64,
+            out,
+        };
+        while !cursor.is_empty() && !run.pairing.upgraded {
+            let before = (cursor.remaining(), discriminant(&run.side.phase));
+            run.step(&mut cursor);
+            // Every step consumes bytes or changes phase; never spin if one does neither.
+            if before == (cursor.remaining(), discriminant(&run.side.phase)) {
+                cursor.skip_to_end();
+            }
+        }
+        Ok(())
+    }
+
+    /// The connection closed: emits a response that ends at close, counts requests left
+    /// without response, and resets the stream (its stats are kept).
+    pub fn on_close(&mut self, ts_ns: u64, out: &mut Vec<Exchange>) {
+        let pairing = &mut self.pairing;
+        for side in &self.sides {
+            let ends_at_close = match side.phase {
+                Phase::Body(Framing::UntilClose) => true,
+                Phase::Body(Framing::Chunked(decoder)) => !decoder.is_synced(),
+                _ => false,
+            };
+            if side.message.kind == MessageKind::Response && ends_at_close {
+                pairing.finish_response(&side.message, ts_ns, out);
+            }
+        }
+        for pending in pairing.pending.drain(..) {
+            if pending.exchange.is_some() {
+                pairing.stats.record(DropReason::NoResponse);
+            }
+        }
+        let (config, stats) = (pairing.config, pairing.stats);
+        *self = Self::with_config(config);
+        self.pairing.stats = stats;
+    }
+
+    pub fn stats(&self) -> &StreamStats {
+        &self.pairing.stats
+    }
+
+    /// Returns the counters and zeroes them (for periodic export).
+    pub fn take_stats(&mut self) -> StreamStats {
+        std::mem::take(&mut self.pairing.stats)
+    }
+
+    /// The process's role on this connection, once a message showed it.
+    pub fn role(&self) -> Option<ExchangeRole> {
+        self.pairing.role
+    }
+
+    /// The connection switched protocols (101, or a CONNECT tunnel): it is no longer followed.
+    pub fn is_upgraded(&self) -> bool {
+        self.pairing.upgraded
+    }
+
+    /// Requests waiting for a response.
+    pub fn pending_requests(&self) -> usize {
+        self.pairing.pending.len()
+    }
+}
+
+/// The process's role when `kind` messages travel in `direction`.
+fn role_for(kind: MessageKind, direction: Direction) -> ExchangeRole {
+    match (kind, direction) {
+        (MessageKind::Request, Direction::Ingress) | (MessageKind::Response, Direction::Egress) => {
+            ExchangeRole::Server
+        }
+        _ => ExchangeRole::Client,
+    }
+}
+
+/// What travels in `direction` once the role is known.
+fn kind_for(role: ExchangeRole, direction: Direction) -> MessageKind {
+    if role_for(MessageKind::Request, direction) == role {
+        MessageKind::Request
+    } else {
+        MessageKind::Response
+    }
+}
+
+/// Parsing state of one direction.
+#[derive(Debug, Default)]
+struct Side {
+    phase: Phase,
+    /// A head that started in an earlier chunk, or the captured part of a cut head.
+    head: Vec<u8>,
+    /// The message whose head or body is being read.
+    message: Message,
+}
+
+impl Side {
+    fn clear_head(&mut self) {
+        // Don't keep a large buffer alive on an idle connection.
+        if self.head.capacity() > 1024 {
+            self.head = Vec::new();
+        } else {
+            self.head.clear();
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+enum Phase {
+    /// Out of sync: a message may only start at the beginning of a chunk.
+    #[default]
+    Resync,
+    /// Between messages: the next byte starts one.
+    Idle,
+    /// Reading a head; `Side::head` holds what arrived in earlier chunks.
+    Head {
+        start_ns: u64,
+        scan: HeadEndScanner,
+        /// Known once the first bytes showed it.
+        kind: Option<MessageKind>,
+        /// Started while out of sync: not being HTTP is no error then.
+        tentative: bool,
+    },
+    /// The rest of a cut head whose end was not captured (a message without body).
+    HeadRest {
+        scan: HeadEndScanner,
+    },
+    Body(Framing),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Framing {
+    Length {
+        remaining: u64,
+    },
+    Chunked(ChunkedDecoder),
+    /// A response without length: ends when the connection closes.
+    UntilClose,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Message {
+    kind: MessageKind,
+    /// Request: `seq` of its pending entry.
+    seq: u32,
+    /// Response: its status.
+    status: u16,
+    /// Response: the server meant to keep the connection open.
+    keep_alive: bool,
+    /// Timestamp of the head's first chunk.
+    start_ns: u64,
+    /// Timestamp of the latest chunk that carried its bytes.
+    last_ns: u64,
+    body_bytes: u64,
+}
+
+impl Default for Message {
+    fn default() -> Self {
+        Self {
+            kind: MessageKind::Request,
+            seq: 0,
+            status: 0,
+            keep_alive: false,
+            start_ns: 0,
+            last_ns: 0,
+            body_bytes: 0,
+        }
+    }
+}
+
+/// Requests waiting for responses, and the connection-wide state.
+#[derive(Debug, Default)]
+struct Pairing {
+    config: StreamConfig,
+    role: Option<ExchangeRole>,
+    /// The connection left HTTP/1.x (101 Switching Protocols, CONNECT tunnel).
+    upgraded: bool,
+    next_seq: u32,
+    /// Oldest first.
+    pending: VecDeque<Pending>,
+    /// `seq` of the oldest request when its response is being read.
+    responding: Option<u32>,
+    stats: StreamStats,
+}
+
+#[derive(Debug)]
+struct Pending {
+    seq: u32,
+    /// HEAD: the response has no body whatever its headers say.
+    head_request: bool,
+    /// CONNECT: a 2xx response turns the connection into a tunnel.
+    connect: bool,
+    /// `None` once dropped (already counted): the entry only keeps responses in order.
+    exchange: Option<Exchange>,
+}
+
+impl Pairing {
+    fn push(&mut self, mut pending: Pending) -> u32 {
+        if self.pending.len() >= self.config.max_pending {
+            if let Some(oldest) = self.pending.pop_front() {
+                if self.responding == Some(oldest.seq) {
+                    self.responding = None;
+                }
+                if oldest.exchange.is_some() {
+                    self.stats.record(DropReason::PipelineOverflow);
+                }
+            }
+        }
+        let seq = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        pending.seq = seq;
+        self.pending.push_back(pending);
+        seq
+    }
+
+    /// The request `seq`, if it still waits.
+    fn request_mut(&mut self, seq: u32) -> Option<&mut Pending> {
+        // Usually the latest one: search from the back.
+        self.pending.iter_mut().rev().find(|p| p.seq == seq)
+    }
+
+    /// The request whose response is being read.
+    fn answered_mut(&mut self) -> Option<&mut Pending> {
+        let seq = self.responding?;
+        self.pending.front_mut().filter(|p| p.seq == seq)
+    }
+
+    /// Takes the request whose response is being read out of the queue.
+    fn take_answered(&mut self) -> Option<Pending> {
+        let seq = self.responding.take()?;
+        match self.pending.front() {
+            Some(first) if first.seq == seq => self.pending.pop_front(),
+            _ => None,
+        }
+    }
+
+    fn set_request_body(&mut self, seq: u32, bytes: u64) {
+        if let Some(exchange) = self.request_mut(seq).and_then(|p| p.exchange.as_mut()) {
+            exchange.request_body_bytes = bytes;
+        }
+    }
+
+    /// Completes the exchange being answered with `response`.
+    fn finish_response(&mut self, response: &Message, end_ns: u64, out: &mut Vec<Exchange>) {
+        let Some(mut exchange) = self.take_answered().and_then(|p| p.exchange) else {
+            return;
+        };
+        exchange.status = response.status;
+        exchange.response_start_ns = response.start_ns;
+        exchange.end_ns = end_ns;
+        exchange.response_body_bytes = response.body_bytes;
+        out.push(exchange);
+    }
+
+    /// HTTP/1.x is over on this connection: nothing waiting will be answered in it.
+    fn upgrade(&mut self) {
+        self.upgraded = true;
+        for pending in self.pending.drain(..) {
+            if pending.exchange.is_some() {
+                self.stats.record(DropReason::NoResponse);
+            }
+        }
+    }
+}
+
+/// How a head delimits its body, before the request's method and the status are considered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BodyLength {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// A parsed head, owned, so that the buffer it came from can be reused.
+// Built once per message and moved straight into the queue: boxing would cost an allocation.
+#[allow(clippy::large_enum_variant)]
+enum ParsedHead {
+    Request {
+        exchange: Exchange,
+        body: BodyLength,
+        head_request: bool,
+        connect: bool,
+    },
+    Response {
+        status: u16,
+        body: BodyLength,
+        keep_alive: bool,
+    },
+}
+
+/// Parses a `kind` head at the start of `bytes`: `(head length, head)`, `None` if incomplete.
+fn parse_head(
+    kind: MessageKind,
+    bytes: &[u8],
+    direction: Direction,
+    start_ns: u64,
+    truncated: bool,
+) -> Result<Option<(usize, ParsedHead)>, HeadError> {
+    Ok(match kind {
+        MessageKind::Request => head::parse_request(bytes)?.map(|h| {
+            let role = role_for(MessageKind::Request, direction);
+            (h.len, parsed_request(&h, role, start_ns, truncated))
+        }),
+        MessageKind::Response => head::parse_response(bytes)?.map(|h| (h.len, parsed_response(&h))),
+    })
+}
+
+fn parsed_request(
+    head: &RequestHead<'_>,
+    role: ExchangeRole,
+    start_ns: u64,
+    truncated: bool,
+) -> ParsedHead {
+    let fields = &head.fields;
+    let host = fields
+        .host
+        .map(lossy)
+        .or_else(|| head.target_authority().map(str::to_owned));
+    let exchange = Exchange {
+        role,
+        method: head.method.to_owned(),
+        path: head.path().to_owned(),
+        query: head.query().map(str::to_owned),
+        version: head.version,
+        status: 0,
+        host,
+        user_agent: fields.user_agent.map(lossy),
+        traceparent: fields.traceparent.map(lossy),
+        tracestate: fields.tracestate.map(lossy),
+        traceparent_duplicated: fields.traceparent_duplicated,
+        start_ns,
+        response_start_ns: 0,
+        end_ns: 0,
+        request_body_bytes: 0,
+        response_body_bytes: 0,
+        request_head_truncated: truncated,
+    };
+    // A request body is chunked or has a length; anything else means no body.
+    let body = match (
+        fields.transfer_encoding,
+        fields.chunked,
+        fields.content_length,
+    ) {
+        (true, true, _) => BodyLength::Chunked,
+        (false, _, Some(n)) if n > 0 => BodyLength::Length(n),
+        _ => BodyLength::None,
+    };
+    ParsedHead::Request {
+        exchange,
+        body,
+        head_request: head.method == "HEAD",
+        connect: head.method == "CONNECT",
+    }
+}
+
+fn parsed_response(head: &ResponseHead<'_>) -> ParsedHead {
+    let fields: &HeadFields<'_> = &head.fields;
+    let body = match (
+        fields.transfer_encoding,
+        fields.chunked,
+        fields.content_length,
+    ) {
+        (true, true, _) => BodyLength::Chunked,
+        (true, false, _) => BodyLength::UntilClose,
+        (false, _, Some(0)) => BodyLength::None,
+        (false, _, Some(n)) => BodyLength::Length(n),
+        (false, _, None) => BodyLength::UntilClose,
+    };
+    let keep_alive = match head.version {
+        HttpVersion::Http11 => fields.connection != ConnectionOption::Close,
+        HttpVersion::Http10 => fields.connection == ConnectionOption::KeepAlive,
+    };
+    ParsedHead::Response {
+        status: head.status,
+        body,
+        keep_alive,
+    }
+}
+
+fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn head_error_reason(e: HeadError) -> DropReason {
+    match e {
+        HeadError::TooManyHeaders => DropReason::TooManyHeaders,
+        HeadError::InvalidContentLength | HeadError::Syntax(_) => DropReason::Malformed,
+    }
+}
+
+/// One chunk being applied to the side it travels on.
+struct Run<'a> {
+    side: &'a mut Side,
+    /// The opposite direction.
+    other: &'a mut Side,
+    pairing: &'a mut Pairing,
+    direction: Direction,
+    ts: u64,
+    /// Bytes of the whole chunk (to tell its start).
+    total: u64,
+    out: &'a mut Vec<Exchange>,
+}
+
+impl Run<'_> {
+    fn step(&mut self, cursor: &mut Cursor<'_>) {
+        let at_chunk_start = cursor.remaining() == self.total;
+        match self.side.phase {
+            Phase::Resync => self.resync(cursor, at_chunk_start),
+            Phase::Idle => self.idle(cursor),
+            Phase::Head { .. } => self.head(cursor),
+            Phase::HeadRest { scan } => self.head_rest(cursor, scan, at_chunk_start),
+            Phase::Body(framing) => self.body(cursor, framing, at_chunk_start),
+        }
+    }
+
+    /// The head being read (buffered part, then `more`) starts with a whole request line.
+    fn has_request_line(&self, more: &[u8]) -> bool {
+        let buffered = &self.side.head;
+        if buffered.is_empty() {
+            return head::has_request_line(more);
+        }
+        if buffered.contains(&b'\n') {
+            return head::has_request_line(buffered);
+        }
+        // The line spans the buffer and `more` (a rare, dropping path: copying is fine).
+        let line_end = more.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let mut line = buffered.clone();
+        line.extend_from_slice(more.get(..line_end).unwrap_or_default());
+        head::has_request_line(&line)
+    }
+
+    /// A head started while resyncing is being read.
+    fn is_tentative(&self) -> bool {
+        matches!(
+            self.side.phase,
+            Phase::Head {
+                tentative: true,
+                ..
+            }
+        )
+    }
+
+    fn expected_kind(&self) -> Option<MessageKind> {
+        self.pairing.role.map(|role| kind_for(role, self.direction))
+    }
+
+    /// How `more` (after any buffered head bytes) starts.
+    fn classify(&self, more: &[u8]) -> MessageStart {
+        let mut first = [0u8; 32];
+        let mut n = 0;
+        for (slot, b) in first.iter_mut().zip(self.side.head.iter().chain(more)) {
+            *slot = *b;
+            n += 1;
+        }
+        head::message_start(first.get(..n).unwrap_or_default()).expecting(self.expected_kind())
+    }
+
+    fn resync(&mut self, cursor: &mut Cursor<'_>, at_chunk_start: bool) {
+        let visible = cursor.visible();
+        if at_chunk_start && !visible.is_empty() && self.classify(visible) != MessageStart::NotHttp
+        {
+            self.begin_head(true);
+        } else {
+            if at_chunk_start {
+                self.pairing.stats.skipped_chunks += 1;
+            }
+            cursor.skip_to_end();
+        }
+    }
+
+    fn idle(&mut self, cursor: &mut Cursor<'_>) {
+        // Stray line ends between messages are allowed (RFC 9112 §2.2).
+        let line_ends = cursor
+            .visible()
+            .iter()
+            .take_while(|b| matches!(b, b'\r' | b'\n'))
+            .count();
+        cursor.consume_visible(line_ends);
+        if cursor.is_empty() {
+            return;
+        }
+        if cursor.is_lost() {
+            // The next message starts in bytes that were not captured.
+            self.side.phase = Phase::Resync;
+            cursor.skip_to_end();
+            return;
+        }
+        self.begin_head(false);
+    }
+
+    fn begin_head(&mut self, tentative: bool) {
+        self.side.clear_head();
+        self.side.phase = Phase::Head {
+            start_ns: self.ts,
+            scan: HeadEndScanner::default(),
+            kind: None,
+            tentative,
+        };
+    }
+
+    fn head(&mut self, cursor: &mut Cursor<'_>) {
+        let Phase::Head {
+            start_ns,
+            mut scan,
+            kind,
+            tentative,
+        } = self.side.phase
+        else {
+            return;
+        };
+        let visible = cursor.visible();
+        let kind = match kind {
+            Some(kind) => kind,
+            None => match self.classify(visible) {
+                MessageStart::Is(kind) => kind,
+                MessageStart::Incomplete if !visible.is_empty() => {
+                    // Too short to tell yet (a few bytes): keep them.
+                    self.side.head.extend_from_slice(visible);
+                    cursor.consume_visible(visible.len());
+                    return;
+                }
+                _ if tentative => {
+                    self.pairing.stats.skipped_chunks += 1;
+                    self.side.clear_head();
+                    self.side.phase = Phase::Resync;
+                    cursor.skip_to_end();
+                    return;
+                }
+                _ => return self.drop_head(cursor, None, DropReason::Malformed),
+            },
+        };
+        let max = self.pairing.config.max_head_bytes;
+        if self.side.head.is_empty() {
+            // Fast path: the whole head is in this chunk; parse it in place.
+            match parse_head(kind, visible, self.direction, start_ns, false) {
+                Ok(Some((len, parsed))) => {
+                    cursor.consume_visible(len);
+                    return self.start_message(parsed, start_ns);
+                }
+                Ok(None) => {}
+                Err(e) => return self.drop_head(cursor, Some(kind), head_error_reason(e)),
+            }
+            // The head goes on after this chunk: the scanner learns where the bytes end.
+            let _ = scan.scan(visible);
+        } else if let Some(end) = scan.scan(visible) {
+            // The head that started earlier ends in this chunk.
+            if self.side.head.len() + end > max {
+                return self.drop_head(cursor, Some(kind), DropReason::HeadTooLarge);
+            }
+            self.side
+                .head
+                .extend_from_slice(visible.get(..end).unwrap_or_default());
+            cursor.consume_visible(end);
+            let parsed = parse_head(kind, &self.side.head, self.direction, start_ns, false);
+            return match parsed {
+                Ok(Some((_, parsed))) => {
+                    self.side.clear_head();
+                    self.start_message(parsed, start_ns);
+                }
+                Ok(None) => self.drop_head(cursor, Some(kind), DropReason::Malformed),
+                Err(e) => self.drop_head(cursor, Some(kind), head_error_reason(e)),
+            };
+        }
+        if self.side.head.len() + visible.len() > max {
+            return self.drop_head(cursor, Some(kind), DropReason::HeadTooLarge);
+        }
+        self.side.head.extend_from_slice(visible);
+        cursor.consume_visible(visible.len());
+        self.side.phase = Phase::Head {
+            start_ns,
+            scan,
+            kind: Some(kind),
+            tentative,
+        };
+        if cursor.is_lost() {
+            self.cut_head(cursor, kind, start_ns);
+        }
+    }
+
+    /// The capture limit cut the head being read (`Side::head` holds its captured part).
+    /// Keep what was captured; look for the head's end in the syscall's tail.
+    fn cut_head(&mut self, cursor: &mut Cursor<'_>, kind: MessageKind, start_ns: u64) {
+        let tail = cursor.tail();
+        let mut scan = HeadEndScanner::default();
+        let end_in_tail = scan.scan(tail);
+        let blind = cursor.remaining();
+        let before_end = match end_in_tail {
+            Some(end) => blind - (tail.len() - end) as u64,
+            None => blind,
+        };
+        let head_len = (self.side.head.len() as u64).saturating_add(before_end);
+        if head_len > self.pairing.config.max_head_bytes as u64 {
+            return self.drop_head(cursor, Some(kind), DropReason::HeadTooLarge);
+        }
+        let Some(lines) = head::complete_lines_len(&self.side.head) else {
+            // Not even the start line was captured. In sync, a request is still answered;
+            // while resyncing this was likely never a head.
+            if self.is_tentative() {
+                self.pairing.stats.skipped_chunks += 1;
+            } else {
+                self.drop_message(kind, DropReason::HeadTruncated, true);
+            }
+            return self.resync_after_drop(cursor);
+        };
+        self.side.head.truncate(lines);
+        self.side.head.extend_from_slice(b"\r\n");
+        let parsed = match parse_head(kind, &self.side.head, self.direction, start_ns, true) {
+            Ok(Some((_, parsed))) => parsed,
+            Ok(None) => return self.drop_head(cursor, Some(kind), DropReason::Malformed),
+            Err(e) => return self.drop_head(cursor, Some(kind), head_error_reason(e)),
+        };
+        self.pairing.stats.record(DropReason::HeadTruncated);
+        self.side.clear_head();
+        if let Some(end) = end_in_tail {
+            // The body (or the next message) follows in the visible tail.
+            cursor.resume_in_tail(end);
+            return self.start_message(parsed, start_ns);
+        }
+        self.start_message(parsed, start_ns);
+        match self.side.phase {
+            // No body: the rest of the head is still to come.
+            Phase::Idle => {
+                self.side.phase = Phase::HeadRest { scan };
+                cursor.skip_to_end();
+            }
+            // The head ended somewhere unseen and the body began: a chunked body's end can
+            // still show in a tail, a close-delimited one ends at close anyway.
+            Phase::Body(Framing::Chunked(_)) => {
+                self.side.phase = Phase::Body(Framing::Chunked(ChunkedDecoder::unsynced()));
+            }
+            Phase::Body(Framing::UntilClose) => {}
+            // A length counted from an unknown start cannot be followed.
+            Phase::Body(Framing::Length { .. }) => {
+                self.finish_message(self.ts);
+                self.side.phase = Phase::Resync;
+                cursor.skip_to_end();
+            }
+            _ => {
+                cursor.skip_to_end();
+            }
+        }
+    }
+
+    fn head_rest(&mut self, cursor: &mut Cursor<'_>, mut scan: HeadEndScanner, at_start: bool) {
+        let visible = cursor.visible();
+        if at_start && self.classify(visible) == MessageStart::Is(self.side.message.kind) {
+            // A new message: whatever remained of the cut head was never seen.
+            return self.begin_head(false);
+        }
+        if cursor.is_lost() {
+            // A blind gap, then the tail: only the tail is contiguous with what follows.
+            scan = HeadEndScanner::default();
+            match scan.scan(cursor.tail()) {
+                Some(end) => {
+                    cursor.resume_in_tail(end);
+                    self.side.phase = Phase::Idle;
+                }
+                None => {
+                    cursor.skip_to_end();
+                    self.side.phase = Phase::HeadRest { scan };
+                }
+            }
+            return;
+        }
+        match scan.scan(visible) {
+            Some(end) => {
+                cursor.consume_visible(end);
+                self.side.phase = Phase::Idle;
+            }
+            None => {
+                cursor.consume_visible(visible.len());
+                self.side.phase = Phase::HeadRest { scan };
+            }
+        }
+    }
+
+    fn body(&mut self, cursor: &mut Cursor<'_>, framing: Framing, at_start: bool) {
+        let kind = self.side.message.kind;
+        let end_is_blind = match framing {
+            Framing::Chunked(decoder) => !decoder.is_synced(),
+            // Only a server that meant to keep the connection would send more.
+            Framing::UntilClose => self.side.message.keep_alive,
+            Framing::Length { .. } => false,
+        };
+        if at_start && end_is_blind && self.classify(cursor.visible()) == MessageStart::Is(kind) {
+            // A body whose end we cannot see gives way to the next message.
+            self.finish_message(self.side.message.last_ns);
+            return self.begin_head(false);
+        }
+        self.side.message.last_ns = self.ts;
+        match framing {
+            Framing::Length { remaining } => {
+                let skipped = cursor.skip(remaining);
+                self.add_body(skipped);
+                if skipped == remaining {
+                    self.finish_message(self.ts);
+                    self.side.phase = Phase::Idle;
+                } else {
+                    self.side.phase = Phase::Body(Framing::Length {
+                        remaining: remaining - skipped,
+                    });
+                }
+            }
+            Framing::Chunked(mut decoder) => {
+                let before = decoder.body_bytes();
+                let progress = decoder.advance(cursor);
+                self.add_body(decoder.body_bytes().saturating_sub(before));
+                match progress {
+                    Ok(ChunkedProgress::Done) => {
+                        self.finish_message(self.ts);
+                        self.side.phase = Phase::Idle;
+                    }
+                    Ok(ChunkedProgress::NeedMore) => {
+                        self.side.phase = Phase::Body(Framing::Chunked(decoder));
+                    }
+                    Err(_) => {
+                        self.drop_current(DropReason::Malformed);
+                        self.resync_after_drop(cursor);
+                    }
+                }
+            }
+            Framing::UntilClose => {
+                let skipped = cursor.skip_to_end();
+                self.add_body(skipped);
+            }
+        }
+    }
+
+    fn add_body(&mut self, bytes: u64) {
+        let message = &mut self.side.message;
+        message.body_bytes = message.body_bytes.saturating_add(bytes);
+        if message.kind == MessageKind::Request {
+            self.pairing
+                .set_request_body(message.seq, message.body_bytes);
+        }
+    }
+
+    /// The current message is complete (a request needs nothing more: it waits in line).
+    fn finish_message(&mut self, end_ns: u64) {
+        if self.side.message.kind == MessageKind::Response {
+            self.pairing
+                .finish_response(&self.side.message, end_ns, self.out);
+        }
+    }
+
+    /// A head was parsed: queue the request, or pair the response with the oldest request.
+    fn start_message(&mut self, parsed: ParsedHead, start_ns: u64) {
+        let kind = match parsed {
+            ParsedHead::Request { .. } => MessageKind::Request,
+            ParsedHead::Response { .. } => MessageKind::Response,
+        };
+        let role = role_for(kind, self.direction);
+        if *self.pairing.role.get_or_insert(role) != role {
+            // Both directions claimed the same kind of message.
+            self.pairing.stats.record(DropReason::Malformed);
+            self.side.phase = Phase::Resync;
+            return;
+        }
+        self.side.message = Message {
+            kind,
+            start_ns,
+            last_ns: self.ts,
+            ..Message::default()
+        };
+        match parsed {
+            ParsedHead::Request {
+                exchange,
+                body,
+                head_request,
+                connect,
+            } => self.start_request(exchange, body, head_request, connect),
+            ParsedHead::Response {
+                status,
+                body,
+                keep_alive,
+            } => self.start_response(status, body, keep_alive),
+        }
+    }
+
+    fn start_request(&mut self, exchange: Exchange, body: BodyLength, head: bool, connect: bool) {
+        // A server that sent a response without length yet keeps the connection is done
+        // with it once the client asks again.
+        let other = &mut self.other;
+        if matches!(other.phase, Phase::Body(Framing::UntilClose))
+            && other.message.kind == MessageKind::Response
+            && other.message.keep_alive
+        {
+            let last_ns = other.message.last_ns;
+            self.pairing
+                .finish_response(&other.message, last_ns, self.out);
+            other.phase = Phase::Resync;
+        }
+        self.side.message.seq = self.pairing.push(Pending {
+            seq: 0,
+            head_request: head,
+            connect,
+            exchange: Some(exchange),
+        });
+        self.side.phase = match body {
+            BodyLength::Length(remaining) => Phase::Body(Framing::Length { remaining }),
+            BodyLength::Chunked => Phase::Body(Framing::Chunked(ChunkedDecoder::new())),
+            BodyLength::None | BodyLength::UntilClose => Phase::Idle,
+        };
+    }
+
+    fn start_response(&mut self, status: u16, body: BodyLength, keep_alive: bool) {
+        self.side.phase = Phase::Idle;
+        if (100..200).contains(&status) && status != 101 {
+            // Interim (100 Continue, 103 Early Hints): the final response follows.
+            return;
+        }
+        self.side.message.status = status;
+        self.side.message.keep_alive = keep_alive;
+        if let Some(stale) = self.pairing.take_answered() {
+            if stale.exchange.is_some() {
+                self.pairing.stats.record(DropReason::NoResponse);
+            }
+        }
+        let answered = self
+            .pairing
+            .pending
+            .front()
+            .map(|p| (p.seq, p.head_request, p.connect));
+        let Some((seq, head_request, connect)) = answered else {
+            self.pairing.stats.record(DropReason::UnmatchedResponse);
+            return self.start_response_body(status, body, false, false);
+        };
+        self.pairing.responding = Some(seq);
+        self.start_response_body(status, body, head_request, connect);
+    }
+
+    /// Follows the final response of a request (`head_request`, `connect`: what it was).
+    fn start_response_body(
+        &mut self,
+        status: u16,
+        body: BodyLength,
+        head_request: bool,
+        connect: bool,
+    ) {
+        if status == 101 || (connect && (200..300).contains(&status)) {
+            // The connection now carries another protocol.
+            self.finish_message(self.ts);
+            self.pairing.upgrade();
+            return;
+        }
+        let body = if head_request || status == 204 || status == 304 {
+            BodyLength::None
+        } else {
+            body
+        };
+        match body {
+            BodyLength::None => self.finish_message(self.ts),
+            BodyLength::Length(remaining) => {
+                self.side.phase = Phase::Body(Framing::Length { remaining })
+            }
+            BodyLength::Chunked => {
+                self.side.phase = Phase::Body(Framing::Chunked(ChunkedDecoder::new()))
+            }
+            BodyLength::UntilClose => self.side.phase = Phase::Body(Framing::UntilClose),
+        }
+    }
+
+    /// Drops the message whose head is being read, and resyncs. `kind` is `None` when the
+    /// bytes did not even start like HTTP.
+    fn drop_head(
+        &mut self,
+        cursor: &mut Cursor<'_>,
+        kind: Option<MessageKind>,
+        reason: DropReason,
+    ) {
+        let answerable = kind.is_some() && self.has_request_line(cursor.visible());
+        if self.is_tentative() && kind == Some(MessageKind::Request) && !answerable {
+            // While resyncing, a chunk that merely starts with a word and a space is no error.
+            self.pairing.stats.skipped_chunks += 1;
+            return self.resync_after_drop(cursor);
+        }
+        // Garbage where a response was due most likely is that response.
+        match kind.or(self.expected_kind()) {
+            Some(kind) => self.drop_message(kind, reason, answerable),
+            None => self.pairing.stats.record(reason),
+        }
+        self.resync_after_drop(cursor);
+    }
+
+    /// Counts a dropped message. A dropped request the peer will probably still answer
+    /// (`answerable`) leaves a placeholder so that responses stay paired in order; a dropped
+    /// response takes the request it answered with it.
+    fn drop_message(&mut self, kind: MessageKind, reason: DropReason, answerable: bool) {
+        self.pairing.stats.record(reason);
+        match kind {
+            MessageKind::Request if answerable => {
+                self.pairing.push(Pending {
+                    seq: 0,
+                    head_request: false,
+                    connect: false,
+                    exchange: None,
+                });
+            }
+            MessageKind::Request => {}
+            MessageKind::Response => {
+                self.pairing.responding = None;
+                self.pairing.pending.pop_front();
+            }
+        }
+    }
+
+    /// Drops the message whose body is being read (its head was fine).
+    fn drop_current(&mut self, reason: DropReason) {
+        self.pairing.stats.record(reason);
+        let message = self.side.message;
+        let dropped = match message.kind {
+            MessageKind::Request => self.pairing.request_mut(message.seq),
+            MessageKind::Response => self.pairing.answered_mut(),
+        };
+        if let Some(pending) = dropped {
+            pending.exchange = None;
+        }
+    }
+
+    fn resync_after_drop(&mut self, cursor: &mut Cursor<'_>) {
+        self.side.clear_head();
+        self.side.phase = Phase::Resync;
+        cursor.skip_to_end();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_and_kinds_agree() {
+        use Direction::*;
+        for role in [ExchangeRole::Server, ExchangeRole::Client] {
+            for dir in [Ingress, Egress] {
+                assert_eq!(role_for(kind_for(role, dir), dir), role);
+            }
+        }
+        assert_eq!(
+            role_for(MessageKind::Request, Ingress),
+            ExchangeRole::Server
+        );
+        assert_eq!(role_for(MessageKind::Request, Egress), ExchangeRole::Client);
+    }
+
+    #[test]
+    fn per_connection_state_stays_small() {
+        // Thousands of connections: keep an eye on the footprint.
+        let size = std::mem::size_of::<Http1Stream>();
+        assert!(size <= 512, "Http1Stream is {size} bytes");
+    }
+}

@@ -1,0 +1,1010 @@
+//! Byte-fixture tests of [`super::Http1Stream`]: one per behaviour.
+
+use super::chunk::Direction::{Egress, Ingress};
+use super::*;
+
+const TAIL: usize = agent_common::TAIL_BYTES;
+const CAPTURE: usize = agent_common::MAX_CAPTURE;
+
+/// A stream plus what it emitted.
+struct Conn {
+    stream: Http1Stream,
+    out: Vec<Exchange>,
+}
+
+impl Conn {
+    fn new() -> Self {
+        Self::with_config(StreamConfig::default())
+    }
+
+    fn with_config(config: StreamConfig) -> Self {
+        Self {
+            stream: Http1Stream::with_config(config),
+            out: Vec::new(),
+        }
+    }
+
+    /// A fully captured syscall.
+    fn send(&mut self, direction: Direction, bytes: &[u8], ts_ns: u64) {
+        let chunk = Chunk::complete(direction, bytes, ts_ns);
+        assert_eq!(self.stream.on_chunk(&chunk, &mut self.out), Ok(()));
+    }
+
+    /// A syscall of which only the first `captured` bytes (and the tail) were captured.
+    fn send_cut(&mut self, direction: Direction, full: &[u8], captured: usize, ts_ns: u64) {
+        let chunk = cut(direction, full, captured, ts_ns);
+        assert_eq!(self.stream.on_chunk(&chunk, &mut self.out), Ok(()));
+    }
+
+    /// A syscall captured like the kernel does by default.
+    fn send_captured(&mut self, direction: Direction, full: &[u8], ts_ns: u64) {
+        self.send_cut(direction, full, CAPTURE, ts_ns);
+    }
+
+    fn close(&mut self, ts_ns: u64) {
+        self.stream.on_close(ts_ns, &mut self.out);
+    }
+
+    fn take(&mut self) -> Vec<Exchange> {
+        std::mem::take(&mut self.out)
+    }
+
+    fn take_one(&mut self) -> Exchange {
+        let mut out = self.take();
+        assert_eq!(out.len(), 1, "expected one exchange, got {out:#?}");
+        out.remove(0)
+    }
+
+    fn drops(&self, reason: DropReason) -> u64 {
+        self.stream.stats().drops(reason)
+    }
+
+    fn total_drops(&self) -> u64 {
+        self.stream.stats().total_drops()
+    }
+
+    /// A plain GET and its response go through (checks the stream is in sync).
+    fn assert_round_trip(&mut self, path: &str, ts_ns: u64) {
+        let (req, resp) = match self.stream.role() {
+            Some(ExchangeRole::Client) => (Egress, Ingress),
+            _ => (Ingress, Egress),
+        };
+        self.send(req, &get(path), ts_ns);
+        self.send(resp, &ok(b"fine"), ts_ns + 1);
+        let exchange = self.take_one();
+        assert_eq!(exchange.path, path);
+        assert_eq!(exchange.status, 200);
+        assert_eq!(exchange.response_body_bytes, 4);
+        assert_eq!(exchange.end_ns, ts_ns + 1);
+    }
+}
+
+fn cut(direction: Direction, full: &[u8], captured: usize, ts_ns: u64) -> Chunk<'_> {
+    let captured = captured.min(full.len());
+    let tail = if captured < full.len() {
+        &full[full.len().saturating_sub(TAIL)..]
+    } else {
+        &[]
+    };
+    Chunk {
+        direction,
+        data: &full[..captured],
+        total: full.len(),
+        tail,
+        ts_ns,
+    }
+}
+
+fn get(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: svc\r\nUser-Agent: test/1\r\nAccept: */*\r\n\r\n")
+        .into_bytes()
+}
+
+fn ok(body: &[u8]) -> Vec<u8> {
+    response(200, body)
+}
+
+fn response(status: u16, body: &[u8]) -> Vec<u8> {
+    let mut r = format!(
+        "HTTP/1.1 {status} Whatever\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+/// Chunked encoding of `pieces` (with the last chunk).
+fn chunked(pieces: &[&[u8]]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for piece in pieces {
+        body.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        body.extend_from_slice(piece);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b"0\r\n\r\n");
+    body
+}
+
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+#[test]
+fn a_request_and_its_response_make_one_exchange() {
+    let mut c = Conn::new();
+    let req = format!(
+        "GET /users/42?expand=1 HTTP/1.1\r\nHost: api.local\r\nUser-Agent: t/1\r\n\
+         traceparent: {TRACEPARENT}\r\ntracestate: k=v\r\nCookie: secret\r\n\r\n"
+    );
+    c.send(Ingress, req.as_bytes(), 10);
+    assert!(c.take().is_empty());
+    c.send(Egress, &ok(b"hello"), 20);
+    assert_eq!(
+        c.take_one(),
+        Exchange {
+            role: ExchangeRole::Server,
+            method: "GET".into(),
+            path: "/users/42".into(),
+            query: Some("expand=1".into()),
+            version: HttpVersion::Http11,
+            status: 200,
+            host: Some("api.local".into()),
+            user_agent: Some("t/1".into()),
+            traceparent: Some(TRACEPARENT.into()),
+            tracestate: Some("k=v".into()),
+            traceparent_duplicated: false,
+            start_ns: 10,
+            response_start_ns: 20,
+            end_ns: 20,
+            request_body_bytes: 0,
+            response_body_bytes: 5,
+            request_head_truncated: false,
+        }
+    );
+    assert_eq!(c.stream.role(), Some(ExchangeRole::Server));
+    assert_eq!(c.total_drops(), 0);
+    assert_eq!(c.stream.pending_requests(), 0);
+}
+
+#[test]
+fn request_split_at_every_byte_position() {
+    let mut whole = Conn::new();
+    let req = b"POST /submit?x=y HTTP/1.1\r\nHost: h\r\nContent-Length: 11\r\n\r\nhello world";
+    whole.send(Ingress, req, 1);
+    whole.send(Egress, &ok(b"done"), 3);
+    let expected = whole.take_one();
+    assert_eq!(expected.request_body_bytes, 11);
+
+    for split in 0..=req.len() {
+        let mut c = Conn::new();
+        c.send(Ingress, &req[..split], 1);
+        c.send(Ingress, &req[split..], 2);
+        c.send(Egress, &ok(b"done"), 3);
+        let got = c.take_one();
+        // The head starts in the first chunk unless that one is empty.
+        let start_ns = if split == 0 { 2 } else { 1 };
+        assert_eq!(
+            got,
+            Exchange {
+                start_ns,
+                ..expected.clone()
+            },
+            "split at {split}"
+        );
+        assert_eq!(c.total_drops(), 0, "split at {split}");
+    }
+}
+
+#[test]
+fn response_split_at_every_byte_position() {
+    let resp = ok(b"0123456789");
+    for split in 0..=resp.len() {
+        let mut c = Conn::new();
+        c.send(Ingress, &get("/"), 1);
+        c.send(Egress, &resp[..split], 2);
+        c.send(Egress, &resp[split..], 3);
+        let got = c.take_one();
+        assert_eq!(
+            (got.status, got.response_body_bytes),
+            (200, 10),
+            "split at {split}"
+        );
+        assert_eq!(got.response_start_ns, if split == 0 { 3 } else { 2 });
+        assert_eq!(got.end_ns, if split == resp.len() { 2 } else { 3 });
+        c.assert_round_trip("/next", 10);
+    }
+}
+
+#[test]
+fn headers_spread_over_three_chunks() {
+    let mut c = Conn::new();
+    c.send(Ingress, b"GET /three HTTP/1.1\r\nHo", 5);
+    c.send(Ingress, b"st: example.org\r\nUser-Agent: spr", 6);
+    c.send(Ingress, b"ead/2\r\nAccept: */*\r\n\r\n", 7);
+    c.send(Egress, b"HTTP/1.1 204 No Content\r\n\r\n", 8);
+    let e = c.take_one();
+    assert_eq!(e.path, "/three");
+    assert_eq!(e.host.as_deref(), Some("example.org"));
+    assert_eq!(e.user_agent.as_deref(), Some("spread/2"));
+    assert_eq!((e.start_ns, e.end_ns, e.status), (5, 8, 204));
+}
+
+#[test]
+fn hundred_keep_alive_requests_are_hundred_exchanges() {
+    let mut c = Conn::new();
+    for i in 0..100u64 {
+        c.send(Ingress, &get(&format!("/item/{i}")), i * 10);
+        c.send(Egress, &ok(format!("body {i}").as_bytes()), i * 10 + 5);
+    }
+    let out = c.take();
+    assert_eq!(out.len(), 100);
+    for (i, e) in out.iter().enumerate() {
+        assert_eq!(e.path, format!("/item/{i}"));
+        assert_eq!(e.start_ns, i as u64 * 10);
+        assert_eq!(e.end_ns, i as u64 * 10 + 5);
+        assert_eq!(e.response_body_bytes, format!("body {i}").len() as u64);
+    }
+    assert_eq!(c.total_drops(), 0);
+}
+
+#[test]
+fn pipelined_requests_pair_with_responses_in_order() {
+    let mut c = Conn::new();
+    let mut requests = get("/a");
+    requests.extend(get("/b"));
+    requests.extend(b"HEAD /c HTTP/1.1\r\nHost: svc\r\n\r\n");
+    c.send(Ingress, &requests, 1);
+    assert_eq!(c.stream.pending_requests(), 3);
+    let mut responses = ok(b"aaaa");
+    responses.extend(response(404, b"nope"));
+    // A HEAD response announces a length but carries no body.
+    responses.extend(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n");
+    c.send(Egress, &responses, 2);
+    let out = c.take();
+    let summary: Vec<_> = out
+        .iter()
+        .map(|e| {
+            (
+                e.method.as_str(),
+                e.path.as_str(),
+                e.status,
+                e.response_body_bytes,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("GET", "/a", 200, 4),
+            ("GET", "/b", 404, 4),
+            ("HEAD", "/c", 200, 0)
+        ]
+    );
+    assert_eq!(c.total_drops(), 0);
+    c.assert_round_trip("/after", 10);
+}
+
+#[test]
+fn mebibyte_body_captured_as_prefixes_is_counted_by_length() {
+    const BODY: usize = 1 << 20;
+    const WRITE: usize = 64 * 1024;
+    let mut c = Conn::new();
+    c.send(Ingress, &get("/big"), 1);
+    let mut whole = format!("HTTP/1.1 200 OK\r\nContent-Length: {BODY}\r\n\r\n").into_bytes();
+    let head_len = whole.len();
+    whole.extend((0..BODY).map(|i| (i % 251) as u8));
+    for (i, write) in whole.chunks(WRITE).enumerate() {
+        c.send_captured(Egress, write, 10 + i as u64);
+    }
+    let writes = whole.len().div_ceil(WRITE) as u64;
+    let e = c.take_one();
+    assert_eq!(e.response_body_bytes, BODY as u64);
+    assert_eq!((e.response_start_ns, e.end_ns), (10, 10 + writes - 1));
+    assert!(head_len < CAPTURE);
+    assert_eq!(c.total_drops(), 0);
+    c.assert_round_trip("/after", 100);
+}
+
+#[test]
+fn chunked_response_split_across_syscalls() {
+    let mut resp = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    resp.extend(chunked(&[b"Hello, ", b"chunked ", b"world!", &[b'z'; 300]]));
+    for a in (0..resp.len()).step_by(3) {
+        for b in (a..resp.len()).step_by(7) {
+            let mut c = Conn::new();
+            c.send(Ingress, &get("/chunks"), 1);
+            c.send(Egress, &resp[..a], 2);
+            c.send(Egress, &resp[a..b], 3);
+            c.send(Egress, &resp[b..], 4);
+            let e = c.take_one();
+            assert_eq!(e.response_body_bytes, 7 + 8 + 6 + 300, "split {a}/{b}");
+            assert_eq!(e.end_ns, 4, "split {a}/{b}");
+            c.assert_round_trip("/next", 10);
+        }
+    }
+}
+
+#[test]
+fn large_chunks_stay_in_sync_through_uncaptured_payload() {
+    // One write per chunk, each bigger than the capture: payload is skipped by count and the
+    // CRLF after it is read back from the tail.
+    let mut c = Conn::new();
+    c.send(Ingress, &get("/stream"), 1);
+    c.send(
+        Egress,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        2,
+    );
+    let piece = vec![b'p'; 20_000];
+    for ts in 3..8 {
+        let mut write = format!("{:x}\r\n", piece.len()).into_bytes();
+        write.extend_from_slice(&piece);
+        write.extend_from_slice(b"\r\n");
+        c.send_captured(Egress, &write, ts);
+    }
+    assert!(c.take().is_empty());
+    c.send(Egress, b"0\r\n\r\n", 9);
+    let e = c.take_one();
+    assert_eq!(e.response_body_bytes, 5 * 20_000);
+    assert_eq!(e.end_ns, 9);
+    c.assert_round_trip("/next", 20);
+}
+
+#[test]
+fn chunked_body_with_uncaptured_framing_ends_by_the_tail() {
+    let mut c = Conn::new();
+    c.send(Ingress, &get("/multi"), 1);
+    // Head plus many chunks in one write: most of the framing is beyond the capture.
+    let mut write = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    let pieces: Vec<Vec<u8>> = (0..8).map(|i| vec![b'a' + i; 3000]).collect();
+    let refs: Vec<&[u8]> = pieces.iter().map(Vec::as_slice).collect();
+    write.extend(
+        chunked(&refs[..4])
+            .strip_suffix(b"0\r\n\r\n")
+            .unwrap_or_default(),
+    );
+    c.send_captured(Egress, &write, 2);
+    // The rest, again more framing than the capture shows, ends with the last chunk.
+    c.send_captured(Egress, &chunked(&refs[4..]), 3);
+    let e = c.take_one();
+    assert_eq!(e.end_ns, 3);
+    // Framing lost: the count includes some framing bytes, but at least all payload.
+    assert!(e.response_body_bytes >= 8 * 3000);
+    assert!(e.response_body_bytes < 8 * 3000 + 100);
+    assert_eq!(c.total_drops(), 0);
+    c.assert_round_trip("/next", 10);
+}
+
+#[test]
+fn unsynced_chunked_body_ending_in_a_small_write() {
+    let mut c = Conn::new();
+    c.send(Ingress, &get("/tail"), 1);
+    let mut write = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    let big = vec![b'x'; 6000];
+    write.extend(
+        chunked(&[&big, &big])
+            .strip_suffix(b"0\r\n\r\n")
+            .unwrap_or_default(),
+    );
+    c.send_captured(Egress, &write, 2);
+    c.send(Egress, b"0\r\n", 3);
+    assert!(c.take().is_empty());
+    c.send(Egress, b"\r\n", 4);
+    assert_eq!(c.take_one().end_ns, 4);
+}
+
+#[test]
+fn head_204_and_304_responses_have_no_body() {
+    let mut c = Conn::new();
+    c.send(Ingress, b"HEAD /file HTTP/1.1\r\nHost: h\r\n\r\n", 1);
+    c.send(
+        Egress,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n",
+        2,
+    );
+    let e = c.take_one();
+    assert_eq!(
+        (e.method.as_str(), e.status, e.response_body_bytes, e.end_ns),
+        ("HEAD", 200, 0, 2)
+    );
+
+    c.send(Ingress, &get("/gone"), 3);
+    c.send(Egress, b"HTTP/1.1 204 No Content\r\n\r\n", 4);
+    assert_eq!(c.take_one().status, 204);
+
+    c.send(Ingress, &get("/cached"), 5);
+    c.send(
+        Egress,
+        b"HTTP/1.1 304 Not Modified\r\nContent-Length: 123\r\n\r\n",
+        6,
+    );
+    let e = c.take_one();
+    assert_eq!((e.status, e.response_body_bytes), (304, 0));
+    c.assert_round_trip("/after", 10);
+    assert_eq!(c.total_drops(), 0);
+}
+
+#[test]
+fn expect_100_continue_skips_the_interim_response() {
+    let mut c = Conn::new();
+    c.send(
+        Ingress,
+        b"PUT /upload HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n",
+        1,
+    );
+    c.send(Egress, b"HTTP/1.1 100 Continue\r\n\r\n", 2);
+    assert!(c.take().is_empty());
+    c.send(Ingress, b"0123456789", 3);
+    c.send(Egress, &response(201, b""), 4);
+    let e = c.take_one();
+    assert_eq!((e.method.as_str(), e.status), ("PUT", 201));
+    assert_eq!(e.request_body_bytes, 10);
+    assert_eq!((e.response_start_ns, e.end_ns), (4, 4));
+    // Other interim responses (103 Early Hints) are skipped too.
+    c.send(Ingress, &get("/hints"), 5);
+    c.send(
+        Egress,
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n",
+        6,
+    );
+    c.send(Egress, &ok(b"x"), 7);
+    let e = c.take_one();
+    assert_eq!((e.status, e.response_start_ns), (200, 7));
+    assert_eq!(c.total_drops(), 0);
+}
+
+#[test]
+fn switching_protocols_ends_http_tracking() {
+    let mut c = Conn::new();
+    c.send(
+        Ingress,
+        b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        1,
+    );
+    c.send(
+        Egress,
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x05hello",
+        2,
+    );
+    let e = c.take_one();
+    assert_eq!((e.path.as_str(), e.status, e.end_ns), ("/ws", 101, 2));
+    assert!(c.stream.is_upgraded());
+    // Frames, even ones that look like HTTP, are no longer parsed.
+    c.send(Ingress, b"\x81\x85abcdefghi", 3);
+    c.send(Ingress, &get("/not-http-anymore"), 4);
+    c.send(Egress, &ok(b"no"), 5);
+    assert!(c.take().is_empty());
+    assert_eq!(c.total_drops(), 0);
+    // A closed connection starts over.
+    c.close(6);
+    assert!(!c.stream.is_upgraded());
+    c.assert_round_trip("/new-connection", 10);
+}
+
+#[test]
+fn connect_tunnel_ends_http_tracking() {
+    let mut c = Conn::new();
+    c.send(
+        Egress,
+        b"CONNECT db.internal:5432 HTTP/1.1\r\nHost: db.internal:5432\r\n\r\n",
+        1,
+    );
+    c.send(Ingress, b"HTTP/1.1 200 Connection established\r\n\r\n", 2);
+    let e = c.take_one();
+    assert_eq!(
+        (e.role, e.method.as_str(), e.path.as_str()),
+        (ExchangeRole::Client, "CONNECT", "db.internal:5432")
+    );
+    assert!(c.stream.is_upgraded());
+}
+
+#[test]
+fn http10_response_without_length_ends_at_close() {
+    let mut c = Conn::new();
+    c.send(Ingress, b"GET /old HTTP/1.0\r\n\r\n", 1);
+    c.send(
+        Egress,
+        b"HTTP/1.0 200 OK\r\nContent-Type: text/html\r\n\r\n<html>",
+        2,
+    );
+    c.send(Egress, b"</html>", 3);
+    assert!(c.take().is_empty());
+    c.close(9);
+    let e = c.take_one();
+    assert_eq!(e.version, HttpVersion::Http10);
+    assert_eq!((e.status, e.response_body_bytes), (200, 13));
+    assert_eq!((e.response_start_ns, e.end_ns), (2, 9));
+    assert_eq!(c.total_drops(), 0);
+}
+
+#[test]
+fn connection_close_response_without_length_ends_at_close() {
+    let mut c = Conn::new();
+    c.send(Ingress, &get("/x"), 1);
+    c.send(
+        Egress,
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nabc",
+        2,
+    );
+    c.close(3);
+    let e = c.take_one();
+    assert_eq!((e.response_body_bytes, e.end_ns), (3, 3));
+}
+
+#[test]
+fn keep_alive_response_without_length_ends_at_the_next_request() {
+    let mut c = Conn::new();
+    c.send(Ingress, &get("/a"), 1);
+    c.send(Egress, b"HTTP/1.1 200 OK\r\n\r\nsome body", 2);
+    c.send(Egress, b" more", 3);
+    c.send(Ingress, &get("/b"), 4);
+    let e = c.take_one();
+    assert_eq!(
+        (e.path.as_str(), e.response_body_bytes, e.end_ns),
+        ("/a", 14, 3)
+    );
+    c.send(Egress, &ok(b"b"), 5);
+    assert_eq!(c.take_one().path, "/b");
+}
+
+#[test]
+fn response_without_request_is_dropped_and_counted() {
+    let mut c = Conn::new();
+    c.send(Egress, &ok(b"orphan"), 1);
+    assert!(c.take().is_empty());
+    assert_eq!(c.drops(DropReason::UnmatchedResponse), 1);
+    // Its body was followed: the next exchange is intact.
+    c.assert_round_trip("/after", 10);
+    assert_eq!(c.total_drops(), 1);
+}
+
+#[test]
+fn garbage_is_skipped_until_http_starts() {
+    let mut c = Conn::new();
+    let noise: Vec<u8> = (0..5000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    for piece in noise.chunks(777) {
+        c.send(Ingress, piece, 1);
+        c.send(Egress, piece, 1);
+    }
+    c.send(Ingress, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 2); // TLS hello
+    c.send(Ingress, b"SSH-2.0-OpenSSH_9.6\r\n", 2);
+    assert!(c.take().is_empty());
+    assert_eq!(c.total_drops(), 0);
+    assert!(c.stream.stats().skipped_chunks > 0);
+    assert_eq!(c.stream.role(), None);
+    c.assert_round_trip("/finally", 10);
+}
+
+#[test]
+fn malformed_head_in_sync_is_counted_then_resyncs() {
+    let mut c = Conn::new();
+    c.assert_round_trip("/first", 1);
+    // Not a valid request line, where a request was due.
+    c.send(Ingress, b"GET /x HTTP/9.9\r\nHost: h\r\n\r\n", 5);
+    assert_eq!(c.drops(DropReason::Malformed), 1);
+    c.send(Ingress, b"\x00\x01binary junk", 6);
+    assert_eq!(c.drops(DropReason::Malformed), 1, "skipped while resyncing");
+    c.assert_round_trip("/second", 10);
+}
+
+#[test]
+fn invalid_content_length_is_malformed_and_its_answer_is_absorbed() {
+    let mut c = Conn::new();
+    c.send(
+        Ingress,
+        b"POST /p HTTP/1.1\r\nContent-Length: ten\r\n\r\n0123456789",
+        1,
+    );
+    assert_eq!(c.drops(DropReason::Malformed), 1);
+    c.send(Egress, &response(400, b"bad request"), 2);
+    assert!(c.take().is_empty());
+    assert_eq!(c.drops(DropReason::UnmatchedResponse), 0);
+    c.assert_round_trip("/next", 10);
+
+    c.send(
+        Ingress,
+        b"POST /p HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+        20,
+    );
+    assert_eq!(c.drops(DropReason::Malformed), 2);
+}
+
+#[test]
+fn too_many_headers_are_counted() {
+    let mut c = Conn::new();
+    let mut req = b"GET /many HTTP/1.1\r\n".to_vec();
+    for i in 0..200 {
+        req.extend(format!("x-{i}: v\r\n").as_bytes());
+    }
+    req.extend(b"\r\n");
+    c.send(Ingress, &req, 1);
+    assert_eq!(c.drops(DropReason::TooManyHeaders), 1);
+    c.send(Egress, &response(431, b""), 2);
+    assert!(c.take().is_empty());
+    c.assert_round_trip("/next", 10);
+    assert_eq!(c.total_drops(), 1);
+}
+
+#[test]
+fn mebibyte_header_in_captured_pieces_is_too_large_then_resyncs() {
+    let mut c = Conn::new();
+    let mut req = b"GET /huge HTTP/1.1\r\nHost: h\r\nx-pad: ".to_vec();
+    req.extend(std::iter::repeat_n(b'a', 1 << 20));
+    req.extend(b"\r\n\r\n");
+    for piece in req.chunks(CAPTURE) {
+        c.send(Ingress, piece, 1);
+    }
+    assert_eq!(c.drops(DropReason::HeadTooLarge), 1);
+    assert_eq!(c.total_drops(), 1);
+    // The server refuses it; that answer pairs with the dropped request, silently.
+    c.send(Egress, &response(431, b""), 2);
+    assert!(c.take().is_empty());
+    c.assert_round_trip("/good", 10);
+    assert_eq!(c.total_drops(), 1);
+}
+
+#[test]
+fn mebibyte_header_in_one_cut_syscall_is_too_large_then_resyncs() {
+    let mut c = Conn::new();
+    let mut req = b"GET /huge HTTP/1.1\r\nHost: h\r\nx-pad: ".to_vec();
+    req.extend(std::iter::repeat_n(b'a', 1 << 20));
+    req.extend(b"\r\n\r\n");
+    c.send_captured(Ingress, &req, 1);
+    assert_eq!(c.drops(DropReason::HeadTooLarge), 1);
+    c.send(Egress, &response(431, b""), 2);
+    c.assert_round_trip("/good", 10);
+    assert_eq!(c.total_drops(), 1);
+}
+
+#[test]
+fn cut_request_head_keeps_its_fields_and_body_accounting() {
+    let mut c = Conn::new();
+    let mut head =
+        b"POST /form?a=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 500\r\nCookie: ".to_vec();
+    head.extend(std::iter::repeat_n(b'c', 10_000));
+    head.extend(b"\r\nUser-Agent: lost-beyond-capture\r\n\r\n");
+    // The head's end shows in the tail; the body comes in the next write.
+    c.send_captured(Ingress, &head, 1);
+    c.send(Ingress, &[b'b'; 500], 2);
+    c.send(Egress, &ok(b"ok"), 3);
+    let e = c.take_one();
+    assert!(e.request_head_truncated);
+    assert_eq!(
+        (e.path.as_str(), e.query.as_deref()),
+        ("/form", Some("a=1"))
+    );
+    assert_eq!(e.host.as_deref(), Some("h"));
+    assert_eq!(e.user_agent, None);
+    assert_eq!(e.request_body_bytes, 500);
+    assert_eq!(c.drops(DropReason::HeadTruncated), 1);
+    c.assert_round_trip("/next", 10);
+}
+
+#[test]
+fn cut_request_head_with_body_in_the_tail() {
+    let mut c = Conn::new();
+    let mut req = b"POST /t HTTP/1.1\r\nContent-Length: 10\r\nCookie: ".to_vec();
+    req.extend(std::iter::repeat_n(b'c', 10_000));
+    req.extend(b"\r\n\r\n0123456789");
+    c.send_captured(Ingress, &req, 1);
+    c.send(Egress, &ok(b""), 2);
+    let e = c.take_one();
+    assert!(e.request_head_truncated);
+    assert_eq!(e.request_body_bytes, 10);
+    c.assert_round_trip("/next", 10);
+}
+
+#[test]
+fn cut_request_head_continuing_in_the_next_write() {
+    let mut c = Conn::new();
+    let mut first = get("/cookies")
+        .strip_suffix(b"\r\n")
+        .unwrap_or_default()
+        .to_vec();
+    first.extend(b"Cookie: ");
+    first.extend(std::iter::repeat_n(b'c', 12_000));
+    let mut second = vec![b'd'; 3000];
+    second.extend(b"\r\n\r\n");
+    c.send_captured(Ingress, &first, 1);
+    c.send(Ingress, &second, 2);
+    c.send(Egress, &ok(b"ok"), 3);
+    let e = c.take_one();
+    assert!(e.request_head_truncated);
+    assert_eq!((e.path.as_str(), e.start_ns), ("/cookies", 1));
+    c.assert_round_trip("/next", 10);
+    assert_eq!(c.total_drops(), 1);
+}
+
+#[test]
+fn request_line_beyond_the_capture_is_dropped() {
+    let mut c = Conn::new();
+    c.assert_round_trip("/in-sync", 1);
+    let mut req = b"GET /".to_vec();
+    req.extend(std::iter::repeat_n(b'u', 20_000));
+    req.extend(b" HTTP/1.1\r\nHost: h\r\n\r\n");
+    c.send_captured(Ingress, &req, 1);
+    assert_eq!(c.drops(DropReason::HeadTruncated), 1);
+    c.send(Egress, &response(414, b""), 2);
+    assert!(c.take().is_empty());
+    c.assert_round_trip("/next", 10);
+    assert_eq!(c.total_drops(), 1);
+}
+
+#[test]
+fn first_chunk_in_the_middle_of_a_body_is_skipped() {
+    let mut c = Conn::new();
+    c.send(
+        Ingress,
+        b"ody of an upload that started before the agent\r\n",
+        1,
+    );
+    c.send(
+        Ingress,
+        b"more of it: GET / HTTP/1.1 inside is not a start",
+        2,
+    );
+    c.send(Egress, &ok(b"answer to the unseen request"), 3);
+    assert!(c.take().is_empty());
+    assert_eq!(c.drops(DropReason::UnmatchedResponse), 1);
+    c.assert_round_trip("/seen", 10);
+}
+
+#[test]
+fn first_chunk_in_the_middle_of_a_response_is_skipped() {
+    let mut c = Conn::new();
+    c.send(Egress, b"tail of some response body", 1);
+    c.assert_round_trip("/seen", 10);
+    assert_eq!(c.total_drops(), 0);
+}
+
+#[test]
+fn client_role_when_the_process_sends_requests() {
+    let mut c = Conn::new();
+    c.send(
+        Egress,
+        b"DELETE /v1/items/7 HTTP/1.1\r\nHost: backend:8080\r\n\r\n",
+        1,
+    );
+    c.send(Ingress, &response(202, b"queued"), 2);
+    let e = c.take_one();
+    assert_eq!(e.role, ExchangeRole::Client);
+    assert_eq!(
+        (e.method.as_str(), e.path.as_str(), e.status),
+        ("DELETE", "/v1/items/7", 202)
+    );
+    assert_eq!(e.host.as_deref(), Some("backend:8080"));
+    assert_eq!(c.stream.role(), Some(ExchangeRole::Client));
+    c.assert_round_trip("/again", 10);
+    // Requests coming the other way are not requests on this connection.
+    c.send(Ingress, &get("/wrong-way"), 20);
+    assert_eq!(c.stream.pending_requests(), 0);
+}
+
+#[test]
+fn duplicate_traceparent_keeps_the_first_and_is_flagged() {
+    let mut c = Conn::new();
+    let req =
+        format!("GET / HTTP/1.1\r\ntraceparent: {TRACEPARENT}\r\nTraceparent: 00-other-01\r\n\r\n");
+    c.send(Ingress, req.as_bytes(), 1);
+    c.send(Egress, &ok(b""), 2);
+    let e = c.take_one();
+    assert_eq!(e.traceparent.as_deref(), Some(TRACEPARENT));
+    assert!(e.traceparent_duplicated);
+}
+
+#[test]
+fn absolute_form_target_gives_path_and_host() {
+    let mut c = Conn::new();
+    c.send(
+        Egress,
+        b"GET http://proxy.test:3128/a/b?q=1 HTTP/1.1\r\n\r\n",
+        1,
+    );
+    c.send(Ingress, &ok(b""), 2);
+    let e = c.take_one();
+    assert_eq!((e.path.as_str(), e.query.as_deref()), ("/a/b", Some("q=1")));
+    assert_eq!(e.host.as_deref(), Some("proxy.test:3128"));
+}
+
+#[test]
+fn chunked_request_body_is_counted() {
+    let mut c = Conn::new();
+    let mut req = b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    req.extend(chunked(&[b"abc", b"defgh"]));
+    for piece in req.chunks(5) {
+        c.send(Ingress, piece, 1);
+    }
+    c.send(Egress, &ok(b""), 2);
+    assert_eq!(c.take_one().request_body_bytes, 8);
+    c.assert_round_trip("/next", 10);
+}
+
+#[test]
+fn malformed_chunked_body_is_dropped() {
+    let mut c = Conn::new();
+    c.send(Ingress, &get("/bad-chunks"), 1);
+    c.send(
+        Egress,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        2,
+    );
+    assert_eq!(c.drops(DropReason::Malformed), 1);
+    c.send(Egress, b"more", 3);
+    assert!(c.take().is_empty());
+    c.assert_round_trip("/next", 10);
+}
+
+#[test]
+fn sendfile_body_is_counted_without_bytes() {
+    let mut c = Conn::new();
+    c.send(Ingress, &get("/file.iso"), 1);
+    c.send(
+        Egress,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3000000\r\n\r\n",
+        2,
+    );
+    let sendfile = Chunk {
+        direction: Egress,
+        data: &[],
+        total: 3_000_000,
+        tail: &[],
+        ts_ns: 3,
+    };
+    assert_eq!(c.stream.on_chunk(&sendfile, &mut c.out), Ok(()));
+    let e = c.take_one();
+    assert_eq!((e.response_body_bytes, e.end_ns), (3_000_000, 3));
+    c.assert_round_trip("/next", 10);
+}
+
+#[test]
+fn close_counts_requests_left_without_response() {
+    let mut c = Conn::new();
+    c.send(Ingress, &get("/1"), 1);
+    c.send(Ingress, &get("/2"), 1);
+    c.send(Ingress, &get("/3"), 1);
+    c.send(Egress, &ok(b"one"), 2);
+    // The second response is cut short by the close.
+    c.send(
+        Egress,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial",
+        3,
+    );
+    c.close(4);
+    let out = c.take();
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].path, "/1");
+    assert_eq!(c.drops(DropReason::NoResponse), 2);
+    assert_eq!(c.stream.pending_requests(), 0);
+}
+
+#[test]
+fn pipeline_overflow_drops_the_oldest() {
+    let mut c = Conn::with_config(StreamConfig {
+        max_pending: 2,
+        ..StreamConfig::default()
+    });
+    for path in ["/1", "/2", "/3"] {
+        c.send(Ingress, &get(path), 1);
+    }
+    assert_eq!(c.drops(DropReason::PipelineOverflow), 1);
+    assert_eq!(c.stream.pending_requests(), 2);
+    c.send(Egress, &ok(b""), 2);
+    assert_eq!(c.take_one().path, "/2");
+}
+
+#[test]
+fn small_head_limit_applies_to_buffered_heads() {
+    let mut c = Conn::with_config(StreamConfig {
+        max_head_bytes: 64,
+        ..StreamConfig::default()
+    });
+    let req = get("/a-path-that-makes-this-head-longer-than-sixty-four-bytes");
+    let (a, b) = req.split_at(10);
+    c.send(Ingress, a, 1);
+    c.send(Ingress, b, 2);
+    assert_eq!(c.drops(DropReason::HeadTooLarge), 1);
+}
+
+#[test]
+fn stray_line_ends_between_messages_are_ignored() {
+    let mut c = Conn::new();
+    c.send(
+        Ingress,
+        b"POST /a HTTP/1.1\r\nContent-Length: 2\r\n\r\nab\r\n",
+        1,
+    );
+    c.send(Egress, &ok(b""), 2);
+    c.take_one();
+    c.assert_round_trip("/b", 10);
+    assert_eq!(c.total_drops(), 0);
+}
+
+#[test]
+fn inconsistent_chunks_are_rejected() {
+    let mut s = Http1Stream::new();
+    let mut out = Vec::new();
+    let bad = Chunk {
+        direction: Ingress,
+        data: b"GET / HTTP/1.1\r\n\r\n",
+        total: 3,
+        tail: &[],
+        ts_ns: 1,
+    };
+    assert_eq!(
+        s.on_chunk(&bad, &mut out),
+        Err(StreamError::CapturedExceedsTotal {
+            captured: 18,
+            total: 3
+        })
+    );
+    let long_tail = [0u8; TAIL + 1];
+    let bad = Chunk {
+        direction: Ingress,
+        data: b"",
+        total: 100,
+        tail: &long_tail,
+        ts_ns: 1,
+    };
+    assert_eq!(
+        s.on_chunk(&bad, &mut out),
+        Err(StreamError::TailTooLong(TAIL + 1))
+    );
+}
+
+#[test]
+fn stats_can_be_drained() {
+    let mut c = Conn::new();
+    c.send(Egress, &ok(b""), 1);
+    let stats = c.stream.take_stats();
+    assert_eq!(stats.drops(DropReason::UnmatchedResponse), 1);
+    assert_eq!(c.total_drops(), 0);
+}
+
+/// Throughput smoke test: `cargo test --release -p tapir --lib http::tests::throughput -- --ignored --nocapture`.
+#[test]
+#[ignore = "timing; run in release"]
+fn throughput_of_keep_alive_exchanges() {
+    let req = format!(
+        "GET /api/v1/users/12345?include=profile HTTP/1.1\r\nHost: api.example.com\r\n\
+         User-Agent: Mozilla/5.0 (X11; Linux x86_64)\r\nAccept: application/json\r\n\
+         Cookie: session=abcdef0123456789\r\ntraceparent: {TRACEPARENT}\r\n\r\n"
+    );
+    let resp = response(200, &[b'x'; 1024]);
+    let mut stream = Http1Stream::new();
+    let mut out = Vec::with_capacity(16);
+    let exchanges = 500_000u64;
+    let started = std::time::Instant::now();
+    let mut emitted = 0;
+    for i in 0..exchanges {
+        let request = Chunk::complete(Ingress, req.as_bytes(), i);
+        assert_eq!(stream.on_chunk(&request, &mut out), Ok(()));
+        assert_eq!(
+            stream.on_chunk(&Chunk::complete(Egress, &resp, i), &mut out),
+            Ok(())
+        );
+        emitted += out.len();
+        out.clear();
+    }
+    let per_second = (2 * exchanges) as f64 / started.elapsed().as_secs_f64();
+    eprintln!(
+        "{per_second:.0} chunks/s, Http1Stream is {} bytes",
+        std::mem::size_of::<Http1Stream>()
+    );
+    assert_eq!(emitted as u64, exchanges);
+    if !cfg!(debug_assertions) {
+        assert!(per_second > 300_000.0);
+    }
+}
+
+#[test]
+fn words_at_a_chunk_start_while_resyncing_are_not_errors() {
+    let mut c = Conn::new();
+    c.send(Ingress, b"ORDER BY name; SELECT 1\r\n\r\n", 1);
+    let mut long = b"UPLOAD ".to_vec();
+    long.extend(std::iter::repeat_n(b'z', 20_000));
+    c.send_captured(Ingress, &long, 2);
+    assert_eq!(c.total_drops(), 0);
+    assert_eq!(c.stream.stats().skipped_chunks, 2);
+    c.assert_round_trip("/fine", 10);
+}

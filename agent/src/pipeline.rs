@@ -1,0 +1,256 @@
+//! Ring-buffer records → per-connection state → finished exchanges, on one thread.
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    num::NonZeroUsize,
+    sync::Arc,
+};
+
+use agent_common::{ConnEvent, ConnTuple, Role, AF_INET};
+use lru::LruCache;
+
+use crate::{
+    capture::{
+        events::{decode, DataEvent, KernelEvent},
+        reader::RecordSink,
+    },
+    clock::MonoToWall,
+    process::{ProcessCache, ProcessInfo},
+    stats::Stats,
+};
+
+/// Which connections to follow (`--pid`, `--port`); empty lists follow everything.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub pids: Vec<u32>,
+    pub ports: Vec<u16>,
+}
+
+impl Filter {
+    fn wants(&self, tgid: u32, tuple: &ConnTuple) -> bool {
+        (self.pids.is_empty() || self.pids.contains(&tgid))
+            && (self.ports.is_empty()
+                || self.ports.contains(&tuple.local_port)
+                || self.ports.contains(&tuple.remote_port))
+    }
+}
+
+/// A TCP endpoint as the observed process sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoints {
+    pub local: (IpAddr, u16),
+    pub remote: (IpAddr, u16),
+}
+
+impl Endpoints {
+    pub fn from_tuple(t: &ConnTuple) -> Self {
+        let ip = |a: &[u8; 16]| -> IpAddr {
+            if t.family == AF_INET {
+                IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]))
+            } else {
+                let v6 = Ipv6Addr::from(*a);
+                // Show v4-mapped peers of dual-stack sockets as plain IPv4.
+                v6.to_ipv4_mapped()
+                    .map(IpAddr::V4)
+                    .unwrap_or(IpAddr::V6(v6))
+            }
+        };
+        Self {
+            local: (ip(&t.local_addr), t.local_port),
+            remote: (ip(&t.remote_addr), t.remote_port),
+        }
+    }
+}
+
+/// One tracked connection.
+pub struct Conn {
+    pub sock_id: u64,
+    pub endpoints: Endpoints,
+    pub role: Role,
+    pub wanted: bool,
+    pub process: Arc<ProcessInfo>,
+    pub http: crate::assemble::ConnAssembler,
+}
+
+/// Receives what the pipeline produces.
+pub trait ExchangeSink {
+    fn on_exchange(&mut self, exchange: crate::exchange::CapturedExchange);
+    /// Called after each drain of the ring buffer.
+    fn flush(&mut self) {}
+}
+
+pub struct Pipeline<S: ExchangeSink> {
+    conns: LruCache<(u32, u32), Conn>,
+    procs: ProcessCache,
+    clock: MonoToWall,
+    filter: Filter,
+    stats: Arc<Stats>,
+    sink: S,
+    idle_ticks: u32,
+}
+
+impl<S: ExchangeSink> Pipeline<S> {
+    pub fn new(max_connections: usize, filter: Filter, stats: Arc<Stats>, sink: S) -> Self {
+        let cap = NonZeroUsize::new(max_connections.max(1)).unwrap_or(NonZeroUsize::MIN);
+        Self {
+            conns: LruCache::new(cap),
+            procs: ProcessCache::new(4096),
+            clock: MonoToWall::new(),
+            filter,
+            stats,
+            sink,
+            idle_ticks: 0,
+        }
+    }
+
+    pub fn sink_mut(&mut self) -> &mut S {
+        &mut self.sink
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    pub fn tracked_connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    fn on_open(&mut self, ev: &ConnEvent) {
+        Stats::inc(&self.stats.conns_opened);
+        let key = (ev.header.tgid, ev.header.fd);
+        let endpoints = Endpoints::from_tuple(&ev.tuple);
+        let role = Role::from_u8(ev.role);
+        let wanted = self.filter.wants(ev.header.tgid, &ev.tuple);
+        tracing::debug!(
+            pid = ev.header.tgid,
+            fd = ev.header.fd,
+            role = ?role,
+            local = %fmt_addr(endpoints.local),
+            remote = %fmt_addr(endpoints.remote),
+            "tcp connection opened"
+        );
+        // A new connection on a known fd number: the old one ended unseen.
+        if let Some(mut old) = self.conns.pop(&key) {
+            self.finish(&mut old, ev.header.ts_ns);
+        }
+        // Read /proc now, while the process surely exists (a short-lived client may be
+        // gone by the time its exchange completes).
+        let process = self.procs.get(ev.header.tgid, &ev.comm);
+        let conn = Conn {
+            sock_id: ev.sock_id,
+            endpoints,
+            role,
+            wanted,
+            process,
+            http: crate::assemble::ConnAssembler::new(),
+        };
+        if let Some((k, mut evicted)) = self.conns.push(key, conn) {
+            if k != key {
+                Stats::inc(&self.stats.conns_evicted);
+                self.finish(&mut evicted, ev.header.ts_ns);
+            }
+        }
+    }
+
+    fn on_close(&mut self, ev: &ConnEvent) {
+        let key = (ev.header.tgid, ev.header.fd);
+        if let Some(mut conn) = self.conns.pop(&key) {
+            Stats::inc(&self.stats.conns_closed);
+            tracing::debug!(pid = key.0, fd = key.1, "tcp connection closed");
+            self.finish(&mut conn, ev.header.ts_ns);
+        }
+    }
+
+    fn on_data(&mut self, d: &DataEvent<'_>) {
+        let key = (d.header.header.tgid, d.header.header.fd);
+        let Some(conn) = self.conns.get_mut(&key) else {
+            Stats::inc(&self.stats.data_unknown_conn);
+            return;
+        };
+        if conn.sock_id != d.header.sock_id {
+            Stats::inc(&self.stats.data_unknown_conn);
+            return;
+        }
+        if !conn.wanted {
+            return;
+        }
+        let mut done = Vec::new();
+        conn.http.on_data(d, &mut done, &self.stats);
+        Self::emit(&mut self.sink, &self.stats, &self.clock, conn, done);
+    }
+
+    fn on_exit(&mut self, tgid: u32, ts_ns: u64) {
+        Stats::inc(&self.stats.process_exits);
+        let keys: Vec<(u32, u32)> = self
+            .conns
+            .iter()
+            .filter(|((t, _), _)| *t == tgid)
+            .map(|(k, _)| *k)
+            .collect();
+        for key in keys {
+            if let Some(mut conn) = self.conns.pop(&key) {
+                self.finish(&mut conn, ts_ns);
+            }
+        }
+        self.procs.forget(tgid);
+    }
+
+    /// Ends a connection's tracking: close-delimited responses complete here.
+    fn finish(&mut self, conn: &mut Conn, ts_ns: u64) {
+        if !conn.wanted {
+            return;
+        }
+        let mut done = Vec::new();
+        conn.http.on_close(ts_ns, &mut done, &self.stats);
+        Self::emit(&mut self.sink, &self.stats, &self.clock, conn, done);
+    }
+
+    fn emit(
+        sink: &mut S,
+        stats: &Stats,
+        clock: &MonoToWall,
+        conn: &Conn,
+        done: Vec<crate::http::Exchange>,
+    ) {
+        for http in done {
+            Stats::inc(&stats.exchanges);
+            sink.on_exchange(crate::exchange::CapturedExchange::new(
+                http,
+                conn.process.clone(),
+                conn.endpoints,
+                clock,
+            ));
+        }
+    }
+}
+
+impl<S: ExchangeSink> RecordSink for Pipeline<S> {
+    fn on_record(&mut self, bytes: &[u8]) {
+        Stats::inc(&self.stats.records);
+        match decode(bytes) {
+            Ok(KernelEvent::ConnOpen(ev)) => self.on_open(&ev),
+            Ok(KernelEvent::ConnClose(ev)) => self.on_close(&ev),
+            Ok(KernelEvent::Data(d)) => self.on_data(&d),
+            Ok(KernelEvent::ProcExit(h)) => self.on_exit(h.tgid, h.ts_ns),
+            Err(e) => {
+                Stats::inc(&self.stats.records_malformed);
+                tracing::debug!(error = %e, "malformed ring buffer record");
+            }
+        }
+    }
+
+    fn on_idle(&mut self) {
+        self.sink.flush();
+        // Re-measure the clock offset about once a second (poll interval is 10 ms).
+        self.idle_ticks = self.idle_ticks.wrapping_add(1);
+        if self.idle_ticks.is_multiple_of(100) {
+            self.clock.refresh();
+        }
+    }
+}
+
+pub fn fmt_addr((ip, port): (IpAddr, u16)) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("{v4}:{port}"),
+        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+    }
+}

@@ -1,0 +1,251 @@
+"""Issue: capture. Every HTTP/1.x exchange of real, unmodified programs is seen exactly
+once, with the right process, addresses, status and timing."""
+import os
+import signal
+import sys
+import textwrap
+import time
+
+import pytest
+
+from conftest import TESTS, Agent, curl, free_port, have
+
+PY = sys.executable
+CLIENT = str(TESTS / "servers/http_client.py")
+
+
+def watch(*ports, pids=()):
+    args = ["watch", "--json"]
+    for p in ports:
+        args += ["--port", str(p)]
+    for p in pids:
+        args += ["--pid", str(p)]
+    return Agent(*args)
+
+
+def finish(agent):
+    """Stop the agent (it drains the ring buffer on SIGINT) and return every exchange."""
+    assert agent.stop() == 0, "\n".join(agent.err[-20:])
+    return agent.exchanges()
+
+
+def servers_of(exchanges, kind="server"):
+    return [e for e in exchanges if e["kind"] == kind]
+
+
+def check_common(e, *, pid, port, t0, kind="server"):
+    assert e["kind"] == kind
+    assert e["process.pid"] == pid
+    assert e["server.port"] == port
+    assert e["server.address"] in ("127.0.0.1", "::1")
+    assert isinstance(e["client.port"], int) and e["client.port"] > 0
+    assert e["network.protocol.version"] in ("1.0", "1.1")
+    now = time.time_ns()
+    assert t0 <= e["start_time_unix_nano"] <= now, (t0, e["start_time_unix_nano"], now)
+    assert 0 < e["duration_ns"] < 10_000_000_000
+
+
+REQUESTS = [
+    ("/", 200),
+    ("/status/404", 404),
+    ("/status/500", 500),
+    ("/users/42", 200),
+    ("/status/201", 201),
+    ("/status/503", 503),
+]
+
+
+def test_python_http_server_each_request_exactly_once(py_server):
+    server, port = py_server()
+    agent = watch(port)
+    t0 = time.time_ns()
+    for path, status in REQUESTS:
+        r = curl("-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}{path}")
+        assert int(r.stdout) == status
+    got = servers_of(finish(agent))
+    assert [(e["url.path"], e["http.response.status_code"]) for e in got] == REQUESTS
+    for e in got:
+        check_common(e, pid=server.pid, port=port, t0=t0)
+        assert e["http.request.method"] == "GET"
+        assert e["process.executable.name"].startswith("python")
+
+
+def test_node_http_server(procs):
+    if not have("node"):
+        pytest.fail("node is not installed (it is part of this machine image)")
+    port = free_port()
+    server = procs(["node", TESTS / "servers/node_server.js", port], ready_port=port)
+    agent = watch(port)
+    t0 = time.time_ns()
+    for path, status in REQUESTS:
+        r = curl("-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}{path}")
+        assert int(r.stdout) == status
+    got = servers_of(finish(agent))
+    assert [(e["url.path"], e["http.response.status_code"]) for e in got] == REQUESTS
+    for e in got:
+        check_common(e, pid=server.pid, port=port, t0=t0)
+        assert e["process.executable.name"] == "node"
+
+
+def test_nginx_static_files_writev_and_sendfile(procs, tmp_path):
+    port = free_port()
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "index.html").write_text("hello from nginx\n")
+    (root / "big.bin").write_bytes(os.urandom(300_000))
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(textwrap.dedent(f"""
+        user root;
+        worker_processes 1;
+        pid {tmp_path}/nginx.pid;
+        error_log {tmp_path}/error.log;
+        events {{ worker_connections 64; }}
+        http {{
+            access_log off;
+            sendfile on;
+            client_body_temp_path {tmp_path}/body;
+            proxy_temp_path {tmp_path}/proxy;
+            fastcgi_temp_path {tmp_path}/fcgi;
+            uwsgi_temp_path {tmp_path}/uwsgi;
+            scgi_temp_path {tmp_path}/scgi;
+            server {{
+                listen 127.0.0.1:{port};
+                root {root};
+                location = /boom {{ return 500; }}
+            }}
+        }}
+    """))
+    master = procs(["nginx", "-c", conf, "-g", "daemon off;"], ready_port=port)
+    agent = watch(port)
+    t0 = time.time_ns()
+    expected = [("/index.html", 200), ("/missing", 404), ("/boom", 500), ("/big.bin", 200)]
+    for path, status in expected:
+        r = curl("-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}{path}")
+        assert int(r.stdout) == status
+    got = servers_of(finish(agent))
+    assert [(e["url.path"], e["http.response.status_code"]) for e in got] == expected
+    workers = {int(p) for p in open(f"/proc/{master.pid}/task/{master.pid}/children").read().split()}
+    for e in got:
+        assert e["process.pid"] in workers, (e["process.pid"], workers)
+        check_common(e, pid=e["process.pid"], port=port, t0=t0)
+        assert e["process.executable.name"] == "nginx"
+    # sendfile: the body is counted although it never passes through user memory.
+    assert got[3]["http.response.body.size"] == 300_000
+
+
+def test_python_urllib_and_curl_clients(py_server, procs):
+    server, port = py_server()
+    agent = watch(port)
+    t0 = time.time_ns()
+    client = procs([PY, CLIENT, "urllib", f"http://127.0.0.1:{port}/u/1", f"http://127.0.0.1:{port}/status/404"])
+    assert client.wait_exit() == 0
+    c = curl("-o", "/dev/null", "-X", "DELETE", f"http://127.0.0.1:{port}/items/7")
+    got = finish(agent)
+    clients = servers_of(got, "client")
+    by_pid = {}
+    for e in clients:
+        by_pid.setdefault(e["process.pid"], []).append(e)
+    urllib_ex = by_pid.pop(client.pid)
+    assert [(e["url.path"], e["http.response.status_code"]) for e in urllib_ex] == [("/u/1", 200), ("/status/404", 404)]
+    for e in urllib_ex:
+        check_common(e, pid=client.pid, port=port, t0=t0, kind="client")
+        assert e["process.executable.name"].startswith("python")
+    # The remaining client exchange is curl's (its pid is not known to the test).
+    assert len(by_pid) == 1
+    (curl_ex,) = next(iter(by_pid.values()))
+    assert curl_ex["process.executable.name"] == "curl"
+    assert (curl_ex["http.request.method"], curl_ex["url.path"]) == ("DELETE", "/items/7")
+    assert len(servers_of(got)) == 3
+
+
+def test_keepalive_100_requests_are_100_exchanges(py_server, procs):
+    server, port = py_server()
+    agent = watch(port)
+    client = procs([PY, CLIENT, "keepalive", "127.0.0.1", port, 100])
+    assert client.wait_exit() == 0
+    assert client.out.count("200") == 100
+    got = finish(agent)
+    for kind, pid in (("server", server.pid), ("client", client.pid)):
+        ex = servers_of(got, kind)
+        assert [e["url.path"] for e in ex] == [f"/ka/{i}" for i in range(100)], kind
+        assert {e["process.pid"] for e in ex} == {pid}
+        assert len({e["client.port"] for e in ex}) == 1, "one keep-alive connection"
+
+
+def test_pipelined_requests_are_paired_in_order(py_server, procs):
+    server, port = py_server()
+    agent = watch(port)
+    paths = ["/status/200", "/status/404", "/bytes/10", "/status/500"]
+    client = procs([PY, CLIENT, "pipeline", "127.0.0.1", port, *paths])
+    assert client.wait_exit() == 0
+    assert client.out == ["200", "404", "200", "500"]
+    got = finish(agent)
+    for kind in ("server", "client"):
+        ex = servers_of(got, kind)
+        assert [(e["url.path"], e["http.response.status_code"]) for e in ex] == list(
+            zip(paths, [200, 404, 200, 500])
+        ), kind
+
+
+def test_one_mebibyte_response(py_server):
+    server, port = py_server()
+    agent = watch(port)
+    curl("-o", "/dev/null", f"http://127.0.0.1:{port}/bytes/1048576")
+    (e,) = servers_of(finish(agent))
+    assert e["http.response.body.size"] == 1048576
+    assert e["http.response.status_code"] == 200
+
+
+def test_slow_chunked_response_ends_at_the_last_chunk(py_server):
+    server, port = py_server("--chunk-delay", "0.05")
+    agent = watch(port)
+    t = time.monotonic()
+    curl("-o", "/dev/null", f"http://127.0.0.1:{port}/chunked/50000/5")
+    elapsed = time.monotonic() - t
+    got = finish(agent)
+    (e,) = servers_of(got)
+    assert e["http.response.body.size"] == 50000
+    # 5 chunks 50 ms apart: the exchange lasts until the last one, not the first.
+    assert 0.2e9 <= e["duration_ns"] <= elapsed * 1e9
+    (c,) = servers_of(got, "client")
+    assert c["http.response.status_code"] == 200
+
+
+def test_connection_opened_before_the_agent_started(py_server, procs):
+    server, port = py_server()
+    client = procs([PY, CLIENT, "preopened", "127.0.0.1", port], stdin=True)
+    client.wait_for(lambda l: l == "first-done", stream="out", what="the first request")
+    agent = watch(port)
+    client.send_line()
+    assert client.wait_exit() == 0
+    got = finish(agent)
+    (s,) = servers_of(got)
+    (c,) = servers_of(got, "client")
+    assert s["url.path"] == c["url.path"] == "/after"
+    assert s["process.pid"] == server.pid and c["process.pid"] == client.pid
+    assert s["server.port"] == c["server.port"] == port
+    assert s["client.port"] == c["client.port"]
+    assert s["server.address"] == c["server.address"] == "127.0.0.1"
+
+
+def test_ipv6_loopback(py_server):
+    server, port = py_server(bind="::1")
+    agent = watch(port)
+    curl("-g", "-o", "/dev/null", f"http://[::1]:{port}/v6")
+    got = finish(agent)
+    (s,) = servers_of(got)
+    assert s["server.address"] == "::1" and s["client.address"] == "::1"
+    assert s["url.path"] == "/v6"
+    (c,) = servers_of(got, "client")
+    assert c["server.address"] == "::1" and c["server.port"] == port
+
+
+def test_plain_file_io_is_never_captured(py_server, procs, tmp_path):
+    server, port = py_server()
+    worker = procs([PY, TESTS / "servers/file_io.py", tmp_path, f"http://127.0.0.1:{port}/real"], stdin=True)
+    agent = watch(pids=[worker.pid])
+    worker.send_line()
+    assert worker.wait_exit() == 0
+    got = finish(agent)
+    # Only the one real request: none of the HTTP-looking file or pipe traffic.
+    assert [(e["kind"], e["url.path"]) for e in got] == [("client", "/real")]
