@@ -205,3 +205,13 @@ def curl(*args, check=True):
 
 def have(cmd):
     return shutil.which(cmd) is not None
+
+
+@pytest.fixture
+def otlp():
+    """A real OTLP receiver (tests/otlp_receiver.py) on free gRPC and HTTP ports."""
+    from otlp_receiver import OtlpReceiver  # needs the test requirements (grpcio, opentelemetry-proto)
+
+    r = OtlpReceiver(grpc_port=0, http_port=0).start()
+    yield r
+    r.stop()

@@ -149,6 +149,41 @@ pub struct DataEventHeader {
     /// The last bytes moved when they were not captured: enough to see the end of a
     /// chunked body (`0\r\n\r\n`) that lies beyond the captured prefix.
     pub tail: [u8; TAIL_BYTES],
+    /// Trace ids born in the kernel for a request start (`trace.kind != TRACE_NONE`).
+    pub trace: TraceIds,
+}
+
+/// [`TraceIds::kind`]: no ids (not a request start).
+pub const TRACE_NONE: u8 = 0;
+/// Ids of a SERVER span: the process read a request.
+pub const TRACE_SERVER: u8 = 1;
+/// Ids of a CLIENT span: the process wrote a request.
+pub const TRACE_CLIENT: u8 = 2;
+
+/// [`TraceIds::origin`]: fresh ids (no incoming context).
+pub const ORIGIN_NEW: u8 = 0;
+/// Trace id and parent from a `traceparent` header the request carried.
+pub const ORIGIN_HEADER: u8 = 1;
+/// Trace id and parent from the SERVER span the same thread is handling.
+pub const ORIGIN_THREAD: u8 = 2;
+
+/// W3C trace context ids chosen in the kernel, so that what is injected on the wire and
+/// what is exported agree. Ids are in wire order (big-endian hex order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceIds {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    /// Valid when `has_parent != 0`.
+    pub parent_span_id: [u8; 8],
+    /// W3C trace flags (bit 0: sampled).
+    pub flags: u8,
+    pub kind: u8,
+    pub origin: u8,
+    pub has_parent: u8,
+    /// 1 when this request was sent with a `traceparent` Tapir inserted.
+    pub injected: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Size of [`DataEventHeader::tail`].
@@ -230,6 +265,7 @@ mod pod {
     unsafe impl aya::Pod for KernelOffsets {}
     unsafe impl aya::Pod for ConnKey {}
     unsafe impl aya::Pod for ConnState {}
+    unsafe impl aya::Pod for TraceIds {}
 }
 
 #[cfg(test)]
@@ -245,7 +281,9 @@ mod tests {
         assert_eq!(offset_of!(ConnEvent, comm), 80);
         assert_eq!(offset_of!(ConnEvent, tuple), 32);
         assert_eq!(offset_of!(ConnEvent, role), 72);
-        assert_eq!(size_of::<DataEventHeader>(), 64);
+        assert_eq!(size_of::<TraceIds>(), 40);
+        assert_eq!(offset_of!(DataEventHeader, trace), 64);
+        assert_eq!(size_of::<DataEventHeader>(), 104);
         assert_eq!(offset_of!(DataEventHeader, tail), 48);
         assert_eq!(offset_of!(DataEventHeader, total), 32);
         assert_eq!(offset_of!(DataEventHeader, direction), 40);

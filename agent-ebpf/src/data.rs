@@ -1,7 +1,7 @@
 //! read/write-family syscalls on tracked TCP connections: save the arguments at entry, copy
 //! a bounded prefix (and the last few bytes) at exit when the bytes are or follow HTTP/1.x.
 use agent_common::{
-    counter, syscall, EventKind, CONN_HTTP, DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE, MAX_IOVECS,
+    counter, syscall, EventKind, TraceIds, CONN_HTTP, DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE, MAX_IOVECS,
     TAIL_BYTES,
 };
 use aya_ebpf::{
@@ -15,8 +15,9 @@ use aya_ebpf::{
 
 use crate::{
     conn::{header, lookup_tcp},
+    trace::{is_request_start, is_response_start, on_client_request, on_server_request, on_server_response},
     maps::{
-        agent_tgid, capture_bytes, count, ringbuf_flags, PendingIo, EVENTS, SCRATCH, SCRATCH_BYTES,
+        agent_tgid, capture_bytes, count, ringbuf_flags, DataScratch, PendingIo, EVENTS, SCRATCH, SCRATCH_BYTES,
         SHAPE_BUF, SHAPE_IOVEC, SHAPE_MSGHDR, SHAPE_NONE,
     },
 };
@@ -187,7 +188,9 @@ fn emit_data<const SHAPE: u8>(
             tail_addr = last.0 + last.1 - TAIL_BYTES as u64;
         }
     }
-    let hdr = &mut scratch.hdr;
+    let DataScratch { hdr, data, .. } = scratch;
+    hdr.trace = TraceIds::default();
+    trace_ids(p.direction, data, captured, &mut hdr.trace);
     hdr.header = header(EventKind::Data, p.fd);
     hdr.sock_id = p.sock_id;
     hdr.total = total.min(u32::MAX as u64) as u32;
@@ -219,6 +222,21 @@ fn emit_data<const SHAPE: u8>(
         count(counter::RINGBUF_FULL);
     }
     Some(())
+}
+
+/// Request starts get span ids; a response written ends the thread's SERVER context.
+#[inline(always)]
+fn trace_ids(direction: u8, data: &[u8; SCRATCH_BYTES], n: u64, ids: &mut TraceIds) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if is_request_start(data, n) {
+        if direction == DIR_INGRESS {
+            on_server_request(pid_tgid, data, n, ids);
+        } else {
+            on_client_request(pid_tgid, data, n, ids);
+        }
+    } else if direction == DIR_EGRESS && is_response_start(data, n) {
+        on_server_response(pid_tgid);
+    }
 }
 
 /// Copies `len` (≤ MAX_CAPTURE) user bytes to `dst[off..]`; returns the bytes copied (0 on

@@ -9,6 +9,7 @@ mod data;
 mod lifecycle;
 mod maps;
 mod sock;
+mod trace;
 
 #[cfg(not(test))]
 #[panic_handler]

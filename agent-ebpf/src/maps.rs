@@ -101,6 +101,8 @@ pub const SCRATCH_BYTES: usize = 3 * MAX_CAPTURE;
 pub struct DataScratch {
     pub hdr: DataEventHeader,
     pub data: [u8; SCRATCH_BYTES],
+    /// Where the traceparent scan found a value (see trace.rs); not sent to userspace.
+    pub scan_at: u64,
 }
 
 #[map(name = "TAPIR_SCRATCH")]

@@ -2,7 +2,7 @@
 //!
 //! Modules follow the data flow: kernel probes ([`probes`], [`loader`]) → ring buffer
 //! records ([`capture`]) → per-connection HTTP/1.x assembly ([`http`]) → finished exchanges
-//! ([`exchange`]) → outputs ([`watch`]).
+//! ([`exchange`]) → outputs ([`watch`], [`otel`]).
 pub mod assemble;
 pub mod btf;
 pub mod capture;
@@ -11,6 +11,7 @@ pub mod doctor;
 pub mod exchange;
 pub mod http;
 pub mod loader;
+pub mod otel;
 pub mod pipeline;
 pub mod probes;
 pub mod process;

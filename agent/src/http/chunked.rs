@@ -101,6 +101,14 @@ impl ChunkedDecoder {
         !matches!(self.state, State::Unsynced { .. })
     }
 
+    /// Synced, and the next byte is framing (a size line, CRLF, trailer), not payload.
+    pub fn expects_framing(&self) -> bool {
+        !matches!(
+            self.state,
+            State::Data { .. } | State::Unsynced { .. } | State::Done
+        )
+    }
+
     pub fn is_done(&self) -> bool {
         self.state == State::Done
     }

@@ -66,19 +66,26 @@ impl<'a> Cursor<'a> {
         self.reveal_tail();
     }
 
-    /// Skips up to `n` bytes, seen or not; returns how many were skipped.
+    /// Skips up to `n` bytes, seen or not; returns how many were skipped (fewer only when
+    /// the syscall's bytes ran out).
     pub fn skip(&mut self, n: u64) -> u64 {
-        let from_visible = n.min(self.visible.len() as u64);
-        self.consume_visible(from_visible as usize);
-        let from_unseen = if self.visible.is_empty() {
-            (n - from_visible).min(self.unseen)
-        } else {
-            0
-        };
-        self.unseen -= from_unseen;
-        self.tail = last_bytes(self.tail, self.unseen as usize);
-        self.reveal_tail();
-        from_visible + from_unseen
+        let mut skipped = 0;
+        // At most: the visible part, the blind part, the revealed tail.
+        while skipped < n && !self.is_empty() {
+            let want = n - skipped;
+            if self.visible.is_empty() {
+                let blind = want.min(self.unseen);
+                self.unseen -= blind;
+                self.tail = last_bytes(self.tail, self.unseen as usize);
+                self.reveal_tail();
+                skipped += blind;
+            } else {
+                let seen = want.min(self.visible.len() as u64);
+                self.consume_visible(seen as usize);
+                skipped += seen;
+            }
+        }
+        skipped
     }
 
     /// Skips everything left; returns how many bytes that was.
@@ -147,6 +154,17 @@ mod tests {
         let mut c = c;
         c.consume_visible(6);
         assert_eq!(c.visible(), b"gh");
+    }
+
+    #[test]
+    fn one_skip_crosses_prefix_and_revealed_tail() {
+        let mut c = Cursor::new(b"ab", 10, b"cdefghij");
+        assert_eq!(c.skip(5), 5);
+        assert_eq!(c.visible(), b"fghij");
+        let mut c = Cursor::new(b"ab", 30, b"0123456789");
+        assert_eq!(c.skip(25), 25);
+        assert_eq!(c.visible(), b"56789");
+        assert_eq!(c.skip(100), 5);
     }
 
     #[test]

@@ -10,14 +10,25 @@
 //! - [`head`]: request/response heads → the few fields Tapir keeps.
 //! - [`chunked`]: framing of the chunked transfer coding.
 //! - [`cursor`]: a read position over one syscall's partly captured bytes.
-//! - [`stream`]: the per-connection state machine ([`Http1Stream`]).
+//! - [`stream`]: the per-connection state machine ([`Http1Stream`]); `pairing` keeps its
+//!   requests in line for their responses.
 //! - [`exchange`], [`stats`]: what comes out.
+//!
+//! Approximations, by design:
+//! - A message may only start where the previous one ended, or at the start of a chunk
+//!   when out of sync (first chunks of a connection, after a drop).
+//! - Once chunked framing falls into uncaptured bytes, a body ends at a syscall whose last
+//!   bytes are `0\r\n\r\n` (trailers then hide the end until the next message or close),
+//!   and its byte count includes framing.
+//! - A head cut by the capture keeps only its captured fields; its end is taken from the
+//!   syscall's tail when that is unambiguous.
 
 pub mod chunk;
 pub mod chunked;
 pub mod cursor;
 pub mod exchange;
 pub mod head;
+mod pairing;
 pub mod stats;
 pub mod stream;
 

@@ -382,3 +382,50 @@ proptest! {
         stream.on_close(99, &mut out);
     }
 }
+
+proptest! {
+    #[test]
+    fn cut_captures_never_pair_a_request_with_a_wrong_response(
+        plans in prop::collection::vec(plan(), 1..8),
+        capture in 1usize..400,
+        merge_writes in any::<bool>(),
+    ) {
+        // Every message is one syscall (or, when merged, each direction's stream is one
+        // syscall per exchange pair), cut at `capture` bytes wherever that falls.
+        let mut stream = Http1Stream::new();
+        let mut out = Vec::new();
+        let send = |stream: &mut Http1Stream, out: &mut Vec<Exchange>, direction, message: &[u8], ts| {
+            let captured = capture.min(message.len());
+            let tail_from = message.len().saturating_sub(agent_common::TAIL_BYTES);
+            let chunk = Chunk {
+                direction,
+                data: &message[..captured],
+                total: message.len(),
+                tail: if captured < message.len() { &message[tail_from..] } else { &[] },
+                ts_ns: ts,
+            };
+            stream.on_chunk(&chunk, out)
+        };
+        if merge_writes {
+            let requests: Vec<u8> = plans.iter().flat_map(Plan::request).collect();
+            let responses: Vec<u8> = plans.iter().flat_map(Plan::response).collect();
+            prop_assert!(send(&mut stream, &mut out, Ingress, &requests, 1).is_ok());
+            prop_assert!(send(&mut stream, &mut out, Egress, &responses, 2).is_ok());
+        } else {
+            for (i, plan) in plans.iter().enumerate() {
+                let ts = i as u64 * 10;
+                prop_assert!(send(&mut stream, &mut out, Ingress, &plan.request(), ts).is_ok());
+                prop_assert!(send(&mut stream, &mut out, Egress, &plan.response(), ts + 1).is_ok());
+            }
+        }
+        stream.on_close(u64::MAX, &mut out);
+        // What comes out is a subsequence of what went in, each request with its own status.
+        let mut remaining = plans.iter();
+        for exchange in &out {
+            let found = remaining.any(|p| {
+                p.path == exchange.path && p.method == exchange.method && p.status == exchange.status
+            });
+            prop_assert!(found, "unexpected {:?}", exchange);
+        }
+    }
+}

@@ -6,7 +6,6 @@
 //! covers pipelining. Whatever cannot be followed is dropped, counted, and parsing resumes
 //! at the next chunk that starts like a message.
 
-use std::collections::VecDeque;
 use std::mem::discriminant;
 
 use agent_common::TAIL_BYTES;
@@ -19,6 +18,7 @@ use super::head::{
     self, ConnectionOption, HeadEndScanner, HeadError, HeadFields, MessageKind, MessageStart,
     RequestHead, ResponseHead,
 };
+use super::pairing::{FinishedResponse, Pairing, Pending};
 use super::stats::{DropReason, StreamStats};
 
 /// Limits of one [`Http1Stream`].
@@ -64,10 +64,7 @@ impl Http1Stream {
     pub fn with_config(config: StreamConfig) -> Self {
         Self {
             sides: Default::default(),
-            pairing: Pairing {
-                config,
-                ..Pairing::default()
-            },
+            pairing: Pairing::new(config),
         }
     }
 
@@ -126,14 +123,10 @@ impl Http1Stream {
                 _ => false,
             };
             if side.message.kind == MessageKind::Response && ends_at_close {
-                pairing.finish_response(&side.message, ts_ns, out);
+                pairing.finish_response(side.message.finished(ts_ns), out);
             }
         }
-        for pending in pairing.pending.drain(..) {
-            if pending.exchange.is_some() {
-                pairing.stats.record(DropReason::NoResponse);
-            }
-        }
+        pairing.abandon_all();
         let (config, stats) = (pairing.config, pairing.stats);
         *self = Self::with_config(config);
         self.pairing.stats = stats;
@@ -160,7 +153,7 @@ impl Http1Stream {
 
     /// Requests waiting for a response.
     pub fn pending_requests(&self) -> usize {
-        self.pairing.pending.len()
+        self.pairing.pending_len()
     }
 }
 
@@ -191,9 +184,16 @@ struct Side {
     head: Vec<u8>,
     /// The message whose head or body is being read.
     message: Message,
+    /// Resyncing after losing track of messages (not merely joining the connection late).
+    lost_sync: bool,
 }
 
 impl Side {
+    fn lose_sync(&mut self) {
+        self.phase = Phase::Resync;
+        self.lost_sync = true;
+    }
+
     fn clear_head(&mut self) {
         // Don't keep a large buffer alive on an idle connection.
         if self.head.capacity() > 1024 {
@@ -253,6 +253,17 @@ struct Message {
     body_bytes: u64,
 }
 
+impl Message {
+    fn finished(&self, end_ns: u64) -> FinishedResponse {
+        FinishedResponse {
+            status: self.status,
+            start_ns: self.start_ns,
+            end_ns,
+            body_bytes: self.body_bytes,
+        }
+    }
+}
+
 impl Default for Message {
     fn default() -> Self {
         Self {
@@ -263,101 +274,6 @@ impl Default for Message {
             start_ns: 0,
             last_ns: 0,
             body_bytes: 0,
-        }
-    }
-}
-
-/// Requests waiting for responses, and the connection-wide state.
-#[derive(Debug, Default)]
-struct Pairing {
-    config: StreamConfig,
-    role: Option<ExchangeRole>,
-    /// The connection left HTTP/1.x (101 Switching Protocols, CONNECT tunnel).
-    upgraded: bool,
-    next_seq: u32,
-    /// Oldest first.
-    pending: VecDeque<Pending>,
-    /// `seq` of the oldest request when its response is being read.
-    responding: Option<u32>,
-    stats: StreamStats,
-}
-
-#[derive(Debug)]
-struct Pending {
-    seq: u32,
-    /// HEAD: the response has no body whatever its headers say.
-    head_request: bool,
-    /// CONNECT: a 2xx response turns the connection into a tunnel.
-    connect: bool,
-    /// `None` once dropped (already counted): the entry only keeps responses in order.
-    exchange: Option<Exchange>,
-}
-
-impl Pairing {
-    fn push(&mut self, mut pending: Pending) -> u32 {
-        if self.pending.len() >= self.config.max_pending {
-            if let Some(oldest) = self.pending.pop_front() {
-                if self.responding == Some(oldest.seq) {
-                    self.responding = None;
-                }
-                if oldest.exchange.is_some() {
-                    self.stats.record(DropReason::PipelineOverflow);
-                }
-            }
-        }
-        let seq = self.next_seq;
-        self.next_seq = self.next_seq.wrapping_add(1);
-        pending.seq = seq;
-        self.pending.push_back(pending);
-        seq
-    }
-
-    /// The request `seq`, if it still waits.
-    fn request_mut(&mut self, seq: u32) -> Option<&mut Pending> {
-        // Usually the latest one: search from the back.
-        self.pending.iter_mut().rev().find(|p| p.seq == seq)
-    }
-
-    /// The request whose response is being read.
-    fn answered_mut(&mut self) -> Option<&mut Pending> {
-        let seq = self.responding?;
-        self.pending.front_mut().filter(|p| p.seq == seq)
-    }
-
-    /// Takes the request whose response is being read out of the queue.
-    fn take_answered(&mut self) -> Option<Pending> {
-        let seq = self.responding.take()?;
-        match self.pending.front() {
-            Some(first) if first.seq == seq => self.pending.pop_front(),
-            _ => None,
-        }
-    }
-
-    fn set_request_body(&mut self, seq: u32, bytes: u64) {
-        if let Some(exchange) = self.request_mut(seq).and_then(|p| p.exchange.as_mut()) {
-            exchange.request_body_bytes = bytes;
-        }
-    }
-
-    /// Completes the exchange being answered with `response`.
-    fn finish_response(&mut self, response: &Message, end_ns: u64, out: &mut Vec<Exchange>) {
-        let Some(mut exchange) = self.take_answered().and_then(|p| p.exchange) else {
-            return;
-        };
-        exchange.status = response.status;
-        exchange.response_start_ns = response.start_ns;
-        exchange.end_ns = end_ns;
-        exchange.response_body_bytes = response.body_bytes;
-        out.push(exchange);
-    }
-
-    /// HTTP/1.x is over on this connection: nothing waiting will be answered in it.
-    fn upgrade(&mut self) {
-        self.upgraded = true;
-        for pending in self.pending.drain(..) {
-            if pending.exchange.is_some() {
-                self.stats.record(DropReason::NoResponse);
-            }
         }
     }
 }
@@ -581,7 +497,7 @@ impl Run<'_> {
         }
         if cursor.is_lost() {
             // The next message starts in bytes that were not captured.
-            self.side.phase = Phase::Resync;
+            self.side.lose_sync();
             cursor.skip_to_end();
             return;
         }
@@ -711,28 +627,38 @@ impl Run<'_> {
         };
         self.pairing.stats.record(DropReason::HeadTruncated);
         self.side.clear_head();
-        if let Some(end) = end_in_tail {
-            // The body (or the next message) follows in the visible tail.
-            cursor.resume_in_tail(end);
-            return self.start_message(parsed, start_ns);
-        }
         self.start_message(parsed, start_ns);
-        match self.side.phase {
-            // No body: the rest of the head is still to come.
-            Phase::Idle => {
-                self.side.phase = Phase::HeadRest { scan };
-                cursor.skip_to_end();
-            }
-            // The head ended somewhere unseen and the body began: a chunked body's end can
-            // still show in a tail, a close-delimited one ends at close anyway.
-            Phase::Body(Framing::Chunked(_)) => {
+        // Bytes after the blank line found in the tail, if it was the head's end.
+        let after_end = end_in_tail.map(|end| (end, (tail.len() - end) as u64));
+        match (self.side.phase, after_end) {
+            // A chunked body's last chunk ends in a blank line too: where the head ended is
+            // ambiguous. Follow the body blind and watch syscall ends for the last chunk.
+            (Phase::Body(Framing::Chunked(_)), _) => {
                 self.side.phase = Phase::Body(Framing::Chunked(ChunkedDecoder::unsynced()));
             }
-            Phase::Body(Framing::UntilClose) => {}
+            // Ends at close anyway; the rest of the head counts as body.
+            (Phase::Body(Framing::UntilClose), _) => {}
+            (Phase::Body(Framing::Length { remaining }), Some((end, after)))
+                if after <= remaining =>
+            {
+                cursor.resume_in_tail(end);
+            }
             // A length counted from an unknown start cannot be followed.
-            Phase::Body(Framing::Length { .. }) => {
+            (Phase::Body(Framing::Length { .. }), _) => {
                 self.finish_message(self.ts);
-                self.side.phase = Phase::Resync;
+                self.side.lose_sync();
+                cursor.skip_to_end();
+            }
+            // No body, and the head ends the syscall.
+            (Phase::Idle, Some((end, 0))) => cursor.resume_in_tail(end),
+            // Bytes after a head without body: a framing header was beyond the capture.
+            (Phase::Idle, Some(_)) => {
+                self.side.lose_sync();
+                cursor.skip_to_end();
+            }
+            // No body, and the rest of the head is still to come.
+            (Phase::Idle, None) => {
+                self.side.phase = Phase::HeadRest { scan };
                 cursor.skip_to_end();
             }
             _ => {
@@ -777,7 +703,8 @@ impl Run<'_> {
     fn body(&mut self, cursor: &mut Cursor<'_>, framing: Framing, at_start: bool) {
         let kind = self.side.message.kind;
         let end_is_blind = match framing {
-            Framing::Chunked(decoder) => !decoder.is_synced(),
+            // Framing due at a chunk start where a message starts: we missed the body's end.
+            Framing::Chunked(decoder) => !decoder.is_synced() || decoder.expects_framing(),
             // Only a server that meant to keep the connection would send more.
             Framing::UntilClose => self.side.message.keep_alive,
             Framing::Length { .. } => false,
@@ -838,8 +765,8 @@ impl Run<'_> {
     /// The current message is complete (a request needs nothing more: it waits in line).
     fn finish_message(&mut self, end_ns: u64) {
         if self.side.message.kind == MessageKind::Response {
-            self.pairing
-                .finish_response(&self.side.message, end_ns, self.out);
+            let finished = self.side.message.finished(end_ns);
+            self.pairing.finish_response(finished, self.out);
         }
     }
 
@@ -853,7 +780,7 @@ impl Run<'_> {
         if *self.pairing.role.get_or_insert(role) != role {
             // Both directions claimed the same kind of message.
             self.pairing.stats.record(DropReason::Malformed);
-            self.side.phase = Phase::Resync;
+            self.side.lose_sync();
             return;
         }
         self.side.message = Message {
@@ -885,13 +812,11 @@ impl Run<'_> {
             && other.message.kind == MessageKind::Response
             && other.message.keep_alive
         {
-            let last_ns = other.message.last_ns;
-            self.pairing
-                .finish_response(&other.message, last_ns, self.out);
+            let finished = other.message.finished(other.message.last_ns);
+            self.pairing.finish_response(finished, self.out);
             other.phase = Phase::Resync;
         }
         self.side.message.seq = self.pairing.push(Pending {
-            seq: 0,
             head_request: head,
             connect,
             exchange: Some(exchange),
@@ -911,22 +836,16 @@ impl Run<'_> {
         }
         self.side.message.status = status;
         self.side.message.keep_alive = keep_alive;
-        if let Some(stale) = self.pairing.take_answered() {
-            if stale.exchange.is_some() {
-                self.pairing.stats.record(DropReason::NoResponse);
-            }
+        if std::mem::take(&mut self.side.lost_sync) {
+            // Responses were missed; they answered the older requests. Clients rarely
+            // pipeline, so this response most likely answers the newest one.
+            self.pairing.abandon_all_but_newest();
         }
-        let answered = self
-            .pairing
-            .pending
-            .front()
-            .map(|p| (p.seq, p.head_request, p.connect));
-        let Some((seq, head_request, connect)) = answered else {
+        let Some(answered) = self.pairing.answer_oldest() else {
             self.pairing.stats.record(DropReason::UnmatchedResponse);
             return self.start_response_body(status, body, false, false);
         };
-        self.pairing.responding = Some(seq);
-        self.start_response_body(status, body, head_request, connect);
+        self.start_response_body(status, body, answered.head_request, answered.connect);
     }
 
     /// Follows the final response of a request (`head_request`, `connect`: what it was).
@@ -990,17 +909,13 @@ impl Run<'_> {
         match kind {
             MessageKind::Request if answerable => {
                 self.pairing.push(Pending {
-                    seq: 0,
                     head_request: false,
                     connect: false,
                     exchange: None,
                 });
             }
             MessageKind::Request => {}
-            MessageKind::Response => {
-                self.pairing.responding = None;
-                self.pairing.pending.pop_front();
-            }
+            MessageKind::Response => self.pairing.drop_oldest(),
         }
     }
 
@@ -1008,18 +923,21 @@ impl Run<'_> {
     fn drop_current(&mut self, reason: DropReason) {
         self.pairing.stats.record(reason);
         let message = self.side.message;
-        let dropped = match message.kind {
-            MessageKind::Request => self.pairing.request_mut(message.seq),
-            MessageKind::Response => self.pairing.answered_mut(),
-        };
-        if let Some(pending) = dropped {
-            pending.exchange = None;
+        match message.kind {
+            // It stays in line: its response will come.
+            MessageKind::Request => self.pairing.drop_request(message.seq),
+            MessageKind::Response => self.pairing.drop_answered(),
         }
     }
 
     fn resync_after_drop(&mut self, cursor: &mut Cursor<'_>) {
+        // A tentative head was already resyncing: that is no new loss.
+        if self.is_tentative() {
+            self.side.phase = Phase::Resync;
+        } else {
+            self.side.lose_sync();
+        }
         self.side.clear_head();
-        self.side.phase = Phase::Resync;
         cursor.skip_to_end();
     }
 }

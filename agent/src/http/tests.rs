@@ -1008,3 +1008,78 @@ fn words_at_a_chunk_start_while_resyncing_are_not_errors() {
     assert_eq!(c.stream.stats().skipped_chunks, 2);
     c.assert_round_trip("/fine", 10);
 }
+
+#[test]
+fn cut_response_head_before_a_chunked_body_follows_it_blind() {
+    let mut c = Conn::new();
+    c.send(Ingress, &get("/a"), 1);
+    let mut resp =
+        b"HTTP/1.1 200 OK\r\nX-Padding: 0123456789\r\nTransfer-Encoding: chunked\r\n".to_vec();
+    let captured = resp.len();
+    resp.extend(b"\r\n");
+    resp.extend(chunked(&[&[b'x'; 40]]));
+    // The blank line ending the head is not captured; the tail's blank line is the body's.
+    c.send_cut(Egress, &resp, captured, 2);
+    let e = c.take_one();
+    assert_eq!((e.status, e.end_ns), (200, 2));
+    assert_eq!(c.drops(DropReason::HeadTruncated), 1);
+    c.assert_round_trip("/b", 10);
+}
+
+#[test]
+fn chunked_body_missing_its_end_gives_way_to_the_next_response() {
+    let mut c = Conn::new();
+    c.send(Ingress, &get("/a"), 1);
+    c.send(Ingress, &get("/b"), 1);
+    // The first response's last chunk never shows (say, it was in a lost event).
+    c.send(
+        Egress,
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+        2,
+    );
+    c.send(Egress, &response(404, b""), 3);
+    let out = c.take();
+    let summary: Vec<_> = out
+        .iter()
+        .map(|e| (e.path.as_str(), e.status, e.end_ns))
+        .collect();
+    assert_eq!(summary, [("/a", 200, 2), ("/b", 404, 3)]);
+}
+
+#[test]
+fn cut_request_head_hiding_its_content_length_resyncs() {
+    let mut c = Conn::new();
+    c.assert_round_trip("/in-sync", 1);
+    let mut req = b"POST /p HTTP/1.1\r\nX-Pad: ".to_vec();
+    req.extend(std::iter::repeat_n(b'p', 100));
+    req.extend(b"\r\nContent-Length: 4\r\n\r\nbody");
+    // The capture ends before Content-Length; the tail shows the head's end and the body.
+    c.send_cut(Ingress, &req, 30, 5);
+    c.send(Egress, &ok(b""), 6);
+    let e = c.take_one();
+    assert!(e.request_head_truncated);
+    assert_eq!(e.path, "/p");
+    c.assert_round_trip("/next", 10);
+}
+
+#[test]
+fn after_missing_response_bytes_pairing_recovers_on_the_newest_request() {
+    let mut c = Conn::new();
+    c.send(Ingress, &get("/1"), 1);
+    // Most of this body was in events that never arrived.
+    c.send(
+        Egress,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 300\r\n\r\n0123456789",
+        2,
+    );
+    // The next responses are taken for the rest of that body, until parsing fails.
+    for i in 2..=6u64 {
+        c.send(Ingress, &get(&format!("/{i}")), i * 10);
+        c.send(Egress, &ok(b"fine"), i * 10 + 1);
+    }
+    c.take();
+    assert!(c.drops(DropReason::Malformed) >= 1);
+    // Once resynced, a response pairs with the request it answers.
+    c.assert_round_trip("/recovered", 100);
+    c.assert_round_trip("/and-again", 110);
+}

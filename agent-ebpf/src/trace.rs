@@ -1,0 +1,314 @@
+//! Trace ids born in the kernel. A thread that reads a request gets a SERVER span context
+//! (the incoming `traceparent`'s trace id, or a new one); a request the same thread writes
+//! while that context is open becomes its CLIENT child. The ids travel to userspace in the
+//! data event and (see `inject.rs`) onto the wire, so both always agree.
+use agent_common::{
+    TraceIds, MAX_CAPTURE, ORIGIN_HEADER, ORIGIN_NEW, ORIGIN_THREAD, TRACE_CLIENT, TRACE_SERVER,
+};
+use aya_ebpf::{
+    helpers::{bpf_get_prandom_u32, generated::bpf_loop},
+    macros::map,
+    maps::LruHashMap,
+};
+
+use crate::maps::{SCRATCH, SCRATCH_BYTES};
+
+/// pid_tgid → the SERVER span the thread is handling (between request read and response
+/// written).
+#[map(name = "TAPIR_THREAD_CTX")]
+pub static THREAD_CTX: LruHashMap<u64, TraceIds> = LruHashMap::with_max_entries(65536, 0);
+
+/// pid_tgid → ids the sk_msg program just put on the wire for the request being written;
+/// consumed by the write's exit tracepoint.
+#[map(name = "TAPIR_OUT_CTX")]
+pub static OUT_CTX: LruHashMap<u64, TraceIds> = LruHashMap::with_max_entries(16384, 0);
+
+const SAMPLED: u8 = 1;
+
+#[inline(always)]
+fn random_u64() -> u64 {
+    // SAFETY: helper without preconditions.
+    let (a, b) = unsafe { (bpf_get_prandom_u32(), bpf_get_prandom_u32()) };
+    ((a as u64) << 32) | (b as u64) | 1 // never all-zero (invalid per W3C)
+}
+
+#[inline(always)]
+pub fn new_span_id() -> [u8; 8] {
+    random_u64().to_be_bytes()
+}
+
+#[inline(always)]
+fn new_trace_id() -> [u8; 16] {
+    let mut t = [0u8; 16];
+    t[..8].copy_from_slice(&random_u64().to_be_bytes());
+    t[8..].copy_from_slice(&random_u64().to_be_bytes());
+    t
+}
+
+/// Does the chunk start with a request line (a method, not a status line)?
+#[inline(always)]
+pub fn is_request_start(data: &[u8; SCRATCH_BYTES], n: u64) -> bool {
+    if n < 4 {
+        return false;
+    }
+    matches!(
+        &[data[0], data[1], data[2], data[3]],
+        b"GET " | b"POST" | b"PUT " | b"HEAD" | b"DELE" | b"PATC" | b"OPTI" | b"CONN" | b"TRAC"
+    )
+}
+
+#[inline(always)]
+pub fn is_response_start(data: &[u8; SCRATCH_BYTES], n: u64) -> bool {
+    n >= 5 && &[data[0], data[1], data[2], data[3], data[4]] == b"HTTP/"
+}
+
+#[inline(always)]
+fn byte_at(data: &[u8; SCRATCH_BYTES], i: u64) -> u8 {
+    // Masked so the verifier sees the index inside the array.
+    let i = (i & (2 * MAX_CAPTURE as u64 - 1)) as usize;
+    // SAFETY: i < 2×MAX_CAPTURE < SCRATCH_BYTES.
+    unsafe { *data.as_ptr().add(i) }
+}
+
+#[inline(always)]
+fn word_at(data: &[u8; SCRATCH_BYTES], i: u64) -> u64 {
+    let i = (i & (2 * MAX_CAPTURE as u64 - 1)) as usize;
+    // SAFETY: i + 8 ≤ 2×MAX_CAPTURE + 8 ≤ SCRATCH_BYTES; unaligned read of plain bytes.
+    unsafe { core::ptr::read_unaligned(data.as_ptr().add(i) as *const u64) }
+}
+
+/// Lowercase hex digit → value; anything else → 0xf0. A table lookup instead of range
+/// checks keeps the parse free of branches, which the verifier would explore per digit.
+static HEX: [u8; 256] = {
+    let mut t = [0xf0u8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
+#[inline(always)]
+fn hex_val(c: u8) -> u8 {
+    HEX[c as usize]
+}
+
+/// Parses 2×N lowercase hex digits at `at` into `out` (big-endian). False when a digit is
+/// not lowercase hex or (with `nonzero`) the value is all zeros.
+#[inline(always)]
+fn parse_hex<const N: usize>(
+    data: &[u8; SCRATCH_BYTES],
+    at: u64,
+    out: &mut [u8; N],
+    nonzero: bool,
+) -> bool {
+    let mut bad = 0u8;
+    let mut any = 0u8;
+    for (k, slot) in out.iter_mut().enumerate() {
+        let hi = hex_val(byte_at(data, at + 2 * k as u64));
+        let lo = hex_val(byte_at(data, at + 2 * k as u64 + 1));
+        bad |= hi | lo;
+        *slot = (hi << 4) | (lo & 0x0f);
+        any |= *slot;
+    }
+    bad & 0xf0 == 0 && (!nonzero || any != 0)
+}
+
+/// "tracepar" and "ent:" as little-endian words, for case-insensitive compares (| 0x20).
+const TRACEPAR: u64 = u64::from_le_bytes(*b"tracepar");
+const ENT_COLON: u32 = u32::from_le_bytes(*b"ent:");
+const LOWER8: u64 = 0x2020_2020_2020_2020;
+const NL8: u64 = 0x0a0a_0a0a_0a0a_0a0a;
+const ONES8: u64 = 0x0101_0101_0101_0101;
+const HIGH8: u64 = 0x8080_8080_8080_8080;
+
+struct ScanCtx {
+    /// Captured bytes to scan.
+    n: u64,
+}
+
+/// One bpf_loop step: looks at the 8 bytes of word `w` for a line starting with
+/// "traceparent:" (any case). A callback keeps the verifier's work constant however long
+/// the header block is.
+extern "C" fn scan_word(w: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the pointer given to it: our ScanCtx on the stack.
+    let n = unsafe { (*(ctx as *const ScanCtx)).n };
+    let base = w * 8;
+    if base >= n {
+        return 1;
+    }
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: per-CPU scratch filled by the caller on this CPU.
+    let scratch = unsafe { &mut *scratch };
+    let data = &scratch.data;
+    let x = word_at(data, base) ^ NL8;
+    if (x.wrapping_sub(ONES8) & !x & HIGH8) == 0 {
+        return 0;
+    }
+    for j in 0..8u64 {
+        let nl = base + j;
+        if byte_at(data, nl) == b'\n'
+            && word_at(data, nl + 1) | LOWER8 == TRACEPAR
+            && (word_at(data, nl + 9) as u32) | 0x2020_2020 == ENT_COLON
+        {
+            // Reported through map memory, which the verifier does not track value by
+            // value: the caller then continues in one state, not one per position.
+            scratch.scan_at = nl + 13;
+            return 1;
+        }
+    }
+    0
+}
+
+/// Finds a valid W3C `traceparent` header anywhere in the first `n` captured bytes of a
+/// request head and writes its trace id, span id and flags (straight into map memory, to
+/// keep the stack small). Invalid values are ignored, as W3C says.
+#[inline(always)]
+pub fn find_traceparent(
+    data: &[u8; SCRATCH_BYTES],
+    n: u64,
+    trace_id: &mut [u8; 16],
+    span_id: &mut [u8; 8],
+    flags: &mut u8,
+) -> Option<()> {
+    let n = n.min(MAX_CAPTURE as u64);
+    let mut ctx = ScanCtx { n };
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU scratch slot of this CPU.
+    unsafe { (*scratch).scan_at = 0 };
+    // SAFETY: callback and context follow bpf_loop's contract.
+    unsafe {
+        bpf_loop(
+            ((n + 7) / 8) as u32,
+            scan_word as *mut core::ffi::c_void,
+            &mut ctx as *mut ScanCtx as *mut core::ffi::c_void,
+            0,
+        )
+    };
+    // SAFETY: as above.
+    let mut value_at = unsafe { (*scratch).scan_at } & (MAX_CAPTURE as u64 - 1);
+    if value_at == 0 {
+        return None;
+    }
+    // Optional whitespace after the colon.
+    for _ in 0..2 {
+        let c = byte_at(data, value_at);
+        if c == b' ' || c == b'\t' {
+            value_at += 1;
+        }
+    }
+    // 00-<32 hex>-<16 hex>-<2 hex>: 55 bytes, all captured.
+    if value_at + 55 > n {
+        return None;
+    }
+    let mut version = [0u8; 1];
+    if !parse_hex(data, value_at, &mut version, false) || version[0] == 0xff
+        || byte_at(data, value_at + 2) != b'-'
+        || byte_at(data, value_at + 35) != b'-'
+        || byte_at(data, value_at + 52) != b'-'
+    {
+        return None;
+    }
+    // Version 00 ends after the flags; later versions may add fields after another '-'.
+    let after = if value_at + 55 < n { byte_at(data, value_at + 55) } else { b'\r' };
+    if version[0] == 0 && after != b'\r' && after != b'\n' && after != b' ' && after != b'\t' {
+        return None;
+    }
+    let mut f = [0u8; 1];
+    if !parse_hex(data, value_at + 3, trace_id, true)
+        || !parse_hex(data, value_at + 36, span_id, true)
+        || !parse_hex(data, value_at + 53, &mut f, false)
+    {
+        return None;
+    }
+    *flags = f[0];
+    Some(())
+}
+
+/// A thread read a request: open its SERVER context and fill the span's ids.
+#[inline(always)]
+pub fn on_server_request(pid_tgid: u64, data: &[u8; SCRATCH_BYTES], n: u64, ids: &mut TraceIds) {
+    ids.span_id = new_span_id();
+    ids.kind = TRACE_SERVER;
+    let found = find_traceparent(
+        data,
+        n,
+        &mut ids.trace_id,
+        &mut ids.parent_span_id,
+        &mut ids.flags,
+    );
+    if found.is_some() {
+        ids.has_parent = 1;
+        ids.origin = ORIGIN_HEADER;
+    } else {
+        ids.trace_id = new_trace_id();
+        ids.flags = SAMPLED;
+        ids.origin = ORIGIN_NEW;
+    }
+    let _ = THREAD_CTX.insert(pid_tgid, &*ids, 0);
+}
+
+/// The thread wrote a response: the request it was handling is done.
+#[inline(always)]
+pub fn on_server_response(pid_tgid: u64) {
+    let _ = THREAD_CTX.remove(pid_tgid);
+}
+
+/// Ids for a request the thread writes: those an sk_msg program just put on the wire, else
+/// the request's own `traceparent`, else a child of the thread's SERVER span, else new.
+#[inline(always)]
+pub fn on_client_request(pid_tgid: u64, data: &[u8; SCRATCH_BYTES], n: u64, ids: &mut TraceIds) {
+    if let Some(out) = OUT_CTX.get_ptr(pid_tgid) {
+        // SAFETY: pointer from a successful lookup, read before the entry is removed.
+        unsafe { core::ptr::copy_nonoverlapping(out, ids as *mut TraceIds, 1) };
+        let _ = OUT_CTX.remove(pid_tgid);
+        return;
+    }
+    ids.kind = TRACE_CLIENT;
+    let found = find_traceparent(data, n, &mut ids.trace_id, &mut ids.span_id, &mut ids.flags);
+    if found.is_some() {
+        // The caller chose this hop's ids itself: the downstream server's parent is exactly
+        // this span id.
+        ids.origin = ORIGIN_HEADER;
+        if let Some(server) = THREAD_CTX.get_ptr(pid_tgid) {
+            // SAFETY: pointer from a successful lookup.
+            let server = unsafe { &*server };
+            if server.trace_id == ids.trace_id {
+                ids.parent_span_id = server.span_id;
+                ids.has_parent = 1;
+            }
+        }
+        return;
+    }
+    ids.span_id = new_span_id();
+    thread_parent(pid_tgid, ids);
+}
+
+/// Makes `ids` a child of the thread's open SERVER span, or the root of a new trace.
+#[inline(always)]
+pub fn thread_parent(pid_tgid: u64, ids: &mut TraceIds) {
+    match THREAD_CTX.get_ptr(pid_tgid) {
+        Some(server) => {
+            // SAFETY: pointer from a successful lookup.
+            let server = unsafe { &*server };
+            ids.trace_id = server.trace_id;
+            ids.parent_span_id = server.span_id;
+            ids.has_parent = 1;
+            ids.flags = server.flags;
+            ids.origin = ORIGIN_THREAD;
+        }
+        None => {
+            ids.trace_id = new_trace_id();
+            ids.flags = SAMPLED;
+            ids.origin = ORIGIN_NEW;
+        }
+    }
+}
