@@ -1,5 +1,7 @@
 //! Adapts kernel data events to the HTTP/1.x stream parser of one connection.
-use agent_common::DIR_INGRESS;
+use std::collections::VecDeque;
+
+use agent_common::{TraceIds, DIR_INGRESS, TRACE_NONE};
 
 use crate::{
     capture::events::DataEvent,
@@ -7,19 +9,53 @@ use crate::{
     stats::Stats,
 };
 
+/// Request starts whose kernel ids wait for their exchange to complete (pipelining depth).
+const MAX_PENDING_IDS: usize = 64;
+
 pub struct ConnAssembler {
     stream: Http1Stream,
+    /// (timestamp of the request's first chunk, ids the kernel gave it), oldest first.
+    pending_ids: VecDeque<(u64, TraceIds)>,
 }
+
+/// A finished exchange and the trace ids the kernel chose for it (if it saw its start).
+pub type Assembled = (Exchange, Option<TraceIds>);
 
 impl ConnAssembler {
     pub fn new() -> Self {
         Self {
             stream: Http1Stream::new(),
+            pending_ids: VecDeque::new(),
+        }
+    }
+
+    /// Pairs finished exchanges with the ids recorded at their request's first chunk
+    /// (exchanges complete in request order, so stale entries are skipped from the front).
+    fn attach_ids(&mut self, done: Vec<Exchange>, out: &mut Vec<Assembled>) {
+        for ex in done {
+            while self
+                .pending_ids
+                .front()
+                .is_some_and(|(ts, _)| *ts < ex.start_ns)
+            {
+                self.pending_ids.pop_front();
+            }
+            let ids = match self.pending_ids.front() {
+                Some((ts, _)) if *ts == ex.start_ns => self.pending_ids.pop_front().map(|(_, i)| i),
+                _ => None,
+            };
+            out.push((ex, ids));
         }
     }
 
     /// Feeds one data event; drop counts go to `stats`.
-    pub fn on_data(&mut self, d: &DataEvent<'_>, out: &mut Vec<Exchange>, stats: &Stats) {
+    pub fn on_data(&mut self, d: &DataEvent<'_>, out: &mut Vec<Assembled>, stats: &Stats) {
+        if d.header.trace.kind != TRACE_NONE {
+            if self.pending_ids.len() >= MAX_PENDING_IDS {
+                self.pending_ids.pop_front();
+            }
+            self.pending_ids.push_back((d.header.header.ts_ns, d.header.trace));
+        }
         let chunk = Chunk {
             direction: if d.header.direction == DIR_INGRESS {
                 Direction::Ingress
@@ -31,14 +67,18 @@ impl ConnAssembler {
             tail: d.tail(),
             ts_ns: d.header.header.ts_ns,
         };
-        if let Err(e) = self.stream.on_chunk(&chunk, out) {
+        let mut done = Vec::new();
+        if let Err(e) = self.stream.on_chunk(&chunk, &mut done) {
             tracing::trace!(error = %e, "http stream reset");
         }
+        self.attach_ids(done, out);
         self.flush_stats(stats);
     }
 
-    pub fn on_close(&mut self, ts_ns: u64, out: &mut Vec<Exchange>, stats: &Stats) {
-        self.stream.on_close(ts_ns, out);
+    pub fn on_close(&mut self, ts_ns: u64, out: &mut Vec<Assembled>, stats: &Stats) {
+        let mut done = Vec::new();
+        self.stream.on_close(ts_ns, &mut done);
+        self.attach_ids(done, out);
         self.flush_stats(stats);
     }
 
@@ -56,5 +96,65 @@ impl ConnAssembler {
 impl Default for ConnAssembler {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_common::{DataEventHeader, EventHeader, EventKind, DIR_EGRESS, TRACE_SERVER};
+
+    fn event(dir: u8, ts: u64, payload: &[u8], ids: Option<u8>) -> (DataEventHeader, Vec<u8>) {
+        let mut h = DataEventHeader {
+            header: EventHeader {
+                kind: EventKind::Data as u8,
+                ts_ns: ts,
+                ..Default::default()
+            },
+            total: payload.len() as u32,
+            captured: payload.len() as u32,
+            direction: dir,
+            ..Default::default()
+        };
+        if let Some(b) = ids {
+            h.trace.kind = TRACE_SERVER;
+            h.trace.span_id = [b; 8];
+        }
+        (h, payload.to_vec())
+    }
+
+    #[test]
+    fn kernel_ids_follow_their_exchange_through_pipelining() {
+        let stats = Stats::default();
+        let mut a = ConnAssembler::new();
+        let mut out = Vec::new();
+        for (i, path) in ["/a", "/b"].iter().enumerate() {
+            let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+            let (h, p) = event(DIR_INGRESS, 10 + i as u64, req.as_bytes(), Some(i as u8 + 1));
+            a.on_data(&DataEvent { header: h, payload: &p }, &mut out, &stats);
+        }
+        let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        for ts in [20, 21] {
+            let (h, p) = event(DIR_EGRESS, ts, resp, None);
+            a.on_data(&DataEvent { header: h, payload: &p }, &mut out, &stats);
+        }
+        let got: Vec<_> = out
+            .iter()
+            .map(|(e, ids)| (e.path.clone(), ids.map(|i| i.span_id[0])))
+            .collect();
+        assert_eq!(got, vec![("/a".into(), Some(1)), ("/b".into(), Some(2))]);
+    }
+
+    #[test]
+    fn exchange_without_kernel_ids_gets_none() {
+        let stats = Stats::default();
+        let mut a = ConnAssembler::new();
+        let mut out = Vec::new();
+        let (h, p) = event(DIR_INGRESS, 5, b"GET / HTTP/1.1\r\n\r\n", None);
+        a.on_data(&DataEvent { header: h, payload: &p }, &mut out, &stats);
+        let (h, p) = event(DIR_EGRESS, 6, b"HTTP/1.1 204 No Content\r\n\r\n", None);
+        a.on_data(&DataEvent { header: h, payload: &p }, &mut out, &stats);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].1.is_none());
     }
 }

@@ -17,6 +17,9 @@ pub struct CapturedExchange {
     pub endpoints: Endpoints,
     pub start_unix_ns: u64,
     pub end_unix_ns: u64,
+    /// Ids the kernel chose when it saw the request start (and, for CLIENT spans, put on
+    /// the wire): exporters must use these so that traces link up.
+    pub trace: Option<agent_common::TraceIds>,
 }
 
 impl CapturedExchange {
@@ -32,6 +35,7 @@ impl CapturedExchange {
             http,
             process,
             endpoints,
+            trace: None,
         }
     }
 
@@ -78,6 +82,18 @@ impl CapturedExchange {
             "duration_ns": self.duration_ns(),
             "http.request.body.size": self.http.request_body_bytes,
             "http.response.body.size": self.http.response_body_bytes,
+            "trace_id": self.trace.map(|t| hex(&t.trace_id)),
+            "span_id": self.trace.map(|t| hex(&t.span_id)),
+            "parent_span_id": self.trace.and_then(|t| (t.has_parent != 0).then(|| hex(&t.parent_span_id))),
         })
     }
+}
+
+/// Lowercase hex, as W3C trace context writes ids.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }

@@ -209,16 +209,18 @@ impl<S: ExchangeSink> Pipeline<S> {
         stats: &Stats,
         clock: &MonoToWall,
         conn: &Conn,
-        done: Vec<crate::http::Exchange>,
+        done: Vec<crate::assemble::Assembled>,
     ) {
-        for http in done {
+        for (http, trace) in done {
             Stats::inc(&stats.exchanges);
-            sink.on_exchange(crate::exchange::CapturedExchange::new(
+            let mut ex = crate::exchange::CapturedExchange::new(
                 http,
                 conn.process.clone(),
                 conn.endpoints,
                 clock,
-            ));
+            );
+            ex.trace = trace;
+            sink.on_exchange(ex);
         }
     }
 }

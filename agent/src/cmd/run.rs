@@ -1,18 +1,36 @@
-//! `tapir run`: the agent.
-use std::{process::ExitCode, sync::Arc};
+//! `tapir run`: the agent. Captures HTTP exchanges and exports them as OpenTelemetry spans
+//! and metrics (see `tapir::otel`).
+use std::{
+    process::ExitCode,
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
 
-use anyhow::Result;
-use clap::Args;
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
 use tapir::{
-    capture::reader::drain_loop,
+    capture::reader::{drain_loop, RecordSink},
     exchange::CapturedExchange,
+    otel::{EnvSettings, OtelConfig, OtelStats, OtlpProtocol, RoutePattern, Telemetry},
     pipeline::{ExchangeSink, Filter, Pipeline},
     stats::Stats,
 };
 
-use super::{attach, wait_for_shutdown_signal, CaptureArgs, CaptureThread};
+use super::{attach, CaptureArgs, CaptureThread};
+
+/// Where spans and metrics go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Exporter {
+    /// Spans and metrics over OTLP (endpoint: --otlp-endpoint or OTEL_EXPORTER_OTLP_*).
+    Otlp,
+    /// One JSON line per span on stdout (for debugging).
+    Console,
+    /// Nothing (e.g. with only --prometheus-port).
+    None,
+}
 
 #[derive(Args, Debug, Clone)]
+#[command(after_help = tapir::otel::ENV_HELP)]
 pub struct RunArgs {
     #[command(flatten)]
     pub capture: CaptureArgs,
@@ -22,9 +40,92 @@ pub struct RunArgs {
     /// Only observe connections with this local or remote port (repeatable).
     #[arg(long = "port", value_name = "PORT")]
     pub ports: Vec<u16>,
+    /// Where spans and metrics go: otlp, console (one JSON line per span on stdout), none.
+    /// Repeatable or comma-separated, e.g. `--exporter otlp,console`.
+    #[arg(
+        long = "exporter",
+        value_name = "KIND",
+        env = "TAPIR_EXPORTER",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "otlp"
+    )]
+    pub exporters: Vec<Exporter>,
+    /// OTLP collector URL, e.g. http://collector:4317 (gRPC) or http://collector:4318
+    /// (HTTP; /v1/traces and /v1/metrics are appended). Overrides OTEL_EXPORTER_OTLP_*ENDPOINT.
+    /// Default: from the environment, else localhost:4318 (or :4317 for grpc).
+    #[arg(long, value_name = "URL", env = "TAPIR_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// OTLP transport: grpc or http/protobuf. Default: OTEL_EXPORTER_OTLP_*PROTOCOL, else
+    /// grpc when the endpoint's port is 4317, else http/protobuf.
+    #[arg(long, value_name = "PROTOCOL", env = "TAPIR_OTLP_PROTOCOL", value_parser = parse_protocol)]
+    pub otlp_protocol: Option<OtlpProtocol>,
+    /// Also serve the metrics in Prometheus text format at http://0.0.0.0:PORT/metrics
+    /// (RED histograms with a service_name label, and the agent's tapir_* metrics).
+    #[arg(long, value_name = "PORT", env = "TAPIR_PROMETHEUS_PORT")]
+    pub prometheus_port: Option<u16>,
+    /// A route template for http.route, e.g. '/users/{id}' ({name} = one path segment; a
+    /// last '*' or '{name...}' = the rest). Repeatable (or comma-separated in the env); the
+    /// first match wins over the built-in heuristic, which replaces id-like segments by '*'.
+    #[arg(
+        long = "route",
+        value_name = "PATTERN",
+        env = "TAPIR_ROUTES",
+        value_delimiter = ','
+    )]
+    pub routes: Vec<RoutePattern>,
+    /// Distinct heuristic routes kept per service (count); further routes are reported as
+    /// http.route="/*overflow*" and counted in tapir.routes.overflow.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "TAPIR_MAX_ROUTES_PER_SERVICE",
+        default_value_t = 100
+    )]
+    pub max_routes_per_service: usize,
+    /// Spans held for export while the collector is slow or down (count). Beyond it the
+    /// oldest are dropped and counted in tapir.spans.dropped{reason=export_queue_full}.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "TAPIR_EXPORT_QUEUE_SPANS",
+        default_value_t = 32768
+    )]
+    pub export_queue_spans: usize,
+    /// On SIGINT/SIGTERM, how long to keep trying to deliver pending spans and metrics
+    /// (seconds).
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        env = "TAPIR_SHUTDOWN_TIMEOUT",
+        default_value_t = 10
+    )]
+    pub shutdown_timeout: u64,
 }
 
-/// Until the OTLP exporter exists, finished exchanges are logged at debug level.
+fn parse_protocol(s: &str) -> Result<OtlpProtocol, String> {
+    s.parse()
+}
+
+impl RunArgs {
+    fn otel_config(&self) -> OtelConfig {
+        let has = |e| self.exporters.contains(&e);
+        OtelConfig {
+            otlp: has(Exporter::Otlp),
+            console: has(Exporter::Console),
+            otlp_endpoint: self.otlp_endpoint.clone(),
+            otlp_protocol: self.otlp_protocol,
+            prometheus_port: self.prometheus_port,
+            routes: self.routes.clone(),
+            max_routes_per_service: self.max_routes_per_service.max(1),
+            export_queue_spans: self.export_queue_spans.max(1),
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
+            ..OtelConfig::default()
+        }
+    }
+}
+
+/// Without any exporter, finished exchanges are only logged at debug level.
 struct LogSink;
 
 impl ExchangeSink for LogSink {
@@ -33,7 +134,64 @@ impl ExchangeSink for LogSink {
     }
 }
 
+/// Either sink, so the pipeline has one concrete type.
+enum Sink {
+    Otel(tapir::otel::OtelSink),
+    Log(LogSink),
+}
+
+impl ExchangeSink for Sink {
+    fn on_exchange(&mut self, ex: CapturedExchange) {
+        match self {
+            Self::Otel(s) => s.on_exchange(ex),
+            Self::Log(s) => s.on_exchange(ex),
+        }
+    }
+}
+
+/// The pipeline, plus the tracked-connections gauge refreshed after each drain.
+struct Gauged {
+    pipeline: Pipeline<Sink>,
+    otel: Arc<OtelStats>,
+}
+
+impl RecordSink for Gauged {
+    fn on_record(&mut self, bytes: &[u8]) {
+        self.pipeline.on_record(bytes);
+    }
+
+    fn on_idle(&mut self) {
+        self.pipeline.on_idle();
+        self.otel.connections_tracked.store(
+            self.pipeline.tracked_connections() as u64,
+            Ordering::Relaxed,
+        );
+    }
+}
+
 pub fn run(args: RunArgs) -> Result<ExitCode> {
+    // Two workers: span building/export and metrics never compete with the capture thread
+    // for more than that.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tapir-export")
+        .enable_all()
+        .build()
+        .context("starting the export runtime")?;
+    let stats = Arc::new(Stats::default());
+    let otel_stats = Arc::new(OtelStats::default());
+    let telemetry = Telemetry::start(
+        rt.handle(),
+        args.otel_config(),
+        EnvSettings::from_env(),
+        stats.clone(),
+        otel_stats.clone(),
+    )?;
+    let (telemetry, sink) = match telemetry {
+        Some((t, s)) => (Some(t), Sink::Otel(s)),
+        None => (None, Sink::Log(LogSink)),
+    };
+
     let mut attached = attach(&args.capture)?;
     let ring = super::take_ring(&mut attached)?;
     let logger = super::take_logger(&mut attached);
@@ -41,23 +199,40 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         pids: args.pids.clone(),
         ports: args.ports.clone(),
     };
-    let stats = Arc::new(Stats::default());
     let max_conns = args.capture.max_connections as usize;
     let st = stats.clone();
+    let os = otel_stats.clone();
     let capture = CaptureThread::spawn(move |stop| {
-        let mut pipeline = Pipeline::new(max_conns, filter, st, LogSink);
-        drain_loop(ring, &mut pipeline, &stop, logger);
+        let mut sink = Gauged {
+            pipeline: Pipeline::new(max_conns, filter, st, sink),
+            otel: os,
+        };
+        drain_loop(ring, &mut sink, &stop, logger);
+        // Dropping the pipeline here closes the export channel: the export side drains it.
     })?;
     tracing::info!(
         probes = tapir::probes::PROBES.len() - attached.failures.len(),
+        exporting = telemetry.as_ref().map_or("nothing", |t| t.summary.as_str()),
         "ready: all probes attached"
     );
-    wait_for_shutdown_signal()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r,
+            _ = term.recv() => Ok(()),
+        }
+    })
+    .context("waiting for SIGINT/SIGTERM")?;
     tracing::info!("shutting down: detaching probes");
+    // Stops capture after a last drain of the ring buffer.
     capture.stop();
     drop(attached);
+    if let Some(t) = telemetry {
+        t.shutdown(&rt);
+    }
     for (name, value) in stats.snapshot() {
         tracing::info!(counter = name, value, "final count");
     }
+    rt.shutdown_timeout(Duration::from_secs(1));
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,66 @@
+//! The exporter's own counters, exported with the capture counters as `tapir.*` metrics.
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why a span (or, for `queue_full`, a whole exchange) never reached a collector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpanDrop {
+    /// The capture → export channel was full (the export task fell behind); the exchange
+    /// is lost for metrics too.
+    QueueFull,
+    /// The retry queue (`--export-queue-spans`) was full: its oldest span was dropped.
+    ExportQueueFull,
+    /// Still unsent when the shutdown timeout expired.
+    Shutdown,
+}
+
+impl SpanDrop {
+    pub const ALL: [SpanDrop; 3] = [Self::QueueFull, Self::ExportQueueFull, Self::Shutdown];
+
+    /// The `reason` attribute of `tapir.spans.dropped`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::ExportQueueFull => "export_queue_full",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct OtelStats {
+    pub spans_dropped: [AtomicU64; 3],
+    /// Spans a collector accepted.
+    pub spans_exported: AtomicU64,
+    /// Exchanges whose span the sampler dropped (their metrics are still recorded).
+    pub spans_not_sampled: AtomicU64,
+    /// Failed export calls, traces.
+    pub trace_export_failures: AtomicU64,
+    /// Failed export calls, metrics.
+    pub metric_export_failures: AtomicU64,
+    /// Trace batches sent again after a failure.
+    pub trace_export_retries: AtomicU64,
+    /// Exchanges whose route became the overflow route.
+    pub routes_overflow: AtomicU64,
+    /// Per-process resources (and their metric streams) evicted from the bounded table.
+    pub services_evicted: AtomicU64,
+    /// Connections in the capture pipeline's table (a gauge, set by the capture thread).
+    pub connections_tracked: AtomicU64,
+}
+
+impl OtelStats {
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    pub fn dropped(&self, why: SpanDrop, n: u64) {
+        OtelStats::add(&self.spans_dropped[why as usize], n);
+    }
+
+    pub fn dropped_count(&self, why: SpanDrop) -> u64 {
+        OtelStats::get(&self.spans_dropped[why as usize])
+    }
+}

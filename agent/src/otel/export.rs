@@ -1,0 +1,605 @@
+//! Where telemetry goes: OTLP endpoint/protocol resolution (standard `OTEL_EXPORTER_OTLP_*`
+//! variables plus Tapir's flags), the OTLP exporters, the span sender used by the retry
+//! loop, the metrics loop, and the console exporter.
+use std::{
+    fmt,
+    str::FromStr,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use opentelemetry::{trace::SpanKind, Value};
+use opentelemetry_otlp::{
+    MetricExporter, Protocol, RetryPolicy, SpanExporter, WithExportConfig, WithHttpConfig,
+    WithTonicConfig,
+};
+use opentelemetry_sdk::{
+    metrics::exporter::PushMetricExporter, trace::SpanData, trace::SpanExporter as _,
+};
+use serde_json::{json, Map};
+use tokio::{sync::watch, time::Instant};
+
+use super::{
+    counters::OtelStats,
+    metrics::{Registry, ServiceEntry},
+    queue::BatchSender,
+};
+
+/// OTLP transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+impl FromStr for OtlpProtocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "grpc" => Ok(Self::Grpc),
+            "http/protobuf" | "http" => Ok(Self::HttpProtobuf),
+            other => Err(format!(
+                "unsupported OTLP protocol {other:?}: use grpc or http/protobuf"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for OtlpProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Grpc => "grpc",
+            Self::HttpProtobuf => "http/protobuf",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Traces,
+    Metrics,
+}
+
+impl Signal {
+    fn env_part(self) -> &'static str {
+        match self {
+            Self::Traces => "TRACES",
+            Self::Metrics => "METRICS",
+        }
+    }
+
+    fn http_path(self) -> &'static str {
+        match self {
+            Self::Traces => "/v1/traces",
+            Self::Metrics => "/v1/metrics",
+        }
+    }
+}
+
+/// Where and how one signal is exported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub protocol: OtlpProtocol,
+    /// Set on the exporter (`with_endpoint`) only when Tapir's own option was given: it
+    /// overrides the environment, which the exporter otherwise reads itself.
+    pub explicit_endpoint: Option<String>,
+    /// The URL data goes to, for the logs.
+    pub url: String,
+}
+
+/// Resolves a signal's protocol and endpoint.
+///
+/// Protocol: `--otlp-protocol` > `OTEL_EXPORTER_OTLP_{SIGNAL}_PROTOCOL` >
+/// `OTEL_EXPORTER_OTLP_PROTOCOL` > the effective endpoint's port (4317 → grpc, else
+/// http/protobuf). Endpoint: `--otlp-endpoint` (a base URL, like
+/// `OTEL_EXPORTER_OTLP_ENDPOINT`: `/v1/traces` or `/v1/metrics` is appended for
+/// http/protobuf) > `OTEL_EXPORTER_OTLP_{SIGNAL}_ENDPOINT` (used as is) >
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` (+ the signal path for http/protobuf) > localhost:4317
+/// (grpc) or localhost:4318 (http/protobuf). Returns warnings for values not understood.
+pub fn resolve_target(
+    signal: Signal,
+    flag_protocol: Option<OtlpProtocol>,
+    flag_endpoint: Option<&str>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> (Target, Vec<String>) {
+    let mut warnings = Vec::new();
+    let get = |k: &str| {
+        env(k)
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+    };
+    let sig = signal.env_part();
+    let sig_endpoint_var = format!("OTEL_EXPORTER_OTLP_{sig}_ENDPOINT");
+    let sig_endpoint = get(&sig_endpoint_var);
+    let base_endpoint = get("OTEL_EXPORTER_OTLP_ENDPOINT");
+    let flag_endpoint = flag_endpoint
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::to_string);
+    let endpoint_for_port = flag_endpoint
+        .clone()
+        .or_else(|| sig_endpoint.clone())
+        .or_else(|| base_endpoint.clone());
+
+    let mut env_protocol = |var: &str| -> Option<OtlpProtocol> {
+        let v = get(var)?;
+        match v.parse() {
+            Ok(p) => Some(p),
+            Err(e) => {
+                warnings.push(format!("{var}: {e}; ignored"));
+                None
+            }
+        }
+    };
+    let protocol = flag_protocol
+        .or_else(|| env_protocol(&format!("OTEL_EXPORTER_OTLP_{sig}_PROTOCOL")))
+        .or_else(|| env_protocol("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        .unwrap_or_else(|| match endpoint_for_port.as_deref().and_then(port_of) {
+            Some(4317) => OtlpProtocol::Grpc,
+            _ => OtlpProtocol::HttpProtobuf,
+        });
+
+    let with_path = |base: &str| format!("{}{}", base.trim_end_matches('/'), signal.http_path());
+    let explicit_endpoint = flag_endpoint.as_ref().map(|e| match protocol {
+        OtlpProtocol::Grpc => e.clone(),
+        OtlpProtocol::HttpProtobuf => with_path(e),
+    });
+    let url = match (&explicit_endpoint, &sig_endpoint, &base_endpoint, protocol) {
+        (Some(e), _, _, _) => e.clone(),
+        (None, Some(s), _, _) => s.clone(),
+        (None, None, Some(b), OtlpProtocol::Grpc) => b.clone(),
+        (None, None, Some(b), OtlpProtocol::HttpProtobuf) => with_path(b),
+        (None, None, None, OtlpProtocol::Grpc) => "http://localhost:4317".to_string(),
+        (None, None, None, OtlpProtocol::HttpProtobuf) => with_path("http://localhost:4318"),
+    };
+    (
+        Target {
+            protocol,
+            explicit_endpoint,
+            url,
+        },
+        warnings,
+    )
+}
+
+/// The port of a URL-ish endpoint (`http://host:4317/x`, `host:4317`), if explicit.
+fn port_of(endpoint: &str) -> Option<u16> {
+    let rest = endpoint.split_once("://").map_or(endpoint, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    let port = if let Some(v6) = authority.strip_prefix('[') {
+        v6.split_once("]:")?.1
+    } else {
+        authority.rsplit_once(':')?.1
+    };
+    port.parse().ok()
+}
+
+fn protocol_of(p: OtlpProtocol) -> Protocol {
+    match p {
+        OtlpProtocol::Grpc => Protocol::Grpc,
+        OtlpProtocol::HttpProtobuf => Protocol::HttpBinary,
+    }
+}
+
+/// Builds the OTLP span exporter for `t` (inside the tokio runtime: gRPC channels spawn
+/// tasks). Retries are Tapir's (the queue), so the exporter's own are disabled.
+pub fn span_exporter(t: &Target) -> anyhow::Result<SpanExporter> {
+    let b = SpanExporter::builder();
+    let e = match t.protocol {
+        OtlpProtocol::Grpc => {
+            let mut b = b
+                .with_tonic()
+                .with_protocol(protocol_of(t.protocol))
+                .with_retry_policy(RetryPolicy::disabled());
+            if t.url.starts_with("https://") {
+                b = b.with_tls_config(
+                    opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new()
+                        .with_enabled_roots(),
+                );
+            }
+            if let Some(ep) = &t.explicit_endpoint {
+                b = b.with_endpoint(ep.clone());
+            }
+            b.build()?
+        }
+        OtlpProtocol::HttpProtobuf => {
+            let mut b = b
+                .with_http()
+                .with_protocol(protocol_of(t.protocol))
+                .with_retry_policy(RetryPolicy::disabled());
+            if let Some(ep) = &t.explicit_endpoint {
+                b = b.with_endpoint(ep.clone());
+            }
+            b.build()?
+        }
+    };
+    Ok(e)
+}
+
+/// Builds the OTLP metric exporter for `t` (cumulative temporality).
+pub fn metric_exporter(t: &Target) -> anyhow::Result<MetricExporter> {
+    let b = MetricExporter::builder()
+        .with_temporality(opentelemetry_sdk::metrics::Temporality::Cumulative);
+    let e = match t.protocol {
+        OtlpProtocol::Grpc => {
+            let mut b = b
+                .with_tonic()
+                .with_protocol(protocol_of(t.protocol))
+                .with_retry_policy(RetryPolicy::disabled());
+            if t.url.starts_with("https://") {
+                b = b.with_tls_config(
+                    opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new()
+                        .with_enabled_roots(),
+                );
+            }
+            if let Some(ep) = &t.explicit_endpoint {
+                b = b.with_endpoint(ep.clone());
+            }
+            b.build()?
+        }
+        OtlpProtocol::HttpProtobuf => {
+            let mut b = b
+                .with_http()
+                .with_protocol(protocol_of(t.protocol))
+                .with_retry_policy(RetryPolicy::disabled());
+            if let Some(ep) = &t.explicit_endpoint {
+                b = b.with_endpoint(ep.clone());
+            }
+            b.build()?
+        }
+    };
+    Ok(e)
+}
+
+/// A span waiting for export, with the process it belongs to (for its resource).
+#[derive(Debug, Clone)]
+pub struct QueuedSpan {
+    pub entry: Arc<ServiceEntry>,
+    pub span: SpanData,
+}
+
+/// Logs a signal's export failures once per outage, and the recovery.
+#[derive(Debug, Default)]
+pub struct OutageLog {
+    down: AtomicBool,
+}
+
+impl OutageLog {
+    pub fn failed(&self, what: &str, url: &str, err: &dyn fmt::Display, then: &str) {
+        if !self.down.swap(true, Ordering::Relaxed) {
+            tracing::warn!("exporting {what} to {url} failed: {err}; {then}");
+        } else {
+            tracing::debug!(error = %err, "exporting {what} to {url} failed again");
+        }
+    }
+
+    pub fn ok(&self, what: &str, url: &str) {
+        if self.down.swap(false, Ordering::Relaxed) {
+            tracing::info!("exporting {what} to {url} works again");
+        }
+    }
+}
+
+/// Sends span batches with one OTLP exporter: each batch is grouped by process and the
+/// exporter's resource set before each group's export (exports are serialized: the loop
+/// owns the exporter).
+pub struct OtlpSpanSender {
+    pub exporter: SpanExporter,
+    pub url: String,
+    pub outage: OutageLog,
+    current: Option<usize>,
+}
+
+impl OtlpSpanSender {
+    pub fn new(exporter: SpanExporter, url: String) -> Self {
+        Self {
+            exporter,
+            url,
+            outage: OutageLog::default(),
+            current: None,
+        }
+    }
+}
+
+impl BatchSender<QueuedSpan> for OtlpSpanSender {
+    async fn send(&mut self, batch: Vec<QueuedSpan>) -> Result<(), Vec<QueuedSpan>> {
+        // Group by process, in first-seen order.
+        let mut groups: Vec<Vec<QueuedSpan>> = Vec::new();
+        for q in batch {
+            match groups
+                .iter_mut()
+                .find(|g| Arc::ptr_eq(&g[0].entry, &q.entry))
+            {
+                Some(g) => g.push(q),
+                None => groups.push(vec![q]),
+            }
+        }
+        let mut groups = groups.into_iter();
+        while let Some(group) = groups.next() {
+            let key = Arc::as_ptr(&group[0].entry) as usize;
+            if self.current != Some(key) {
+                self.exporter.set_resource(&group[0].entry.resource);
+                self.current = Some(key);
+            }
+            let spans: Vec<SpanData> = group.iter().map(|q| q.span.clone()).collect();
+            if let Err(e) = self.exporter.export(spans).await {
+                // The collector is likely down: keep this group and the rest for a retry.
+                let mut failed = group;
+                failed.extend(groups.flatten());
+                self.outage.failed(
+                    "spans",
+                    &self.url,
+                    &e,
+                    &format!("retrying with backoff ({} spans pending)", failed.len()),
+                );
+                return Err(failed);
+            }
+        }
+        self.outage.ok("spans", &self.url);
+        Ok(())
+    }
+}
+
+/// Collects every provider each `interval` and exports what it got, until `stop`; then
+/// collects and exports one last time (bounded by the deadline sent with `stop`).
+pub async fn metrics_loop(
+    registry: Arc<Registry>,
+    exporter: Option<(MetricExporter, String)>,
+    interval: Duration,
+    stats: Arc<OtelStats>,
+    mut stop: watch::Receiver<Option<Instant>>,
+) {
+    let outage = OutageLog::default();
+    let mut next = Instant::now() + interval;
+    loop {
+        let deadline = *stop.borrow();
+        if deadline.is_none() {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = stop.changed() => {}
+            }
+        }
+        next = Instant::now() + interval;
+        let deadline = *stop.borrow();
+        let reg = registry.clone();
+        let rms = tokio::task::spawn_blocking(move || reg.collect())
+            .await
+            .unwrap_or_default();
+        if let Some((exp, url)) = &exporter {
+            for rm in &rms {
+                let fut = exp.export(rm);
+                let r = match deadline {
+                    Some(d) => tokio::time::timeout_at(d, fut).await.unwrap_or(Err(
+                        opentelemetry_sdk::error::OTelSdkError::Timeout(Duration::ZERO),
+                    )),
+                    None => fut.await,
+                };
+                if let Err(e) = r {
+                    OtelStats::add(&stats.metric_export_failures, 1);
+                    outage.failed(
+                        "metrics",
+                        url,
+                        &e,
+                        "the next export carries the counts (cumulative)",
+                    );
+                    // Cumulative: the next collection carries these counts.
+                    break;
+                }
+                outage.ok("metrics", url);
+            }
+        }
+        if deadline.is_some() || stop.has_changed().is_err() {
+            if let Some((exp, _)) = &exporter {
+                let _ = exp.shutdown_with_timeout(Duration::from_secs(1));
+            }
+            registry.shutdown();
+            return;
+        }
+    }
+}
+
+/// One JSON object per span (the console exporter).
+pub fn span_json(s: &SpanData, entry: &ServiceEntry) -> serde_json::Value {
+    let attrs = |it: &mut dyn Iterator<Item = (String, Value)>| -> Map<String, serde_json::Value> {
+        it.map(|(k, v)| {
+            let j = match v {
+                Value::Bool(b) => json!(b),
+                Value::I64(i) => json!(i),
+                Value::F64(f) => json!(f),
+                Value::String(s) => json!(s.as_str()),
+                other => json!(other.to_string()),
+            };
+            (k, j)
+        })
+        .collect()
+    };
+    let parent = if s.parent_span_id == opentelemetry::trace::SpanId::INVALID {
+        String::new()
+    } else {
+        s.parent_span_id.to_string()
+    };
+    let ns = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    };
+    json!({
+        "name": s.name,
+        "kind": match s.span_kind {
+            SpanKind::Server => "SERVER",
+            SpanKind::Client => "CLIENT",
+            SpanKind::Producer => "PRODUCER",
+            SpanKind::Consumer => "CONSUMER",
+            SpanKind::Internal => "INTERNAL",
+        },
+        "trace_id": s.span_context.trace_id().to_string(),
+        "span_id": s.span_context.span_id().to_string(),
+        "parent_span_id": parent,
+        "start_time_unix_nano": ns(s.start_time),
+        "end_time_unix_nano": ns(s.end_time),
+        "status": match &s.status {
+            opentelemetry::trace::Status::Error { .. } => "ERROR",
+            opentelemetry::trace::Status::Ok => "OK",
+            opentelemetry::trace::Status::Unset => "UNSET",
+        },
+        "attributes": attrs(&mut s.attributes.iter().map(|kv| (kv.key.to_string(), kv.value.clone()))),
+        "resource": attrs(&mut entry.resource.iter().map(|(k, v)| (k.to_string(), v.clone()))),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    fn t(
+        signal: Signal,
+        p: Option<OtlpProtocol>,
+        e: Option<&str>,
+        vars: &[(&str, &str)],
+    ) -> Target {
+        resolve_target(signal, p, e, &env(vars)).0
+    }
+
+    #[test]
+    fn defaults_to_http_protobuf_on_localhost() {
+        let x = t(Signal::Traces, None, None, &[]);
+        assert_eq!(x.protocol, OtlpProtocol::HttpProtobuf);
+        assert_eq!(x.explicit_endpoint, None);
+        assert_eq!(x.url, "http://localhost:4318/v1/traces");
+    }
+
+    #[test]
+    fn protocol_is_inferred_from_the_port() {
+        let x = t(
+            Signal::Traces,
+            None,
+            None,
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317")],
+        );
+        assert_eq!(x.protocol, OtlpProtocol::Grpc);
+        assert_eq!(x.url, "http://c:4317");
+        let x = t(
+            Signal::Metrics,
+            None,
+            None,
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318/")],
+        );
+        assert_eq!(x.protocol, OtlpProtocol::HttpProtobuf);
+        assert_eq!(x.url, "http://c:4318/v1/metrics");
+        let x = t(Signal::Traces, None, Some("http://127.0.0.1:4317"), &[]);
+        assert_eq!(x.protocol, OtlpProtocol::Grpc);
+        assert_eq!(
+            x.explicit_endpoint.as_deref(),
+            Some("http://127.0.0.1:4317")
+        );
+        let x = t(Signal::Traces, None, Some("http://127.0.0.1:9999"), &[]);
+        assert_eq!(x.protocol, OtlpProtocol::HttpProtobuf);
+        assert_eq!(
+            x.explicit_endpoint.as_deref(),
+            Some("http://127.0.0.1:9999/v1/traces")
+        );
+        // The signal's own endpoint decides for that signal.
+        let vars = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:4317"),
+        ];
+        assert_eq!(
+            t(Signal::Traces, None, None, &vars).protocol,
+            OtlpProtocol::Grpc
+        );
+        assert_eq!(
+            t(Signal::Metrics, None, None, &vars).protocol,
+            OtlpProtocol::HttpProtobuf
+        );
+    }
+
+    #[test]
+    fn explicit_protocols_win() {
+        let vars = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "grpc"),
+        ];
+        assert_eq!(
+            t(Signal::Traces, None, None, &vars).protocol,
+            OtlpProtocol::HttpProtobuf
+        );
+        assert_eq!(
+            t(Signal::Metrics, None, None, &vars).protocol,
+            OtlpProtocol::Grpc
+        );
+        assert_eq!(
+            t(
+                Signal::Metrics,
+                Some(OtlpProtocol::HttpProtobuf),
+                None,
+                &vars
+            )
+            .protocol,
+            OtlpProtocol::HttpProtobuf
+        );
+        let (x, w) = resolve_target(
+            Signal::Traces,
+            None,
+            None,
+            &env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]),
+        );
+        assert_eq!(x.protocol, OtlpProtocol::HttpProtobuf);
+        assert_eq!(w.len(), 1);
+    }
+
+    #[test]
+    fn signal_endpoints_are_used_as_is() {
+        let vars = [
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:9/custom"),
+        ];
+        let x = t(Signal::Traces, None, None, &vars);
+        assert_eq!(x.url, "http://t:9/custom");
+        assert_eq!(
+            x.explicit_endpoint, None,
+            "the exporter reads the env itself"
+        );
+        assert_eq!(
+            t(Signal::Metrics, None, None, &vars).url,
+            "http://c:4318/v1/metrics"
+        );
+        // Tapir's flag overrides everything.
+        let x = t(Signal::Traces, None, Some("http://f:4318/"), &vars);
+        assert_eq!(x.url, "http://f:4318/v1/traces");
+    }
+
+    #[test]
+    fn ports() {
+        assert_eq!(port_of("http://a:4317"), Some(4317));
+        assert_eq!(port_of("http://a:4317/v1/traces"), Some(4317));
+        assert_eq!(port_of("a:4317"), Some(4317));
+        assert_eq!(port_of("https://u:p@a:99"), Some(99));
+        assert_eq!(port_of("http://[::1]:4317"), Some(4317));
+        assert_eq!(port_of("http://a"), None);
+        assert_eq!(port_of("http://[::1]"), None);
+    }
+
+    #[test]
+    fn protocol_names() {
+        assert_eq!("grpc".parse(), Ok(OtlpProtocol::Grpc));
+        assert_eq!("http/protobuf".parse(), Ok(OtlpProtocol::HttpProtobuf));
+        assert!("http/json".parse::<OtlpProtocol>().is_err());
+        assert_eq!(OtlpProtocol::HttpProtobuf.to_string(), "http/protobuf");
+    }
+}

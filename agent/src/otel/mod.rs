@@ -1,0 +1,520 @@
+//! OpenTelemetry out: one span per captured exchange and RED metrics per observed process,
+//! over OTLP (gRPC or HTTP/protobuf), on the console, and/or on a Prometheus endpoint.
+//!
+//! Data flow (the capture thread never waits on any of it):
+//!
+//! ```text
+//! capture thread ──try_send──▶ bounded channel ──▶ ingest task: resource, route, metrics,
+//!   (full: dropped, counted)                       sampler, SpanData ──▶ retry queue
+//!                                                                        (bounded, drops
+//!   metrics task: collect every provider each interval ──▶ OTLP           oldest, counted)
+//!   Prometheus /metrics: collect on scrape                                      │
+//!                                                  export loop: batches, backoff ◀┘──▶ OTLP
+//! ```
+pub mod counters;
+pub mod export;
+pub mod metrics;
+pub mod prometheus;
+pub mod queue;
+pub mod resource;
+pub mod route;
+pub mod sampler;
+pub mod span;
+pub mod tracecontext;
+
+use std::{io::Write, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use tokio::{
+    runtime::Handle,
+    sync::{mpsc, watch},
+    task::JoinHandle,
+    time::Instant,
+};
+
+pub use counters::{OtelStats, SpanDrop};
+pub use export::{OtlpProtocol, Signal, Target};
+pub use route::{RoutePattern, RouteTable, OVERFLOW_ROUTE};
+pub use sampler::Sampler;
+
+use crate::{exchange::CapturedExchange, pipeline::ExchangeSink, stats::Stats};
+use export::{OtlpSpanSender, QueuedSpan};
+use metrics::Registry;
+use queue::{LoopConfig, SharedQueue};
+
+/// The standard variables `tapir run` honours (for `--help`).
+pub const ENV_HELP: &str = "\
+OpenTelemetry environment variables honoured (Tapir's flags win over them):
+  OTEL_SDK_DISABLED=true              export nothing at all (capture still runs)
+  OTEL_EXPORTER_OTLP_ENDPOINT         base URL (http/protobuf: /v1/traces, /v1/metrics appended)
+  OTEL_EXPORTER_OTLP_TRACES_ENDPOINT  full URL for spans (used as is)
+  OTEL_EXPORTER_OTLP_METRICS_ENDPOINT full URL for metrics (used as is)
+  OTEL_EXPORTER_OTLP_PROTOCOL         grpc | http/protobuf (unset: grpc if the port is 4317)
+  OTEL_EXPORTER_OTLP_{TRACES,METRICS}_PROTOCOL     per signal
+  OTEL_EXPORTER_OTLP_[{TRACES,METRICS}_]HEADERS    k1=v1,k2=v2 (values percent-decoded)
+  OTEL_EXPORTER_OTLP_[{TRACES,METRICS}_]TIMEOUT    per export call, milliseconds (10000)
+  OTEL_EXPORTER_OTLP_[{TRACES,METRICS}_]COMPRESSION  gzip | none
+  OTEL_EXPORTER_OTLP_INSECURE         true: plain gRPC to an endpoint without scheme
+  OTEL_TRACES_EXPORTER, OTEL_METRICS_EXPORTER      none: no OTLP export of that signal
+  OTEL_METRIC_EXPORT_INTERVAL         milliseconds between metric exports (60000)
+  OTEL_TRACES_SAMPLER                 always_on | always_off | traceidratio |
+                                      parentbased_always_on (default) |
+                                      parentbased_always_off | parentbased_traceidratio
+  OTEL_TRACES_SAMPLER_ARG             sampling ratio in [0, 1] (default 1)
+  OTEL_RESOURCE_ATTRIBUTES            extra attributes of the agent's own metrics
+An observed process's own OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES name its telemetry.";
+
+/// Where spans and metrics go, and how much the agent may hold.
+#[derive(Debug, Clone)]
+pub struct OtelConfig {
+    /// Export spans and metrics over OTLP.
+    pub otlp: bool,
+    /// Print one JSON line per span on stdout.
+    pub console: bool,
+    pub otlp_endpoint: Option<String>,
+    pub otlp_protocol: Option<OtlpProtocol>,
+    pub prometheus_port: Option<u16>,
+    pub routes: Vec<RoutePattern>,
+    pub max_routes_per_service: usize,
+    /// Bound of the retry queue, in spans.
+    pub export_queue_spans: usize,
+    /// Bound of the capture → export channel, in exchanges.
+    pub channel_exchanges: usize,
+    /// Bound of the per-process resource/metrics table.
+    pub max_services: usize,
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for OtelConfig {
+    fn default() -> Self {
+        Self {
+            otlp: true,
+            console: false,
+            otlp_endpoint: None,
+            otlp_protocol: None,
+            prometheus_port: None,
+            routes: Vec::new(),
+            max_routes_per_service: 100,
+            export_queue_spans: 32768,
+            channel_exchanges: 16384,
+            max_services: 256,
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the standard `OTEL_*` variables of the agent's own environment say.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnvSettings {
+    pub sdk_disabled: bool,
+    pub traces_otlp: bool,
+    pub metrics_otlp: bool,
+    pub metric_interval: Duration,
+    pub sampler: Sampler,
+    pub resource_attributes: Option<String>,
+    pub warnings: Vec<String>,
+}
+
+impl EnvSettings {
+    pub fn from_lookup(env: &dyn Fn(&str) -> Option<String>) -> Self {
+        let get = |k: &str| {
+            env(k)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        let mut warnings = Vec::new();
+        let sdk_disabled = get("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let exporter_on = |var: &str, warnings: &mut Vec<String>| match get(var) {
+            None => true,
+            Some(v) => {
+                let names: Vec<String> = v
+                    .split(',')
+                    .map(|s| s.trim().to_ascii_lowercase())
+                    .collect();
+                if names.iter().any(|n| n == "none") {
+                    return false;
+                }
+                if !names.iter().any(|n| n == "otlp") {
+                    warnings.push(format!(
+                        "{var}={v:?}: only otlp and none are understood; exporting OTLP"
+                    ));
+                }
+                true
+            }
+        };
+        let traces_otlp = exporter_on("OTEL_TRACES_EXPORTER", &mut warnings);
+        let metrics_otlp = exporter_on("OTEL_METRICS_EXPORTER", &mut warnings);
+        let metric_interval = match get("OTEL_METRIC_EXPORT_INTERVAL") {
+            None => Duration::from_secs(60),
+            Some(v) => match v.parse::<u64>() {
+                Ok(ms) if ms > 0 => Duration::from_millis(ms),
+                _ => {
+                    warnings.push(format!(
+                        "OTEL_METRIC_EXPORT_INTERVAL={v:?} is not a positive number of milliseconds; using 60000"
+                    ));
+                    Duration::from_secs(60)
+                }
+            },
+        };
+        let s = get("OTEL_TRACES_SAMPLER");
+        let a = get("OTEL_TRACES_SAMPLER_ARG");
+        let (sampler, w) = Sampler::from_env_values(s.as_deref(), a.as_deref());
+        warnings.extend(w);
+        Self {
+            sdk_disabled,
+            traces_otlp,
+            metrics_otlp,
+            metric_interval,
+            sampler,
+            resource_attributes: get("OTEL_RESOURCE_ATTRIBUTES"),
+            warnings,
+        }
+    }
+
+    pub fn from_env() -> Self {
+        Self::from_lookup(&|k| std::env::var(k).ok())
+    }
+}
+
+/// The capture side's handle: hands exchanges to the export task without ever blocking.
+pub struct OtelSink {
+    tx: mpsc::Sender<CapturedExchange>,
+    stats: Arc<OtelStats>,
+}
+
+impl ExchangeSink for OtelSink {
+    fn on_exchange(&mut self, ex: CapturedExchange) {
+        match self.tx.try_send(ex) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => self.stats.dropped(SpanDrop::QueueFull, 1),
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}
+
+/// Everything one exchange goes through after the channel.
+struct Ingest {
+    registry: Arc<Registry>,
+    routes: RouteTable,
+    sampler: Sampler,
+    spans: bool,
+    console: bool,
+    queue: Option<Arc<SharedQueue<QueuedSpan>>>,
+    scope: opentelemetry::InstrumentationScope,
+    stats: Arc<OtelStats>,
+}
+
+impl Ingest {
+    fn handle(&mut self, ex: CapturedExchange) {
+        let entry = self.registry.entry(&ex.process);
+        let route = self.routes.route(&entry.service_name, &ex.http.path);
+        if route.as_ref().is_some_and(|r| r.overflow) {
+            OtelStats::add(&self.stats.routes_overflow, 1);
+        }
+        let route = route.map(|r| r.route);
+        self.registry.record(&entry, &ex, route.as_deref());
+        if !self.spans {
+            return;
+        }
+        let ids = span::span_context_for(&ex, None);
+        if !self.sampler.should_sample(ids.trace_id, ids.parent_sampled) {
+            OtelStats::add(&self.stats.spans_not_sampled, 1);
+            return;
+        }
+        let data = span::build_span(&ex, &ids, route.as_deref(), &self.scope);
+        if self.console {
+            let line = export::span_json(&data, &entry).to_string();
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }
+        if let Some(q) = &self.queue {
+            q.push(QueuedSpan { entry, span: data });
+        }
+    }
+}
+
+/// The running export side.
+pub struct Telemetry {
+    ingest: JoinHandle<()>,
+    span_loop: Option<JoinHandle<u64>>,
+    metrics_loop: Option<JoinHandle<()>>,
+    prometheus: Option<JoinHandle<()>>,
+    close_spans: watch::Sender<Option<Instant>>,
+    stop_metrics: watch::Sender<Option<Instant>>,
+    queue: Option<Arc<SharedQueue<QueuedSpan>>>,
+    stats: Arc<OtelStats>,
+    shutdown_timeout: Duration,
+    /// One line for the `ready` log: where things go.
+    pub summary: String,
+}
+
+impl Telemetry {
+    /// Builds the exporters and starts the tasks on `rt`. `None` when `OTEL_SDK_DISABLED`
+    /// or nothing is to be exported (the caller then keeps no sink at all).
+    pub fn start(
+        rt: &Handle,
+        cfg: OtelConfig,
+        env: EnvSettings,
+        capture: Arc<Stats>,
+        stats: Arc<OtelStats>,
+    ) -> Result<Option<(Self, OtelSink)>> {
+        for w in &env.warnings {
+            tracing::warn!("{w}");
+        }
+        if env.sdk_disabled {
+            tracing::info!(
+                "OTEL_SDK_DISABLED=true: exporting no spans and no metrics (capture still runs)"
+            );
+            return Ok(None);
+        }
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let _guard = rt.enter();
+        let lookup = |k: &str| std::env::var(k).ok();
+        let mut parts = Vec::new();
+
+        let span_target = (cfg.otlp && env.traces_otlp).then(|| {
+            let (t, w) = export::resolve_target(
+                Signal::Traces,
+                cfg.otlp_protocol,
+                cfg.otlp_endpoint.as_deref(),
+                &lookup,
+            );
+            w.iter().for_each(|w| tracing::warn!("{w}"));
+            t
+        });
+        let metric_target = (cfg.otlp && env.metrics_otlp).then(|| {
+            let (t, w) = export::resolve_target(
+                Signal::Metrics,
+                cfg.otlp_protocol,
+                cfg.otlp_endpoint.as_deref(),
+                &lookup,
+            );
+            w.iter().for_each(|w| tracing::warn!("{w}"));
+            t
+        });
+        let span_exporter = match &span_target {
+            Some(t) => {
+                let e = export::span_exporter(t).with_context(|| {
+                    format!("building the OTLP span exporter ({} {})", t.protocol, t.url)
+                })?;
+                parts.push(format!("spans → {} {}", t.protocol, t.url));
+                Some(OtlpSpanSender::new(e, t.url.clone()))
+            }
+            None => None,
+        };
+        let metric_exporter = match &metric_target {
+            Some(t) => {
+                let e = export::metric_exporter(t).with_context(|| {
+                    format!(
+                        "building the OTLP metric exporter ({} {})",
+                        t.protocol, t.url
+                    )
+                })?;
+                parts.push(format!(
+                    "metrics → {} {} every {} ms",
+                    t.protocol,
+                    t.url,
+                    env.metric_interval.as_millis()
+                ));
+                Some((e, t.url.clone()))
+            }
+            None => None,
+        };
+        if cfg.console {
+            parts.push("spans → stdout (JSON lines)".into());
+        }
+        let prometheus_listener = match cfg.prometheus_port {
+            Some(port) => {
+                let l = rt
+                    .block_on(tokio::net::TcpListener::bind(("::", port)))
+                    .or_else(|_| rt.block_on(tokio::net::TcpListener::bind(("0.0.0.0", port))))
+                    .with_context(|| format!("listening on --prometheus-port {port}"))?;
+                parts.push(format!("metrics → http://0.0.0.0:{port}/metrics"));
+                Some(l)
+            }
+            None => None,
+        };
+        if parts.is_empty() {
+            tracing::info!(
+                "no exporter configured (--exporter none): no spans or metrics leave the agent"
+            );
+            return Ok(None);
+        }
+
+        let max_batch = LoopConfig::default().max_batch;
+        let queue = span_exporter.as_ref().map(|_| {
+            Arc::new(SharedQueue::new(
+                cfg.export_queue_spans,
+                max_batch,
+                stats.clone(),
+            ))
+        });
+        let q = queue.clone();
+        let queue_len: metrics::QueueLen =
+            Arc::new(move || q.as_ref().map_or(0, |q| q.len() as u64));
+        let metrics_on = metric_exporter.is_some() || prometheus_listener.is_some();
+        let registry = Arc::new(Registry::new(
+            cfg.max_services,
+            metrics_on,
+            resource::host_name(),
+            env.resource_attributes.as_deref(),
+            capture,
+            stats.clone(),
+            queue_len,
+        ));
+
+        let (tx, mut rx) = mpsc::channel(cfg.channel_exchanges.max(1));
+        let mut ingest = Ingest {
+            registry: registry.clone(),
+            routes: RouteTable::new(cfg.routes.clone(), cfg.max_routes_per_service),
+            sampler: env.sampler,
+            spans: span_exporter.is_some() || cfg.console,
+            console: cfg.console,
+            queue: queue.clone(),
+            scope: span::scope(),
+            stats: stats.clone(),
+        };
+        let ingest = rt.spawn(async move {
+            while let Some(ex) = rx.recv().await {
+                ingest.handle(ex);
+            }
+        });
+        let (close_spans, close_rx) = watch::channel(None);
+        let span_loop = match (span_exporter, &queue) {
+            (Some(sender), Some(q)) => Some(rt.spawn(queue::export_loop(
+                q.clone(),
+                sender,
+                LoopConfig::default(),
+                close_rx,
+            ))),
+            _ => None,
+        };
+        let (stop_metrics, stop_rx) = watch::channel(None);
+        let metrics_loop = metric_exporter.map(|e| {
+            rt.spawn(export::metrics_loop(
+                registry.clone(),
+                Some(e),
+                env.metric_interval,
+                stats.clone(),
+                stop_rx,
+            ))
+        });
+        let prometheus =
+            prometheus_listener.map(|l| rt.spawn(prometheus::serve(l, registry.clone())));
+        let summary = format!("sampler {}; {}", env.sampler.describe(), parts.join("; "));
+        Ok(Some((
+            Self {
+                ingest,
+                span_loop,
+                metrics_loop,
+                prometheus,
+                close_spans,
+                stop_metrics,
+                queue,
+                stats: stats.clone(),
+                shutdown_timeout: cfg.shutdown_timeout,
+                summary,
+            },
+            OtelSink { tx, stats },
+        )))
+    }
+
+    /// Flushes everything: call after the capture thread stopped (its sink is dropped, so
+    /// the channel drains and closes). Waits at most the shutdown timeout for the collector.
+    pub fn shutdown(self, rt: &tokio::runtime::Runtime) {
+        let Self {
+            ingest,
+            span_loop,
+            metrics_loop,
+            prometheus,
+            close_spans,
+            stop_metrics,
+            queue,
+            stats,
+            shutdown_timeout,
+            ..
+        } = self;
+        rt.block_on(async move {
+            let deadline = Instant::now() + shutdown_timeout;
+            let _ = tokio::time::timeout_at(deadline, ingest).await;
+            let pending = queue.as_ref().map_or(0, |q| q.len());
+            if pending > 0 {
+                tracing::info!("flushing {pending} pending spans (at most {} s)", shutdown_timeout.as_secs());
+            }
+            let _ = close_spans.send(Some(deadline));
+            if let Some(q) = &queue {
+                q.wake();
+            }
+            let _ = stop_metrics.send(Some(deadline));
+            let lost = match span_loop {
+                Some(h) => h.await.unwrap_or(0),
+                None => 0,
+            };
+            if let Some(h) = metrics_loop {
+                let _ = h.await;
+            }
+            if let Some(h) = prometheus {
+                h.abort();
+            }
+            let exported = OtelStats::get(&stats.spans_exported);
+            let dropped: u64 = SpanDrop::ALL.iter().map(|d| stats.dropped_count(*d)).sum();
+            if lost > 0 {
+                tracing::warn!(
+                    "shutdown: the collector did not take {lost} spans within {} s: they are lost ({exported} spans exported in total)",
+                    shutdown_timeout.as_secs()
+                );
+            } else {
+                tracing::info!("telemetry flushed: {exported} spans exported, {dropped} dropped in total");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> EnvSettings {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        EnvSettings::from_lookup(&move |k| m.get(k).cloned())
+    }
+
+    #[test]
+    fn env_defaults() {
+        let e = env(&[]);
+        assert!(!e.sdk_disabled);
+        assert!(e.traces_otlp && e.metrics_otlp);
+        assert_eq!(e.metric_interval, Duration::from_secs(60));
+        assert_eq!(e.sampler, Sampler::default());
+        assert!(e.warnings.is_empty());
+    }
+
+    #[test]
+    fn env_values() {
+        let e = env(&[
+            ("OTEL_SDK_DISABLED", "TRUE"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "500"),
+            ("OTEL_TRACES_EXPORTER", "none"),
+            ("OTEL_TRACES_SAMPLER", "always_off"),
+        ]);
+        assert!(e.sdk_disabled);
+        assert!(!e.traces_otlp && e.metrics_otlp);
+        assert_eq!(e.metric_interval, Duration::from_millis(500));
+        assert!(!e
+            .sampler
+            .should_sample(opentelemetry::trace::TraceId::from(1u128), None));
+        let e = env(&[
+            ("OTEL_SDK_DISABLED", "false"),
+            ("OTEL_METRIC_EXPORT_INTERVAL", "soon"),
+        ]);
+        assert!(!e.sdk_disabled);
+        assert_eq!(e.metric_interval, Duration::from_secs(60));
+        assert_eq!(e.warnings.len(), 1);
+    }
+}

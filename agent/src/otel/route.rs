@@ -1,0 +1,461 @@
+//! `http.route` without the application's help: user-given route patterns first, else a
+//! heuristic that replaces identifier-like path segments with `*`, and a per-service cap on
+//! distinct routes so that a raw path never becomes an unbounded metric attribute.
+use std::{collections::HashSet, fmt, num::NonZeroUsize, str::FromStr};
+
+use lru::LruCache;
+
+/// The route of every exchange past a service's `--max-routes-per-service` distinct routes.
+pub const OVERFLOW_ROUTE: &str = "/*overflow*";
+
+/// A segment with a run of this many digits or more is an identifier.
+const MAX_DIGIT_RUN: usize = 4;
+/// Mixed letters and digits this long (or longer) look like a random token.
+const TOKEN_LEN: usize = 16;
+/// Hex strings (with at least one digit) this long or longer are hashes / ids.
+const HEX_LEN: usize = 8;
+/// Longer segments are never kept as they are.
+const MAX_SEGMENT: usize = 64;
+
+/// The heuristic route of a path: segments that look like identifiers become `*`
+/// (numbers, UUIDs, hex ≥ 8 characters, long letters+digits tokens, any run of 4 or more
+/// digits, segments longer than 64 bytes). `/users/42/orders/9f86d081` → `/users/*/orders/*`.
+/// `None` for a path that is not origin-form (`*`, `host:443`, empty).
+pub fn collapse_path(path: &str) -> Option<String> {
+    if !path.starts_with('/') {
+        return None;
+    }
+    let mut out = String::with_capacity(path.len());
+    for (i, seg) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        if is_identifier(seg) {
+            out.push('*');
+        } else {
+            out.push_str(seg);
+        }
+    }
+    Some(out)
+}
+
+/// Whether a path segment looks like a value rather than a name.
+pub fn is_identifier(seg: &str) -> bool {
+    if seg.is_empty() || seg == "*" {
+        return false;
+    }
+    if seg.len() > MAX_SEGMENT {
+        return true;
+    }
+    let bytes = seg.as_bytes();
+    if contains_uuid(bytes) {
+        return true;
+    }
+    let digits = bytes.iter().filter(|b| b.is_ascii_digit()).count();
+    if digits == 0 {
+        return false;
+    }
+    if digits == bytes.len() || longest_digit_run(bytes) >= MAX_DIGIT_RUN {
+        return true;
+    }
+    if bytes.len() >= HEX_LEN && bytes.iter().all(u8::is_ascii_hexdigit) {
+        return true;
+    }
+    let alnum = bytes.iter().filter(|b| b.is_ascii_alphanumeric()).count();
+    let letters = alnum - digits;
+    alnum >= TOKEN_LEN && letters > 0
+}
+
+fn longest_digit_run(b: &[u8]) -> usize {
+    let (mut best, mut cur) = (0, 0);
+    for c in b {
+        if c.is_ascii_digit() {
+            cur += 1;
+            best = best.max(cur);
+        } else {
+            cur = 0;
+        }
+    }
+    best
+}
+
+fn contains_uuid(b: &[u8]) -> bool {
+    b.len() >= 36 && b.windows(36).any(is_uuid)
+}
+
+/// 8-4-4-4-12 hex digits, either case.
+pub fn is_uuid(b: &[u8]) -> bool {
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Seg {
+    Literal(String),
+    /// `{name}`: exactly one non-empty segment.
+    Param,
+    /// A last `*` or `{name...}`: the rest of the path (zero or more segments).
+    Rest,
+}
+
+/// A user-given route pattern (`--route`): `/users/{id}`, `/static/*`,
+/// `/files/{path...}`. The pattern text itself becomes `http.route`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutePattern {
+    text: String,
+    segs: Vec<Seg>,
+}
+
+impl RoutePattern {
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Whether `path` (origin-form, without query) is an instance of this pattern. One
+    /// trailing slash of the path is ignored.
+    pub fn matches(&self, path: &str) -> bool {
+        let Some(rest) = path.strip_prefix('/') else {
+            return false;
+        };
+        let rest = if rest.len() > 1 {
+            rest.strip_suffix('/').unwrap_or(rest)
+        } else {
+            rest
+        };
+        let mut parts = rest.split('/').filter(|_| !rest.is_empty());
+        for seg in &self.segs {
+            match seg {
+                Seg::Rest => return true,
+                Seg::Param => match parts.next() {
+                    Some(p) if !p.is_empty() => {}
+                    _ => return false,
+                },
+                Seg::Literal(l) => match parts.next() {
+                    Some(p) if p == l => {}
+                    _ => return false,
+                },
+            }
+        }
+        parts.next().is_none()
+    }
+}
+
+impl fmt::Display for RoutePattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+impl FromStr for RoutePattern {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let text = s.trim();
+        let Some(body) = text.strip_prefix('/') else {
+            return Err(format!("route pattern {text:?} must start with '/'"));
+        };
+        if text.contains(['?', '#', ' ']) {
+            return Err(format!(
+                "route pattern {text:?} must be a path (no query, fragment or spaces)"
+            ));
+        }
+        let body = if body.len() > 1 {
+            body.strip_suffix('/').unwrap_or(body)
+        } else {
+            body
+        };
+        let raw: Vec<&str> = if body.is_empty() {
+            Vec::new()
+        } else {
+            body.split('/').collect()
+        };
+        let mut segs = Vec::with_capacity(raw.len());
+        for (i, r) in raw.iter().enumerate() {
+            let last = i + 1 == raw.len();
+            let seg = if *r == "*" || (r.starts_with('{') && r.ends_with("...}")) {
+                if r.len() > 1 && r.len() <= "{...}".len() {
+                    return Err(format!("route pattern {text:?}: empty name in {r:?}"));
+                }
+                if !last {
+                    return Err(format!(
+                        "route pattern {text:?}: {r:?} matches the rest of the path, so it must be the last segment"
+                    ));
+                }
+                Seg::Rest
+            } else if r.starts_with('{') && r.ends_with('}') {
+                if r.len() == 2 {
+                    return Err(format!("route pattern {text:?}: empty name in {{}}"));
+                }
+                Seg::Param
+            } else if r.contains(['{', '}', '*']) {
+                return Err(format!(
+                    "route pattern {text:?}: {r:?} mixes text and a parameter; a parameter is a whole segment"
+                ));
+            } else {
+                Seg::Literal((*r).to_string())
+            };
+            segs.push(seg);
+        }
+        Ok(Self {
+            text: text.to_string(),
+            segs,
+        })
+    }
+}
+
+/// Turns paths into bounded routes, per service.
+pub struct RouteTable {
+    patterns: Vec<RoutePattern>,
+    max_per_service: usize,
+    /// Heuristic routes seen, per service.name (the services themselves are bounded).
+    seen: LruCache<String, HashSet<String>>,
+}
+
+/// The route chosen for one exchange.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub route: String,
+    /// It came from a user pattern.
+    pub from_pattern: bool,
+    /// The service had too many routes: this is [`OVERFLOW_ROUTE`].
+    pub overflow: bool,
+}
+
+impl RouteTable {
+    pub fn new(patterns: Vec<RoutePattern>, max_per_service: usize) -> Self {
+        Self {
+            patterns,
+            max_per_service,
+            seen: LruCache::new(NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN)),
+        }
+    }
+
+    /// The route of `path` for `service`: the first matching pattern (in the order given),
+    /// else the heuristic route, replaced by [`OVERFLOW_ROUTE`] once the service already
+    /// has `max_per_service` other heuristic routes. `None` when the path is not
+    /// origin-form.
+    pub fn route(&mut self, service: &str, path: &str) -> Option<Route> {
+        if let Some(p) = self.patterns.iter().find(|p| p.matches(path)) {
+            return Some(Route {
+                route: p.text.clone(),
+                from_pattern: true,
+                overflow: false,
+            });
+        }
+        let route = collapse_path(path)?;
+        let set = match self.seen.get_mut(service) {
+            Some(s) => s,
+            None => {
+                self.seen.put(service.to_string(), HashSet::new());
+                self.seen.get_mut(service)?
+            }
+        };
+        if set.contains(&route) {
+            return Some(Route {
+                route,
+                from_pattern: false,
+                overflow: false,
+            });
+        }
+        if set.len() >= self.max_per_service {
+            return Some(Route {
+                route: OVERFLOW_ROUTE.to_string(),
+                from_pattern: false,
+                overflow: true,
+            });
+        }
+        set.insert(route.clone());
+        Some(Route {
+            route,
+            from_pattern: false,
+            overflow: false,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(p: &str) -> String {
+        collapse_path(p).unwrap()
+    }
+
+    #[test]
+    fn collapses_identifiers() {
+        assert_eq!(c("/users/42/orders/9f86d081"), "/users/*/orders/*");
+        assert_eq!(c("/"), "/");
+        assert_eq!(c("/hello/world"), "/hello/world");
+        assert_eq!(c("/users/42/"), "/users/*/");
+        assert_eq!(c("/item/550e8400-e29b-41d4-a716-446655440000"), "/item/*");
+        assert_eq!(
+            c("/item/550E8400-E29B-41D4-A716-446655440000/x"),
+            "/item/*/x"
+        );
+        assert_eq!(c("/blob/deadbeef00"), "/blob/*");
+        assert_eq!(c("/t/aB3xY9qLm2Nw8PzK"), "/t/*");
+        assert_eq!(c("/order-12345"), "/*");
+        assert_eq!(c("/2024/posts"), "/*/posts");
+        assert_eq!(c(&format!("/x/{}", "a".repeat(65))), "/x/*");
+        assert_eq!(c("/k/aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"), "/k/*");
+    }
+
+    #[test]
+    fn keeps_names() {
+        for p in [
+            "/api/v1/users",
+            "/v2",
+            "/oauth2/token",
+            "/html5/page",
+            "/static/app.js",
+            "/feedface", // hex letters only: a word
+            "/a/b/c/d",
+            "/%E2%82%AC",
+            "/über/straße",
+            "/users/*",
+        ] {
+            assert_eq!(c(p), p);
+        }
+    }
+
+    #[test]
+    fn not_origin_form_has_no_route() {
+        assert_eq!(collapse_path(""), None);
+        assert_eq!(collapse_path("*"), None);
+        assert_eq!(collapse_path("example.com:443"), None);
+    }
+
+    #[test]
+    fn patterns_parse_and_match() {
+        let p: RoutePattern = "/users/{id}".parse().unwrap();
+        assert!(p.matches("/users/42"));
+        assert!(p.matches("/users/42/"));
+        assert!(p.matches("/users/bob"));
+        assert!(!p.matches("/users"));
+        assert!(!p.matches("/users/"));
+        assert!(!p.matches("/users/42/orders"));
+        assert!(!p.matches("/customers/42"));
+        let rest: RoutePattern = "/static/*".parse().unwrap();
+        assert!(rest.matches("/static/a/b/c.js"));
+        assert!(rest.matches("/static"));
+        assert!(!rest.matches("/stat"));
+        let named: RoutePattern = "/files/{path...}".parse().unwrap();
+        assert!(named.matches("/files/a/b"));
+        let root: RoutePattern = "/".parse().unwrap();
+        assert!(root.matches("/"));
+        assert!(!root.matches("/a"));
+        assert_eq!(named.to_string(), "/files/{path...}");
+    }
+
+    #[test]
+    fn bad_patterns_are_rejected() {
+        for bad in [
+            "users/{id}",
+            "/users/{}",
+            "/a/*/b",
+            "/a/{x...}/b",
+            "/a/x{id}",
+            "/a?b=1",
+            "/{...}",
+        ] {
+            assert!(bad.parse::<RoutePattern>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn patterns_take_precedence_in_order() {
+        let mut t = RouteTable::new(
+            vec!["/users/{id}".parse().unwrap(), "/users/*".parse().unwrap()],
+            100,
+        );
+        let r = t.route("svc", "/users/42").unwrap();
+        assert_eq!(r.route, "/users/{id}");
+        assert!(r.from_pattern);
+        assert_eq!(t.route("svc", "/users/42/x").unwrap().route, "/users/*");
+        assert_eq!(t.route("svc", "/orders/42").unwrap().route, "/orders/*");
+        assert_eq!(t.route("svc", "*"), None);
+    }
+
+    #[test]
+    fn distinct_routes_are_capped_per_service() {
+        let mut t = RouteTable::new(vec!["/p/{x}".parse().unwrap()], 3);
+        for name in ["a", "b", "c"] {
+            assert!(!t.route("svc", &format!("/{name}")).unwrap().overflow);
+        }
+        let over = t.route("svc", "/d").unwrap();
+        assert!(over.overflow);
+        assert_eq!(over.route, OVERFLOW_ROUTE);
+        // Known routes, patterns and other services still work.
+        assert_eq!(t.route("svc", "/a").unwrap().route, "/a");
+        assert_eq!(t.route("svc", "/p/zzz").unwrap().route, "/p/{x}");
+        assert_eq!(t.route("other", "/d").unwrap().route, "/d");
+    }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn segment() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[a-z]{1,12}",
+                "[0-9]{1,20}",
+                "[0-9a-f]{6,40}",
+                "[A-Za-z0-9]{10,30}",
+                "[a-z]{1,6}[0-9]{1,8}",
+                "[a-zA-Z0-9._~%-]{0,80}",
+                "\\PC{0,20}",
+                Just("*".to_string()),
+                "[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+            ]
+        }
+
+        fn path() -> impl Strategy<Value = String> {
+            prop::collection::vec(segment(), 0..8).prop_map(|s| format!("/{}", s.join("/")))
+        }
+
+        proptest! {
+            #[test]
+            fn never_panics(s in "\\PC{0,200}") {
+                let _ = collapse_path(&s);
+                let _ = s.parse::<RoutePattern>().map(|p| p.matches(&s));
+            }
+
+            #[test]
+            fn idempotent(p in path()) {
+                let once = collapse_path(&p).unwrap();
+                prop_assert_eq!(collapse_path(&once).unwrap(), once.clone());
+            }
+
+            #[test]
+            fn no_identifiers_survive(p in path()) {
+                let out = collapse_path(&p).unwrap();
+                prop_assert!(longest_digit_run(out.as_bytes()) < MAX_DIGIT_RUN, "{}", out);
+                prop_assert!(!contains_uuid(out.as_bytes()), "{}", out);
+                for seg in out.split('/') {
+                    prop_assert!(seg.len() <= MAX_SEGMENT);
+                    prop_assert!(!is_identifier(seg), "{}", seg);
+                }
+                // Same shape: as many segments as the input.
+                prop_assert_eq!(out.split('/').count(), p.split('/').count());
+            }
+
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(32))]
+
+            #[test]
+            fn route_table_is_bounded(paths in prop::collection::vec(path(), 1..60), cap in 1usize..20) {
+                let mut t = RouteTable::new(Vec::new(), cap);
+                let mut distinct = HashSet::new();
+                for p in &paths {
+                    distinct.insert(t.route("svc", p).unwrap().route);
+                }
+                prop_assert!(distinct.len() <= cap + 1);
+            }
+        }
+    }
+}

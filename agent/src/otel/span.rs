@@ -1,0 +1,563 @@
+//! One span per captured exchange, built after the fact as `SpanData` (the SDK's span
+//! builder cannot set ids or an end time), with the stable HTTP semantic conventions.
+use std::{
+    borrow::Cow,
+    net::IpAddr,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use opentelemetry::{
+    trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState},
+    InstrumentationScope, KeyValue,
+};
+use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SpanData, SpanEvents, SpanLinks};
+use opentelemetry_semantic_conventions::attribute as sc;
+
+use super::tracecontext::parse_traceparent;
+use crate::exchange::CapturedExchange;
+
+/// Methods the semantic conventions know; others are reported as `_OTHER`.
+const KNOWN_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+/// `http.request.method`: the method if standard, else `_OTHER` (`None` = it was standard,
+/// `Some(original)` = it was not).
+pub fn normalize_method(method: &str) -> (&'static str, Option<&str>) {
+    match KNOWN_METHODS.iter().find(|m| **m == method) {
+        Some(m) => (m, None),
+        None => ("_OTHER", Some(method)),
+    }
+}
+
+/// Whether the status makes the exchange an error: 5xx for a server, 4xx and 5xx for a
+/// client (the semantic conventions' rule).
+pub fn is_error(server: bool, status: u16) -> bool {
+    if server {
+        status >= 500
+    } else {
+        status >= 400
+    }
+}
+
+/// Ids the kernel chose for a span (a later issue injects `traceparent` into outgoing
+/// requests, so CLIENT spans must use the ids that went on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelIds {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    /// The span that was current in the process when the request was sent, if any.
+    pub parent_span_id: Option<SpanId>,
+    pub sampled: bool,
+}
+
+/// The ids of one span and what the sampler needs to know about its parent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpanIds {
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    /// `SpanId::INVALID` for a root span.
+    pub parent_span_id: SpanId,
+    /// The parent's sampled flag when the parent is known (remote `traceparent` or
+    /// kernel-given); `None` for a root.
+    pub parent_sampled: Option<bool>,
+    pub parent_is_remote: bool,
+    pub trace_state: TraceState,
+}
+
+/// Chooses the ids of an exchange's span: kernel-given ids when there are some; else the
+/// trace of a valid incoming `traceparent` (its span becomes our parent, its `tracestate`
+/// is kept); else a new trace. The span id is always new unless the kernel gave one.
+pub fn span_context_for(ex: &CapturedExchange, kernel: Option<KernelIds>) -> SpanIds {
+    if let Some(k) = kernel {
+        return SpanIds {
+            trace_id: k.trace_id,
+            span_id: k.span_id,
+            parent_span_id: k.parent_span_id.unwrap_or(SpanId::INVALID),
+            parent_sampled: k.parent_span_id.map(|_| k.sampled),
+            parent_is_remote: false,
+            trace_state: TraceState::NONE,
+        };
+    }
+    let ids = RandomIdGenerator::default();
+    let span_id = new_span_id(&ids);
+    match ex.http.traceparent.as_deref().and_then(parse_traceparent) {
+        Some(tp) => SpanIds {
+            trace_id: tp.trace_id,
+            span_id,
+            parent_span_id: tp.span_id,
+            parent_sampled: Some(tp.sampled),
+            parent_is_remote: true,
+            trace_state: ex
+                .http
+                .tracestate
+                .as_deref()
+                .and_then(|s| s.trim().parse::<TraceState>().ok())
+                .unwrap_or(TraceState::NONE),
+        },
+        None => SpanIds {
+            trace_id: new_trace_id(&ids),
+            span_id,
+            parent_span_id: SpanId::INVALID,
+            parent_sampled: None,
+            parent_is_remote: false,
+            trace_state: TraceState::NONE,
+        },
+    }
+}
+
+fn new_span_id(g: &RandomIdGenerator) -> SpanId {
+    loop {
+        let id = g.new_span_id();
+        if id != SpanId::INVALID {
+            return id;
+        }
+    }
+}
+
+fn new_trace_id(g: &RandomIdGenerator) -> TraceId {
+    loop {
+        let id = g.new_trace_id();
+        if id != TraceId::INVALID {
+            return id;
+        }
+    }
+}
+
+/// The instrumentation scope of every span and metric Tapir makes.
+pub fn scope() -> InstrumentationScope {
+    InstrumentationScope::builder("tapir")
+        .with_version(env!("CARGO_PKG_VERSION"))
+        .build()
+}
+
+/// Host and optional port of a `Host` header value (`name`, `name:port`, `[v6]:port`);
+/// `None` when it does not look like one.
+pub fn parse_host(host: &str) -> Option<(String, Option<u16>)> {
+    let h = host.trim();
+    if h.is_empty() || h.len() > 255 || h.contains(|c: char| c.is_whitespace() || c == '/') {
+        return None;
+    }
+    if let Some(rest) = h.strip_prefix('[') {
+        let (addr, after) = rest.split_once(']')?;
+        addr.parse::<std::net::Ipv6Addr>().ok()?;
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':')?.parse().ok()?),
+        };
+        return Some((addr.to_string(), port));
+    }
+    match h.rsplit_once(':') {
+        Some((name, port)) if !name.contains(':') => {
+            Some((name.to_string(), Some(port.parse().ok()?)))
+        }
+        Some(_) => None, // a bare IPv6 address is not a valid Host
+        None => Some((h.to_string(), None)),
+    }
+}
+
+fn ip_string(ip: IpAddr) -> String {
+    ip.to_string()
+}
+
+/// The (address, port) reported as `server.address`/`server.port`: for a SERVER span the
+/// local socket address (what the server bound); for a CLIENT span the request's `Host`
+/// (the logical server name, as an SDK reports it), else the peer's address.
+pub fn server_address(ex: &CapturedExchange) -> (String, u16) {
+    let (server, _) = ex.server_client();
+    if !ex.is_server() {
+        if let Some((name, port)) = ex.http.host.as_deref().and_then(parse_host) {
+            return (name, port.unwrap_or(server.1));
+        }
+    }
+    (ip_string(server.0), server.1)
+}
+
+fn unix_ns(ns: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(ns)
+}
+
+/// The span of an exchange. `route` is its `http.route` (when known it also names the
+/// span: `GET /users/*`).
+pub fn build_span(
+    ex: &CapturedExchange,
+    ids: &SpanIds,
+    route: Option<&str>,
+    scope: &InstrumentationScope,
+) -> SpanData {
+    let server = ex.is_server();
+    let http = &ex.http;
+    let (method, original) = normalize_method(&http.method);
+    let (srv_addr, srv_port) = server_address(ex);
+    let (_, client) = ex.server_client();
+    let peer = ex.endpoints.remote;
+
+    let mut attrs = Vec::with_capacity(16);
+    attrs.push(KeyValue::new(sc::HTTP_REQUEST_METHOD, method));
+    if let Some(o) = original {
+        attrs.push(KeyValue::new(
+            sc::HTTP_REQUEST_METHOD_ORIGINAL,
+            o.to_string(),
+        ));
+    }
+    attrs.push(KeyValue::new(sc::URL_PATH, http.path.clone()));
+    attrs.push(KeyValue::new(sc::URL_SCHEME, "http"));
+    attrs.push(KeyValue::new(
+        sc::HTTP_RESPONSE_STATUS_CODE,
+        i64::from(http.status),
+    ));
+    if let Some(r) = route {
+        attrs.push(KeyValue::new(sc::HTTP_ROUTE, r.to_string()));
+    }
+    attrs.push(KeyValue::new(sc::SERVER_ADDRESS, srv_addr));
+    attrs.push(KeyValue::new(sc::SERVER_PORT, i64::from(srv_port)));
+    attrs.push(KeyValue::new(sc::CLIENT_ADDRESS, ip_string(client.0)));
+    attrs.push(KeyValue::new(sc::CLIENT_PORT, i64::from(client.1)));
+    attrs.push(KeyValue::new(sc::NETWORK_PEER_ADDRESS, ip_string(peer.0)));
+    attrs.push(KeyValue::new(sc::NETWORK_PEER_PORT, i64::from(peer.1)));
+    attrs.push(KeyValue::new(
+        sc::NETWORK_PROTOCOL_VERSION,
+        http.version.as_str(),
+    ));
+    if let Some(ua) = &http.user_agent {
+        attrs.push(KeyValue::new(sc::USER_AGENT_ORIGINAL, ua.clone()));
+    }
+    let error = is_error(server, http.status);
+    if error {
+        attrs.push(KeyValue::new(sc::ERROR_TYPE, http.status.to_string()));
+    }
+
+    // The conventions name spans of unknown methods "HTTP".
+    let name_method = if original.is_some() { "HTTP" } else { method };
+    let name = match route {
+        Some(r) => format!("{name_method} {r}"),
+        None => name_method.to_string(),
+    };
+    SpanData {
+        span_context: SpanContext::new(
+            ids.trace_id,
+            ids.span_id,
+            TraceFlags::SAMPLED,
+            false,
+            ids.trace_state.clone(),
+        ),
+        parent_span_id: ids.parent_span_id,
+        parent_span_is_remote: ids.parent_is_remote,
+        span_kind: if server {
+            SpanKind::Server
+        } else {
+            SpanKind::Client
+        },
+        name: Cow::Owned(name),
+        start_time: unix_ns(ex.start_unix_ns),
+        end_time: unix_ns(ex.end_unix_ns.max(ex.start_unix_ns)),
+        attributes: attrs,
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: SpanLinks::default(),
+        status: if error {
+            Status::error("")
+        } else {
+            Status::Unset
+        },
+        instrumentation_scope: scope.clone(),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::{
+        collections::HashMap,
+        net::{IpAddr, Ipv4Addr},
+        sync::Arc,
+    };
+
+    use opentelemetry::Value;
+
+    use super::*;
+    use crate::{
+        http::{Exchange, ExchangeRole, HttpVersion},
+        pipeline::Endpoints,
+        process::ProcessInfo,
+    };
+
+    pub(crate) fn exchange(
+        role: ExchangeRole,
+        method: &str,
+        path: &str,
+        status: u16,
+    ) -> CapturedExchange {
+        let (local, remote) = match role {
+            ExchangeRole::Server => (
+                (IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 8080),
+                (IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), 51000),
+            ),
+            ExchangeRole::Client => (
+                (IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), 51000),
+                (IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 8080),
+            ),
+        };
+        CapturedExchange {
+            http: Exchange {
+                role,
+                method: method.into(),
+                path: path.into(),
+                query: Some("secret=1".into()),
+                version: HttpVersion::Http11,
+                status,
+                host: Some("api.example.com:8080".into()),
+                user_agent: Some("curl/8.5.0".into()),
+                traceparent: None,
+                tracestate: None,
+                traceparent_duplicated: false,
+                start_ns: 1,
+                response_start_ns: 2,
+                end_ns: 3,
+                request_body_bytes: 10,
+                response_body_bytes: 20,
+                request_head_truncated: false,
+            },
+            process: Arc::new(ProcessInfo {
+                pid: 77,
+                exe_name: "python3".into(),
+                ..Default::default()
+            }),
+            endpoints: Endpoints { local, remote },
+            trace: None,
+            start_unix_ns: 1_700_000_000_000_000_000,
+            end_unix_ns: 1_700_000_000_250_000_000,
+        }
+    }
+
+    fn attrs(s: &SpanData) -> HashMap<String, Value> {
+        s.attributes
+            .iter()
+            .map(|kv| (kv.key.to_string(), kv.value.clone()))
+            .collect()
+    }
+
+    fn s(v: &str) -> Value {
+        Value::String(v.to_string().into())
+    }
+
+    fn build(ex: &CapturedExchange, route: Option<&str>) -> SpanData {
+        build_span(ex, &span_context_for(ex, None), route, &scope())
+    }
+
+    #[test]
+    fn server_span_has_every_attribute() {
+        let ex = exchange(ExchangeRole::Server, "GET", "/users/42", 200);
+        let span = build(&ex, Some("/users/*"));
+        assert_eq!(span.span_kind, SpanKind::Server);
+        assert_eq!(span.name, "GET /users/*");
+        assert_eq!(span.status, Status::Unset);
+        let a = attrs(&span);
+        let want: HashMap<String, Value> = [
+            ("http.request.method", s("GET")),
+            ("url.path", s("/users/42")),
+            ("url.scheme", s("http")),
+            ("http.response.status_code", Value::I64(200)),
+            ("http.route", s("/users/*")),
+            ("server.address", s("10.0.0.1")),
+            ("server.port", Value::I64(8080)),
+            ("client.address", s("10.0.0.2")),
+            ("client.port", Value::I64(51000)),
+            ("network.peer.address", s("10.0.0.2")),
+            ("network.peer.port", Value::I64(51000)),
+            ("network.protocol.version", s("1.1")),
+            ("user_agent.original", s("curl/8.5.0")),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        assert_eq!(a, want);
+        assert_eq!(
+            span.start_time,
+            UNIX_EPOCH + Duration::from_nanos(1_700_000_000_000_000_000)
+        );
+        assert_eq!(
+            span.end_time.duration_since(span.start_time).unwrap(),
+            Duration::from_millis(250)
+        );
+        assert!(span.span_context.is_sampled());
+        assert_eq!(span.instrumentation_scope.name(), "tapir");
+    }
+
+    #[test]
+    fn client_span_has_every_attribute() {
+        let ex = exchange(ExchangeRole::Client, "POST", "/orders", 201);
+        let span = build(&ex, Some("/orders"));
+        assert_eq!(span.span_kind, SpanKind::Client);
+        assert_eq!(span.name, "POST /orders");
+        let a = attrs(&span);
+        assert_eq!(a["http.request.method"], s("POST"));
+        assert_eq!(a["url.path"], s("/orders"));
+        assert_eq!(a["url.scheme"], s("http"));
+        assert_eq!(a["http.response.status_code"], Value::I64(201));
+        // The logical server name from Host; the peer is the socket's remote end.
+        assert_eq!(a["server.address"], s("api.example.com"));
+        assert_eq!(a["server.port"], Value::I64(8080));
+        assert_eq!(a["client.address"], s("10.0.0.2"));
+        assert_eq!(a["client.port"], Value::I64(51000));
+        assert_eq!(a["network.peer.address"], s("10.0.0.1"));
+        assert_eq!(a["network.peer.port"], Value::I64(8080));
+        assert_eq!(a["network.protocol.version"], s("1.1"));
+        assert_eq!(a["user_agent.original"], s("curl/8.5.0"));
+        assert!(!a.contains_key("error.type"));
+        assert_eq!(a.len(), 13);
+    }
+
+    #[test]
+    fn client_without_host_reports_the_peer() {
+        let mut ex = exchange(ExchangeRole::Client, "GET", "/", 200);
+        ex.http.host = None;
+        let a = attrs(&build(&ex, None));
+        assert_eq!(a["server.address"], s("10.0.0.1"));
+        assert_eq!(a["server.port"], Value::I64(8080));
+        ex.http.host = Some("[::1]".into());
+        let a = attrs(&build(&ex, None));
+        assert_eq!(a["server.address"], s("::1"));
+        assert_eq!(a["server.port"], Value::I64(8080));
+    }
+
+    #[test]
+    fn never_exports_the_query() {
+        for role in [ExchangeRole::Server, ExchangeRole::Client] {
+            let span = build(&exchange(role, "GET", "/q", 200), Some("/q"));
+            let blob = format!("{:?} {:?}", span.name, span.attributes);
+            assert!(!blob.contains("secret"), "{blob}");
+        }
+    }
+
+    #[test]
+    fn error_rules() {
+        for (role, status, error) in [
+            (ExchangeRole::Server, 200, false),
+            (ExchangeRole::Server, 404, false),
+            (ExchangeRole::Server, 499, false),
+            (ExchangeRole::Server, 500, true),
+            (ExchangeRole::Server, 503, true),
+            (ExchangeRole::Client, 302, false),
+            (ExchangeRole::Client, 400, true),
+            (ExchangeRole::Client, 404, true),
+            (ExchangeRole::Client, 500, true),
+        ] {
+            let span = build(&exchange(role, "GET", "/", status), Some("/"));
+            let a = attrs(&span);
+            if error {
+                assert_eq!(a["error.type"], s(&status.to_string()), "{role:?} {status}");
+                assert!(
+                    matches!(span.status, Status::Error { .. }),
+                    "{role:?} {status}"
+                );
+            } else {
+                assert!(!a.contains_key("error.type"), "{role:?} {status}");
+                assert_eq!(span.status, Status::Unset, "{role:?} {status}");
+            }
+        }
+    }
+
+    #[test]
+    fn span_name_with_and_without_route() {
+        let ex = exchange(ExchangeRole::Server, "DELETE", "/x/1", 204);
+        assert_eq!(build(&ex, Some("/x/{id}")).name, "DELETE /x/{id}");
+        let span = build(&ex, None);
+        assert_eq!(span.name, "DELETE");
+        assert!(!attrs(&span).contains_key("http.route"));
+    }
+
+    #[test]
+    fn unknown_methods_are_other() {
+        let ex = exchange(ExchangeRole::Server, "PROPFIND", "/dav", 207);
+        let span = build(&ex, Some("/dav"));
+        let a = attrs(&span);
+        assert_eq!(a["http.request.method"], s("_OTHER"));
+        assert_eq!(a["http.request.method_original"], s("PROPFIND"));
+        assert_eq!(span.name, "HTTP /dav");
+        // Case matters: "get" is not GET.
+        assert_eq!(normalize_method("get"), ("_OTHER", Some("get")));
+        assert_eq!(normalize_method("PATCH"), ("PATCH", None));
+    }
+
+    #[test]
+    fn ids_without_traceparent_are_new() {
+        let ex = exchange(ExchangeRole::Server, "GET", "/", 200);
+        let a = span_context_for(&ex, None);
+        let b = span_context_for(&ex, None);
+        assert_ne!(a.trace_id, TraceId::INVALID);
+        assert_ne!(a.span_id, SpanId::INVALID);
+        assert_ne!(a.trace_id, b.trace_id);
+        assert_ne!(a.span_id, b.span_id);
+        assert_eq!(a.parent_span_id, SpanId::INVALID);
+        assert_eq!(a.parent_sampled, None);
+        let span = build_span(&ex, &a, None, &scope());
+        assert_eq!(span.parent_span_id, SpanId::INVALID);
+        assert!(!span.parent_span_is_remote);
+    }
+
+    #[test]
+    fn ids_follow_a_valid_traceparent() {
+        let mut ex = exchange(ExchangeRole::Server, "GET", "/", 200);
+        ex.http.traceparent =
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00".into());
+        ex.http.tracestate = Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7".into());
+        let ids = span_context_for(&ex, None);
+        assert_eq!(
+            ids.trace_id,
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap()
+        );
+        assert_eq!(
+            ids.parent_span_id,
+            SpanId::from_hex("00f067aa0ba902b7").unwrap()
+        );
+        assert_ne!(ids.span_id, ids.parent_span_id);
+        assert_eq!(ids.parent_sampled, Some(false));
+        let span = build_span(&ex, &ids, None, &scope());
+        assert_eq!(span.span_context.trace_id(), ids.trace_id);
+        assert_eq!(span.parent_span_id, ids.parent_span_id);
+        assert!(span.parent_span_is_remote);
+        assert_eq!(
+            span.span_context.trace_state().get("congo"),
+            Some("t61rcWkgMzE")
+        );
+
+        // An invalid traceparent starts a new trace (and its tracestate is ignored).
+        ex.http.traceparent =
+            Some("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01".into());
+        let ids = span_context_for(&ex, None);
+        assert_ne!(
+            ids.trace_id,
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap()
+        );
+        assert_eq!(ids.parent_span_id, SpanId::INVALID);
+        assert_eq!(ids.trace_state, TraceState::NONE);
+    }
+
+    #[test]
+    fn kernel_ids_win() {
+        let mut ex = exchange(ExchangeRole::Client, "GET", "/", 200);
+        ex.http.traceparent =
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+        let k = KernelIds {
+            trace_id: TraceId::from(5u128),
+            span_id: SpanId::from(6u64),
+            parent_span_id: Some(SpanId::from(7u64)),
+            sampled: true,
+        };
+        let ids = span_context_for(&ex, Some(k));
+        assert_eq!((ids.trace_id, ids.span_id), (k.trace_id, k.span_id));
+        assert_eq!(ids.parent_span_id, SpanId::from(7u64));
+        assert_eq!(ids.parent_sampled, Some(true));
+    }
+
+    #[test]
+    fn host_header_parsing() {
+        assert_eq!(parse_host("a.b:81"), Some(("a.b".into(), Some(81))));
+        assert_eq!(parse_host("a.b"), Some(("a.b".into(), None)));
+        assert_eq!(parse_host("[::1]:8080"), Some(("::1".into(), Some(8080))));
+        assert_eq!(parse_host("a.b:x"), None);
+        assert_eq!(parse_host("::1"), None);
+        assert_eq!(parse_host("a b"), None);
+        assert_eq!(parse_host(""), None);
+    }
+}
