@@ -130,6 +130,9 @@ class Proc:
         return self.p.returncode
 
 
+_LIVE_AGENTS = []
+
+
 class Agent(Proc):
     """`tapir <args>`, started and waited for until it logs that it is ready."""
 
@@ -139,7 +142,9 @@ class Agent(Proc):
         if env:
             e.update(env)
         super().__init__([TAPIR, *args], env=e)
-        self.wait_for(lambda l: "ready" in l, what="the agent's ready line", timeout=60)
+        _LIVE_AGENTS.append(self)
+        self.wait_for(lambda l: "ready" in l, what="the agent's ready line", timeout=120)
+
 
     def exchanges(self):
         """Parsed `watch --json` records printed so far."""
@@ -215,3 +220,14 @@ def otlp():
     r = OtlpReceiver(grpc_port=0, http_port=0).start()
     yield r
     r.stop()
+
+
+@pytest.fixture(autouse=True)
+def _stop_leftover_agents():
+    """An agent left running by a failed test would slow every later one down."""
+    yield
+    while _LIVE_AGENTS:
+        a = _LIVE_AGENTS.pop()
+        if a.p.poll() is None:
+            a.p.kill()
+            a.p.wait()

@@ -1,0 +1,137 @@
+"""Issue: propagation. Incoming `traceparent` read anywhere in the header block, parent/child
+links inside a process, one trace per keep-alive request. (Injection on the wire is not
+built yet: these tests check the ids `tapir watch --json` reports, which are the ones the
+exporters use.)"""
+import socket
+import sys
+import time
+
+import pytest
+
+from conftest import TESTS, Agent, curl, free_port
+
+PY = sys.executable
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+PARENT = "b7ad6b7169203331"
+
+
+def watch(*ports):
+    args = ["watch", "--json"]
+    for p in ports:
+        args += ["--port", str(p)]
+    return Agent(*args)
+
+
+def finish(agent):
+    assert agent.stop() == 0, "\n".join(agent.err[-20:])
+    return agent.exchanges()
+
+
+def of(exchanges, kind, port):
+    return [e for e in exchanges if e["kind"] == kind and e["server.port"] == port]
+
+
+def raw_request(port, head: bytes):
+    """Send one request with exactly these header bytes; return the status code."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(head)
+        f = s.makefile("rb")
+        status = int(f.readline().split()[1])
+        length = 0
+        while (line := f.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        f.read(length)
+        return status
+
+
+@pytest.mark.parametrize("threading", [False, True], ids=["HTTPServer", "ThreadingHTTPServer"])
+def test_outgoing_request_is_child_of_the_request_being_handled(py_server, procs, threading):
+    backend, bport = py_server()
+    fport = free_port()
+    front = procs(
+        [PY, TESTS / "servers/frontend.py", fport, f"http://127.0.0.1:{bport}"]
+        + (["--threading"] if threading else []),
+        ready_port=fport,
+    )
+    agent = watch(fport, bport)
+    n = 20
+    for i in range(n):
+        curl("-o", "/dev/null", f"http://127.0.0.1:{fport}/item/{i}")
+    got = finish(agent)
+    fserver = of(got, "server", fport)
+    fserver = [e for e in fserver if e["process.pid"] == front.pid]
+    fclient = [e for e in of(got, "client", bport) if e["process.pid"] == front.pid]
+    assert [e["url.path"] for e in fserver] == [f"/item/{i}" for i in range(n)]
+    assert [e["url.path"] for e in fclient] == [f"/item/{i}" for i in range(n)]
+    traces = set()
+    for s, c in zip(fserver, fclient):
+        assert s["trace_id"] and s["span_id"], s
+        assert c["trace_id"] == s["trace_id"], (s, c)
+        assert c["parent_span_id"] == s["span_id"], (s, c)
+        assert c["span_id"] != s["span_id"]
+        traces.add(s["trace_id"])
+    assert len(traces) == n, "every request its own trace"
+
+
+def test_incoming_traceparent_is_continued(py_server, procs):
+    backend, bport = py_server()
+    fport = free_port()
+    procs([PY, TESTS / "servers/frontend.py", fport, f"http://127.0.0.1:{bport}"], ready_port=fport)
+    agent = watch(fport, bport)
+    curl("-o", "/dev/null", "-H", f"traceparent: 00-{TRACE}-{PARENT}-01", f"http://127.0.0.1:{fport}/tp")
+    got = finish(agent)
+    (curl_span,) = [e for e in of(got, "client", fport) if e["process.executable.name"] == "curl"]
+    (server,) = of(got, "server", fport)
+    (child,) = of(got, "client", bport)
+    # curl sent its own traceparent: its CLIENT span carries exactly those ids.
+    assert (curl_span["trace_id"], curl_span["span_id"]) == (TRACE, PARENT)
+    assert (server["trace_id"], server["parent_span_id"]) == (TRACE, PARENT)
+    assert (child["trace_id"], child["parent_span_id"]) == (TRACE, server["span_id"])
+
+
+def test_traceparent_after_3kib_of_headers_and_any_case(py_server):
+    server, port = py_server()
+    agent = watch(port)
+    filler = "".join(f"X-Filler-{i}: {'v' * 90}\r\n" for i in range(34))  # ≈ 3.3 KiB
+    assert len(filler) > 3 * 1024
+    head = (
+        f"GET /late HTTP/1.1\r\nHost: x\r\n{filler}TraceParent: 00-{TRACE}-{PARENT}-01\r\n\r\n"
+    ).encode()
+    assert raw_request(port, head) == 200
+    (s,) = of(finish(agent), "server", port)
+    assert s["url.path"] == "/late"
+    assert (s["trace_id"], s["parent_span_id"]) == (TRACE, PARENT)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"ff-{TRACE}-{PARENT}-01",  # version ff is invalid
+        f"00-{'0' * 32}-{PARENT}-01",  # all-zero trace id
+        f"00-{TRACE}-{'0' * 16}-01",  # all-zero parent id
+        f"00-{TRACE.upper()}-{PARENT}-01",  # uppercase hex
+        f"00-{TRACE}-{PARENT}",  # too short
+        f"00-{TRACE}-{PARENT}-01-extra",  # version 00 has no extra fields
+        f"00-{TRACE[:-1]}x-{PARENT}-01",  # not hex
+    ],
+)
+def test_malformed_traceparent_is_ignored(py_server, value):
+    server, port = py_server()
+    agent = watch(port)
+    assert raw_request(port, f"GET /bad HTTP/1.1\r\nHost: x\r\ntraceparent: {value}\r\n\r\n".encode()) == 200
+    (s,) = of(finish(agent), "server", port)
+    assert s["trace_id"] != TRACE and s["trace_id"] != "0" * 32
+    assert s["parent_span_id"] is None
+
+
+def test_keepalive_requests_each_get_their_own_trace(py_server, procs):
+    server, port = py_server()
+    agent = watch(port)
+    client = procs([PY, TESTS / "servers/http_client.py", "keepalive", "127.0.0.1", port, 10])
+    assert client.wait_exit() == 0
+    got = of(finish(agent), "server", port)
+    assert len(got) == 10
+    assert len({e["trace_id"] for e in got}) == 10
+    assert all(e["parent_span_id"] is None for e in got)
