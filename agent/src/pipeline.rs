@@ -6,6 +6,7 @@ use std::{
 };
 
 use agent_common::{ConnEvent, ConnTuple, Role, AF_INET};
+use aya::maps::{MapData, PerCpuArray};
 use lru::LruCache;
 
 use crate::{
@@ -86,6 +87,7 @@ pub struct Pipeline<S: ExchangeSink> {
     stats: Arc<Stats>,
     sink: S,
     idle_ticks: u32,
+    kernel_counters: Option<PerCpuArray<MapData, u64>>,
 }
 
 impl<S: ExchangeSink> Pipeline<S> {
@@ -99,7 +101,23 @@ impl<S: ExchangeSink> Pipeline<S> {
             stats,
             sink,
             idle_ticks: 0,
+            kernel_counters: None,
         }
+    }
+
+    /// The kernel's per-CPU drop counters, summed into [`Stats`] about once a second.
+    pub fn set_kernel_counters(&mut self, map: PerCpuArray<MapData, u64>) {
+        self.kernel_counters = Some(map);
+    }
+
+    fn read_kernel_counters(&self) {
+        let Some(map) = &self.kernel_counters else {
+            return;
+        };
+        let sums: Vec<u64> = (0..agent_common::counter::COUNT)
+            .map(|i| map.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
+            .collect();
+        self.stats.set_kernel(&sums);
     }
 
     pub fn sink_mut(&mut self) -> &mut S {
@@ -246,6 +264,7 @@ impl<S: ExchangeSink> RecordSink for Pipeline<S> {
         self.idle_ticks = self.idle_ticks.wrapping_add(1);
         if self.idle_ticks.is_multiple_of(100) {
             self.clock.refresh();
+            self.read_kernel_counters();
         }
     }
 }

@@ -39,11 +39,29 @@ counters! {
     exchanges => "tapir.exchanges",
     /// Processes seen exiting.
     process_exits => "tapir.processes.exited",
+    /// Kernel: records lost because the ring buffer was full (the agent fell behind).
+    kernel_ringbuf_full => "tapir.kernel.ringbuf_full",
+    /// Kernel: the fd → socket walk could not read kernel memory.
+    kernel_walk_failed => "tapir.kernel.socket_lookup_failed",
+    /// Kernel: the connection table was full when a connection was first seen.
+    kernel_conn_table_full => "tapir.kernel.connection_table_full",
+    /// Kernel: a payload could not be read from the process's memory.
+    kernel_read_user_failed => "tapir.kernel.payload_read_failed",
 }
 
 impl Stats {
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Stores the kernel's own cumulative counters (summed over CPUs).
+    pub fn set_kernel(&self, per_counter: &[u64]) {
+        use agent_common::counter;
+        let get = |i: u32| per_counter.get(i as usize).copied().unwrap_or(0);
+        self.kernel_ringbuf_full.store(get(counter::RINGBUF_FULL), Ordering::Relaxed);
+        self.kernel_walk_failed.store(get(counter::WALK_FAILED), Ordering::Relaxed);
+        self.kernel_conn_table_full.store(get(counter::CONN_TABLE_FULL), Ordering::Relaxed);
+        self.kernel_read_user_failed.store(get(counter::READ_USER_FAILED), Ordering::Relaxed);
     }
 
     /// Folds one connection's drop counts into the totals.

@@ -77,6 +77,7 @@ pub fn run(args: WatchArgs) -> Result<ExitCode> {
     let mut attached = attach(&args.capture)?;
     let ring = super::take_ring(&mut attached)?;
     let logger = super::take_logger(&mut attached);
+    let counters = super::take_counters(&mut attached);
     let filter = Filter {
         pids: args.pids.clone(),
         ports: args.ports.clone(),
@@ -89,6 +90,9 @@ pub fn run(args: WatchArgs) -> Result<ExitCode> {
             out: io::BufWriter::new(io::stdout()),
         };
         let mut pipeline = Pipeline::new(max_conns, filter, Arc::new(Stats::default()), printer);
+        if let Some(c) = counters {
+            pipeline.set_kernel_counters(c);
+        }
         drain_loop(ring, &mut pipeline, &stop, logger);
         pipeline.sink_mut().flush();
     })?;
