@@ -239,6 +239,9 @@ pub struct Registry {
     _agent_instruments: Vec<Box<dyn std::any::Any + Send + Sync>>,
     host: String,
     metrics: bool,
+    /// Evicted providers wait for one last periodic collection (only when something
+    /// collects periodically: the OTLP metrics loop).
+    collect_retired: bool,
     epoch: Instant,
     stats: Arc<OtelStats>,
 }
@@ -268,9 +271,17 @@ impl Registry {
             _agent_instruments: instruments,
             host,
             metrics,
+            collect_retired: true,
             epoch: Instant::now(),
             stats,
         }
+    }
+
+    /// Without a periodic collector (Prometheus only), evicted providers are shut down at
+    /// once instead of waiting for a last collection that would never come.
+    pub fn without_final_collection(mut self) -> Self {
+        self.collect_retired = false;
+        self
     }
 
     fn now_secs(&self) -> u64 {
@@ -308,7 +319,11 @@ impl Registry {
     }
 
     fn retire(&self, e: Arc<ServiceEntry>) {
-        if e.meters.is_some() {
+        if !self.collect_retired {
+            if let Some((m, _)) = &e.meters {
+                m.shutdown();
+            }
+        } else if e.meters.is_some() {
             self.retired
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

@@ -216,7 +216,7 @@ impl Ingest {
         if !self.spans {
             return;
         }
-        let ids = span::span_context_for(&ex, None);
+        let ids = span::span_context_for(&ex, span::kernel_ids(&ex));
         if !self.sampler.should_sample(ids.trace_id, ids.parent_sampled) {
             OtelStats::add(&self.stats.spans_not_sampled, 1);
             return;
@@ -354,7 +354,7 @@ impl Telemetry {
         let queue_len: metrics::QueueLen =
             Arc::new(move || q.as_ref().map_or(0, |q| q.len() as u64));
         let metrics_on = metric_exporter.is_some() || prometheus_listener.is_some();
-        let registry = Arc::new(Registry::new(
+        let mut registry = Registry::new(
             cfg.max_services,
             metrics_on,
             resource::host_name(),
@@ -362,7 +362,11 @@ impl Telemetry {
             capture,
             stats.clone(),
             queue_len,
-        ));
+        );
+        if metric_exporter.is_none() {
+            registry = registry.without_final_collection();
+        }
+        let registry = Arc::new(registry);
 
         let (tx, mut rx) = mpsc::channel(cfg.channel_exchanges.max(1));
         let mut ingest = Ingest {

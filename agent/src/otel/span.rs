@@ -40,15 +40,57 @@ pub fn is_error(server: bool, status: u16) -> bool {
     }
 }
 
-/// Ids the kernel chose for a span (a later issue injects `traceparent` into outgoing
-/// requests, so CLIENT spans must use the ids that went on the wire).
+/// Ids the kernel chose for a span: what it saw in the request's `traceparent`, or the
+/// context of the SERVER span the same thread is handling, or new ids; for CLIENT spans,
+/// the ids it put on the wire. They must win so that traces link up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelIds {
     pub trace_id: TraceId,
     pub span_id: SpanId,
-    /// The span that was current in the process when the request was sent, if any.
     pub parent_span_id: Option<SpanId>,
-    pub sampled: bool,
+    /// What the sampler should take as the parent's decision (`None`: decide as a root).
+    pub parent_sampled: Option<bool>,
+    pub parent_is_remote: bool,
+    /// The ids came from the request's own `traceparent`: its `tracestate` belongs to them.
+    pub from_header: bool,
+}
+
+/// The kernel-given ids of an exchange, if it has valid ones.
+///
+/// Sampling: a parent from a `traceparent` header decides by its sampled flag. A parent
+/// that is the thread's SERVER span (a local parent) was sampled by Tapir itself: its
+/// kernel flags only say "not sampled" reliably (from its own header), so a cleared flag
+/// drops the child and a set one lets the root rule decide (deterministic per trace id,
+/// hence the same decision as that SERVER span when it was a root).
+pub fn kernel_ids(ex: &CapturedExchange) -> Option<KernelIds> {
+    use agent_common::{ORIGIN_HEADER, ORIGIN_THREAD, TRACE_NONE, TRACE_SERVER};
+    let t = ex.trace.as_ref()?;
+    let trace_id = TraceId::from_bytes(t.trace_id);
+    let span_id = SpanId::from_bytes(t.span_id);
+    if t.kind == TRACE_NONE || trace_id == TraceId::INVALID || span_id == SpanId::INVALID {
+        return None;
+    }
+    let parent = SpanId::from_bytes(t.parent_span_id);
+    let parent_span_id = (t.has_parent != 0 && parent != SpanId::INVALID).then_some(parent);
+    let sampled = t.flags & 1 == 1;
+    let from_header = t.origin == ORIGIN_HEADER;
+    let parent_sampled = if from_header {
+        // A SERVER's remote caller, or a CLIENT whose caller chose its ids itself: the
+        // caller's decision.
+        Some(sampled)
+    } else if t.origin == ORIGIN_THREAD && parent_span_id.is_some() {
+        (!sampled).then_some(false)
+    } else {
+        None
+    };
+    Some(KernelIds {
+        trace_id,
+        span_id,
+        parent_span_id,
+        parent_sampled,
+        parent_is_remote: from_header && t.kind == TRACE_SERVER,
+        from_header,
+    })
 }
 
 /// The ids of one span and what the sampler needs to know about its parent.
@@ -58,25 +100,37 @@ pub struct SpanIds {
     pub span_id: SpanId,
     /// `SpanId::INVALID` for a root span.
     pub parent_span_id: SpanId,
-    /// The parent's sampled flag when the parent is known (remote `traceparent` or
-    /// kernel-given); `None` for a root.
+    /// The parent's sampled flag as the sampler should use it; `None`: decide as a root.
     pub parent_sampled: Option<bool>,
     pub parent_is_remote: bool,
     pub trace_state: TraceState,
 }
 
-/// Chooses the ids of an exchange's span: kernel-given ids when there are some; else the
-/// trace of a valid incoming `traceparent` (its span becomes our parent, its `tracestate`
-/// is kept); else a new trace. The span id is always new unless the kernel gave one.
+fn trace_state_of(ex: &CapturedExchange) -> TraceState {
+    ex.http
+        .tracestate
+        .as_deref()
+        .and_then(|s| s.trim().parse::<TraceState>().ok())
+        .unwrap_or(TraceState::NONE)
+}
+
+/// Chooses the ids of an exchange's span: kernel-given ids when there are some (see
+/// [`kernel_ids`]); else the trace of a valid incoming `traceparent` (its span becomes our
+/// parent, its `tracestate` is kept); else a new trace. The span id is new unless the
+/// kernel gave one.
 pub fn span_context_for(ex: &CapturedExchange, kernel: Option<KernelIds>) -> SpanIds {
     if let Some(k) = kernel {
         return SpanIds {
             trace_id: k.trace_id,
             span_id: k.span_id,
             parent_span_id: k.parent_span_id.unwrap_or(SpanId::INVALID),
-            parent_sampled: k.parent_span_id.map(|_| k.sampled),
-            parent_is_remote: false,
-            trace_state: TraceState::NONE,
+            parent_sampled: k.parent_sampled,
+            parent_is_remote: k.parent_is_remote,
+            trace_state: if k.from_header {
+                trace_state_of(ex)
+            } else {
+                TraceState::NONE
+            },
         };
     }
     let ids = RandomIdGenerator::default();
@@ -88,12 +142,7 @@ pub fn span_context_for(ex: &CapturedExchange, kernel: Option<KernelIds>) -> Spa
             parent_span_id: tp.span_id,
             parent_sampled: Some(tp.sampled),
             parent_is_remote: true,
-            trace_state: ex
-                .http
-                .tracestate
-                .as_deref()
-                .and_then(|s| s.trim().parse::<TraceState>().ok())
-                .unwrap_or(TraceState::NONE),
+            trace_state: trace_state_of(ex),
         },
         None => SpanIds {
             trace_id: new_trace_id(&ids),
@@ -533,21 +582,78 @@ pub(crate) mod tests {
         assert_eq!(ids.trace_state, TraceState::NONE);
     }
 
+    fn kernel(kind: u8, origin: u8, parent: Option<u64>, flags: u8) -> agent_common::TraceIds {
+        agent_common::TraceIds {
+            trace_id: 5u128.to_be_bytes(),
+            span_id: 6u64.to_be_bytes(),
+            parent_span_id: parent.unwrap_or(0).to_be_bytes(),
+            flags,
+            kind,
+            origin,
+            has_parent: u8::from(parent.is_some()),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn kernel_ids_win() {
+        use agent_common::{
+            ORIGIN_HEADER, ORIGIN_NEW, ORIGIN_THREAD, TRACE_CLIENT, TRACE_NONE, TRACE_SERVER,
+        };
         let mut ex = exchange(ExchangeRole::Client, "GET", "/", 200);
         ex.http.traceparent =
             Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
-        let k = KernelIds {
-            trace_id: TraceId::from(5u128),
-            span_id: SpanId::from(6u64),
-            parent_span_id: Some(SpanId::from(7u64)),
-            sampled: true,
-        };
+        ex.http.tracestate = Some("a=b".into());
+
+        // A CLIENT request sent while the thread served a request: child of that span.
+        ex.trace = Some(kernel(TRACE_CLIENT, ORIGIN_THREAD, Some(7), 1));
+        let k = kernel_ids(&ex).unwrap();
         let ids = span_context_for(&ex, Some(k));
-        assert_eq!((ids.trace_id, ids.span_id), (k.trace_id, k.span_id));
+        assert_eq!(ids.trace_id, TraceId::from(5u128));
+        assert_eq!(ids.span_id, SpanId::from(6u64));
         assert_eq!(ids.parent_span_id, SpanId::from(7u64));
+        assert!(!ids.parent_is_remote);
+        assert_eq!(
+            ids.parent_sampled, None,
+            "the root rule decides, like for its parent"
+        );
+        assert_eq!(ids.trace_state, TraceState::NONE);
+        ex.trace = Some(kernel(TRACE_CLIENT, ORIGIN_THREAD, Some(7), 0));
+        assert_eq!(kernel_ids(&ex).unwrap().parent_sampled, Some(false));
+
+        // A CLIENT whose caller wrote its own traceparent: those are this span's ids.
+        ex.trace = Some(kernel(TRACE_CLIENT, ORIGIN_HEADER, None, 0));
+        let ids = span_context_for(&ex, kernel_ids(&ex));
+        assert_eq!(ids.span_id, SpanId::from(6u64));
+        assert_eq!(ids.parent_span_id, SpanId::INVALID);
+        assert_eq!(ids.parent_sampled, Some(false));
+        assert_eq!(ids.trace_state.get("a"), Some("b"));
+
+        // A SERVER request with a traceparent: remote parent, its flag decides.
+        let mut sv = exchange(ExchangeRole::Server, "GET", "/", 200);
+        sv.trace = Some(kernel(TRACE_SERVER, ORIGIN_HEADER, Some(9), 1));
+        let ids = span_context_for(&sv, kernel_ids(&sv));
+        assert_eq!(ids.parent_span_id, SpanId::from(9u64));
+        assert!(ids.parent_is_remote);
         assert_eq!(ids.parent_sampled, Some(true));
+
+        // New ids: a root.
+        sv.trace = Some(kernel(TRACE_SERVER, ORIGIN_NEW, None, 1));
+        let ids = span_context_for(&sv, kernel_ids(&sv));
+        assert_eq!(ids.parent_span_id, SpanId::INVALID);
+        assert_eq!(ids.parent_sampled, None);
+        let span = build_span(&sv, &ids, None, &scope());
+        assert_eq!(span.span_context.span_id(), SpanId::from(6u64));
+
+        // No usable kernel ids: Tapir chooses.
+        sv.trace = Some(kernel(TRACE_NONE, ORIGIN_NEW, None, 1));
+        assert_eq!(kernel_ids(&sv), None);
+        let mut zero = kernel(TRACE_SERVER, ORIGIN_NEW, None, 1);
+        zero.trace_id = [0; 16];
+        sv.trace = Some(zero);
+        assert_eq!(kernel_ids(&sv), None);
+        sv.trace = None;
+        assert_eq!(kernel_ids(&sv), None);
     }
 
     #[test]
