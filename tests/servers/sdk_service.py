@@ -13,8 +13,11 @@ Routes:
   /users/<id>        200 (route "/users/{id}")
   /anything-else     200 "ok"
 Usage: sdk_service.py PORT --otlp-endpoint URL [--protocol grpc|http/protobuf]
-Prints "listening" on stdout once the socket accepts connections. SIGTERM/SIGINT flush the
-spans still pending, then exit 0.
+                      [--batch-delay-ms MS]
+Prints "listening" on stdout once the socket accepts connections. Spans are batched and
+exported every --batch-delay-ms (default 200); SIGTERM/SIGINT flush the spans still pending,
+then exit 0. A long delay keeps the exporter thread (and its hold on the GIL) out of the
+measured requests: the ground-truth test uses that and stops the service to get its spans.
 """
 import argparse
 import http.server
@@ -109,6 +112,7 @@ def main():
     ap.add_argument("--bind", default="127.0.0.1")
     ap.add_argument("--otlp-endpoint", required=True, help="e.g. http://127.0.0.1:4317")
     ap.add_argument("--protocol", default="grpc", choices=["grpc", "http/protobuf"])
+    ap.add_argument("--batch-delay-ms", type=int, default=200)
     a = ap.parse_args()
 
     if a.protocol == "grpc":
@@ -121,7 +125,7 @@ def main():
         exporter = OTLPSpanExporter(endpoint=a.otlp_endpoint.rstrip("/") + "/v1/traces")
     # Resource.create() reads OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES like any SDK user.
     provider = TracerProvider(resource=Resource.create({}))
-    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=200))
+    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=a.batch_delay_ms))
     trace.set_tracer_provider(provider)
     Handler.tracer = trace.get_tracer(SCOPE)
 
