@@ -195,6 +195,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let mut attached = attach(&args.capture)?;
     let ring = super::take_ring(&mut attached)?;
     let logger = super::take_logger(&mut attached);
+    let counters = super::take_counters(&mut attached);
     let filter = Filter {
         pids: args.pids.clone(),
         ports: args.ports.clone(),
@@ -203,10 +204,11 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let st = stats.clone();
     let os = otel_stats.clone();
     let capture = CaptureThread::spawn(move |stop| {
-        let mut sink = Gauged {
-            pipeline: Pipeline::new(max_conns, filter, st, sink),
-            otel: os,
-        };
+        let mut pipeline = Pipeline::new(max_conns, filter, st, sink);
+        if let Some(c) = counters {
+            pipeline.set_kernel_counters(c);
+        }
+        let mut sink = Gauged { pipeline, otel: os };
         drain_loop(ring, &mut sink, &stop, logger);
         // Dropping the pipeline here closes the export channel: the export side drains it.
     })?;
