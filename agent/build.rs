@@ -6,7 +6,8 @@ use std::{env, fs, path::PathBuf};
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
-    let default_obj = manifest_dir.join("../agent-ebpf/target/bpfel-unknown-none/release/tapir-ebpf");
+    let default_obj =
+        manifest_dir.join("../agent-ebpf/target/bpfel-unknown-none/release/tapir-ebpf");
     let obj = env::var_os("TAPIR_EBPF_OBJECT")
         .map(PathBuf::from)
         .unwrap_or(default_obj);

@@ -54,7 +54,8 @@ impl ConnAssembler {
             if self.pending_ids.len() >= MAX_PENDING_IDS {
                 self.pending_ids.pop_front();
             }
-            self.pending_ids.push_back((d.header.header.ts_ns, d.header.trace));
+            self.pending_ids
+                .push_back((d.header.header.ts_ns, d.header.trace));
         }
         let chunk = Chunk {
             direction: if d.header.direction == DIR_INGRESS {
@@ -130,13 +131,32 @@ mod tests {
         let mut out = Vec::new();
         for (i, path) in ["/a", "/b"].iter().enumerate() {
             let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
-            let (h, p) = event(DIR_INGRESS, 10 + i as u64, req.as_bytes(), Some(i as u8 + 1));
-            a.on_data(&DataEvent { header: h, payload: &p }, &mut out, &stats);
+            let (h, p) = event(
+                DIR_INGRESS,
+                10 + i as u64,
+                req.as_bytes(),
+                Some(i as u8 + 1),
+            );
+            a.on_data(
+                &DataEvent {
+                    header: h,
+                    payload: &p,
+                },
+                &mut out,
+                &stats,
+            );
         }
         let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
         for ts in [20, 21] {
             let (h, p) = event(DIR_EGRESS, ts, resp, None);
-            a.on_data(&DataEvent { header: h, payload: &p }, &mut out, &stats);
+            a.on_data(
+                &DataEvent {
+                    header: h,
+                    payload: &p,
+                },
+                &mut out,
+                &stats,
+            );
         }
         let got: Vec<_> = out
             .iter()
@@ -151,9 +171,23 @@ mod tests {
         let mut a = ConnAssembler::new();
         let mut out = Vec::new();
         let (h, p) = event(DIR_INGRESS, 5, b"GET / HTTP/1.1\r\n\r\n", None);
-        a.on_data(&DataEvent { header: h, payload: &p }, &mut out, &stats);
+        a.on_data(
+            &DataEvent {
+                header: h,
+                payload: &p,
+            },
+            &mut out,
+            &stats,
+        );
         let (h, p) = event(DIR_EGRESS, 6, b"HTTP/1.1 204 No Content\r\n\r\n", None);
-        a.on_data(&DataEvent { header: h, payload: &p }, &mut out, &stats);
+        a.on_data(
+            &DataEvent {
+                header: h,
+                payload: &p,
+            },
+            &mut out,
+            &stats,
+        );
         assert_eq!(out.len(), 1);
         assert!(out[0].1.is_none());
     }

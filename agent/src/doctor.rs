@@ -286,7 +286,11 @@ pub fn render(checks: &[Check]) -> String {
         .unwrap_or(7)
         .max(7);
     let mut out = String::new();
-    let _ = writeln!(out, "{:<w$}  {:<7}  DETAIL / WITHOUT IT", "FEATURE", "STATUS");
+    let _ = writeln!(
+        out,
+        "{:<w$}  {:<7}  DETAIL / WITHOUT IT",
+        "FEATURE", "STATUS"
+    );
     for c in checks {
         let _ = writeln!(
             out,

@@ -58,10 +58,14 @@ impl Stats {
     pub fn set_kernel(&self, per_counter: &[u64]) {
         use agent_common::counter;
         let get = |i: u32| per_counter.get(i as usize).copied().unwrap_or(0);
-        self.kernel_ringbuf_full.store(get(counter::RINGBUF_FULL), Ordering::Relaxed);
-        self.kernel_walk_failed.store(get(counter::WALK_FAILED), Ordering::Relaxed);
-        self.kernel_conn_table_full.store(get(counter::CONN_TABLE_FULL), Ordering::Relaxed);
-        self.kernel_read_user_failed.store(get(counter::READ_USER_FAILED), Ordering::Relaxed);
+        self.kernel_ringbuf_full
+            .store(get(counter::RINGBUF_FULL), Ordering::Relaxed);
+        self.kernel_walk_failed
+            .store(get(counter::WALK_FAILED), Ordering::Relaxed);
+        self.kernel_conn_table_full
+            .store(get(counter::CONN_TABLE_FULL), Ordering::Relaxed);
+        self.kernel_read_user_failed
+            .store(get(counter::READ_USER_FAILED), Ordering::Relaxed);
     }
 
     /// Folds one connection's drop counts into the totals.

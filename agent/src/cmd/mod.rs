@@ -138,7 +138,9 @@ pub fn take_logger(attached: &mut Attached) -> Option<(Logger, LogFlush)> {
 }
 
 /// The kernel's drop counters, taken out of the loaded object for the capture thread.
-pub fn take_counters(attached: &mut Attached) -> Option<aya::maps::PerCpuArray<aya::maps::MapData, u64>> {
+pub fn take_counters(
+    attached: &mut Attached,
+) -> Option<aya::maps::PerCpuArray<aya::maps::MapData, u64>> {
     let map = attached.ebpf.take_map(agent_common::names::COUNTERS)?;
     aya::maps::PerCpuArray::try_from(map)
         .map_err(|e| tracing::warn!(error = %e, "kernel counters unavailable"))
