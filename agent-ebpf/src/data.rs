@@ -1,8 +1,8 @@
 //! read/write-family syscalls on tracked TCP connections: save the arguments at entry, copy
 //! a bounded prefix (and the last few bytes) at exit when the bytes are or follow HTTP/1.x.
 use agent_common::{
-    counter, syscall, EventKind, TraceIds, CONN_HTTP, DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE, MAX_IOVECS,
-    TAIL_BYTES,
+    counter, syscall, EventKind, TraceIds, CONN_HTTP, DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE,
+    MAX_IOVECS, TAIL_BYTES,
 };
 use aya_ebpf::{
     helpers::{
@@ -15,10 +15,13 @@ use aya_ebpf::{
 
 use crate::{
     conn::{header, lookup_tcp},
-    trace::{is_request_start, is_response_start, on_client_request, on_server_request, on_server_response},
     maps::{
-        agent_tgid, capture_bytes, count, ringbuf_flags, DataScratch, PendingIo, EVENTS, SCRATCH, SCRATCH_BYTES,
-        SHAPE_BUF, SHAPE_IOVEC, SHAPE_MSGHDR, SHAPE_NONE,
+        agent_tgid, capture_bytes, count, ringbuf_flags, DataScratch, PendingIo, EVENTS, SCRATCH,
+        SCRATCH_BYTES, SHAPE_BUF, SHAPE_IOVEC, SHAPE_MSGHDR, SHAPE_NONE,
+    },
+    trace::{
+        is_request_start, is_response_start, on_client_request, on_server_request,
+        on_server_response,
     },
 };
 

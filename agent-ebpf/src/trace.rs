@@ -210,7 +210,8 @@ pub fn find_traceparent(
         return None;
     }
     let mut version = [0u8; 1];
-    if !parse_hex(data, value_at, &mut version, false) || version[0] == 0xff
+    if !parse_hex(data, value_at, &mut version, false)
+        || version[0] == 0xff
         || byte_at(data, value_at + 2) != b'-'
         || byte_at(data, value_at + 35) != b'-'
         || byte_at(data, value_at + 52) != b'-'
@@ -218,7 +219,11 @@ pub fn find_traceparent(
         return None;
     }
     // Version 00 ends after the flags; later versions may add fields after another '-'.
-    let after = if value_at + 55 < n { byte_at(data, value_at + 55) } else { b'\r' };
+    let after = if value_at + 55 < n {
+        byte_at(data, value_at + 55)
+    } else {
+        b'\r'
+    };
     if version[0] == 0 && after != b'\r' && after != b'\n' && after != b' ' && after != b'\t' {
         return None;
     }
