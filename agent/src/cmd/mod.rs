@@ -34,7 +34,7 @@ pub struct CaptureArgs {
     #[arg(long, env = "TAPIR_CAPTURE_BYTES", default_value_t = agent_common::DEFAULT_CAPTURE)]
     pub capture_bytes: u32,
     /// Kernel → agent ring buffer size in bytes (power of two). When it is full, events are
-    /// dropped and counted (tapir.events.dropped).
+    /// dropped and counted (tapir.kernel.ringbuf_full).
     #[arg(long, env = "TAPIR_RINGBUF_BYTES", default_value_t = 16 << 20)]
     pub ringbuf_bytes: u32,
     /// Connections tracked at once (kernel and agent). The least recently used are evicted.
