@@ -186,74 +186,58 @@ fn protocol_of(p: OtlpProtocol) -> Protocol {
     }
 }
 
+/// gRPC settings shared by the span and metric exporters. Retries are Tapir's (the queue),
+/// so the exporter's own are disabled.
+fn tonic_settings<B>(b: B, t: &Target) -> B
+where
+    B: WithExportConfig + WithTonicConfig,
+{
+    let mut b = b
+        .with_protocol(protocol_of(t.protocol))
+        .with_retry_policy(RetryPolicy::disabled());
+    if t.url.starts_with("https://") {
+        b = b.with_tls_config(
+            opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new().with_enabled_roots(),
+        );
+    }
+    match &t.explicit_endpoint {
+        Some(ep) => b.with_endpoint(ep.clone()),
+        None => b,
+    }
+}
+
+/// HTTP/protobuf settings shared by the span and metric exporters.
+fn http_settings<B>(b: B, t: &Target) -> B
+where
+    B: WithExportConfig + WithHttpConfig,
+{
+    let b = b
+        .with_protocol(protocol_of(t.protocol))
+        .with_retry_policy(RetryPolicy::disabled());
+    match &t.explicit_endpoint {
+        Some(ep) => b.with_endpoint(ep.clone()),
+        None => b,
+    }
+}
+
 /// Builds the OTLP span exporter for `t` (inside the tokio runtime: gRPC channels spawn
-/// tasks). Retries are Tapir's (the queue), so the exporter's own are disabled.
+/// tasks).
 pub fn span_exporter(t: &Target) -> anyhow::Result<SpanExporter> {
     let b = SpanExporter::builder();
-    let e = match t.protocol {
-        OtlpProtocol::Grpc => {
-            let mut b = b
-                .with_tonic()
-                .with_protocol(protocol_of(t.protocol))
-                .with_retry_policy(RetryPolicy::disabled());
-            if t.url.starts_with("https://") {
-                b = b.with_tls_config(
-                    opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new()
-                        .with_enabled_roots(),
-                );
-            }
-            if let Some(ep) = &t.explicit_endpoint {
-                b = b.with_endpoint(ep.clone());
-            }
-            b.build()?
-        }
-        OtlpProtocol::HttpProtobuf => {
-            let mut b = b
-                .with_http()
-                .with_protocol(protocol_of(t.protocol))
-                .with_retry_policy(RetryPolicy::disabled());
-            if let Some(ep) = &t.explicit_endpoint {
-                b = b.with_endpoint(ep.clone());
-            }
-            b.build()?
-        }
-    };
-    Ok(e)
+    Ok(match t.protocol {
+        OtlpProtocol::Grpc => tonic_settings(b.with_tonic(), t).build()?,
+        OtlpProtocol::HttpProtobuf => http_settings(b.with_http(), t).build()?,
+    })
 }
 
 /// Builds the OTLP metric exporter for `t` (cumulative temporality).
 pub fn metric_exporter(t: &Target) -> anyhow::Result<MetricExporter> {
     let b = MetricExporter::builder()
         .with_temporality(opentelemetry_sdk::metrics::Temporality::Cumulative);
-    let e = match t.protocol {
-        OtlpProtocol::Grpc => {
-            let mut b = b
-                .with_tonic()
-                .with_protocol(protocol_of(t.protocol))
-                .with_retry_policy(RetryPolicy::disabled());
-            if t.url.starts_with("https://") {
-                b = b.with_tls_config(
-                    opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new()
-                        .with_enabled_roots(),
-                );
-            }
-            if let Some(ep) = &t.explicit_endpoint {
-                b = b.with_endpoint(ep.clone());
-            }
-            b.build()?
-        }
-        OtlpProtocol::HttpProtobuf => {
-            let mut b = b
-                .with_http()
-                .with_protocol(protocol_of(t.protocol))
-                .with_retry_policy(RetryPolicy::disabled());
-            if let Some(ep) = &t.explicit_endpoint {
-                b = b.with_endpoint(ep.clone());
-            }
-            b.build()?
-        }
-    };
-    Ok(e)
+    Ok(match t.protocol {
+        OtlpProtocol::Grpc => tonic_settings(b.with_tonic(), t).build()?,
+        OtlpProtocol::HttpProtobuf => http_settings(b.with_http(), t).build()?,
+    })
 }
 
 /// A span waiting for export, with the process it belongs to (for its resource).
