@@ -211,7 +211,11 @@ pub struct ConnState {
     /// The process's fd generation when this was cached (see the kernel's PROC_GEN map).
     pub gen: u32,
     pub role: u8,
-    pub _pad: [u8; 7],
+    pub _pad: u8,
+    /// Host-order ports of the connection (port learning for traceparent injection).
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad2: u16,
 }
 
 /// Struct member offsets (bytes) of the running kernel, read from its BTF at start-up and
@@ -255,6 +259,41 @@ pub mod counter {
     /// Connection events submitted.
     pub const CONN_EVENTS: u32 = 5;
     pub const COUNT: u32 = 8;
+}
+
+/// Indexes of the traceparent-injection counters (`TAPIR_INJ_COUNTERS`, per-CPU).
+pub mod inject_counter {
+    /// Client sockets put in the injection sockhash at connection setup.
+    pub const CLAIMED: u32 = 0;
+    /// Requests that got a `traceparent` inserted.
+    pub const INJECTED: u32 = 1;
+    /// First message was not an HTTP request (other protocol): left alone.
+    pub const NOT_REQUEST: u32 = 2;
+    /// The request already carried a `traceparent`: left alone, its ids used.
+    pub const HAS_TRACEPARENT: u32 = 3;
+    /// The request head did not fit in the first send (or had no line end): left alone.
+    pub const HEAD_SPLIT: u32 = 4;
+    /// Later requests on a kept-alive connection (only the first is injected).
+    pub const KEEPALIVE_LATER: u32 = 5;
+    /// The kernel refused to grow or linearize the message.
+    pub const PUSH_FAILED: u32 = 6;
+    /// Sockets released from the sockhash once their request was acknowledged.
+    pub const RELEASED: u32 = 7;
+    /// Claiming or releasing a socket failed.
+    pub const MAP_FAILED: u32 = 8;
+    pub const COUNT: u32 = 9;
+    /// Metric-name suffixes, by index.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "claimed",
+        "injected",
+        "not_request",
+        "has_traceparent",
+        "head_split",
+        "keepalive_later",
+        "push_failed",
+        "released",
+        "map_failed",
+    ];
 }
 
 #[cfg(feature = "user")]

@@ -47,7 +47,9 @@ pub fn lookup_tcp(tgid: u32, fd: u32) -> Option<*mut ConnState> {
                 flags: CONN_TCP,
                 gen,
                 role: Role::Unknown as u8,
-                _pad: [0; 7],
+                local_port: tuple.local_port,
+                remote_port: tuple.remote_port,
+                ..ConnState::default()
             };
             if CONNS.insert(key, state, 0).is_err() {
                 count(counter::CONN_TABLE_FULL);
@@ -82,7 +84,9 @@ pub fn track_new(tgid: u32, fd: u32, role: Role) -> bool {
                 flags: CONN_TCP,
                 gen: current_gen(tgid),
                 role: role as u8,
-                _pad: [0; 7],
+                local_port: tuple.local_port,
+                remote_port: tuple.remote_port,
+                ..ConnState::default()
             };
             if CONNS.insert(ConnKey { tgid, fd }, state, 0).is_err() {
                 count(counter::CONN_TABLE_FULL);

@@ -15,6 +15,7 @@ use aya_ebpf::{
 
 use crate::{
     conn::{header, lookup_tcp},
+    inject::learn_http_port,
     maps::{
         agent_tgid, capture_bytes, count, ringbuf_flags, DataScratch, PendingIo, EVENTS, SCRATCH,
         SCRATCH_BYTES, SHAPE_BUF, SHAPE_IOVEC, SHAPE_MSGHDR, SHAPE_NONE,
@@ -193,7 +194,7 @@ fn emit_data<const SHAPE: u8>(
     }
     let DataScratch { hdr, data, .. } = scratch;
     hdr.trace = TraceIds::default();
-    trace_ids(p.direction, data, captured, &mut hdr.trace);
+    trace_ids(p.direction, data, captured, &mut hdr.trace, state);
     hdr.header = header(EventKind::Data, p.fd);
     hdr.sock_id = p.sock_id;
     hdr.total = total.min(u32::MAX as u64) as u32;
@@ -229,12 +230,21 @@ fn emit_data<const SHAPE: u8>(
 
 /// Request starts get span ids; a response written ends the thread's SERVER context.
 #[inline(always)]
-fn trace_ids(direction: u8, data: &[u8; SCRATCH_BYTES], n: u64, ids: &mut TraceIds) {
+fn trace_ids(
+    direction: u8,
+    data: &[u8; SCRATCH_BYTES],
+    n: u64,
+    ids: &mut TraceIds,
+    conn: &agent_common::ConnState,
+) {
     let pid_tgid = bpf_get_current_pid_tgid();
     if is_request_start(data, n) {
+        // This port serves HTTP: later connections to it get a traceparent.
         if direction == DIR_INGRESS {
+            learn_http_port(conn.local_port);
             on_server_request(pid_tgid, data, n, ids);
         } else {
+            learn_http_port(conn.remote_port);
             on_client_request(pid_tgid, data, n, ids);
         }
     } else if direction == DIR_EGRESS && is_response_start(data, n) {

@@ -6,6 +6,7 @@
 
 mod conn;
 mod data;
+mod inject;
 mod lifecycle;
 mod maps;
 mod sock;

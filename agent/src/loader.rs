@@ -21,6 +21,11 @@ pub struct LoadOptions {
     pub ringbuf_bytes: u32,
     /// Connections the kernel tracks at once.
     pub max_connections: u32,
+    /// Insert `traceparent` into outgoing HTTP/1.x requests (sock_ops + sk_msg).
+    pub inject: bool,
+    /// Destination ports whose connections get injection from the start (others are
+    /// learned from the traffic).
+    pub inject_ports: Vec<u16>,
 }
 
 impl Default for LoadOptions {
@@ -29,6 +34,8 @@ impl Default for LoadOptions {
             capture_bytes: agent_common::DEFAULT_CAPTURE,
             ringbuf_bytes: 16 << 20,
             max_connections: 65536,
+            inject: false,
+            inject_ports: Vec::new(),
         }
     }
 }
@@ -65,6 +72,8 @@ pub struct Attached {
     pub failures: Vec<ProbeFailure>,
     pub tracefs: TracefsState,
     pub offsets: KernelOffsets,
+    /// Whether traceparent injection is active, or why not.
+    pub injection: Result<(), String>,
 }
 
 pub fn has_embedded_object() -> bool {
@@ -115,12 +124,64 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
             });
         }
     }
+    let injection = if opts.inject {
+        attach_injection(&mut ebpf, &opts.inject_ports)
+    } else {
+        Err("switched off".into())
+    };
     Ok(Attached {
         ebpf,
         failures,
         tracefs,
         offsets,
+        injection,
     })
+}
+
+/// sock_ops on the cgroup v2 root claims client sockets; sk_msg on their sockhash inserts
+/// the header. Failing here only loses injection, never capture.
+fn attach_injection(ebpf: &mut Ebpf, ports: &[u16]) -> Result<(), String> {
+    use aya::{
+        maps::{HashMap, SockHash},
+        programs::{CgroupAttachMode, SkMsg, SockOps},
+    };
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
+    let root = crate::doctor::cgroup2_mount(&mountinfo)
+        .ok_or("no cgroup v2 mount (sock_ops attaches to a cgroup v2)")?;
+    {
+        let map = ebpf
+            .map_mut("TAPIR_INJ_PORTS")
+            .ok_or("the eBPF object has no TAPIR_INJ_PORTS map")?;
+        let mut known: HashMap<_, u16, u8> = HashMap::try_from(map).map_err(|e| e.to_string())?;
+        for p in ports {
+            known
+                .insert(p, 1, 0)
+                .map_err(|e| format!("port {p}: {e}"))?;
+        }
+    }
+    let socks = ebpf
+        .map("TAPIR_INJ_SOCKS")
+        .ok_or("the eBPF object has no TAPIR_INJ_SOCKS map")?;
+    let socks: SockHash<_, [u32; 12]> = SockHash::try_from(socks).map_err(|e| e.to_string())?;
+    let socks_fd = socks.fd().try_clone().map_err(|e| e.to_string())?;
+    let msg: &mut SkMsg = ebpf
+        .program_mut("tapir_sk_msg")
+        .ok_or("program tapir_sk_msg is missing")?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    msg.load().map_err(|e| format!("loading sk_msg: {e}"))?;
+    msg.attach(&socks_fd)
+        .map_err(|e| format!("attaching sk_msg: {e}"))?;
+    let cgroup = std::fs::File::open(&root).map_err(|e| format!("opening {root}: {e}"))?;
+    let ops: &mut SockOps = ebpf
+        .program_mut("tapir_sock_ops")
+        .ok_or("program tapir_sock_ops is missing")?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    ops.load().map_err(|e| format!("loading sock_ops: {e}"))?;
+    ops.attach(&cgroup, CgroupAttachMode::Single)
+        .map_err(|e| format!("attaching sock_ops to {root} (another agent attached?): {e}"))?;
+    Ok(())
 }
 
 fn attach(ebpf: &mut Ebpf, probe: &Probe) -> Result<(), String> {

@@ -88,6 +88,7 @@ pub struct Pipeline<S: ExchangeSink> {
     sink: S,
     idle_ticks: u32,
     kernel_counters: Option<PerCpuArray<MapData, u64>>,
+    inject_counters: Option<PerCpuArray<MapData, u64>>,
 }
 
 impl<S: ExchangeSink> Pipeline<S> {
@@ -102,7 +103,13 @@ impl<S: ExchangeSink> Pipeline<S> {
             sink,
             idle_ticks: 0,
             kernel_counters: None,
+            inject_counters: None,
         }
+    }
+
+    /// The kernel's traceparent-injection counters, summed into [`Stats`] with the others.
+    pub fn set_inject_counters(&mut self, map: PerCpuArray<MapData, u64>) {
+        self.inject_counters = Some(map);
     }
 
     /// The kernel's per-CPU drop counters, summed into [`Stats`] about once a second.
@@ -111,13 +118,19 @@ impl<S: ExchangeSink> Pipeline<S> {
     }
 
     fn read_kernel_counters(&self) {
-        let Some(map) = &self.kernel_counters else {
-            return;
+        let sum = |map: &PerCpuArray<MapData, u64>, n: u32| -> Vec<u64> {
+            (0..n)
+                .map(|i| map.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
+                .collect()
         };
-        let sums: Vec<u64> = (0..agent_common::counter::COUNT)
-            .map(|i| map.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
-            .collect();
-        self.stats.set_kernel(&sums);
+        if let Some(map) = &self.kernel_counters {
+            self.stats
+                .set_kernel(&sum(map, agent_common::counter::COUNT));
+        }
+        if let Some(map) = &self.inject_counters {
+            self.stats
+                .set_inject(&sum(map, agent_common::inject_counter::COUNT));
+        }
     }
 
     pub fn sink_mut(&mut self) -> &mut S {

@@ -3,6 +3,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::http::{DropReason, StreamStats};
 
+const INJECT_COUNT: usize = agent_common::inject_counter::COUNT as usize;
+
+/// `tapir.inject.*` metric names, in `agent_common::inject_counter` order.
+const INJECT_METRICS: [&str; INJECT_COUNT] = [
+    "tapir.inject.claimed",
+    "tapir.inject.injected",
+    "tapir.inject.not_request",
+    "tapir.inject.has_traceparent",
+    "tapir.inject.head_split",
+    "tapir.inject.keepalive_later",
+    "tapir.inject.push_failed",
+    "tapir.inject.released",
+    "tapir.inject.map_failed",
+];
+
 macro_rules! counters {
     ($( $(#[$doc:meta])* $name:ident => $metric:literal ),* $(,)?) => {
         /// Monotonic counters, shared between the capture thread and exporters.
@@ -11,12 +26,18 @@ macro_rules! counters {
             $( $(#[$doc])* pub $name: AtomicU64, )*
             /// HTTP messages dropped, by [`DropReason`].
             pub http_drops: [AtomicU64; DropReason::COUNT],
+            /// traceparent injection outcomes, by `agent_common::inject_counter` index.
+            pub inject: [AtomicU64; INJECT_COUNT],
         }
 
         impl Stats {
             /// (metric name, value) for every counter.
             pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-                vec![$( ($metric, self.$name.load(Ordering::Relaxed)), )*]
+                let mut v = vec![$( ($metric, self.$name.load(Ordering::Relaxed)), )*];
+                for (name, c) in INJECT_METRICS.iter().zip(self.inject.iter()) {
+                    v.push((name, c.load(Ordering::Relaxed)));
+                }
+                v
             }
         }
     };
@@ -68,6 +89,13 @@ impl Stats {
             .store(get(counter::READ_USER_FAILED), Ordering::Relaxed);
     }
 
+    /// Stores the kernel's cumulative injection counters (summed over CPUs).
+    pub fn set_inject(&self, per_counter: &[u64]) {
+        for (c, v) in self.inject.iter().zip(per_counter) {
+            c.store(*v, Ordering::Relaxed);
+        }
+    }
+
     /// Folds one connection's drop counts into the totals.
     pub fn add_stream(&self, s: &StreamStats) {
         for (reason, n) in s.iter() {
@@ -91,5 +119,30 @@ impl Stats {
                 (r.as_str(), n)
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inject_metric_names_follow_the_kernel_counter_order() {
+        for (metric, name) in INJECT_METRICS
+            .iter()
+            .zip(agent_common::inject_counter::NAMES)
+        {
+            assert_eq!(*metric, format!("tapir.inject.{name}"));
+        }
+    }
+
+    #[test]
+    fn snapshot_reports_kernel_and_inject_counters() {
+        let s = Stats::default();
+        s.set_kernel(&[3, 0, 0, 0]);
+        s.set_inject(&[0, 7]);
+        let snap = s.snapshot();
+        assert!(snap.contains(&("tapir.kernel.ringbuf_full", 3)));
+        assert!(snap.contains(&("tapir.inject.injected", 7)));
     }
 }

@@ -43,19 +43,58 @@ pub struct CaptureArgs {
 }
 
 impl CaptureArgs {
-    pub fn load_options(&self) -> LoadOptions {
+    pub fn load_options(&self, inject: &InjectArgs) -> LoadOptions {
         LoadOptions {
             capture_bytes: self.capture_bytes,
             ringbuf_bytes: self.ringbuf_bytes,
             max_connections: self.max_connections,
+            inject: inject.enabled(),
+            inject_ports: inject.inject_ports.clone(),
         }
     }
 }
 
+/// traceparent injection into outgoing requests (flags shared by `run` and `watch`).
+#[derive(Args, Debug, Clone)]
+pub struct InjectArgs {
+    /// Do not insert `traceparent` into outgoing HTTP/1.x requests (then only requests
+    /// that already carry one link to their downstream service).
+    #[arg(long, env = "TAPIR_NO_INJECT", conflicts_with = "inject")]
+    pub no_inject: bool,
+    /// Insert `traceparent` into outgoing requests (the default for `run`; `watch` only
+    /// observes unless this is given).
+    #[arg(long)]
+    pub inject: bool,
+    /// Destination port to inject into from the first connection on (repeatable). Other
+    /// HTTP ports are learned from the traffic: the first connection to a port nobody has
+    /// used for HTTP since Tapir started is not injected.
+    #[arg(long = "inject-port", value_name = "PORT")]
+    pub inject_ports: Vec<u16>,
+    /// Set by the subcommand: whether injection is on unless --no-inject/--inject says.
+    #[arg(skip)]
+    pub default_on: bool,
+}
+
+impl InjectArgs {
+    pub fn enabled(&self) -> bool {
+        !self.no_inject && (self.inject || self.default_on)
+    }
+}
+
 /// Loads and attaches the probes, reporting on stderr any that could not be attached.
-pub fn attach(args: &CaptureArgs) -> Result<Attached> {
-    let attached = loader::load_and_attach(&args.load_options())
+pub fn attach(args: &CaptureArgs, inject: &InjectArgs) -> Result<Attached> {
+    let attached = loader::load_and_attach(&args.load_options(inject))
         .context("starting the eBPF probes (`tapir doctor` tells what this host lacks)")?;
+    match (&attached.injection, inject.enabled()) {
+        (Ok(()), _) => {
+            tracing::info!("traceparent injection into outgoing HTTP/1.x requests is on")
+        }
+        (Err(why), true) => eprintln!(
+            "tapir: warning: traceparent injection unavailable ({why}); downstream services will \
+             only join traces when the caller already sends a traceparent"
+        ),
+        (Err(_), false) => {}
+    }
     if attached.tracefs == tapir::tracefs::TracefsState::MountedNow {
         tracing::info!(
             "tracefs was not mounted: mounted it at {}",
@@ -145,4 +184,12 @@ pub fn take_counters(
     aya::maps::PerCpuArray::try_from(map)
         .map_err(|e| tracing::warn!(error = %e, "kernel counters unavailable"))
         .ok()
+}
+
+/// The injection counters, taken out of the loaded object for the capture thread.
+pub fn take_inject_counters(
+    attached: &mut Attached,
+) -> Option<aya::maps::PerCpuArray<aya::maps::MapData, u64>> {
+    let map = attached.ebpf.take_map("TAPIR_INJ_COUNTERS")?;
+    aya::maps::PerCpuArray::try_from(map).ok()
 }

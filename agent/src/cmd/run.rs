@@ -34,6 +34,8 @@ pub enum Exporter {
 pub struct RunArgs {
     #[command(flatten)]
     pub capture: CaptureArgs,
+    #[command(flatten)]
+    pub inject: super::InjectArgs,
     /// Only observe this process id (repeatable; default: every process).
     #[arg(long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
@@ -192,10 +194,13 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         None => (None, Sink::Log(LogSink)),
     };
 
-    let mut attached = attach(&args.capture)?;
+    let mut inject = args.inject.clone();
+    inject.default_on = true;
+    let mut attached = attach(&args.capture, &inject)?;
     let ring = super::take_ring(&mut attached)?;
     let logger = super::take_logger(&mut attached);
     let counters = super::take_counters(&mut attached);
+    let inject_counters = super::take_inject_counters(&mut attached);
     let filter = Filter {
         pids: args.pids.clone(),
         ports: args.ports.clone(),
@@ -207,6 +212,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         let mut pipeline = Pipeline::new(max_conns, filter, st, sink);
         if let Some(c) = counters {
             pipeline.set_kernel_counters(c);
+        }
+        if let Some(c) = inject_counters {
+            pipeline.set_inject_counters(c);
         }
         let mut sink = Gauged { pipeline, otel: os };
         drain_loop(ring, &mut sink, &stop, logger);

@@ -20,6 +20,8 @@ use super::{attach, wait_for_shutdown_signal, CaptureArgs, CaptureThread};
 pub struct WatchArgs {
     #[command(flatten)]
     pub capture: CaptureArgs,
+    #[command(flatten)]
+    pub inject: super::InjectArgs,
     /// One JSON object per exchange (keys follow OpenTelemetry semantic conventions).
     #[arg(long)]
     pub json: bool,
@@ -74,10 +76,11 @@ fn human_line(ex: &CapturedExchange) -> String {
 }
 
 pub fn run(args: WatchArgs) -> Result<ExitCode> {
-    let mut attached = attach(&args.capture)?;
+    let mut attached = attach(&args.capture, &args.inject)?;
     let ring = super::take_ring(&mut attached)?;
     let logger = super::take_logger(&mut attached);
     let counters = super::take_counters(&mut attached);
+    let inject_counters = super::take_inject_counters(&mut attached);
     let filter = Filter {
         pids: args.pids.clone(),
         ports: args.ports.clone(),
@@ -92,6 +95,9 @@ pub fn run(args: WatchArgs) -> Result<ExitCode> {
         let mut pipeline = Pipeline::new(max_conns, filter, Arc::new(Stats::default()), printer);
         if let Some(c) = counters {
             pipeline.set_kernel_counters(c);
+        }
+        if let Some(c) = inject_counters {
+            pipeline.set_inject_counters(c);
         }
         drain_loop(ring, &mut pipeline, &stop, logger);
         pipeline.sink_mut().flush();

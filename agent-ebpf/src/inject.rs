@@ -1,0 +1,381 @@
+//! `traceparent` injection into outgoing HTTP/1.x requests (see spikes/injection/README.md).
+//!
+//! `tapir_sock_ops` (cgroup v2 root) claims client sockets to HTTP ports (`INJ_PORTS`,
+//! learned from traffic and given by the user) at connection setup; `tapir_sk_msg` inserts
+//! `traceparent: 00-<trace>-<span>-<flags>\r\n` after the request line of the FIRST
+//! request written on the connection, unless the request already has one, and leaves the
+//! ids in `OUT_CTX[pid_tgid]` for the write's exit tracepoint, so that the exported CLIENT
+//! span has exactly the injected ids. A socket in a sockhash reports FIONREAD = 0 (nginx
+//! and others then stall), so each socket is released on its first RTT sample after the
+//! request: the server acknowledged it, the response has not been read yet.
+use agent_common::{inject_counter as c, TraceIds, MAX_CAPTURE, TRACE_CLIENT};
+use aya_ebpf::{
+    bindings::{
+        sk_action::SK_PASS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB,
+        BPF_SOCK_OPS_RTT_CB_FLAG,
+    },
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel_buf,
+        generated::{bpf_loop, bpf_map_delete_elem, bpf_msg_pull_data},
+    },
+    macros::{map, sk_msg, sock_ops},
+    maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
+    programs::{SkMsgContext, SockOpsContext},
+};
+
+use crate::{
+    maps::{agent_tgid, SCRATCH, SCRATCH_BYTES},
+    trace::{find_traceparent, is_request_start, new_span_id, thread_parent, OUT_CTX},
+};
+
+/// The same field conventions in `bpf_sock_ops` and `sk_msg_md`: local port host order,
+/// remote port network order, addresses network order.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SockKey {
+    pub family: u32,
+    pub lport: u32,
+    pub rport: u32,
+    pub _pad: u32,
+    pub lip: [u32; 4],
+    pub rip: [u32; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SockState {
+    /// 1 once the first request was handled (injected or deliberately not).
+    pub done: u32,
+    pub _pad: u32,
+}
+
+#[map(name = "TAPIR_INJ_SOCKS")]
+pub static INJ_SOCKS: SockHash<SockKey> = SockHash::with_max_entries(65536, 0);
+
+#[map(name = "TAPIR_INJ_STATE")]
+pub static INJ_STATE: LruHashMap<SockKey, SockState> = LruHashMap::with_max_entries(65536, 0);
+
+/// Destination ports (host order) whose connections are claimed: HTTP ports seen in
+/// traffic (see data.rs) and the ones the user named.
+#[map(name = "TAPIR_INJ_PORTS")]
+pub static INJ_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
+
+#[map(name = "TAPIR_INJ_COUNTERS")]
+pub static INJ_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(c::COUNT, 0);
+
+/// [first line end + 1, head end + 1] found by the line scan (map memory: see trace.rs).
+#[map(name = "TAPIR_INJ_SCAN")]
+pub static INJ_SCAN: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Only the first this-many bytes of a message are looked at.
+const WINDOW: u32 = MAX_CAPTURE as u32;
+/// "traceparent: " (13) + 55 + "\r\n" (2).
+const HDR_LEN: u32 = 70;
+const HEXD: &[u8; 16] = b"0123456789abcdef";
+
+#[inline(always)]
+fn count(i: u32) {
+    if let Some(p) = INJ_COUNTERS.get_ptr_mut(i) {
+        // SAFETY: this CPU's slot.
+        unsafe { *p += 1 };
+    }
+}
+
+/// Remembers that `port` serves HTTP/1.x, so later connections to it are claimed.
+#[inline(always)]
+pub fn learn_http_port(port: u16) {
+    // SAFETY: plain lookup.
+    if port != 0 && unsafe { INJ_PORTS.get(&port) }.is_none() {
+        let _ = INJ_PORTS.insert(&port, &1, 0);
+    }
+}
+
+#[inline(always)]
+fn release(key: &SockKey) {
+    // SAFETY: deleting from a sockhash is allowed from sock_ops.
+    let r = unsafe {
+        bpf_map_delete_elem(
+            &INJ_SOCKS as *const _ as *mut core::ffi::c_void,
+            key as *const SockKey as *const core::ffi::c_void,
+        )
+    };
+    count(if r == 0 { c::RELEASED } else { c::MAP_FAILED });
+    let _ = INJ_STATE.remove(key);
+}
+
+#[sock_ops]
+pub fn tapir_sock_ops(ctx: SockOpsContext) -> u32 {
+    // SAFETY: ctx fields read through the context pointer (rewritten by the verifier).
+    let o = unsafe { &*ctx.ops };
+    let mut key = SockKey {
+        family: o.family,
+        lport: o.local_port,
+        rport: o.remote_port,
+        _pad: 0,
+        lip: [o.local_ip4, 0, 0, 0],
+        rip: [o.remote_ip4, 0, 0, 0],
+    };
+    if o.family != 2 {
+        // Field by field: the verifier rejects copies through a moved context pointer.
+        key.lip = [
+            o.local_ip6[0],
+            o.local_ip6[1],
+            o.local_ip6[2],
+            o.local_ip6[3],
+        ];
+        key.rip = [
+            o.remote_ip6[0],
+            o.remote_ip6[1],
+            o.remote_ip6[2],
+            o.remote_ip6[3],
+        ];
+    }
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        let rport = (u32::from_be(o.remote_port) & 0xffff) as u16;
+        // SAFETY: plain lookup.
+        if unsafe { INJ_PORTS.get(&rport) }.is_none() {
+            return 1;
+        }
+        // SAFETY: the context pointer is the bpf_sock_ops the helper expects.
+        if INJ_SOCKS
+            .update(&mut key, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64)
+            .is_ok()
+        {
+            count(c::CLAIMED);
+            let _ = INJ_STATE.insert(&key, &SockState { done: 0, _pad: 0 }, 0);
+            let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
+        } else {
+            count(c::MAP_FAILED);
+        }
+    } else if op == BPF_SOCK_OPS_RTT_CB {
+        // SAFETY: plain lookup.
+        let done = unsafe { INJ_STATE.get(&key) }.is_none_or(|s| s.done != 0);
+        if done {
+            release(&key);
+            let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
+        }
+    }
+    1
+}
+
+#[repr(C)]
+struct LineScan {
+    n: u64,
+}
+
+#[inline(always)]
+fn byte(data: &[u8; SCRATCH_BYTES], i: u64) -> u8 {
+    let i = (i & (2 * MAX_CAPTURE as u64 - 1)) as usize;
+    // SAFETY: masked index inside the array.
+    unsafe { *data.as_ptr().add(i) }
+}
+
+/// One bpf_loop step over 8 bytes: records the end of the request line and of the head.
+extern "C" fn scan_lines(w: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop hands back our stack context.
+    let n = unsafe { (*(ctx as *const LineScan)).n };
+    let base = w * 8;
+    if base >= n {
+        return 1;
+    }
+    let Some(scratch) = SCRATCH.get_ptr(0) else {
+        return 1;
+    };
+    let Some(res) = INJ_SCAN.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: this CPU's scratch slots.
+    let (data, res) = unsafe { (&(*scratch).data, &mut *res) };
+    let i = (base & (2 * MAX_CAPTURE as u64 - 1)) as usize;
+    // SAFETY: i + 8 stays inside the array (SCRATCH_BYTES = 3×MAX).
+    let word = unsafe { core::ptr::read_unaligned(data.as_ptr().add(i) as *const u64) };
+    let x = word ^ 0x0a0a_0a0a_0a0a_0a0a;
+    if (x.wrapping_sub(0x0101_0101_0101_0101) & !x & 0x8080_8080_8080_8080) == 0 {
+        return 0;
+    }
+    for j in 0..8u64 {
+        let p = base + j;
+        if p < n && byte(data, p) == b'\n' {
+            if res[0] == 0 {
+                res[0] = p + 1;
+            } else {
+                let b1 = byte(data, p.wrapping_sub(1));
+                let b2 = byte(data, p.wrapping_sub(2));
+                if b1 == b'\n' || (b1 == b'\r' && b2 == b'\n') {
+                    res[1] = p + 1;
+                    return 1;
+                }
+            }
+        }
+    }
+    0
+}
+
+#[sk_msg]
+pub fn tapir_sk_msg(ctx: SkMsgContext) -> u32 {
+    let _ = try_sk_msg(&ctx);
+    SK_PASS
+}
+
+#[inline(always)]
+fn try_sk_msg(ctx: &SkMsgContext) -> Option<()> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) as u32 == agent_tgid() {
+        return None;
+    }
+    // SAFETY: ctx fields.
+    let m = unsafe { &*ctx.msg };
+    let mut key = SockKey {
+        family: m.family,
+        lport: m.local_port,
+        rport: m.remote_port,
+        _pad: 0,
+        lip: [m.local_ip4, 0, 0, 0],
+        rip: [m.remote_ip4, 0, 0, 0],
+    };
+    if m.family != 2 {
+        // Field by field: the verifier rejects copies through a moved context pointer.
+        key.lip = [
+            m.local_ip6[0],
+            m.local_ip6[1],
+            m.local_ip6[2],
+            m.local_ip6[3],
+        ];
+        key.rip = [
+            m.remote_ip6[0],
+            m.remote_ip6[1],
+            m.remote_ip6[2],
+            m.remote_ip6[3],
+        ];
+    }
+    let st = INJ_STATE.get_ptr_mut(&key)?;
+    // SAFETY: map value pointer.
+    let st = unsafe { &mut *st };
+    if st.done != 0 {
+        count(c::KEEPALIVE_LATER);
+        return None;
+    }
+    // Whatever happens below, this connection's first message has been judged.
+    st.done = 1;
+    let size = ctx.size();
+    let n = if size < WINDOW { size } else { WINDOW };
+    if n < 16 {
+        count(c::HEAD_SPLIT);
+        return None;
+    }
+    // SAFETY: msg pointer is the context.
+    if unsafe { bpf_msg_pull_data(ctx.msg, 0, n, 0) } != 0 {
+        count(c::PUSH_FAILED);
+        return None;
+    }
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch slot (the write's exit tracepoint, which also uses it,
+    // runs later in the same syscall).
+    let data = unsafe { &mut (*scratch).data };
+    let len = (n as usize) & (2 * MAX_CAPTURE - 1);
+    // SAFETY: copies `len` (< 2×MAX ≤ SCRATCH_BYTES) bytes of the message.
+    if unsafe { bpf_probe_read_kernel_buf(ctx.data() as *const u8, &mut data[..len]) }.is_err() {
+        count(c::PUSH_FAILED);
+        return None;
+    }
+    if !is_request_start(data, n as u64) {
+        count(c::NOT_REQUEST);
+        return None;
+    }
+    let res = INJ_SCAN.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot.
+    unsafe { *res = [0, 0] };
+    let mut ls = LineScan { n: n as u64 };
+    // SAFETY: bpf_loop contract: callback + our stack context.
+    unsafe {
+        bpf_loop(
+            n.div_ceil(8),
+            scan_lines as *mut core::ffi::c_void,
+            &mut ls as *mut LineScan as *mut core::ffi::c_void,
+            0,
+        )
+    };
+    // SAFETY: as above.
+    let [first_nl, head_end] = unsafe { *res };
+    let first_nl = first_nl & (MAX_CAPTURE as u64 - 1);
+    // The whole head must be in this message (or fill the window): never split a request
+    // line, never guess where a head continues.
+    if first_nl == 0 || (head_end == 0 && size <= WINDOW) {
+        count(c::HEAD_SPLIT);
+        return None;
+    }
+    let scratch_ids = &mut unsafe { &mut *scratch }.hdr.trace;
+    let mut tp_flags = 0u8;
+    let mut tp_span = [0u8; 8];
+    if find_traceparent(
+        data,
+        n as u64,
+        &mut scratch_ids.trace_id,
+        &mut tp_span,
+        &mut tp_flags,
+    )
+    .is_some()
+    {
+        count(c::HAS_TRACEPARENT);
+        return None;
+    }
+    let mut ids = TraceIds {
+        kind: TRACE_CLIENT,
+        span_id: new_span_id(),
+        injected: 1,
+        ..TraceIds::default()
+    };
+    thread_parent(pid_tgid, &mut ids);
+    // The header line, built in scratch after the copied window.
+    let h = &mut data[2 * MAX_CAPTURE..2 * MAX_CAPTURE + HDR_LEN as usize];
+    h[..16].copy_from_slice(b"traceparent: 00-");
+    for k in 0..16 {
+        let v = ids.trace_id[k];
+        h[16 + 2 * k] = HEXD[(v >> 4) as usize];
+        h[17 + 2 * k] = HEXD[(v & 15) as usize];
+    }
+    h[48] = b'-';
+    for k in 0..8 {
+        let v = ids.span_id[k];
+        h[49 + 2 * k] = HEXD[(v >> 4) as usize];
+        h[50 + 2 * k] = HEXD[(v & 15) as usize];
+    }
+    h[65] = b'-';
+    h[66] = HEXD[((ids.flags >> 4) & 15) as usize];
+    h[67] = HEXD[(ids.flags & 15) as usize];
+    h[68] = b'\r';
+    h[69] = b'\n';
+    let at = first_nl as u32;
+    if ctx.push_data(at, HDR_LEN, 0).is_err() {
+        count(c::PUSH_FAILED);
+        return None;
+    }
+    // SAFETY: msg pointer is the context.
+    if unsafe { bpf_msg_pull_data(ctx.msg, at, at + HDR_LEN, 0) } != 0 {
+        count(c::PUSH_FAILED);
+        return None;
+    }
+    let p = ctx.data();
+    if p + HDR_LEN as usize > ctx.data_end() {
+        count(c::PUSH_FAILED);
+        return None;
+    }
+    let dst = p as *mut u8;
+    let src = h.as_ptr();
+    // SAFETY: dst has HDR_LEN writable bytes (checked above); src is HDR_LEN map bytes.
+    unsafe {
+        for k in 0..(HDR_LEN as usize / 8) {
+            core::ptr::write_unaligned(
+                dst.add(8 * k) as *mut u64,
+                core::ptr::read_unaligned(src.add(8 * k) as *const u64),
+            );
+        }
+        for k in (HDR_LEN as usize / 8) * 8..HDR_LEN as usize {
+            *dst.add(k) = *src.add(k);
+        }
+    }
+    count(c::INJECTED);
+    let _ = OUT_CTX.insert(pid_tgid, &ids, 0);
+    None
+}
