@@ -1,7 +1,7 @@
 """Issue: propagation. Incoming `traceparent` read anywhere in the header block, parent/child
-links inside a process, one trace per keep-alive request. (Injection on the wire is not
-built yet: these tests check the ids `tapir watch --json` reports, which are the ones the
-exporters use.)"""
+links inside a process, one trace per keep-alive request. These run `watch` without
+injection (see test_injection.py for the wire) and check the ids `tapir watch --json`
+reports, which are the ones the exporters use."""
 import socket
 import sys
 import time

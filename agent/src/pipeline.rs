@@ -117,7 +117,8 @@ impl<S: ExchangeSink> Pipeline<S> {
         self.kernel_counters = Some(map);
     }
 
-    fn read_kernel_counters(&self) {
+    /// Sums the kernel's counters into [`Stats`] now (also done about once a second).
+    pub fn read_kernel_counters(&self) {
         let sum = |map: &PerCpuArray<MapData, u64>, n: u32| -> Vec<u64> {
             (0..n)
                 .map(|i| map.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))

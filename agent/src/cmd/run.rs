@@ -218,6 +218,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         }
         let mut sink = Gauged { pipeline, otel: os };
         drain_loop(ring, &mut sink, &stop, logger);
+        sink.pipeline.read_kernel_counters();
         // Dropping the pipeline here closes the export channel: the export side drains it.
     })?;
     tracing::info!(
