@@ -64,6 +64,8 @@ def test_three_hops_and_an_incoming_traceparent_flow_through(py_server, procs):
     curl("-o", "/dev/null", f"http://127.0.0.1:{mport}/warm-up")
     curl("-o", "/dev/null", "-H", f"traceparent: 00-{TRACE}-{PARENT}-01", f"http://127.0.0.1:{fport}/deep")
     got = [e for e in finish(agent) if e["url.path"] == "/deep"]
+    ids = [(e["kind"], e["server.port"], e["process.pid"], e["trace_id"], e["span_id"], e["parent_span_id"]) for e in got]
+    print("ids:", *ids, sep="\n  ")
     f_srv, = of(got, "server", fport)
     f_cli, = [e for e in of(got, "client", mport) if e["process.pid"] == front.pid]
     m_srv, = of(got, "server", mport)

@@ -81,9 +81,18 @@ fn count(i: u32) {
     }
 }
 
+/// 1: learn HTTP ports from traffic; 0: only the ports the loader put in `INJ_PORTS`
+/// (set when the user limited Tapir to some ports).
+#[unsafe(no_mangle)]
+pub static TAPIR_INJ_LEARN: u32 = 1;
+
 /// Remembers that `port` serves HTTP/1.x, so later connections to it are claimed.
 #[inline(always)]
 pub fn learn_http_port(port: u16) {
+    // SAFETY: reading a static; volatile so the loader's value is used.
+    if unsafe { core::ptr::read_volatile(&TAPIR_INJ_LEARN) } == 0 {
+        return;
+    }
     // SAFETY: plain lookup.
     if port != 0 && unsafe { INJ_PORTS.get(&port) }.is_none() {
         let _ = INJ_PORTS.insert(&port, &1, 0);

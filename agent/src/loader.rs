@@ -26,6 +26,8 @@ pub struct LoadOptions {
     /// Destination ports whose connections get injection from the start (others are
     /// learned from the traffic).
     pub inject_ports: Vec<u16>,
+    /// Learn HTTP ports from traffic (off when the user limited Tapir to some ports).
+    pub inject_learn: bool,
 }
 
 impl Default for LoadOptions {
@@ -36,6 +38,7 @@ impl Default for LoadOptions {
             max_connections: 65536,
             inject: false,
             inject_ports: Vec::new(),
+            inject_learn: true,
         }
     }
 }
@@ -104,6 +107,7 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
         .override_global(names::OFFSETS, &offsets, true)
         .override_global(names::AGENT_TGID, &agent_tgid, true)
         .override_global(names::CAPTURE_BYTES, &capture, true)
+        .override_global("TAPIR_INJ_LEARN", &u32::from(opts.inject_learn), true)
         .map_max_entries(names::EVENTS, opts.ringbuf_bytes)
         .map_max_entries(names::CONNS, opts.max_connections)
         .load(EBPF_OBJECT)

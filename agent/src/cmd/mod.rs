@@ -43,13 +43,18 @@ pub struct CaptureArgs {
 }
 
 impl CaptureArgs {
-    pub fn load_options(&self, inject: &InjectArgs) -> LoadOptions {
+    /// `ports`: the `--port` filter. When given, injection is limited to connections to
+    /// those ports (plus `--inject-port`) instead of every port seen carrying HTTP.
+    pub fn load_options(&self, inject: &InjectArgs, ports: &[u16]) -> LoadOptions {
+        let mut inject_ports = inject.inject_ports.clone();
+        inject_ports.extend_from_slice(ports);
         LoadOptions {
             capture_bytes: self.capture_bytes,
             ringbuf_bytes: self.ringbuf_bytes,
             max_connections: self.max_connections,
             inject: inject.enabled(),
-            inject_ports: inject.inject_ports.clone(),
+            inject_ports,
+            inject_learn: ports.is_empty(),
         }
     }
 }
@@ -67,7 +72,8 @@ pub struct InjectArgs {
     pub inject: bool,
     /// Destination port to inject into from the first connection on (repeatable). Other
     /// HTTP ports are learned from the traffic: the first connection to a port nobody has
-    /// used for HTTP since Tapir started is not injected.
+    /// used for HTTP since Tapir started is not injected. With --port, only those ports
+    /// and these are injected into.
     #[arg(long = "inject-port", value_name = "PORT")]
     pub inject_ports: Vec<u16>,
     /// Set by the subcommand: whether injection is on unless --no-inject/--inject says.
@@ -82,8 +88,8 @@ impl InjectArgs {
 }
 
 /// Loads and attaches the probes, reporting on stderr any that could not be attached.
-pub fn attach(args: &CaptureArgs, inject: &InjectArgs) -> Result<Attached> {
-    let attached = loader::load_and_attach(&args.load_options(inject))
+pub fn attach(args: &CaptureArgs, inject: &InjectArgs, ports: &[u16]) -> Result<Attached> {
+    let attached = loader::load_and_attach(&args.load_options(inject, ports))
         .context("starting the eBPF probes (`tapir doctor` tells what this host lacks)")?;
     match (&attached.injection, inject.enabled()) {
         (Ok(()), _) => {

@@ -196,7 +196,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
 
     let mut inject = args.inject.clone();
     inject.default_on = true;
-    let mut attached = attach(&args.capture, &inject)?;
+    let mut attached = attach(&args.capture, &inject, &args.ports)?;
     let ring = super::take_ring(&mut attached)?;
     let logger = super::take_logger(&mut attached);
     let counters = super::take_counters(&mut attached);

@@ -76,7 +76,7 @@ fn human_line(ex: &CapturedExchange) -> String {
 }
 
 pub fn run(args: WatchArgs) -> Result<ExitCode> {
-    let mut attached = attach(&args.capture, &args.inject)?;
+    let mut attached = attach(&args.capture, &args.inject, &args.ports)?;
     let ring = super::take_ring(&mut attached)?;
     let logger = super::take_logger(&mut attached);
     let counters = super::take_counters(&mut attached);
