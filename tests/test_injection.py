@@ -146,3 +146,84 @@ def test_no_stall_nginx_proxy_and_node_fetch_4mib_through_injected_connections(p
     # The connections really were injected (not a vacuous pass): the counters say so.
     injected = [l for l in agent.err if "tapir.inject.injected" in l]
     assert injected and int(injected[-1].rsplit("value=", 1)[1].split()[0]) >= 50, agent.err[-30:]
+
+
+def test_node_service_to_python_backend_continues_the_callers_trace(py_server, procs):
+    backend, bport = py_server()
+    nport = free_port()
+    node = procs(["node", TESTS / "servers/node_frontend.js", nport, f"http://127.0.0.1:{bport}"], ready_port=nport)
+    agent = watch_inject(nport, bport)
+    for i in range(5):
+        curl("-o", "/dev/null", "-H", f"traceparent: 00-{TRACE}-{PARENT}-01", f"http://127.0.0.1:{nport}/n/{i}")
+    got = finish(agent)
+    n_srv = [e for e in of(got, "server", nport)]
+    n_cli = [e for e in of(got, "client", bport) if e["process.pid"] == node.pid]
+    b_srv = of(got, "server", bport)
+    assert [e["url.path"] for e in n_srv] == [e["url.path"] for e in b_srv] == [f"/n/{i}" for i in range(5)]
+    for s, c, b in zip(n_srv, n_cli, b_srv):
+        assert s["trace_id"] == c["trace_id"] == b["trace_id"] == TRACE
+        assert s["parent_span_id"] == PARENT
+        assert c["parent_span_id"] == s["span_id"]
+        assert b["parent_span_id"] == c["span_id"]
+
+
+def test_traces_over_otlp_two_named_services(otlp, py_server, procs):
+    """The issue's main scenario, on the real receiver: 20 requests → 20 traces of
+    frontend SERVER → frontend CLIENT → backend SERVER, services named by their own env."""
+    import os
+
+    backend, bport = py_server(env={**os.environ, "OTEL_SERVICE_NAME": "backend"})
+    fport = free_port()
+    procs(
+        [PY, TESTS / "servers/frontend.py", fport, f"http://127.0.0.1:{bport}"],
+        ready_port=fport,
+        env={**os.environ, "OTEL_SERVICE_NAME": "frontend"},
+    )
+    agent = Agent("run", "--otlp-endpoint", f"http://127.0.0.1:{otlp.grpc_port}", "--otlp-protocol", "grpc",
+                  "--port", str(fport), "--port", str(bport))
+    for i in range(20):
+        curl("-o", "/dev/null", f"http://127.0.0.1:{fport}/t/{i}")
+    assert agent.stop() == 0
+    spans = [s for s in otlp.spans() if s["attributes"].get("url.path", "").startswith("/t/")]
+    by = lambda svc, kind: sorted(
+        (s for s in spans if s["resource"]["service.name"] == svc and s["kind"] == kind),
+        key=lambda s: s["start_time_unix_nano"],
+    )
+    f_srv, f_cli, b_srv = by("frontend", "SERVER"), by("frontend", "CLIENT"), by("backend", "SERVER")
+    assert len(f_srv) == len(f_cli) == len(b_srv) == 20, (len(f_srv), len(f_cli), len(b_srv))
+    assert len({s["trace_id"] for s in f_srv}) == 20
+    for s, c, b in zip(f_srv, f_cli, b_srv):
+        assert c["trace_id"] == s["trace_id"] == b["trace_id"]
+        assert c["parent_span_id"] == s["span_id"]
+        assert b["parent_span_id"] == c["span_id"]
+
+
+def _errors_of_1000_requests(fport):
+    """1,000 GETs through the frontend (each makes one downstream call); non-200 count."""
+    import http.client
+
+    bad = 0
+    for i in range(1000):
+        c = http.client.HTTPConnection("127.0.0.1", fport, timeout=10)
+        try:
+            c.request("GET", f"/e/{i}")
+            r = c.getresponse()
+            r.read()
+            bad += r.status != 200
+        except OSError:
+            bad += 1
+        finally:
+            c.close()
+    return bad
+
+
+def test_error_rate_of_1000_requests_equals_the_no_agent_baseline(py_server, procs):
+    backend, bport = py_server("--threading")
+    front, fport = frontend(procs, f"http://127.0.0.1:{bport}", "--threading")
+    baseline = _errors_of_1000_requests(fport)
+    agent = Agent("run", "--exporter", "none", "--port", str(fport), "--port", str(bport))
+    with_agent = _errors_of_1000_requests(fport)
+    assert agent.stop() == 0
+    assert with_agent == baseline == 0, (baseline, with_agent)
+    injected = [l for l in agent.err if "tapir.inject.injected" in l]
+    assert injected and int(injected[-1].rsplit("value=", 1)[1].split()[0]) >= 1000, agent.err[-30:]
