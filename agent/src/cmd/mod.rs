@@ -119,20 +119,30 @@ pub fn attach(args: &CaptureArgs, inject: &InjectArgs, ports: &[u16]) -> Result<
     Ok(attached)
 }
 
-/// Blocks until SIGINT or SIGTERM.
-pub fn wait_for_shutdown_signal() -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the signal runtime")?;
-    rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+/// SIGINT/SIGTERM listeners, registered as soon as this is created: create it before
+/// saying `ready`, so that a signal sent right after is never met by the default action
+/// (which would kill the agent without detaching or flushing).
+pub struct ShutdownSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    /// Must be called inside a tokio runtime (`Runtime::enter`).
+    pub fn register() -> Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).context("listening for SIGINT")?,
+            term: signal(SignalKind::terminate()).context("listening for SIGTERM")?,
+        })
+    }
+
+    pub async fn wait(mut self) {
         tokio::select! {
-            r = tokio::signal::ctrl_c() => r,
-            _ = term.recv() => Ok(()),
+            _ = self.int.recv() => {},
+            _ = self.term.recv() => {},
         }
-    })
-    .context("waiting for SIGINT/SIGTERM")
+    }
 }
 
 /// The capture thread plus the flag that stops it.

@@ -221,19 +221,16 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         sink.pipeline.read_kernel_counters();
         // Dropping the pipeline here closes the export channel: the export side drains it.
     })?;
+    let signals = {
+        let _guard = rt.enter();
+        super::ShutdownSignals::register()?
+    };
     tracing::info!(
         probes = tapir::probes::PROBES.len() - attached.failures.len(),
         exporting = telemetry.as_ref().map_or("nothing", |t| t.summary.as_str()),
         "ready: all probes attached"
     );
-    rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r,
-            _ = term.recv() => Ok(()),
-        }
-    })
-    .context("waiting for SIGINT/SIGTERM")?;
+    rt.block_on(signals.wait());
     tracing::info!("shutting down: detaching probes");
     // Stops capture after a last drain of the ring buffer.
     capture.stop();

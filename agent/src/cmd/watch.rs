@@ -5,7 +5,7 @@ use std::{
     sync::Arc,
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use tapir::{
     capture::reader::drain_loop,
@@ -14,7 +14,7 @@ use tapir::{
     stats::Stats,
 };
 
-use super::{attach, wait_for_shutdown_signal, CaptureArgs, CaptureThread};
+use super::{attach, CaptureArgs, CaptureThread, ShutdownSignals};
 
 #[derive(Args, Debug, Clone)]
 pub struct WatchArgs {
@@ -102,8 +102,16 @@ pub fn run(args: WatchArgs) -> Result<ExitCode> {
         drain_loop(ring, &mut pipeline, &stop, logger);
         pipeline.sink_mut().flush();
     })?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the signal runtime")?;
+    let signals = {
+        let _guard = rt.enter();
+        ShutdownSignals::register()?
+    };
     tracing::info!("ready: watching HTTP exchanges (Ctrl-C to stop)");
-    wait_for_shutdown_signal()?;
+    rt.block_on(signals.wait());
     capture.stop();
     drop(attached);
     Ok(ExitCode::SUCCESS)
