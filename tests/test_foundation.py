@@ -63,6 +63,10 @@ def test_run_sees_a_real_tcp_connection_and_stops_cleanly():
             what="the server-side connection event",
         )
         assert "Server" in line, line
+        # eBPF-side logs (aya-log) reach the agent's log at debug level.
+        agent.wait_for(
+            lambda l: "tapir_ebpf" in l and "accepted tcp fd" in l, what="an eBPF-side log line"
+        )
         conn.close()
         client.close()
     finally:

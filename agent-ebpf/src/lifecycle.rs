@@ -13,6 +13,17 @@ use crate::{
 
 const EINPROGRESS: i64 = -115;
 
+/// 1 when the agent logs at debug level for `tapir_ebpf`: every log record costs the agent
+/// a wakeup, so connection logs are off unless someone is reading them.
+#[unsafe(no_mangle)]
+pub static TAPIR_EBPF_DEBUG: u32 = 0;
+
+#[inline(always)]
+fn debug_on() -> bool {
+    // SAFETY: reading a static; volatile so the loader's value is used.
+    unsafe { core::ptr::read_volatile(&TAPIR_EBPF_DEBUG) != 0 }
+}
+
 #[inline(always)]
 fn arg(ctx: &TracePointContext, n: usize) -> u64 {
     // SAFETY: syscall tracepoint records have at least 6 argument slots.
@@ -35,7 +46,7 @@ fn on_accept_exit(ctx: &TracePointContext) -> u32 {
     if ret < 0 {
         return 0;
     }
-    if track_new(tgid, ret as u32, Role::Server) {
+    if track_new(tgid, ret as u32, Role::Server) && debug_on() {
         debug!(ctx, "tapir: pid {} accepted tcp fd {}", tgid, ret as u32);
     }
     0
@@ -65,7 +76,7 @@ pub fn tapir_exit_connect(ctx: TracePointContext) -> u32 {
     let Some(fd) = crate::data::syscall_fd() else {
         return 0;
     };
-    if track_new(tgid, fd, Role::Client) {
+    if track_new(tgid, fd, Role::Client) && debug_on() {
         debug!(&ctx, "tapir: pid {} connected tcp fd {}", tgid, fd);
     }
     0

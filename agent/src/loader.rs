@@ -103,11 +103,13 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
     let offsets = kernel_offsets()?;
     let agent_tgid = std::process::id();
     let capture = opts.capture_bytes.min(MAX_CAPTURE as u32);
+    let ebpf_debug = u32::from(tracing::enabled!(target: "tapir_ebpf", tracing::Level::DEBUG));
     let mut ebpf = EbpfLoader::new()
         .override_global(names::OFFSETS, &offsets, true)
         .override_global(names::AGENT_TGID, &agent_tgid, true)
         .override_global(names::CAPTURE_BYTES, &capture, true)
         .override_global("TAPIR_INJ_LEARN", &u32::from(opts.inject_learn), true)
+        .override_global("TAPIR_EBPF_DEBUG", &ebpf_debug, true)
         .map_max_entries(names::EVENTS, opts.ringbuf_bytes)
         .map_max_entries(names::CONNS, opts.max_connections)
         .load(EBPF_OBJECT)
