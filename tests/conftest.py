@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -199,6 +200,33 @@ def py_server(procs):
         return p, port
 
     return start
+
+
+def nginx(procs, tmp_path, port, server_body, http_extra=""):
+    """Start an unmodified nginx (one worker, running as root so it can read tmp_path) with
+    one server block listening on 127.0.0.1:port; returns the master process."""
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(textwrap.dedent(f"""
+        user root;
+        worker_processes 1;
+        pid {tmp_path}/nginx.pid;
+        error_log {tmp_path}/error.log;
+        events {{ worker_connections 64; }}
+        http {{
+            access_log off;
+            {http_extra}
+            client_body_temp_path {tmp_path}/body;
+            proxy_temp_path {tmp_path}/proxy;
+            fastcgi_temp_path {tmp_path}/fcgi;
+            uwsgi_temp_path {tmp_path}/uwsgi;
+            scgi_temp_path {tmp_path}/scgi;
+            server {{
+                listen 127.0.0.1:{port};
+                {server_body}
+            }}
+        }}
+    """))
+    return procs(["nginx", "-c", conf, "-g", "daemon off;"], ready_port=port)
 
 
 def curl(*args, check=True):

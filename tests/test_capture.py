@@ -3,12 +3,11 @@ once, with the right process, addresses, status and timing."""
 import os
 import signal
 import sys
-import textwrap
 import time
 
 import pytest
 
-from conftest import TESTS, Agent, curl, free_port, have
+from conftest import TESTS, Agent, curl, free_port, have, nginx
 
 PY = sys.executable
 CLIENT = str(TESTS / "servers/http_client.py")
@@ -93,29 +92,7 @@ def test_nginx_static_files_writev_and_sendfile(procs, tmp_path):
     root.mkdir()
     (root / "index.html").write_text("hello from nginx\n")
     (root / "big.bin").write_bytes(os.urandom(300_000))
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(textwrap.dedent(f"""
-        user root;
-        worker_processes 1;
-        pid {tmp_path}/nginx.pid;
-        error_log {tmp_path}/error.log;
-        events {{ worker_connections 64; }}
-        http {{
-            access_log off;
-            sendfile on;
-            client_body_temp_path {tmp_path}/body;
-            proxy_temp_path {tmp_path}/proxy;
-            fastcgi_temp_path {tmp_path}/fcgi;
-            uwsgi_temp_path {tmp_path}/uwsgi;
-            scgi_temp_path {tmp_path}/scgi;
-            server {{
-                listen 127.0.0.1:{port};
-                root {root};
-                location = /boom {{ return 500; }}
-            }}
-        }}
-    """))
-    master = procs(["nginx", "-c", conf, "-g", "daemon off;"], ready_port=port)
+    master = nginx(procs, tmp_path, port, f"root {root}; location = /boom {{ return 500; }}", "sendfile on;")
     agent = watch(port)
     t0 = time.time_ns()
     expected = [("/index.html", 200), ("/missing", 404), ("/boom", 500), ("/big.bin", 200)]

@@ -4,9 +4,8 @@ SERVER span joins the trace. The request otherwise arrives byte-identical."""
 import hashlib
 import json
 import sys
-import textwrap
 
-from conftest import TESTS, Agent, curl, free_port
+from conftest import TESTS, Agent, curl, free_port, nginx
 from test_propagation import PARENT, TRACE, finish, of
 
 PY = sys.executable
@@ -111,27 +110,7 @@ def test_request_bodies_arrive_intact(py_server, procs, tmp_path):
 def test_no_stall_nginx_proxy_and_node_fetch_4mib_through_injected_connections(py_server, procs, tmp_path):
     backend, bport = py_server("--threading")
     nport = free_port()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(textwrap.dedent(f"""
-        user root;
-        worker_processes 1;
-        pid {tmp_path}/nginx.pid;
-        error_log {tmp_path}/error.log;
-        events {{ worker_connections 64; }}
-        http {{
-            access_log off;
-            client_body_temp_path {tmp_path}/body;
-            proxy_temp_path {tmp_path}/proxy;
-            fastcgi_temp_path {tmp_path}/fcgi;
-            uwsgi_temp_path {tmp_path}/uwsgi;
-            scgi_temp_path {tmp_path}/scgi;
-            server {{
-                listen 127.0.0.1:{nport};
-                location / {{ proxy_pass http://127.0.0.1:{bport}; proxy_read_timeout 20s; }}
-            }}
-        }}
-    """))
-    procs(["nginx", "-c", conf, "-g", "daemon off;"], ready_port=nport)
+    nginx(procs, tmp_path, nport, f"location / {{ proxy_pass http://127.0.0.1:{bport}; proxy_read_timeout 20s; }}")
     agent = Agent("run", "--exporter", "none", "--port", str(bport), "--port", str(nport))
     warm(bport)
     big = 4 * 1024 * 1024
