@@ -273,26 +273,21 @@ impl Telemetry {
         let lookup = |k: &str| std::env::var(k).ok();
         let mut parts = Vec::new();
 
-        let span_target = (cfg.otlp && env.traces_otlp).then(|| {
-            let (t, w) = export::resolve_target(
-                Signal::Traces,
-                cfg.otlp_protocol,
-                cfg.otlp_endpoint.as_deref(),
-                &lookup,
-            );
-            w.iter().for_each(|w| tracing::warn!("{w}"));
-            t
-        });
-        let metric_target = (cfg.otlp && env.metrics_otlp).then(|| {
-            let (t, w) = export::resolve_target(
-                Signal::Metrics,
-                cfg.otlp_protocol,
-                cfg.otlp_endpoint.as_deref(),
-                &lookup,
-            );
-            w.iter().for_each(|w| tracing::warn!("{w}"));
-            t
-        });
+        // The endpoint/protocol of one signal, when it is exported over OTLP at all.
+        let target = |signal, enabled: bool| {
+            (cfg.otlp && enabled).then(|| {
+                let (t, w) = export::resolve_target(
+                    signal,
+                    cfg.otlp_protocol,
+                    cfg.otlp_endpoint.as_deref(),
+                    &lookup,
+                );
+                w.iter().for_each(|w| tracing::warn!("{w}"));
+                t
+            })
+        };
+        let span_target = target(Signal::Traces, env.traces_otlp);
+        let metric_target = target(Signal::Metrics, env.metrics_otlp);
         let span_exporter = match &span_target {
             Some(t) => {
                 let e = export::span_exporter(t).with_context(|| {
