@@ -234,6 +234,9 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Option<()> {
         return None;
     }
     // SAFETY: ctx fields.
+    // The key is built here and in tapir_sock_ops field by field on purpose: a shared helper
+    // let LLVM fold the loads into copies through a moved context pointer, which the
+    // verifier rejects ("dereference of modified ctx ptr").
     let m = unsafe { &*ctx.msg };
     let mut key = SockKey {
         family: m.family,
