@@ -166,6 +166,22 @@ class Agent(Proc):
         return self.exchanges()
 
 
+def watch(*ports, pids=(), inject=False):
+    """`tapir watch --json` limited to these ports/pids (tests never see each other)."""
+    args = ["watch", "--json"] + (["--inject"] if inject else [])
+    for p in ports:
+        args += ["--port", str(p)]
+    for p in pids:
+        args += ["--pid", str(p)]
+    return Agent(*args)
+
+
+def finish(agent):
+    """Stop the agent (it drains the ring buffer on SIGINT) and return every exchange."""
+    assert agent.stop() == 0, "\n".join(agent.err[-20:])
+    return agent.exchanges()
+
+
 @pytest.fixture
 def procs():
     """Start helper processes; all are stopped at the end of the test."""

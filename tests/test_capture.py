@@ -7,25 +7,10 @@ import time
 
 import pytest
 
-from conftest import TESTS, Agent, curl, free_port, have, nginx
+from conftest import TESTS, curl, finish, free_port, have, nginx, watch
 
 PY = sys.executable
 CLIENT = str(TESTS / "servers/http_client.py")
-
-
-def watch(*ports, pids=()):
-    args = ["watch", "--json"]
-    for p in ports:
-        args += ["--port", str(p)]
-    for p in pids:
-        args += ["--pid", str(p)]
-    return Agent(*args)
-
-
-def finish(agent):
-    """Stop the agent (it drains the ring buffer on SIGINT) and return every exchange."""
-    assert agent.stop() == 0, "\n".join(agent.err[-20:])
-    return agent.exchanges()
 
 
 def servers_of(exchanges, kind="server"):
@@ -54,8 +39,9 @@ REQUESTS = [
 ]
 
 
-def test_python_http_server_each_request_exactly_once(py_server):
-    server, port = py_server()
+def request_each_once(port, pid):
+    """Sends REQUESTS with curl to a server watched by a fresh agent; returns its SERVER
+    exchanges after checking they are exactly REQUESTS, with the common fields right."""
     agent = watch(port)
     t0 = time.time_ns()
     for path, status in REQUESTS:
@@ -64,7 +50,13 @@ def test_python_http_server_each_request_exactly_once(py_server):
     got = servers_of(finish(agent))
     assert [(e["url.path"], e["http.response.status_code"]) for e in got] == REQUESTS
     for e in got:
-        check_common(e, pid=server.pid, port=port, t0=t0)
+        check_common(e, pid=pid, port=port, t0=t0)
+    return got
+
+
+def test_python_http_server_each_request_exactly_once(py_server):
+    server, port = py_server()
+    for e in request_each_once(port, server.pid):
         assert e["http.request.method"] == "GET"
         assert e["process.executable.name"].startswith("python")
 
@@ -74,15 +66,7 @@ def test_node_http_server(procs):
         pytest.fail("node is not installed (it is part of this machine image)")
     port = free_port()
     server = procs(["node", TESTS / "servers/node_server.js", port], ready_port=port)
-    agent = watch(port)
-    t0 = time.time_ns()
-    for path, status in REQUESTS:
-        r = curl("-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}{path}")
-        assert int(r.stdout) == status
-    got = servers_of(finish(agent))
-    assert [(e["url.path"], e["http.response.status_code"]) for e in got] == REQUESTS
-    for e in got:
-        check_common(e, pid=server.pid, port=port, t0=t0)
+    for e in request_each_once(port, server.pid):
         assert e["process.executable.name"] == "node"
 
 

@@ -5,17 +5,10 @@ import hashlib
 import json
 import sys
 
-from conftest import TESTS, Agent, curl, free_port, nginx
-from test_propagation import PARENT, TRACE, finish, of
+from conftest import TESTS, Agent, curl, finish, free_port, nginx, watch
+from test_propagation import PARENT, TRACE, of
 
 PY = sys.executable
-
-
-def watch_inject(*ports):
-    args = ["watch", "--json", "--inject"]
-    for p in ports:
-        args += ["--port", str(p)]
-    return Agent(*args)
 
 
 def frontend(procs, downstream, *extra):
@@ -33,7 +26,7 @@ def warm(port):
 def test_two_services_twenty_requests_twenty_joined_traces(py_server, procs):
     backend, bport = py_server()
     front, fport = frontend(procs, f"http://127.0.0.1:{bport}", "--threading")
-    agent = watch_inject(fport, bport)
+    agent = watch(fport, bport, inject=True)
     warm(bport)
     n = 20
     for i in range(n):
@@ -58,7 +51,7 @@ def test_three_hops_and_an_incoming_traceparent_flow_through(py_server, procs):
     backend, bport = py_server()
     middle, mport = frontend(procs, f"http://127.0.0.1:{bport}", "--threading")
     front, fport = frontend(procs, f"http://127.0.0.1:{mport}")
-    agent = watch_inject(fport, mport, bport)
+    agent = watch(fport, mport, bport, inject=True)
     warm(bport)
     curl("-o", "/dev/null", f"http://127.0.0.1:{mport}/warm-up")
     curl("-o", "/dev/null", "-H", f"traceparent: 00-{TRACE}-{PARENT}-01", f"http://127.0.0.1:{fport}/deep")
@@ -81,7 +74,7 @@ def test_three_hops_and_an_incoming_traceparent_flow_through(py_server, procs):
 def test_backend_sees_exactly_one_traceparent_equal_to_the_client_span(py_server, procs):
     backend, bport = py_server()
     front, fport = frontend(procs, f"http://127.0.0.1:{bport}/echo-headers")
-    agent = watch_inject(fport, bport)
+    agent = watch(fport, bport, inject=True)
     warm(bport)
     echoed = curl(f"http://127.0.0.1:{fport}/x").stdout
     tps = [l.split(":", 1)[1].strip() for l in echoed.splitlines() if l.lower().startswith("traceparent:")]
@@ -94,7 +87,7 @@ def test_backend_sees_exactly_one_traceparent_equal_to_the_client_span(py_server
 def test_request_bodies_arrive_intact(py_server, procs, tmp_path):
     backend, bport = py_server()
     front, fport = frontend(procs, f"http://127.0.0.1:{bport}")
-    agent = watch_inject(fport, bport)
+    agent = watch(fport, bport, inject=True)
     warm(bport)
     for size in (10, 70_000, 1_000_000):
         body = tmp_path / f"body{size}"
@@ -131,7 +124,7 @@ def test_node_service_to_python_backend_continues_the_callers_trace(py_server, p
     backend, bport = py_server()
     nport = free_port()
     node = procs(["node", TESTS / "servers/node_frontend.js", nport, f"http://127.0.0.1:{bport}"], ready_port=nport)
-    agent = watch_inject(nport, bport)
+    agent = watch(nport, bport, inject=True)
     for i in range(5):
         curl("-o", "/dev/null", "-H", f"traceparent: 00-{TRACE}-{PARENT}-01", f"http://127.0.0.1:{nport}/n/{i}")
     got = finish(agent)

@@ -8,23 +8,11 @@ import time
 
 import pytest
 
-from conftest import TESTS, Agent, curl, free_port
+from conftest import TESTS, curl, finish, free_port, watch
 
 PY = sys.executable
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 PARENT = "b7ad6b7169203331"
-
-
-def watch(*ports):
-    args = ["watch", "--json"]
-    for p in ports:
-        args += ["--port", str(p)]
-    return Agent(*args)
-
-
-def finish(agent):
-    assert agent.stop() == 0, "\n".join(agent.err[-20:])
-    return agent.exchanges()
 
 
 def of(exchanges, kind, port):
