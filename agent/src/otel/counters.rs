@@ -11,10 +11,17 @@ pub enum SpanDrop {
     ExportQueueFull,
     /// Still unsent when the shutdown timeout expired.
     Shutdown,
+    /// The collector refused them (a non-retryable error, or an OTLP partial success).
+    Rejected,
 }
 
 impl SpanDrop {
-    pub const ALL: [SpanDrop; 3] = [Self::QueueFull, Self::ExportQueueFull, Self::Shutdown];
+    pub const ALL: [SpanDrop; 4] = [
+        Self::QueueFull,
+        Self::ExportQueueFull,
+        Self::Shutdown,
+        Self::Rejected,
+    ];
 
     /// The `reason` attribute of `tapir.spans.dropped`.
     pub fn as_str(self) -> &'static str {
@@ -22,13 +29,14 @@ impl SpanDrop {
             Self::QueueFull => "queue_full",
             Self::ExportQueueFull => "export_queue_full",
             Self::Shutdown => "shutdown",
+            Self::Rejected => "rejected",
         }
     }
 }
 
 #[derive(Debug, Default)]
 pub struct OtelStats {
-    pub spans_dropped: [AtomicU64; 3],
+    pub spans_dropped: [AtomicU64; SpanDrop::ALL.len()],
     /// Spans a collector accepted.
     pub spans_exported: AtomicU64,
     /// Exchanges whose span the sampler dropped (their metrics are still recorded).

@@ -13,19 +13,18 @@ use std::{
 
 use opentelemetry::{trace::SpanKind, Value};
 use opentelemetry_otlp::{
-    MetricExporter, Protocol, RetryPolicy, SpanExporter, WithExportConfig, WithHttpConfig,
-    WithTonicConfig,
+    MetricExporter, Protocol, RetryPolicy, WithExportConfig, WithHttpConfig, WithTonicConfig,
 };
-use opentelemetry_sdk::{
-    metrics::exporter::PushMetricExporter, trace::SpanData, trace::SpanExporter as _,
-};
+use opentelemetry_sdk::{metrics::exporter::PushMetricExporter, trace::SpanData};
 use serde_json::{json, Map};
 use tokio::{sync::watch, time::Instant};
 
 use super::{
-    counters::OtelStats,
+    client::OtlpClient,
+    counters::{OtelStats, SpanDrop},
     metrics::{Registry, ServiceEntry},
     queue::BatchSender,
+    wire,
 };
 
 /// OTLP transport.
@@ -65,10 +64,18 @@ pub enum Signal {
 }
 
 impl Signal {
-    fn env_part(self) -> &'static str {
+    pub(crate) fn env_part(self) -> &'static str {
         match self {
             Self::Traces => "TRACES",
             Self::Metrics => "METRICS",
+        }
+    }
+
+    /// The gRPC method of the signal's collector service.
+    pub(crate) fn grpc_path(self) -> &'static str {
+        match self {
+            Self::Traces => "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+            Self::Metrics => "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
         }
     }
 
@@ -220,16 +227,6 @@ where
     }
 }
 
-/// Builds the OTLP span exporter for `t` (inside the tokio runtime: gRPC channels spawn
-/// tasks).
-pub fn span_exporter(t: &Target) -> anyhow::Result<SpanExporter> {
-    let b = SpanExporter::builder();
-    Ok(match t.protocol {
-        OtlpProtocol::Grpc => tonic_settings(b.with_tonic(), t).build()?,
-        OtlpProtocol::HttpProtobuf => http_settings(b.with_http(), t).build()?,
-    })
-}
-
 /// Builds the OTLP metric exporter for `t` (cumulative temporality).
 pub fn metric_exporter(t: &Target) -> anyhow::Result<MetricExporter> {
     let b = MetricExporter::builder()
@@ -240,11 +237,12 @@ pub fn metric_exporter(t: &Target) -> anyhow::Result<MetricExporter> {
     })
 }
 
-/// A span waiting for export, with the process it belongs to (for its resource).
+/// A span waiting for export, encoded (an OTLP `Span` message), with the process it
+/// belongs to (for its resource).
 #[derive(Debug, Clone)]
 pub struct QueuedSpan {
     pub entry: Arc<ServiceEntry>,
-    pub span: SpanData,
+    pub span: Vec<u8>,
 }
 
 /// Logs a signal's export failures once per outage, and the recovery.
@@ -269,63 +267,90 @@ impl OutageLog {
     }
 }
 
-/// Sends span batches with one OTLP exporter: each batch is grouped by process and the
-/// exporter's resource set before each group's export (exports are serialized: the loop
-/// owns the exporter).
+/// Sends span batches as one OTLP request each: spans grouped by process, one
+/// `ResourceSpans` per process (exports are serialized: the loop owns the sender).
 pub struct OtlpSpanSender {
-    pub exporter: SpanExporter,
-    pub url: String,
-    pub outage: OutageLog,
-    current: Option<usize>,
+    client: OtlpClient,
+    scope: Vec<u8>,
+    stats: Arc<OtelStats>,
+    outage: OutageLog,
+    /// Partial successes are logged once, then counted only.
+    rejections_logged: bool,
 }
 
 impl OtlpSpanSender {
-    pub fn new(exporter: SpanExporter, url: String) -> Self {
+    pub fn new(client: OtlpClient, stats: Arc<OtelStats>) -> Self {
+        let mut scope = Vec::new();
+        wire::encode_scope(&mut scope, &super::span::scope());
         Self {
-            exporter,
-            url,
+            client,
+            scope,
+            stats,
             outage: OutageLog::default(),
-            current: None,
+            rejections_logged: false,
         }
+    }
+
+    /// The request body for `batch`: processes in first-seen order.
+    fn encode(&self, batch: &[QueuedSpan]) -> Vec<u8> {
+        let mut groups: Vec<(&Arc<ServiceEntry>, Vec<&[u8]>)> = Vec::new();
+        for q in batch {
+            match groups.iter_mut().find(|(e, _)| Arc::ptr_eq(e, &q.entry)) {
+                Some((_, spans)) => spans.push(&q.span),
+                None => groups.push((&q.entry, vec![&q.span])),
+            }
+        }
+        let mut req = wire::TraceRequest::new(self.scope.clone());
+        let mut resource = Vec::new();
+        for (entry, spans) in groups {
+            resource.clear();
+            wire::encode_resource(&mut resource, &entry.resource);
+            req.add_group(&resource, spans);
+        }
+        req.finish()
     }
 }
 
 impl BatchSender<QueuedSpan> for OtlpSpanSender {
-    async fn send(&mut self, batch: Vec<QueuedSpan>) -> Result<(), Vec<QueuedSpan>> {
-        // Group by process, in first-seen order.
-        let mut groups: Vec<Vec<QueuedSpan>> = Vec::new();
-        for q in batch {
-            match groups
-                .iter_mut()
-                .find(|g| Arc::ptr_eq(&g[0].entry, &q.entry))
-            {
-                Some(g) => g.push(q),
-                None => groups.push(vec![q]),
+    async fn send(&mut self, batch: Vec<QueuedSpan>) -> Result<u64, Vec<QueuedSpan>> {
+        let n = batch.len() as u64;
+        let url = self.client.url().to_string();
+        match self.client.export(self.encode(&batch)).await {
+            Ok(accepted) => {
+                self.outage.ok("spans", &url);
+                let refused = accepted.rejected.min(n);
+                if refused > 0 {
+                    self.stats.dropped(SpanDrop::Rejected, refused);
+                    if !std::mem::replace(&mut self.rejections_logged, true) {
+                        tracing::warn!(
+                            "the collector at {url} rejected {refused} of {n} spans: {:?} (counted in tapir.spans.dropped{{reason=rejected}}; not logged again)",
+                            accepted.message
+                        );
+                    }
+                }
+                Ok(refused)
             }
-        }
-        let mut groups = groups.into_iter();
-        while let Some(group) = groups.next() {
-            let key = Arc::as_ptr(&group[0].entry) as usize;
-            if self.current != Some(key) {
-                self.exporter.set_resource(&group[0].entry.resource);
-                self.current = Some(key);
-            }
-            let spans: Vec<SpanData> = group.iter().map(|q| q.span.clone()).collect();
-            if let Err(e) = self.exporter.export(spans).await {
-                // The collector is likely down: keep this group and the rest for a retry.
-                let mut failed = group;
-                failed.extend(groups.flatten());
+            Err(e) if e.retryable() => {
                 self.outage.failed(
                     "spans",
-                    &self.url,
+                    &url,
                     &e,
-                    &format!("retrying with backoff ({} spans pending)", failed.len()),
+                    &format!("retrying with backoff ({n} spans in this batch)"),
                 );
-                return Err(failed);
+                Err(batch)
+            }
+            Err(e) => {
+                // Sending the same spans again would fail the same way.
+                self.stats.dropped(SpanDrop::Rejected, n);
+                self.outage.failed(
+                    "spans",
+                    &url,
+                    &e,
+                    "dropping the batch (the collector will not accept it on a retry)",
+                );
+                Ok(n)
             }
         }
-        self.outage.ok("spans", &self.url);
-        Ok(())
     }
 }
 

@@ -11,6 +11,7 @@
 //!   Prometheus /metrics: collect on scrape                                      │
 //!                                                  export loop: batches, backoff ◀┘──▶ OTLP
 //! ```
+pub mod client;
 pub mod counters;
 pub mod export;
 pub mod metrics;
@@ -21,6 +22,7 @@ pub mod route;
 pub mod sampler;
 pub mod span;
 pub mod tracecontext;
+pub mod wire;
 
 use std::{io::Write, sync::Arc, time::Duration};
 
@@ -38,6 +40,7 @@ pub use route::{RoutePattern, RouteTable, OVERFLOW_ROUTE};
 pub use sampler::Sampler;
 
 use crate::{exchange::CapturedExchange, pipeline::ExchangeSink, stats::Stats};
+use client::{ClientSettings, OtlpClient};
 use export::{OtlpSpanSender, QueuedSpan};
 use metrics::Registry;
 use queue::{LoopConfig, SharedQueue};
@@ -192,6 +195,9 @@ impl ExchangeSink for OtelSink {
     }
 }
 
+/// Typical size of an encoded span (a few hundred bytes of ids, times and attributes).
+const SPAN_BYTES_HINT: usize = 384;
+
 /// Everything one exchange goes through after the channel.
 struct Ingest {
     registry: Arc<Registry>,
@@ -221,15 +227,18 @@ impl Ingest {
             OtelStats::add(&self.stats.spans_not_sampled, 1);
             return;
         }
-        let data = span::build_span(&ex, &ids, route.as_deref(), &self.scope);
         if self.console {
+            let data = span::build_span(&ex, &ids, route.as_deref(), &self.scope);
             let line = export::span_json(&data, &entry).to_string();
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{line}");
             let _ = out.flush();
         }
         if let Some(q) = &self.queue {
-            q.push(QueuedSpan { entry, span: data });
+            // Encoded here, once, straight from the exchange: no SpanData on this path.
+            let mut span = Vec::with_capacity(SPAN_BYTES_HINT);
+            wire::encode_span(&mut span, &ex, &ids, route.as_deref());
+            q.push(QueuedSpan { entry, span });
         }
     }
 }
@@ -290,11 +299,13 @@ impl Telemetry {
         let metric_target = target(Signal::Metrics, env.metrics_otlp);
         let span_exporter = match &span_target {
             Some(t) => {
-                let e = export::span_exporter(t).with_context(|| {
+                let (settings, w) = ClientSettings::resolve(t, Signal::Traces, &lookup);
+                w.iter().for_each(|w| tracing::warn!("{w}"));
+                let client = OtlpClient::new(settings, Signal::Traces).with_context(|| {
                     format!("building the OTLP span exporter ({} {})", t.protocol, t.url)
                 })?;
-                parts.push(format!("spans → {} {}", t.protocol, t.url));
-                Some(OtlpSpanSender::new(e, t.url.clone()))
+                parts.push(format!("spans → {} {}", t.protocol, client.url()));
+                Some(OtlpSpanSender::new(client, stats.clone()))
             }
             None => None,
         };

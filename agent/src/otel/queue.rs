@@ -105,9 +105,10 @@ fn jitter_unit() -> f64 {
     (r >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Sends a batch somewhere. Returns the items that could not be sent (to retry), in order.
+/// Sends a batch somewhere. Ok: how many of the batch the receiver refused for good (the
+/// sender counts them as dropped); Err: the items to retry, in order.
 pub trait BatchSender<T> {
-    fn send(&mut self, batch: Vec<T>) -> impl std::future::Future<Output = Result<(), Vec<T>>>;
+    fn send(&mut self, batch: Vec<T>) -> impl std::future::Future<Output = Result<u64, Vec<T>>>;
 }
 
 /// Export loop tuning.
@@ -232,8 +233,8 @@ pub async fn export_loop<T, S: BatchSender<T>>(
                 None => sender.send(batch).await,
             };
             match result {
-                Ok(()) => {
-                    OtelStats::add(&stats.spans_exported, n);
+                Ok(refused) => {
+                    OtelStats::add(&stats.spans_exported, n.saturating_sub(refused));
                     backoff.reset();
                     retrying = false;
                     linger_until = Instant::now() + cfg.linger;
@@ -333,13 +334,13 @@ mod tests {
     }
 
     impl BatchSender<u32> for Fake {
-        async fn send(&mut self, batch: Vec<u32>) -> Result<(), Vec<u32>> {
+        async fn send(&mut self, batch: Vec<u32>) -> Result<u64, Vec<u32>> {
             self.calls += 1;
             if self.calls <= self.fail {
                 return Err(batch);
             }
             self.got.lock().unwrap().extend(batch);
-            Ok(())
+            Ok(0)
         }
     }
 
