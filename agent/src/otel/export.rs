@@ -16,13 +16,12 @@ use opentelemetry_otlp::{
     MetricExporter, Protocol, RetryPolicy, SpanExporter, WithExportConfig, WithHttpConfig,
     WithTonicConfig,
 };
-use opentelemetry_sdk::{
-    metrics::exporter::PushMetricExporter, trace::SpanData, trace::SpanExporter as _,
-};
+use opentelemetry_sdk::{trace::SpanData, trace::SpanExporter as _};
 use serde_json::{json, Map};
 use tokio::{sync::watch, time::Instant};
 
 use super::{
+    client::OtlpClient,
     counters::OtelStats,
     metrics::{Registry, ServiceEntry},
     queue::BatchSender,
@@ -329,11 +328,17 @@ impl BatchSender<QueuedSpan> for OtlpSpanSender {
     }
 }
 
-/// Collects every provider each `interval` and exports what it got, until `stop`; then
-/// collects and exports one last time (bounded by the deadline sent with `stop`).
+/// Largest metrics request body sent at once (whole processes per request; the
+/// collector's default gRPC limit is 4 MiB).
+const MAX_METRICS_REQUEST: usize = 1 << 20;
+
+/// Collects the registry each `interval` and exports what it got, until `stop`; then
+/// collects and exports one last time (bounded by the deadline sent with `stop`). The
+/// registry learns how much the collector took: the rest is sent again next time
+/// (cumulative: newer totals; delta: merged into the next deltas).
 pub async fn metrics_loop(
     registry: Arc<Registry>,
-    exporter: Option<(MetricExporter, String)>,
+    client: OtlpClient,
     interval: Duration,
     stats: Arc<OtelStats>,
     mut stop: watch::Receiver<Option<Instant>>,
@@ -351,36 +356,47 @@ pub async fn metrics_loop(
         next = Instant::now() + interval;
         let deadline = *stop.borrow();
         let reg = registry.clone();
-        let rms = tokio::task::spawn_blocking(move || reg.collect())
+        let req = tokio::task::spawn_blocking(move || reg.collect())
             .await
-            .unwrap_or_default();
-        if let Some((exp, url)) = &exporter {
-            for rm in &rms {
-                let fut = exp.export(rm);
+            .ok()
+            .flatten();
+        if let Some(req) = req {
+            let mut delivered = 0;
+            for (resources, body) in super::metrics::encode_requests(req, MAX_METRICS_REQUEST) {
+                let fut = client.export(body);
                 let r = match deadline {
-                    Some(d) => tokio::time::timeout_at(d, fut).await.unwrap_or(Err(
-                        opentelemetry_sdk::error::OTelSdkError::Timeout(Duration::ZERO),
-                    )),
-                    None => fut.await,
+                    Some(d) => match tokio::time::timeout_at(d, fut).await {
+                        Ok(r) => r.map_err(|e| (e.retryable(), e.to_string())),
+                        Err(_) => Err((true, "shutdown deadline reached".to_string())),
+                    },
+                    None => fut.await.map_err(|e| (e.retryable(), e.to_string())),
                 };
-                if let Err(e) = r {
-                    OtelStats::add(&stats.metric_export_failures, 1);
-                    outage.failed(
-                        "metrics",
-                        url,
-                        &e,
-                        "the next export carries the counts (cumulative)",
-                    );
-                    // Cumulative: the next collection carries these counts.
-                    break;
+                match r {
+                    Ok(()) => {
+                        delivered += resources;
+                        outage.ok("metrics", client.url());
+                    }
+                    Err((retryable, e)) => {
+                        OtelStats::add(&stats.metric_export_failures, 1);
+                        if !retryable {
+                            // The collector refused this data: sending it again cannot help.
+                            outage.failed("metrics", client.url(), &e, "dropping that data");
+                            delivered += resources;
+                            continue;
+                        }
+                        outage.failed(
+                            "metrics",
+                            client.url(),
+                            &e,
+                            "the next export carries these counts",
+                        );
+                        break;
+                    }
                 }
-                outage.ok("metrics", url);
             }
+            registry.acknowledge(delivered);
         }
         if deadline.is_some() || stop.has_changed().is_err() {
-            if let Some((exp, _)) = &exporter {
-                let _ = exp.shutdown_with_timeout(Duration::from_secs(1));
-            }
             registry.shutdown();
             return;
         }

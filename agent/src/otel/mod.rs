@@ -7,10 +7,11 @@
 //! capture thread ──try_send──▶ bounded channel ──▶ ingest task: resource, route, metrics,
 //!   (full: dropped, counted)                       sampler, SpanData ──▶ retry queue
 //!                                                                        (bounded, drops
-//!   metrics task: collect every provider each interval ──▶ OTLP           oldest, counted)
+//!   metrics task: collect every process's series each interval ──▶ OTLP   oldest, counted)
 //!   Prometheus /metrics: collect on scrape                                      │
 //!                                                  export loop: batches, backoff ◀┘──▶ OTLP
 //! ```
+pub mod client;
 pub mod counters;
 pub mod export;
 pub mod metrics;
@@ -39,7 +40,7 @@ pub use sampler::Sampler;
 
 use crate::{exchange::CapturedExchange, pipeline::ExchangeSink, stats::Stats};
 use export::{OtlpSpanSender, QueuedSpan};
-use metrics::Registry;
+use metrics::{Registry, Temporality};
 use queue::{LoopConfig, SharedQueue};
 
 /// The standard variables `tapir run` honours (for `--help`).
@@ -57,6 +58,7 @@ OpenTelemetry environment variables honoured (Tapir's flags win over them):
   OTEL_EXPORTER_OTLP_INSECURE         true: plain gRPC to an endpoint without scheme
   OTEL_TRACES_EXPORTER, OTEL_METRICS_EXPORTER      none: no OTLP export of that signal
   OTEL_METRIC_EXPORT_INTERVAL         milliseconds between metric exports (60000)
+  OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE  cumulative (default) | delta | lowmemory
   OTEL_TRACES_SAMPLER                 always_on | always_off | traceidratio |
                                       parentbased_always_on (default) |
                                       parentbased_always_off | parentbased_traceidratio
@@ -110,6 +112,7 @@ pub struct EnvSettings {
     pub traces_otlp: bool,
     pub metrics_otlp: bool,
     pub metric_interval: Duration,
+    pub metrics_temporality: Temporality,
     pub sampler: Sampler,
     pub resource_attributes: Option<String>,
     pub warnings: Vec<String>,
@@ -156,6 +159,15 @@ impl EnvSettings {
                 }
             },
         };
+        let temporality_var = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE";
+        let metrics_temporality = match get(temporality_var).map(|v| v.parse::<Temporality>()) {
+            None => Temporality::default(),
+            Some(Ok(t)) => t,
+            Some(Err(e)) => {
+                warnings.push(format!("{temporality_var}: {e}; using cumulative"));
+                Temporality::default()
+            }
+        };
         let s = get("OTEL_TRACES_SAMPLER");
         let a = get("OTEL_TRACES_SAMPLER_ARG");
         let (sampler, w) = Sampler::from_env_values(s.as_deref(), a.as_deref());
@@ -165,6 +177,7 @@ impl EnvSettings {
             traces_otlp,
             metrics_otlp,
             metric_interval,
+            metrics_temporality,
             sampler,
             resource_attributes: get("OTEL_RESOURCE_ATTRIBUTES"),
             warnings,
@@ -300,7 +313,7 @@ impl Telemetry {
         };
         let metric_exporter = match &metric_target {
             Some(t) => {
-                let e = export::metric_exporter(t).with_context(|| {
+                let e = client::OtlpClient::new(t, Signal::Metrics).with_context(|| {
                     format!(
                         "building the OTLP metric exporter ({} {})",
                         t.protocol, t.url
@@ -312,7 +325,7 @@ impl Telemetry {
                     t.url,
                     env.metric_interval.as_millis()
                 ));
-                Some((e, t.url.clone()))
+                Some(e)
             }
             None => None,
         };
@@ -357,6 +370,7 @@ impl Telemetry {
             capture,
             stats.clone(),
             queue_len,
+            env.metrics_temporality,
         );
         if metric_exporter.is_none() {
             registry = registry.without_final_collection();
@@ -393,7 +407,7 @@ impl Telemetry {
         let metrics_loop = metric_exporter.map(|e| {
             rt.spawn(export::metrics_loop(
                 registry.clone(),
-                Some(e),
+                e,
                 env.metric_interval,
                 stats.clone(),
                 stop_rx,
@@ -491,7 +505,28 @@ mod tests {
         assert!(e.traces_otlp && e.metrics_otlp);
         assert_eq!(e.metric_interval, Duration::from_secs(60));
         assert_eq!(e.sampler, Sampler::default());
+        assert_eq!(e.metrics_temporality, Temporality::Cumulative);
         assert!(e.warnings.is_empty());
+    }
+
+    #[test]
+    fn env_metrics_temporality() {
+        let var = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE";
+        assert_eq!(
+            env(&[(var, "DELTA")]).metrics_temporality,
+            Temporality::Delta
+        );
+        assert_eq!(
+            env(&[(var, "lowmemory")]).metrics_temporality,
+            Temporality::LowMemory
+        );
+        assert_eq!(
+            env(&[(var, "cumulative")]).metrics_temporality,
+            Temporality::Cumulative
+        );
+        let e = env(&[(var, "sometimes")]);
+        assert_eq!(e.metrics_temporality, Temporality::Cumulative);
+        assert_eq!(e.warnings.len(), 1);
     }
 
     #[test]
