@@ -189,19 +189,34 @@ impl EnvSettings {
     }
 }
 
+/// What the capture side hands to the ingest task, in capture order.
+// Exchanges stay inline (no allocation per exchange); exits are rare.
+#[allow(clippy::large_enum_variant)]
+enum Captured {
+    Exchange(CapturedExchange),
+    /// The process exited: its metrics are exported a last time and freed (after its
+    /// exchanges, which went through the channel before).
+    ProcessExit(u32),
+}
+
 /// The capture side's handle: hands exchanges to the export task without ever blocking.
 pub struct OtelSink {
-    tx: mpsc::Sender<CapturedExchange>,
+    tx: mpsc::Sender<Captured>,
     stats: Arc<OtelStats>,
 }
 
 impl ExchangeSink for OtelSink {
     fn on_exchange(&mut self, ex: CapturedExchange) {
-        match self.tx.try_send(ex) {
+        match self.tx.try_send(Captured::Exchange(ex)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => self.stats.dropped(SpanDrop::QueueFull, 1),
             Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
+    }
+
+    fn on_process_exit(&mut self, pid: u32) {
+        // Channel full: the process retires when idle instead.
+        let _ = self.tx.try_send(Captured::ProcessExit(pid));
     }
 }
 
@@ -389,8 +404,13 @@ impl Telemetry {
             stats: stats.clone(),
         };
         let ingest = rt.spawn(async move {
-            while let Some(ex) = rx.recv().await {
-                ingest.handle(ex);
+            while let Some(c) = rx.recv().await {
+                match c {
+                    Captured::Exchange(ex) => ingest.handle(ex),
+                    Captured::ProcessExit(pid) => {
+                        ingest.registry.process_exited(pid);
+                    }
+                }
             }
         });
         let (close_spans, close_rx) = watch::channel(None);
