@@ -77,6 +77,8 @@ pub trait ExchangeSink {
     fn on_exchange(&mut self, exchange: crate::exchange::CapturedExchange);
     /// Called after each drain of the ring buffer.
     fn flush(&mut self) {}
+    /// A process exited, after its last exchanges were passed on.
+    fn on_process_exit(&mut self, _pid: u32) {}
 }
 
 pub struct Pipeline<S: ExchangeSink> {
@@ -224,6 +226,7 @@ impl<S: ExchangeSink> Pipeline<S> {
             }
         }
         self.procs.forget(tgid);
+        self.sink.on_process_exit(tgid);
     }
 
     /// Ends a connection's tracking: close-delimited responses complete here.

@@ -4,7 +4,7 @@ use std::{fs, path::Path, sync::Arc};
 use lru::LruCache;
 
 /// Identity of an observed process, read once per pid.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct ProcessInfo {
     pub pid: u32,
     /// Executable file name (`python3.11`), from /proc/PID/exe, else comm.

@@ -39,7 +39,11 @@ use serde_json::json;
 use tapir::{
     capture::reader::{drain_loop, RecordSink},
     exchange::CapturedExchange,
-    otel::{metrics::Registry, route::RouteTable, span, OtelStats, Sampler},
+    otel::{
+        metrics::{Registry, Temporality},
+        route::RouteTable,
+        span, OtelStats, Sampler,
+    },
     pipeline::{ExchangeSink, Filter, Pipeline},
     stats::Stats,
 };
@@ -518,6 +522,7 @@ impl OtelStage {
                 capture,
                 Arc::new(OtelStats::default()),
                 Arc::new(|| 0),
+                Temporality::Cumulative,
             ),
             routes: RouteTable::new(Vec::new(), 100),
             sampler: Sampler::default(),

@@ -149,6 +149,12 @@ impl ExchangeSink for Sink {
             Self::Log(s) => s.on_exchange(ex),
         }
     }
+
+    fn on_process_exit(&mut self, pid: u32) {
+        if let Self::Otel(s) = self {
+            s.on_process_exit(pid);
+        }
+    }
 }
 
 /// The pipeline, plus the tracked-connections gauge refreshed after each drain.

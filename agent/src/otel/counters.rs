@@ -53,6 +53,11 @@ pub struct OtelStats {
     pub services_evicted: AtomicU64,
     /// Connections in the capture pipeline's table (a gauge, set by the capture thread).
     pub connections_tracked: AtomicU64,
+    /// Exchanges recorded in a service's overflow series (it had reached the series limit).
+    pub metric_series_overflow: AtomicU64,
+    /// Exited or evicted processes whose last metrics were dropped unexported (too many
+    /// waiting while the collector was unreachable).
+    pub metric_services_lost: AtomicU64,
 }
 
 impl OtelStats {

@@ -12,10 +12,7 @@ use std::{
 };
 
 use opentelemetry::{trace::SpanKind, Value};
-use opentelemetry_otlp::{
-    MetricExporter, Protocol, RetryPolicy, WithExportConfig, WithHttpConfig, WithTonicConfig,
-};
-use opentelemetry_sdk::{metrics::exporter::PushMetricExporter, trace::SpanData};
+use opentelemetry_sdk::trace::SpanData;
 use serde_json::{json, Map};
 use tokio::{sync::watch, time::Instant};
 
@@ -61,6 +58,15 @@ impl fmt::Display for OtlpProtocol {
 pub enum Signal {
     Traces,
     Metrics,
+}
+
+impl fmt::Display for Signal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Traces => "span",
+            Self::Metrics => "metric",
+        })
+    }
 }
 
 impl Signal {
@@ -186,57 +192,6 @@ fn port_of(endpoint: &str) -> Option<u16> {
     port.parse().ok()
 }
 
-fn protocol_of(p: OtlpProtocol) -> Protocol {
-    match p {
-        OtlpProtocol::Grpc => Protocol::Grpc,
-        OtlpProtocol::HttpProtobuf => Protocol::HttpBinary,
-    }
-}
-
-/// gRPC settings shared by the span and metric exporters. Retries are Tapir's (the queue),
-/// so the exporter's own are disabled.
-fn tonic_settings<B>(b: B, t: &Target) -> B
-where
-    B: WithExportConfig + WithTonicConfig,
-{
-    let mut b = b
-        .with_protocol(protocol_of(t.protocol))
-        .with_retry_policy(RetryPolicy::disabled());
-    if t.url.starts_with("https://") {
-        b = b.with_tls_config(
-            opentelemetry_otlp::tonic_types::transport::ClientTlsConfig::new().with_enabled_roots(),
-        );
-    }
-    match &t.explicit_endpoint {
-        Some(ep) => b.with_endpoint(ep.clone()),
-        None => b,
-    }
-}
-
-/// HTTP/protobuf settings shared by the span and metric exporters.
-fn http_settings<B>(b: B, t: &Target) -> B
-where
-    B: WithExportConfig + WithHttpConfig,
-{
-    let b = b
-        .with_protocol(protocol_of(t.protocol))
-        .with_retry_policy(RetryPolicy::disabled());
-    match &t.explicit_endpoint {
-        Some(ep) => b.with_endpoint(ep.clone()),
-        None => b,
-    }
-}
-
-/// Builds the OTLP metric exporter for `t` (cumulative temporality).
-pub fn metric_exporter(t: &Target) -> anyhow::Result<MetricExporter> {
-    let b = MetricExporter::builder()
-        .with_temporality(opentelemetry_sdk::metrics::Temporality::Cumulative);
-    Ok(match t.protocol {
-        OtlpProtocol::Grpc => tonic_settings(b.with_tonic(), t).build()?,
-        OtlpProtocol::HttpProtobuf => http_settings(b.with_http(), t).build()?,
-    })
-}
-
 /// A span waiting for export, encoded (an OTLP `Span` message), with the process it
 /// belongs to (for its resource).
 #[derive(Debug, Clone)]
@@ -354,11 +309,17 @@ impl BatchSender<QueuedSpan> for OtlpSpanSender {
     }
 }
 
-/// Collects every provider each `interval` and exports what it got, until `stop`; then
-/// collects and exports one last time (bounded by the deadline sent with `stop`).
+/// Largest metrics request body sent at once (whole processes per request; the
+/// collector's default gRPC limit is 4 MiB).
+const MAX_METRICS_REQUEST: usize = 1 << 20;
+
+/// Collects the registry each `interval` and exports what it got, until `stop`; then
+/// collects and exports one last time (bounded by the deadline sent with `stop`). The
+/// registry learns how much the collector took: the rest is sent again next time
+/// (cumulative: newer totals; delta: merged into the next deltas).
 pub async fn metrics_loop(
     registry: Arc<Registry>,
-    exporter: Option<(MetricExporter, String)>,
+    client: OtlpClient,
     interval: Duration,
     stats: Arc<OtelStats>,
     mut stop: watch::Receiver<Option<Instant>>,
@@ -376,36 +337,47 @@ pub async fn metrics_loop(
         next = Instant::now() + interval;
         let deadline = *stop.borrow();
         let reg = registry.clone();
-        let rms = tokio::task::spawn_blocking(move || reg.collect())
+        let req = tokio::task::spawn_blocking(move || reg.collect())
             .await
-            .unwrap_or_default();
-        if let Some((exp, url)) = &exporter {
-            for rm in &rms {
-                let fut = exp.export(rm);
+            .ok()
+            .flatten();
+        if let Some(req) = req {
+            let mut delivered = 0;
+            for (resources, body) in super::metrics::encode_requests(req, MAX_METRICS_REQUEST) {
+                let fut = client.export(body);
                 let r = match deadline {
-                    Some(d) => tokio::time::timeout_at(d, fut).await.unwrap_or(Err(
-                        opentelemetry_sdk::error::OTelSdkError::Timeout(Duration::ZERO),
-                    )),
-                    None => fut.await,
+                    Some(d) => match tokio::time::timeout_at(d, fut).await {
+                        Ok(r) => r.map_err(|e| (e.retryable(), e.to_string())),
+                        Err(_) => Err((true, "shutdown deadline reached".to_string())),
+                    },
+                    None => fut.await.map_err(|e| (e.retryable(), e.to_string())),
                 };
-                if let Err(e) = r {
-                    OtelStats::add(&stats.metric_export_failures, 1);
-                    outage.failed(
-                        "metrics",
-                        url,
-                        &e,
-                        "the next export carries the counts (cumulative)",
-                    );
-                    // Cumulative: the next collection carries these counts.
-                    break;
+                match r {
+                    Ok(_) => {
+                        delivered += resources;
+                        outage.ok("metrics", client.url());
+                    }
+                    Err((retryable, e)) => {
+                        OtelStats::add(&stats.metric_export_failures, 1);
+                        if !retryable {
+                            // The collector refused this data: sending it again cannot help.
+                            outage.failed("metrics", client.url(), &e, "dropping that data");
+                            delivered += resources;
+                            continue;
+                        }
+                        outage.failed(
+                            "metrics",
+                            client.url(),
+                            &e,
+                            "the next export carries these counts",
+                        );
+                        break;
+                    }
                 }
-                outage.ok("metrics", url);
             }
+            registry.acknowledge(delivered);
         }
         if deadline.is_some() || stop.has_changed().is_err() {
-            if let Some((exp, _)) = &exporter {
-                let _ = exp.shutdown_with_timeout(Duration::from_secs(1));
-            }
             registry.shutdown();
             return;
         }

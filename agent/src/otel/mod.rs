@@ -7,7 +7,7 @@
 //! capture thread ──try_send──▶ bounded channel ──▶ ingest task: resource, route, metrics,
 //!   (full: dropped, counted)                       sampler, SpanData ──▶ retry queue
 //!                                                                        (bounded, drops
-//!   metrics task: collect every provider each interval ──▶ OTLP           oldest, counted)
+//!   metrics task: collect every process's series each interval ──▶ OTLP   oldest, counted)
 //!   Prometheus /metrics: collect on scrape                                      │
 //!                                                  export loop: batches, backoff ◀┘──▶ OTLP
 //! ```
@@ -42,7 +42,7 @@ pub use sampler::Sampler;
 use crate::{exchange::CapturedExchange, pipeline::ExchangeSink, stats::Stats};
 use client::{ClientSettings, OtlpClient};
 use export::{OtlpSpanSender, QueuedSpan};
-use metrics::Registry;
+use metrics::{Registry, Temporality};
 use queue::{LoopConfig, SharedQueue};
 
 /// The standard variables `tapir run` honours (for `--help`).
@@ -60,6 +60,7 @@ OpenTelemetry environment variables honoured (Tapir's flags win over them):
   OTEL_EXPORTER_OTLP_INSECURE         true: plain gRPC to an endpoint without scheme
   OTEL_TRACES_EXPORTER, OTEL_METRICS_EXPORTER      none: no OTLP export of that signal
   OTEL_METRIC_EXPORT_INTERVAL         milliseconds between metric exports (60000)
+  OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE  cumulative (default) | delta | lowmemory
   OTEL_TRACES_SAMPLER                 always_on | always_off | traceidratio |
                                       parentbased_always_on (default) |
                                       parentbased_always_off | parentbased_traceidratio
@@ -113,6 +114,7 @@ pub struct EnvSettings {
     pub traces_otlp: bool,
     pub metrics_otlp: bool,
     pub metric_interval: Duration,
+    pub metrics_temporality: Temporality,
     pub sampler: Sampler,
     pub resource_attributes: Option<String>,
     pub warnings: Vec<String>,
@@ -159,6 +161,15 @@ impl EnvSettings {
                 }
             },
         };
+        let temporality_var = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE";
+        let metrics_temporality = match get(temporality_var).map(|v| v.parse::<Temporality>()) {
+            None => Temporality::default(),
+            Some(Ok(t)) => t,
+            Some(Err(e)) => {
+                warnings.push(format!("{temporality_var}: {e}; using cumulative"));
+                Temporality::default()
+            }
+        };
         let s = get("OTEL_TRACES_SAMPLER");
         let a = get("OTEL_TRACES_SAMPLER_ARG");
         let (sampler, w) = Sampler::from_env_values(s.as_deref(), a.as_deref());
@@ -168,6 +179,7 @@ impl EnvSettings {
             traces_otlp,
             metrics_otlp,
             metric_interval,
+            metrics_temporality,
             sampler,
             resource_attributes: get("OTEL_RESOURCE_ATTRIBUTES"),
             warnings,
@@ -179,19 +191,34 @@ impl EnvSettings {
     }
 }
 
+/// What the capture side hands to the ingest task, in capture order.
+// Exchanges stay inline (no allocation per exchange); exits are rare.
+#[allow(clippy::large_enum_variant)]
+enum Captured {
+    Exchange(CapturedExchange),
+    /// The process exited: its metrics are exported a last time and freed (after its
+    /// exchanges, which went through the channel before).
+    ProcessExit(u32),
+}
+
 /// The capture side's handle: hands exchanges to the export task without ever blocking.
 pub struct OtelSink {
-    tx: mpsc::Sender<CapturedExchange>,
+    tx: mpsc::Sender<Captured>,
     stats: Arc<OtelStats>,
 }
 
 impl ExchangeSink for OtelSink {
     fn on_exchange(&mut self, ex: CapturedExchange) {
-        match self.tx.try_send(ex) {
+        match self.tx.try_send(Captured::Exchange(ex)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => self.stats.dropped(SpanDrop::QueueFull, 1),
             Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
+    }
+
+    fn on_process_exit(&mut self, pid: u32) {
+        // Channel full: the process retires when idle instead.
+        let _ = self.tx.try_send(Captured::ProcessExit(pid));
     }
 }
 
@@ -297,13 +324,17 @@ impl Telemetry {
         };
         let span_target = target(Signal::Traces, env.traces_otlp);
         let metric_target = target(Signal::Metrics, env.metrics_otlp);
+        // One OTLP client per exported signal, set up from the target and OTEL_* variables.
+        let client = |t: &Target, signal: Signal| {
+            let (settings, w) = ClientSettings::resolve(t, signal, &lookup);
+            w.iter().for_each(|w| tracing::warn!("{w}"));
+            OtlpClient::new(settings, signal).with_context(|| {
+                format!("building the OTLP {signal} exporter ({} {})", t.protocol, t.url)
+            })
+        };
         let span_exporter = match &span_target {
             Some(t) => {
-                let (settings, w) = ClientSettings::resolve(t, Signal::Traces, &lookup);
-                w.iter().for_each(|w| tracing::warn!("{w}"));
-                let client = OtlpClient::new(settings, Signal::Traces).with_context(|| {
-                    format!("building the OTLP span exporter ({} {})", t.protocol, t.url)
-                })?;
+                let client = client(t, Signal::Traces)?;
                 parts.push(format!("spans → {} {}", t.protocol, client.url()));
                 Some(OtlpSpanSender::new(client, stats.clone()))
             }
@@ -311,19 +342,14 @@ impl Telemetry {
         };
         let metric_exporter = match &metric_target {
             Some(t) => {
-                let e = export::metric_exporter(t).with_context(|| {
-                    format!(
-                        "building the OTLP metric exporter ({} {})",
-                        t.protocol, t.url
-                    )
-                })?;
+                let e = client(t, Signal::Metrics)?;
                 parts.push(format!(
                     "metrics → {} {} every {} ms",
                     t.protocol,
-                    t.url,
+                    e.url(),
                     env.metric_interval.as_millis()
                 ));
-                Some((e, t.url.clone()))
+                Some(e)
             }
             None => None,
         };
@@ -368,6 +394,7 @@ impl Telemetry {
             capture,
             stats.clone(),
             queue_len,
+            env.metrics_temporality,
         );
         if metric_exporter.is_none() {
             registry = registry.without_final_collection();
@@ -386,8 +413,13 @@ impl Telemetry {
             stats: stats.clone(),
         };
         let ingest = rt.spawn(async move {
-            while let Some(ex) = rx.recv().await {
-                ingest.handle(ex);
+            while let Some(c) = rx.recv().await {
+                match c {
+                    Captured::Exchange(ex) => ingest.handle(ex),
+                    Captured::ProcessExit(pid) => {
+                        ingest.registry.process_exited(pid);
+                    }
+                }
             }
         });
         let (close_spans, close_rx) = watch::channel(None);
@@ -404,7 +436,7 @@ impl Telemetry {
         let metrics_loop = metric_exporter.map(|e| {
             rt.spawn(export::metrics_loop(
                 registry.clone(),
-                Some(e),
+                e,
                 env.metric_interval,
                 stats.clone(),
                 stop_rx,
@@ -502,7 +534,28 @@ mod tests {
         assert!(e.traces_otlp && e.metrics_otlp);
         assert_eq!(e.metric_interval, Duration::from_secs(60));
         assert_eq!(e.sampler, Sampler::default());
+        assert_eq!(e.metrics_temporality, Temporality::Cumulative);
         assert!(e.warnings.is_empty());
+    }
+
+    #[test]
+    fn env_metrics_temporality() {
+        let var = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE";
+        assert_eq!(
+            env(&[(var, "DELTA")]).metrics_temporality,
+            Temporality::Delta
+        );
+        assert_eq!(
+            env(&[(var, "lowmemory")]).metrics_temporality,
+            Temporality::LowMemory
+        );
+        assert_eq!(
+            env(&[(var, "cumulative")]).metrics_temporality,
+            Temporality::Cumulative
+        );
+        let e = env(&[(var, "sometimes")]);
+        assert_eq!(e.metrics_temporality, Temporality::Cumulative);
+        assert_eq!(e.warnings.len(), 1);
     }
 
     #[test]

@@ -1,15 +1,19 @@
 //! `/metrics` in the Prometheus text exposition format (0.0.4), rendered from the same
-//! collections that go to OTLP, and a tiny HTTP server for it.
+//! OTLP messages the registry builds for export (its cumulative view), and a tiny HTTP
+//! server for it.
 use std::{collections::BTreeMap, fmt::Write as _, sync::Arc};
 
-use opentelemetry::{KeyValue, Value};
-use opentelemetry_sdk::metrics::data::{AggregatedMetrics, MetricData, ResourceMetrics};
+use opentelemetry_proto::tonic::{
+    collector::metrics::v1::ExportMetricsServiceRequest,
+    common::v1::{any_value, AnyValue, KeyValue},
+    metrics::v1::{metric, number_data_point, Metric, NumberDataPoint},
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
 };
 
-use super::{metrics::Registry, resource::resource_service_name};
+use super::metrics::Registry;
 
 /// One metric family: its type line, help and samples.
 #[derive(Default)]
@@ -60,20 +64,28 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-fn value_str(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.to_string(),
-        other => other.to_string(),
+fn value_str(v: Option<&AnyValue>) -> String {
+    match v.and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+        Some(any_value::Value::BoolValue(b)) => b.to_string(),
+        Some(any_value::Value::ArrayValue(a)) => {
+            let items: Vec<String> = a.values.iter().map(|v| value_str(Some(v))).collect();
+            format!("[{}]", items.join(","))
+        }
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
     }
 }
 
-fn labels<'a>(
-    base: &[(String, String)],
-    attrs: impl Iterator<Item = &'a KeyValue>,
-    extra: Option<(&str, String)>,
-) -> String {
+fn labels(base: &[(String, String)], attrs: &[KeyValue], extra: Option<(&str, String)>) -> String {
     let mut pairs: Vec<(String, String)> = base.to_vec();
-    pairs.extend(attrs.map(|kv| (sanitize(kv.key.as_str()), value_str(&kv.value))));
+    pairs.extend(
+        attrs
+            .iter()
+            .map(|kv| (sanitize(&kv.key), value_str(kv.value.as_ref()))),
+    );
     if let Some((k, v)) = extra {
         pairs.push((k.to_string(), v));
     }
@@ -97,97 +109,105 @@ fn num<T: ToString>(v: T) -> String {
     }
 }
 
-macro_rules! render_data {
-    ($fams:expr, $name:expr, $unit:expr, $desc:expr, $base:expr, $data:expr) => {
-        match $data {
-            MetricData::Sum(s) => {
-                let counter = s.is_monotonic();
-                let n = metric_name($name, $unit, counter);
-                let f = $fams.entry(n.clone()).or_insert_with(|| Family {
-                    kind: if counter { "counter" } else { "gauge" },
-                    help: $desc.to_string(),
-                    lines: Vec::new(),
-                });
-                for p in s.data_points() {
-                    f.lines.push(format!(
-                        "{n}{} {}",
-                        labels($base, p.attributes(), None),
-                        num(p.value())
-                    ));
-                }
-            }
-            MetricData::Gauge(g) => {
-                let n = metric_name($name, $unit, false);
-                let f = $fams.entry(n.clone()).or_insert_with(|| Family {
-                    kind: "gauge",
-                    help: $desc.to_string(),
-                    lines: Vec::new(),
-                });
-                for p in g.data_points() {
-                    f.lines.push(format!(
-                        "{n}{} {}",
-                        labels($base, p.attributes(), None),
-                        num(p.value())
-                    ));
-                }
-            }
-            MetricData::Histogram(h) => {
-                let n = metric_name($name, $unit, false);
-                let f = $fams.entry(n.clone()).or_insert_with(|| Family {
-                    kind: "histogram",
-                    help: $desc.to_string(),
-                    lines: Vec::new(),
-                });
-                for p in h.data_points() {
-                    let mut cum = 0u64;
-                    let counts: Vec<u64> = p.bucket_counts().collect();
-                    for (i, b) in p.bounds().enumerate() {
-                        cum += counts.get(i).copied().unwrap_or(0);
-                        f.lines.push(format!(
-                            "{n}_bucket{} {cum}",
-                            labels($base, p.attributes(), Some(("le", num(b))))
-                        ));
-                    }
-                    f.lines.push(format!(
-                        "{n}_bucket{} {}",
-                        labels($base, p.attributes(), Some(("le", "+Inf".to_string()))),
-                        p.count()
-                    ));
-                    f.lines.push(format!(
-                        "{n}_sum{} {}",
-                        labels($base, p.attributes(), None),
-                        num(p.sum())
-                    ));
-                    f.lines.push(format!(
-                        "{n}_count{} {}",
-                        labels($base, p.attributes(), None),
-                        p.count()
-                    ));
-                }
-            }
-            MetricData::ExponentialHistogram(_) => {}
-        }
-    };
+fn number(p: &NumberDataPoint) -> String {
+    match p.value {
+        Some(number_data_point::Value::AsInt(i)) => i.to_string(),
+        Some(number_data_point::Value::AsDouble(d)) => num(d),
+        None => "NaN".into(),
+    }
 }
 
-/// Renders collections as one exposition: each family once, every series labelled with
-/// its process's `service_name` and `service_instance_id`.
-pub fn render(rms: &[ResourceMetrics]) -> String {
+/// The family of a metric (created on first use): its name and sample lines.
+fn family<'a>(
+    fams: &'a mut BTreeMap<String, Family>,
+    m: &Metric,
+    kind: &'static str,
+    counter: bool,
+) -> (String, &'a mut Vec<String>) {
+    let n = metric_name(&m.name, &m.unit, counter);
+    let f = fams.entry(n.clone()).or_insert_with(|| Family {
+        kind,
+        help: m.description.clone(),
+        lines: Vec::new(),
+    });
+    (n, &mut f.lines)
+}
+
+/// Renders the registry's cumulative view as one exposition: each family once, every
+/// series labelled with its process's `service_name` and `service_instance_id`.
+pub fn render(req: &ExportMetricsServiceRequest) -> String {
     let mut fams: BTreeMap<String, Family> = BTreeMap::new();
-    for rm in rms {
-        let res = rm.resource();
-        let mut base = vec![("service_name".to_string(), resource_service_name(res))];
-        if let Some(id) = res.get(&opentelemetry::Key::from_static_str("service.instance.id")) {
-            base.push(("service_instance_id".to_string(), value_str(&id)));
+    for rm in &req.resource_metrics {
+        let res: &[KeyValue] = rm.resource.as_ref().map_or(&[], |r| &r.attributes);
+        let get = |k: &str| {
+            res.iter()
+                .find(|kv| kv.key == k)
+                .map(|kv| value_str(kv.value.as_ref()))
+        };
+        let mut base = vec![(
+            "service_name".to_string(),
+            get("service.name").unwrap_or_default(),
+        )];
+        if let Some(id) = get("service.instance.id") {
+            base.push(("service_instance_id".to_string(), id));
         }
-        for sm in rm.scope_metrics() {
-            for m in sm.metrics() {
-                let (name, unit, desc) = (m.name(), m.unit(), m.description());
-                match m.data() {
-                    AggregatedMetrics::F64(d) => render_data!(fams, name, unit, desc, &base, d),
-                    AggregatedMetrics::U64(d) => render_data!(fams, name, unit, desc, &base, d),
-                    AggregatedMetrics::I64(d) => render_data!(fams, name, unit, desc, &base, d),
+        for m in rm.scope_metrics.iter().flat_map(|s| &s.metrics) {
+            match &m.data {
+                Some(metric::Data::Sum(s)) => {
+                    let counter = s.is_monotonic;
+                    let (n, lines) = family(
+                        &mut fams,
+                        m,
+                        if counter { "counter" } else { "gauge" },
+                        counter,
+                    );
+                    for p in &s.data_points {
+                        lines.push(format!(
+                            "{n}{} {}",
+                            labels(&base, &p.attributes, None),
+                            number(p)
+                        ));
+                    }
                 }
+                Some(metric::Data::Gauge(g)) => {
+                    let (n, lines) = family(&mut fams, m, "gauge", false);
+                    for p in &g.data_points {
+                        lines.push(format!(
+                            "{n}{} {}",
+                            labels(&base, &p.attributes, None),
+                            number(p)
+                        ));
+                    }
+                }
+                Some(metric::Data::Histogram(h)) => {
+                    let (n, lines) = family(&mut fams, m, "histogram", false);
+                    for p in &h.data_points {
+                        let mut cum = 0u64;
+                        for (i, b) in p.explicit_bounds.iter().enumerate() {
+                            cum += p.bucket_counts.get(i).copied().unwrap_or(0);
+                            lines.push(format!(
+                                "{n}_bucket{} {cum}",
+                                labels(&base, &p.attributes, Some(("le", num(b))))
+                            ));
+                        }
+                        lines.push(format!(
+                            "{n}_bucket{} {}",
+                            labels(&base, &p.attributes, Some(("le", "+Inf".to_string()))),
+                            p.count
+                        ));
+                        lines.push(format!(
+                            "{n}_sum{} {}",
+                            labels(&base, &p.attributes, None),
+                            num(p.sum.unwrap_or(0.0))
+                        ));
+                        lines.push(format!(
+                            "{n}_count{} {}",
+                            labels(&base, &p.attributes, None),
+                            p.count
+                        ));
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -278,7 +298,11 @@ mod tests {
     use super::*;
     use crate::{
         http::ExchangeRole,
-        otel::{counters::OtelStats, metrics::Registry, span::tests::exchange},
+        otel::{
+            counters::OtelStats,
+            metrics::{Registry, Temporality},
+            span::tests::exchange,
+        },
         stats::Stats,
     };
 
@@ -310,6 +334,7 @@ mod tests {
             capture,
             Arc::new(OtelStats::default()),
             Arc::new(|| 0),
+            Temporality::Cumulative,
         );
         let ex = exchange(ExchangeRole::Server, "GET", "/users/1", 200);
         let e = r.entry(&ex.process);
@@ -357,5 +382,127 @@ mod tests {
             let (_, v) = l.rsplit_once(' ').unwrap();
             assert!(v == "+Inf" || v.parse::<f64>().is_ok(), "{l}");
         }
+    }
+
+    fn registry(t: Temporality) -> Registry {
+        Registry::new(
+            8,
+            true,
+            "h".into(),
+            None,
+            Arc::new(Stats::default()),
+            Arc::new(OtelStats::default()),
+            Arc::new(|| 3),
+            t,
+        )
+    }
+
+    fn sample<'a>(text: &'a str, prefix: &str, has: &[&str]) -> Vec<&'a str> {
+        text.lines()
+            .filter(|l| l.starts_with(prefix) && has.iter().all(|h| l.contains(h)))
+            .collect()
+    }
+
+    #[test]
+    fn renders_every_family_once_with_help_and_labels() {
+        let r = registry(Temporality::Cumulative);
+        for pid in [1, 2] {
+            let mut ex = exchange(ExchangeRole::Server, "GET", "/a", 200);
+            Arc::make_mut(&mut ex.process).pid = pid;
+            let e = r.entry(&ex.process);
+            r.record(&e, &ex, Some("/a"));
+            r.record(&e, &ex, Some("/a"));
+            let cl = exchange(ExchangeRole::Client, "PUT", "/b", 503);
+            r.record(&e, &cl, None);
+        }
+        let text = render(&r.peek());
+        for (family, kind) in [
+            ("http_server_request_duration_seconds", "histogram"),
+            ("http_server_request_body_size_bytes", "histogram"),
+            ("http_server_response_body_size_bytes", "histogram"),
+            ("http_client_request_duration_seconds", "histogram"),
+            ("http_client_request_body_size_bytes", "histogram"),
+            ("http_client_response_body_size_bytes", "histogram"),
+            ("tapir_exchanges_total", "counter"),
+            ("tapir_spans_dropped_total", "counter"),
+            ("tapir_spans_queued", "gauge"),
+            ("tapir_connections_tracked", "gauge"),
+        ] {
+            let t = format!("# TYPE {family} {kind}");
+            assert_eq!(text.matches(&format!("{t}\n")).count(), 1, "{t}\n{text}");
+        }
+        assert!(text.contains(
+            "# HELP http_server_request_duration_seconds Duration of HTTP server requests.\n"
+        ));
+        let sums = sample(
+            &text,
+            "http_server_response_body_size_bytes_sum{",
+            &["http_route=\"/a\""],
+        );
+        assert_eq!(sums.len(), 2, "one per process");
+        assert!(sums.iter().all(|l| l.ends_with(" 40")), "{sums:?}");
+        assert!(sums
+            .iter()
+            .any(|l| l.contains("service_instance_id=\"h:1\"")));
+        let dur = sample(&text, "http_server_request_duration_seconds_sum{", &[]);
+        assert!(dur.iter().all(|l| l.ends_with(" 0.5")), "{dur:?}");
+        let client = sample(
+            &text,
+            "http_client_request_duration_seconds_count{",
+            &[
+                "http_request_method=\"PUT\"",
+                "http_response_status_code=\"503\"",
+                "error_type=\"503\"",
+                "server_address=\"api.example.com\"",
+                "server_port=\"8080\"",
+            ],
+        );
+        assert_eq!(client.len(), 2, "{text}");
+        assert!(client.iter().all(|l| l.ends_with(" 1")));
+        let dropped = sample(
+            &text,
+            "tapir_spans_dropped_total{",
+            &["reason=\"queue_full\""],
+        );
+        assert_eq!(dropped.len(), 1);
+        assert!(dropped[0].starts_with(
+            "tapir_spans_dropped_total{service_name=\"tapir\",service_instance_id=\"h:"
+        ));
+        assert!(sample(&text, "tapir_spans_queued{", &[])[0].ends_with(" 3"));
+        // Size buckets: 20-byte responses are in (0, 32]: le="0" 0, le="32" all.
+        let b = |le: &str| {
+            sample(
+                &text,
+                "http_server_response_body_size_bytes_bucket{",
+                &["service_instance_id=\"h:1\"", &format!("le=\"{le}\"")],
+            )[0]
+            .to_string()
+        };
+        assert!(b("0").ends_with(" 0"), "{}", b("0"));
+        assert!(b("32").ends_with(" 2"), "{}", b("32"));
+        assert!(b("1048576").ends_with(" 2"));
+    }
+
+    #[test]
+    fn delta_export_leaves_the_exposition_cumulative() {
+        let r = registry(Temporality::Delta);
+        let ex = exchange(ExchangeRole::Server, "GET", "/a", 200);
+        let e = r.entry(&ex.process);
+        let count = |r: &Registry| {
+            sample(
+                &render(&r.peek()),
+                "http_server_request_duration_seconds_count{",
+                &[],
+            )[0]
+            .to_string()
+        };
+        r.record(&e, &ex, Some("/a"));
+        assert!(r.collect().is_some());
+        r.acknowledge(usize::MAX);
+        r.record(&e, &ex, Some("/a"));
+        assert!(count(&r).ends_with(" 2"), "{}", count(&r));
+        assert!(r.collect().is_some());
+        r.acknowledge(usize::MAX);
+        assert!(count(&r).ends_with(" 2"), "{}", count(&r));
     }
 }
