@@ -21,6 +21,7 @@ pub mod route;
 pub mod sampler;
 pub mod span;
 pub mod tracecontext;
+pub mod wire;
 
 use std::{io::Write, sync::Arc, time::Duration};
 
