@@ -122,24 +122,12 @@ fn str_field(tag: u32, s: &str) -> usize {
     }
 }
 
-/// The two kinds of value `build_span` gives attributes.
-#[derive(Clone, Copy)]
-enum Attr<'a> {
-    Str(&'a str),
-    Int(i64),
-}
-
-/// AnyValue body. Its `value` is a oneof: written even when empty or zero.
-fn attr_value_len(v: Attr) -> usize {
-    match v {
-        Attr::Str(s) => len_field(ANY_STRING, s.len()),
-        Attr::Int(i) => 1 + encoded_len_varint(i as u64),
-    }
-}
-
-/// One `KeyValue` as a field `tag` of the enclosing message.
-fn put_attr(out: &mut Vec<u8>, tag: u32, k: &str, v: Attr) {
-    let value_len = attr_value_len(v);
+/// One `KeyValue` with a string value as field `tag`; `v` is UTF-8 (a `str`'s bytes or our
+/// own ASCII text). Inlined so that the constant keys are copied as fixed-size moves.
+#[inline(always)]
+fn put_attr_str(out: &mut Vec<u8>, tag: u32, k: &str, v: &[u8]) {
+    // AnyValue's `value` is a oneof: written even when empty.
+    let value_len = len_field(ANY_STRING, v.len());
     put_len_prefix(
         out,
         tag,
@@ -147,14 +135,23 @@ fn put_attr(out: &mut Vec<u8>, tag: u32, k: &str, v: Attr) {
     );
     put_str(out, KV_KEY, k);
     put_len_prefix(out, KV_VALUE, value_len);
-    match v {
-        Attr::Str(s) => put_bytes(out, ANY_STRING, s.as_bytes()),
-        Attr::Int(i) => {
-            put_key(out, ANY_INT, VARINT);
-            // int64: negative values are ten-byte varints of their two's complement.
-            put_varint(out, i as u64);
-        }
-    }
+    put_bytes(out, ANY_STRING, v);
+}
+
+/// One `KeyValue` with an int64 value as field `tag`.
+#[inline(always)]
+fn put_attr_int(out: &mut Vec<u8>, tag: u32, k: &str, v: i64) {
+    // int64: negative values are ten-byte varints of their two's complement.
+    let value_len = 1 + encoded_len_varint(v as u64);
+    put_len_prefix(
+        out,
+        tag,
+        str_field(KV_KEY, k) + len_field(KV_VALUE, value_len),
+    );
+    put_str(out, KV_KEY, k);
+    put_len_prefix(out, KV_VALUE, value_len);
+    put_key(out, ANY_INT, VARINT);
+    put_varint(out, v as u64);
 }
 
 /// AnyValue body of any attribute value (resources and scopes carry every kind).
@@ -267,11 +264,18 @@ impl Small {
         let mut t = Self::empty();
         match ip {
             IpAddr::V4(v4) => {
-                for (i, octet) in v4.octets().into_iter().enumerate() {
+                for (i, o) in v4.octets().into_iter().enumerate() {
                     if i > 0 {
-                        t.push(b".");
+                        t.byte(b'.');
                     }
-                    t.push_decimal(u16::from(octet));
+                    // Decimal without leading zeros, as `Display`.
+                    if o >= 100 {
+                        t.byte(b'0' + o / 100);
+                    }
+                    if o >= 10 {
+                        t.byte(b'0' + o / 10 % 10);
+                    }
+                    t.byte(b'0' + o % 10);
                 }
             }
             // IPv6 text has subtle rules (longest zero run, IPv4-mapped forms): std's own.
@@ -285,19 +289,20 @@ impl Small {
 
     fn decimal(v: u16) -> Self {
         let mut t = Self::empty();
-        t.push_decimal(v);
+        t.decimal_into(v);
         t
     }
 
-    fn push(&mut self, b: &[u8]) {
-        let end = self.len + b.len();
-        if let Some(dst) = self.buf.get_mut(self.len..end) {
-            dst.copy_from_slice(b);
-            self.len = end;
+    // Byte by byte: these are a few bytes, where a slice copy is a memcpy call.
+    #[inline]
+    fn byte(&mut self, b: u8) {
+        if let Some(slot) = self.buf.get_mut(self.len) {
+            *slot = b;
+            self.len += 1;
         }
     }
 
-    fn push_decimal(&mut self, mut v: u16) {
+    fn decimal_into(&mut self, mut v: u16) {
         let mut digits = [0u8; 5];
         let mut i = digits.len();
         loop {
@@ -308,12 +313,14 @@ impl Small {
                 break;
             }
         }
-        self.push(&digits[i..]);
+        for &d in &digits[i..] {
+            self.byte(d);
+        }
     }
 
-    fn as_str(&self) -> &str {
-        // Only whole `str`s and ASCII digits are ever pushed.
-        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    /// ASCII: only digits, dots and `Display`'s IPv6 text are ever written.
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 
@@ -383,19 +390,25 @@ pub fn encode_span(out: &mut Vec<u8>, ex: &CapturedExchange, ids: &SpanIds, rout
     let (method, original) = normalize_method(&http.method);
     let (srv, client) = ex.server_client();
     let peer = ex.endpoints.remote;
+    // Each end formatted once: the remote one is also the server (CLIENT span) or the
+    // client (SERVER span), as in `server_client`.
+    let local_ip = Small::ip(ex.endpoints.local.0);
+    let remote_ip = Small::ip(peer.0);
+    let (srv_ip, client_ip) = if server {
+        (&local_ip, &remote_ip)
+    } else {
+        (&remote_ip, &local_ip)
+    };
     // server.address: a CLIENT reports the request's Host when it parses (as build_span).
-    let srv_ip = Small::ip(srv.0);
     let host = if server {
         None
     } else {
         http.host.as_deref().and_then(parse_host)
     };
     let (srv_addr, srv_port) = match host {
-        Some((name, port)) => (name, port.unwrap_or(srv.1)),
-        None => (srv_ip.as_str(), srv.1),
+        Some((name, port)) => (name.as_bytes(), port.unwrap_or(srv.1)),
+        None => (srv_ip.as_bytes(), srv.1),
     };
-    let client_ip = Small::ip(client.0);
-    let peer_ip = Small::ip(peer.0);
     let error = is_error(server, http.status);
     let user_agent = http.user_agent.as_deref();
 
@@ -444,36 +457,31 @@ pub fn encode_span(out: &mut Vec<u8>, ex: &CapturedExchange, ids: &SpanIds, rout
 
     // Attributes in build_span's order.
     let a = SPAN_ATTRIBUTES;
-    put_attr(out, a, sc::HTTP_REQUEST_METHOD, Attr::Str(method));
+    put_attr_str(out, a, sc::HTTP_REQUEST_METHOD, method.as_bytes());
     if let Some(o) = original {
-        put_attr(out, a, sc::HTTP_REQUEST_METHOD_ORIGINAL, Attr::Str(o));
+        put_attr_str(out, a, sc::HTTP_REQUEST_METHOD_ORIGINAL, o.as_bytes());
     }
-    put_attr(out, a, sc::URL_PATH, Attr::Str(&http.path));
-    put_attr(out, a, sc::URL_SCHEME, Attr::Str("http"));
+    put_attr_str(out, a, sc::URL_PATH, http.path.as_bytes());
+    put_attr_str(out, a, sc::URL_SCHEME, b"http");
     let status = i64::from(http.status);
-    put_attr(out, a, sc::HTTP_RESPONSE_STATUS_CODE, Attr::Int(status));
+    put_attr_int(out, a, sc::HTTP_RESPONSE_STATUS_CODE, status);
     if let Some(r) = route {
-        put_attr(out, a, sc::HTTP_ROUTE, Attr::Str(r));
+        put_attr_str(out, a, sc::HTTP_ROUTE, r.as_bytes());
     }
-    put_attr(out, a, sc::SERVER_ADDRESS, Attr::Str(srv_addr));
-    put_attr(out, a, sc::SERVER_PORT, Attr::Int(i64::from(srv_port)));
-    put_attr(out, a, sc::CLIENT_ADDRESS, Attr::Str(client_ip.as_str()));
-    put_attr(out, a, sc::CLIENT_PORT, Attr::Int(i64::from(client.1)));
-    put_attr(
-        out,
-        a,
-        sc::NETWORK_PEER_ADDRESS,
-        Attr::Str(peer_ip.as_str()),
-    );
-    put_attr(out, a, sc::NETWORK_PEER_PORT, Attr::Int(i64::from(peer.1)));
+    put_attr_str(out, a, sc::SERVER_ADDRESS, srv_addr);
+    put_attr_int(out, a, sc::SERVER_PORT, i64::from(srv_port));
+    put_attr_str(out, a, sc::CLIENT_ADDRESS, client_ip.as_bytes());
+    put_attr_int(out, a, sc::CLIENT_PORT, i64::from(client.1));
+    put_attr_str(out, a, sc::NETWORK_PEER_ADDRESS, remote_ip.as_bytes());
+    put_attr_int(out, a, sc::NETWORK_PEER_PORT, i64::from(peer.1));
     let version = http.version.as_str();
-    put_attr(out, a, sc::NETWORK_PROTOCOL_VERSION, Attr::Str(version));
+    put_attr_str(out, a, sc::NETWORK_PROTOCOL_VERSION, version.as_bytes());
     if let Some(ua) = user_agent {
-        put_attr(out, a, sc::USER_AGENT_ORIGINAL, Attr::Str(ua));
+        put_attr_str(out, a, sc::USER_AGENT_ORIGINAL, ua.as_bytes());
     }
     if error {
         let code = Small::decimal(http.status);
-        put_attr(out, a, sc::ERROR_TYPE, Attr::Str(code.as_str()));
+        put_attr_str(out, a, sc::ERROR_TYPE, code.as_bytes());
     }
 
     // The transform always sets a status, so it is present even when UNSET (empty);
@@ -1214,10 +1222,14 @@ mod tests {
             IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0xffff, 0xffff)),
             IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0xffff, 0xffff)),
         ] {
-            assert_eq!(Small::ip(ip).as_str(), ip.to_string());
+            assert_eq!(Small::ip(ip).as_bytes(), ip.to_string().as_bytes());
         }
-        for v in [0, 7, 10, 404, 65535] {
-            assert_eq!(Small::decimal(v).as_str(), v.to_string());
+        for o in 0..=255u8 {
+            let ip = IpAddr::V4(Ipv4Addr::new(o, 0, 255 - o, o / 3));
+            assert_eq!(Small::ip(ip).as_bytes(), ip.to_string().as_bytes());
+        }
+        for v in [0, 7, 10, 99, 100, 404, 9999, 10000, 65535] {
+            assert_eq!(Small::decimal(v).as_bytes(), v.to_string().as_bytes());
         }
     }
 
