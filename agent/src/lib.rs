@@ -16,4 +16,6 @@ pub mod pipeline;
 pub mod probes;
 pub mod process;
 pub mod stats;
+#[cfg(test)]
+mod test_alloc;
 pub mod tracefs;

@@ -1217,54 +1217,10 @@ pub fn encode_requests(
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        alloc::{GlobalAlloc, Layout, System},
-        cell::Cell,
-    };
-
     use super::*;
     use crate::{http::ExchangeRole, otel::span::tests::exchange};
 
-    // Counts this thread's allocations: `record` must not allocate for an existing series.
-    struct Counting;
-
-    thread_local! {
-        static ALLOCS: Cell<u64> = const { Cell::new(0) };
-    }
-
-    fn count_alloc() {
-        let _ = ALLOCS.try_with(|c| c.set(c.get() + 1));
-    }
-
-    // SAFETY: forwards to the system allocator unchanged.
-    unsafe impl GlobalAlloc for Counting {
-        unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-            count_alloc();
-            // SAFETY: same contract as ours.
-            unsafe { System.alloc(l) }
-        }
-        unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-            // SAFETY: same contract as ours.
-            unsafe { System.dealloc(p, l) }
-        }
-        unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-            count_alloc();
-            // SAFETY: same contract as ours.
-            unsafe { System.alloc_zeroed(l) }
-        }
-        unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
-            count_alloc();
-            // SAFETY: same contract as ours.
-            unsafe { System.realloc(p, l, n) }
-        }
-    }
-
-    #[global_allocator]
-    static ALLOCATOR: Counting = Counting;
-
-    fn allocs() -> u64 {
-        ALLOCS.with(|c| c.get())
-    }
+    use crate::test_alloc::allocations;
 
     fn registry_with(max: usize, t: Temporality) -> Registry {
         Registry::new(
@@ -1797,17 +1753,17 @@ mod tests {
             r.record(&e, &client, None);
             client.http.host = None; // the peer address, formatted on the stack
             r.record(&e, &client, None);
-            let before = allocs();
+            let before = allocations();
             for _ in 0..100 {
                 r.record(&e, &server, Some("/users/*"));
                 r.record(&e, &client, None);
             }
-            assert_eq!(allocs() - before, 0, "{t:?}");
-            let before = allocs();
+            assert_eq!(allocations() - before, 0, "{t:?}");
+            let before = allocations();
             for _ in 0..100 {
                 let _ = r.entry(&server.process);
             }
-            assert_eq!(allocs() - before, 0, "entry() of a known process");
+            assert_eq!(allocations() - before, 0, "entry() of a known process");
         }
     }
 

@@ -329,7 +329,10 @@ impl Telemetry {
             let (settings, w) = ClientSettings::resolve(t, signal, &lookup);
             w.iter().for_each(|w| tracing::warn!("{w}"));
             OtlpClient::new(settings, signal).with_context(|| {
-                format!("building the OTLP {signal} exporter ({} {})", t.protocol, t.url)
+                format!(
+                    "building the OTLP {signal} exporter ({} {})",
+                    t.protocol, t.url
+                )
             })
         };
         let span_exporter = match &span_target {

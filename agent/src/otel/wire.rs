@@ -1,72 +1,1495 @@
-//! TEMPORARY shim (replaced by the hand-written encoder from branch `wire`): encodes
-//! through SpanData and opentelemetry-proto, exactly as the SDK exporter did.
-use opentelemetry_proto::tonic::{
-    common::v1::InstrumentationScope as PScope, resource::v1::Resource as PResource,
-    trace::v1::Span as PSpan,
-};
-use prost::Message;
+//! OTLP protobuf straight from a [`CapturedExchange`]: the bytes that `span::build_span`,
+//! opentelemetry-proto's transform and prost would send, without `SpanData` or the proto
+//! structs in between (there every attribute is an owned string, copied twice).
+//!
+//! Field numbers are those of opentelemetry/proto/{trace,common,resource}/v1 and
+//! collector/trace/v1. Fields are written in tag order and proto3 defaults are left out,
+//! as prost does: the output is byte-identical to prost's encoding of the transformed
+//! structs (the tests check it), not only equal once decoded.
+use std::{fmt, net::IpAddr};
 
-use super::span::{build_span, scope, SpanIds};
+use opentelemetry::{
+    trace::{SpanId, TraceFlags, TraceState},
+    Array, InstrumentationScope, Value,
+};
+use opentelemetry_semantic_conventions::attribute as sc;
+use prost::encoding::encoded_len_varint;
+
+use super::span::{is_error, normalize_method, parse_host_ref, SpanIds};
 use crate::exchange::CapturedExchange;
 
-pub fn encode_span(out: &mut Vec<u8>, ex: &CapturedExchange, ids: &SpanIds, route: Option<&str>) {
-    let data = build_span(ex, ids, route, &scope());
-    let _ = PSpan::from(data).encode(out);
+// Wire types.
+const VARINT: u32 = 0;
+const FIXED64: u32 = 1;
+const LEN: u32 = 2;
+const FIXED32: u32 = 5;
+
+// opentelemetry.proto.trace.v1.Span.
+const SPAN_TRACE_ID: u32 = 1;
+const SPAN_SPAN_ID: u32 = 2;
+const SPAN_TRACE_STATE: u32 = 3;
+const SPAN_PARENT_SPAN_ID: u32 = 4;
+const SPAN_NAME: u32 = 5;
+const SPAN_KIND: u32 = 6;
+const SPAN_START: u32 = 7;
+const SPAN_END: u32 = 8;
+const SPAN_ATTRIBUTES: u32 = 9;
+const SPAN_STATUS: u32 = 15;
+const SPAN_FLAGS: u32 = 16;
+// Span.SpanKind.
+const KIND_SERVER: u64 = 2;
+const KIND_CLIENT: u64 = 3;
+// SpanFlags.
+const FLAG_CONTEXT_HAS_IS_REMOTE: u32 = 0x100;
+const FLAG_CONTEXT_IS_REMOTE: u32 = 0x200;
+// Status: message = 2, code = 3; StatusCode.STATUS_CODE_ERROR.
+const STATUS_CODE: u32 = 3;
+const STATUS_CODE_ERROR: u64 = 2;
+
+// opentelemetry.proto.common.v1.
+const KV_KEY: u32 = 1;
+const KV_VALUE: u32 = 2;
+const ANY_STRING: u32 = 1;
+const ANY_BOOL: u32 = 2;
+const ANY_INT: u32 = 3;
+const ANY_DOUBLE: u32 = 4;
+const ANY_ARRAY: u32 = 5;
+const ARRAY_VALUES: u32 = 1;
+const SCOPE_NAME: u32 = 1;
+const SCOPE_VERSION: u32 = 2;
+const SCOPE_ATTRIBUTES: u32 = 3;
+// Resource.attributes.
+const RESOURCE_ATTRIBUTES: u32 = 1;
+// ResourceSpans, ScopeSpans, ExportTraceServiceRequest.
+const RS_RESOURCE: u32 = 1;
+const RS_SCOPE_SPANS: u32 = 2;
+const RS_SCHEMA_URL: u32 = 3;
+const SS_SCOPE: u32 = 1;
+const SS_SPANS: u32 = 2;
+const SS_SCHEMA_URL: u32 = 3;
+const REQ_RESOURCE_SPANS: u32 = 1;
+
+const fn key(tag: u32, wire_type: u32) -> u64 {
+    ((tag << 3) | wire_type) as u64
 }
 
-pub fn encode_resource(out: &mut Vec<u8>, resource: &opentelemetry_sdk::Resource) {
-    let r =
-        opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema::from(resource);
-    let _ = PResource {
-        attributes: r.attributes.0,
-        dropped_attributes_count: 0,
-        entity_refs: vec![],
+#[inline]
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
     }
-    .encode(out);
+    out.push(v as u8);
 }
 
-pub fn encode_scope(out: &mut Vec<u8>, s: &opentelemetry::InstrumentationScope) {
-    let _ = PScope::from((s.clone(), None)).encode(out);
+#[inline]
+fn put_key(out: &mut Vec<u8>, tag: u32, wire_type: u32) {
+    put_varint(out, key(tag, wire_type));
 }
 
+#[inline]
+fn put_len_prefix(out: &mut Vec<u8>, tag: u32, len: usize) {
+    put_key(out, tag, LEN);
+    put_varint(out, len as u64);
+}
+
+#[inline]
+fn put_bytes(out: &mut Vec<u8>, tag: u32, b: &[u8]) {
+    put_len_prefix(out, tag, b.len());
+    out.extend_from_slice(b);
+}
+
+/// A proto3 string field: absent when empty (prost leaves it out; decoders read "").
+#[inline]
+fn put_str(out: &mut Vec<u8>, tag: u32, s: &str) {
+    if !s.is_empty() {
+        put_bytes(out, tag, s.as_bytes());
+    }
+}
+
+/// Size of a length-delimited field whose body is `len` bytes.
+#[inline]
+fn len_field(tag: u32, len: usize) -> usize {
+    encoded_len_varint(key(tag, LEN)) + encoded_len_varint(len as u64) + len
+}
+
+#[inline]
+fn str_field(tag: u32, s: &str) -> usize {
+    if s.is_empty() {
+        0
+    } else {
+        len_field(tag, s.len())
+    }
+}
+
+/// One `KeyValue` with a string value as field `tag`; `v` is UTF-8 (a `str`'s bytes or our
+/// own ASCII text). Inlined so that the constant keys are copied as fixed-size moves.
+#[inline(always)]
+fn put_attr_str(out: &mut Vec<u8>, tag: u32, k: &str, v: &[u8]) {
+    // AnyValue's `value` is a oneof: written even when empty.
+    let value_len = len_field(ANY_STRING, v.len());
+    put_len_prefix(
+        out,
+        tag,
+        str_field(KV_KEY, k) + len_field(KV_VALUE, value_len),
+    );
+    put_str(out, KV_KEY, k);
+    put_len_prefix(out, KV_VALUE, value_len);
+    put_bytes(out, ANY_STRING, v);
+}
+
+/// One `KeyValue` with an int64 value as field `tag`.
+#[inline(always)]
+fn put_attr_int(out: &mut Vec<u8>, tag: u32, k: &str, v: i64) {
+    // int64: negative values are ten-byte varints of their two's complement.
+    let value_len = 1 + encoded_len_varint(v as u64);
+    put_len_prefix(
+        out,
+        tag,
+        str_field(KV_KEY, k) + len_field(KV_VALUE, value_len),
+    );
+    put_str(out, KV_KEY, k);
+    put_len_prefix(out, KV_VALUE, value_len);
+    put_key(out, ANY_INT, VARINT);
+    put_varint(out, v as u64);
+}
+
+/// AnyValue body of any attribute value (resources and scopes carry every kind).
+fn value_len(v: &Value) -> usize {
+    match v {
+        Value::Bool(_) => 2,
+        Value::I64(i) => 1 + encoded_len_varint(*i as u64),
+        Value::F64(_) => 9,
+        Value::String(s) => len_field(ANY_STRING, s.as_str().len()),
+        Value::Array(a) => len_field(ANY_ARRAY, array_len(a)),
+        // A kind newer than this code: an AnyValue without value (the transform panics).
+        _ => 0,
+    }
+}
+
+/// ArrayValue body: each element an AnyValue in `values`.
+fn array_len(a: &Array) -> usize {
+    match a {
+        Array::Bool(v) => v.len() * len_field(ARRAY_VALUES, 2),
+        Array::I64(v) => v
+            .iter()
+            .map(|i| len_field(ARRAY_VALUES, 1 + encoded_len_varint(*i as u64)))
+            .sum(),
+        Array::F64(v) => v.len() * len_field(ARRAY_VALUES, 9),
+        Array::String(v) => v
+            .iter()
+            .map(|s| len_field(ARRAY_VALUES, len_field(ANY_STRING, s.as_str().len())))
+            .sum(),
+        _ => 0,
+    }
+}
+
+fn put_value(out: &mut Vec<u8>, v: &Value) {
+    match v {
+        Value::Bool(b) => {
+            put_key(out, ANY_BOOL, VARINT);
+            out.push(u8::from(*b));
+        }
+        Value::I64(i) => {
+            put_key(out, ANY_INT, VARINT);
+            put_varint(out, *i as u64);
+        }
+        Value::F64(f) => {
+            put_key(out, ANY_DOUBLE, FIXED64);
+            out.extend_from_slice(&f.to_le_bytes());
+        }
+        Value::String(s) => put_bytes(out, ANY_STRING, s.as_str().as_bytes()),
+        Value::Array(a) => {
+            put_len_prefix(out, ANY_ARRAY, array_len(a));
+            put_array(out, a);
+        }
+        _ => {}
+    }
+}
+
+fn put_array(out: &mut Vec<u8>, a: &Array) {
+    // Each element goes through the same path as a scalar value.
+    fn each<T: Clone>(out: &mut Vec<u8>, items: &[T], to_value: impl Fn(T) -> Value) {
+        for item in items {
+            let v = to_value(item.clone());
+            put_len_prefix(out, ARRAY_VALUES, value_len(&v));
+            put_value(out, &v);
+        }
+    }
+    match a {
+        Array::Bool(v) => each(out, v, Value::Bool),
+        Array::I64(v) => each(out, v, Value::I64),
+        Array::F64(v) => each(out, v, Value::F64),
+        // Strings are written in place: cloning each into a `Value` would allocate.
+        Array::String(v) => {
+            for s in v {
+                let s = s.as_str();
+                put_len_prefix(out, ARRAY_VALUES, len_field(ANY_STRING, s.len()));
+                put_bytes(out, ANY_STRING, s.as_bytes());
+            }
+        }
+        _ => {}
+    }
+}
+
+/// One `KeyValue` with any value, as field `tag`.
+fn put_value_attr(out: &mut Vec<u8>, tag: u32, k: &str, v: &Value) {
+    let value_len = value_len(v);
+    put_len_prefix(
+        out,
+        tag,
+        str_field(KV_KEY, k) + len_field(KV_VALUE, value_len),
+    );
+    put_str(out, KV_KEY, k);
+    put_len_prefix(out, KV_VALUE, value_len);
+    put_value(out, v);
+}
+
+/// Short text on the stack: IP addresses and status codes, formatted without allocating.
+struct Small {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl Small {
+    fn empty() -> Self {
+        Self {
+            buf: [0; 48],
+            len: 0,
+        }
+    }
+
+    /// What `IpAddr`'s `Display` writes (what `build_span` reports).
+    fn ip(ip: IpAddr) -> Self {
+        let mut t = Self::empty();
+        match ip {
+            IpAddr::V4(v4) => {
+                for (i, o) in v4.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        t.byte(b'.');
+                    }
+                    // Decimal without leading zeros, as `Display`.
+                    if o >= 100 {
+                        t.byte(b'0' + o / 100);
+                    }
+                    if o >= 10 {
+                        t.byte(b'0' + o / 10 % 10);
+                    }
+                    t.byte(b'0' + o % 10);
+                }
+            }
+            // IPv6 text has subtle rules (longest zero run, IPv4-mapped forms): std's own.
+            // At most 39 characters (45 for a mapped form), so it always fits.
+            IpAddr::V6(v6) => {
+                let _ = fmt::Write::write_fmt(&mut t, format_args!("{v6}"));
+            }
+        }
+        t
+    }
+
+    fn decimal(v: u16) -> Self {
+        let mut t = Self::empty();
+        t.decimal_into(v);
+        t
+    }
+
+    // Byte by byte: these are a few bytes, where a slice copy is a memcpy call.
+    #[inline]
+    fn byte(&mut self, b: u8) {
+        if let Some(slot) = self.buf.get_mut(self.len) {
+            *slot = b;
+            self.len += 1;
+        }
+    }
+
+    fn decimal_into(&mut self, mut v: u16) {
+        let mut digits = [0u8; 5];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        for &d in &digits[i..] {
+            self.byte(d);
+        }
+    }
+
+    /// ASCII: only digits, dots and `Display`'s IPv6 text are ever written.
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+impl fmt::Write for Small {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        let dst = self.buf.get_mut(self.len..end).ok_or(fmt::Error)?;
+        dst.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// Length of `TraceState::header()`: `key=value` entries joined by `,`.
+fn trace_state_len(ts: &TraceState) -> usize {
+    ts.into_iter()
+        .enumerate()
+        .map(|(i, (k, v))| usize::from(i > 0) + k.len() + 1 + v.len())
+        .sum()
+}
+
+fn put_trace_state(out: &mut Vec<u8>, ts: &TraceState) {
+    let len = trace_state_len(ts);
+    if len == 0 {
+        return;
+    }
+    put_len_prefix(out, SPAN_TRACE_STATE, len);
+    for (i, (k, v)) in ts.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(k.as_bytes());
+        out.push(b'=');
+        out.extend_from_slice(v.as_bytes());
+    }
+}
+
+/// Appends the bytes of one OTLP `Span` message (opentelemetry.proto.trace.v1.Span, not
+/// length-prefixed) for `ex`: what `span::build_span(ex, ids, route, _)` becomes on the
+/// wire. `route` is its `http.route` (and names the span when known).
+pub fn encode_span(out: &mut Vec<u8>, ex: &CapturedExchange, ids: &SpanIds, route: Option<&str>) {
+    let server = ex.is_server();
+    let http = &ex.http;
+    let (method, original) = normalize_method(&http.method);
+    let (srv, client) = ex.server_client();
+    let peer = ex.endpoints.remote;
+    // Each end formatted once: the remote one is also the server (CLIENT span) or the
+    // client (SERVER span), as in `server_client`.
+    let local_ip = Small::ip(ex.endpoints.local.0);
+    let remote_ip = Small::ip(peer.0);
+    let (srv_ip, client_ip) = if server {
+        (&local_ip, &remote_ip)
+    } else {
+        (&remote_ip, &local_ip)
+    };
+    // server.address: a CLIENT reports the request's Host when it parses (as build_span).
+    let host = if server {
+        None
+    } else {
+        http.host.as_deref().and_then(parse_host_ref)
+    };
+    let (srv_addr, srv_port) = match host {
+        Some((name, port)) => (name.as_bytes(), port.unwrap_or(srv.1)),
+        None => (srv_ip.as_bytes(), srv.1),
+    };
+    let error = is_error(server, http.status);
+    let user_agent = http.user_agent.as_deref();
+
+    // One reservation for the whole span: a little over the fixed part plus the variable
+    // strings, so a reused buffer never grows here.
+    out.reserve(
+        640 + http.path.len()
+            + srv_addr.len()
+            + user_agent.map_or(0, str::len)
+            + 2 * route.map_or(0, str::len)
+            + original.map_or(0, str::len)
+            + trace_state_len(&ids.trace_state),
+    );
+
+    // Ids are copied even when zero, as the transform does.
+    put_bytes(out, SPAN_TRACE_ID, &ids.trace_id.to_bytes());
+    put_bytes(out, SPAN_SPAN_ID, &ids.span_id.to_bytes());
+    put_trace_state(out, &ids.trace_state);
+    if ids.parent_span_id != SpanId::INVALID {
+        put_bytes(out, SPAN_PARENT_SPAN_ID, &ids.parent_span_id.to_bytes());
+    }
+
+    // The conventions name spans of unknown methods "HTTP".
+    let name_method = if original.is_some() { "HTTP" } else { method };
+    let name_len = name_method.len() + route.map_or(0, |r| 1 + r.len());
+    put_len_prefix(out, SPAN_NAME, name_len);
+    out.extend_from_slice(name_method.as_bytes());
+    if let Some(r) = route {
+        out.push(b' ');
+        out.extend_from_slice(r.as_bytes());
+    }
+
+    put_key(out, SPAN_KIND, VARINT);
+    put_varint(out, if server { KIND_SERVER } else { KIND_CLIENT });
+    // fixed64, absent when 0 like any proto3 default; the end is never before the start.
+    let start = ex.start_unix_ns;
+    let end = ex.end_unix_ns.max(start);
+    if start != 0 {
+        put_key(out, SPAN_START, FIXED64);
+        out.extend_from_slice(&start.to_le_bytes());
+    }
+    if end != 0 {
+        put_key(out, SPAN_END, FIXED64);
+        out.extend_from_slice(&end.to_le_bytes());
+    }
+
+    // Attributes in build_span's order.
+    let a = SPAN_ATTRIBUTES;
+    put_attr_str(out, a, sc::HTTP_REQUEST_METHOD, method.as_bytes());
+    if let Some(o) = original {
+        put_attr_str(out, a, sc::HTTP_REQUEST_METHOD_ORIGINAL, o.as_bytes());
+    }
+    put_attr_str(out, a, sc::URL_PATH, http.path.as_bytes());
+    put_attr_str(out, a, sc::URL_SCHEME, b"http");
+    let status = i64::from(http.status);
+    put_attr_int(out, a, sc::HTTP_RESPONSE_STATUS_CODE, status);
+    if let Some(r) = route {
+        put_attr_str(out, a, sc::HTTP_ROUTE, r.as_bytes());
+    }
+    put_attr_str(out, a, sc::SERVER_ADDRESS, srv_addr);
+    put_attr_int(out, a, sc::SERVER_PORT, i64::from(srv_port));
+    put_attr_str(out, a, sc::CLIENT_ADDRESS, client_ip.as_bytes());
+    put_attr_int(out, a, sc::CLIENT_PORT, i64::from(client.1));
+    put_attr_str(out, a, sc::NETWORK_PEER_ADDRESS, remote_ip.as_bytes());
+    put_attr_int(out, a, sc::NETWORK_PEER_PORT, i64::from(peer.1));
+    let version = http.version.as_str();
+    put_attr_str(out, a, sc::NETWORK_PROTOCOL_VERSION, version.as_bytes());
+    if let Some(ua) = user_agent {
+        put_attr_str(out, a, sc::USER_AGENT_ORIGINAL, ua.as_bytes());
+    }
+    if error {
+        let code = Small::decimal(http.status);
+        put_attr_str(out, a, sc::ERROR_TYPE, code.as_bytes());
+    }
+
+    // The transform always sets a status, so it is present even when UNSET (empty);
+    // an error has an empty message.
+    if error {
+        put_len_prefix(out, SPAN_STATUS, 2);
+        put_key(out, STATUS_CODE, VARINT);
+        put_varint(out, STATUS_CODE_ERROR);
+    } else {
+        put_len_prefix(out, SPAN_STATUS, 0);
+    }
+
+    // build_span's spans are sampled; the transform adds "is_remote known" and whether
+    // the parent is remote.
+    let mut flags = u32::from(TraceFlags::SAMPLED.to_u8()) | FLAG_CONTEXT_HAS_IS_REMOTE;
+    if ids.parent_is_remote {
+        flags |= FLAG_CONTEXT_IS_REMOTE;
+    }
+    put_key(out, SPAN_FLAGS, FIXED32);
+    out.extend_from_slice(&flags.to_le_bytes());
+}
+
+/// Appends the bytes of one OTLP `Resource` message for these attributes (in
+/// `Resource::iter`'s order, as the transform takes them). Its schema URL belongs to the
+/// enclosing `ResourceSpans`: see [`TraceRequest::add_group_with_schema_url`].
+pub fn encode_resource(out: &mut Vec<u8>, resource: &opentelemetry_sdk::Resource) {
+    for (k, v) in resource.iter() {
+        put_value_attr(out, RESOURCE_ATTRIBUTES, k.as_str(), v);
+    }
+}
+
+/// Appends the bytes of one `InstrumentationScope` message (name, version, attributes).
+/// Its schema URL belongs to the enclosing `ScopeSpans`: see
+/// [`TraceRequest::with_scope_schema_url`].
+pub fn encode_scope(out: &mut Vec<u8>, scope: &InstrumentationScope) {
+    put_str(out, SCOPE_NAME, scope.name());
+    put_str(out, SCOPE_VERSION, scope.version().unwrap_or_default());
+    for kv in scope.attributes() {
+        put_value_attr(out, SCOPE_ATTRIBUTES, kv.key.as_str(), &kv.value);
+    }
+}
+
+/// Room left for a nested message's length until its body is written: the largest varint,
+/// so any length fits; the gap is closed afterwards (lengths are minimal on the wire).
+const LEN_SLOT: usize = 10;
+
+/// Writes `v` as a varint at the start of `dst`; `dst` is exactly its encoded length.
+fn write_varint_at(dst: &mut [u8], mut v: u64) {
+    let last = dst.len().saturating_sub(1);
+    for (i, b) in dst.iter_mut().enumerate() {
+        *b = if i < last { v as u8 | 0x80 } else { v as u8 };
+        v >>= 7;
+    }
+}
+
+/// An `ExportTraceServiceRequest` body: one `ResourceSpans` per group, each with one
+/// `ScopeSpans` (the same scope) holding the group's already-encoded spans. The buffer can
+/// be reused between requests with [`TraceRequest::clear`].
+#[derive(Debug, Clone)]
 pub struct TraceRequest {
+    buf: Vec<u8>,
     scope: Vec<u8>,
-    out: Vec<u8>,
-}
-
-fn put_len_field(out: &mut Vec<u8>, tag: u32, len: usize) {
-    prost::encoding::encode_key(tag, prost::encoding::WireType::LengthDelimited, out);
-    prost::encoding::encode_varint(len as u64, out);
+    scope_schema_url: String,
 }
 
 impl TraceRequest {
+    /// `scope_bytes`: an `InstrumentationScope` message, from [`encode_scope`].
     pub fn new(scope_bytes: Vec<u8>) -> Self {
         Self {
+            buf: Vec::new(),
             scope: scope_bytes,
-            out: Vec::new(),
+            scope_schema_url: String::new(),
         }
     }
+
+    /// The scope's schema URL (`ScopeSpans.schema_url`); none by default, like
+    /// `span::scope()`.
+    pub fn with_scope_schema_url(mut self, url: impl Into<String>) -> Self {
+        self.scope_schema_url = url.into();
+        self
+    }
+
+    /// One `ResourceSpans`: `resource_bytes` from [`encode_resource`], `spans` from
+    /// [`encode_span`], in order. Without spans it has no `ScopeSpans` (as the transform).
     pub fn add_group<'a>(
         &mut self,
         resource_bytes: &[u8],
         spans: impl IntoIterator<Item = &'a [u8]>,
     ) {
-        let mut ss = Vec::new();
-        put_len_field(&mut ss, 1, self.scope.len());
-        ss.extend_from_slice(&self.scope);
-        for s in spans {
-            put_len_field(&mut ss, 2, s.len());
-            ss.extend_from_slice(s);
-        }
-        let mut rs = Vec::new();
-        put_len_field(&mut rs, 1, resource_bytes.len());
-        rs.extend_from_slice(resource_bytes);
-        put_len_field(&mut rs, 2, ss.len());
-        rs.extend_from_slice(&ss);
-        put_len_field(&mut self.out, 1, rs.len());
-        self.out.extend_from_slice(&rs);
+        self.add_group_with_schema_url(resource_bytes, "", spans);
     }
+
+    /// [`TraceRequest::add_group`] for a resource with a schema URL
+    /// (`Resource::schema_url`, which goes in `ResourceSpans.schema_url`).
+    pub fn add_group_with_schema_url<'a>(
+        &mut self,
+        resource_bytes: &[u8],
+        schema_url: &str,
+        spans: impl IntoIterator<Item = &'a [u8]>,
+    ) {
+        let buf = &mut self.buf;
+        // The spans are only known once copied: both lengths get a slot, closed below.
+        put_key(buf, REQ_RESOURCE_SPANS, LEN);
+        let rs_len_at = buf.len();
+        buf.extend_from_slice(&[0; LEN_SLOT]);
+        let rs_body = buf.len();
+        put_bytes(buf, RS_RESOURCE, resource_bytes);
+        let ss_key_at = buf.len();
+        put_key(buf, RS_SCOPE_SPANS, LEN);
+        let ss_len_at = buf.len();
+        buf.extend_from_slice(&[0; LEN_SLOT]);
+        let ss_body = buf.len();
+        put_bytes(buf, SS_SCOPE, &self.scope);
+        let mut any = false;
+        for s in spans {
+            any = true;
+            put_bytes(buf, SS_SPANS, s);
+        }
+        put_str(buf, SS_SCHEMA_URL, &self.scope_schema_url);
+        if !any {
+            buf.truncate(ss_key_at);
+        }
+        let ss_end = buf.len();
+        put_str(buf, RS_SCHEMA_URL, schema_url);
+        let end = buf.len();
+
+        if !any {
+            let rs_len = end - rs_body;
+            let n = encoded_len_varint(rs_len as u64);
+            buf.copy_within(rs_body..end, rs_len_at + n);
+            write_varint_at(&mut buf[rs_len_at..rs_len_at + n], rs_len as u64);
+            buf.truncate(rs_len_at + n + rs_len);
+            return;
+        }
+        let ss_len = ss_end - ss_body;
+        let ss_n = encoded_len_varint(ss_len as u64);
+        let rs_len = end - rs_body - (LEN_SLOT - ss_n);
+        let rs_n = encoded_len_varint(rs_len as u64);
+        // Close both gaps: the resource part moves by one, the scope spans (the bulk) by
+        // both, in a single move.
+        buf.copy_within(rs_body..ss_len_at, rs_len_at + rs_n);
+        let new_ss_len_at = rs_len_at + rs_n + (ss_len_at - rs_body);
+        buf.copy_within(ss_body..end, new_ss_len_at + ss_n);
+        write_varint_at(&mut buf[rs_len_at..rs_len_at + rs_n], rs_len as u64);
+        write_varint_at(&mut buf[new_ss_len_at..new_ss_len_at + ss_n], ss_len as u64);
+        buf.truncate(new_ss_len_at + ss_n + (end - ss_body));
+    }
+
+    /// The request body so far.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Forgets the groups, keeping the buffer's capacity and the scope.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+    }
+
+    /// The request body.
     pub fn finish(self) -> Vec<u8> {
-        self.out
+        self.buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::{IpAddr, Ipv4Addr, Ipv6Addr},
+        sync::Arc,
+        time::Instant,
+    };
+
+    use opentelemetry::{
+        trace::{TraceId, TraceState},
+        KeyValue, StringValue,
+    };
+    use opentelemetry_proto::{
+        tonic::{
+            collector::trace::v1::ExportTraceServiceRequest, common::v1 as pc, resource::v1 as pr,
+            trace::v1 as pt,
+        },
+        transform::{
+            common::tonic::ResourceAttributesWithSchema,
+            trace::tonic::group_spans_by_resource_and_scope,
+        },
+    };
+    use opentelemetry_sdk::Resource;
+    use proptest::prelude::*;
+    use prost::Message;
+
+    use super::*;
+    use crate::{
+        http::{ExchangeRole, HttpVersion},
+        otel::{
+            resource,
+            span::{build_span, kernel_ids, scope, span_context_for, tests::exchange},
+        },
+        process::ProcessInfo,
+    };
+
+    use crate::test_alloc::allocations;
+
+    /// What the SDK path sends for this span.
+    fn oracle(ex: &CapturedExchange, ids: &SpanIds, route: Option<&str>) -> pt::Span {
+        pt::Span::from(build_span(ex, ids, route, &scope()))
+    }
+
+    fn encoded(ex: &CapturedExchange, ids: &SpanIds, route: Option<&str>) -> Vec<u8> {
+        let mut out = Vec::new();
+        encode_span(&mut out, ex, ids, route);
+        out
+    }
+
+    /// Decodes to the oracle, and is byte for byte what prost makes of it.
+    fn check(ex: &CapturedExchange, route: Option<&str>) {
+        let ids = span_context_for(ex, kernel_ids(ex));
+        let want = oracle(ex, &ids, route);
+        let bytes = encoded(ex, &ids, route);
+        let got = pt::Span::decode(bytes.as_slice()).expect("our span decodes");
+        assert_eq!(got, want, "{ex:?} {route:?}");
+        assert_eq!(bytes, want.encode_to_vec(), "{ex:?} {route:?}");
+    }
+
+    fn with_endpoints(
+        mut ex: CapturedExchange,
+        local: (IpAddr, u16),
+        remote: (IpAddr, u16),
+    ) -> CapturedExchange {
+        ex.endpoints.local = local;
+        ex.endpoints.remote = remote;
+        ex
+    }
+
+    fn trace_ids(kind: u8, origin: u8, parent: Option<u64>, flags: u8) -> agent_common::TraceIds {
+        agent_common::TraceIds {
+            trace_id: 0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10u128.to_be_bytes(),
+            span_id: 0x1112_1314_1516_1718u64.to_be_bytes(),
+            parent_span_id: parent.unwrap_or(0).to_be_bytes(),
+            flags,
+            kind,
+            origin,
+            has_parent: u8::from(parent.is_some()),
+            ..Default::default()
+        }
+    }
+
+    /// Exchanges covering every branch of build_span.
+    fn fixtures() -> Vec<CapturedExchange> {
+        use agent_common::{ORIGIN_HEADER, ORIGIN_NEW, ORIGIN_THREAD, TRACE_CLIENT, TRACE_SERVER};
+        let mut all = Vec::new();
+        let v6 = |s: &str| IpAddr::V6(s.parse::<Ipv6Addr>().expect("test address"));
+        for role in [ExchangeRole::Server, ExchangeRole::Client] {
+            for status in [
+                0, 101, 200, 204, 302, 400, 404, 499, 500, 503, 599, 999, 65535,
+            ] {
+                all.push(exchange(role, "GET", "/users/42", status));
+            }
+            for method in [
+                "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+                "PROPFIND", "get", "", "M-SEARCH",
+            ] {
+                all.push(exchange(role, method, "/m", 200));
+            }
+            for path in [
+                "",
+                "/",
+                "/ü/😀?x",
+                &"/long".repeat(100),
+                &"x".repeat(20_000),
+            ] {
+                all.push(exchange(role, "POST", path, 201));
+            }
+            for host in [
+                None,
+                Some("api.example.com"),
+                Some("api.example.com:9443"),
+                Some("[::1]"),
+                Some("[::1]:8443"),
+                Some("[2001:db8::7]:1"),
+                Some("[nonsense]:80"),
+                Some("::1"),
+                Some("a.b:x"),
+                Some("a.b:70000"),
+                Some("a b"),
+                Some(" padded:81 "),
+                Some(""),
+                Some("h:0"),
+                Some(&"h".repeat(300)),
+            ] {
+                let mut ex = exchange(role, "GET", "/h", 200);
+                ex.http.host = host.map(Into::into);
+                all.push(ex);
+            }
+            for ua in [None, Some(""), Some("Mozilla/5.0 (X11; Linux) ü")] {
+                let mut ex = exchange(role, "GET", "/ua", 200);
+                ex.http.user_agent = ua.map(Into::into);
+                all.push(ex);
+            }
+            let mut ex = exchange(role, "GET", "/v", 200);
+            ex.http.version = HttpVersion::Http10;
+            all.push(ex);
+            for (local, remote) in [
+                ((v6("::1"), 8080), (v6("::1"), 40000)),
+                ((v6("2001:db8::1"), 443), (v6("2001:db8:0:0:1:0:0:1"), 1)),
+                ((v6("::ffff:10.0.0.1"), 80), (v6("fe80::1:2:3:4"), 65535)),
+                ((v6("::"), 0), (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)),
+                (
+                    (IpAddr::V4(Ipv4Addr::new(255, 255, 255, 255)), 65535),
+                    (IpAddr::V4(Ipv4Addr::new(1, 20, 100, 0)), 9),
+                ),
+            ] {
+                let ex = exchange(role, "GET", "/ip", 200);
+                all.push(with_endpoints(ex, local, remote));
+            }
+            for (start, end) in [
+                (0, 0),
+                (0, 5),
+                (10, 5),
+                (1_700_000_000_000_000_000, 1_700_000_000_000_000_000),
+                (u64::MAX, u64::MAX),
+                (u64::MAX - 1, 3),
+            ] {
+                let mut ex = exchange(role, "GET", "/t", 200);
+                ex.start_unix_ns = start;
+                ex.end_unix_ns = end;
+                all.push(ex);
+            }
+            // Incoming trace context: valid, with and without tracestate, and invalid.
+            for (tp, ts) in [
+                (
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                    Some("congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"),
+                ),
+                (
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+                    None,
+                ),
+                (
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                    Some(" a=1 , ,b=2"),
+                ),
+                (
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                    Some("bad"),
+                ),
+                (
+                    "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+                    Some("a=b"),
+                ),
+                ("garbage", Some("a=b")),
+            ] {
+                let mut ex = exchange(role, "GET", "/tp", 200);
+                ex.http.traceparent = Some(tp.into());
+                ex.http.tracestate = ts.map(Into::into);
+                all.push(ex);
+            }
+            // Kernel ids of every origin.
+            for t in [
+                trace_ids(TRACE_SERVER, ORIGIN_HEADER, Some(9), 1),
+                trace_ids(TRACE_SERVER, ORIGIN_NEW, None, 1),
+                trace_ids(TRACE_CLIENT, ORIGIN_THREAD, Some(7), 0),
+                trace_ids(TRACE_CLIENT, ORIGIN_HEADER, None, 1),
+                trace_ids(TRACE_CLIENT, ORIGIN_HEADER, Some(0), 1),
+            ] {
+                let mut ex = exchange(role, "GET", "/k", 200);
+                ex.http.tracestate = Some("k=v".into());
+                ex.trace = Some(t);
+                all.push(ex);
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn spans_match_the_sdk_path() {
+        let routes = [
+            None,
+            Some("/users/*"),
+            Some(""),
+            Some("/ü/{id}"),
+            Some(&*"/r".repeat(200)),
+        ];
+        for ex in fixtures() {
+            for route in routes {
+                check(&ex, route);
+            }
+        }
+    }
+
+    #[test]
+    fn ids_are_copied_as_given() {
+        let ex = exchange(ExchangeRole::Server, "GET", "/", 500);
+        for (trace_id, span_id, parent, remote) in [
+            (
+                TraceId::from(1u128),
+                SpanId::from(2u64),
+                SpanId::INVALID,
+                false,
+            ),
+            (TraceId::INVALID, SpanId::INVALID, SpanId::from(3u64), true),
+            (
+                TraceId::from(u128::MAX),
+                SpanId::from(u64::MAX),
+                SpanId::from(1u64),
+                false,
+            ),
+        ] {
+            let ids = SpanIds {
+                trace_id,
+                span_id,
+                parent_span_id: parent,
+                parent_sampled: None,
+                parent_is_remote: remote,
+                trace_state: TraceState::from_key_value([("x", "1"), ("y", "")])
+                    .expect("valid trace state"),
+            };
+            let bytes = encoded(&ex, &ids, Some("/"));
+            let want = oracle(&ex, &ids, Some("/"));
+            assert_eq!(pt::Span::decode(bytes.as_slice()).expect("decodes"), want);
+            assert_eq!(bytes, want.encode_to_vec());
+        }
+    }
+
+    #[test]
+    fn status_and_flags_on_the_wire() {
+        let ex = exchange(ExchangeRole::Client, "GET", "/", 404);
+        let mut ids = span_context_for(&ex, None);
+        let span = pt::Span::decode(encoded(&ex, &ids, None).as_slice()).expect("decodes");
+        let status = span.status.expect("status is always set");
+        assert_eq!(status.code, pt::status::StatusCode::Error as i32);
+        assert_eq!(status.message, "");
+        assert_eq!(span.flags, 0x101);
+        assert_eq!(span.kind, pt::span::SpanKind::Client as i32);
+        ids.parent_is_remote = true;
+        let span = pt::Span::decode(encoded(&ex, &ids, None).as_slice()).expect("decodes");
+        assert_eq!(span.flags, 0x301);
+        let ok = exchange(ExchangeRole::Server, "GET", "/", 404);
+        let span = pt::Span::decode(encoded(&ok, &ids, None).as_slice()).expect("decodes");
+        assert_eq!(span.status, Some(pt::Status::default()));
+        assert_eq!(span.kind, pt::span::SpanKind::Server as i32);
+    }
+
+    #[test]
+    fn encode_span_appends() {
+        let ex = exchange(ExchangeRole::Server, "GET", "/", 200);
+        let ids = span_context_for(&ex, None);
+        let one = encoded(&ex, &ids, None);
+        let mut out = b"prefix".to_vec();
+        encode_span(&mut out, &ex, &ids, None);
+        assert_eq!(&out[..6], b"prefix");
+        assert_eq!(&out[6..], one.as_slice());
+    }
+
+    #[test]
+    fn no_allocation_once_the_buffer_is_big_enough() {
+        let mut out = Vec::with_capacity(1 << 16);
+        let mut prepared = Vec::new();
+        for ex in fixtures() {
+            let ids = span_context_for(&ex, kernel_ids(&ex));
+            prepared.push((ex, ids));
+        }
+        let before = allocations();
+        for (ex, ids) in &prepared {
+            out.clear();
+            encode_span(&mut out, ex, ids, Some("/users/{id}"));
+            encode_span(&mut out, ex, ids, None);
+        }
+        assert_eq!(allocations() - before, 0);
+    }
+
+    fn resource_proto(r: &Resource) -> pr::Resource {
+        pr::Resource {
+            attributes: ResourceAttributesWithSchema::from(r).attributes.0,
+            dropped_attributes_count: 0,
+            entity_refs: vec![],
+        }
+    }
+
+    fn every_kind_of_value() -> Resource {
+        use opentelemetry::Array;
+        let strings = |v: &[&'static str]| v.iter().map(|s| StringValue::from(*s)).collect();
+        Resource::builder_empty()
+            .with_attributes([
+                KeyValue::new("service.name", "svc"),
+                KeyValue::new("empty", ""),
+                KeyValue::new("", "empty key"),
+                KeyValue::new("unicode", "ü😀"),
+                KeyValue::new("long", "l".repeat(1000)),
+                KeyValue::new("t", true),
+                KeyValue::new("f", false),
+                KeyValue::new("zero", 0i64),
+                KeyValue::new("pid", 4242i64),
+                KeyValue::new("neg", -1i64),
+                KeyValue::new("min", i64::MIN),
+                KeyValue::new("max", i64::MAX),
+                KeyValue::new("pi", 3.25f64),
+                KeyValue::new("negzero", -0.0f64),
+                KeyValue::new("inf", f64::INFINITY),
+                KeyValue::new("ab", Value::Array(Array::Bool(vec![true, false]))),
+                KeyValue::new("ai", Value::Array(Array::I64(vec![0, -5, 1 << 40]))),
+                KeyValue::new("af", Value::Array(Array::F64(vec![0.0, 1.5]))),
+                KeyValue::new("as", Value::Array(Array::String(strings(&["", "x", "ü"])))),
+                KeyValue::new("a_empty", Value::Array(Array::I64(vec![]))),
+            ])
+            .build()
+    }
+
+    fn resources() -> Vec<Resource> {
+        let p = ProcessInfo {
+            pid: 4242,
+            exe_name: "python3.12".into(),
+            exe_path: Some("/usr/bin/python3.12".into()),
+            otel_service_name: Some("checkout".into()),
+            otel_resource_attributes: Some("deployment.environment=prod,team=ü".into()),
+        };
+        vec![
+            Resource::builder_empty().build(),
+            resource::process_resource(&p, "node-1"),
+            resource::process_resource(&ProcessInfo::default(), "h"),
+            resource::agent_resource("node-1", Some("a=1")),
+            every_kind_of_value(),
+            Resource::builder_empty()
+                .with_schema_url(
+                    [KeyValue::new("k", "v")],
+                    "https://opentelemetry.io/schemas/1.26.0",
+                )
+                .build(),
+        ]
+    }
+
+    #[test]
+    fn resources_match_the_transform() {
+        for r in resources() {
+            let mut out = Vec::new();
+            encode_resource(&mut out, &r);
+            let want = resource_proto(&r);
+            let got = pr::Resource::decode(out.as_slice()).expect("resource decodes");
+            assert_eq!(got, want);
+            assert_eq!(out, want.encode_to_vec());
+        }
+        // NaN is not equal to itself: the bytes show it is carried as is.
+        let r = Resource::builder_empty()
+            .with_attributes([KeyValue::new("nan", f64::NAN)])
+            .build();
+        let mut out = Vec::new();
+        encode_resource(&mut out, &r);
+        assert_eq!(out, resource_proto(&r).encode_to_vec());
+    }
+
+    fn scope_proto(s: &InstrumentationScope) -> pc::InstrumentationScope {
+        (s, None).into()
+    }
+
+    #[test]
+    fn scopes_match_the_transform() {
+        let scopes = [
+            scope(),
+            InstrumentationScope::builder("").build(),
+            InstrumentationScope::builder("x")
+                .with_version("")
+                .with_schema_url("https://s")
+                .with_attributes([KeyValue::new("a", 1i64), KeyValue::new("b", "c")])
+                .build(),
+        ];
+        for s in scopes {
+            let mut out = Vec::new();
+            encode_scope(&mut out, &s);
+            let want = scope_proto(&s);
+            assert_eq!(
+                pc::InstrumentationScope::decode(out.as_slice()).expect("scope decodes"),
+                want
+            );
+            assert_eq!(out, want.encode_to_vec());
+        }
+    }
+
+    /// A resource and its spans (exchange, ids, route).
+    type Group = (Resource, Vec<(CapturedExchange, SpanIds, Option<String>)>);
+
+    /// What the exporter sends for these groups, one export per group, merged.
+    fn request_oracle(groups: &[Group], scope: &InstrumentationScope) -> ExportTraceServiceRequest {
+        let mut resource_spans = Vec::new();
+        for (r, spans) in groups {
+            let data = spans
+                .iter()
+                .map(|(ex, ids, route)| build_span(ex, ids, route.as_deref(), scope))
+                .collect();
+            resource_spans.extend(group_spans_by_resource_and_scope(data, &r.into()));
+        }
+        ExportTraceServiceRequest { resource_spans }
+    }
+
+    fn request_bytes(groups: &[Group], req: &mut TraceRequest) {
+        for (r, spans) in groups {
+            let mut resource = Vec::new();
+            encode_resource(&mut resource, r);
+            let encoded: Vec<Vec<u8>> = spans
+                .iter()
+                .map(|(ex, ids, route)| encoded(ex, ids, route.as_deref()))
+                .collect();
+            req.add_group_with_schema_url(
+                &resource,
+                r.schema_url().unwrap_or_default(),
+                encoded.iter().map(Vec::as_slice),
+            );
+        }
+    }
+
+    fn groups_of(sizes: &[usize]) -> Vec<Group> {
+        let fixtures = fixtures();
+        let resources = resources();
+        let mut next = 0;
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(g, &n)| {
+                let spans = (0..n)
+                    .map(|i| {
+                        let ex = fixtures[next % fixtures.len()].clone();
+                        next += 1;
+                        let ids = span_context_for(&ex, kernel_ids(&ex));
+                        let route = (i % 3 != 0).then(|| format!("/route/{i}"));
+                        (ex, ids, route)
+                    })
+                    .collect();
+                (resources[g % resources.len()].clone(), spans)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn requests_match_the_exporter() {
+        let scopes = [
+            scope(),
+            InstrumentationScope::builder("s")
+                .with_schema_url("https://scope.schema")
+                .build(),
+        ];
+        // Sizes cross the one- and two-byte length varints of both nested messages.
+        for sizes in [
+            &[][..],
+            &[1],
+            &[0],
+            &[3, 0, 2],
+            &[1, 1, 1, 1, 1, 1, 1],
+            &[40, 7],
+            &[400],
+        ] {
+            for s in &scopes {
+                let groups = groups_of(sizes);
+                let mut scope_bytes = Vec::new();
+                encode_scope(&mut scope_bytes, s);
+                let mut req = TraceRequest::new(scope_bytes)
+                    .with_scope_schema_url(s.schema_url().unwrap_or_default());
+                request_bytes(&groups, &mut req);
+                let want = request_oracle(&groups, s);
+                let body = req.clone().finish();
+                let got =
+                    ExportTraceServiceRequest::decode(body.as_slice()).expect("request decodes");
+                assert_eq!(got, want, "{sizes:?}");
+                assert_eq!(body, want.encode_to_vec(), "{sizes:?}");
+
+                // The buffer is reusable.
+                req.clear();
+                assert!(req.is_empty());
+                request_bytes(&groups, &mut req);
+                assert_eq!(req.as_bytes(), body.as_slice());
+            }
+        }
+    }
+
+    #[test]
+    fn large_groups_need_long_lengths() {
+        // Spans of ~20 KB each: ScopeSpans and ResourceSpans lengths of three varint bytes.
+        let ex = exchange(ExchangeRole::Server, "GET", &"p".repeat(20_000), 200);
+        let ids = span_context_for(&ex, None);
+        let span = encoded(&ex, &ids, None);
+        let mut req = TraceRequest::new(Vec::new());
+        req.add_group(b"", std::iter::repeat_n(span.as_slice(), 10));
+        let got = ExportTraceServiceRequest::decode(req.as_bytes()).expect("decodes");
+        assert_eq!(got.resource_spans.len(), 1);
+        assert_eq!(got.resource_spans[0].scope_spans[0].spans.len(), 10);
+        assert_eq!(
+            got.resource_spans[0].scope_spans[0].spans[9],
+            oracle(&ex, &ids, None)
+        );
+        assert_eq!(
+            got.resource_spans[0].scope_spans[0].scope,
+            Some(Default::default())
+        );
+    }
+
+    #[test]
+    fn small_text() {
+        for ip in [
+            IpAddr::V4(Ipv4Addr::new(0, 0, 0, 0)),
+            IpAddr::V4(Ipv4Addr::new(10, 200, 3, 99)),
+            IpAddr::V4(Ipv4Addr::BROADCAST),
+            IpAddr::V6(Ipv6Addr::new(
+                0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff,
+            )),
+            IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0xffff, 0xffff)),
+            IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0xffff, 0xffff)),
+        ] {
+            assert_eq!(Small::ip(ip).as_bytes(), ip.to_string().as_bytes());
+        }
+        for o in 0..=255u8 {
+            let ip = IpAddr::V4(Ipv4Addr::new(o, 0, 255 - o, o / 3));
+            assert_eq!(Small::ip(ip).as_bytes(), ip.to_string().as_bytes());
+        }
+        for v in [0, 7, 10, 99, 100, 404, 9999, 10000, 65535] {
+            assert_eq!(Small::decimal(v).as_bytes(), v.to_string().as_bytes());
+        }
+    }
+
+    fn ip_strategy() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            any::<[u8; 4]>().prop_map(|o| IpAddr::V4(Ipv4Addr::from(o))),
+            any::<[u16; 8]>().prop_map(|s| IpAddr::V6(Ipv6Addr::from(s))),
+            // Zero runs and mapped forms are where IPv6 text gets subtle.
+            (any::<u16>(), any::<u8>(), any::<[u8; 4]>()).prop_map(|(a, z, o)| {
+                let mut s = [0u16; 8];
+                s[usize::from(z % 8)] = a;
+                s[6] = u16::from_be_bytes([o[0], o[1]]);
+                s[7] = u16::from_be_bytes([o[2], o[3]]);
+                if z % 2 == 0 {
+                    s[5] = 0xffff;
+                }
+                IpAddr::V6(Ipv6Addr::from(s))
+            }),
+        ]
+    }
+
+    fn host_strategy() -> impl Strategy<Value = Option<String>> {
+        proptest::option::of(prop_oneof![
+            "[a-z0-9.-]{0,20}(:[0-9]{0,6})?",
+            "\\[[0-9a-f:]{0,12}\\](:[0-9+]{0,6})?",
+            any::<String>(),
+        ])
+    }
+
+    fn method_strategy() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec![
+                "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+                "get", "PROPFIND", "",
+            ])
+            .prop_map(String::from),
+            "[A-Z-]{0,12}",
+        ]
+    }
+
+    fn tracestate_strategy() -> impl Strategy<Value = Option<String>> {
+        proptest::option::of(prop_oneof![
+            "([a-z][a-z0-9_]{0,8}=[a-zA-Z0-9]{1,8},?){0,5}",
+            any::<String>(),
+        ])
+    }
+
+    #[derive(Debug, Clone)]
+    struct Case {
+        server: bool,
+        method: String,
+        path: String,
+        status: u16,
+        http10: bool,
+        host: Option<String>,
+        user_agent: Option<String>,
+        local: (IpAddr, u16),
+        remote: (IpAddr, u16),
+        start: u64,
+        duration: u64,
+        trace_id: u128,
+        span_id: u64,
+        parent: u64,
+        remote_parent: bool,
+        tracestate: Option<String>,
+        route: Option<String>,
+    }
+
+    fn case_strategy() -> impl Strategy<Value = Case> {
+        let http = (
+            any::<bool>(),
+            method_strategy(),
+            any::<String>(),
+            prop_oneof![any::<u16>(), 100u16..600],
+            any::<bool>(),
+            host_strategy(),
+            proptest::option::of(any::<String>()),
+        );
+        let net = (
+            (ip_strategy(), any::<u16>()),
+            (ip_strategy(), any::<u16>()),
+            any::<u64>(),
+            prop_oneof![any::<u64>(), 0u64..1_000_000_000],
+        );
+        let trace = (
+            any::<u128>(),
+            any::<u64>(),
+            prop_oneof![Just(0u64), any::<u64>()],
+            any::<bool>(),
+            tracestate_strategy(),
+            proptest::option::of(any::<String>()),
+        );
+        (http, net, trace).prop_map(
+            |(
+                (server, method, path, status, http10, host, user_agent),
+                (local, remote, start, duration),
+                (trace_id, span_id, parent, remote_parent, tracestate, route),
+            )| Case {
+                server,
+                method,
+                path,
+                status,
+                http10,
+                host,
+                user_agent,
+                local,
+                remote,
+                start,
+                duration,
+                trace_id,
+                span_id,
+                parent,
+                remote_parent,
+                tracestate,
+                route,
+            },
+        )
+    }
+
+    fn case_exchange(c: &Case) -> (CapturedExchange, SpanIds) {
+        let role = if c.server {
+            ExchangeRole::Server
+        } else {
+            ExchangeRole::Client
+        };
+        let mut ex = with_endpoints(
+            exchange(role, &c.method, &c.path, c.status),
+            c.local,
+            c.remote,
+        );
+        ex.http.version = if c.http10 {
+            HttpVersion::Http10
+        } else {
+            HttpVersion::Http11
+        };
+        ex.http.host = c.host.clone();
+        ex.http.user_agent = c.user_agent.clone();
+        ex.start_unix_ns = c.start;
+        // Sometimes before the start: the span then ends where it starts.
+        ex.end_unix_ns = c.start.wrapping_add(c.duration);
+        ex.process = Arc::new(ProcessInfo::default());
+        let ids = SpanIds {
+            trace_id: TraceId::from(c.trace_id),
+            span_id: SpanId::from(c.span_id),
+            parent_span_id: SpanId::from(c.parent),
+            parent_sampled: None,
+            parent_is_remote: c.remote_parent,
+            trace_state: c
+                .tracestate
+                .as_deref()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_default(),
+        };
+        (ex, ids)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn random_spans_match_the_sdk_path(c in case_strategy()) {
+            let (ex, ids) = case_exchange(&c);
+            let route = c.route.as_deref();
+            let want = oracle(&ex, &ids, route);
+            let bytes = encoded(&ex, &ids, route);
+            let got = pt::Span::decode(bytes.as_slice());
+            prop_assert_eq!(got.as_ref().ok(), Some(&want));
+            prop_assert_eq!(bytes, want.encode_to_vec());
+        }
+
+        #[test]
+        fn random_requests_match_the_exporter(
+            groups in proptest::collection::vec(
+                proptest::collection::vec(case_strategy(), 0..6),
+                0..4,
+            ),
+        ) {
+            let resources = resources();
+            let groups: Vec<_> = groups
+                .iter()
+                .enumerate()
+                .map(|(i, cases)| {
+                    let spans = cases
+                        .iter()
+                        .map(|c| {
+                            let (ex, ids) = case_exchange(c);
+                            (ex, ids, c.route.clone())
+                        })
+                        .collect();
+                    (resources[i % resources.len()].clone(), spans)
+                })
+                .collect();
+            let mut scope_bytes = Vec::new();
+            encode_scope(&mut scope_bytes, &scope());
+            let mut req = TraceRequest::new(scope_bytes);
+            request_bytes(&groups, &mut req);
+            let want = request_oracle(&groups, &scope());
+            let body = req.finish();
+            let got = ExportTraceServiceRequest::decode(body.as_slice());
+            prop_assert_eq!(got.as_ref().ok(), Some(&want));
+            prop_assert_eq!(body, want.encode_to_vec());
+        }
+    }
+
+    /// ns and allocations per span, old path vs new. Run with
+    /// `cargo test --release -p tapir --lib otel::wire -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_span_encoding() {
+        use std::hint::black_box;
+        let mut cases = Vec::new();
+        for (role, host, tp) in [
+            (ExchangeRole::Server, None, None),
+            (ExchangeRole::Client, Some("api.example.com:8080"), None),
+            (
+                ExchangeRole::Server,
+                None,
+                Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            ),
+            (ExchangeRole::Client, None, None),
+        ] {
+            let mut ex = exchange(role, "GET", "/api/v1/users/12345/orders", 200);
+            ex.http.host = host.map(Into::into);
+            ex.http.traceparent = tp.map(Into::into);
+            ex.http.tracestate = tp.map(|_| "congo=t61rcWkgMzE".into());
+            let ids = span_context_for(&ex, None);
+            cases.push((ex, ids, Some("/api/v1/users/{id}/orders")));
+        }
+        let sc = scope();
+        let n = 200_000usize;
+        let per = |what: &str, f: &mut dyn FnMut(usize)| {
+            for i in 0..1000 {
+                f(i);
+            }
+            let a0 = allocations();
+            let t0 = Instant::now();
+            for i in 0..n {
+                f(i);
+            }
+            let ns = t0.elapsed().as_nanos() as f64 / n as f64;
+            let allocs = (allocations() - a0) as f64 / n as f64;
+            println!("{what:<58} {ns:>8.1} ns/span {allocs:>6.2} allocs/span");
+        };
+        let mut buf = Vec::with_capacity(4096);
+        per(
+            "old: build_span + From<SpanData> + prost encode",
+            &mut |i| {
+                let (ex, ids, route) = &cases[i % cases.len()];
+                let span = pt::Span::from(build_span(ex, ids, *route, &sc));
+                buf.clear();
+                span.encode(&mut buf).expect("buffer grows");
+                black_box(&buf);
+            },
+        );
+        per("old: build_span only", &mut |i| {
+            let (ex, ids, route) = &cases[i % cases.len()];
+            black_box(build_span(ex, ids, *route, &sc));
+        });
+        per("new: encode_span", &mut |i| {
+            let (ex, ids, route) = &cases[i % cases.len()];
+            buf.clear();
+            encode_span(&mut buf, ex, ids, *route);
+            black_box(&buf);
+        });
+
+        // A whole request of 512 spans in one group, per span.
+        let r = resource::agent_resource("node-1", None);
+        let mut resource_bytes = Vec::new();
+        encode_resource(&mut resource_bytes, &r);
+        let mut scope_bytes = Vec::new();
+        encode_scope(&mut scope_bytes, &sc);
+        let batch = 512;
+        let spans: Vec<Vec<u8>> = (0..batch)
+            .map(|i| {
+                let (ex, ids, route) = &cases[i % cases.len()];
+                encoded(ex, ids, *route)
+            })
+            .collect();
+        let mut req = TraceRequest::new(scope_bytes);
+        let mut t = 0;
+        per(
+            "new: TraceRequest::add_group (per span, 512/group)",
+            &mut |i| {
+                if i % batch == 0 {
+                    req.clear();
+                    req.add_group(&resource_bytes, spans.iter().map(Vec::as_slice));
+                    t += req.as_bytes().len();
+                }
+            },
+        );
+        black_box(t);
+        let data: Vec<_> = (0..batch)
+            .map(|i| {
+                let (ex, ids, route) = &cases[i % cases.len()];
+                build_span(ex, ids, *route, &sc)
+            })
+            .collect();
+        let res: ResourceAttributesWithSchema = (&r).into();
+        per(
+            "old: clone + group_spans_by_resource_and_scope + encode",
+            &mut |i| {
+                if i % batch == 0 {
+                    let rs = group_spans_by_resource_and_scope(data.clone(), &res);
+                    buf.clear();
+                    ExportTraceServiceRequest { resource_spans: rs }
+                        .encode(&mut buf)
+                        .expect("buffer grows");
+                    black_box(&buf);
+                }
+            },
+        );
+        println!(
+            "span size: {} bytes; request of {batch}: {} bytes",
+            spans[0].len(),
+            req.as_bytes().len()
+        );
     }
 }
