@@ -19,58 +19,51 @@
 //! nothing. Delta moves what was recorded since the last collection into a per-series
 //! pending histogram that is cleared only once acknowledged: a failed export is merged
 //! into the next one.
+//!
+//! Along the data flow: `series` (a series' key and histograms), `service` (a process's
+//! table of series), the [`Registry`] here (records exchanges, collects), `agent` (the
+//! `tapir.*` metrics) and `encode` (the OTLP messages and requests).
+mod agent;
+mod encode;
+mod series;
+mod service;
+#[cfg(test)]
+mod testutil;
+
 use std::{
     hash::BuildHasher,
     num::NonZeroUsize,
     str::FromStr,
     sync::{
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard,
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use hashbrown::HashTable;
 use lru::LruCache;
-use opentelemetry_proto::tonic::{
-    collector::metrics::v1::ExportMetricsServiceRequest,
-    common::v1::{any_value, AnyValue, ArrayValue, InstrumentationScope, KeyValue},
-    metrics::v1::{
-        metric, number_data_point, AggregationTemporality, Gauge, Histogram, HistogramDataPoint,
-        Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
-    },
-    resource::v1::Resource as ProtoResource,
-};
-use opentelemetry_sdk::Resource;
-use opentelemetry_semantic_conventions::{attribute as sc, metric as sm};
-use prost::Message as _;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+
+pub use agent::QueueLen;
+pub use encode::{encode_requests, OVERFLOW_ATTRIBUTE};
+pub use series::{DURATION_BUCKETS, SIZE_BUCKETS};
+pub use service::ServiceEntry;
 
 use super::{
-    counters::{OtelStats, SpanDrop},
-    resource::{agent_resource, process_resource, resource_service_name},
-    span::{is_error, normalize_method, scope, server_address_in, IpBuf},
+    counters::OtelStats,
+    resource::process_resource,
+    span::{normalize_method, server_address_in, IpBuf},
 };
 use crate::{exchange::CapturedExchange, process::ProcessInfo, stats::Stats};
+use agent::AgentMetrics;
+use series::{KeyView, Read, Series, SeriesKey};
 
-/// Duration buckets (seconds) of the stable HTTP semantic conventions.
-pub const DURATION_BUCKETS: [f64; 14] = [
-    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-];
-/// Body size buckets (bytes).
-pub const SIZE_BUCKETS: [f64; 14] = [
-    0.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 65536.0,
-    262144.0, 1048576.0,
-];
 /// A process with no exchange for this long is exported a last time and dropped
 /// (short-lived clients would otherwise fill the table).
 pub const IDLE_RETIRE: Duration = Duration::from_secs(300);
 /// Series per observed process before new attribute sets go to the overflow series (the
 /// SDK's default cardinality limit).
 pub const MAX_SERIES_PER_SERVICE: usize = 2000;
-/// `otel.metric.overflow`: the one attribute of an overflow series.
-pub const OVERFLOW_ATTRIBUTE: &str = "otel.metric.overflow";
-
-const BUCKETS: usize = DURATION_BUCKETS.len() + 1;
 
 /// `OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -109,14 +102,6 @@ impl Temporality {
     }
 }
 
-fn aggregation(delta: bool) -> i32 {
-    if delta {
-        AggregationTemporality::Delta as i32
-    } else {
-        AggregationTemporality::Cumulative as i32
-    }
-}
-
 fn unix_now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -125,704 +110,6 @@ fn unix_now_ns() -> u64 {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// One explicit-bucket histogram: `counts[i]` holds the values in `(bounds[i-1], bounds[i]]`,
-/// the last count those above every bound.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Hist {
-    counts: [u64; BUCKETS],
-    count: u64,
-    sum: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Hist {
-    const EMPTY: Self = Self {
-        counts: [0; BUCKETS],
-        count: 0,
-        sum: 0.0,
-        min: f64::INFINITY,
-        max: f64::NEG_INFINITY,
-    };
-
-    fn record(&mut self, bounds: &[f64; BUCKETS - 1], v: f64) {
-        // The first bound >= v: a value equal to a bound belongs to that bound's bucket.
-        let i = bounds.partition_point(|b| *b < v);
-        if let Some(c) = self.counts.get_mut(i) {
-            *c += 1;
-        }
-        self.count += 1;
-        self.sum += v;
-        self.min = self.min.min(v);
-        self.max = self.max.max(v);
-    }
-
-    fn merge(&mut self, o: &Hist) {
-        for (a, b) in self.counts.iter_mut().zip(o.counts) {
-            *a += b;
-        }
-        self.count += o.count;
-        self.sum += o.sum;
-        self.min = self.min.min(o.min);
-        self.max = self.max.max(o.max);
-    }
-}
-
-/// The three histograms of a series: duration, request body size, response body size.
-type Hists = [Hist; 3];
-
-const BOUNDS: [&[f64; BUCKETS - 1]; 3] = [&DURATION_BUCKETS, &SIZE_BUCKETS, &SIZE_BUCKETS];
-
-struct Instrument {
-    name: &'static str,
-    unit: &'static str,
-    description: &'static str,
-}
-
-/// Server then client instruments, in [`Hists`] order.
-const INSTRUMENTS: [[Instrument; 3]; 2] = [
-    [
-        Instrument {
-            name: sm::HTTP_SERVER_REQUEST_DURATION,
-            unit: "s",
-            description: "Duration of HTTP server requests.",
-        },
-        Instrument {
-            name: sm::HTTP_SERVER_REQUEST_BODY_SIZE,
-            unit: "By",
-            description: "Size of HTTP server request bodies.",
-        },
-        Instrument {
-            name: sm::HTTP_SERVER_RESPONSE_BODY_SIZE,
-            unit: "By",
-            description: "Size of HTTP server response bodies.",
-        },
-    ],
-    [
-        Instrument {
-            name: sm::HTTP_CLIENT_REQUEST_DURATION,
-            unit: "s",
-            description: "Duration of HTTP client requests.",
-        },
-        Instrument {
-            name: sm::HTTP_CLIENT_REQUEST_BODY_SIZE,
-            unit: "By",
-            description: "Size of HTTP client request bodies.",
-        },
-        Instrument {
-            name: sm::HTTP_CLIENT_RESPONSE_BODY_SIZE,
-            unit: "By",
-            description: "Size of HTTP client response bodies.",
-        },
-    ],
-];
-
-fn instruments(server: bool) -> &'static [Instrument; 3] {
-    &INSTRUMENTS[usize::from(!server)]
-}
-
-/// A series key borrowed from an exchange: what is hashed and compared per exchange.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct KeyView<'a> {
-    server: bool,
-    overflow: bool,
-    method: &'static str,
-    status: u16,
-    version: &'static str,
-    route: Option<&'a str>,
-    server_address: Option<(&'a str, u16)>,
-}
-
-impl KeyView<'static> {
-    fn overflow(server: bool) -> Self {
-        Self {
-            server,
-            overflow: true,
-            method: "",
-            status: 0,
-            version: "",
-            route: None,
-            server_address: None,
-        }
-    }
-}
-
-/// The metric attributes of a series, owned by it. Strings are shared with snapshots.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct SeriesKey {
-    server: bool,
-    /// Where exchanges go once the service has its maximum of series.
-    overflow: bool,
-    method: &'static str,
-    status: u16,
-    version: &'static str,
-    route: Option<Arc<str>>,
-    server_address: Option<(Arc<str>, u16)>,
-}
-
-impl SeriesKey {
-    fn view(&self) -> KeyView<'_> {
-        KeyView {
-            server: self.server,
-            overflow: self.overflow,
-            method: self.method,
-            status: self.status,
-            version: self.version,
-            route: self.route.as_deref(),
-            server_address: self.server_address.as_ref().map(|(a, p)| (&**a, *p)),
-        }
-    }
-
-    fn from_view(v: KeyView<'_>) -> Self {
-        Self {
-            server: v.server,
-            overflow: v.overflow,
-            method: v.method,
-            status: v.status,
-            version: v.version,
-            route: v.route.map(Arc::from),
-            server_address: v.server_address.map(|(a, p)| (Arc::from(a), p)),
-        }
-    }
-
-    /// The attributes, in the order and with the types an SDK-instrumented server reports.
-    fn attributes(&self) -> Vec<KeyValue> {
-        if self.overflow {
-            return vec![kv(OVERFLOW_ATTRIBUTE, any_value::Value::BoolValue(true))];
-        }
-        let s = |v: &str| any_value::Value::StringValue(v.to_string());
-        let mut a = Vec::with_capacity(8);
-        a.push(kv(sc::HTTP_REQUEST_METHOD, s(self.method)));
-        a.push(kv(
-            sc::HTTP_RESPONSE_STATUS_CODE,
-            any_value::Value::IntValue(i64::from(self.status)),
-        ));
-        if let Some(r) = &self.route {
-            a.push(kv(sc::HTTP_ROUTE, s(r)));
-        }
-        a.push(kv(sc::URL_SCHEME, s("http")));
-        a.push(kv(sc::NETWORK_PROTOCOL_VERSION, s(self.version)));
-        if is_error(self.server, self.status) {
-            a.push(kv(
-                sc::ERROR_TYPE,
-                any_value::Value::StringValue(self.status.to_string()),
-            ));
-        }
-        if let Some((addr, port)) = &self.server_address {
-            a.push(kv(sc::SERVER_ADDRESS, s(addr)));
-            a.push(kv(
-                sc::SERVER_PORT,
-                any_value::Value::IntValue(i64::from(*port)),
-            ));
-        }
-        a
-    }
-}
-
-fn kv(key: &str, v: any_value::Value) -> KeyValue {
-    KeyValue {
-        key: key.to_string(),
-        value: Some(AnyValue { value: Some(v) }),
-        ..Default::default()
-    }
-}
-
-/// Delta bookkeeping of a series: what was recorded since the last collection, and what
-/// was collected but not yet acknowledged (sent again, merged, until it is).
-struct DeltaState {
-    current: Hists,
-    current_start_ns: u64,
-    pending: Option<(Hists, u64)>,
-}
-
-struct Series {
-    hash: u64,
-    key: SeriesKey,
-    /// When the series began: the start of its cumulative points.
-    start_ns: u64,
-    /// Everything recorded (cumulative points, Prometheus).
-    total: Hists,
-    /// Only with delta temporality.
-    delta: Option<Box<DeltaState>>,
-}
-
-impl Series {
-    fn new(hash: u64, key: SeriesKey, now_ns: u64, delta: bool) -> Self {
-        Self {
-            hash,
-            key,
-            start_ns: now_ns,
-            total: [Hist::EMPTY; 3],
-            delta: delta.then(|| {
-                Box::new(DeltaState {
-                    current: [Hist::EMPTY; 3],
-                    current_start_ns: now_ns,
-                    pending: None,
-                })
-            }),
-        }
-    }
-
-    fn record(&mut self, values: &[f64; 3]) {
-        for ((h, b), v) in self.total.iter_mut().zip(BOUNDS).zip(values) {
-            h.record(b, *v);
-        }
-        if let Some(d) = self.delta.as_deref_mut() {
-            for ((h, b), v) in d.current.iter_mut().zip(BOUNDS).zip(values) {
-                h.record(b, *v);
-            }
-        }
-    }
-}
-
-#[derive(Default)]
-struct SeriesTable {
-    series: HashTable<Series>,
-    /// Exported for the last time and freed: late records are ignored.
-    closed: bool,
-}
-
-/// A series copied out of its table (the lock is held only for the copy).
-struct Snap {
-    key: SeriesKey,
-    start_ns: u64,
-    hists: Hists,
-}
-
-#[derive(Clone, Copy)]
-enum Read {
-    /// Cumulative values; nothing changes.
-    Totals,
-    /// Moves what was recorded since the last collection to the pending delta and reads
-    /// the pending delta.
-    Delta,
-}
-
-/// A resource as OTLP carries it.
-struct OtlpResource {
-    resource: ProtoResource,
-    schema_url: String,
-}
-
-impl OtlpResource {
-    fn new(r: &Resource) -> Self {
-        let mut attributes: Vec<KeyValue> = r
-            .iter()
-            .map(|(k, v)| KeyValue {
-                key: k.to_string(),
-                value: Some(any(v)),
-                ..Default::default()
-            })
-            .collect();
-        // The resource iterates in hash order: sort for a stable encoding.
-        attributes.sort_by(|a, b| a.key.cmp(&b.key));
-        Self {
-            resource: ProtoResource {
-                attributes,
-                ..Default::default()
-            },
-            schema_url: r.schema_url().unwrap_or_default().to_string(),
-        }
-    }
-
-    fn with(&self, metrics: Vec<Metric>) -> ResourceMetrics {
-        let s = scope();
-        ResourceMetrics {
-            resource: Some(self.resource.clone()),
-            scope_metrics: vec![ScopeMetrics {
-                scope: Some(InstrumentationScope {
-                    name: s.name().to_string(),
-                    version: s.version().unwrap_or_default().to_string(),
-                    ..Default::default()
-                }),
-                metrics,
-                schema_url: s.schema_url().unwrap_or_default().to_string(),
-            }],
-            schema_url: self.schema_url.clone(),
-        }
-    }
-}
-
-fn any(v: &opentelemetry::Value) -> AnyValue {
-    use opentelemetry::{Array, Value};
-    let value = match v {
-        Value::Bool(b) => any_value::Value::BoolValue(*b),
-        Value::I64(i) => any_value::Value::IntValue(*i),
-        Value::F64(f) => any_value::Value::DoubleValue(*f),
-        Value::String(s) => any_value::Value::StringValue(s.to_string()),
-        Value::Array(a) => {
-            let values = match a {
-                Array::Bool(v) => v.iter().map(|b| any(&Value::Bool(*b))).collect(),
-                Array::I64(v) => v.iter().map(|i| any(&Value::I64(*i))).collect(),
-                Array::F64(v) => v.iter().map(|f| any(&Value::F64(*f))).collect(),
-                Array::String(v) => v.iter().map(|s| any(&Value::String(s.clone()))).collect(),
-                other => vec![any(&Value::String(other.to_string().into()))],
-            };
-            any_value::Value::ArrayValue(ArrayValue { values })
-        }
-        other => any_value::Value::StringValue(other.to_string()),
-    };
-    AnyValue { value: Some(value) }
-}
-
-/// The metric state of an observed process.
-struct EntryMetrics {
-    resource: OtlpResource,
-    table: Mutex<SeriesTable>,
-}
-
-/// What Tapir keeps per observed process: its resource, and its series (none when
-/// metrics are not exported anywhere).
-pub struct ServiceEntry {
-    pub resource: Resource,
-    pub service_name: String,
-    metrics: Option<EntryMetrics>,
-    /// Seconds since the registry's epoch when it was last used.
-    last_used: AtomicU64,
-}
-
-impl std::fmt::Debug for ServiceEntry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServiceEntry")
-            .field("service_name", &self.service_name)
-            .finish_non_exhaustive()
-    }
-}
-
-impl ServiceEntry {
-    fn read(&self, how: Read, now_ns: u64) -> Vec<Snap> {
-        let Some(m) = &self.metrics else {
-            return Vec::new();
-        };
-        let mut t = lock(&m.table);
-        let mut out = Vec::with_capacity(t.series.len());
-        for s in t.series.iter_mut() {
-            match how {
-                Read::Totals => out.push(Snap {
-                    key: s.key.clone(),
-                    start_ns: s.start_ns,
-                    hists: s.total,
-                }),
-                Read::Delta => {
-                    let Some(d) = s.delta.as_deref_mut() else {
-                        continue;
-                    };
-                    if d.current[0].count > 0 {
-                        match &mut d.pending {
-                            Some((p, _)) => {
-                                for (a, b) in p.iter_mut().zip(&d.current) {
-                                    a.merge(b);
-                                }
-                            }
-                            None => d.pending = Some((d.current, d.current_start_ns)),
-                        }
-                        d.current = [Hist::EMPTY; 3];
-                    }
-                    d.current_start_ns = now_ns;
-                    if let Some((p, start)) = &d.pending {
-                        out.push(Snap {
-                            key: s.key.clone(),
-                            start_ns: *start,
-                            hists: *p,
-                        });
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    /// The collector took the last collection: pending deltas are done.
-    fn acknowledged(&self) {
-        if let Some(m) = &self.metrics {
-            for s in lock(&m.table).series.iter_mut() {
-                if let Some(d) = s.delta.as_deref_mut() {
-                    d.pending = None;
-                }
-            }
-        }
-    }
-
-    /// Frees every series (the entry itself may live on in queued spans); returns how many.
-    fn close(&self) -> usize {
-        let Some(m) = &self.metrics else {
-            return 0;
-        };
-        let mut t = lock(&m.table);
-        t.closed = true;
-        let n = t.series.len();
-        t.series = HashTable::new();
-        n
-    }
-
-    fn series_count(&self) -> usize {
-        self.metrics
-            .as_ref()
-            .map_or(0, |m| lock(&m.table).series.len())
-    }
-
-    /// This process's metrics as OTLP, or `None` when there is nothing to report.
-    fn resource_metrics(&self, how: Read, now_ns: u64) -> Option<ResourceMetrics> {
-        let m = self.metrics.as_ref()?;
-        let snaps = self.read(how, now_ns);
-        if snaps.is_empty() {
-            return None;
-        }
-        let temporality = aggregation(matches!(how, Read::Delta));
-        let mut metrics = Vec::with_capacity(6);
-        for server in [true, false] {
-            let mine: Vec<&Snap> = snaps.iter().filter(|s| s.key.server == server).collect();
-            if mine.is_empty() {
-                continue;
-            }
-            let attrs: Vec<Vec<KeyValue>> = mine.iter().map(|s| s.key.attributes()).collect();
-            for (i, inst) in instruments(server).iter().enumerate() {
-                let data_points = mine
-                    .iter()
-                    .zip(&attrs)
-                    .map(|(s, a)| {
-                        histogram_point(&s.hists[i], BOUNDS[i], a.clone(), s.start_ns, now_ns)
-                    })
-                    .collect();
-                metrics.push(Metric {
-                    name: inst.name.to_string(),
-                    description: inst.description.to_string(),
-                    unit: inst.unit.to_string(),
-                    data: Some(metric::Data::Histogram(Histogram {
-                        data_points,
-                        aggregation_temporality: temporality,
-                    })),
-                    ..Default::default()
-                });
-            }
-        }
-        Some(m.resource.with(metrics))
-    }
-}
-
-fn histogram_point(
-    h: &Hist,
-    bounds: &[f64],
-    attributes: Vec<KeyValue>,
-    start_ns: u64,
-    now_ns: u64,
-) -> HistogramDataPoint {
-    HistogramDataPoint {
-        attributes,
-        start_time_unix_nano: start_ns,
-        time_unix_nano: now_ns,
-        count: h.count,
-        sum: Some(h.sum),
-        bucket_counts: h.counts.to_vec(),
-        explicit_bounds: bounds.to_vec(),
-        min: (h.count > 0).then_some(h.min),
-        max: (h.count > 0).then_some(h.max),
-        ..Default::default()
-    }
-}
-
-/// Reads the current length of the span retry queue (for a gauge).
-pub type QueueLen = Arc<dyn Fn() -> u64 + Send + Sync>;
-
-/// One point of an agent counter.
-struct CounterPoint {
-    name: &'static str,
-    description: &'static str,
-    attr: Option<(&'static str, &'static str)>,
-    value: u64,
-}
-
-/// Delta bookkeeping of the agent's counters: values at the last acknowledged export, and
-/// at the last collection.
-struct CounterDelta {
-    acked: Vec<u64>,
-    acked_ns: u64,
-    sent: Vec<u64>,
-    sent_ns: u64,
-}
-
-/// The agent's own metrics, read from its counters at each collection.
-struct AgentMetrics {
-    resource: OtlpResource,
-    capture: Arc<Stats>,
-    stats: Arc<OtelStats>,
-    queue_len: QueueLen,
-    start_ns: u64,
-    delta: Mutex<CounterDelta>,
-}
-
-impl AgentMetrics {
-    fn counters(&self) -> Vec<CounterPoint> {
-        let point = |name, description, attr, value| CounterPoint {
-            name,
-            description,
-            attr,
-            value,
-        };
-        let mut v: Vec<CounterPoint> = self
-            .capture
-            .snapshot()
-            .into_iter()
-            .map(|(name, value)| point(name, "", None, value))
-            .collect();
-        for (reason, n) in self.capture.http_drops() {
-            v.push(point(
-                "tapir.http.dropped",
-                "HTTP messages the agent could not turn into exchanges, by reason",
-                Some(("reason", reason)),
-                n,
-            ));
-        }
-        let s = &self.stats;
-        for why in SpanDrop::ALL {
-            v.push(point(
-                "tapir.spans.dropped",
-                "Spans (for queue_full: whole exchanges) never exported, by reason",
-                Some(("reason", why.as_str())),
-                s.dropped_count(why),
-            ));
-        }
-        for (signal, c) in [
-            ("traces", &s.trace_export_failures),
-            ("metrics", &s.metric_export_failures),
-        ] {
-            v.push(point(
-                "tapir.export.failures",
-                "Failed OTLP export calls, by signal",
-                Some(("signal", signal)),
-                OtelStats::get(c),
-            ));
-        }
-        for (name, description, c) in [
-            (
-                "tapir.export.retries",
-                "Trace batches sent again after a failed export",
-                &s.trace_export_retries,
-            ),
-            (
-                "tapir.spans.exported",
-                "Spans accepted by the collector",
-                &s.spans_exported,
-            ),
-            (
-                "tapir.spans.not_sampled",
-                "Exchanges whose span the sampler dropped (still in metrics)",
-                &s.spans_not_sampled,
-            ),
-            (
-                "tapir.routes.overflow",
-                "Exchanges whose route became /*overflow* (too many routes in the service)",
-                &s.routes_overflow,
-            ),
-            (
-                "tapir.services.evicted",
-                "Observed processes evicted from the agent's bounded resource/metrics table",
-                &s.services_evicted,
-            ),
-            (
-                "tapir.metrics.series_overflow",
-                "Exchanges recorded in an overflow series (otel.metric.overflow): their service had reached the series limit",
-                &s.metric_series_overflow,
-            ),
-            (
-                "tapir.metrics.services_lost",
-                "Exited or evicted processes whose last metrics were dropped unexported (too many waiting for the collector)",
-                &s.metric_services_lost,
-            ),
-        ] {
-            v.push(point(name, description, None, OtelStats::get(c)));
-        }
-        v
-    }
-
-    /// `delta`: report counters as deltas since the last acknowledged collection (and
-    /// remember these values for `acknowledged`).
-    fn resource_metrics(&self, now_ns: u64, delta: bool) -> ResourceMetrics {
-        let points = self.counters();
-        let (start_ns, values): (u64, Vec<u64>) = if delta {
-            let mut d = lock(&self.delta);
-            let values = points
-                .iter()
-                .enumerate()
-                .map(|(i, p)| p.value.saturating_sub(d.acked.get(i).copied().unwrap_or(0)))
-                .collect();
-            d.sent = points.iter().map(|p| p.value).collect();
-            d.sent_ns = now_ns;
-            (d.acked_ns, values)
-        } else {
-            (self.start_ns, points.iter().map(|p| p.value).collect())
-        };
-        let temporality = aggregation(delta);
-        let number = |attr: Option<(&str, &str)>, start: u64, v: u64| NumberDataPoint {
-            attributes: attr
-                .map(|(k, v)| vec![kv(k, any_value::Value::StringValue(v.to_string()))])
-                .unwrap_or_default(),
-            start_time_unix_nano: start,
-            time_unix_nano: now_ns,
-            value: Some(number_data_point::Value::AsInt(
-                i64::try_from(v).unwrap_or(i64::MAX),
-            )),
-            ..Default::default()
-        };
-        let mut metrics: Vec<Metric> = Vec::new();
-        for (p, v) in points.iter().zip(values) {
-            let dp = number(p.attr, start_ns, v);
-            // Points of one counter are adjacent.
-            if let Some(Metric {
-                name,
-                data: Some(metric::Data::Sum(s)),
-                ..
-            }) = metrics.last_mut()
-            {
-                if name == p.name {
-                    s.data_points.push(dp);
-                    continue;
-                }
-            }
-            metrics.push(Metric {
-                name: p.name.to_string(),
-                description: p.description.to_string(),
-                data: Some(metric::Data::Sum(Sum {
-                    data_points: vec![dp],
-                    aggregation_temporality: temporality,
-                    is_monotonic: true,
-                })),
-                ..Default::default()
-            });
-        }
-        for (name, description, v) in [
-            (
-                "tapir.connections.tracked",
-                "TCP connections in the agent's table",
-                OtelStats::get(&self.stats.connections_tracked),
-            ),
-            (
-                "tapir.spans.queued",
-                "Spans waiting in the export queue",
-                (self.queue_len)(),
-            ),
-        ] {
-            metrics.push(Metric {
-                name: name.to_string(),
-                description: description.to_string(),
-                data: Some(metric::Data::Gauge(Gauge {
-                    data_points: vec![number(None, 0, v)],
-                })),
-                ..Default::default()
-            });
-        }
-        self.resource.with(metrics)
-    }
-
-    fn acknowledged(&self) {
-        let mut d = lock(&self.delta);
-        if !d.sent.is_empty() {
-            d.acked = std::mem::take(&mut d.sent);
-            d.acked_ns = d.sent_ns;
-        }
-    }
 }
 
 /// What one resource of the last collection was, for [`Registry::acknowledge`].
@@ -869,20 +156,7 @@ impl Registry {
         queue_len: QueueLen,
         temporality: Temporality,
     ) -> Self {
-        let start_ns = unix_now_ns();
-        let agent = AgentMetrics {
-            resource: OtlpResource::new(&agent_resource(&host, agent_attrs)),
-            capture,
-            stats: stats.clone(),
-            queue_len,
-            start_ns,
-            delta: Mutex::new(CounterDelta {
-                acked: Vec::new(),
-                acked_ns: start_ns,
-                sent: Vec::new(),
-                sent_ns: start_ns,
-            }),
-        };
+        let agent = AgentMetrics::new(&host, agent_attrs, capture, stats.clone(), queue_len);
         Self {
             entries: Mutex::new(LruCache::new(
                 NonZeroUsize::new(max_services.max(1)).unwrap_or(NonZeroUsize::MIN),
@@ -925,20 +199,14 @@ impl Registry {
         let now = self.now_secs();
         let mut entries = lock(&self.entries);
         if let Some(e) = entries.get(p) {
-            e.last_used.store(now, Ordering::Relaxed);
+            e.touch(now);
             return e.clone();
         }
-        let resource = process_resource(p, &self.host);
-        let metrics = self.metrics.then(|| EntryMetrics {
-            resource: OtlpResource::new(&resource),
-            table: Mutex::new(SeriesTable::default()),
-        });
-        let entry = Arc::new(ServiceEntry {
-            service_name: resource_service_name(&resource),
-            resource,
-            metrics,
-            last_used: AtomicU64::new(now),
-        });
+        let entry = Arc::new(ServiceEntry::new(
+            process_resource(p, &self.host),
+            self.metrics,
+            now,
+        ));
         if let Some((k, old)) = entries.push(p.clone(), entry.clone()) {
             if k != *p {
                 OtelStats::add(&self.stats.services_evicted, 1);
@@ -988,7 +256,7 @@ impl Registry {
 
     /// Records an exchange in its process's RED metrics. Allocates only for a new series.
     pub fn record(&self, entry: &ServiceEntry, ex: &CapturedExchange, route: Option<&str>) {
-        let Some(m) = &entry.metrics else {
+        let Some(table) = entry.table() else {
             return;
         };
         let server = ex.is_server();
@@ -1013,7 +281,7 @@ impl Registry {
             ex.http.response_body_bytes as f64,
         ];
         let hash = self.hasher.hash_one(view);
-        let mut t = lock(&m.table);
+        let mut t = lock(table);
         if t.closed {
             return;
         }
@@ -1049,7 +317,7 @@ impl Registry {
         let now = self.now_secs();
         let mut entries = lock(&self.entries);
         while let Some((_, e)) = entries.peek_lru() {
-            if now.saturating_sub(e.last_used.load(Ordering::Relaxed)) < IDLE_RETIRE.as_secs() {
+            if now.saturating_sub(e.last_used()) < IDLE_RETIRE.as_secs() {
                 break;
             }
             if let Some((_, e)) = entries.pop_lru() {
@@ -1182,222 +450,12 @@ impl Registry {
     }
 }
 
-/// `req` encoded as requests of at most about `max_bytes` each (a process's metrics are
-/// never split), each with the number of resources it carries (for `acknowledge`).
-pub fn encode_requests(
-    req: ExportMetricsServiceRequest,
-    max_bytes: usize,
-) -> Vec<(usize, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut chunk: Vec<ResourceMetrics> = Vec::new();
-    let mut size = 0;
-    let mut flush = |chunk: &mut Vec<ResourceMetrics>| {
-        let n = chunk.len();
-        let body = ExportMetricsServiceRequest {
-            resource_metrics: std::mem::take(chunk),
-        }
-        .encode_to_vec();
-        out.push((n, body));
-    };
-    for rm in req.resource_metrics {
-        // The field's tag and length prefix: at most 1 + 10 bytes.
-        let n = rm.encoded_len() + 11;
-        if !chunk.is_empty() && size + n > max_bytes {
-            flush(&mut chunk);
-            size = 0;
-        }
-        size += n;
-        chunk.push(rm);
-    }
-    if !chunk.is_empty() {
-        flush(&mut chunk);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use crate::{http::ExchangeRole, otel::span::tests::exchange};
+    use opentelemetry_proto::tonic::common::v1::any_value;
 
-    use crate::test_alloc::allocations;
-
-    fn registry_with(max: usize, t: Temporality) -> Registry {
-        Registry::new(
-            max,
-            true,
-            "h".into(),
-            None,
-            Arc::new(Stats::default()),
-            Arc::new(OtelStats::default()),
-            Arc::new(|| 0),
-            t,
-        )
-    }
-
-    fn registry(max: usize) -> Registry {
-        registry_with(max, Temporality::Cumulative)
-    }
-
-    fn with_pid(mut ex: CapturedExchange, pid: u32) -> CapturedExchange {
-        Arc::make_mut(&mut ex.process).pid = pid;
-        ex
-    }
-
-    fn metrics<'a>(
-        req: &'a ExportMetricsServiceRequest,
-        name: &'a str,
-    ) -> impl Iterator<Item = (&'a ResourceMetrics, &'a Metric)> + 'a {
-        req.resource_metrics.iter().flat_map(move |rm| {
-            rm.scope_metrics
-                .iter()
-                .flat_map(|s| s.metrics.iter())
-                .filter(move |m| m.name == name)
-                .map(move |m| (rm, m))
-        })
-    }
-
-    fn hist_points<'a>(
-        req: &'a ExportMetricsServiceRequest,
-        name: &'a str,
-    ) -> Vec<&'a HistogramDataPoint> {
-        metrics(req, name)
-            .flat_map(|(_, m)| match &m.data {
-                Some(metric::Data::Histogram(h)) => h.data_points.iter().collect(),
-                _ => Vec::new(),
-            })
-            .collect()
-    }
-
-    fn histogram_count(req: &ExportMetricsServiceRequest, name: &str) -> u64 {
-        hist_points(req, name).iter().map(|p| p.count).sum()
-    }
-
-    fn attr<'a>(a: &'a [KeyValue], key: &str) -> Option<&'a any_value::Value> {
-        a.iter()
-            .find(|kv| kv.key == key)
-            .and_then(|kv| kv.value.as_ref()?.value.as_ref())
-    }
-
-    fn resource_attr(rm: &ResourceMetrics, key: &str) -> Option<any_value::Value> {
-        attr(&rm.resource.as_ref()?.attributes, key).cloned()
-    }
-
-    fn string(s: &str) -> Option<any_value::Value> {
-        Some(any_value::Value::StringValue(s.into()))
-    }
-
-    fn counter_value(
-        req: &ExportMetricsServiceRequest,
-        name: &str,
-        a: Option<(&str, &str)>,
-    ) -> i64 {
-        metrics(req, name)
-            .flat_map(|(_, m)| match &m.data {
-                Some(metric::Data::Sum(s)) => s.data_points.clone(),
-                _ => Vec::new(),
-            })
-            .find(|p| match a {
-                None => p.attributes.is_empty(),
-                Some((k, v)) => attr(&p.attributes, k) == string(v).as_ref(),
-            })
-            .and_then(|p| match p.value {
-                Some(number_data_point::Value::AsInt(i)) => Some(i),
-                _ => None,
-            })
-            .unwrap_or(-1)
-    }
-
-    #[test]
-    fn bucket_bounds_are_upper_inclusive() {
-        let mut h = Hist::EMPTY;
-        for v in [0.005, 0.0050001, 0.0, 10.0, 10.5, 0.1] {
-            h.record(&DURATION_BUCKETS, v);
-        }
-        // (-inf, 0.005] holds 0 and 0.005; (0.005, 0.01] the next; 0.1 in (0.075, 0.1];
-        // 10.0 in (7.5, 10]; 10.5 above every bound.
-        assert_eq!(h.counts[0], 2);
-        assert_eq!(h.counts[1], 1);
-        assert_eq!(h.counts[5], 1);
-        assert_eq!(h.counts[13], 1);
-        assert_eq!(h.counts[14], 1);
-        assert_eq!(h.count, 6);
-        assert_eq!(h.counts.iter().sum::<u64>(), h.count);
-        assert_eq!((h.min, h.max), (0.0, 10.5));
-        assert!((h.sum - 20.6100001).abs() < 1e-9, "{}", h.sum);
-        let mut s = Hist::EMPTY;
-        s.record(&SIZE_BUCKETS, 0.0);
-        s.record(&SIZE_BUCKETS, 32.0);
-        s.record(&SIZE_BUCKETS, 33.0);
-        assert_eq!(&s.counts[..3], &[1, 1, 1]);
-        let mut m = h;
-        m.merge(&s);
-        assert_eq!(m.count, 9);
-        assert_eq!(m.counts[0], 3);
-        assert_eq!(m.max, 33.0);
-    }
-
-    #[test]
-    fn records_red_metrics_with_bounded_attributes() {
-        let r = registry(4);
-        let ex = exchange(ExchangeRole::Server, "GET", "/users/42", 500);
-        let e = r.entry(&ex.process);
-        r.record(&e, &ex, Some("/users/*"));
-        r.record(&e, &ex, Some("/users/*"));
-        let cl = exchange(ExchangeRole::Client, "GET", "/x", 404);
-        r.record(&e, &cl, Some("/x"));
-        let req = r.collect().unwrap();
-        assert_eq!(histogram_count(&req, "http.server.request.duration"), 2);
-        assert_eq!(histogram_count(&req, "http.server.request.body.size"), 2);
-        assert_eq!(histogram_count(&req, "http.server.response.body.size"), 2);
-        assert_eq!(histogram_count(&req, "http.client.request.duration"), 1);
-        assert_eq!(histogram_count(&req, "http.client.response.body.size"), 1);
-        let server = hist_points(&req, "http.server.request.duration");
-        assert_eq!(server.len(), 1);
-        let keys: Vec<&str> = server[0]
-            .attributes
-            .iter()
-            .map(|kv| kv.key.as_str())
-            .collect();
-        assert_eq!(
-            keys,
-            [
-                "http.request.method",
-                "http.response.status_code",
-                "http.route",
-                "url.scheme",
-                "network.protocol.version",
-                "error.type"
-            ]
-        );
-        let a = &server[0].attributes;
-        assert_eq!(attr(a, "http.request.method"), string("GET").as_ref());
-        assert_eq!(
-            attr(a, "http.response.status_code"),
-            Some(&any_value::Value::IntValue(500))
-        );
-        assert_eq!(attr(a, "http.route"), string("/users/*").as_ref());
-        assert_eq!(attr(a, "url.scheme"), string("http").as_ref());
-        assert_eq!(attr(a, "network.protocol.version"), string("1.1").as_ref());
-        assert_eq!(attr(a, "error.type"), string("500").as_ref());
-        let client = hist_points(&req, "http.client.request.duration");
-        let a = &client[0].attributes;
-        assert_eq!(
-            attr(a, "server.address"),
-            string("api.example.com").as_ref()
-        );
-        assert_eq!(
-            attr(a, "server.port"),
-            Some(&any_value::Value::IntValue(8080))
-        );
-        assert_eq!(attr(a, "error.type"), string("404").as_ref());
-        // Cumulative: collecting again reports the same counts.
-        r.acknowledge(usize::MAX);
-        assert_eq!(
-            histogram_count(&r.collect().unwrap(), "http.server.request.duration"),
-            2
-        );
-    }
+    use super::{testutil::*, *};
+    use crate::{http::ExchangeRole, otel::span::tests::exchange, test_alloc::allocations};
 
     #[test]
     fn unknown_methods_and_paths_stay_bounded() {
@@ -1417,192 +475,6 @@ mod tests {
         assert_eq!(p[0].count, 3);
         assert!(attr(&p[0].attributes, "http.route").is_none());
         assert!(attr(&p[0].attributes, "url.path").is_none());
-    }
-
-    #[test]
-    fn the_proto_output_is_complete() {
-        let r = registry(4);
-        let ex = exchange(ExchangeRole::Server, "GET", "/", 200);
-        let e = r.entry(&ex.process);
-        let before = unix_now_ns();
-        r.record(&e, &ex, Some("/"));
-        let req = r.collect().unwrap();
-        let after = unix_now_ns();
-        assert_eq!(req.resource_metrics.len(), 2, "the agent and one process");
-        let rm = &req.resource_metrics[1];
-        assert_eq!(resource_attr(rm, "service.name"), string("python3"));
-        assert_eq!(resource_attr(rm, "service.instance.id"), string("h:77"));
-        assert_eq!(
-            resource_attr(rm, "process.pid"),
-            Some(any_value::Value::IntValue(77))
-        );
-        assert_eq!(resource_attr(rm, "telemetry.distro.name"), string("tapir"));
-        assert_eq!(resource_attr(rm, "telemetry.sdk.language"), string("rust"));
-        let sm = &rm.scope_metrics[0];
-        let scope = sm.scope.as_ref().unwrap();
-        assert_eq!(scope.name, "tapir");
-        assert_eq!(scope.version, env!("CARGO_PKG_VERSION"));
-        let names: Vec<(&str, &str, &str)> = sm
-            .metrics
-            .iter()
-            .map(|m| (m.name.as_str(), m.unit.as_str(), m.description.as_str()))
-            .collect();
-        assert_eq!(
-            names,
-            [
-                (
-                    "http.server.request.duration",
-                    "s",
-                    "Duration of HTTP server requests."
-                ),
-                (
-                    "http.server.request.body.size",
-                    "By",
-                    "Size of HTTP server request bodies."
-                ),
-                (
-                    "http.server.response.body.size",
-                    "By",
-                    "Size of HTTP server response bodies."
-                ),
-            ]
-        );
-        for m in &sm.metrics {
-            let Some(metric::Data::Histogram(h)) = &m.data else {
-                panic!("{} is not a histogram", m.name);
-            };
-            assert_eq!(
-                h.aggregation_temporality,
-                AggregationTemporality::Cumulative as i32
-            );
-            let p = &h.data_points[0];
-            let bounds = if m.unit == "s" {
-                &DURATION_BUCKETS
-            } else {
-                &SIZE_BUCKETS
-            };
-            assert_eq!(p.explicit_bounds, bounds.to_vec());
-            assert_eq!(p.bucket_counts.len(), bounds.len() + 1);
-            assert_eq!(p.bucket_counts.iter().sum::<u64>(), p.count);
-            assert!(before <= p.start_time_unix_nano && p.start_time_unix_nano <= p.time_unix_nano);
-            assert!(p.time_unix_nano <= after);
-        }
-        let dur = hist_points(&req, "http.server.request.duration")[0];
-        assert_eq!(dur.count, 1);
-        assert_eq!(dur.sum, Some(0.25));
-        assert_eq!((dur.min, dur.max), (Some(0.25), Some(0.25)));
-        assert_eq!(dur.bucket_counts[6], 1, "0.25 s is in (0.1, 0.25]");
-        let req_size = hist_points(&req, "http.server.request.body.size")[0];
-        assert_eq!(req_size.sum, Some(10.0));
-        assert_eq!(req_size.bucket_counts[1], 1, "10 bytes is in (0, 32]");
-        // The start time stays; the time moves.
-        r.acknowledge(usize::MAX);
-        let again = r.collect().unwrap();
-        let dur2 = hist_points(&again, "http.server.request.duration")[0];
-        assert_eq!(dur2.start_time_unix_nano, dur.start_time_unix_nano);
-        assert!(dur2.time_unix_nano >= dur.time_unix_nano);
-        // The encoding round-trips.
-        let bytes = again.encode_to_vec();
-        assert_eq!(
-            ExportMetricsServiceRequest::decode(bytes.as_slice()).unwrap(),
-            again
-        );
-    }
-
-    #[test]
-    fn delta_reports_each_exchange_once_and_merges_unacknowledged_exports() {
-        let r = registry_with(4, Temporality::Delta);
-        let ex = exchange(ExchangeRole::Server, "GET", "/", 200);
-        let e = r.entry(&ex.process);
-        r.record(&e, &ex, Some("/"));
-        r.record(&e, &ex, Some("/"));
-        let first = r.collect().unwrap();
-        let p = hist_points(&first, "http.server.request.duration")[0].clone();
-        assert_eq!(p.count, 2);
-        assert_eq!(
-            metrics(&first, "http.server.request.duration")
-                .map(|(_, m)| match &m.data {
-                    Some(metric::Data::Histogram(h)) => h.aggregation_temporality,
-                    _ => 0,
-                })
-                .collect::<Vec<_>>(),
-            [AggregationTemporality::Delta as i32]
-        );
-        r.acknowledge(usize::MAX);
-        // Nothing new: no point at all.
-        assert!(hist_points(&r.collect().unwrap(), "http.server.request.duration").is_empty());
-        r.acknowledge(usize::MAX);
-        r.record(&e, &ex, Some("/"));
-        let second = r.collect().unwrap();
-        let p2 = hist_points(&second, "http.server.request.duration")[0].clone();
-        assert_eq!(p2.count, 1);
-        assert!(
-            p2.start_time_unix_nano >= p.time_unix_nano,
-            "windows do not overlap"
-        );
-        // That export failed (no acknowledge): the next one carries it, merged.
-        r.acknowledge(0);
-        r.record(&e, &ex, Some("/"));
-        let third = r.collect().unwrap();
-        let p3 = hist_points(&third, "http.server.request.duration")[0].clone();
-        assert_eq!(p3.count, 2);
-        assert_eq!(p3.bucket_counts.iter().sum::<u64>(), 2);
-        assert_eq!(p3.start_time_unix_nano, p2.start_time_unix_nano);
-        r.acknowledge(usize::MAX);
-        assert!(hist_points(&r.collect().unwrap(), "http.server.request.duration").is_empty());
-        // Prometheus still sees the cumulative totals.
-        assert_eq!(
-            histogram_count(&r.peek(), "http.server.request.duration"),
-            4
-        );
-    }
-
-    #[test]
-    fn agent_counters_follow_the_temporality() {
-        let capture = Arc::new(Stats::default());
-        let make = |t| {
-            Registry::new(
-                2,
-                true,
-                "h".into(),
-                None,
-                capture.clone(),
-                Arc::new(OtelStats::default()),
-                Arc::new(|| 0),
-                t,
-            )
-        };
-        let (delta, low) = (make(Temporality::Delta), make(Temporality::LowMemory));
-        Stats::inc(&capture.exchanges);
-        Stats::inc(&capture.exchanges);
-        for r in [&delta, &low] {
-            assert_eq!(
-                counter_value(&r.collect().unwrap(), "tapir.exchanges", None),
-                2
-            );
-            r.acknowledge(usize::MAX);
-        }
-        Stats::inc(&capture.exchanges);
-        assert_eq!(
-            counter_value(&delta.collect().unwrap(), "tapir.exchanges", None),
-            1
-        );
-        assert_eq!(
-            counter_value(&low.collect().unwrap(), "tapir.exchanges", None),
-            3
-        );
-        // A failed export: the next delta covers both intervals.
-        delta.acknowledge(0);
-        Stats::inc(&capture.exchanges);
-        let req = delta.collect().unwrap();
-        assert_eq!(counter_value(&req, "tapir.exchanges", None), 2);
-        let temporality: Vec<i32> = metrics(&req, "tapir.exchanges")
-            .map(|(_, m)| match &m.data {
-                Some(metric::Data::Sum(s)) => s.aggregation_temporality,
-                _ => 0,
-            })
-            .collect();
-        assert_eq!(temporality, [AggregationTemporality::Delta as i32]);
     }
 
     #[test]
@@ -1784,85 +656,6 @@ mod tests {
     }
 
     #[test]
-    fn agent_metrics_are_under_the_tapir_resource() {
-        let capture = Arc::new(Stats::default());
-        Stats::inc(&capture.exchanges);
-        let stats = Arc::new(OtelStats::default());
-        stats.dropped(SpanDrop::QueueFull, 3);
-        OtelStats::add(&stats.connections_tracked, 5);
-        let r = Registry::new(
-            2,
-            true,
-            "h".into(),
-            None,
-            capture,
-            stats,
-            Arc::new(|| 7),
-            Temporality::Cumulative,
-        );
-        let req = r.collect().unwrap();
-        let agent = &req.resource_metrics[0];
-        assert_eq!(resource_attr(agent, "service.name"), string("tapir"));
-        let names: Vec<&str> = agent.scope_metrics[0]
-            .metrics
-            .iter()
-            .map(|m| m.name.as_str())
-            .collect();
-        for want in [
-            "tapir.exchanges",
-            "tapir.events.received",
-            "tapir.http.dropped",
-            "tapir.spans.dropped",
-            "tapir.export.failures",
-            "tapir.export.retries",
-            "tapir.connections.tracked",
-            "tapir.spans.queued",
-            "tapir.metrics.series_overflow",
-            "tapir.metrics.services_lost",
-        ] {
-            assert!(names.contains(&want), "{want} missing: {names:?}");
-        }
-        let mut sorted = names.clone();
-        sorted.sort();
-        sorted.dedup();
-        assert_eq!(sorted.len(), names.len(), "each metric once");
-        assert_eq!(counter_value(&req, "tapir.exchanges", None), 1);
-        assert_eq!(
-            counter_value(&req, "tapir.spans.dropped", Some(("reason", "queue_full"))),
-            3
-        );
-        assert_eq!(
-            counter_value(&req, "tapir.export.failures", Some(("signal", "metrics"))),
-            0
-        );
-        let sum = metrics(&req, "tapir.exchanges").next().unwrap().1;
-        match &sum.data {
-            Some(metric::Data::Sum(s)) => {
-                assert!(s.is_monotonic);
-                assert_eq!(
-                    s.aggregation_temporality,
-                    AggregationTemporality::Cumulative as i32
-                );
-            }
-            other => panic!("{other:?}"),
-        }
-        let gauge = |name| match &metrics(&req, name).next().unwrap().1.data {
-            Some(metric::Data::Gauge(g)) => g.data_points[0].value,
-            _ => None,
-        };
-        assert_eq!(
-            gauge("tapir.spans.queued"),
-            Some(number_data_point::Value::AsInt(7))
-        );
-        assert_eq!(
-            gauge("tapir.connections.tracked"),
-            Some(number_data_point::Value::AsInt(5))
-        );
-        // Nothing under the agent's resource is an HTTP metric.
-        assert!(!names.iter().any(|n| n.starts_with("http.")));
-    }
-
-    #[test]
     fn no_metrics_no_series() {
         let r = Registry::new(
             2,
@@ -1880,32 +673,6 @@ mod tests {
         assert_eq!(e.service_name, "python3");
         assert!(r.collect().is_none());
         assert_eq!(r.series_count(), 0);
-    }
-
-    #[test]
-    fn large_requests_are_split_between_resources() {
-        let r = registry(64);
-        for pid in 1..=20 {
-            let ex = with_pid(exchange(ExchangeRole::Server, "GET", "/", 200), pid);
-            let e = r.entry(&ex.process);
-            r.record(&e, &ex, Some("/"));
-        }
-        let req = r.collect().unwrap();
-        let total = req.resource_metrics.len();
-        let one = req.encoded_len();
-        let whole = encode_requests(req.clone(), usize::MAX);
-        assert_eq!(whole.len(), 1);
-        assert_eq!(whole[0], (total, req.encode_to_vec()));
-        let parts = encode_requests(req, one / 4);
-        assert!(parts.len() >= 4, "{}", parts.len());
-        assert_eq!(parts.iter().map(|(n, _)| n).sum::<usize>(), total);
-        let mut rms = 0;
-        for (n, body) in &parts {
-            let d = ExportMetricsServiceRequest::decode(body.as_slice()).unwrap();
-            assert_eq!(d.resource_metrics.len(), *n);
-            rms += n;
-        }
-        assert_eq!(rms, total);
     }
 
     #[test]

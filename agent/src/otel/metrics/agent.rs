@@ -1,0 +1,384 @@
+//! The agent's own `tapir.*` metrics (capture and export counters, a few gauges), under
+//! the agent's resource.
+use std::sync::{Arc, Mutex};
+
+use opentelemetry_proto::tonic::{
+    common::v1::any_value,
+    metrics::v1::{
+        metric, number_data_point, Gauge, Metric, NumberDataPoint, ResourceMetrics, Sum,
+    },
+};
+
+use super::{
+    encode::{aggregation, kv, OtlpResource},
+    lock, unix_now_ns,
+};
+use crate::{
+    otel::{
+        counters::{OtelStats, SpanDrop},
+        resource::agent_resource,
+    },
+    stats::Stats,
+};
+
+/// Reads the current length of the span retry queue (for a gauge).
+pub type QueueLen = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// One point of an agent counter.
+struct CounterPoint {
+    name: &'static str,
+    description: &'static str,
+    attr: Option<(&'static str, &'static str)>,
+    value: u64,
+}
+
+/// Delta bookkeeping of the agent's counters: values at the last acknowledged export, and
+/// at the last collection.
+struct CounterDelta {
+    acked: Vec<u64>,
+    acked_ns: u64,
+    sent: Vec<u64>,
+    sent_ns: u64,
+}
+
+/// The agent's own metrics, read from its counters at each collection.
+pub(super) struct AgentMetrics {
+    resource: OtlpResource,
+    capture: Arc<Stats>,
+    stats: Arc<OtelStats>,
+    queue_len: QueueLen,
+    start_ns: u64,
+    delta: Mutex<CounterDelta>,
+}
+
+impl AgentMetrics {
+    /// `host` and `agent_attrs` make the agent's resource; `capture` and `stats` are the
+    /// counters read at each collection.
+    pub(super) fn new(
+        host: &str,
+        agent_attrs: Option<&str>,
+        capture: Arc<Stats>,
+        stats: Arc<OtelStats>,
+        queue_len: QueueLen,
+    ) -> Self {
+        let start_ns = unix_now_ns();
+        Self {
+            resource: OtlpResource::new(&agent_resource(host, agent_attrs)),
+            capture,
+            stats,
+            queue_len,
+            start_ns,
+            delta: Mutex::new(CounterDelta {
+                acked: Vec::new(),
+                acked_ns: start_ns,
+                sent: Vec::new(),
+                sent_ns: start_ns,
+            }),
+        }
+    }
+
+    fn counters(&self) -> Vec<CounterPoint> {
+        let point = |name, description, attr, value| CounterPoint {
+            name,
+            description,
+            attr,
+            value,
+        };
+        let mut v: Vec<CounterPoint> = self
+            .capture
+            .snapshot()
+            .into_iter()
+            .map(|(name, value)| point(name, "", None, value))
+            .collect();
+        for (reason, n) in self.capture.http_drops() {
+            v.push(point(
+                "tapir.http.dropped",
+                "HTTP messages the agent could not turn into exchanges, by reason",
+                Some(("reason", reason)),
+                n,
+            ));
+        }
+        let s = &self.stats;
+        for why in SpanDrop::ALL {
+            v.push(point(
+                "tapir.spans.dropped",
+                "Spans (for queue_full: whole exchanges) never exported, by reason",
+                Some(("reason", why.as_str())),
+                s.dropped_count(why),
+            ));
+        }
+        for (signal, c) in [
+            ("traces", &s.trace_export_failures),
+            ("metrics", &s.metric_export_failures),
+        ] {
+            v.push(point(
+                "tapir.export.failures",
+                "Failed OTLP export calls, by signal",
+                Some(("signal", signal)),
+                OtelStats::get(c),
+            ));
+        }
+        for (name, description, c) in [
+            (
+                "tapir.export.retries",
+                "Trace batches sent again after a failed export",
+                &s.trace_export_retries,
+            ),
+            (
+                "tapir.spans.exported",
+                "Spans accepted by the collector",
+                &s.spans_exported,
+            ),
+            (
+                "tapir.spans.not_sampled",
+                "Exchanges whose span the sampler dropped (still in metrics)",
+                &s.spans_not_sampled,
+            ),
+            (
+                "tapir.routes.overflow",
+                "Exchanges whose route became /*overflow* (too many routes in the service)",
+                &s.routes_overflow,
+            ),
+            (
+                "tapir.services.evicted",
+                "Observed processes evicted from the agent's bounded resource/metrics table",
+                &s.services_evicted,
+            ),
+            (
+                "tapir.metrics.series_overflow",
+                "Exchanges recorded in an overflow series (otel.metric.overflow): their service had reached the series limit",
+                &s.metric_series_overflow,
+            ),
+            (
+                "tapir.metrics.services_lost",
+                "Exited or evicted processes whose last metrics were dropped unexported (too many waiting for the collector)",
+                &s.metric_services_lost,
+            ),
+        ] {
+            v.push(point(name, description, None, OtelStats::get(c)));
+        }
+        v
+    }
+
+    /// `delta`: report counters as deltas since the last acknowledged collection (and
+    /// remember these values for `acknowledged`).
+    pub(super) fn resource_metrics(&self, now_ns: u64, delta: bool) -> ResourceMetrics {
+        let points = self.counters();
+        let (start_ns, values): (u64, Vec<u64>) = if delta {
+            let mut d = lock(&self.delta);
+            let values = points
+                .iter()
+                .enumerate()
+                .map(|(i, p)| p.value.saturating_sub(d.acked.get(i).copied().unwrap_or(0)))
+                .collect();
+            d.sent = points.iter().map(|p| p.value).collect();
+            d.sent_ns = now_ns;
+            (d.acked_ns, values)
+        } else {
+            (self.start_ns, points.iter().map(|p| p.value).collect())
+        };
+        let temporality = aggregation(delta);
+        let number = |attr: Option<(&str, &str)>, start: u64, v: u64| NumberDataPoint {
+            attributes: attr
+                .map(|(k, v)| vec![kv(k, any_value::Value::StringValue(v.to_string()))])
+                .unwrap_or_default(),
+            start_time_unix_nano: start,
+            time_unix_nano: now_ns,
+            value: Some(number_data_point::Value::AsInt(
+                i64::try_from(v).unwrap_or(i64::MAX),
+            )),
+            ..Default::default()
+        };
+        let mut metrics: Vec<Metric> = Vec::new();
+        for (p, v) in points.iter().zip(values) {
+            let dp = number(p.attr, start_ns, v);
+            // Points of one counter are adjacent.
+            if let Some(Metric {
+                name,
+                data: Some(metric::Data::Sum(s)),
+                ..
+            }) = metrics.last_mut()
+            {
+                if name == p.name {
+                    s.data_points.push(dp);
+                    continue;
+                }
+            }
+            metrics.push(Metric {
+                name: p.name.to_string(),
+                description: p.description.to_string(),
+                data: Some(metric::Data::Sum(Sum {
+                    data_points: vec![dp],
+                    aggregation_temporality: temporality,
+                    is_monotonic: true,
+                })),
+                ..Default::default()
+            });
+        }
+        for (name, description, v) in [
+            (
+                "tapir.connections.tracked",
+                "TCP connections in the agent's table",
+                OtelStats::get(&self.stats.connections_tracked),
+            ),
+            (
+                "tapir.spans.queued",
+                "Spans waiting in the export queue",
+                (self.queue_len)(),
+            ),
+        ] {
+            metrics.push(Metric {
+                name: name.to_string(),
+                description: description.to_string(),
+                data: Some(metric::Data::Gauge(Gauge {
+                    data_points: vec![number(None, 0, v)],
+                })),
+                ..Default::default()
+            });
+        }
+        self.resource.with(metrics)
+    }
+
+    pub(super) fn acknowledged(&self) {
+        let mut d = lock(&self.delta);
+        if !d.sent.is_empty() {
+            d.acked = std::mem::take(&mut d.sent);
+            d.acked_ns = d.sent_ns;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry_proto::tonic::metrics::v1::AggregationTemporality;
+
+    use super::*;
+    use crate::otel::metrics::{testutil::*, Registry, Temporality};
+
+    #[test]
+    fn agent_counters_follow_the_temporality() {
+        let capture = Arc::new(Stats::default());
+        let make = |t| {
+            Registry::new(
+                2,
+                true,
+                "h".into(),
+                None,
+                capture.clone(),
+                Arc::new(OtelStats::default()),
+                Arc::new(|| 0),
+                t,
+            )
+        };
+        let (delta, low) = (make(Temporality::Delta), make(Temporality::LowMemory));
+        Stats::inc(&capture.exchanges);
+        Stats::inc(&capture.exchanges);
+        for r in [&delta, &low] {
+            assert_eq!(
+                counter_value(&r.collect().unwrap(), "tapir.exchanges", None),
+                2
+            );
+            r.acknowledge(usize::MAX);
+        }
+        Stats::inc(&capture.exchanges);
+        assert_eq!(
+            counter_value(&delta.collect().unwrap(), "tapir.exchanges", None),
+            1
+        );
+        assert_eq!(
+            counter_value(&low.collect().unwrap(), "tapir.exchanges", None),
+            3
+        );
+        // A failed export: the next delta covers both intervals.
+        delta.acknowledge(0);
+        Stats::inc(&capture.exchanges);
+        let req = delta.collect().unwrap();
+        assert_eq!(counter_value(&req, "tapir.exchanges", None), 2);
+        let temporality: Vec<i32> = metrics(&req, "tapir.exchanges")
+            .map(|(_, m)| match &m.data {
+                Some(metric::Data::Sum(s)) => s.aggregation_temporality,
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(temporality, [AggregationTemporality::Delta as i32]);
+    }
+
+    #[test]
+    fn agent_metrics_are_under_the_tapir_resource() {
+        let capture = Arc::new(Stats::default());
+        Stats::inc(&capture.exchanges);
+        let stats = Arc::new(OtelStats::default());
+        stats.dropped(SpanDrop::QueueFull, 3);
+        OtelStats::add(&stats.connections_tracked, 5);
+        let r = Registry::new(
+            2,
+            true,
+            "h".into(),
+            None,
+            capture,
+            stats,
+            Arc::new(|| 7),
+            Temporality::Cumulative,
+        );
+        let req = r.collect().unwrap();
+        let agent = &req.resource_metrics[0];
+        assert_eq!(resource_attr(agent, "service.name"), string("tapir"));
+        let names: Vec<&str> = agent.scope_metrics[0]
+            .metrics
+            .iter()
+            .map(|m| m.name.as_str())
+            .collect();
+        for want in [
+            "tapir.exchanges",
+            "tapir.events.received",
+            "tapir.http.dropped",
+            "tapir.spans.dropped",
+            "tapir.export.failures",
+            "tapir.export.retries",
+            "tapir.connections.tracked",
+            "tapir.spans.queued",
+            "tapir.metrics.series_overflow",
+            "tapir.metrics.services_lost",
+        ] {
+            assert!(names.contains(&want), "{want} missing: {names:?}");
+        }
+        let mut sorted = names.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), names.len(), "each metric once");
+        assert_eq!(counter_value(&req, "tapir.exchanges", None), 1);
+        assert_eq!(
+            counter_value(&req, "tapir.spans.dropped", Some(("reason", "queue_full"))),
+            3
+        );
+        assert_eq!(
+            counter_value(&req, "tapir.export.failures", Some(("signal", "metrics"))),
+            0
+        );
+        let sum = metrics(&req, "tapir.exchanges").next().unwrap().1;
+        match &sum.data {
+            Some(metric::Data::Sum(s)) => {
+                assert!(s.is_monotonic);
+                assert_eq!(
+                    s.aggregation_temporality,
+                    AggregationTemporality::Cumulative as i32
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let gauge = |name| match &metrics(&req, name).next().unwrap().1.data {
+            Some(metric::Data::Gauge(g)) => g.data_points[0].value,
+            _ => None,
+        };
+        assert_eq!(
+            gauge("tapir.spans.queued"),
+            Some(number_data_point::Value::AsInt(7))
+        );
+        assert_eq!(
+            gauge("tapir.connections.tracked"),
+            Some(number_data_point::Value::AsInt(5))
+        );
+        // Nothing under the agent's resource is an HTTP metric.
+        assert!(!names.iter().any(|n| n.starts_with("http.")));
+    }
+}

@@ -1,0 +1,464 @@
+//! The OTLP protobuf messages: resources and their scope, the HTTP histograms of a
+//! process's series, and collections cut into requests of bounded size.
+use opentelemetry_proto::tonic::{
+    collector::metrics::v1::ExportMetricsServiceRequest,
+    common::v1::{any_value, AnyValue, ArrayValue, InstrumentationScope, KeyValue},
+    metrics::v1::{
+        metric, AggregationTemporality, Histogram, HistogramDataPoint, Metric, ResourceMetrics,
+        ScopeMetrics,
+    },
+    resource::v1::Resource as ProtoResource,
+};
+use opentelemetry_sdk::Resource;
+use opentelemetry_semantic_conventions::{attribute as sc, metric as sm};
+use prost::Message as _;
+
+use super::series::{Hist, SeriesKey, Snap, BOUNDS};
+use crate::otel::span::{is_error, scope};
+
+/// `otel.metric.overflow`: the one attribute of an overflow series.
+pub const OVERFLOW_ATTRIBUTE: &str = "otel.metric.overflow";
+
+pub(super) fn aggregation(delta: bool) -> i32 {
+    if delta {
+        AggregationTemporality::Delta as i32
+    } else {
+        AggregationTemporality::Cumulative as i32
+    }
+}
+
+pub(super) fn kv(key: &str, v: any_value::Value) -> KeyValue {
+    KeyValue {
+        key: key.to_string(),
+        value: Some(AnyValue { value: Some(v) }),
+        ..Default::default()
+    }
+}
+
+/// A resource as OTLP carries it.
+pub(super) struct OtlpResource {
+    resource: ProtoResource,
+    schema_url: String,
+}
+
+impl OtlpResource {
+    pub(super) fn new(r: &Resource) -> Self {
+        let mut attributes: Vec<KeyValue> = r
+            .iter()
+            .map(|(k, v)| KeyValue {
+                key: k.to_string(),
+                value: Some(any(v)),
+                ..Default::default()
+            })
+            .collect();
+        // The resource iterates in hash order: sort for a stable encoding.
+        attributes.sort_by(|a, b| a.key.cmp(&b.key));
+        Self {
+            resource: ProtoResource {
+                attributes,
+                ..Default::default()
+            },
+            schema_url: r.schema_url().unwrap_or_default().to_string(),
+        }
+    }
+
+    /// `metrics` under this resource and Tapir's instrumentation scope.
+    pub(super) fn with(&self, metrics: Vec<Metric>) -> ResourceMetrics {
+        let s = scope();
+        ResourceMetrics {
+            resource: Some(self.resource.clone()),
+            scope_metrics: vec![ScopeMetrics {
+                scope: Some(InstrumentationScope {
+                    name: s.name().to_string(),
+                    version: s.version().unwrap_or_default().to_string(),
+                    ..Default::default()
+                }),
+                metrics,
+                schema_url: s.schema_url().unwrap_or_default().to_string(),
+            }],
+            schema_url: self.schema_url.clone(),
+        }
+    }
+}
+
+fn any(v: &opentelemetry::Value) -> AnyValue {
+    use opentelemetry::{Array, Value};
+    let value = match v {
+        Value::Bool(b) => any_value::Value::BoolValue(*b),
+        Value::I64(i) => any_value::Value::IntValue(*i),
+        Value::F64(f) => any_value::Value::DoubleValue(*f),
+        Value::String(s) => any_value::Value::StringValue(s.to_string()),
+        Value::Array(a) => {
+            let values = match a {
+                Array::Bool(v) => v.iter().map(|b| any(&Value::Bool(*b))).collect(),
+                Array::I64(v) => v.iter().map(|i| any(&Value::I64(*i))).collect(),
+                Array::F64(v) => v.iter().map(|f| any(&Value::F64(*f))).collect(),
+                Array::String(v) => v.iter().map(|s| any(&Value::String(s.clone()))).collect(),
+                other => vec![any(&Value::String(other.to_string().into()))],
+            };
+            any_value::Value::ArrayValue(ArrayValue { values })
+        }
+        other => any_value::Value::StringValue(other.to_string()),
+    };
+    AnyValue { value: Some(value) }
+}
+
+struct Instrument {
+    name: &'static str,
+    unit: &'static str,
+    description: &'static str,
+}
+
+/// Server then client instruments, in [`Hists`](super::series::Hists) order.
+const INSTRUMENTS: [[Instrument; 3]; 2] = [
+    [
+        Instrument {
+            name: sm::HTTP_SERVER_REQUEST_DURATION,
+            unit: "s",
+            description: "Duration of HTTP server requests.",
+        },
+        Instrument {
+            name: sm::HTTP_SERVER_REQUEST_BODY_SIZE,
+            unit: "By",
+            description: "Size of HTTP server request bodies.",
+        },
+        Instrument {
+            name: sm::HTTP_SERVER_RESPONSE_BODY_SIZE,
+            unit: "By",
+            description: "Size of HTTP server response bodies.",
+        },
+    ],
+    [
+        Instrument {
+            name: sm::HTTP_CLIENT_REQUEST_DURATION,
+            unit: "s",
+            description: "Duration of HTTP client requests.",
+        },
+        Instrument {
+            name: sm::HTTP_CLIENT_REQUEST_BODY_SIZE,
+            unit: "By",
+            description: "Size of HTTP client request bodies.",
+        },
+        Instrument {
+            name: sm::HTTP_CLIENT_RESPONSE_BODY_SIZE,
+            unit: "By",
+            description: "Size of HTTP client response bodies.",
+        },
+    ],
+];
+
+fn instruments(server: bool) -> &'static [Instrument; 3] {
+    &INSTRUMENTS[usize::from(!server)]
+}
+
+/// The attributes of a series, in the order and with the types an SDK-instrumented server
+/// reports.
+fn attributes(key: &SeriesKey) -> Vec<KeyValue> {
+    if key.overflow {
+        return vec![kv(OVERFLOW_ATTRIBUTE, any_value::Value::BoolValue(true))];
+    }
+    let s = |v: &str| any_value::Value::StringValue(v.to_string());
+    let mut a = Vec::with_capacity(8);
+    a.push(kv(sc::HTTP_REQUEST_METHOD, s(key.method)));
+    a.push(kv(
+        sc::HTTP_RESPONSE_STATUS_CODE,
+        any_value::Value::IntValue(i64::from(key.status)),
+    ));
+    if let Some(r) = &key.route {
+        a.push(kv(sc::HTTP_ROUTE, s(r)));
+    }
+    a.push(kv(sc::URL_SCHEME, s("http")));
+    a.push(kv(sc::NETWORK_PROTOCOL_VERSION, s(key.version)));
+    if is_error(key.server, key.status) {
+        a.push(kv(
+            sc::ERROR_TYPE,
+            any_value::Value::StringValue(key.status.to_string()),
+        ));
+    }
+    if let Some((addr, port)) = &key.server_address {
+        a.push(kv(sc::SERVER_ADDRESS, s(addr)));
+        a.push(kv(
+            sc::SERVER_PORT,
+            any_value::Value::IntValue(i64::from(*port)),
+        ));
+    }
+    a
+}
+
+/// The HTTP histograms of a process's series (server ones, then client ones), `delta` or
+/// cumulative.
+pub(super) fn http_metrics(snaps: &[Snap], delta: bool, now_ns: u64) -> Vec<Metric> {
+    let temporality = aggregation(delta);
+    let mut metrics = Vec::with_capacity(6);
+    for server in [true, false] {
+        let mine: Vec<&Snap> = snaps.iter().filter(|s| s.key.server == server).collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let attrs: Vec<Vec<KeyValue>> = mine.iter().map(|s| attributes(&s.key)).collect();
+        for (i, inst) in instruments(server).iter().enumerate() {
+            let data_points = mine
+                .iter()
+                .zip(&attrs)
+                .map(|(s, a)| {
+                    histogram_point(&s.hists[i], BOUNDS[i], a.clone(), s.start_ns, now_ns)
+                })
+                .collect();
+            metrics.push(Metric {
+                name: inst.name.to_string(),
+                description: inst.description.to_string(),
+                unit: inst.unit.to_string(),
+                data: Some(metric::Data::Histogram(Histogram {
+                    data_points,
+                    aggregation_temporality: temporality,
+                })),
+                ..Default::default()
+            });
+        }
+    }
+    metrics
+}
+
+fn histogram_point(
+    h: &Hist,
+    bounds: &[f64],
+    attributes: Vec<KeyValue>,
+    start_ns: u64,
+    now_ns: u64,
+) -> HistogramDataPoint {
+    HistogramDataPoint {
+        attributes,
+        start_time_unix_nano: start_ns,
+        time_unix_nano: now_ns,
+        count: h.count,
+        sum: Some(h.sum),
+        bucket_counts: h.counts.to_vec(),
+        explicit_bounds: bounds.to_vec(),
+        min: (h.count > 0).then_some(h.min),
+        max: (h.count > 0).then_some(h.max),
+        ..Default::default()
+    }
+}
+
+/// `req` encoded as requests of at most about `max_bytes` each (a process's metrics are
+/// never split), each with the number of resources it carries (for `acknowledge`).
+pub fn encode_requests(
+    req: ExportMetricsServiceRequest,
+    max_bytes: usize,
+) -> Vec<(usize, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut chunk: Vec<ResourceMetrics> = Vec::new();
+    let mut size = 0;
+    let mut flush = |chunk: &mut Vec<ResourceMetrics>| {
+        let n = chunk.len();
+        let body = ExportMetricsServiceRequest {
+            resource_metrics: std::mem::take(chunk),
+        }
+        .encode_to_vec();
+        out.push((n, body));
+    };
+    for rm in req.resource_metrics {
+        // The field's tag and length prefix: at most 1 + 10 bytes.
+        let n = rm.encoded_len() + 11;
+        if !chunk.is_empty() && size + n > max_bytes {
+            flush(&mut chunk);
+            size = 0;
+        }
+        size += n;
+        chunk.push(rm);
+    }
+    if !chunk.is_empty() {
+        flush(&mut chunk);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        http::ExchangeRole,
+        otel::{
+            metrics::{testutil::*, unix_now_ns, DURATION_BUCKETS, SIZE_BUCKETS},
+            span::tests::exchange,
+        },
+    };
+
+    #[test]
+    fn records_red_metrics_with_bounded_attributes() {
+        let r = registry(4);
+        let ex = exchange(ExchangeRole::Server, "GET", "/users/42", 500);
+        let e = r.entry(&ex.process);
+        r.record(&e, &ex, Some("/users/*"));
+        r.record(&e, &ex, Some("/users/*"));
+        let cl = exchange(ExchangeRole::Client, "GET", "/x", 404);
+        r.record(&e, &cl, Some("/x"));
+        let req = r.collect().unwrap();
+        assert_eq!(histogram_count(&req, "http.server.request.duration"), 2);
+        assert_eq!(histogram_count(&req, "http.server.request.body.size"), 2);
+        assert_eq!(histogram_count(&req, "http.server.response.body.size"), 2);
+        assert_eq!(histogram_count(&req, "http.client.request.duration"), 1);
+        assert_eq!(histogram_count(&req, "http.client.response.body.size"), 1);
+        let server = hist_points(&req, "http.server.request.duration");
+        assert_eq!(server.len(), 1);
+        let keys: Vec<&str> = server[0]
+            .attributes
+            .iter()
+            .map(|kv| kv.key.as_str())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "http.request.method",
+                "http.response.status_code",
+                "http.route",
+                "url.scheme",
+                "network.protocol.version",
+                "error.type"
+            ]
+        );
+        let a = &server[0].attributes;
+        assert_eq!(attr(a, "http.request.method"), string("GET").as_ref());
+        assert_eq!(
+            attr(a, "http.response.status_code"),
+            Some(&any_value::Value::IntValue(500))
+        );
+        assert_eq!(attr(a, "http.route"), string("/users/*").as_ref());
+        assert_eq!(attr(a, "url.scheme"), string("http").as_ref());
+        assert_eq!(attr(a, "network.protocol.version"), string("1.1").as_ref());
+        assert_eq!(attr(a, "error.type"), string("500").as_ref());
+        let client = hist_points(&req, "http.client.request.duration");
+        let a = &client[0].attributes;
+        assert_eq!(
+            attr(a, "server.address"),
+            string("api.example.com").as_ref()
+        );
+        assert_eq!(
+            attr(a, "server.port"),
+            Some(&any_value::Value::IntValue(8080))
+        );
+        assert_eq!(attr(a, "error.type"), string("404").as_ref());
+        // Cumulative: collecting again reports the same counts.
+        r.acknowledge(usize::MAX);
+        assert_eq!(
+            histogram_count(&r.collect().unwrap(), "http.server.request.duration"),
+            2
+        );
+    }
+
+    #[test]
+    fn the_proto_output_is_complete() {
+        let r = registry(4);
+        let ex = exchange(ExchangeRole::Server, "GET", "/", 200);
+        let e = r.entry(&ex.process);
+        let before = unix_now_ns();
+        r.record(&e, &ex, Some("/"));
+        let req = r.collect().unwrap();
+        let after = unix_now_ns();
+        assert_eq!(req.resource_metrics.len(), 2, "the agent and one process");
+        let rm = &req.resource_metrics[1];
+        assert_eq!(resource_attr(rm, "service.name"), string("python3"));
+        assert_eq!(resource_attr(rm, "service.instance.id"), string("h:77"));
+        assert_eq!(
+            resource_attr(rm, "process.pid"),
+            Some(any_value::Value::IntValue(77))
+        );
+        assert_eq!(resource_attr(rm, "telemetry.distro.name"), string("tapir"));
+        assert_eq!(resource_attr(rm, "telemetry.sdk.language"), string("rust"));
+        let sm = &rm.scope_metrics[0];
+        let scope = sm.scope.as_ref().unwrap();
+        assert_eq!(scope.name, "tapir");
+        assert_eq!(scope.version, env!("CARGO_PKG_VERSION"));
+        let names: Vec<(&str, &str, &str)> = sm
+            .metrics
+            .iter()
+            .map(|m| (m.name.as_str(), m.unit.as_str(), m.description.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                (
+                    "http.server.request.duration",
+                    "s",
+                    "Duration of HTTP server requests."
+                ),
+                (
+                    "http.server.request.body.size",
+                    "By",
+                    "Size of HTTP server request bodies."
+                ),
+                (
+                    "http.server.response.body.size",
+                    "By",
+                    "Size of HTTP server response bodies."
+                ),
+            ]
+        );
+        for m in &sm.metrics {
+            let Some(metric::Data::Histogram(h)) = &m.data else {
+                panic!("{} is not a histogram", m.name);
+            };
+            assert_eq!(
+                h.aggregation_temporality,
+                AggregationTemporality::Cumulative as i32
+            );
+            let p = &h.data_points[0];
+            let bounds = if m.unit == "s" {
+                &DURATION_BUCKETS
+            } else {
+                &SIZE_BUCKETS
+            };
+            assert_eq!(p.explicit_bounds, bounds.to_vec());
+            assert_eq!(p.bucket_counts.len(), bounds.len() + 1);
+            assert_eq!(p.bucket_counts.iter().sum::<u64>(), p.count);
+            assert!(before <= p.start_time_unix_nano && p.start_time_unix_nano <= p.time_unix_nano);
+            assert!(p.time_unix_nano <= after);
+        }
+        let dur = hist_points(&req, "http.server.request.duration")[0];
+        assert_eq!(dur.count, 1);
+        assert_eq!(dur.sum, Some(0.25));
+        assert_eq!((dur.min, dur.max), (Some(0.25), Some(0.25)));
+        assert_eq!(dur.bucket_counts[6], 1, "0.25 s is in (0.1, 0.25]");
+        let req_size = hist_points(&req, "http.server.request.body.size")[0];
+        assert_eq!(req_size.sum, Some(10.0));
+        assert_eq!(req_size.bucket_counts[1], 1, "10 bytes is in (0, 32]");
+        // The start time stays; the time moves.
+        r.acknowledge(usize::MAX);
+        let again = r.collect().unwrap();
+        let dur2 = hist_points(&again, "http.server.request.duration")[0];
+        assert_eq!(dur2.start_time_unix_nano, dur.start_time_unix_nano);
+        assert!(dur2.time_unix_nano >= dur.time_unix_nano);
+        // The encoding round-trips.
+        let bytes = again.encode_to_vec();
+        assert_eq!(
+            ExportMetricsServiceRequest::decode(bytes.as_slice()).unwrap(),
+            again
+        );
+    }
+
+    #[test]
+    fn large_requests_are_split_between_resources() {
+        let r = registry(64);
+        for pid in 1..=20 {
+            let ex = with_pid(exchange(ExchangeRole::Server, "GET", "/", 200), pid);
+            let e = r.entry(&ex.process);
+            r.record(&e, &ex, Some("/"));
+        }
+        let req = r.collect().unwrap();
+        let total = req.resource_metrics.len();
+        let one = req.encoded_len();
+        let whole = encode_requests(req.clone(), usize::MAX);
+        assert_eq!(whole.len(), 1);
+        assert_eq!(whole[0], (total, req.encode_to_vec()));
+        let parts = encode_requests(req, one / 4);
+        assert!(parts.len() >= 4, "{}", parts.len());
+        assert_eq!(parts.iter().map(|(n, _)| n).sum::<usize>(), total);
+        let mut rms = 0;
+        for (n, body) in &parts {
+            let d = ExportMetricsServiceRequest::decode(body.as_slice()).unwrap();
+            assert_eq!(d.resource_metrics.len(), *n);
+            rms += n;
+        }
+        assert_eq!(rms, total);
+    }
+}
