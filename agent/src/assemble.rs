@@ -48,6 +48,14 @@ impl ConnAssembler {
         }
     }
 
+    /// Frees buffers kept from earlier messages, if nothing is in flight (idle connection).
+    pub fn release_idle_buffers(&mut self) {
+        if self.pending_ids.is_empty() {
+            self.pending_ids = VecDeque::new();
+        }
+        self.stream.release_idle_buffers();
+    }
+
     /// Feeds one data event; drop counts go to `stats`.
     pub fn on_data(&mut self, d: &DataEvent<'_>, out: &mut Vec<Assembled>, stats: &Stats) {
         if d.header.trace.kind != TRACE_NONE {

@@ -34,7 +34,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         Self {
             capture_bytes: agent_common::DEFAULT_CAPTURE,
-            ringbuf_bytes: 16 << 20,
+            ringbuf_bytes: 8 << 20,
             max_connections: 65536,
             inject: false,
             inject_ports: Vec::new(),

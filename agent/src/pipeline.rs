@@ -3,6 +3,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     num::NonZeroUsize,
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use agent_common::{ConnEvent, ConnTuple, Role, AF_INET};
@@ -63,6 +64,9 @@ impl Endpoints {
 }
 
 /// One tracked connection.
+/// How often connections idle since the previous sweep release their buffers.
+const IDLE_SWEEP: Duration = Duration::from_secs(5);
+
 pub struct Conn {
     pub sock_id: u64,
     pub endpoints: Endpoints,
@@ -70,6 +74,8 @@ pub struct Conn {
     pub wanted: bool,
     pub process: Arc<ProcessInfo>,
     pub http: crate::assemble::ConnAssembler,
+    /// Saw data since the last idle sweep.
+    pub active: bool,
 }
 
 /// Receives what the pipeline produces.
@@ -89,6 +95,7 @@ pub struct Pipeline<S: ExchangeSink> {
     stats: Arc<Stats>,
     sink: S,
     idle_ticks: u32,
+    last_sweep: Instant,
     kernel_counters: Option<PerCpuArray<MapData, u64>>,
     inject_counters: Option<PerCpuArray<MapData, u64>>,
 }
@@ -104,6 +111,7 @@ impl<S: ExchangeSink> Pipeline<S> {
             stats,
             sink,
             idle_ticks: 0,
+            last_sweep: Instant::now(),
             kernel_counters: None,
             inject_counters: None,
         }
@@ -176,6 +184,7 @@ impl<S: ExchangeSink> Pipeline<S> {
             wanted,
             process,
             http: crate::assemble::ConnAssembler::new(),
+            active: true,
         };
         if let Some((k, mut evicted)) = self.conns.push(key, conn) {
             if k != key {
@@ -207,9 +216,21 @@ impl<S: ExchangeSink> Pipeline<S> {
         if !conn.wanted {
             return;
         }
+        conn.active = true;
         let mut done = Vec::new();
         conn.http.on_data(d, &mut done, &self.stats);
         Self::emit(&mut self.sink, &self.stats, &self.clock, conn, done);
+    }
+
+    /// Connections without data since the last sweep give back their buffers: thousands
+    /// of idle keep-alive connections would otherwise each hold ~1 KiB of queues sized
+    /// by their last request.
+    fn release_idle_buffers(&mut self) {
+        for (_, conn) in self.conns.iter_mut() {
+            if !std::mem::replace(&mut conn.active, false) {
+                conn.http.release_idle_buffers();
+            }
+        }
     }
 
     fn on_exit(&mut self, tgid: u32, ts_ns: u64) {
@@ -282,6 +303,10 @@ impl<S: ExchangeSink> RecordSink for Pipeline<S> {
         if self.idle_ticks.is_multiple_of(100) {
             self.clock.refresh();
             self.read_kernel_counters();
+        }
+        if self.last_sweep.elapsed() >= IDLE_SWEEP {
+            self.last_sweep = Instant::now();
+            self.release_idle_buffers();
         }
     }
 }

@@ -136,7 +136,9 @@ impl ExchangeSink for LogSink {
     }
 }
 
-/// Either sink, so the pipeline has one concrete type.
+/// Either sink, so the pipeline has one concrete type (one of them, once per run: the
+/// size difference between the variants costs nothing).
+#[allow(clippy::large_enum_variant)]
 enum Sink {
     Otel(tapir::otel::OtelSink),
     Log(LogSink),
@@ -225,12 +227,13 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         let mut sink = Gauged { pipeline, otel: os };
         drain_loop(ring, &mut sink, &stop, logger);
         sink.pipeline.read_kernel_counters();
-        // Dropping the pipeline here closes the export channel: the export side drains it.
+        // The OTLP sink goes with the pipeline; `Telemetry::shutdown` flushes the queue.
     })?;
     let signals = {
         let _guard = rt.enter();
         super::ShutdownSignals::register()?
     };
+    super::release_startup_memory();
     tracing::info!(
         probes = tapir::probes::PROBES.len() - attached.failures.len(),
         exporting = telemetry.as_ref().map_or("nothing", |t| t.summary.as_str()),

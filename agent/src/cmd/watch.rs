@@ -110,6 +110,7 @@ pub fn run(args: WatchArgs) -> Result<ExitCode> {
         let _guard = rt.enter();
         ShutdownSignals::register()?
     };
+    super::release_startup_memory();
     tracing::info!("ready: watching HTTP exchanges (Ctrl-C to stop)");
     rt.block_on(signals.wait());
     capture.stop();

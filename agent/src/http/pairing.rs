@@ -57,6 +57,17 @@ impl Pairing {
         }
     }
 
+    pub(super) fn release_idle_buffers(&mut self) {
+        if self.pending.is_empty() {
+            self.pending = VecDeque::new();
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) fn capacity(&self) -> usize {
+        self.pending.capacity()
+    }
+
     pub(super) fn pending_len(&self) -> usize {
         self.pending.len()
     }

@@ -132,6 +132,26 @@ impl Http1Stream {
         self.pairing.stats = stats;
     }
 
+    /// Frees the queue and head buffers kept from earlier messages where they are empty.
+    pub fn release_idle_buffers(&mut self) {
+        self.pairing.release_idle_buffers();
+        for side in &mut self.sides {
+            if side.head.is_empty() {
+                side.head = Vec::new();
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) fn pairing_capacity(&self) -> usize {
+        self.pairing.capacity()
+    }
+
+    #[cfg(test)]
+    pub(super) fn head_capacity(&self) -> usize {
+        self.sides.iter().map(|s| s.head.capacity()).sum()
+    }
+
     pub fn stats(&self) -> &StreamStats {
         &self.pairing.stats
     }

@@ -1083,3 +1083,23 @@ fn after_missing_response_bytes_pairing_recovers_on_the_newest_request() {
     c.assert_round_trip("/recovered", 100);
     c.assert_round_trip("/and-again", 110);
 }
+
+#[test]
+fn idle_connection_releases_its_buffers_and_still_pairs_the_next_exchange() {
+    let mut c = Conn::new();
+    // Pipelined requests grow the pending queue; a head split over two chunks grows the
+    // head buffer.
+    c.send(Ingress, &[get("/a"), get("/b"), get("/c")].concat(), 1);
+    let head = get("/split");
+    c.send(Ingress, &head[..5], 2);
+    assert!(c.stream.pairing_capacity() > 0);
+    c.send(Egress, &[ok(b"a"), ok(b"b"), ok(b"c")].concat(), 3);
+    c.send(Ingress, &head[5..], 4);
+    c.send(Egress, &ok(b"s"), 5);
+    assert_eq!(c.take().len(), 4);
+
+    c.stream.release_idle_buffers();
+    assert_eq!(c.stream.pairing_capacity(), 0);
+    assert_eq!(c.stream.head_capacity(), 0);
+    c.assert_round_trip("/after", 10);
+}

@@ -1,12 +1,9 @@
 //! The exporter's own counters, exported with the capture counters as `tapir.*` metrics.
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// Why a span (or, for `queue_full`, a whole exchange) never reached a collector.
+/// Why a span never reached a collector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SpanDrop {
-    /// The capture → export channel was full (the export task fell behind); the exchange
-    /// is lost for metrics too.
-    QueueFull,
     /// The retry queue (`--export-queue-spans`) was full: its oldest span was dropped.
     ExportQueueFull,
     /// Still unsent when the shutdown timeout expired.
@@ -16,17 +13,11 @@ pub enum SpanDrop {
 }
 
 impl SpanDrop {
-    pub const ALL: [SpanDrop; 4] = [
-        Self::QueueFull,
-        Self::ExportQueueFull,
-        Self::Shutdown,
-        Self::Rejected,
-    ];
+    pub const ALL: [SpanDrop; 3] = [Self::ExportQueueFull, Self::Shutdown, Self::Rejected];
 
     /// The `reason` attribute of `tapir.spans.dropped`.
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::QueueFull => "queue_full",
             Self::ExportQueueFull => "export_queue_full",
             Self::Shutdown => "shutdown",
             Self::Rejected => "rejected",

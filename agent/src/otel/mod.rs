@@ -27,12 +27,7 @@ pub mod wire;
 use std::{io::Write, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
-use tokio::{
-    runtime::Handle,
-    sync::{mpsc, watch},
-    task::JoinHandle,
-    time::Instant,
-};
+use tokio::{runtime::Handle, sync::watch, task::JoinHandle, time::Instant};
 
 pub use counters::{OtelStats, SpanDrop};
 pub use export::{OtlpProtocol, Signal, Target};
@@ -57,7 +52,8 @@ OpenTelemetry environment variables honoured (Tapir's flags win over them):
   OTEL_EXPORTER_OTLP_[{TRACES,METRICS}_]HEADERS    k1=v1,k2=v2 (values percent-decoded)
   OTEL_EXPORTER_OTLP_[{TRACES,METRICS}_]TIMEOUT    per export call, milliseconds (10000)
   OTEL_EXPORTER_OTLP_[{TRACES,METRICS}_]COMPRESSION  gzip | none
-  OTEL_EXPORTER_OTLP_INSECURE         true: plain gRPC to an endpoint without scheme
+  OTEL_EXPORTER_OTLP_[{TRACES,METRICS}_]INSECURE   true: plain gRPC to an endpoint without scheme
+  OTEL_EXPORTER_OTLP_[{TRACES,METRICS}_]CERTIFICATE  PEM file of the collector's CA (TLS)
   OTEL_TRACES_EXPORTER, OTEL_METRICS_EXPORTER      none: no OTLP export of that signal
   OTEL_METRIC_EXPORT_INTERVAL         milliseconds between metric exports (60000)
   OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE  cumulative (default) | delta | lowmemory
@@ -82,8 +78,6 @@ pub struct OtelConfig {
     pub max_routes_per_service: usize,
     /// Bound of the retry queue, in spans.
     pub export_queue_spans: usize,
-    /// Bound of the capture → export channel, in exchanges.
-    pub channel_exchanges: usize,
     /// Bound of the per-process resource/metrics table.
     pub max_services: usize,
     pub shutdown_timeout: Duration,
@@ -100,7 +94,6 @@ impl Default for OtelConfig {
             routes: Vec::new(),
             max_routes_per_service: 100,
             export_queue_spans: 32768,
-            channel_exchanges: 16384,
             max_services: 256,
             shutdown_timeout: Duration::from_secs(10),
         }
@@ -191,41 +184,29 @@ impl EnvSettings {
     }
 }
 
-/// What the capture side hands to the ingest task, in capture order.
-// Exchanges stay inline (no allocation per exchange); exits are rare.
-#[allow(clippy::large_enum_variant)]
-enum Captured {
-    Exchange(CapturedExchange),
-    /// The process exited: its metrics are exported a last time and freed (after its
-    /// exchanges, which went through the channel before).
-    ProcessExit(u32),
-}
-
-/// The capture side's handle: hands exchanges to the export task without ever blocking.
+/// The capture side's handle. Each exchange is turned into metrics and an encoded span
+/// right on the capture thread: a hand-off per exchange to another thread cost more (a
+/// wake-up and a copy each) than the work itself (about a microsecond). What may block —
+/// the collector — is behind the bounded span queue.
 pub struct OtelSink {
-    tx: mpsc::Sender<Captured>,
-    stats: Arc<OtelStats>,
+    ingest: Ingest,
 }
 
 impl ExchangeSink for OtelSink {
     fn on_exchange(&mut self, ex: CapturedExchange) {
-        match self.tx.try_send(Captured::Exchange(ex)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => self.stats.dropped(SpanDrop::QueueFull, 1),
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
-        }
+        self.ingest.handle(ex);
     }
 
     fn on_process_exit(&mut self, pid: u32) {
-        // Channel full: the process retires when idle instead.
-        let _ = self.tx.try_send(Captured::ProcessExit(pid));
+        // After its last exchanges (same thread): export its metrics a last time, free them.
+        self.ingest.registry.process_exited(pid);
     }
 }
 
 /// Typical size of an encoded span (a few hundred bytes of ids, times and attributes).
-const SPAN_BYTES_HINT: usize = 384;
+const SPAN_BYTES_HINT: usize = 640;
 
-/// Everything one exchange goes through after the channel.
+/// Everything one exchange goes through on its way out.
 struct Ingest {
     registry: Arc<Registry>,
     routes: RouteTable,
@@ -272,7 +253,6 @@ impl Ingest {
 
 /// The running export side.
 pub struct Telemetry {
-    ingest: JoinHandle<()>,
     span_loop: Option<JoinHandle<u64>>,
     metrics_loop: Option<JoinHandle<()>>,
     prometheus: Option<JoinHandle<()>>,
@@ -404,8 +384,7 @@ impl Telemetry {
         }
         let registry = Arc::new(registry);
 
-        let (tx, mut rx) = mpsc::channel(cfg.channel_exchanges.max(1));
-        let mut ingest = Ingest {
+        let ingest = Ingest {
             registry: registry.clone(),
             routes: RouteTable::new(cfg.routes.clone(), cfg.max_routes_per_service),
             sampler: env.sampler,
@@ -415,16 +394,6 @@ impl Telemetry {
             scope: span::scope(),
             stats: stats.clone(),
         };
-        let ingest = rt.spawn(async move {
-            while let Some(c) = rx.recv().await {
-                match c {
-                    Captured::Exchange(ex) => ingest.handle(ex),
-                    Captured::ProcessExit(pid) => {
-                        ingest.registry.process_exited(pid);
-                    }
-                }
-            }
-        });
         let (close_spans, close_rx) = watch::channel(None);
         let span_loop = match (span_exporter, &queue) {
             (Some(sender), Some(q)) => Some(rt.spawn(queue::export_loop(
@@ -450,7 +419,6 @@ impl Telemetry {
         let summary = format!("sampler {}; {}", env.sampler.describe(), parts.join("; "));
         Ok(Some((
             Self {
-                ingest,
                 span_loop,
                 metrics_loop,
                 prometheus,
@@ -461,7 +429,7 @@ impl Telemetry {
                 shutdown_timeout: cfg.shutdown_timeout,
                 summary,
             },
-            OtelSink { tx, stats },
+            OtelSink { ingest },
         )))
     }
 
@@ -469,7 +437,6 @@ impl Telemetry {
     /// the channel drains and closes). Waits at most the shutdown timeout for the collector.
     pub fn shutdown(self, rt: &tokio::runtime::Runtime) {
         let Self {
-            ingest,
             span_loop,
             metrics_loop,
             prometheus,
@@ -482,7 +449,6 @@ impl Telemetry {
         } = self;
         rt.block_on(async move {
             let deadline = Instant::now() + shutdown_timeout;
-            let _ = tokio::time::timeout_at(deadline, ingest).await;
             let pending = queue.as_ref().map_or(0, |q| q.len());
             if pending > 0 {
                 tracing::info!("flushing {pending} pending spans (at most {} s)", shutdown_timeout.as_secs());

@@ -462,7 +462,7 @@ mod tests {
         let dropped = sample(
             &text,
             "tapir_spans_dropped_total{",
-            &["reason=\"queue_full\""],
+            &["reason=\"export_queue_full\""],
         );
         assert_eq!(dropped.len(), 1);
         assert!(dropped[0].starts_with(

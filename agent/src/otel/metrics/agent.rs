@@ -102,7 +102,7 @@ impl AgentMetrics {
         for why in SpanDrop::ALL {
             v.push(point(
                 "tapir.spans.dropped",
-                "Spans (for queue_full: whole exchanges) never exported, by reason",
+                "Spans never exported, by reason",
                 Some(("reason", why.as_str())),
                 s.dropped_count(why),
             ));
@@ -308,7 +308,7 @@ mod tests {
         let capture = Arc::new(Stats::default());
         Stats::inc(&capture.exchanges);
         let stats = Arc::new(OtelStats::default());
-        stats.dropped(SpanDrop::QueueFull, 3);
+        stats.dropped(SpanDrop::ExportQueueFull, 3);
         OtelStats::add(&stats.connections_tracked, 5);
         let r = Registry::new(
             2,
@@ -348,7 +348,11 @@ mod tests {
         assert_eq!(sorted.len(), names.len(), "each metric once");
         assert_eq!(counter_value(&req, "tapir.exchanges", None), 1);
         assert_eq!(
-            counter_value(&req, "tapir.spans.dropped", Some(("reason", "queue_full"))),
+            counter_value(
+                &req,
+                "tapir.spans.dropped",
+                Some(("reason", "export_queue_full"))
+            ),
             3
         );
         assert_eq!(
