@@ -209,6 +209,7 @@ class OtlpReceiver:
         self.requests = {"grpc": 0, "http": 0}
         self.requests_by_signal = {}
         self.http_headers = []  # headers of every OTLP/HTTP request, lower-cased names
+        self.grpc_metadata = []  # metadata of every OTLP/gRPC call
         self.errors = []  # undecodable payloads etc.: tests can assert this stays empty
         self._grpc_server = None
         self._http_server = None
@@ -305,6 +306,10 @@ class OtlpReceiver:
         if self.on_data and items:
             self.on_data(signal, items)
 
+    def _grpc_call(self, context):
+        with self._cv:
+            self.grpc_metadata.append({k.lower(): v for k, v in context.invocation_metadata()})
+
     def _error(self, msg):
         with self._cv:
             self.errors.append(msg)
@@ -333,6 +338,7 @@ class OtlpReceiver:
             self.requests = {"grpc": 0, "http": 0}
             self.requests_by_signal.clear()
             self.http_headers.clear()
+            self.grpc_metadata.clear()
             self.errors.clear()
 
     def wait_until(self, check, timeout=30.0, what="data"):
@@ -409,6 +415,7 @@ class _TraceService(trace_service_pb2_grpc.TraceServiceServicer):
         self.r = r
 
     def Export(self, request, context):
+        self.r._grpc_call(context)
         self.r._record("grpc", "traces", request)
         return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -418,6 +425,7 @@ class _MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
         self.r = r
 
     def Export(self, request, context):
+        self.r._grpc_call(context)
         self.r._record("grpc", "metrics", request)
         return metrics_service_pb2.ExportMetricsServiceResponse()
 
@@ -427,6 +435,7 @@ class _LogsService(logs_service_pb2_grpc.LogsServiceServicer):
         self.r = r
 
     def Export(self, request, context):
+        self.r._grpc_call(context)
         self.r._record("grpc", "logs", request)
         return logs_service_pb2.ExportLogsServiceResponse()
 

@@ -635,6 +635,43 @@ def test_standard_env_configures_endpoint_and_protocol(otlp, py_server):
     assert otlp.http_headers and all(h.get("content-type") == "application/x-protobuf" for h in otlp.http_headers)
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_headers_from_the_environment_reach_the_collector(otlp, py_server, protocol):
+    server, port = py_server()
+    agent = otel_agent(otlp, port, protocol=protocol, env={
+        "OTEL_EXPORTER_OTLP_HEADERS": "x-tenant=team%20a,Authorization=Bearer%20t0k",
+    })
+    get(port, "/hdr/1", 200)
+    otlp.wait_spans(is_server_of(server.pid), n=1, timeout=TIMEOUT)
+    finish(agent)
+    seen = otlp.grpc_metadata if protocol == "grpc" else otlp.http_headers
+    assert seen, otlp.summary()
+    for h in seen:
+        assert h.get("x-tenant") == "team a" and h.get("authorization") == "Bearer t0k", h
+
+
+def test_delta_temporality_counts_each_request_once(otlp, py_server):
+    server, port = py_server()
+    agent = otel_agent(otlp, port, env={"OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "delta"})
+
+    def points(r):
+        return r.metrics(lambda m: m["name"] == "http.server.request.duration"
+                         and m["resource"].get("process.pid") == server.pid)
+
+    for _ in range(5):
+        get(port, "/delta/1", 200)
+    otlp.wait_until(lambda r: sum(p["count"] for p in points(r)) >= 5, timeout=TIMEOUT,
+                    what=lambda: f"5 requests in delta points: {points(otlp)}")
+    for _ in range(3):
+        get(port, "/delta/2", 200)
+    finish(agent)  # the last export carries what the earlier ones did not
+    got = points(otlp)
+    assert {p["temporality"] for p in got} == {"DELTA"}, got
+    # Summed over every export: each request exactly once (no cumulative re-sending).
+    assert sum(p["count"] for p in got) == 8, got
+    assert all(p["start_time_unix_nano"] < p["time_unix_nano"] for p in got), got
+
+
 def test_traces_endpoint_overrides_the_general_endpoint(otlp, py_server):
     server, port = py_server()
     with OtlpReceiver(grpc_port=None, http_port=0) as traces_only:

@@ -6,7 +6,7 @@ use agent_common::{
 };
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_probe_read_kernel, bpf_probe_read_user,
+        bpf_get_current_pid_tgid, bpf_probe_read_user,
         generated::{bpf_get_current_task_btf, bpf_ringbuf_output, bpf_task_pt_regs},
     },
     macros::tracepoint,
@@ -40,12 +40,20 @@ fn arg(ctx: &TracePointContext, n: usize) -> u64 {
 #[inline(always)]
 fn syscall_args() -> Option<(u64, u64, u64)> {
     // SAFETY: bpf_get_current_task_btf has no preconditions; bpf_task_pt_regs accepts it.
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
-    if regs == 0 {
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u64;
+    if regs.is_null() {
         return None;
     }
-    // SAFETY: bpf_probe_read_kernel tolerates any address.
-    let [dx, si, di] = unsafe { bpf_probe_read_kernel((regs + 96) as *const [u64; 3]) }.ok()?;
+    // The helper returns a BTF-typed pointer to `struct pt_regs`: the verifier lets us load
+    // its fields directly (cheaper than a bpf_probe_read_kernel call per syscall).
+    // SAFETY: dx, si and di are the 13th to 15th u64 fields of x86_64 `struct pt_regs`.
+    let (dx, si, di) = unsafe {
+        (
+            core::ptr::read_volatile(regs.add(12)),
+            core::ptr::read_volatile(regs.add(13)),
+            core::ptr::read_volatile(regs.add(14)),
+        )
+    };
     Some((di, si, dx))
 }
 

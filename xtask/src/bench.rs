@@ -1376,7 +1376,7 @@ fn render(r: &Results) -> String {
     }
 
     if !r.pipeline.is_empty() {
-        md.push_str("\n### 4) Userspace pipeline alone (no kernel), one core\n\nRecords go through `RecordSink::on_record` of `Pipeline` (decode → connection state → HTTP pairing → exchange); then the sink: *count* stops there, *JSON* adds the `watch --json` encoding, *span + metrics* adds what `tapir run`'s export task does per exchange (service entry, route, RED metrics, ids, sampling, `SpanData`; not the protobuf encoding). An event is one ring-buffer record.\n\n| stream | per exchange | records | events/s per CPU-second | events/s wall (pinned) | ns/event |\n|---|---|---|---|---|---|\n");
+        md.push_str("\n### 4) Userspace pipeline alone (no kernel), one core\n\nRecords go through `RecordSink::on_record` of `Pipeline` (decode → connection state → HTTP pairing → exchange); then the sink: *count* stops there, *JSON* adds the `watch --json` encoding, *span + metrics* adds what `tapir run` does per exchange on the same thread (service entry, route, RED metrics, ids, sampling, the span's OTLP protobuf encoding and its push into the export queue; not the export task's batching and network). An event is one ring-buffer record.\n\n| stream | per exchange | records | events/s per CPU-second | events/s wall (pinned) | ns/event |\n|---|---|---|---|---|---|\n");
         for v in &r.pipeline {
             if let Some(e) = v.get("error") {
                 md.push_str(&format!(

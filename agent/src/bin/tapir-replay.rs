@@ -12,9 +12,10 @@
 //!   programs like `tapir run`), saved to a file; `replay FILE` feeds such a file.
 //!
 //! Finished exchanges go to a sink: `count` (nothing more), `json` (the `watch --json`
-//! encoding), or `otel` — what `tapir run`'s export task does with each exchange, run inline:
-//! service entry, route, RED metrics, span ids, sampling, span (`SpanData`); only the OTLP
-//! protobuf encoding and the network are left out.
+//! encoding), or `otel` — exactly what `tapir run` does with each exchange on its capture
+//! thread (`OtelSink`): service entry, route, RED metrics, span ids, sampling, the span's
+//! OTLP encoding and the push into the export queue; only the export task (batching into
+//! requests, the network) is left out.
 //!
 //! One JSON object on stdout gives events/s by wall clock and by the thread's CPU time.
 use std::{
@@ -39,11 +40,7 @@ use serde_json::json;
 use tapir::{
     capture::reader::{drain_loop, RecordSink},
     exchange::CapturedExchange,
-    otel::{
-        metrics::{Registry, Temporality},
-        route::RouteTable,
-        span, OtelStats, Sampler,
-    },
+    otel::{OtelSink, OtelStats, QueuedSpan, SharedQueue},
     pipeline::{ExchangeSink, Filter, Pipeline},
     stats::Stats,
 };
@@ -472,7 +469,7 @@ struct BenchSink {
     exchanges: u64,
     json_bytes: u64,
     spans: u64,
-    otel: Option<OtelStage>,
+    otel: Option<(OtelSink, Arc<SharedQueue<QueuedSpan>>)>,
 }
 
 impl BenchSink {
@@ -482,7 +479,8 @@ impl BenchSink {
             exchanges: 0,
             json_bytes: 0,
             spans: 0,
-            otel: (kind == SinkKind::Otel).then(|| OtelStage::new(capture)),
+            otel: (kind == SinkKind::Otel)
+                .then(|| OtelSink::without_export(capture, Arc::new(OtelStats::default()))),
         }
     }
 }
@@ -494,56 +492,15 @@ impl ExchangeSink for BenchSink {
             SinkKind::Count => {}
             SinkKind::Json => self.json_bytes += ex.to_json().to_string().len() as u64,
             SinkKind::Otel => {
-                if let Some(o) = &mut self.otel {
-                    self.spans += u64::from(o.handle(&ex));
+                if let Some((sink, queue)) = &mut self.otel {
+                    let before = queue.pushed();
+                    sink.on_exchange(ex);
+                    self.spans += queue.pushed() - before;
+                    return;
                 }
             }
         }
         std::hint::black_box(&ex);
-    }
-}
-
-/// The export task's per-exchange work in `tapir run` (its `Ingest::handle`), inline.
-struct OtelStage {
-    registry: Registry,
-    routes: RouteTable,
-    sampler: Sampler,
-    scope: opentelemetry::InstrumentationScope,
-}
-
-impl OtelStage {
-    fn new(capture: Arc<Stats>) -> Self {
-        Self {
-            registry: Registry::new(
-                256,
-                true,
-                "bench-host".into(),
-                None,
-                capture,
-                Arc::new(OtelStats::default()),
-                Arc::new(|| 0),
-                Temporality::Cumulative,
-            ),
-            routes: RouteTable::new(Vec::new(), 100),
-            sampler: Sampler::default(),
-            scope: span::scope(),
-        }
-    }
-
-    /// True when a span was built.
-    fn handle(&mut self, ex: &CapturedExchange) -> bool {
-        let entry = self.registry.entry(&ex.process);
-        let route = self
-            .routes
-            .route(&entry.service_name, &ex.http.path)
-            .map(|r| r.route);
-        self.registry.record(&entry, ex, route.as_deref());
-        let ids = span::span_context_for(ex, span::kernel_ids(ex));
-        if !self.sampler.should_sample(ids.trace_id, ids.parent_sampled) {
-            return false;
-        }
-        std::hint::black_box(span::build_span(ex, &ids, route.as_deref(), &self.scope));
-        true
     }
 }
 

@@ -36,9 +36,11 @@ pub use sampler::Sampler;
 
 use crate::{exchange::CapturedExchange, pipeline::ExchangeSink, stats::Stats};
 use client::{ClientSettings, OtlpClient};
-use export::{OtlpSpanSender, QueuedSpan};
+pub use export::QueuedSpan;
+use export::OtlpSpanSender;
+pub use queue::SharedQueue;
 use metrics::{Registry, Temporality};
-use queue::{LoopConfig, SharedQueue};
+use queue::LoopConfig;
 
 /// The standard variables `tapir run` honours (for `--help`).
 pub const ENV_HELP: &str = "\
@@ -200,6 +202,44 @@ impl ExchangeSink for OtelSink {
     fn on_process_exit(&mut self, pid: u32) {
         // After its last exchanges (same thread): export its metrics a last time, free them.
         self.ingest.registry.process_exited(pid);
+    }
+}
+
+impl OtelSink {
+    /// `tapir run`'s per-exchange work with no exporter task: RED metrics, and spans encoded
+    /// into a bounded queue that nothing drains (its oldest are dropped). For measuring the
+    /// pipeline alone (`tapir-replay`). Returns the sink and the queue.
+    pub fn without_export(
+        capture: Arc<Stats>,
+        stats: Arc<OtelStats>,
+    ) -> (Self, Arc<SharedQueue<QueuedSpan>>) {
+        let cfg = OtelConfig::default();
+        let queue = Arc::new(SharedQueue::new(
+            cfg.export_queue_spans,
+            usize::MAX,
+            stats.clone(),
+        ));
+        let registry = Arc::new(Registry::new(
+            cfg.max_services,
+            true,
+            "bench-host".into(),
+            None,
+            capture,
+            stats.clone(),
+            Arc::new(|| 0),
+            metrics::Temporality::Cumulative,
+        ));
+        let ingest = Ingest {
+            registry,
+            routes: RouteTable::new(Vec::new(), cfg.max_routes_per_service),
+            sampler: Sampler::default(),
+            spans: true,
+            console: false,
+            queue: Some(queue.clone()),
+            scope: span::scope(),
+            stats,
+        };
+        (Self { ingest }, queue)
     }
 }
 

@@ -3,7 +3,10 @@
 //! exponential backoff that never blocks whoever pushes.
 use std::{
     collections::VecDeque,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
     time::Duration,
 };
 
@@ -139,6 +142,8 @@ pub struct SharedQueue<T> {
     notify: Notify,
     stats: Arc<OtelStats>,
     max_batch: usize,
+    /// Items ever pushed.
+    pushed: AtomicU64,
 }
 
 impl<T> SharedQueue<T> {
@@ -148,7 +153,13 @@ impl<T> SharedQueue<T> {
             notify: Notify::new(),
             stats,
             max_batch,
+            pushed: AtomicU64::new(0),
         }
+    }
+
+    /// Items ever pushed (dropped ones included).
+    pub fn pushed(&self) -> u64 {
+        self.pushed.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, RetryQueue<T>> {
@@ -157,6 +168,7 @@ impl<T> SharedQueue<T> {
 
     /// Never blocks (beyond a short lock): drops the oldest span when full.
     pub fn push(&self, item: T) {
+        self.pushed.fetch_add(1, Ordering::Relaxed);
         let (dropped, len) = {
             let mut q = self.lock();
             (q.push(item), q.len())
