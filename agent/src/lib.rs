@@ -9,6 +9,7 @@ pub mod capture;
 pub mod clock;
 pub mod doctor;
 pub mod exchange;
+pub mod heap;
 pub mod http;
 pub mod loader;
 pub mod otel;

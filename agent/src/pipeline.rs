@@ -231,6 +231,7 @@ impl<S: ExchangeSink> Pipeline<S> {
                 conn.http.release_idle_buffers();
             }
         }
+        crate::heap::trim();
     }
 
     fn on_exit(&mut self, tgid: u32, ts_ns: u64) {

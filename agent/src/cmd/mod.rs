@@ -121,13 +121,6 @@ pub fn attach(args: &CaptureArgs, inject: &InjectArgs, ports: &[u16]) -> Result<
     Ok(attached)
 }
 
-/// Gives the heap used while starting (BTF parsing, program loading: several MiB, all
-/// freed) back to the system, so the resident size reflects what the agent keeps.
-pub fn release_startup_memory() {
-    // SAFETY: malloc_trim has no preconditions; it only returns free heap pages.
-    unsafe { libc::malloc_trim(0) };
-}
-
 /// SIGINT/SIGTERM listeners, registered as soon as this is created: create it before
 /// saying `ready`, so that a signal sent right after is never met by the default action
 /// (which would kill the agent without detaching or flushing).

@@ -233,7 +233,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         let _guard = rt.enter();
         super::ShutdownSignals::register()?
     };
-    super::release_startup_memory();
+    // The heap used while loading (BTF, programs) is all freed by now.
+    tapir::heap::trim();
     tracing::info!(
         probes = tapir::probes::PROBES.len() - attached.failures.len(),
         exporting = telemetry.as_ref().map_or("nothing", |t| t.summary.as_str()),

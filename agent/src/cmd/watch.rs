@@ -110,7 +110,8 @@ pub fn run(args: WatchArgs) -> Result<ExitCode> {
         let _guard = rt.enter();
         ShutdownSignals::register()?
     };
-    super::release_startup_memory();
+    // The heap used while loading (BTF, programs) is all freed by now.
+    tapir::heap::trim();
     tracing::info!("ready: watching HTTP exchanges (Ctrl-C to stop)");
     rt.block_on(signals.wait());
     capture.stop();

@@ -376,6 +376,9 @@ pub async fn metrics_loop(
                 }
             }
             registry.acknowledge(delivered);
+            // A collection builds every process's points at once (thousands after a burst
+            // of short-lived processes): give that memory back.
+            crate::heap::trim();
         }
         if deadline.is_some() || stop.has_changed().is_err() {
             registry.shutdown();

@@ -36,11 +36,11 @@ pub use sampler::Sampler;
 
 use crate::{exchange::CapturedExchange, pipeline::ExchangeSink, stats::Stats};
 use client::{ClientSettings, OtlpClient};
-pub use export::QueuedSpan;
 use export::OtlpSpanSender;
-pub use queue::SharedQueue;
+pub use export::QueuedSpan;
 use metrics::{Registry, Temporality};
 use queue::LoopConfig;
+pub use queue::SharedQueue;
 
 /// The standard variables `tapir run` honours (for `--help`).
 pub const ENV_HELP: &str = "\
