@@ -630,7 +630,12 @@ pub(crate) mod tests {
         assert_eq!(ids.trace_state, TraceState::NONE);
     }
 
-    fn kernel(kind: u8, origin: u8, parent: Option<u64>, flags: u8) -> agent_common::TraceIds {
+    pub(crate) fn kernel(
+        kind: u8,
+        origin: u8,
+        parent: Option<u64>,
+        flags: u8,
+    ) -> agent_common::TraceIds {
         agent_common::TraceIds {
             trace_id: 5u128.to_be_bytes(),
             span_id: 6u64.to_be_bytes(),

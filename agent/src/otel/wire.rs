@@ -127,7 +127,14 @@ fn str_field(tag: u32, s: &str) -> usize {
 #[inline(always)]
 fn put_attr_str(out: &mut Vec<u8>, tag: u32, k: &str, v: &[u8]) {
     // AnyValue's `value` is a oneof: written even when empty.
-    let value_len = len_field(ANY_STRING, v.len());
+    put_attr_head(out, tag, k, len_field(ANY_STRING, v.len()));
+    put_bytes(out, ANY_STRING, v);
+}
+
+/// A `KeyValue`'s length prefix (as field `tag`), its key, and the prefix of its
+/// `AnyValue` of `value_len` bytes, which the caller writes next.
+#[inline(always)]
+fn put_attr_head(out: &mut Vec<u8>, tag: u32, k: &str, value_len: usize) {
     put_len_prefix(
         out,
         tag,
@@ -135,21 +142,13 @@ fn put_attr_str(out: &mut Vec<u8>, tag: u32, k: &str, v: &[u8]) {
     );
     put_str(out, KV_KEY, k);
     put_len_prefix(out, KV_VALUE, value_len);
-    put_bytes(out, ANY_STRING, v);
 }
 
 /// One `KeyValue` with an int64 value as field `tag`.
 #[inline(always)]
 fn put_attr_int(out: &mut Vec<u8>, tag: u32, k: &str, v: i64) {
     // int64: negative values are ten-byte varints of their two's complement.
-    let value_len = 1 + encoded_len_varint(v as u64);
-    put_len_prefix(
-        out,
-        tag,
-        str_field(KV_KEY, k) + len_field(KV_VALUE, value_len),
-    );
-    put_str(out, KV_KEY, k);
-    put_len_prefix(out, KV_VALUE, value_len);
+    put_attr_head(out, tag, k, 1 + encoded_len_varint(v as u64));
     put_key(out, ANY_INT, VARINT);
     put_varint(out, v as u64);
 }
@@ -234,14 +233,7 @@ fn put_array(out: &mut Vec<u8>, a: &Array) {
 
 /// One `KeyValue` with any value, as field `tag`.
 fn put_value_attr(out: &mut Vec<u8>, tag: u32, k: &str, v: &Value) {
-    let value_len = value_len(v);
-    put_len_prefix(
-        out,
-        tag,
-        str_field(KV_KEY, k) + len_field(KV_VALUE, value_len),
-    );
-    put_str(out, KV_KEY, k);
-    put_len_prefix(out, KV_VALUE, value_len);
+    put_attr_head(out, tag, k, value_len(v));
     put_value(out, v);
 }
 
@@ -658,7 +650,10 @@ mod tests {
         http::{ExchangeRole, HttpVersion},
         otel::{
             resource,
-            span::{build_span, kernel_ids, scope, span_context_for, tests::exchange},
+            span::{
+                build_span, kernel_ids, scope, span_context_for,
+                tests::{exchange, kernel},
+            },
         },
         process::ProcessInfo,
     };
@@ -694,19 +689,6 @@ mod tests {
         ex.endpoints.local = local;
         ex.endpoints.remote = remote;
         ex
-    }
-
-    fn trace_ids(kind: u8, origin: u8, parent: Option<u64>, flags: u8) -> agent_common::TraceIds {
-        agent_common::TraceIds {
-            trace_id: 0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10u128.to_be_bytes(),
-            span_id: 0x1112_1314_1516_1718u64.to_be_bytes(),
-            parent_span_id: parent.unwrap_or(0).to_be_bytes(),
-            flags,
-            kind,
-            origin,
-            has_parent: u8::from(parent.is_some()),
-            ..Default::default()
-        }
     }
 
     /// Exchanges covering every branch of build_span.
@@ -821,11 +803,11 @@ mod tests {
             }
             // Kernel ids of every origin.
             for t in [
-                trace_ids(TRACE_SERVER, ORIGIN_HEADER, Some(9), 1),
-                trace_ids(TRACE_SERVER, ORIGIN_NEW, None, 1),
-                trace_ids(TRACE_CLIENT, ORIGIN_THREAD, Some(7), 0),
-                trace_ids(TRACE_CLIENT, ORIGIN_HEADER, None, 1),
-                trace_ids(TRACE_CLIENT, ORIGIN_HEADER, Some(0), 1),
+                kernel(TRACE_SERVER, ORIGIN_HEADER, Some(9), 1),
+                kernel(TRACE_SERVER, ORIGIN_NEW, None, 1),
+                kernel(TRACE_CLIENT, ORIGIN_THREAD, Some(7), 0),
+                kernel(TRACE_CLIENT, ORIGIN_HEADER, None, 1),
+                kernel(TRACE_CLIENT, ORIGIN_HEADER, Some(0), 1),
             ] {
                 let mut ex = exchange(role, "GET", "/k", 200);
                 ex.http.tracestate = Some("k=v".into());
