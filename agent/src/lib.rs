@@ -7,6 +7,7 @@ pub mod assemble;
 pub mod btf;
 pub mod capture;
 pub mod clock;
+pub mod conn_table;
 pub mod doctor;
 pub mod exchange;
 pub mod heap;

@@ -8,7 +8,6 @@ use std::{
 
 use agent_common::{ConnEvent, ConnTuple, Role, AF_INET};
 use aya::maps::{MapData, PerCpuArray};
-use lru::LruCache;
 
 use crate::{
     capture::{
@@ -16,6 +15,7 @@ use crate::{
         reader::RecordSink,
     },
     clock::MonoToWall,
+    conn_table::ConnTable,
     process::{ProcessCache, ProcessInfo},
     stats::Stats,
 };
@@ -88,7 +88,7 @@ pub trait ExchangeSink {
 }
 
 pub struct Pipeline<S: ExchangeSink> {
-    conns: LruCache<(u32, u32), Conn>,
+    conns: ConnTable<Conn>,
     procs: ProcessCache,
     clock: MonoToWall,
     filter: Filter,
@@ -104,7 +104,7 @@ impl<S: ExchangeSink> Pipeline<S> {
     pub fn new(max_connections: usize, filter: Filter, stats: Arc<Stats>, sink: S) -> Self {
         let cap = NonZeroUsize::new(max_connections.max(1)).unwrap_or(NonZeroUsize::MIN);
         Self {
-            conns: LruCache::new(cap),
+            conns: ConnTable::new(cap),
             procs: ProcessCache::new(4096),
             clock: MonoToWall::new(),
             filter,
@@ -236,16 +236,8 @@ impl<S: ExchangeSink> Pipeline<S> {
 
     fn on_exit(&mut self, tgid: u32, ts_ns: u64) {
         Stats::inc(&self.stats.process_exits);
-        let keys: Vec<(u32, u32)> = self
-            .conns
-            .iter()
-            .filter(|((t, _), _)| *t == tgid)
-            .map(|(k, _)| *k)
-            .collect();
-        for key in keys {
-            if let Some(mut conn) = self.conns.pop(&key) {
-                self.finish(&mut conn, ts_ns);
-            }
+        for (_, mut conn) in self.conns.pop_process(tgid) {
+            self.finish(&mut conn, ts_ns);
         }
         self.procs.forget(tgid);
         self.sink.on_process_exit(tgid);
