@@ -19,6 +19,7 @@ import gzip
 import http.server
 import json
 import signal
+import ssl
 import socket
 import sys
 import threading
@@ -196,9 +197,11 @@ def _hex_ids_to_base64(obj):
 
 
 class OtlpReceiver:
-    def __init__(self, grpc_port=0, http_port=0, host="127.0.0.1", on_data=None):
-        """grpc_port/http_port: a port, 0 for a free one chosen at start(), None to not serve."""
+    def __init__(self, grpc_port=0, http_port=0, host="127.0.0.1", on_data=None, tls=None):
+        """grpc_port/http_port: a port, 0 for a free one chosen at start(), None to not serve.
+        tls: (cert_pem_path, key_pem_path) to serve both protocols over TLS only."""
         self.host = host
+        self.tls = tls
         self.grpc_port = grpc_port
         self.http_port = http_port
         self.on_data = on_data  # optional callback(kind, list_of_flat_dicts), for --print
@@ -243,12 +246,16 @@ class OtlpReceiver:
         self.stop()
 
     @property
+    def scheme(self):
+        return "https" if self.tls else "http"
+
+    @property
     def grpc_endpoint(self):
-        return f"http://{self.host}:{self.grpc_port}"
+        return f"{self.scheme}://{self.host}:{self.grpc_port}"
 
     @property
     def http_endpoint(self):
-        return f"http://{self.host}:{self.http_port}"
+        return f"{self.scheme}://{self.host}:{self.http_port}"
 
     def endpoint(self, protocol):
         """The endpoint for an OTLP protocol name: "grpc" or "http/protobuf" (or "http/json")."""
@@ -259,7 +266,12 @@ class OtlpReceiver:
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_TraceService(self), server)
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsService(self), server)
         logs_service_pb2_grpc.add_LogsServiceServicer_to_server(_LogsService(self), server)
-        port = server.add_insecure_port(f"{self.host}:{self.grpc_port}")
+        addr = f"{self.host}:{self.grpc_port}"
+        if self.tls:
+            cert, key = (open(f, "rb").read() for f in self.tls)
+            port = server.add_secure_port(addr, grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            port = server.add_insecure_port(addr)
         if port == 0:
             raise OSError(f"cannot bind OTLP/gRPC on {self.host}:{self.grpc_port}")
         self.grpc_port = port
@@ -278,6 +290,10 @@ class OtlpReceiver:
             cls = type("V6Server", (http.server.ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
         srv = cls((self.host, self.http_port), Handler)
         srv.daemon_threads = True
+        if self.tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*self.tls)
+            srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
         self.http_port = srv.server_address[1]
         self._http_server = srv
         self._http_thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)

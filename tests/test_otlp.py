@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 import time
 import urllib.request
@@ -670,6 +671,47 @@ def test_delta_temporality_counts_each_request_once(otlp, py_server):
     # Summed over every export: each request exactly once (no cumulative re-sending).
     assert sum(p["count"] for p in got) == 8, got
     assert all(p["start_time_unix_nano"] < p["time_unix_nano"] for p in got), got
+
+
+def make_test_pki(d):
+    """A CA and a server certificate for 127.0.0.1 signed by it (openssl, P-256)."""
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=Tapir test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    openssl("req", *ec, "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=127.0.0.1")
+    (d / "ext.cnf").write_text(
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n")
+    openssl("x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "srv.pem", "-days", "2", "-extfile", "ext.cnf")
+    return d / "ca.pem", (str(d / "srv.pem"), str(d / "srv.key"))
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_tls_collector_trusted_through_otel_exporter_otlp_certificate(tmp_path, py_server, protocol):
+    ca, server_cert = make_test_pki(tmp_path)
+    server, port = py_server()
+    with OtlpReceiver(grpc_port=0, http_port=0, tls=server_cert) as tls_otlp:
+        # Without the CA the collector's certificate is not trusted: nothing is sent (and
+        # the agent gives up on its queue after 1 s at shutdown).
+        agent = otel_agent(tls_otlp, port, protocol=protocol, args=("--shutdown-timeout", "1"))
+        get(port, "/tls/0", 200)
+        agent.wait_for(lambda l: "exporting spans to https://" in l and "failed" in l,
+                       what="a failed TLS export")
+        finish(agent)
+        assert tls_otlp.spans() == [], tls_otlp.summary()
+
+        agent = otel_agent(tls_otlp, port, protocol=protocol,
+                           env={"OTEL_EXPORTER_OTLP_CERTIFICATE": str(ca)})
+        get(port, "/tls/1", 200)
+        spans = tls_otlp.wait_spans(is_server_of(server.pid), n=1, timeout=TIMEOUT)
+        finish(agent)
+        assert [s["attributes"]["url.path"] for s in spans] == ["/tls/1"], spans
+        assert {s["protocol"] for s in tls_otlp.spans()} == {"grpc" if protocol == "grpc" else "http"}
 
 
 def test_traces_endpoint_overrides_the_general_endpoint(otlp, py_server):
