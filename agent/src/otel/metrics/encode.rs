@@ -439,11 +439,7 @@ mod tests {
     #[test]
     fn large_requests_are_split_between_resources() {
         let r = registry(64);
-        for pid in 1..=20 {
-            let ex = with_pid(exchange(ExchangeRole::Server, "GET", "/", 200), pid);
-            let e = r.entry(&ex.process);
-            r.record(&e, &ex, Some("/"));
-        }
+        record_one_per_process(&r, 1..=20);
         let req = r.collect().unwrap();
         let total = req.resource_metrics.len();
         let one = req.encoded_len();

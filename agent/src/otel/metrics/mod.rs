@@ -509,11 +509,7 @@ mod tests {
     #[test]
     fn the_table_is_bounded_and_evicted_metrics_are_collected_once_more() {
         let r = registry(2);
-        for pid in 1..=3 {
-            let ex = with_pid(exchange(ExchangeRole::Server, "GET", "/", 200), pid);
-            let e = r.entry(&ex.process);
-            r.record(&e, &ex, Some("/"));
-        }
+        record_one_per_process(&r, 1..=3);
         assert_eq!(OtelStats::get(&r.stats.services_evicted), 1);
         // 3 processes: two live, one retired (collected a last time).
         assert_eq!(
@@ -552,9 +548,7 @@ mod tests {
     fn retired_processes_waiting_for_the_collector_are_bounded() {
         let r = registry(2);
         for pid in 1..=5 {
-            let ex = with_pid(exchange(ExchangeRole::Server, "GET", "/", 200), pid);
-            let e = r.entry(&ex.process);
-            r.record(&e, &ex, Some("/"));
+            record_one_per_process(&r, [pid]);
             r.process_exited(pid);
         }
         assert_eq!(r.services(), (0, 2));

@@ -32,6 +32,18 @@ pub(super) fn with_pid(mut ex: CapturedExchange, pid: u32) -> CapturedExchange {
     ex
 }
 
+/// Records one `GET /` server exchange for each of these processes.
+pub(super) fn record_one_per_process(r: &Registry, pids: impl IntoIterator<Item = u32>) {
+    for pid in pids {
+        let ex = with_pid(
+            crate::otel::span::tests::exchange(crate::http::ExchangeRole::Server, "GET", "/", 200),
+            pid,
+        );
+        let e = r.entry(&ex.process);
+        r.record(&e, &ex, Some("/"));
+    }
+}
+
 pub(super) fn metrics<'a>(
     req: &'a ExportMetricsServiceRequest,
     name: &'a str,
