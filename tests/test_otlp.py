@@ -714,6 +714,26 @@ def test_tls_collector_trusted_through_otel_exporter_otlp_certificate(tmp_path, 
         assert {s["protocol"] for s in tls_otlp.spans()} == {"grpc" if protocol == "grpc" else "http"}
 
 
+def test_console_exporter_prints_one_json_span_per_exchange(py_server):
+    server, port = py_server()
+    agent = Agent("run", "--exporter", "console", "--port", str(port))
+    get(port, "/status/503?secret=1", 503)
+    agent.wait_for(lambda l: '"SERVER"' in l and '"/status/503"' in l, stream="out", what="the server's span")
+    agent.wait_for(lambda l: '"CLIENT"' in l and '"/status/503"' in l, stream="out", what="curl's span")
+    finish(agent)
+    lines = [l for l in agent.out if '"/status/503"' in l]
+    assert all("secret" not in l for l in lines)  # no query string by default
+    spans = {s["kind"]: s for s in map(json.loads, lines)}
+    assert len(lines) == 2 and set(spans) == {"SERVER", "CLIENT"}, lines
+    srv, cli = spans["SERVER"], spans["CLIENT"]
+    assert srv["status"] == "ERROR" and srv["attributes"]["http.response.status_code"] == 503  # 5xx
+    assert srv["attributes"]["url.path"] == "/status/503"
+    assert srv["resource"]["process.pid"] == server.pid
+    assert len(srv["trace_id"]) == 32 and len(srv["span_id"]) == 16
+    # curl's request carried the injected traceparent: one trace, client → server.
+    assert (srv["trace_id"], srv["parent_span_id"]) == (cli["trace_id"], cli["span_id"]), (cli, srv)
+
+
 def test_traces_endpoint_overrides_the_general_endpoint(otlp, py_server):
     server, port = py_server()
     with OtlpReceiver(grpc_port=None, http_port=0) as traces_only:
