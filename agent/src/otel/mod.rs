@@ -1,15 +1,15 @@
 //! OpenTelemetry out: one span per captured exchange and RED metrics per observed process,
 //! over OTLP (gRPC or HTTP/protobuf), on the console, and/or on a Prometheus endpoint.
 //!
-//! Data flow (the capture thread never waits on any of it):
+//! Data flow (the capture thread never waits on the network):
 //!
 //! ```text
-//! capture thread ──try_send──▶ bounded channel ──▶ ingest task: resource, route, metrics,
-//!   (full: dropped, counted)                       sampler, SpanData ──▶ retry queue
-//!                                                                        (bounded, drops
-//!   metrics task: collect every process's series each interval ──▶ OTLP   oldest, counted)
-//!   Prometheus /metrics: collect on scrape                                      │
-//!                                                  export loop: batches, backoff ◀┘──▶ OTLP
+//! capture thread, per exchange (OtelSink): resource, route, RED metrics (metrics/),
+//!   ids, sampler, span encoded to OTLP bytes (wire.rs) ──push──▶ retry queue (bounded,
+//!                                                                drops oldest, counted)
+//!   export loop (tokio): batches by process into one request, backoff ◀┘──▶ OTLP (client.rs)
+//!   metrics loop (tokio): collect every process's series each interval ──▶ OTLP
+//!   Prometheus /metrics: read the same series on scrape
 //! ```
 pub mod client;
 pub mod counters;
