@@ -58,12 +58,15 @@ impl ClientSettings {
             })
         };
         let headers = match get("HEADERS") {
-            Some((var, v)) => parse_headers(&v).unwrap_or_else(|bad| {
-                warnings.push(format!(
-                    "{var}: {bad:?} is not key=value; expected k1=v1,k2=v2 (ignoring that entry)"
-                ));
-                parse_headers_lenient(&v)
-            }),
+            Some((var, v)) => {
+                let (pairs, bad) = parse_headers(&v);
+                if let Some(bad) = bad {
+                    warnings.push(format!(
+                        "{var}: {bad:?} is not key=value; expected k1=v1,k2=v2 (ignoring that entry)"
+                    ));
+                }
+                pairs
+            }
             None => Vec::new(),
         };
         let timeout = match get("TIMEOUT") {
@@ -131,17 +134,22 @@ fn header_pair(entry: &str) -> Option<(String, String)> {
     Some((k.to_ascii_lowercase(), v.into_owned()))
 }
 
-/// `k1=v1,k2=v2` with percent-encoded values (the W3C baggage-like format of the spec).
-/// Err: the first entry that is not `key=value`.
-fn parse_headers(s: &str) -> Result<Vec<(String, String)>, String> {
-    s.split(',')
+/// `k1=v1,k2=v2` with percent-encoded values (the W3C baggage-like format of the spec):
+/// the well-formed entries, and the first entry that is not `key=value`, if any.
+fn parse_headers(s: &str) -> (Vec<(String, String)>, Option<String>) {
+    let mut first_bad = None;
+    let pairs = s
+        .split(',')
         .filter(|e| !e.trim().is_empty())
-        .map(|e| header_pair(e).ok_or_else(|| e.trim().to_string()))
-        .collect()
-}
-
-fn parse_headers_lenient(s: &str) -> Vec<(String, String)> {
-    s.split(',').filter_map(header_pair).collect()
+        .filter_map(|e| {
+            let pair = header_pair(e);
+            if pair.is_none() && first_bad.is_none() {
+                first_bad = Some(e.trim().to_string());
+            }
+            pair
+        })
+        .collect();
+    (pairs, first_bad)
 }
 
 /// Why an export failed.

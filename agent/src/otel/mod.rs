@@ -233,7 +233,6 @@ impl OtelSink {
             registry,
             routes: RouteTable::new(Vec::new(), cfg.max_routes_per_service),
             sampler: Sampler::default(),
-            spans: true,
             console: false,
             queue: Some(queue.clone()),
             scope: span::scope(),
@@ -251,7 +250,6 @@ struct Ingest {
     registry: Arc<Registry>,
     routes: RouteTable,
     sampler: Sampler,
-    spans: bool,
     console: bool,
     queue: Option<Arc<SharedQueue<QueuedSpan>>>,
     scope: opentelemetry::InstrumentationScope,
@@ -267,7 +265,8 @@ impl Ingest {
         }
         let route = route.map(|r| r.route);
         self.registry.record(&entry, &ex, route.as_deref());
-        if !self.spans {
+        // Spans are built only for a span exporter (its queue) or the console.
+        if self.queue.is_none() && !self.console {
             return;
         }
         let ids = span::span_context_for(&ex, span::kernel_ids(&ex));
@@ -428,7 +427,6 @@ impl Telemetry {
             registry: registry.clone(),
             routes: RouteTable::new(cfg.routes.clone(), cfg.max_routes_per_service),
             sampler: env.sampler,
-            spans: span_exporter.is_some() || cfg.console,
             console: cfg.console,
             queue: queue.clone(),
             scope: span::scope(),
