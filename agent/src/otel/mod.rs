@@ -21,6 +21,7 @@ pub mod resource;
 pub mod route;
 pub mod sampler;
 pub mod span;
+pub mod text;
 pub mod tracecontext;
 pub mod wire;
 

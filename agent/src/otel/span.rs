@@ -13,7 +13,7 @@ use opentelemetry::{
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SpanData, SpanEvents, SpanLinks};
 use opentelemetry_semantic_conventions::attribute as sc;
 
-use super::tracecontext::parse_traceparent;
+use super::{text::StackText, tracecontext::parse_traceparent};
 use crate::exchange::CapturedExchange;
 
 /// Methods the semantic conventions know; others are reported as `_OTHER`.
@@ -212,62 +212,26 @@ fn ip_string(ip: IpAddr) -> String {
     ip.to_string()
 }
 
-/// A stack buffer an IP address is formatted into (the metrics hot path must not allocate).
-pub struct IpBuf {
-    buf: [u8; 48],
-    len: usize,
-}
-
-impl Default for IpBuf {
-    fn default() -> Self {
-        Self {
-            buf: [0; 48],
-            len: 0,
-        }
-    }
-}
-
-impl std::fmt::Write for IpBuf {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let end = self.len + s.len();
-        let dst = self.buf.get_mut(self.len..end).ok_or(std::fmt::Error)?;
-        dst.copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
-    }
-}
-
-impl IpBuf {
-    /// `ip` as text, as [`IpAddr`]'s `Display` writes it (at most 45 bytes: always fits).
-    pub fn format(&mut self, ip: IpAddr) -> &str {
-        use std::fmt::Write as _;
-        self.len = 0;
-        if write!(self, "{ip}").is_err() {
-            self.len = 0;
-        }
-        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
-    }
-}
-
 /// The (address, port) reported as `server.address`/`server.port`: for a SERVER span the
 /// local socket address (what the server bound); for a CLIENT span the request's `Host`
 /// (the logical server name, as an SDK reports it), else the peer's address.
 pub fn server_address(ex: &CapturedExchange) -> (String, u16) {
-    let mut buf = IpBuf::default();
+    let mut buf = StackText::empty();
     let (a, p) = server_address_in(ex, &mut buf);
     (a.to_string(), p)
 }
 
 /// [`server_address`] without allocating: a slice of the `Host` header, or the address
 /// formatted into `buf`.
-pub fn server_address_in<'a>(ex: &'a CapturedExchange, buf: &'a mut IpBuf) -> (&'a str, u16) {
+pub fn server_address_in<'a>(ex: &'a CapturedExchange, buf: &'a mut StackText) -> (&'a str, u16) {
     let (server, _) = ex.server_client();
     if !ex.is_server() {
         if let Some((name, port)) = ex.http.host.as_deref().and_then(parse_host_ref) {
             return (name, port.unwrap_or(server.1));
         }
     }
-    (buf.format(server.0), server.1)
+    *buf = StackText::ip(server.0);
+    (buf.as_str(), server.1)
 }
 
 fn unix_ns(ns: u64) -> SystemTime {

@@ -6,8 +6,6 @@
 //! collector/trace/v1. Fields are written in tag order and proto3 defaults are left out,
 //! as prost does: the output is byte-identical to prost's encoding of the transformed
 //! structs (the tests check it), not only equal once decoded.
-use std::{fmt, net::IpAddr};
-
 use opentelemetry::{
     trace::{SpanId, TraceFlags, TraceState},
     Array, InstrumentationScope, Value,
@@ -15,7 +13,10 @@ use opentelemetry::{
 use opentelemetry_semantic_conventions::attribute as sc;
 use prost::encoding::encoded_len_varint;
 
-use super::span::{is_error, normalize_method, parse_host_ref, SpanIds};
+use super::{
+    span::{is_error, normalize_method, parse_host_ref, SpanIds},
+    text::StackText,
+};
 use crate::exchange::CapturedExchange;
 
 // Wire types.
@@ -237,95 +238,6 @@ fn put_value_attr(out: &mut Vec<u8>, tag: u32, k: &str, v: &Value) {
     put_value(out, v);
 }
 
-/// Short text on the stack: IP addresses and status codes, formatted without allocating.
-struct Small {
-    buf: [u8; 48],
-    len: usize,
-}
-
-impl Small {
-    fn empty() -> Self {
-        Self {
-            buf: [0; 48],
-            len: 0,
-        }
-    }
-
-    /// What `IpAddr`'s `Display` writes (what `build_span` reports).
-    fn ip(ip: IpAddr) -> Self {
-        let mut t = Self::empty();
-        match ip {
-            IpAddr::V4(v4) => {
-                for (i, o) in v4.octets().into_iter().enumerate() {
-                    if i > 0 {
-                        t.byte(b'.');
-                    }
-                    // Decimal without leading zeros, as `Display`.
-                    if o >= 100 {
-                        t.byte(b'0' + o / 100);
-                    }
-                    if o >= 10 {
-                        t.byte(b'0' + o / 10 % 10);
-                    }
-                    t.byte(b'0' + o % 10);
-                }
-            }
-            // IPv6 text has subtle rules (longest zero run, IPv4-mapped forms): std's own.
-            // At most 39 characters (45 for a mapped form), so it always fits.
-            IpAddr::V6(v6) => {
-                let _ = fmt::Write::write_fmt(&mut t, format_args!("{v6}"));
-            }
-        }
-        t
-    }
-
-    fn decimal(v: u16) -> Self {
-        let mut t = Self::empty();
-        t.decimal_into(v);
-        t
-    }
-
-    // Byte by byte: these are a few bytes, where a slice copy is a memcpy call.
-    #[inline]
-    fn byte(&mut self, b: u8) {
-        if let Some(slot) = self.buf.get_mut(self.len) {
-            *slot = b;
-            self.len += 1;
-        }
-    }
-
-    fn decimal_into(&mut self, mut v: u16) {
-        let mut digits = [0u8; 5];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (v % 10) as u8;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        for &d in &digits[i..] {
-            self.byte(d);
-        }
-    }
-
-    /// ASCII: only digits, dots and `Display`'s IPv6 text are ever written.
-    fn as_bytes(&self) -> &[u8] {
-        &self.buf[..self.len]
-    }
-}
-
-impl fmt::Write for Small {
-    fn write_str(&mut self, s: &str) -> fmt::Result {
-        let end = self.len + s.len();
-        let dst = self.buf.get_mut(self.len..end).ok_or(fmt::Error)?;
-        dst.copy_from_slice(s.as_bytes());
-        self.len = end;
-        Ok(())
-    }
-}
-
 /// Length of `TraceState::header()`: `key=value` entries joined by `,`.
 fn trace_state_len(ts: &TraceState) -> usize {
     ts.into_iter()
@@ -361,8 +273,8 @@ pub fn encode_span(out: &mut Vec<u8>, ex: &CapturedExchange, ids: &SpanIds, rout
     let peer = ex.endpoints.remote;
     // Each end formatted once: the remote one is also the server (CLIENT span) or the
     // client (SERVER span), as in `server_client`.
-    let local_ip = Small::ip(ex.endpoints.local.0);
-    let remote_ip = Small::ip(peer.0);
+    let local_ip = StackText::ip(ex.endpoints.local.0);
+    let remote_ip = StackText::ip(peer.0);
     let (srv_ip, client_ip) = if server {
         (&local_ip, &remote_ip)
     } else {
@@ -449,7 +361,7 @@ pub fn encode_span(out: &mut Vec<u8>, ex: &CapturedExchange, ids: &SpanIds, rout
         put_attr_str(out, a, sc::USER_AGENT_ORIGINAL, ua.as_bytes());
     }
     if error {
-        let code = Small::decimal(http.status);
+        let code = StackText::decimal(http.status);
         put_attr_str(out, a, sc::ERROR_TYPE, code.as_bytes());
     }
 
@@ -1135,29 +1047,6 @@ mod tests {
             got.resource_spans[0].scope_spans[0].scope,
             Some(Default::default())
         );
-    }
-
-    #[test]
-    fn small_text() {
-        for ip in [
-            IpAddr::V4(Ipv4Addr::new(0, 0, 0, 0)),
-            IpAddr::V4(Ipv4Addr::new(10, 200, 3, 99)),
-            IpAddr::V4(Ipv4Addr::BROADCAST),
-            IpAddr::V6(Ipv6Addr::new(
-                0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff,
-            )),
-            IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0xffff, 0xffff)),
-            IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0xffff, 0xffff)),
-        ] {
-            assert_eq!(Small::ip(ip).as_bytes(), ip.to_string().as_bytes());
-        }
-        for o in 0..=255u8 {
-            let ip = IpAddr::V4(Ipv4Addr::new(o, 0, 255 - o, o / 3));
-            assert_eq!(Small::ip(ip).as_bytes(), ip.to_string().as_bytes());
-        }
-        for v in [0, 7, 10, 99, 100, 404, 9999, 10000, 65535] {
-            assert_eq!(Small::decimal(v).as_bytes(), v.to_string().as_bytes());
-        }
     }
 
     fn ip_strategy() -> impl Strategy<Value = IpAddr> {

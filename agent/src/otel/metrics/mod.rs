@@ -52,7 +52,8 @@ pub use service::ServiceEntry;
 use super::{
     counters::OtelStats,
     resource::process_resource,
-    span::{normalize_method, server_address_in, IpBuf},
+    span::{normalize_method, server_address_in},
+    text::StackText,
 };
 use crate::{exchange::CapturedExchange, process::ProcessInfo, stats::Stats};
 use agent::AgentMetrics;
@@ -260,7 +261,7 @@ impl Registry {
             return;
         };
         let server = ex.is_server();
-        let mut buf = IpBuf::default();
+        let mut buf = StackText::empty();
         let server_address = if server {
             None
         } else {
@@ -643,7 +644,7 @@ mod tests {
             None,
         ] {
             ex.http.host = host.map(String::from);
-            let mut buf = IpBuf::default();
+            let mut buf = StackText::empty();
             let (a, p) = server_address_in(&ex, &mut buf);
             assert_eq!((a.to_string(), p), crate::otel::span::server_address(&ex));
         }
