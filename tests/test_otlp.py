@@ -114,54 +114,46 @@ def check_times(s, t0, t1):
     )
 
 
-def check_server_span(s, *, method, path, status, port, ua_prefix, t0, t1):
+def check_http_span(s, kind, *, method, path, status, ua_prefix, t0, t1):
+    """What SERVER and CLIENT spans share; 5xx is an error on both sides, 4xx on clients only."""
     a = s["attributes"]
-    assert s["kind"] == "SERVER"
+    assert s["kind"] == kind
     assert a["http.request.method"] == method
     assert a["url.path"] == path.split("?")[0]
-    assert a["url.scheme"] == "http"
     assert a["http.response.status_code"] == status and type(a["http.response.status_code"]) is int
-    assert a["http.route"] == collapse(path)
-    assert s["name"] in (method, f"{method} {a['http.route']}"), s["name"]
     assert a["server.address"] == "127.0.0.1"
+    assert a["network.protocol.version"] == "1.1"
+    assert a["user_agent.original"].startswith(ua_prefix), a["user_agent.original"]
+    if status >= (500 if kind == "SERVER" else 400):
+        assert a["error.type"] == str(status)
+        assert s["status_code"] == "ERROR"
+    else:
+        assert "error.type" not in a, a
+        assert s["status_code"] == "UNSET"
+    check_ids(s)
+    check_times(s, t0, t1)
+
+
+def check_server_span(s, *, port, **kw):
+    check_http_span(s, "SERVER", **kw)
+    a = s["attributes"]
+    assert a["url.scheme"] == "http"
+    assert a["http.route"] == collapse(kw["path"])
+    assert s["name"] in (kw["method"], f"{kw['method']} {a['http.route']}"), s["name"]
     assert a["server.port"] == port
     assert a["client.address"] == "127.0.0.1"
     assert type(a["client.port"]) is int and 0 < a["client.port"] != port
     assert a["network.peer.address"] == a["client.address"]
     assert a["network.peer.port"] == a["client.port"]
-    assert a["network.protocol.version"] == "1.1"
-    assert a["user_agent.original"].startswith(ua_prefix), a["user_agent.original"]
-    if status >= 500:
-        assert a["error.type"] == str(status)
-        assert s["status_code"] == "ERROR"
-    else:
-        assert "error.type" not in a, a
-        assert s["status_code"] == "UNSET"
-    check_ids(s)
-    check_times(s, t0, t1)
 
 
-def check_client_span(s, *, method, path, status, port, ua_prefix, t0, t1):
+def check_client_span(s, *, port, **kw):
+    check_http_span(s, "CLIENT", **kw)
     a = s["attributes"]
-    assert s["kind"] == "CLIENT"
-    assert a["http.request.method"] == method
-    assert a["url.path"] == path.split("?")[0]
-    assert a["http.response.status_code"] == status and type(a["http.response.status_code"]) is int
-    assert s["name"] in (method, f"{method} {collapse(path)}"), s["name"]
-    assert a["server.address"] == "127.0.0.1"
+    assert s["name"] in (kw["method"], f"{kw['method']} {collapse(kw['path'])}"), s["name"]
     assert a["server.port"] == port
     assert a["network.peer.address"] == "127.0.0.1"
     assert a["network.peer.port"] == port
-    assert a["network.protocol.version"] == "1.1"
-    assert a["user_agent.original"].startswith(ua_prefix), a["user_agent.original"]
-    if status >= 400:
-        assert a["error.type"] == str(status)
-        assert s["status_code"] == "ERROR"
-    else:
-        assert "error.type" not in a, a
-        assert s["status_code"] == "UNSET"
-    check_ids(s)
-    check_times(s, t0, t1)
 
 
 def assert_nowhere(needle, spans=(), points=()):
