@@ -113,8 +113,16 @@ mod tests {
     use super::*;
     use agent_common::{DataEventHeader, EventHeader, EventKind, DIR_EGRESS, TRACE_SERVER};
 
-    fn event(dir: u8, ts: u64, payload: &[u8], ids: Option<u8>) -> (DataEventHeader, Vec<u8>) {
-        let mut h = DataEventHeader {
+    /// Feeds one fully captured chunk; `ids`: the kernel gave it span id `[b; 8]`.
+    fn feed(
+        a: &mut ConnAssembler,
+        out: &mut Vec<Assembled>,
+        dir: u8,
+        ts: u64,
+        payload: &[u8],
+        ids: Option<u8>,
+    ) {
+        let mut header = DataEventHeader {
             header: EventHeader {
                 kind: EventKind::Data as u8,
                 ts_ns: ts,
@@ -126,45 +134,31 @@ mod tests {
             ..Default::default()
         };
         if let Some(b) = ids {
-            h.trace.kind = TRACE_SERVER;
-            h.trace.span_id = [b; 8];
+            header.trace.kind = TRACE_SERVER;
+            header.trace.span_id = [b; 8];
         }
-        (h, payload.to_vec())
+        a.on_data(&DataEvent { header, payload }, out, &Stats::default());
     }
 
     #[test]
     fn kernel_ids_follow_their_exchange_through_pipelining() {
-        let stats = Stats::default();
         let mut a = ConnAssembler::new();
         let mut out = Vec::new();
         for (i, path) in ["/a", "/b"].iter().enumerate() {
             let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
-            let (h, p) = event(
+            let ts = 10 + i as u64;
+            feed(
+                &mut a,
+                &mut out,
                 DIR_INGRESS,
-                10 + i as u64,
+                ts,
                 req.as_bytes(),
                 Some(i as u8 + 1),
-            );
-            a.on_data(
-                &DataEvent {
-                    header: h,
-                    payload: &p,
-                },
-                &mut out,
-                &stats,
             );
         }
         let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
         for ts in [20, 21] {
-            let (h, p) = event(DIR_EGRESS, ts, resp, None);
-            a.on_data(
-                &DataEvent {
-                    header: h,
-                    payload: &p,
-                },
-                &mut out,
-                &stats,
-            );
+            feed(&mut a, &mut out, DIR_EGRESS, ts, resp, None);
         }
         let got: Vec<_> = out
             .iter()
@@ -175,27 +169,18 @@ mod tests {
 
     #[test]
     fn exchange_without_kernel_ids_gets_none() {
-        let stats = Stats::default();
         let mut a = ConnAssembler::new();
         let mut out = Vec::new();
-        let (h, p) = event(DIR_INGRESS, 5, b"GET / HTTP/1.1\r\n\r\n", None);
-        a.on_data(
-            &DataEvent {
-                header: h,
-                payload: &p,
-            },
+        feed(
+            &mut a,
             &mut out,
-            &stats,
+            DIR_INGRESS,
+            5,
+            b"GET / HTTP/1.1\r\n\r\n",
+            None,
         );
-        let (h, p) = event(DIR_EGRESS, 6, b"HTTP/1.1 204 No Content\r\n\r\n", None);
-        a.on_data(
-            &DataEvent {
-                header: h,
-                payload: &p,
-            },
-            &mut out,
-            &stats,
-        );
+        let resp = b"HTTP/1.1 204 No Content\r\n\r\n";
+        feed(&mut a, &mut out, DIR_EGRESS, 6, resp, None);
         assert_eq!(out.len(), 1);
         assert!(out[0].1.is_none());
     }
