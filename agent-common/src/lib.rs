@@ -13,6 +13,7 @@ pub mod names {
     pub const OFFSETS: &str = "TAPIR_OFFSETS";
     pub const AGENT_TGID: &str = "TAPIR_AGENT_TGID";
     pub const CAPTURE_BYTES: &str = "TAPIR_CAPTURE";
+    pub const WAKEUP_BYTES: &str = "TAPIR_WAKEUP_BYTES";
 }
 
 /// The most payload bytes one data event carries. A power of two: the kernel side masks
@@ -54,7 +55,10 @@ impl EventKind {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventHeader {
     pub kind: u8,
-    pub _pad: [u8; 3],
+    // Scalar padding, not `[u8; 3]`: the BPF backend zeroes byte arrays with a call to a
+    // byte-by-byte memset loop on every event.
+    pub _pad0: u8,
+    pub _pad1: u16,
     pub tgid: u32,
     pub tid: u32,
     pub fd: u32,
@@ -169,7 +173,10 @@ pub const ORIGIN_THREAD: u8 = 2;
 
 /// W3C trace context ids chosen in the kernel, so that what is injected on the wire and
 /// what is exported agree. Ids are in wire order (big-endian hex order).
-#[repr(C)]
+///
+/// Aligned to 8 so that the eBPF side copies and clears it in 8-byte words rather than
+/// byte by byte.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TraceIds {
     pub trace_id: [u8; 16],
@@ -202,6 +209,9 @@ pub const CONN_TCP: u32 = 1;
 /// The connection has carried something that starts like HTTP/1.x: its later chunks
 /// (header continuations, bodies) are reported too.
 pub const CONN_HTTP: u32 = 2;
+/// The connection's HTTP port is already in the injection port set (saves a lookup per
+/// request).
+pub const CONN_PORT_LEARNED: u32 = 4;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -321,6 +331,8 @@ mod tests {
         assert_eq!(offset_of!(ConnEvent, tuple), 32);
         assert_eq!(offset_of!(ConnEvent, role), 72);
         assert_eq!(size_of::<TraceIds>(), 40);
+        assert_eq!(align_of::<TraceIds>(), 8);
+        assert_eq!(offset_of!(EventHeader, tgid), 4);
         assert_eq!(offset_of!(DataEventHeader, trace), 64);
         assert_eq!(size_of::<DataEventHeader>(), 104);
         assert_eq!(offset_of!(DataEventHeader, tail), 48);

@@ -108,7 +108,8 @@ pub fn header(kind: EventKind, fd: u32) -> EventHeader {
     let pid_tgid = bpf_get_current_pid_tgid();
     EventHeader {
         kind: kind as u8,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
         tgid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,
         fd,
@@ -128,7 +129,7 @@ pub fn emit_conn(kind: EventKind, fd: u32, sock_id: u64, tuple: &ConnTuple, role
         comm: bpf_get_current_comm().unwrap_or_default(),
     };
     // Connection events are rare and userspace wants them promptly.
-    match EVENTS.output::<ConnEvent>(&ev, ringbuf_flags()) {
+    match EVENTS.output::<ConnEvent>(&ev, ringbuf_flags(size_of::<ConnEvent>() as u64)) {
         Ok(()) => count(counter::CONN_EVENTS),
         Err(_) => count(counter::RINGBUF_FULL),
     }

@@ -1,7 +1,7 @@
 //! read/write-family syscalls on tracked TCP connections: save the arguments at entry, copy
 //! a bounded prefix (and the last few bytes) at exit when the bytes are or follow HTTP/1.x.
 use agent_common::{
-    counter, syscall, EventKind, TraceIds, CONN_HTTP, DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE,
+    counter, syscall, EventKind, TraceIds, CONN_HTTP, CONN_PORT_LEARNED, DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE,
     MAX_IOVECS, TAIL_BYTES,
 };
 use aya_ebpf::{
@@ -113,6 +113,34 @@ fn read_iovec(base: u64, i: u64) -> Option<(u64, u64)> {
         .map(|v| (v[0], v[1]))
 }
 
+const _: () = assert!(MAX_IOVECS.is_power_of_two()); // read_iovecs masks with it
+
+/// Reads the first `vlen` (at most MAX_IOVECS) entries of an iovec array with one helper
+/// call (one per entry cost ~100 ns each); returns how many were read.
+#[inline(always)]
+fn read_iovecs(dst: &mut [[u64; 2]; MAX_IOVECS], iov: u64, vlen: u64) -> u64 {
+    if vlen == 0 {
+        return 0;
+    }
+    let n = vlen.min(MAX_IOVECS as u64);
+    // 16..=16×MAX_IOVECS bytes, in a form the verifier bounds.
+    let bytes = ((n - 1) & (MAX_IOVECS as u64 - 1)) * 16 + 16;
+    // SAFETY: `bytes` ≤ size_of_val(dst); bpf_probe_read_user tolerates any source address.
+    let rc = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_user(
+            dst.as_mut_ptr() as *mut _,
+            bytes as u32,
+            iov as *const _,
+        )
+    };
+    if rc == 0 {
+        n
+    } else {
+        count(counter::READ_USER_FAILED);
+        0
+    }
+}
+
 /// struct user_msghdr: msg_iov at 16, msg_iovlen at 24.
 #[inline(always)]
 fn msghdr_iov(msg: u64) -> Option<(u64, u64)> {
@@ -178,15 +206,14 @@ fn emit_data<const SHAPE: u8>(
         } else {
             msghdr_iov(p.buf)?
         };
+        let read = read_iovecs(&mut scratch.iovecs, iov, vlen);
         let mut consumed: u64 = 0;
         let mut last: (u64, u64) = (0, 0);
-        for i in 0..MAX_IOVECS as u64 {
-            if i >= vlen || consumed >= total {
+        for i in 0..MAX_IOVECS {
+            if i as u64 >= read || consumed >= total {
                 break;
             }
-            let Some((base, len)) = read_iovec(iov, i) else {
-                break;
-            };
+            let [base, len] = scratch.iovecs[i];
             let seg = len.min(total - consumed);
             // Opaque to the verifier so iterations share states instead of multiplying.
             let done = core::hint::black_box(captured);
@@ -201,7 +228,7 @@ fn emit_data<const SHAPE: u8>(
         }
     }
     let DataScratch { hdr, data, .. } = scratch;
-    hdr.trace = TraceIds::default();
+    clear_ids(&mut hdr.trace);
     trace_ids(p.direction, data, captured, &mut hdr.trace, state);
     hdr.header = header(EventKind::Data, p.fd);
     hdr.sock_id = p.sock_id;
@@ -225,7 +252,7 @@ fn emit_data<const SHAPE: u8>(
             core::ptr::addr_of!(EVENTS) as *mut _,
             scratch as *mut _ as *mut _,
             size,
-            ringbuf_flags(),
+            ringbuf_flags(size),
         )
     };
     if rc == 0 {
@@ -236,6 +263,18 @@ fn emit_data<const SHAPE: u8>(
     Some(())
 }
 
+/// Zeroes `ids` in 8-byte stores. Volatile, or LLVM folds the loop back into a memset,
+/// which the BPF backend turns into a call to a byte-by-byte loop.
+#[inline(always)]
+fn clear_ids(ids: &mut TraceIds) {
+    const WORDS: usize = core::mem::size_of::<TraceIds>() / 8;
+    let words = ids as *mut TraceIds as *mut u64;
+    for i in 0..WORDS {
+        // SAFETY: TraceIds is 8-aligned and WORDS × 8 bytes long (agent_common layout test).
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+}
+
 /// Request starts get span ids; a response written ends the thread's SERVER context.
 #[inline(always)]
 fn trace_ids(
@@ -243,16 +282,23 @@ fn trace_ids(
     data: &[u8; SCRATCH_BYTES],
     n: u64,
     ids: &mut TraceIds,
-    conn: &agent_common::ConnState,
+    conn: &mut agent_common::ConnState,
 ) {
     let pid_tgid = bpf_get_current_pid_tgid();
     if is_request_start(data, n) {
-        // This port serves HTTP: later connections to it get a traceparent.
+        // This port serves HTTP: later connections to it get a traceparent. Once per
+        // connection, not once per request.
+        if conn.flags & CONN_PORT_LEARNED == 0 {
+            conn.flags |= CONN_PORT_LEARNED;
+            learn_http_port(if direction == DIR_INGRESS {
+                conn.local_port
+            } else {
+                conn.remote_port
+            });
+        }
         if direction == DIR_INGRESS {
-            learn_http_port(conn.local_port);
             on_server_request(pid_tgid, data, n, ids);
         } else {
-            learn_http_port(conn.remote_port);
             on_client_request(pid_tgid, data, n, ids);
         }
     } else if direction == DIR_EGRESS && is_response_start(data, n) {

@@ -149,7 +149,10 @@ pub fn tapir_sched_exit(_ctx: TracePointContext) -> u32 {
     bump_gen(tgid);
     let hdr = header(EventKind::ProcExit, 0);
     if EVENTS
-        .output::<agent_common::EventHeader>(&hdr, ringbuf_flags())
+        .output::<agent_common::EventHeader>(
+            &hdr,
+            ringbuf_flags(core::mem::size_of::<agent_common::EventHeader>() as u64),
+        )
         .is_err()
     {
         count(agent_common::counter::RINGBUF_FULL);

@@ -103,6 +103,8 @@ pub struct DataScratch {
     pub data: [u8; SCRATCH_BYTES],
     /// Where the traceparent scan found a value (see trace.rs); not sent to userspace.
     pub scan_at: u64,
+    /// A vectored call's iovec array (base, len), read in one go.
+    pub iovecs: [[u64; 2]; agent_common::MAX_IOVECS],
 }
 
 #[map(name = "TAPIR_SCRATCH")]
@@ -122,16 +124,42 @@ pub fn count(idx: u32) {
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
-const BPF_RB_AVAIL_DATA: u64 = 0;
-/// Wake the reader only once this much is waiting: a wakeup per record costs a self-IPI
-/// in the hook. The reader also drains on a short timer.
-const WAKEUP_THRESHOLD: u64 = 256 * 1024;
 
+/// Per-CPU state of the hot path.
+#[repr(C)]
+pub struct CpuState {
+    /// Bytes this CPU has written to the ring buffer since it last woke the reader.
+    pub unwoken_bytes: u64,
+    /// The span and trace id generator (see trace.rs); 0 until first seeded.
+    pub rng: u64,
+}
+
+#[map(name = "TAPIR_CPU_STATE")]
+pub static CPU_STATE: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
+
+/// Each CPU wakes the reader once it has written this many bytes since its last wakeup
+/// (set by the loader from the ring's size and the CPU count); the reader also drains on a
+/// short timer, so at moderate rates nobody is woken from here at all. A wakeup is a
+/// self-IPI (a VM exit on virtual machines, ~10 µs); asking the ring for its fill level
+/// per record instead cost a cache miss on the reader's position every time.
+#[unsafe(no_mangle)]
+pub static TAPIR_WAKEUP_BYTES: u64 = 128 * 1024;
+
+/// The flags for a ring-buffer output of `size` bytes.
 #[inline(always)]
-pub fn ringbuf_flags() -> u64 {
-    if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_THRESHOLD {
+pub fn ringbuf_flags(size: u64) -> u64 {
+    let Some(state) = CPU_STATE.get_ptr_mut(0) else {
+        return BPF_RB_NO_WAKEUP;
+    };
+    // SAFETY: this CPU's slot.
+    let state = unsafe { &mut *state };
+    let pending = state.unwoken_bytes + size;
+    // SAFETY: reading a static; volatile so the loader's value is used.
+    if pending >= unsafe { core::ptr::read_volatile(&TAPIR_WAKEUP_BYTES) } {
+        state.unwoken_bytes = 0;
         BPF_RB_FORCE_WAKEUP
     } else {
+        state.unwoken_bytes = pending;
         BPF_RB_NO_WAKEUP
     }
 }

@@ -95,6 +95,13 @@ pub fn kernel_offsets() -> Result<KernelOffsets, LoadError> {
     // The parsed BTF (tens of MB) is dropped here, before anything else is allocated.
 }
 
+/// Bytes each CPU writes to the ring buffer before it wakes the reader: all CPUs together
+/// stay well inside the ring (a quarter of it), between 64 KiB and 1 MiB each.
+fn wakeup_bytes(ringbuf_bytes: u32) -> u64 {
+    let cpus = aya::util::nr_cpus().unwrap_or(64).max(1) as u64;
+    (u64::from(ringbuf_bytes) / 4 / cpus).clamp(64 << 10, 1 << 20)
+}
+
 pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
     if !has_embedded_object() {
         return Err(LoadError::NoObject);
@@ -108,6 +115,7 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
         .override_global(names::OFFSETS, &offsets, true)
         .override_global(names::AGENT_TGID, &agent_tgid, true)
         .override_global(names::CAPTURE_BYTES, &capture, true)
+        .override_global(names::WAKEUP_BYTES, &wakeup_bytes(opts.ringbuf_bytes), true)
         .override_global("TAPIR_INJ_LEARN", &u32::from(opts.inject_learn), true)
         .override_global("TAPIR_EBPF_DEBUG", &ebpf_debug, true)
         .map_max_entries(names::EVENTS, opts.ringbuf_bytes)
