@@ -1,8 +1,8 @@
 //! read/write-family syscalls on tracked TCP connections: save the arguments at entry, copy
 //! a bounded prefix (and the last few bytes) at exit when the bytes are or follow HTTP/1.x.
 use agent_common::{
-    counter, syscall, EventKind, TraceIds, CONN_HTTP, CONN_PORT_LEARNED, DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE,
-    MAX_IOVECS, TAIL_BYTES,
+    counter, syscall, EventKind, TraceIds, CONN_HTTP, CONN_PORT_LEARNED, DIR_EGRESS, DIR_INGRESS,
+    MAX_CAPTURE, MAX_IOVECS, TAIL_BYTES,
 };
 use aya_ebpf::{
     helpers::{
