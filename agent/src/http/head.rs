@@ -296,7 +296,13 @@ impl<'a> RequestHead<'a> {
 
 /// `(authority, path, query)` of a request target.
 fn split_target(target: &str) -> (Option<&str>, &str, Option<&str>) {
-    let (authority, rest) = match target.find("://") {
+    // Origin-form ("/path"), nearly every request, cannot be absolute-form: no search.
+    let scheme_end = if target.starts_with('/') {
+        None
+    } else {
+        target.find("://")
+    };
+    let (authority, rest) = match scheme_end {
         Some(at) if target.get(..at).is_some_and(is_scheme) => {
             let after = target.get(at + 3..).unwrap_or_default();
             let end = after.find(['/', '?']).unwrap_or(after.len());

@@ -197,7 +197,8 @@ fn port_of(endpoint: &str) -> Option<u16> {
 #[derive(Debug, Clone)]
 pub struct QueuedSpan {
     pub entry: Arc<ServiceEntry>,
-    pub span: Vec<u8>,
+    /// The encoded `Span` message.
+    pub span: bytes::Bytes,
 }
 
 /// Logs a signal's export failures once per outage, and the recovery.
@@ -256,6 +257,10 @@ impl OtlpSpanSender {
             }
         }
         let mut req = wire::TraceRequest::new(self.scope.clone());
+        // Spans with their field key and length (≤ 4 bytes: spans are < 2 MiB), plus room
+        // for each group's framing and resource: the body then never grows.
+        let spans: usize = batch.iter().map(|q| q.span.len() + 4).sum();
+        req.reserve(spans + groups.len() * (1024 + self.scope.len()));
         let mut resource = Vec::new();
         for (entry, spans) in groups {
             resource.clear();

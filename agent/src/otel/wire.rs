@@ -520,6 +520,12 @@ impl TraceRequest {
         self.buf.is_empty()
     }
 
+    /// Makes room for `bytes` more, so that a request whose size is known up front is
+    /// written without the buffer growing (and copying itself) on the way.
+    pub fn reserve(&mut self, bytes: usize) {
+        self.buf.reserve(bytes);
+    }
+
     /// Forgets the groups, keeping the buffer's capacity and the scope.
     pub fn clear(&mut self) {
         self.buf.clear();
