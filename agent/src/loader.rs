@@ -98,8 +98,11 @@ pub fn kernel_offsets() -> Result<KernelOffsets, LoadError> {
 /// Bytes each CPU writes to the ring buffer before it wakes the reader: all CPUs together
 /// stay well inside the ring (a quarter of it), between 64 KiB and 1 MiB each.
 fn wakeup_bytes(ringbuf_bytes: u32) -> u64 {
-    let cpus = aya::util::nr_cpus().unwrap_or(64).max(1) as u64;
-    (u64::from(ringbuf_bytes) / 4 / cpus).clamp(64 << 10, 1 << 20)
+    wakeup_bytes_for(ringbuf_bytes, aya::util::nr_cpus().unwrap_or(64))
+}
+
+fn wakeup_bytes_for(ringbuf_bytes: u32, cpus: usize) -> u64 {
+    (u64::from(ringbuf_bytes) / 4 / cpus.max(1) as u64).clamp(64 << 10, 1 << 20)
 }
 
 pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
@@ -210,4 +213,23 @@ fn attach(ebpf: &mut Ebpf, probe: &Probe) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wakeup_bytes_for;
+
+    #[test]
+    fn wakeup_budget_is_a_share_of_the_ring_within_bounds() {
+        // The default 8 MiB ring on 2 CPUs: 1 MiB each, a quarter of the ring in all.
+        assert_eq!(wakeup_bytes_for(8 << 20, 2), 1 << 20);
+        assert_eq!(wakeup_bytes_for(8 << 20, 16), 128 << 10);
+        // Many CPUs or a small ring: never below 64 KiB (wakeups stay rare)...
+        assert_eq!(wakeup_bytes_for(8 << 20, 256), 64 << 10);
+        assert_eq!(wakeup_bytes_for(256 << 10, 1), 64 << 10);
+        // ... a large ring on few CPUs: never above 1 MiB (records reach us promptly).
+        assert_eq!(wakeup_bytes_for(1 << 30, 1), 1 << 20);
+        // No CPU count: no division by zero.
+        assert_eq!(wakeup_bytes_for(8 << 20, 0), 1 << 20);
+    }
 }

@@ -63,10 +63,12 @@ impl Endpoints {
     }
 }
 
-/// One tracked connection.
 /// How often connections idle since the previous sweep release their buffers.
 const IDLE_SWEEP: Duration = Duration::from_secs(5);
+/// How often the monotonic-to-wall clock offset and the kernel counters are re-read.
+const CLOCK_REFRESH: Duration = Duration::from_secs(1);
 
+/// One tracked connection.
 pub struct Conn {
     pub sock_id: u64,
     pub endpoints: Endpoints,
@@ -94,7 +96,7 @@ pub struct Pipeline<S: ExchangeSink> {
     filter: Filter,
     stats: Arc<Stats>,
     sink: S,
-    idle_ticks: u32,
+    last_refresh: Instant,
     last_sweep: Instant,
     kernel_counters: Option<PerCpuArray<MapData, u64>>,
     inject_counters: Option<PerCpuArray<MapData, u64>>,
@@ -110,7 +112,7 @@ impl<S: ExchangeSink> Pipeline<S> {
             filter,
             stats,
             sink,
-            idle_ticks: 0,
+            last_refresh: Instant::now(),
             last_sweep: Instant::now(),
             kernel_counters: None,
             inject_counters: None,
@@ -291,9 +293,9 @@ impl<S: ExchangeSink> RecordSink for Pipeline<S> {
 
     fn on_idle(&mut self) {
         self.sink.flush();
-        // Re-measure the clock offset about once a second (poll interval is 10 ms).
-        self.idle_ticks = self.idle_ticks.wrapping_add(1);
-        if self.idle_ticks.is_multiple_of(100) {
+        // Re-measure the clock offset about once a second.
+        if self.last_refresh.elapsed() >= CLOCK_REFRESH {
+            self.last_refresh = Instant::now();
             self.clock.refresh();
             self.read_kernel_counters();
         }

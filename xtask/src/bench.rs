@@ -358,6 +358,8 @@ struct LoadBench {
     server_added_per_req_us: Summary,
     agent_cpu_per_req_us: Summary,
     client_added_per_req_us: Summary,
+    /// The local OTLP receiver's CPU per request (it shares the host's cores).
+    receiver_cpu_per_req_us: Summary,
     added_cpu_pct: Summary,
     agent_cpu_s_per_100k: Summary,
     agent_peak_rss_kib: u64,
@@ -621,6 +623,7 @@ fn summarize_load(close: bool, runs: Vec<Run>) -> LoadBench {
         if ag.spans_expected > 0 {
             v[14].push(ag.spans_received as f64 / ag.spans_expected as f64);
         }
+        v[16].push(per_req(ag.receiver_cpu_s, ag));
         if let Some(AgentExit {
             spans_exported: Some(e),
             spans_dropped: Some(d),
@@ -651,6 +654,7 @@ fn summarize_load(close: bool, runs: Vec<Run>) -> LoadBench {
     b.server_added_per_req_us = Summary::of(&v[7]);
     b.agent_cpu_per_req_us = Summary::of(&v[8]);
     b.client_added_per_req_us = Summary::of(&v[9]);
+    b.receiver_cpu_per_req_us = Summary::of(&v[16]);
     b.added_cpu_pct = Summary::of(&v[10]);
     b.agent_cpu_s_per_100k = Summary::of(&v[11]);
     b.agent_startup_s = Summary::of(&v[12]);
@@ -1170,6 +1174,12 @@ fn load_table(md: &mut String, b: &LoadBench, title: &str, unit: &str) {
         (
             format!("wrk (client) CPU added per {unit} (µs, its side is observed too)"),
             b.client_added_per_req_us.show(2),
+        ),
+        (
+            format!(
+                "the local OTLP receiver's CPU per {unit} (µs; Python, on the same 2 cores: it delays nginx or wrk as the agent does)"
+            ),
+            b.receiver_cpu_per_req_us.show(2),
         ),
         (
             "— capture only (`--exporter none`): throughput ratio".into(),
