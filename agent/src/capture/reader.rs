@@ -10,25 +10,32 @@ use std::{
         atomic::{AtomicBool, Ordering},
         Arc,
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use aya::maps::{MapData, RingBuf};
 
-/// How long the reader sleeps between drains when nothing forces a wakeup: short while
-/// records keep coming, so that each drain is a short burst (a long one holds a CPU that
-/// the observed service may be waiting for: at 10 ms the burst was its p99 latency),
-/// doubling while idle up to [`POLL_MAX`], which bounds capture latency.
+/// How long the reader sleeps between drains when nothing forces a wakeup. Each drain
+/// should be a short burst: a long one holds a CPU that the observed service may be waiting
+/// for (at a fixed 10 ms, the burst became nginx's p99 latency). Each wakeup has a fixed
+/// cost too (~15 µs on a VM), so the interval follows the record rate: long enough for
+/// about [`DRAIN_TARGET`] records, between [`POLL_MIN`] and [`POLL_MAX`] (which bounds
+/// capture latency), doubling while nothing comes.
 pub const POLL_MIN: Duration = Duration::from_millis(1);
 pub const POLL_MAX: Duration = Duration::from_millis(16);
+/// Records per drain aimed at: ~0.2–0.5 ms of pipeline work.
+pub const DRAIN_TARGET: u32 = 512;
 
-/// The next poll timeout: [`POLL_MIN`] after a drain that found records, else doubled.
-fn next_poll(current: Duration, drained: usize) -> Duration {
-    if drained > 0 {
-        POLL_MIN
-    } else {
-        (current * 2).min(POLL_MAX)
+/// The next poll timeout, after a drain that found `drained` records `since` the previous
+/// one.
+fn next_poll(current: Duration, since: Duration, drained: u32) -> Duration {
+    if drained == 0 {
+        return (current * 2).clamp(POLL_MIN, POLL_MAX);
     }
+    // At the same rate, this interval brings DRAIN_TARGET records.
+    since
+        .mul_f64(f64::from(DRAIN_TARGET) / f64::from(drained))
+        .clamp(POLL_MIN, POLL_MAX)
 }
 
 /// What the drain loop feeds.
@@ -63,6 +70,7 @@ pub fn drain_loop<S: RecordSink, L: AsFd>(
         });
     }
     let mut timeout = POLL_MIN;
+    let mut last_drain = Instant::now();
     loop {
         let stopping = stop.load(Ordering::Acquire);
         if !stopping {
@@ -71,16 +79,19 @@ pub fn drain_loop<S: RecordSink, L: AsFd>(
                 libc::poll(
                     fds.as_mut_ptr(),
                     fds.len() as libc::nfds_t,
-                    timeout.as_millis() as libc::c_int,
+                    // Whole milliseconds (poll's unit), rounded up.
+                    (timeout.as_micros() as u64).div_ceil(1000).max(1) as libc::c_int,
                 )
             };
         }
-        let mut drained = 0;
+        let mut drained: u32 = 0;
         while let Some(item) = ring.next() {
             sink.on_record(&item);
-            drained += 1;
+            drained = drained.saturating_add(1);
         }
-        timeout = next_poll(timeout, drained);
+        let now = Instant::now();
+        timeout = next_poll(timeout, now - last_drain, drained);
+        last_drain = now;
         if let Some((l, flush)) = &mut extra {
             flush(l);
         }
@@ -96,16 +107,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn polls_often_while_records_come_and_backs_off_when_idle() {
-        assert_eq!(next_poll(POLL_MAX, 1), POLL_MIN);
+    fn poll_interval_follows_the_record_rate_within_bounds() {
+        let ms = Duration::from_millis;
+        // 5120 records in 10 ms: 512 arrive every 1 ms.
+        assert_eq!(next_poll(ms(10), ms(10), 5120), ms(1));
+        // 512 records in 4 ms: keep 4 ms.
+        assert_eq!(next_poll(ms(4), ms(4), 512), ms(4));
+        // 64 records in 2 ms: 16 ms would bring 512.
+        assert_eq!(next_poll(ms(2), ms(2), 64), ms(16));
+        // A trickle never sleeps past POLL_MAX; a flood never polls below POLL_MIN.
+        assert_eq!(next_poll(ms(16), ms(16), 1), POLL_MAX);
+        assert_eq!(next_poll(ms(1), ms(1), 1_000_000), POLL_MIN);
+    }
+
+    #[test]
+    fn idle_polls_back_off_to_the_maximum() {
         let mut t = POLL_MIN;
         let mut seen = vec![t];
-        for _ in 0..10 {
-            t = next_poll(t, 0);
+        for _ in 0..6 {
+            t = next_poll(t, t, 0);
             seen.push(t);
         }
         let ms: Vec<u128> = seen.iter().map(Duration::as_millis).collect();
-        assert_eq!(ms, [1, 2, 4, 8, 16, 16, 16, 16, 16, 16, 16]);
-        assert_eq!(next_poll(t, 3), POLL_MIN);
+        assert_eq!(ms, [1, 2, 4, 8, 16, 16, 16]);
     }
 }
