@@ -116,7 +116,7 @@ fn read_iovec(base: u64, i: u64) -> Option<(u64, u64)> {
 const _: () = assert!(MAX_IOVECS.is_power_of_two()); // read_iovecs masks with it
 
 /// Reads the first `vlen` (at most MAX_IOVECS) entries of an iovec array with one helper
-/// call (one per entry cost ~100 ns each); returns how many were read.
+/// call (a call per entry cost ~100 ns each); returns how many were read.
 #[inline(always)]
 fn read_iovecs(dst: &mut [[u64; 2]; MAX_IOVECS], iov: u64, vlen: u64) -> u64 {
     if vlen == 0 {

@@ -74,6 +74,8 @@ struct Config {
     profile: bool,
     /// Also run the agent with `--exporter none` in each pair (capture cost alone).
     capture_only: bool,
+    /// Also run the agent with a 10 % trace-id ratio sampler in each pair.
+    sampled: bool,
 }
 
 impl Config {
@@ -101,6 +103,7 @@ impl Config {
                 quiet_wait_s: 1.0,
                 profile,
                 capture_only: true,
+                sampled: true,
             }
         } else {
             Self {
@@ -122,6 +125,7 @@ impl Config {
                 quiet_wait_s: 5.0,
                 profile,
                 capture_only: true,
+                sampled: true,
             }
         }
     }
@@ -319,6 +323,8 @@ struct Run {
     agent: bool,
     /// The agent ran with `--exporter none`.
     capture_only: bool,
+    /// The agent ran with the sampler [`SAMPLED_ENV`].
+    sampled: bool,
     wrk: WrkResult,
     /// nginx worker CPU during the wrk run.
     server_cpu_s: f64,
@@ -341,6 +347,13 @@ struct Run {
     foreign_agents: usize,
     waited_for_quiet_s: f64,
     loadavg: String,
+}
+
+impl Run {
+    /// The agent as configured: not one of the extra variants.
+    fn is_default_agent(&self) -> bool {
+        self.agent && !self.capture_only && !self.sampled
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -371,12 +384,9 @@ struct LoadBench {
     span_ratio: Summary,
     /// Spans the agent itself reported dropped, over exported + dropped.
     span_drop_ratio: Summary,
-    /// The same per-pair figures for `--exporter none` runs.
-    capture_throughput_ratio: Summary,
-    capture_p99_added_us: Summary,
-    capture_server_added_per_req_us: Summary,
-    capture_agent_cpu_per_req_us: Summary,
-    capture_added_cpu_pct: Summary,
+    /// The same per-pair figures for `--exporter none` runs, and for sampled runs.
+    capture: VariantCost,
+    sampled: VariantCost,
     foreign_cpu_share: Summary,
     foreign_agents_max: usize,
 }
@@ -407,11 +417,20 @@ enum Variant {
     Agent,
     /// `tapir run --exporter none`: capture and pairing, nothing exported.
     CaptureOnly,
+    /// `tapir run` as configured, with the sampler [`SAMPLED_ENV`].
+    Sampled,
 }
+
+/// The sampler of [`Variant::Sampled`]: what the README suggests for busy services.
+const SAMPLED_ENV: [(&str, &str); 2] = [
+    ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+    ("OTEL_TRACES_SAMPLER_ARG", "0.1"),
+];
 
 fn one_run(ctx: &mut Ctx, close: bool, variant: Variant, pair: usize) -> Result<Run> {
     let agent_on = variant != Variant::Baseline;
     let capture_only = variant == Variant::CaptureOnly;
+    let sampled = variant == Variant::Sampled;
     let (secs, conns) = if close {
         (ctx.cfg.close_secs, ctx.cfg.close_conns)
     } else {
@@ -424,14 +443,19 @@ fn one_run(ctx: &mut Ctx, close: bool, variant: Variant, pair: usize) -> Result<
             "agent-{:02}-{}{}.log",
             ctx.agents_started,
             if close { "close" } else { "keepalive" },
-            if capture_only { "-capture-only" } else { "" }
+            match variant {
+                Variant::CaptureOnly => "-capture-only",
+                Variant::Sampled => "-sampled",
+                _ => "",
+            }
         ));
         let mut args = ctx.agent_args.clone();
         if capture_only {
             args.truncate(2); // --port P
             args.extend(["--exporter".into(), "none".into()]);
         }
-        let a = Agent::start(&ctx.bin, &args, &log)?;
+        let envs: &[(&str, &str)] = if sampled { &SAMPLED_ENV } else { &[] };
+        let a = Agent::start(&ctx.bin, &args, envs, &log)?;
         ctx.mine.push(a.pid);
         Some(a)
     } else {
@@ -485,13 +509,14 @@ fn one_run(ctx: &mut Ctx, close: bool, variant: Variant, pair: usize) -> Result<
         pair,
         agent: agent_on,
         capture_only,
+        sampled,
         server_cpu_s: n1 - n0,
         agent_cpu_s: a1 - a0,
         receiver_cpu_s: r1 - r0,
         foreign_agents,
         waited_for_quiet_s: waited,
         loadavg,
-        spans_expected: if agent_on && !capture_only && ctx.receiver.is_some() {
+        spans_expected: if variant == Variant::Agent && ctx.receiver.is_some() {
             expected
         } else {
             0
@@ -524,6 +549,7 @@ fn one_run(ctx: &mut Ctx, close: bool, variant: Variant, pair: usize) -> Result<
             Variant::Baseline => "baseline",
             Variant::Agent => "agent",
             Variant::CaptureOnly => "capture",
+            Variant::Sampled => "sampled",
         },
         run.wrk.rps,
         run.wrk.p99_us,
@@ -565,6 +591,9 @@ fn load_bench(ctx: &mut Ctx, close: bool) -> Result<LoadBench> {
         if ctx.cfg.capture_only && ctx.receiver.is_some() {
             order.push(Variant::CaptureOnly);
         }
+        if ctx.cfg.sampled && ctx.receiver.is_some() {
+            order.push(Variant::Sampled);
+        }
         let n = order.len();
         order.rotate_left(pair % n);
         for variant in order {
@@ -572,6 +601,73 @@ fn load_bench(ctx: &mut Ctx, close: bool) -> Result<LoadBench> {
         }
     }
     Ok(summarize_load(close, runs))
+}
+
+/// A variant's cost against the baseline of its pair (capture only, sampled).
+#[derive(Debug, Clone, Default, Serialize)]
+struct VariantCost {
+    throughput_ratio: Summary,
+    p99_added_us: Summary,
+    server_added_per_req_us: Summary,
+    agent_cpu_per_req_us: Summary,
+    added_cpu_pct: Summary,
+}
+
+impl VariantCost {
+    /// Over the pairs that have both a baseline and a run for which `is_variant` holds.
+    fn of(runs: &[Run], is_variant: impl Fn(&Run) -> bool) -> Self {
+        let per_req = |cpu: f64, r: &Run| cpu / r.wrk.requests.max(1) as f64 * 1e6;
+        let mut v: [Vec<f64>; 5] = Default::default();
+        for base in runs.iter().filter(|r| !r.agent) {
+            let Some(c) = runs.iter().find(|r| r.pair == base.pair && is_variant(r)) else {
+                continue;
+            };
+            let server_base = per_req(base.server_cpu_s, base);
+            let added = per_req(c.server_cpu_s, c) - server_base;
+            let agent = per_req(c.agent_cpu_s, c);
+            v[0].push(c.wrk.rps / base.wrk.rps);
+            v[1].push(c.wrk.p99_us - base.wrk.p99_us);
+            v[2].push(added);
+            v[3].push(agent);
+            v[4].push((added + agent) / server_base * 100.0);
+        }
+        Self {
+            throughput_ratio: Summary::of(&v[0]),
+            p99_added_us: Summary::of(&v[1]),
+            server_added_per_req_us: Summary::of(&v[2]),
+            agent_cpu_per_req_us: Summary::of(&v[3]),
+            added_cpu_pct: Summary::of(&v[4]),
+        }
+    }
+
+    /// Report rows, labelled "— {long}: …" first and "— {short}: …" after.
+    fn rows(&self, long: &str, short: &str, unit: &str) -> Vec<(String, String)> {
+        if self.throughput_ratio.n == 0 {
+            return Vec::new();
+        }
+        vec![
+            (
+                format!("— {long}: throughput ratio"),
+                self.throughput_ratio.pct(1),
+            ),
+            (
+                format!("— {short}: p99 latency added (µs)"),
+                self.p99_added_us.show(0),
+            ),
+            (
+                format!("— {short}: nginx CPU added per {unit} (µs)"),
+                self.server_added_per_req_us.show(2),
+            ),
+            (
+                format!("— {short}: agent CPU per {unit} (µs)"),
+                self.agent_cpu_per_req_us.show(2),
+            ),
+            (
+                format!("— {short}: added CPU / nginx's own"),
+                self.added_cpu_pct.show(1) + " %",
+            ),
+        ]
+    }
 }
 
 fn summarize_load(close: bool, runs: Vec<Run>) -> LoadBench {
@@ -582,27 +678,13 @@ fn summarize_load(close: bool, runs: Vec<Run>) -> LoadBench {
     let per_req = |cpu: f64, r: &Run| cpu / r.wrk.requests.max(1) as f64 * 1e6;
     let mut v: [Vec<f64>; 17] = Default::default();
     let mut drops = Vec::new();
-    let mut cv: [Vec<f64>; 5] = Default::default();
     let pairs = runs.iter().map(|r| r.pair).max().map_or(0, |p| p + 1);
     for p in 0..pairs {
         let base = runs.iter().find(|r| r.pair == p && !r.agent);
-        let ag = runs
-            .iter()
-            .find(|r| r.pair == p && r.agent && !r.capture_only);
-        let cap = runs.iter().find(|r| r.pair == p && r.capture_only);
+        let ag = runs.iter().find(|r| r.pair == p && r.is_default_agent());
         let (Some(base), Some(ag)) = (base, ag) else {
             continue;
         };
-        if let Some(c) = cap {
-            let server_base = per_req(base.server_cpu_s, base);
-            let added = per_req(c.server_cpu_s, c) - server_base;
-            let agent = per_req(c.agent_cpu_s, c);
-            cv[0].push(c.wrk.rps / base.wrk.rps);
-            cv[1].push(c.wrk.p99_us - base.wrk.p99_us);
-            cv[2].push(added);
-            cv[3].push(agent);
-            cv[4].push((added + agent) / server_base * 100.0);
-        }
         let server_base = per_req(base.server_cpu_s, base);
         let server_agent = per_req(ag.server_cpu_s, ag);
         let agent_cpr = per_req(ag.agent_cpu_s, ag);
@@ -637,7 +719,7 @@ fn summarize_load(close: bool, runs: Vec<Run>) -> LoadBench {
         let dur = r.wrk.seconds.max(0.1);
         v[15].push(r.foreign_cpu_s / dur);
         b.foreign_agents_max = b.foreign_agents_max.max(r.foreign_agents);
-        if r.agent && !r.capture_only {
+        if r.is_default_agent() {
             b.agent_peak_rss_kib = b.agent_peak_rss_kib.max(r.agent_mem_peak.rss_kib);
             b.agent_anon_peak_kib = b.agent_anon_peak_kib.max(r.agent_mem_peak.anon_kib);
             b.agent_hwm_kib = b.agent_hwm_kib.max(r.agent_mem_peak.hwm_kib);
@@ -661,11 +743,8 @@ fn summarize_load(close: bool, runs: Vec<Run>) -> LoadBench {
     b.agent_startup_cpu_s = Summary::of(&v[13]);
     b.span_ratio = Summary::of(&v[14]);
     b.span_drop_ratio = Summary::of(&drops);
-    b.capture_throughput_ratio = Summary::of(&cv[0]);
-    b.capture_p99_added_us = Summary::of(&cv[1]);
-    b.capture_server_added_per_req_us = Summary::of(&cv[2]);
-    b.capture_agent_cpu_per_req_us = Summary::of(&cv[3]);
-    b.capture_added_cpu_pct = Summary::of(&cv[4]);
+    b.capture = VariantCost::of(&runs, |r| r.capture_only);
+    b.sampled = VariantCost::of(&runs, |r| r.sampled);
     b.foreign_cpu_share = Summary::of(&v[15]);
     b.runs = runs;
     b
@@ -983,7 +1062,7 @@ fn memory_bench(ctx: &mut Ctx) -> Result<MemoryBench> {
     let log = ctx
         .work
         .join(format!("agent-{:02}-memory.log", ctx.agents_started));
-    let agent = Agent::start(&ctx.bin, &ctx.agent_args, &log)?;
+    let agent = Agent::start(&ctx.bin, &ctx.agent_args, &[], &log)?;
     ctx.mine.push(agent.pid);
     let pid = agent.pid;
     let mem = || Mem::read(pid).unwrap_or_default();
@@ -1145,7 +1224,7 @@ fn straddles(s: &Summary, limit: f64) -> bool {
 }
 
 fn load_table(md: &mut String, b: &LoadBench, title: &str, unit: &str) {
-    let rows: Vec<(String, String)> = vec![
+    let mut rows: Vec<(String, String)> = vec![
         (format!("{unit}/s, baseline"), b.base_rps.show(0)),
         (format!("{unit}/s, with agent"), b.agent_rps.show(0)),
         (
@@ -1181,31 +1260,20 @@ fn load_table(md: &mut String, b: &LoadBench, title: &str, unit: &str) {
             ),
             b.receiver_cpu_per_req_us.show(2),
         ),
-        (
-            "— capture only (`--exporter none`): throughput ratio".into(),
-            b.capture_throughput_ratio.pct(1),
-        ),
-        (
-            "— capture only: p99 latency added (µs)".into(),
-            b.capture_p99_added_us.show(0),
-        ),
-        (
-            format!("— capture only: nginx CPU added per {unit} (µs)"),
-            b.capture_server_added_per_req_us.show(2),
-        ),
-        (
-            format!("— capture only: agent CPU per {unit} (µs)"),
-            b.capture_agent_cpu_per_req_us.show(2),
-        ),
-        (
-            "— capture only: added CPU / nginx's own".into(),
-            b.capture_added_cpu_pct.show(1) + " %",
-        ),
-        (
-            "other load on the host during runs (cores)".into(),
-            b.foreign_cpu_share.show(2),
-        ),
     ];
+    rows.extend(
+        b.capture
+            .rows("capture only (`--exporter none`)", "capture only", unit),
+    );
+    rows.extend(b.sampled.rows(
+        "10 % sampled (`OTEL_TRACES_SAMPLER=parentbased_traceidratio`, `OTEL_TRACES_SAMPLER_ARG=0.1`)",
+        "10 % sampled",
+        unit,
+    ));
+    rows.push((
+        "other load on the host during runs (cores)".into(),
+        b.foreign_cpu_share.show(2),
+    ));
     md.push_str(&format!(
         "\n### {title}\n\n| measure | median (min … max) over {} pairs |\n|---|---|\n",
         b.throughput_ratio.n
@@ -1251,7 +1319,7 @@ fn render(r: &Results) -> String {
         ka.map_or("n/a".into(), |b| {
             with_capture(
                 b.added_cpu_pct.show(1) + " %",
-                &b.capture_added_cpu_pct,
+                &b.capture.added_cpu_pct,
                 |c| c.show(1) + " %",
             )
         }),
@@ -1264,7 +1332,7 @@ fn render(r: &Results) -> String {
         ka.map_or("n/a".into(), |b| {
             with_capture(
                 b.throughput_ratio.pct(1),
-                &b.capture_throughput_ratio,
+                &b.capture.throughput_ratio,
                 |c| c.pct(1),
             )
         }),
@@ -1277,7 +1345,7 @@ fn render(r: &Results) -> String {
         ka.map_or("n/a".into(), |b| {
             with_capture(
                 b.p99_added_us.show(0) + " µs",
-                &b.capture_p99_added_us,
+                &b.capture.p99_added_us,
                 |c| c.show(0) + " µs",
             )
         }),

@@ -110,12 +110,14 @@ pub struct AgentExit {
 }
 
 impl Agent {
-    pub fn start(bin: &Path, args: &[String], log: &Path) -> Result<Self> {
+    /// `tapir run ARGS` with `envs` added to the environment.
+    pub fn start(bin: &Path, args: &[String], envs: &[(&str, &str)], log: &Path) -> Result<Self> {
         let t0 = Instant::now();
         let child = Command::new(bin)
             .arg("run")
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(fs::File::create(log.with_extension("stdout.log"))?)
             .stderr(fs::File::create(log)?)
