@@ -360,20 +360,18 @@ impl Run {
 struct LoadBench {
     close: bool,
     runs: Vec<Run>,
-    /// Per-pair values, summarized.
-    throughput_ratio: Summary,
+    /// Per-pair values, summarized. The agent as configured against the baseline (its
+    /// fields sit at this level in results.json, as before the variants had their own).
+    #[serde(flatten)]
+    agent: VariantCost,
     base_rps: Summary,
     agent_rps: Summary,
     p50_added_us: Summary,
-    p99_added_us: Summary,
     base_p99_us: Summary,
     server_cpu_per_req_us: Summary,
-    server_added_per_req_us: Summary,
-    agent_cpu_per_req_us: Summary,
     client_added_per_req_us: Summary,
     /// The local OTLP receiver's CPU per request (it shares the host's cores).
     receiver_cpu_per_req_us: Summary,
-    added_cpu_pct: Summary,
     agent_cpu_s_per_100k: Summary,
     agent_peak_rss_kib: u64,
     agent_hwm_kib: u64,
@@ -676,7 +674,7 @@ fn summarize_load(close: bool, runs: Vec<Run>) -> LoadBench {
         ..Default::default()
     };
     let per_req = |cpu: f64, r: &Run| cpu / r.wrk.requests.max(1) as f64 * 1e6;
-    let mut v: [Vec<f64>; 17] = Default::default();
+    let mut v: [Vec<f64>; 12] = Default::default();
     let mut drops = Vec::new();
     let pairs = runs.iter().map(|r| r.pair).max().map_or(0, |p| p + 1);
     for p in 0..pairs {
@@ -685,27 +683,19 @@ fn summarize_load(close: bool, runs: Vec<Run>) -> LoadBench {
         let (Some(base), Some(ag)) = (base, ag) else {
             continue;
         };
-        let server_base = per_req(base.server_cpu_s, base);
-        let server_agent = per_req(ag.server_cpu_s, ag);
-        let agent_cpr = per_req(ag.agent_cpu_s, ag);
-        v[0].push(ag.wrk.rps / base.wrk.rps);
-        v[1].push(base.wrk.rps);
-        v[2].push(ag.wrk.rps);
-        v[3].push(ag.wrk.p50_us - base.wrk.p50_us);
-        v[4].push(ag.wrk.p99_us - base.wrk.p99_us);
-        v[5].push(base.wrk.p99_us);
-        v[6].push(server_base);
-        v[7].push(server_agent - server_base);
-        v[8].push(agent_cpr);
-        v[9].push(per_req(ag.wrk.cpu_s, ag) - per_req(base.wrk.cpu_s, base));
-        v[10].push((server_agent - server_base + agent_cpr) / server_base * 100.0);
-        v[11].push(ag.agent_cpu_s / ag.wrk.requests.max(1) as f64 * 1e5);
-        v[12].push(ag.agent_startup_s);
-        v[13].push(ag.agent_startup_cpu_s);
+        v[0].push(base.wrk.rps);
+        v[1].push(ag.wrk.rps);
+        v[2].push(ag.wrk.p50_us - base.wrk.p50_us);
+        v[3].push(base.wrk.p99_us);
+        v[4].push(per_req(base.server_cpu_s, base));
+        v[5].push(per_req(ag.wrk.cpu_s, ag) - per_req(base.wrk.cpu_s, base));
+        v[6].push(ag.agent_cpu_s / ag.wrk.requests.max(1) as f64 * 1e5);
+        v[7].push(ag.agent_startup_s);
+        v[8].push(ag.agent_startup_cpu_s);
         if ag.spans_expected > 0 {
-            v[14].push(ag.spans_received as f64 / ag.spans_expected as f64);
+            v[9].push(ag.spans_received as f64 / ag.spans_expected as f64);
         }
-        v[16].push(per_req(ag.receiver_cpu_s, ag));
+        v[11].push(per_req(ag.receiver_cpu_s, ag));
         if let Some(AgentExit {
             spans_exported: Some(e),
             spans_dropped: Some(d),
@@ -717,7 +707,7 @@ fn summarize_load(close: bool, runs: Vec<Run>) -> LoadBench {
     }
     for r in &runs {
         let dur = r.wrk.seconds.max(0.1);
-        v[15].push(r.foreign_cpu_s / dur);
+        v[10].push(r.foreign_cpu_s / dur);
         b.foreign_agents_max = b.foreign_agents_max.max(r.foreign_agents);
         if r.is_default_agent() {
             b.agent_peak_rss_kib = b.agent_peak_rss_kib.max(r.agent_mem_peak.rss_kib);
@@ -726,26 +716,22 @@ fn summarize_load(close: bool, runs: Vec<Run>) -> LoadBench {
             b.agent_ringbuf_rss_kib = b.agent_ringbuf_rss_kib.max(r.agent_ringbuf_rss_kib);
         }
     }
-    b.throughput_ratio = Summary::of(&v[0]);
-    b.base_rps = Summary::of(&v[1]);
-    b.agent_rps = Summary::of(&v[2]);
-    b.p50_added_us = Summary::of(&v[3]);
-    b.p99_added_us = Summary::of(&v[4]);
-    b.base_p99_us = Summary::of(&v[5]);
-    b.server_cpu_per_req_us = Summary::of(&v[6]);
-    b.server_added_per_req_us = Summary::of(&v[7]);
-    b.agent_cpu_per_req_us = Summary::of(&v[8]);
-    b.client_added_per_req_us = Summary::of(&v[9]);
-    b.receiver_cpu_per_req_us = Summary::of(&v[16]);
-    b.added_cpu_pct = Summary::of(&v[10]);
-    b.agent_cpu_s_per_100k = Summary::of(&v[11]);
-    b.agent_startup_s = Summary::of(&v[12]);
-    b.agent_startup_cpu_s = Summary::of(&v[13]);
-    b.span_ratio = Summary::of(&v[14]);
+    b.base_rps = Summary::of(&v[0]);
+    b.agent_rps = Summary::of(&v[1]);
+    b.p50_added_us = Summary::of(&v[2]);
+    b.base_p99_us = Summary::of(&v[3]);
+    b.server_cpu_per_req_us = Summary::of(&v[4]);
+    b.client_added_per_req_us = Summary::of(&v[5]);
+    b.agent_cpu_s_per_100k = Summary::of(&v[6]);
+    b.agent_startup_s = Summary::of(&v[7]);
+    b.agent_startup_cpu_s = Summary::of(&v[8]);
+    b.span_ratio = Summary::of(&v[9]);
+    b.foreign_cpu_share = Summary::of(&v[10]);
+    b.receiver_cpu_per_req_us = Summary::of(&v[11]);
     b.span_drop_ratio = Summary::of(&drops);
+    b.agent = VariantCost::of(&runs, Run::is_default_agent);
     b.capture = VariantCost::of(&runs, |r| r.capture_only);
     b.sampled = VariantCost::of(&runs, |r| r.sampled);
-    b.foreign_cpu_share = Summary::of(&v[15]);
     b.runs = runs;
     b
 }
@@ -1229,10 +1215,10 @@ fn load_table(md: &mut String, b: &LoadBench, title: &str, unit: &str) {
         (format!("{unit}/s, with agent"), b.agent_rps.show(0)),
         (
             "throughput ratio agent/baseline".into(),
-            b.throughput_ratio.pct(1),
+            b.agent.throughput_ratio.pct(1),
         ),
         ("p50 latency added (µs)".into(), b.p50_added_us.show(0)),
-        ("p99 latency added (µs)".into(), b.p99_added_us.show(0)),
+        ("p99 latency added (µs)".into(), b.agent.p99_added_us.show(0)),
         ("p99 latency, baseline (µs)".into(), b.base_p99_us.show(0)),
         (
             format!("nginx CPU per {unit}, baseline (µs)"),
@@ -1240,15 +1226,15 @@ fn load_table(md: &mut String, b: &LoadBench, title: &str, unit: &str) {
         ),
         (
             format!("nginx CPU added per {unit} by the kernel programs (µs)"),
-            b.server_added_per_req_us.show(2),
+            b.agent.server_added_per_req_us.show(2),
         ),
         (
             format!("agent CPU per {unit} (µs)"),
-            b.agent_cpu_per_req_us.show(2),
+            b.agent.agent_cpu_per_req_us.show(2),
         ),
         (
             "added CPU (nginx's extra + agent) / nginx's own".into(),
-            b.added_cpu_pct.show(1) + " %",
+            b.agent.added_cpu_pct.show(1) + " %",
         ),
         (
             format!("wrk (client) CPU added per {unit} (µs, its side is observed too)"),
@@ -1276,7 +1262,7 @@ fn load_table(md: &mut String, b: &LoadBench, title: &str, unit: &str) {
     ));
     md.push_str(&format!(
         "\n### {title}\n\n| measure | median (min … max) over {} pairs |\n|---|---|\n",
-        b.throughput_ratio.n
+        b.agent.throughput_ratio.n
     ));
     for (k, v) in rows {
         md.push_str(&format!("| {k} | {v} |\n"));
@@ -1318,40 +1304,40 @@ fn render(r: &Results) -> String {
         "added CPU per request ≤ 10 % of nginx's own (keep-alive)",
         ka.map_or("n/a".into(), |b| {
             with_capture(
-                b.added_cpu_pct.show(1) + " %",
+                b.agent.added_cpu_pct.show(1) + " %",
                 &b.capture.added_cpu_pct,
                 |c| c.show(1) + " %",
             )
         }),
-        ka.and_then(|b| fin(&b.added_cpu_pct))
+        ka.and_then(|b| fin(&b.agent.added_cpu_pct))
             .map(|v| v <= TARGET_ADDED_CPU_PCT),
-        ka.is_some_and(|b| straddles(&b.added_cpu_pct, TARGET_ADDED_CPU_PCT)),
+        ka.is_some_and(|b| straddles(&b.agent.added_cpu_pct, TARGET_ADDED_CPU_PCT)),
     );
     target(
         "keep-alive throughput ≥ 97 % of baseline",
         ka.map_or("n/a".into(), |b| {
             with_capture(
-                b.throughput_ratio.pct(1),
+                b.agent.throughput_ratio.pct(1),
                 &b.capture.throughput_ratio,
                 |c| c.pct(1),
             )
         }),
-        ka.and_then(|b| fin(&b.throughput_ratio))
+        ka.and_then(|b| fin(&b.agent.throughput_ratio))
             .map(|v| v >= TARGET_KA_THROUGHPUT),
-        ka.is_some_and(|b| straddles(&b.throughput_ratio, TARGET_KA_THROUGHPUT)),
+        ka.is_some_and(|b| straddles(&b.agent.throughput_ratio, TARGET_KA_THROUGHPUT)),
     );
     target(
         "added p99 latency ≤ 50 µs (keep-alive)",
         ka.map_or("n/a".into(), |b| {
             with_capture(
-                b.p99_added_us.show(0) + " µs",
+                b.agent.p99_added_us.show(0) + " µs",
                 &b.capture.p99_added_us,
                 |c| c.show(0) + " µs",
             )
         }),
-        ka.and_then(|b| fin(&b.p99_added_us))
+        ka.and_then(|b| fin(&b.agent.p99_added_us))
             .map(|v| v <= TARGET_ADDED_P99_US),
-        ka.is_some_and(|b| straddles(&b.p99_added_us, TARGET_ADDED_P99_US)),
+        ka.is_some_and(|b| straddles(&b.agent.p99_added_us, TARGET_ADDED_P99_US)),
     );
     let pipe_otel = r
         .pipeline
