@@ -156,6 +156,13 @@ class Agent(Proc):
                 out.append(json.loads(line))
         return out
 
+    def final_count(self, name):
+        """A counter from the agent's "final count" lines on exit (None if not printed)."""
+        for line in reversed(self.err):
+            if "final count" in line and f'counter="{name}"' in line:
+                return int(line.rsplit("value=", 1)[1].split()[0])
+        return None
+
     def wait_exchanges(self, n, timeout=30.0):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -93,6 +93,61 @@ def test_traceparent_after_3kib_of_headers_and_any_case(py_server):
     assert (s["trace_id"], s["parent_span_id"]) == (TRACE, PARENT)
 
 
+def request_in_parts(port, parts):
+    """Send a request's bytes in separate segments, pausing between them so that the server
+    reads each on its own (the late-read counter checked by the callers proves it did)."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i, part in enumerate(parts):
+            if i:
+                time.sleep(0.05)
+            s.sendall(part)
+        f = s.makefile("rb")
+        return int(f.readline().split()[1])
+
+
+TP = f"traceparent: 00-{TRACE}-{PARENT}-01\r\n".encode()
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        # What a sender's pushed header looks like: the request line, then the header.
+        [b"GET /split HTTP/1.1\r\n", TP + b"Host: x\r\n\r\n"],
+        [b"GET /split HTTP/1.1\r\nHost: x\r\n", b"Accept: */*\r\n" + TP + b"\r\n"],
+        [b"GET /split HTTP/1.1\r\n", b"Host: x\r\n", b"Accept: */*\r\n", TP + b"\r\n"],
+    ],
+    ids=["after-request-line", "mid-headers", "fourth-read"],
+)
+def test_traceparent_in_a_later_read_of_the_head_is_continued(py_server, procs, parts):
+    backend, bport = py_server()
+    fport = free_port()
+    procs([PY, TESTS / "servers/frontend.py", fport, f"http://127.0.0.1:{bport}"], ready_port=fport)
+    agent = watch(fport, bport)
+    assert request_in_parts(fport, parts) == 200
+    got = finish(agent)
+    (server,) = of(got, "server", fport)
+    (child,) = of(got, "client", bport)
+    assert server["url.path"] == "/split"
+    assert (server["trace_id"], server["parent_span_id"]) == (TRACE, PARENT)
+    # The thread's context was corrected too: the downstream call continues the trace.
+    assert (child["trace_id"], child["parent_span_id"]) == (TRACE, server["span_id"])
+    assert agent.final_count("tapir.kernel.traceparent_in_later_read") == 1, agent.err[-30:]
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one-read", "body-in-second-read"])
+def test_traceparent_lines_in_a_body_are_not_a_parent(py_server, split):
+    server, port = py_server()
+    agent = watch(port)
+    body = b"x\r\n" + TP
+    head = b"POST /body HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    assert request_in_parts(port, [head, body] if split else [head + body]) == 201
+    (s,) = of(finish(agent), "server", port)
+    assert s["url.path"] == "/body"
+    assert s["trace_id"] != TRACE and s["parent_span_id"] is None
+    assert agent.final_count("tapir.kernel.traceparent_in_later_read") == 0
+
+
 @pytest.mark.parametrize(
     "value",
     [

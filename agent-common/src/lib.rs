@@ -163,6 +163,10 @@ pub const TRACE_NONE: u8 = 0;
 pub const TRACE_SERVER: u8 = 1;
 /// Ids of a CLIENT span: the process wrote a request.
 pub const TRACE_CLIENT: u8 = 2;
+/// A later read of a request head carried the `traceparent` the first read lacked:
+/// `trace_id`, `parent_span_id` and `flags` replace those of the SERVER span being read on
+/// this connection (`span_id` is that span's, when the reading thread still had it open).
+pub const TRACE_SERVER_PARENT: u8 = 3;
 
 /// [`TraceIds::origin`]: fresh ids (no incoming context).
 pub const ORIGIN_NEW: u8 = 0;
@@ -212,6 +216,12 @@ pub const CONN_HTTP: u32 = 2;
 /// The connection's HTTP port is already in the injection port set (saves a lookup per
 /// request).
 pub const CONN_PORT_LEARNED: u32 = 4;
+/// An incoming request head is being read and no `traceparent` was found in it yet: the
+/// next ingress read continues it and is scanned too.
+pub const CONN_HEAD_OPEN: u32 = 8;
+/// ... and the last read ended at a line end (a header may start at the next read's
+/// first byte).
+pub const CONN_HEAD_AT_LINE: u32 = 16;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -268,6 +278,8 @@ pub mod counter {
     pub const DATA_EVENTS: u32 = 4;
     /// Connection events submitted.
     pub const CONN_EVENTS: u32 = 5;
+    /// A request's `traceparent` was found in a later read of its head, not the first.
+    pub const TRACEPARENT_LATE: u32 = 6;
     pub const COUNT: u32 = 8;
 }
 

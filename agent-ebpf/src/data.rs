@@ -1,8 +1,8 @@
 //! read/write-family syscalls on tracked TCP connections: save the arguments at entry, copy
 //! a bounded prefix (and the last few bytes) at exit when the bytes are or follow HTTP/1.x.
 use agent_common::{
-    counter, syscall, EventKind, TraceIds, CONN_HTTP, CONN_PORT_LEARNED, DIR_EGRESS, DIR_INGRESS,
-    MAX_CAPTURE, MAX_IOVECS, TAIL_BYTES,
+    counter, syscall, EventKind, TraceIds, CONN_HEAD_AT_LINE, CONN_HEAD_OPEN, CONN_HTTP,
+    CONN_PORT_LEARNED, DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE, MAX_IOVECS, TAIL_BYTES,
 };
 use aya_ebpf::{
     helpers::{
@@ -21,8 +21,8 @@ use crate::{
         SCRATCH_BYTES, SHAPE_BUF, SHAPE_IOVEC, SHAPE_MSGHDR, SHAPE_NONE,
     },
     trace::{
-        is_request_start, is_response_start, on_client_request, on_server_request,
-        on_server_response,
+        byte_at, is_request_start, is_response_start, on_client_request, on_server_head_continued,
+        on_server_request, on_server_response, HeadScan,
     },
 };
 
@@ -228,14 +228,6 @@ fn emit_data<const SHAPE: u8>(
         }
     }
     let DataScratch { hdr, data, .. } = scratch;
-    clear_ids(&mut hdr.trace);
-    trace_ids(p.direction, data, captured, &mut hdr.trace, state);
-    hdr.header = header(EventKind::Data, p.fd);
-    hdr.sock_id = p.sock_id;
-    hdr.total = total.min(u32::MAX as u64) as u32;
-    hdr.captured = captured as u32;
-    hdr.direction = p.direction;
-    hdr.syscall = p.syscall;
     hdr.tail_len = 0;
     if tail_addr != 0 && total > captured {
         // SAFETY: bpf_probe_read_user tolerates any address.
@@ -244,6 +236,26 @@ fn emit_data<const SHAPE: u8>(
             hdr.tail_len = TAIL_BYTES as u8;
         }
     }
+    // Read back from map memory, whose values the verifier does not track: the gather
+    // above ends in many states (one per iovec count and copy outcome), and the trace
+    // logic below is then verified once instead of once per state.
+    hdr.captured = captured as u32;
+    // SAFETY: a field of this CPU's scratch record.
+    let captured = unsafe { core::ptr::read_volatile(&hdr.captured) } as u64;
+    clear_ids(&mut hdr.trace);
+    trace_ids(
+        p.direction,
+        data,
+        captured,
+        captured == total,
+        &mut hdr.trace,
+        state,
+    );
+    hdr.header = header(EventKind::Data, p.fd);
+    hdr.sock_id = p.sock_id;
+    hdr.total = total.min(u32::MAX as u64) as u32;
+    hdr.direction = p.direction;
+    hdr.syscall = p.syscall;
     let size = core::mem::size_of::<agent_common::DataEventHeader>() as u64
         + (core::hint::black_box(captured.min(MAX_CAPTURE as u64)) & (2 * MAX_CAPTURE as u64 - 1));
     // SAFETY: `size` never exceeds the scratch record.
@@ -276,11 +288,14 @@ fn clear_ids(ids: &mut TraceIds) {
 }
 
 /// Request starts get span ids; a response written ends the thread's SERVER context.
+/// `whole`: the `n` bytes are all the call moved (a head read on from a cut-off copy
+/// cannot be followed).
 #[inline(always)]
 fn trace_ids(
     direction: u8,
     data: &[u8; SCRATCH_BYTES],
     n: u64,
+    whole: bool,
     ids: &mut TraceIds,
     conn: &mut agent_common::ConnState,
 ) {
@@ -297,12 +312,45 @@ fn trace_ids(
             });
         }
         if direction == DIR_INGRESS {
-            on_server_request(pid_tgid, data, n, ids);
+            let scan = on_server_request(pid_tgid, data, n, ids);
+            follow_head(conn, scan, whole, data, n);
         } else {
             on_client_request(pid_tgid, data, n, ids);
         }
-    } else if direction == DIR_EGRESS && is_response_start(data, n) {
-        on_server_response(pid_tgid);
+    } else if direction == DIR_INGRESS {
+        if conn.flags & CONN_HEAD_OPEN != 0 {
+            let line_start = conn.flags & CONN_HEAD_AT_LINE != 0;
+            let scan = on_server_head_continued(pid_tgid, data, n, line_start, ids);
+            follow_head(conn, scan, whole, data, n);
+        }
+    } else {
+        // Writing anything means the head was read.
+        if conn.flags & CONN_HEAD_OPEN != 0 {
+            conn.flags &= !(CONN_HEAD_OPEN | CONN_HEAD_AT_LINE);
+        }
+        if is_response_start(data, n) {
+            on_server_response(pid_tgid);
+        }
+    }
+}
+
+/// Keeps scanning the connection's next read while its request head is incomplete and
+/// has shown no `traceparent`.
+#[inline(always)]
+fn follow_head(
+    conn: &mut agent_common::ConnState,
+    scan: HeadScan,
+    whole: bool,
+    data: &[u8; SCRATCH_BYTES],
+    n: u64,
+) {
+    conn.flags &= !(CONN_HEAD_OPEN | CONN_HEAD_AT_LINE);
+    if scan.found || scan.ended || !whole || n == 0 {
+        return;
+    }
+    conn.flags |= CONN_HEAD_OPEN;
+    if byte_at(data, n - 1) == b'\n' {
+        conn.flags |= CONN_HEAD_AT_LINE;
     }
 }
 

@@ -103,6 +103,8 @@ pub struct DataScratch {
     pub data: [u8; SCRATCH_BYTES],
     /// Where the traceparent scan found a value (see trace.rs); not sent to userspace.
     pub scan_at: u64,
+    /// Non-zero when that scan reached the empty line that ends the head.
+    pub head_end: u64,
     /// A vectored call's iovec array (base, len), read in one go.
     pub iovecs: [[u64; 2]; agent_common::MAX_IOVECS],
 }

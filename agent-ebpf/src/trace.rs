@@ -3,7 +3,8 @@
 //! while that context is open becomes its CLIENT child. The ids travel to userspace in the
 //! data event and (see `inject.rs`) onto the wire, so both always agree.
 use agent_common::{
-    TraceIds, MAX_CAPTURE, ORIGIN_HEADER, ORIGIN_NEW, ORIGIN_THREAD, TRACE_CLIENT, TRACE_SERVER,
+    counter, TraceIds, MAX_CAPTURE, ORIGIN_HEADER, ORIGIN_NEW, ORIGIN_THREAD, TRACE_CLIENT,
+    TRACE_SERVER, TRACE_SERVER_PARENT,
 };
 use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, generated::bpf_loop},
@@ -11,7 +12,7 @@ use aya_ebpf::{
     maps::LruHashMap,
 };
 
-use crate::maps::{CPU_STATE, SCRATCH, SCRATCH_BYTES};
+use crate::maps::{count, CPU_STATE, SCRATCH, SCRATCH_BYTES};
 
 /// pid_tgid → the SERVER span the thread is handling (between request read and response
 /// written).
@@ -88,7 +89,7 @@ pub fn is_response_start(data: &[u8; SCRATCH_BYTES], n: u64) -> bool {
 }
 
 #[inline(always)]
-fn byte_at(data: &[u8; SCRATCH_BYTES], i: u64) -> u8 {
+pub fn byte_at(data: &[u8; SCRATCH_BYTES], i: u64) -> u8 {
     // Masked so the verifier sees the index inside the array.
     let i = (i & (2 * MAX_CAPTURE as u64 - 1)) as usize;
     // SAFETY: i < 2×MAX_CAPTURE < SCRATCH_BYTES.
@@ -159,8 +160,9 @@ struct ScanCtx {
 }
 
 /// One bpf_loop step: looks at the 8 bytes of word `w` for a line starting with
-/// "traceparent:" (any case). A callback keeps the verifier's work constant however long
-/// the header block is.
+/// "traceparent:" (any case), or for the empty line that ends the head (the scan stops
+/// there: a body is not headers). A callback keeps the verifier's work constant however
+/// long the header block is.
 extern "C" fn scan_word(w: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: bpf_loop passes back the pointer given to it: our ScanCtx on the stack.
     let n = unsafe { (*(ctx as *const ScanCtx)).n };
@@ -180,12 +182,21 @@ extern "C" fn scan_word(w: u64, ctx: *mut core::ffi::c_void) -> i64 {
     }
     for j in 0..8u64 {
         let nl = base + j;
-        if byte_at(data, nl) == b'\n'
-            && word_at(data, nl + 1) | LOWER8 == TRACEPAR
+        if byte_at(data, nl) != b'\n' {
+            continue;
+        }
+        // Reported through map memory, which the verifier does not track value by value:
+        // the caller then continues in one state, not one per position.
+        let next = byte_at(data, nl + 1);
+        if nl + 1 < n
+            && (next == b'\n' || (next == b'\r' && nl + 2 < n && byte_at(data, nl + 2) == b'\n'))
+        {
+            scratch.head_end = 1;
+            return 1;
+        }
+        if word_at(data, nl + 1) | LOWER8 == TRACEPAR
             && (word_at(data, nl + 9) as u32) | 0x2020_2020 == ENT_COLON
         {
-            // Reported through map memory, which the verifier does not track value by
-            // value: the caller then continues in one state, not one per position.
             scratch.scan_at = nl + 13;
             return 1;
         }
@@ -193,9 +204,85 @@ extern "C" fn scan_word(w: u64, ctx: *mut core::ffi::c_void) -> i64 {
     0
 }
 
-/// Finds a valid W3C `traceparent` header anywhere in the first `n` captured bytes of a
-/// request head and writes its trace id, span id and flags (straight into map memory, to
-/// keep the stack small). Invalid values are ignored, as W3C says.
+/// What a scan of request-head bytes found.
+#[derive(Clone, Copy)]
+pub struct HeadScan {
+    /// A valid `traceparent` (its ids were written out).
+    pub found: bool,
+    /// The empty line that ends the head, before any `traceparent`.
+    pub ended: bool,
+}
+
+/// Finds a valid W3C `traceparent` header in the first `n` captured bytes of a request
+/// head, up to the head's end, and writes its trace id, span id and flags (straight into
+/// map memory, to keep the stack small). Invalid values are ignored, as W3C says.
+/// `line_start`: the bytes continue a head whose previous read ended with a line, so a
+/// header (or the head's end) may start at offset 0.
+#[inline(always)]
+pub fn scan_head(
+    data: &[u8; SCRATCH_BYTES],
+    n: u64,
+    line_start: bool,
+    trace_id: &mut [u8; 16],
+    span_id: &mut [u8; 8],
+    flags: &mut u8,
+) -> HeadScan {
+    let mut scan = HeadScan {
+        found: false,
+        ended: false,
+    };
+    let n = n.min(MAX_CAPTURE as u64);
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return scan;
+    };
+    // SAFETY: per-CPU scratch slot of this CPU.
+    unsafe {
+        (*scratch).scan_at = 0;
+        (*scratch).head_end = 0;
+    }
+    if line_start
+        && n >= 2
+        && (byte_at(data, 0) == b'\n' || (byte_at(data, 0) == b'\r' && byte_at(data, 1) == b'\n'))
+    {
+        scan.ended = true;
+        return scan;
+    }
+    if line_start
+        && n >= 12
+        && word_at(data, 0) | LOWER8 == TRACEPAR
+        && (word_at(data, 8) as u32) | 0x2020_2020 == ENT_COLON
+    {
+        // SAFETY: as above.
+        unsafe { (*scratch).scan_at = 12 };
+    } else {
+        let mut ctx = ScanCtx { n };
+        // SAFETY: callback and context follow bpf_loop's contract.
+        unsafe {
+            bpf_loop(
+                ((n + 7) / 8) as u32,
+                scan_word as *mut core::ffi::c_void,
+                &mut ctx as *mut ScanCtx as *mut core::ffi::c_void,
+                0,
+            )
+        };
+    }
+    // SAFETY: as above.
+    let (value_at, head_end) = unsafe { ((*scratch).scan_at, (*scratch).head_end) };
+    scan.ended = head_end != 0;
+    scan.found = value_at != 0
+        && parse_traceparent(
+            data,
+            n,
+            value_at & (MAX_CAPTURE as u64 - 1),
+            trace_id,
+            span_id,
+            flags,
+        )
+        .is_some();
+    scan
+}
+
+/// Finds a valid `traceparent` in a request head that starts at offset 0.
 #[inline(always)]
 pub fn find_traceparent(
     data: &[u8; SCRATCH_BYTES],
@@ -204,25 +291,21 @@ pub fn find_traceparent(
     span_id: &mut [u8; 8],
     flags: &mut u8,
 ) -> Option<()> {
-    let n = n.min(MAX_CAPTURE as u64);
-    let mut ctx = ScanCtx { n };
-    let scratch = SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: per-CPU scratch slot of this CPU.
-    unsafe { (*scratch).scan_at = 0 };
-    // SAFETY: callback and context follow bpf_loop's contract.
-    unsafe {
-        bpf_loop(
-            ((n + 7) / 8) as u32,
-            scan_word as *mut core::ffi::c_void,
-            &mut ctx as *mut ScanCtx as *mut core::ffi::c_void,
-            0,
-        )
-    };
-    // SAFETY: as above.
-    let mut value_at = unsafe { (*scratch).scan_at } & (MAX_CAPTURE as u64 - 1);
-    if value_at == 0 {
-        return None;
-    }
+    scan_head(data, n, false, trace_id, span_id, flags)
+        .found
+        .then_some(())
+}
+
+/// Parses the header value that starts at `value_at` (after the colon).
+#[inline(always)]
+fn parse_traceparent(
+    data: &[u8; SCRATCH_BYTES],
+    n: u64,
+    mut value_at: u64,
+    trace_id: &mut [u8; 16],
+    span_id: &mut [u8; 8],
+    flags: &mut u8,
+) -> Option<()> {
     // Optional whitespace after the colon.
     for _ in 0..2 {
         let c = byte_at(data, value_at);
@@ -265,17 +348,23 @@ pub fn find_traceparent(
 
 /// A thread read a request: open its SERVER context and fill the span's ids.
 #[inline(always)]
-pub fn on_server_request(pid_tgid: u64, data: &[u8; SCRATCH_BYTES], n: u64, ids: &mut TraceIds) {
+pub fn on_server_request(
+    pid_tgid: u64,
+    data: &[u8; SCRATCH_BYTES],
+    n: u64,
+    ids: &mut TraceIds,
+) -> HeadScan {
     ids.span_id = new_span_id();
     ids.kind = TRACE_SERVER;
-    let found = find_traceparent(
+    let scan = scan_head(
         data,
         n,
+        false,
         &mut ids.trace_id,
         &mut ids.parent_span_id,
         &mut ids.flags,
     );
-    if found.is_some() {
+    if scan.found {
         ids.has_parent = 1;
         ids.origin = ORIGIN_HEADER;
     } else {
@@ -293,6 +382,50 @@ pub fn on_server_request(pid_tgid: u64, data: &[u8; SCRATCH_BYTES], n: u64, ids:
             let _ = THREAD_CTX.insert(pid_tgid, &*ids, 0);
         }
     }
+    scan
+}
+
+/// A later read of a request head whose earlier reads had no `traceparent`: a sender's
+/// pushed header (Tapir's own injection, among others) can arrive as its own segment. A
+/// `traceparent` found here becomes the open SERVER span's parent, for the spans the
+/// thread starts from now on and (kind [`TRACE_SERVER_PARENT`]) for userspace.
+#[inline(always)]
+pub fn on_server_head_continued(
+    pid_tgid: u64,
+    data: &[u8; SCRATCH_BYTES],
+    n: u64,
+    line_start: bool,
+    ids: &mut TraceIds,
+) -> HeadScan {
+    let scan = scan_head(
+        data,
+        n,
+        line_start,
+        &mut ids.trace_id,
+        &mut ids.parent_span_id,
+        &mut ids.flags,
+    );
+    if !scan.found {
+        return scan;
+    }
+    count(counter::TRACEPARENT_LATE);
+    ids.kind = TRACE_SERVER_PARENT;
+    ids.has_parent = 1;
+    ids.origin = ORIGIN_HEADER;
+    if let Some(slot) = THREAD_CTX.get_ptr_mut(pid_tgid) {
+        // SAFETY: pointer from a successful lookup.
+        let server = unsafe { &mut *slot };
+        if server.kind == TRACE_SERVER {
+            ids.span_id = server.span_id;
+            // SAFETY: distinct memory (map value vs. scratch).
+            unsafe { core::ptr::copy_nonoverlapping(&ids.trace_id, &mut server.trace_id, 1) };
+            server.parent_span_id = ids.parent_span_id;
+            server.flags = ids.flags;
+            server.has_parent = 1;
+            server.origin = ORIGIN_HEADER;
+        }
+    }
+    scan
 }
 
 /// The thread wrote a response: the request it was handling is done. The entry stays,

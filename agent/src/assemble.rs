@@ -1,7 +1,7 @@
 //! Adapts kernel data events to the HTTP/1.x stream parser of one connection.
 use std::collections::VecDeque;
 
-use agent_common::{TraceIds, DIR_INGRESS, TRACE_NONE};
+use agent_common::{TraceIds, DIR_INGRESS, TRACE_NONE, TRACE_SERVER, TRACE_SERVER_PARENT};
 
 use crate::{
     capture::events::DataEvent,
@@ -48,6 +48,23 @@ impl ConnAssembler {
         }
     }
 
+    /// The `traceparent` of the request whose head is being read (the newest request
+    /// start) arrived in a later read: that SERVER span continues the caller's trace.
+    fn adopt_late_parent(&mut self, late: &TraceIds) {
+        let Some((_, ids)) = self.pending_ids.back_mut() else {
+            return;
+        };
+        // The kernel names the span when the reading thread still had it open.
+        if ids.kind != TRACE_SERVER || (late.span_id != [0; 8] && late.span_id != ids.span_id) {
+            return;
+        }
+        ids.trace_id = late.trace_id;
+        ids.parent_span_id = late.parent_span_id;
+        ids.flags = late.flags;
+        ids.has_parent = 1;
+        ids.origin = late.origin;
+    }
+
     /// Frees buffers kept from earlier messages, if nothing is in flight (idle connection).
     pub fn release_idle_buffers(&mut self) {
         if self.pending_ids.is_empty() {
@@ -58,7 +75,10 @@ impl ConnAssembler {
 
     /// Feeds one data event; drop counts go to `stats`.
     pub fn on_data(&mut self, d: &DataEvent<'_>, out: &mut Vec<Assembled>, stats: &Stats) {
-        if d.header.trace.kind != TRACE_NONE {
+        let trace = &d.header.trace;
+        if trace.kind == TRACE_SERVER_PARENT {
+            self.adopt_late_parent(trace);
+        } else if trace.kind != TRACE_NONE {
             if self.pending_ids.len() >= MAX_PENDING_IDS {
                 self.pending_ids.pop_front();
             }
@@ -165,6 +185,90 @@ mod tests {
             .map(|(e, ids)| (e.path.clone(), ids.map(|i| i.span_id[0])))
             .collect();
         assert_eq!(got, vec![("/a".into(), Some(1)), ("/b".into(), Some(2))]);
+    }
+
+    /// A continuation chunk of a request head carrying the late `traceparent` ids.
+    fn feed_late_parent(
+        a: &mut ConnAssembler,
+        out: &mut Vec<Assembled>,
+        ts: u64,
+        payload: &[u8],
+        span: u8,
+    ) {
+        let mut header = DataEventHeader {
+            header: EventHeader {
+                kind: EventKind::Data as u8,
+                ts_ns: ts,
+                ..Default::default()
+            },
+            total: payload.len() as u32,
+            captured: payload.len() as u32,
+            direction: DIR_INGRESS,
+            ..Default::default()
+        };
+        header.trace = TraceIds {
+            trace_id: [0xab; 16],
+            span_id: [span; 8],
+            parent_span_id: [0xcd; 8],
+            flags: 1,
+            kind: TRACE_SERVER_PARENT,
+            origin: agent_common::ORIGIN_HEADER,
+            has_parent: 1,
+            ..Default::default()
+        };
+        a.on_data(&DataEvent { header, payload }, out, &Stats::default());
+    }
+
+    #[test]
+    fn a_traceparent_from_a_later_read_becomes_the_server_spans_parent() {
+        let mut a = ConnAssembler::new();
+        let mut out = Vec::new();
+        feed(
+            &mut a,
+            &mut out,
+            DIR_INGRESS,
+            10,
+            b"GET /a HTTP/1.1\r\n",
+            Some(1),
+        );
+        feed_late_parent(
+            &mut a,
+            &mut out,
+            11,
+            b"traceparent: x\r\nHost: x\r\n\r\n",
+            1,
+        );
+        let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        feed(&mut a, &mut out, DIR_EGRESS, 12, resp, None);
+        let (ex, ids) = &out[0];
+        let ids = ids.expect("kernel ids");
+        assert_eq!(ex.path, "/a");
+        assert_eq!(ids.span_id, [1; 8], "the span keeps its own id");
+        assert_eq!(ids.kind, TRACE_SERVER);
+        assert_eq!((ids.trace_id, ids.parent_span_id), ([0xab; 16], [0xcd; 8]));
+        assert_eq!(
+            (ids.has_parent, ids.origin),
+            (1, agent_common::ORIGIN_HEADER)
+        );
+    }
+
+    #[test]
+    fn a_late_parent_naming_another_span_is_ignored() {
+        let mut a = ConnAssembler::new();
+        let mut out = Vec::new();
+        feed(
+            &mut a,
+            &mut out,
+            DIR_INGRESS,
+            10,
+            b"GET /a HTTP/1.1\r\n",
+            Some(1),
+        );
+        feed_late_parent(&mut a, &mut out, 11, b"Host: x\r\n\r\n", 9);
+        let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        feed(&mut a, &mut out, DIR_EGRESS, 12, resp, None);
+        let ids = out[0].1.expect("kernel ids");
+        assert_eq!((ids.trace_id, ids.has_parent), ([0; 16], 0));
     }
 
     #[test]

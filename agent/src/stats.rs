@@ -68,6 +68,8 @@ counters! {
     kernel_conn_table_full => "tapir.kernel.connection_table_full",
     /// Kernel: a payload could not be read from the process's memory.
     kernel_read_user_failed => "tapir.kernel.payload_read_failed",
+    /// Kernel: requests whose `traceparent` came in a later read of the head than the first.
+    kernel_traceparent_late => "tapir.kernel.traceparent_in_later_read",
 }
 
 impl Stats {
@@ -87,6 +89,8 @@ impl Stats {
             .store(get(counter::CONN_TABLE_FULL), Ordering::Relaxed);
         self.kernel_read_user_failed
             .store(get(counter::READ_USER_FAILED), Ordering::Relaxed);
+        self.kernel_traceparent_late
+            .store(get(counter::TRACEPARENT_LATE), Ordering::Relaxed);
     }
 
     /// Stores the kernel's cumulative injection counters (summed over CPUs).

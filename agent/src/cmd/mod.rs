@@ -211,3 +211,10 @@ pub fn take_inject_counters(
     let map = attached.ebpf.take_map("TAPIR_INJ_COUNTERS")?;
     aya::maps::PerCpuArray::try_from(map).ok()
 }
+
+/// The agent's own counters at exit, on stderr (drops and kernel events never go unsaid).
+pub fn log_final_counts(stats: &tapir::stats::Stats) {
+    for (name, value) in stats.snapshot() {
+        tracing::info!(counter = name, value, "final count");
+    }
+}

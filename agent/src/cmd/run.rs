@@ -248,9 +248,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     if let Some(t) = telemetry {
         t.shutdown(&rt);
     }
-    for (name, value) in stats.snapshot() {
-        tracing::info!(counter = name, value, "final count");
-    }
+    super::log_final_counts(&stats);
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(ExitCode::SUCCESS)
 }

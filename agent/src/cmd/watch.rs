@@ -87,12 +87,14 @@ pub fn run(args: WatchArgs) -> Result<ExitCode> {
     };
     let max_conns = args.capture.max_connections as usize;
     let json = args.json;
+    let stats = Arc::new(Stats::default());
+    let pipeline_stats = stats.clone();
     let capture = CaptureThread::spawn(move |stop| {
         let printer = Printer {
             json,
             out: io::BufWriter::new(io::stdout()),
         };
-        let mut pipeline = Pipeline::new(max_conns, filter, Arc::new(Stats::default()), printer);
+        let mut pipeline = Pipeline::new(max_conns, filter, pipeline_stats, printer);
         if let Some(c) = counters {
             pipeline.set_kernel_counters(c);
         }
@@ -100,6 +102,7 @@ pub fn run(args: WatchArgs) -> Result<ExitCode> {
             pipeline.set_inject_counters(c);
         }
         drain_loop(ring, &mut pipeline, &stop, logger);
+        pipeline.read_kernel_counters();
         pipeline.sink_mut().flush();
     })?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -116,5 +119,6 @@ pub fn run(args: WatchArgs) -> Result<ExitCode> {
     rt.block_on(signals.wait());
     capture.stop();
     drop(attached);
+    super::log_final_counts(&stats);
     Ok(ExitCode::SUCCESS)
 }
