@@ -94,6 +94,23 @@ def test_nginx_static_files_writev_and_sendfile(procs, tmp_path):
     assert got[3]["http.response.body.size"] == 300_000
 
 
+def test_vectored_calls_sendmsg_writev_recvmsg_readv(py_server, procs):
+    """A request written in five pieces (one iovec each) and a response read into two
+    buffers, with the status line cut between them: the segments are joined in order."""
+    server, port = py_server()
+    agent = watch(port)
+    n = 6
+    client = procs([PY, CLIENT, "vectored", "127.0.0.1", port, n])
+    assert client.wait_exit() == 0
+    assert client.out == ["200"] * n
+    got = finish(agent)
+    clients = [e for e in servers_of(got, "client") if e["process.pid"] == client.pid]
+    assert [(e["url.path"], e["http.response.status_code"]) for e in clients] == [(f"/v/{i}", 200) for i in range(n)]
+    assert [e["url.path"] for e in servers_of(got)] == [f"/v/{i}" for i in range(n)]
+    body = [e["http.response.body.size"] for e in servers_of(got)]
+    assert [e["http.response.body.size"] for e in clients] == body and all(b > 0 for b in body)
+
+
 def test_python_urllib_and_curl_clients(py_server, procs):
     server, port = py_server()
     agent = watch(port)

@@ -2,24 +2,61 @@
 use agent_common::{
     counter, ConnEvent, ConnKey, ConnState, ConnTuple, EventHeader, EventKind, Role, CONN_TCP,
 };
-use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns};
+use aya_ebpf::helpers::{
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+};
 
 use crate::{
-    maps::{count, ringbuf_flags, CONNS, EVENTS, PROC_GEN},
+    maps::{count, ringbuf_flags, CONNS, CPU_STATE, EVENTS, GEN_EPOCH, PROC_GEN},
     sock::{resolve_fd, FdKind},
 };
 
+/// The process's fd generation. Each CPU keeps the last answer: consecutive syscalls on a
+/// CPU are mostly the same process, and the epoch check is a plain load where the
+/// `PROC_GEN` lookup was a hash lookup per syscall.
 #[inline(always)]
 pub fn current_gen(tgid: u32) -> u32 {
+    let Some(epoch) = GEN_EPOCH.get_ptr(0) else {
+        return proc_gen(tgid);
+    };
+    // SAFETY: the single slot of an array map; read once, before PROC_GEN (see bump_gen).
+    let epoch = unsafe { core::ptr::read_volatile(epoch) };
+    let Some(cpu) = CPU_STATE.get_ptr_mut(0) else {
+        return proc_gen(tgid);
+    };
+    // SAFETY: this CPU's slot.
+    let cpu = unsafe { &mut *cpu };
+    if cpu.gen_tgid == tgid && cpu.gen_epoch == epoch {
+        return cpu.gen;
+    }
+    let gen = proc_gen(tgid);
+    cpu.gen_tgid = tgid;
+    cpu.gen = gen;
+    cpu.gen_epoch = epoch;
+    gen
+}
+
+#[inline(always)]
+fn proc_gen(tgid: u32) -> u32 {
     // SAFETY: plain value read of a map entry.
     unsafe { PROC_GEN.get(tgid).copied().unwrap_or(0) }
 }
 
-/// Invalidates every cached fd of `tgid` (exec, close_range, exit).
+/// Invalidates every cached fd of `tgid` (exec, close_range, exit), then every CPU's cached
+/// generation, by storing an epoch never used before (this CPU's clock and number: no
+/// atomics needed, and two bumps racing still leave a value no CPU cached under). A CPU
+/// that read the old epoch sees a new one on its next lookup; one that read the new epoch
+/// read the new generation too (PROC_GEN is written first).
 #[inline(always)]
 pub fn bump_gen(tgid: u32) {
-    let next = current_gen(tgid).wrapping_add(1);
+    let next = proc_gen(tgid).wrapping_add(1);
     let _ = PROC_GEN.insert(tgid, next, 0);
+    if let Some(epoch) = GEN_EPOCH.get_ptr_mut(0) {
+        // SAFETY: helpers without preconditions.
+        let (now, cpu) = unsafe { (bpf_ktime_get_ns(), bpf_get_smp_processor_id()) };
+        // SAFETY: the single slot of an array map.
+        unsafe { core::ptr::write_volatile(epoch, now.wrapping_mul(4096) | (cpu as u64 & 4095)) };
+    }
 }
 
 /// The cached state of `fd` in the current process, resolving and caching it on a miss.

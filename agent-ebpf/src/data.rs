@@ -7,18 +7,19 @@ use agent_common::{
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_probe_read_user,
-        generated::{bpf_get_current_task_btf, bpf_ringbuf_output, bpf_task_pt_regs},
+        generated::{bpf_get_current_task_btf, bpf_loop, bpf_ringbuf_output, bpf_task_pt_regs},
     },
     macros::tracepoint,
     programs::TracePointContext,
+    EbpfContext,
 };
 
 use crate::{
     conn::{header, lookup_tcp},
     inject::learn_http_port,
     maps::{
-        agent_tgid, capture_bytes, count, ringbuf_flags, DataScratch, PendingIo, EVENTS, SCRATCH,
-        SCRATCH_BYTES, SHAPE_BUF, SHAPE_IOVEC, SHAPE_MSGHDR, SHAPE_NONE,
+        agent_tgid, capture_bytes, count, ringbuf_flags, DataScratch, Gather, PendingIo, EVENTS,
+        SCRATCH, SCRATCH_BYTES, SHAPE_BUF, SHAPE_IOVEC, SHAPE_MSGHDR, SHAPE_NONE,
     },
     trace::{
         byte_at, is_request_start, is_response_start, on_client_request, on_server_head_continued,
@@ -27,10 +28,12 @@ use crate::{
 };
 
 /// Syscall tracepoint arguments start at offset 16, 8 bytes each; `ret` of sys_exit_* is at 16.
+/// A direct load from the context (the verifier allows reads of a tracepoint's record),
+/// not `read_at`'s `bpf_probe_read_kernel` call: this runs on every hooked syscall.
 #[inline(always)]
-fn arg(ctx: &TracePointContext, n: usize) -> u64 {
-    // SAFETY: the tracepoint record has at least 6 argument slots.
-    unsafe { ctx.read_at::<u64>(16 + 8 * n).unwrap_or(0) }
+pub fn arg(ctx: &TracePointContext, n: usize) -> u64 {
+    // SAFETY: the tracepoint record has at least 6 argument slots; `n` is a constant.
+    unsafe { core::ptr::read_volatile((ctx.as_ptr() as *const u8).add(16 + 8 * n) as *const u64) }
 }
 
 /// The syscall's first three arguments, read back from the registers saved at syscall
@@ -207,24 +210,27 @@ fn emit_data<const SHAPE: u8>(
             msghdr_iov(p.buf)?
         };
         let read = read_iovecs(&mut scratch.iovecs, iov, vlen);
-        let mut consumed: u64 = 0;
-        let mut last: (u64, u64) = (0, 0);
-        for i in 0..MAX_IOVECS {
-            if i as u64 >= read || consumed >= total {
-                break;
-            }
-            let [base, len] = scratch.iovecs[i];
-            let seg = len.min(total - consumed);
-            // Opaque to the verifier so iterations share states instead of multiplying.
-            let done = core::hint::black_box(captured);
-            if done < cap {
-                captured = done + copy_user(&mut scratch.data, done, base, seg.min(cap - done));
-            }
-            consumed += seg;
-            last = (base, seg);
-        }
-        if consumed >= total && last.1 >= TAIL_BYTES as u64 {
-            tail_addr = last.0 + last.1 - TAIL_BYTES as u64;
+        scratch.gather = Gather {
+            total,
+            cap,
+            read,
+            ..Gather::default()
+        };
+        // A callback is verified once, however many segments there are: an unrolled loop
+        // left the vectored reads at the verifier's 1M-instruction limit.
+        // SAFETY: callback and context follow bpf_loop's contract (no context used).
+        unsafe {
+            bpf_loop(
+                MAX_IOVECS as u32,
+                gather_segment as *mut core::ffi::c_void,
+                core::ptr::null_mut(),
+                0,
+            )
+        };
+        let g = &scratch.gather;
+        captured = g.captured;
+        if g.consumed >= total && g.last_len >= TAIL_BYTES as u64 {
+            tail_addr = g.last_base + g.last_len - TAIL_BYTES as u64;
         }
     }
     let DataScratch { hdr, data, .. } = scratch;
@@ -236,9 +242,9 @@ fn emit_data<const SHAPE: u8>(
             hdr.tail_len = TAIL_BYTES as u8;
         }
     }
-    // Read back from map memory, whose values the verifier does not track: the gather
-    // above ends in many states (one per iovec count and copy outcome), and the trace
-    // logic below is then verified once instead of once per state.
+    // Read back from map memory, whose values the verifier does not track: the copy above
+    // ends in several states (copy outcomes), and the trace logic below is then verified
+    // once instead of once per state.
     hdr.captured = captured as u32;
     // SAFETY: a field of this CPU's scratch record.
     let captured = unsafe { core::ptr::read_volatile(&hdr.captured) } as u64;
@@ -273,6 +279,34 @@ fn emit_data<const SHAPE: u8>(
         count(counter::RINGBUF_FULL);
     }
     Some(())
+}
+
+/// One bpf_loop step of a vectored call's copy: segment `i` of `scratch.iovecs`, until
+/// `total` bytes are accounted for; up to `cap` bytes land in `scratch.data`.
+extern "C" fn gather_segment(i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: per-CPU scratch filled by the caller on this CPU.
+    let scratch = unsafe { &mut *scratch };
+    let g = scratch.gather;
+    if i >= g.read || g.consumed >= g.total {
+        return 1;
+    }
+    let [base, len] = scratch.iovecs[(i as usize) & (MAX_IOVECS - 1)];
+    let seg = len.min(g.total - g.consumed);
+    let mut captured = g.captured;
+    if captured < g.cap {
+        captured += copy_user(&mut scratch.data, captured, base, seg.min(g.cap - captured));
+    }
+    scratch.gather = Gather {
+        captured,
+        consumed: g.consumed + seg,
+        last_base: base,
+        last_len: seg,
+        ..g
+    };
+    0
 }
 
 /// Zeroes `ids` in 8-byte stores. Volatile, or LLVM folds the loop back into a memset,

@@ -8,6 +8,7 @@ use aya_log_ebpf::debug;
 
 use crate::{
     conn::{bump_gen, emit_conn, header, track_new},
+    data::arg,
     maps::{agent_tgid, count, ringbuf_flags, CONNS, EVENTS},
 };
 
@@ -22,12 +23,6 @@ pub static TAPIR_EBPF_DEBUG: u32 = 0;
 fn debug_on() -> bool {
     // SAFETY: reading a static; volatile so the loader's value is used.
     unsafe { core::ptr::read_volatile(&TAPIR_EBPF_DEBUG) != 0 }
-}
-
-#[inline(always)]
-fn arg(ctx: &TracePointContext, n: usize) -> u64 {
-    // SAFETY: syscall tracepoint records have at least 6 argument slots.
-    unsafe { ctx.read_at::<u64>(16 + 8 * n).unwrap_or(0) }
 }
 
 #[inline(always)]

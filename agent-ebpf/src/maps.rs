@@ -2,7 +2,7 @@
 use agent_common::{ConnKey, ConnState, DataEventHeader, KernelOffsets, MAX_CAPTURE};
 use aya_ebpf::{
     macros::map,
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
 };
 
 /// Kernel struct offsets, filled by the agent from BTF before loading.
@@ -107,6 +107,24 @@ pub struct DataScratch {
     pub head_end: u64,
     /// A vectored call's iovec array (base, len), read in one go.
     pub iovecs: [[u64; 2]; agent_common::MAX_IOVECS],
+    /// The copy of a vectored call's segments, step by step (see data.rs).
+    pub gather: Gather,
+}
+
+/// Inputs and running results of copying a vectored call's segments.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub struct Gather {
+    /// Bytes the call moved, bytes to copy at most, iovec entries read.
+    pub total: u64,
+    pub cap: u64,
+    pub read: u64,
+    /// Bytes copied so far, bytes of the call accounted for so far.
+    pub captured: u64,
+    pub consumed: u64,
+    /// The last segment accounted for (its end holds the call's last bytes).
+    pub last_base: u64,
+    pub last_len: u64,
 }
 
 #[map(name = "TAPIR_SCRATCH")]
@@ -134,7 +152,17 @@ pub struct CpuState {
     pub unwoken_bytes: u64,
     /// The span and trace id generator (see trace.rs); 0 until first seeded.
     pub rng: u64,
+    /// The last process whose fd generation this CPU looked up, that generation, and the
+    /// `GEN_EPOCH` it was read under (see conn.rs).
+    pub gen_tgid: u32,
+    pub gen: u32,
+    pub gen_epoch: u64,
 }
+
+/// Bumped after every change to `PROC_GEN`: a CPU's cached generation is valid while the
+/// epoch it was read under is current.
+#[map(name = "TAPIR_GEN_EPOCH")]
+pub static GEN_EPOCH: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map(name = "TAPIR_CPU_STATE")]
 pub static CPU_STATE: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);

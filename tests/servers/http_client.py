@@ -6,9 +6,15 @@ Usage:
   http_client.py pipeline HOST PORT P...  all request lines written in one send(), then read
   http_client.py preopened HOST PORT      GET /before, print "first-done", wait for a line on
                                           stdin, then GET /after on the same connection
+  http_client.py vectored HOST PORT N     N GETs /v/<i> on one connection, each request
+                                          written in 5 pieces by one sendmsg (even i) or
+                                          writev (odd i), the response read by recvmsg_into
+                                          (even) or readv (odd) into a 7-byte and a larger
+                                          buffer
 Prints one "status" per response.
 """
 import http.client
+import os
 import socket
 import sys
 import urllib.request
@@ -63,6 +69,36 @@ def main():
         r.read()
         print(r.status, flush=True)
         c.close()
+    elif mode == "vectored":
+        host, port, n = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+        s = socket.create_connection((host, port))
+        for i in range(n):
+            head = f"GET /v/{i} HTTP/1.1\r\nHost: {host}\r\nAccept: */*\r\n\r\n".encode()
+            cuts = [0, 5, 11, 20, 33, len(head)]
+            pieces = [head[a:b] for a, b in zip(cuts, cuts[1:])]
+            sent = s.sendmsg(pieces) if i % 2 == 0 else os.writev(s.fileno(), pieces)
+            assert sent == len(head), sent
+            data = b""
+            while True:
+                bufs = [bytearray(7), bytearray(4096)]
+                if i % 2 == 0:
+                    got = s.recvmsg_into(bufs)[0]
+                else:
+                    got = os.readv(s.fileno(), bufs)
+                assert got > 0, "connection closed early"
+                data += bytes(bufs[0] + bufs[1])[:got]
+                head_end = data.find(b"\r\n\r\n")
+                if head_end < 0:
+                    continue
+                length = 0
+                for line in data[:head_end].split(b"\r\n")[1:]:
+                    name, _, value = line.decode().partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value)
+                if len(data) >= head_end + 4 + length:
+                    break
+            print(int(data.split()[1]), flush=True)
+        s.close()
 
 
 if __name__ == "__main__":
