@@ -142,7 +142,12 @@ pub fn track_new(tgid: u32, fd: u32, role: Role) -> bool {
 
 #[inline(always)]
 pub fn header(kind: EventKind, fd: u32) -> EventHeader {
-    let pid_tgid = bpf_get_current_pid_tgid();
+    header_of(bpf_get_current_pid_tgid(), kind, fd)
+}
+
+/// The header of an event of thread `pid_tgid` (the current one), stamped now.
+#[inline(always)]
+pub fn header_of(pid_tgid: u64, kind: EventKind, fd: u32) -> EventHeader {
     EventHeader {
         kind: kind as u8,
         _pad0: 0,

@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    conn::{header, lookup_tcp},
+    conn::{header_of, lookup_tcp},
     inject::learn_http_port,
     maps::{
         agent_tgid, capture_bytes, count, ringbuf_flags, DataScratch, Gather, PendingIo, EVENTS,
@@ -66,7 +66,8 @@ fn exit<const SHAPE: u8>(ctx: &TracePointContext, call: u8, direction: u8) -> u3
     if ret <= 0 {
         return 0;
     }
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
     if tgid == agent_tgid() {
         return 0;
     }
@@ -80,6 +81,7 @@ fn exit<const SHAPE: u8>(ctx: &TracePointContext, call: u8, direction: u8) -> u3
     // SAFETY: pointer from a successful map lookup.
     let state = unsafe { &mut *state };
     let p = PendingIo {
+        pid_tgid,
         buf,
         vlen: if SHAPE == SHAPE_IOVEC { third } else { 0 },
         sock_id: state.sock_id,
@@ -250,6 +252,7 @@ fn emit_data<const SHAPE: u8>(
     let captured = unsafe { core::ptr::read_volatile(&hdr.captured) } as u64;
     clear_ids(&mut hdr.trace);
     trace_ids(
+        p.pid_tgid,
         p.direction,
         data,
         captured,
@@ -257,7 +260,7 @@ fn emit_data<const SHAPE: u8>(
         &mut hdr.trace,
         state,
     );
-    hdr.header = header(EventKind::Data, p.fd);
+    hdr.header = header_of(p.pid_tgid, EventKind::Data, p.fd);
     hdr.sock_id = p.sock_id;
     hdr.total = total.min(u32::MAX as u64) as u32;
     hdr.direction = p.direction;
@@ -326,6 +329,7 @@ fn clear_ids(ids: &mut TraceIds) {
 /// cannot be followed).
 #[inline(always)]
 fn trace_ids(
+    pid_tgid: u64,
     direction: u8,
     data: &[u8; SCRATCH_BYTES],
     n: u64,
@@ -333,7 +337,6 @@ fn trace_ids(
     ids: &mut TraceIds,
     conn: &mut agent_common::ConnState,
 ) {
-    let pid_tgid = bpf_get_current_pid_tgid();
     if is_request_start(data, n) {
         // This port serves HTTP: later connections to it get a traceparent. Once per
         // connection, not once per request.

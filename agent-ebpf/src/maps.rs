@@ -75,6 +75,8 @@ pub static PROC_GEN: LruHashMap<u32, u32> = LruHashMap::with_max_entries(16384, 
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct PendingIo {
+    /// The calling thread (one helper call per event, not one per use).
+    pub pid_tgid: u64,
     pub buf: u64,
     /// For vectored calls: number of iovecs; otherwise 0.
     pub vlen: u64,

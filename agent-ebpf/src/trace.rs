@@ -159,46 +159,53 @@ struct ScanCtx {
     n: u64,
 }
 
-/// One bpf_loop step: looks at the 8 bytes of word `w` for a line starting with
+/// Bytes looked at per bpf_loop step: a callback call costs about as much as the checks of
+/// a few words, so each step takes four.
+const SCAN_STEP: u64 = 32;
+
+/// One bpf_loop step: looks at bytes `[32w, 32w + 32)` for a line starting with
 /// "traceparent:" (any case), or for the empty line that ends the head (the scan stops
 /// there: a body is not headers). A callback keeps the verifier's work constant however
 /// long the header block is.
-extern "C" fn scan_word(w: u64, ctx: *mut core::ffi::c_void) -> i64 {
+extern "C" fn scan_step(w: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: bpf_loop passes back the pointer given to it: our ScanCtx on the stack.
     let n = unsafe { (*(ctx as *const ScanCtx)).n };
-    let base = w * 8;
-    if base >= n {
-        return 1;
-    }
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return 1;
     };
     // SAFETY: per-CPU scratch filled by the caller on this CPU.
     let scratch = unsafe { &mut *scratch };
-    let data = &scratch.data;
-    let x = word_at(data, base) ^ NL8;
-    if (x.wrapping_sub(ONES8) & !x & HIGH8) == 0 {
-        return 0;
-    }
-    for j in 0..8u64 {
-        let nl = base + j;
-        if byte_at(data, nl) != b'\n' {
+    for k in 0..SCAN_STEP / 8 {
+        let base = w * SCAN_STEP + 8 * k;
+        if base >= n {
+            return 1;
+        }
+        let data = &scratch.data;
+        let x = word_at(data, base) ^ NL8;
+        if (x.wrapping_sub(ONES8) & !x & HIGH8) == 0 {
             continue;
         }
-        // Reported through map memory, which the verifier does not track value by value:
-        // the caller then continues in one state, not one per position.
-        let next = byte_at(data, nl + 1);
-        if nl + 1 < n
-            && (next == b'\n' || (next == b'\r' && nl + 2 < n && byte_at(data, nl + 2) == b'\n'))
-        {
-            scratch.head_end = 1;
-            return 1;
-        }
-        if word_at(data, nl + 1) | LOWER8 == TRACEPAR
-            && (word_at(data, nl + 9) as u32) | 0x2020_2020 == ENT_COLON
-        {
-            scratch.scan_at = nl + 13;
-            return 1;
+        for j in 0..8u64 {
+            let nl = base + j;
+            if byte_at(data, nl) != b'\n' {
+                continue;
+            }
+            // Reported through map memory, which the verifier does not track value by
+            // value: the caller then continues in one state, not one per position.
+            let next = byte_at(data, nl + 1);
+            if nl + 1 < n
+                && (next == b'\n'
+                    || (next == b'\r' && nl + 2 < n && byte_at(data, nl + 2) == b'\n'))
+            {
+                scratch.head_end = 1;
+                return 1;
+            }
+            if word_at(data, nl + 1) | LOWER8 == TRACEPAR
+                && (word_at(data, nl + 9) as u32) | 0x2020_2020 == ENT_COLON
+            {
+                scratch.scan_at = nl + 13;
+                return 1;
+            }
         }
     }
     0
@@ -259,8 +266,8 @@ pub fn scan_head(
         // SAFETY: callback and context follow bpf_loop's contract.
         unsafe {
             bpf_loop(
-                ((n + 7) / 8) as u32,
-                scan_word as *mut core::ffi::c_void,
+                n.div_ceil(SCAN_STEP) as u32,
+                scan_step as *mut core::ffi::c_void,
                 &mut ctx as *mut ScanCtx as *mut core::ffi::c_void,
                 0,
             )
