@@ -1041,6 +1041,9 @@ fn open_idle(port: u16, n: usize) -> Result<Vec<TcpStream>> {
     Ok(conns)
 }
 
+/// How often the agent sweeps idle connections (`IDLE_SWEEP` in agent/src/pipeline.rs).
+const AGENT_IDLE_SWEEP: Duration = Duration::from_secs(5);
+
 fn memory_bench(ctx: &mut Ctx) -> Result<MemoryBench> {
     let cfg = ctx.cfg.clone();
     wait_quiet(cfg.quiet_wait_s);
@@ -1069,7 +1072,10 @@ fn memory_bench(ctx: &mut Ctx) -> Result<MemoryBench> {
         m.with_conns = mem();
         m.ringbuf_rss_kib = sys::mapping_rss_kib(pid, "anon_inode:bpf-map");
         drop(conns);
+        // The agent frees idle buffers and returns heap to the OS on its sweep, every 5 s
+        // (`pipeline::IDLE_SWEEP`): read after the next one.
         settle();
+        thread::sleep(AGENT_IDLE_SWEEP);
         m.with_conns_peak = sampler.finish().0;
         m.after_close = mem();
         let url = ctx.nginx.url();
@@ -1497,7 +1503,10 @@ fn render(r: &Results) -> String {
             &m.with_conns,
         );
         row("peak while they were open".into(), &m.with_conns_peak);
-        row("after closing them".into(), &m.after_close);
+        row(
+            "after closing them (after the next idle sweep)".into(),
+            &m.after_close,
+        );
         for (n, x) in &m.churn_checkpoints {
             row(format!("after {n} short-lived clients"), x);
         }

@@ -39,7 +39,7 @@ use crate::{exchange::CapturedExchange, pipeline::ExchangeSink, stats::Stats};
 use client::{ClientSettings, OtlpClient};
 use export::OtlpSpanSender;
 pub use export::QueuedSpan;
-use metrics::{Registry, Temporality};
+use metrics::{AgentSources, Registry, RegistryConfig, Temporality};
 use queue::LoopConfig;
 pub use queue::SharedQueue;
 
@@ -221,14 +221,18 @@ impl OtelSink {
             stats.clone(),
         ));
         let registry = Arc::new(Registry::new(
-            cfg.max_services,
-            true,
-            "bench-host".into(),
-            None,
-            capture,
-            stats.clone(),
-            Arc::new(|| 0),
-            metrics::Temporality::Cumulative,
+            RegistryConfig {
+                max_services: cfg.max_services,
+                metrics: true,
+                host: "bench-host".into(),
+                agent_attrs: None,
+                temporality: metrics::Temporality::Cumulative,
+            },
+            AgentSources {
+                capture,
+                stats: stats.clone(),
+                ..AgentSources::default()
+            },
         ));
         let ingest = Ingest {
             registry,
@@ -436,14 +440,18 @@ impl Telemetry {
             Arc::new(move || q.as_ref().map_or(0, |q| q.len() as u64));
         let metrics_on = metric_exporter.is_some() || prometheus_listener.is_some();
         let mut registry = Registry::new(
-            cfg.max_services,
-            metrics_on,
-            resource::host_name(),
-            env.resource_attributes.as_deref(),
-            capture,
-            stats.clone(),
-            queue_len,
-            env.metrics_temporality,
+            RegistryConfig {
+                max_services: cfg.max_services,
+                metrics: metrics_on,
+                host: resource::host_name(),
+                agent_attrs: env.resource_attributes.clone(),
+                temporality: env.metrics_temporality,
+            },
+            AgentSources {
+                capture,
+                stats: stats.clone(),
+                queue_len,
+            },
         );
         if metric_exporter.is_none() {
             registry = registry.without_final_collection();

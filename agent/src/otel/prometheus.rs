@@ -299,8 +299,7 @@ mod tests {
     use crate::{
         http::ExchangeRole,
         otel::{
-            counters::OtelStats,
-            metrics::{Registry, Temporality},
+            metrics::{AgentSources, Registry, RegistryConfig, Temporality},
             span::tests::exchange,
         },
         stats::Stats,
@@ -327,14 +326,11 @@ mod tests {
         let capture = Arc::new(Stats::default());
         Stats::inc(&capture.exchanges);
         let r = Registry::new(
-            8,
-            true,
-            "h".into(),
-            None,
-            capture,
-            Arc::new(OtelStats::default()),
-            Arc::new(|| 0),
-            Temporality::Cumulative,
+            RegistryConfig::for_tests(8, Temporality::Cumulative),
+            AgentSources {
+                capture,
+                ..AgentSources::default()
+            },
         );
         let ex = exchange(ExchangeRole::Server, "GET", "/users/1", 200);
         let e = r.entry(&ex.process);
@@ -386,14 +382,11 @@ mod tests {
 
     fn registry(t: Temporality) -> Registry {
         Registry::new(
-            8,
-            true,
-            "h".into(),
-            None,
-            Arc::new(Stats::default()),
-            Arc::new(OtelStats::default()),
-            Arc::new(|| 3),
-            t,
+            RegistryConfig::for_tests(8, t),
+            AgentSources {
+                queue_len: Arc::new(|| 3),
+                ..AgentSources::default()
+            },
         )
     }
 

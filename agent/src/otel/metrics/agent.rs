@@ -41,6 +41,28 @@ struct CounterDelta {
     sent_ns: u64,
 }
 
+/// What the agent's own metrics are read from at each collection.
+#[derive(Clone)]
+pub struct AgentSources {
+    /// Capture and kernel counters.
+    pub capture: Arc<Stats>,
+    /// Export counters.
+    pub stats: Arc<OtelStats>,
+    /// Spans waiting in the export queue.
+    pub queue_len: QueueLen,
+}
+
+impl Default for AgentSources {
+    /// Fresh counters and an always-empty queue (no span export).
+    fn default() -> Self {
+        Self {
+            capture: Arc::new(Stats::default()),
+            stats: Arc::new(OtelStats::default()),
+            queue_len: Arc::new(|| 0),
+        }
+    }
+}
+
 /// The agent's own metrics, read from its counters at each collection.
 pub(super) struct AgentMetrics {
     resource: OtlpResource,
@@ -52,16 +74,14 @@ pub(super) struct AgentMetrics {
 }
 
 impl AgentMetrics {
-    /// `host` and `agent_attrs` make the agent's resource; `capture` and `stats` are the
-    /// counters read at each collection.
-    pub(super) fn new(
-        host: &str,
-        agent_attrs: Option<&str>,
-        capture: Arc<Stats>,
-        stats: Arc<OtelStats>,
-        queue_len: QueueLen,
-    ) -> Self {
+    /// `host` and `agent_attrs` make the agent's resource.
+    pub(super) fn new(host: &str, agent_attrs: Option<&str>, sources: AgentSources) -> Self {
         let start_ns = unix_now_ns();
+        let AgentSources {
+            capture,
+            stats,
+            queue_len,
+        } = sources;
         Self {
             resource: OtlpResource::new(&agent_resource(host, agent_attrs)),
             capture,
@@ -253,21 +273,18 @@ mod tests {
     use opentelemetry_proto::tonic::metrics::v1::AggregationTemporality;
 
     use super::*;
-    use crate::otel::metrics::{testutil::*, Registry, Temporality};
+    use crate::otel::metrics::{testutil::*, Registry, RegistryConfig, Temporality};
 
     #[test]
     fn agent_counters_follow_the_temporality() {
         let capture = Arc::new(Stats::default());
         let make = |t| {
             Registry::new(
-                2,
-                true,
-                "h".into(),
-                None,
-                capture.clone(),
-                Arc::new(OtelStats::default()),
-                Arc::new(|| 0),
-                t,
+                RegistryConfig::for_tests(2, t),
+                AgentSources {
+                    capture: capture.clone(),
+                    ..AgentSources::default()
+                },
             )
         };
         let (delta, low) = (make(Temporality::Delta), make(Temporality::LowMemory));
@@ -311,14 +328,12 @@ mod tests {
         stats.dropped(SpanDrop::ExportQueueFull, 3);
         OtelStats::add(&stats.connections_tracked, 5);
         let r = Registry::new(
-            2,
-            true,
-            "h".into(),
-            None,
-            capture,
-            stats,
-            Arc::new(|| 7),
-            Temporality::Cumulative,
+            RegistryConfig::for_tests(2, Temporality::Cumulative),
+            AgentSources {
+                capture,
+                stats,
+                queue_len: Arc::new(|| 7),
+            },
         );
         let req = r.collect().unwrap();
         let agent = &req.resource_metrics[0];

@@ -44,7 +44,7 @@ use std::{
 use lru::LruCache;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 
-pub use agent::QueueLen;
+pub use agent::{AgentSources, QueueLen};
 pub use encode::{encode_requests, OVERFLOW_ATTRIBUTE};
 pub use series::{DURATION_BUCKETS, SIZE_BUCKETS};
 pub use service::ServiceEntry;
@@ -55,7 +55,7 @@ use super::{
     span::{normalize_method, server_address_in},
     text::StackText,
 };
-use crate::{exchange::CapturedExchange, process::ProcessInfo, stats::Stats};
+use crate::{exchange::CapturedExchange, process::ProcessInfo};
 use agent::AgentMetrics;
 use series::{KeyView, Read, Series, SeriesKey};
 
@@ -144,20 +144,44 @@ pub struct Registry {
     stats: Arc<OtelStats>,
 }
 
+/// How a [`Registry`] is bounded and what it reports.
+#[derive(Debug, Clone)]
+pub struct RegistryConfig {
+    /// Most processes (services) kept at once.
+    pub max_services: usize,
+    /// Keep RED series at all (off: only the agent's own metrics).
+    pub metrics: bool,
+    /// `host.name` of every resource.
+    pub host: String,
+    /// `OTEL_RESOURCE_ATTRIBUTES` for the agent's own resource.
+    pub agent_attrs: Option<String>,
+    pub temporality: Temporality,
+}
+
+impl RegistryConfig {
+    #[cfg(test)]
+    pub(crate) fn for_tests(max_services: usize, temporality: Temporality) -> Self {
+        Self {
+            max_services,
+            metrics: true,
+            host: "h".into(),
+            agent_attrs: None,
+            temporality,
+        }
+    }
+}
+
 impl Registry {
-    /// `max_services`: bound of the table; `metrics`: whether to keep series at all.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        max_services: usize,
-        metrics: bool,
-        host: String,
-        agent_attrs: Option<&str>,
-        capture: Arc<Stats>,
-        stats: Arc<OtelStats>,
-        queue_len: QueueLen,
-        temporality: Temporality,
-    ) -> Self {
-        let agent = AgentMetrics::new(&host, agent_attrs, capture, stats.clone(), queue_len);
+    pub fn new(cfg: RegistryConfig, sources: AgentSources) -> Self {
+        let RegistryConfig {
+            max_services,
+            metrics,
+            host,
+            agent_attrs,
+            temporality,
+        } = cfg;
+        let stats = sources.stats.clone();
+        let agent = AgentMetrics::new(&host, agent_attrs.as_deref(), sources);
         Self {
             entries: Mutex::new(LruCache::new(
                 NonZeroUsize::new(max_services.max(1)).unwrap_or(NonZeroUsize::MIN),
@@ -653,14 +677,11 @@ mod tests {
     #[test]
     fn no_metrics_no_series() {
         let r = Registry::new(
-            2,
-            false,
-            "h".into(),
-            None,
-            Arc::new(Stats::default()),
-            Arc::new(OtelStats::default()),
-            Arc::new(|| 0),
-            Temporality::Cumulative,
+            RegistryConfig {
+                metrics: false,
+                ..RegistryConfig::for_tests(2, Temporality::Cumulative)
+            },
+            AgentSources::default(),
         );
         let ex = exchange(ExchangeRole::Server, "GET", "/", 200);
         let e = r.entry(&ex.process);

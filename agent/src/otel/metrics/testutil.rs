@@ -7,20 +7,11 @@ use opentelemetry_proto::tonic::{
     metrics::v1::{metric, number_data_point, HistogramDataPoint, Metric, ResourceMetrics},
 };
 
-use super::{Registry, Temporality};
-use crate::{exchange::CapturedExchange, otel::counters::OtelStats, stats::Stats};
+use super::{AgentSources, Registry, RegistryConfig, Temporality};
+use crate::exchange::CapturedExchange;
 
 pub(super) fn registry_with(max: usize, t: Temporality) -> Registry {
-    Registry::new(
-        max,
-        true,
-        "h".into(),
-        None,
-        Arc::new(Stats::default()),
-        Arc::new(OtelStats::default()),
-        Arc::new(|| 0),
-        t,
-    )
+    Registry::new(RegistryConfig::for_tests(max, t), AgentSources::default())
 }
 
 pub(super) fn registry(max: usize) -> Registry {
