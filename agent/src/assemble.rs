@@ -131,7 +131,22 @@ impl Default for ConnAssembler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use agent_common::{DataEventHeader, EventHeader, EventKind, DIR_EGRESS, TRACE_SERVER};
+    use agent_common::{DataEventHeader, EventHeader, EventKind, DIR_EGRESS, ORIGIN_HEADER};
+
+    /// The header of a fully captured chunk.
+    fn chunk_header(dir: u8, ts: u64, payload: &[u8]) -> DataEventHeader {
+        DataEventHeader {
+            header: EventHeader {
+                kind: EventKind::Data as u8,
+                ts_ns: ts,
+                ..Default::default()
+            },
+            total: payload.len() as u32,
+            captured: payload.len() as u32,
+            direction: dir,
+            ..Default::default()
+        }
+    }
 
     /// Feeds one fully captured chunk; `ids`: the kernel gave it span id `[b; 8]`.
     fn feed(
@@ -142,22 +157,65 @@ mod tests {
         payload: &[u8],
         ids: Option<u8>,
     ) {
-        let mut header = DataEventHeader {
-            header: EventHeader {
-                kind: EventKind::Data as u8,
-                ts_ns: ts,
-                ..Default::default()
-            },
-            total: payload.len() as u32,
-            captured: payload.len() as u32,
-            direction: dir,
-            ..Default::default()
-        };
+        let mut header = chunk_header(dir, ts, payload);
         if let Some(b) = ids {
             header.trace.kind = TRACE_SERVER;
             header.trace.span_id = [b; 8];
         }
         a.on_data(&DataEvent { header, payload }, out, &Stats::default());
+    }
+
+    /// `GET /a` read in two parts: the request line (span id `[1; 8]`), then `rest`, whose
+    /// read carries a late `traceparent` naming span `[late_span; 8]`; then the response.
+    /// Returns the exchange's ids.
+    fn split_head_exchange(rest: &[u8], late_span: u8) -> (String, TraceIds) {
+        let mut a = ConnAssembler::new();
+        let mut out = Vec::new();
+        feed(
+            &mut a,
+            &mut out,
+            DIR_INGRESS,
+            10,
+            b"GET /a HTTP/1.1\r\n",
+            Some(1),
+        );
+        let mut header = chunk_header(DIR_INGRESS, 11, rest);
+        header.trace = TraceIds {
+            trace_id: [0xab; 16],
+            span_id: [late_span; 8],
+            parent_span_id: [0xcd; 8],
+            flags: 1,
+            kind: TRACE_SERVER_PARENT,
+            origin: ORIGIN_HEADER,
+            has_parent: 1,
+            ..Default::default()
+        };
+        let late = DataEvent {
+            header,
+            payload: rest,
+        };
+        a.on_data(&late, &mut out, &Stats::default());
+        let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+        feed(&mut a, &mut out, DIR_EGRESS, 12, resp, None);
+        let (ex, ids) = out.pop().expect("one exchange");
+        (ex.path, ids.expect("kernel ids"))
+    }
+
+    #[test]
+    fn a_traceparent_from_a_later_read_becomes_the_server_spans_parent() {
+        let (path, ids) = split_head_exchange(b"traceparent: x\r\nHost: x\r\n\r\n", 1);
+        assert_eq!(path, "/a");
+        assert_eq!(ids.span_id, [1; 8], "the span keeps its own id");
+        assert_eq!(ids.kind, TRACE_SERVER);
+        assert_eq!((ids.trace_id, ids.parent_span_id), ([0xab; 16], [0xcd; 8]));
+        assert_eq!((ids.has_parent, ids.origin), (1, ORIGIN_HEADER));
+    }
+
+    #[test]
+    fn a_late_parent_naming_another_span_is_ignored() {
+        let (_, ids) = split_head_exchange(b"Host: x\r\n\r\n", 9);
+        assert_eq!(ids.span_id, [1; 8]);
+        assert_eq!((ids.trace_id, ids.has_parent), ([0; 16], 0));
     }
 
     #[test]
@@ -185,90 +243,6 @@ mod tests {
             .map(|(e, ids)| (e.path.clone(), ids.map(|i| i.span_id[0])))
             .collect();
         assert_eq!(got, vec![("/a".into(), Some(1)), ("/b".into(), Some(2))]);
-    }
-
-    /// A continuation chunk of a request head carrying the late `traceparent` ids.
-    fn feed_late_parent(
-        a: &mut ConnAssembler,
-        out: &mut Vec<Assembled>,
-        ts: u64,
-        payload: &[u8],
-        span: u8,
-    ) {
-        let mut header = DataEventHeader {
-            header: EventHeader {
-                kind: EventKind::Data as u8,
-                ts_ns: ts,
-                ..Default::default()
-            },
-            total: payload.len() as u32,
-            captured: payload.len() as u32,
-            direction: DIR_INGRESS,
-            ..Default::default()
-        };
-        header.trace = TraceIds {
-            trace_id: [0xab; 16],
-            span_id: [span; 8],
-            parent_span_id: [0xcd; 8],
-            flags: 1,
-            kind: TRACE_SERVER_PARENT,
-            origin: agent_common::ORIGIN_HEADER,
-            has_parent: 1,
-            ..Default::default()
-        };
-        a.on_data(&DataEvent { header, payload }, out, &Stats::default());
-    }
-
-    #[test]
-    fn a_traceparent_from_a_later_read_becomes_the_server_spans_parent() {
-        let mut a = ConnAssembler::new();
-        let mut out = Vec::new();
-        feed(
-            &mut a,
-            &mut out,
-            DIR_INGRESS,
-            10,
-            b"GET /a HTTP/1.1\r\n",
-            Some(1),
-        );
-        feed_late_parent(
-            &mut a,
-            &mut out,
-            11,
-            b"traceparent: x\r\nHost: x\r\n\r\n",
-            1,
-        );
-        let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
-        feed(&mut a, &mut out, DIR_EGRESS, 12, resp, None);
-        let (ex, ids) = &out[0];
-        let ids = ids.expect("kernel ids");
-        assert_eq!(ex.path, "/a");
-        assert_eq!(ids.span_id, [1; 8], "the span keeps its own id");
-        assert_eq!(ids.kind, TRACE_SERVER);
-        assert_eq!((ids.trace_id, ids.parent_span_id), ([0xab; 16], [0xcd; 8]));
-        assert_eq!(
-            (ids.has_parent, ids.origin),
-            (1, agent_common::ORIGIN_HEADER)
-        );
-    }
-
-    #[test]
-    fn a_late_parent_naming_another_span_is_ignored() {
-        let mut a = ConnAssembler::new();
-        let mut out = Vec::new();
-        feed(
-            &mut a,
-            &mut out,
-            DIR_INGRESS,
-            10,
-            b"GET /a HTTP/1.1\r\n",
-            Some(1),
-        );
-        feed_late_parent(&mut a, &mut out, 11, b"Host: x\r\n\r\n", 9);
-        let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
-        feed(&mut a, &mut out, DIR_EGRESS, 12, resp, None);
-        let ids = out[0].1.expect("kernel ids");
-        assert_eq!((ids.trace_id, ids.has_parent), ([0; 16], 0));
     }
 
     #[test]
