@@ -135,12 +135,42 @@ def test_traceparent_in_a_later_read_of_the_head_is_continued(py_server, procs, 
     assert agent.final_count("tapir.kernel.traceparent_in_later_read") == 1, agent.err[-30:]
 
 
-@pytest.mark.parametrize("split", [False, True], ids=["one-read", "body-in-second-read"])
-def test_traceparent_lines_in_a_body_are_not_a_parent(py_server, split):
+def test_late_traceparent_goes_to_its_own_request_on_an_event_loop(py_server, procs):
+    """Node reads A's request line, then all of B (whose downstream call keeps B open),
+    then the rest of A's head with the traceparent: A gets the parent, B keeps its own."""
+    backend, bport = py_server("--threading", "--chunk-delay", "0.2")
+    nport = free_port()
+    procs(["node", TESTS / "servers/node_frontend.js", nport, f"http://127.0.0.1:{bport}"], ready_port=nport)
+    agent = watch(nport)
+    a = socket.create_connection(("127.0.0.1", nport))
+    b = socket.create_connection(("127.0.0.1", nport))
+    for s in (a, b):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    a.sendall(b"GET /a HTTP/1.1\r\n")
+    time.sleep(0.05)
+    b.sendall(b"GET /chunked/10/5 HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.05)
+    a.sendall(TP + b"Host: x\r\n\r\n")
+    for s in (a, b):
+        assert int(s.makefile("rb").readline().split()[1]) == 200
+        s.close()
+    got = {e["url.path"]: e for e in of(finish(agent), "server", nport)}
+    assert set(got) == {"/a", "/chunked/10/5"}, got
+    assert (got["/a"]["trace_id"], got["/a"]["parent_span_id"]) == (TRACE, PARENT)
+    assert got["/chunked/10/5"]["trace_id"] != TRACE and got["/chunked/10/5"]["parent_span_id"] is None
+    assert agent.final_count("tapir.kernel.traceparent_in_later_read") == 1, agent.err[-30:]
+
+
+@pytest.mark.parametrize(
+    "split,head_extra",
+    [(False, b""), (True, b""), (True, f"traceparent: ff-{TRACE}-{PARENT}-01\r\n".encode())],
+    ids=["one-read", "body-in-second-read", "invalid-header-then-body"],
+)
+def test_traceparent_lines_in_a_body_are_not_a_parent(py_server, split, head_extra):
     server, port = py_server()
     agent = watch(port)
     body = b"x\r\n" + TP
-    head = b"POST /body HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    head = b"POST /body HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n" % (head_extra, len(body))
     assert request_in_parts(port, [head, body] if split else [head + body]) == 201
     (s,) = of(finish(agent), "server", port)
     assert s["url.path"] == "/body"

@@ -219,8 +219,8 @@ pub const CONN_PORT_LEARNED: u32 = 4;
 /// An incoming request head is being read and no `traceparent` was found in it yet: the
 /// next ingress read continues it and is scanned too.
 pub const CONN_HEAD_OPEN: u32 = 8;
-/// ... and the last read ended at a line end (a header may start at the next read's
-/// first byte).
+/// ... and the last read ended at a line end, or at a line end and a `\r` (a header, or
+/// the head's end, may start at the next read's first byte).
 pub const CONN_HEAD_AT_LINE: u32 = 16;
 
 #[repr(C)]
@@ -236,6 +236,10 @@ pub struct ConnState {
     pub local_port: u16,
     pub remote_port: u16,
     pub _pad2: u16,
+    /// While `CONN_HEAD_OPEN`: the span id (as read from its bytes in order) of the
+    /// request whose head is being followed, so that a late `traceparent` updates that
+    /// span and no other the reading thread may have opened since.
+    pub head_span: u64,
 }
 
 /// Struct member offsets (bytes) of the running kernel, read from its BTF at start-up and
@@ -351,7 +355,8 @@ mod tests {
         assert_eq!(offset_of!(DataEventHeader, total), 32);
         assert_eq!(offset_of!(DataEventHeader, direction), 40);
         assert_eq!(size_of::<ConnKey>(), 8);
-        assert_eq!(size_of::<ConnState>(), 24);
+        assert_eq!(size_of::<ConnState>(), 32);
+        assert_eq!(offset_of!(ConnState, head_span), 24);
         assert_eq!(size_of::<KernelOffsets>(), 18 * 4);
         assert_eq!(align_of::<DataEventHeader>(), 8);
     }

@@ -350,6 +350,7 @@ fn trace_ids(
         }
         if direction == DIR_INGRESS {
             let scan = on_server_request(pid_tgid, data, n, ids);
+            conn.head_span = u64::from_ne_bytes(ids.span_id);
             follow_head(conn, scan, whole, data, n);
         } else {
             on_client_request(pid_tgid, data, n, ids);
@@ -357,7 +358,7 @@ fn trace_ids(
     } else if direction == DIR_INGRESS {
         if conn.flags & CONN_HEAD_OPEN != 0 {
             let line_start = conn.flags & CONN_HEAD_AT_LINE != 0;
-            let scan = on_server_head_continued(pid_tgid, data, n, line_start, ids);
+            let scan = on_server_head_continued(pid_tgid, data, n, line_start, conn.head_span, ids);
             follow_head(conn, scan, whole, data, n);
         }
     } else {
@@ -386,7 +387,9 @@ fn follow_head(
         return;
     }
     conn.flags |= CONN_HEAD_OPEN;
-    if byte_at(data, n - 1) == b'\n' {
+    // A line end, or a line end and the `\r` of what may be the empty line.
+    let last = byte_at(data, n - 1);
+    if last == b'\n' || (last == b'\r' && n >= 2 && byte_at(data, n - 2) == b'\n') {
         conn.flags |= CONN_HEAD_AT_LINE;
     }
 }

@@ -200,11 +200,13 @@ extern "C" fn scan_step(w: u64, ctx: *mut core::ffi::c_void) -> i64 {
                 scratch.head_end = 1;
                 return 1;
             }
-            if word_at(data, nl + 1) | LOWER8 == TRACEPAR
+            // The first match only; scanning goes on to the head's end, which decides
+            // whether later reads are followed even when this value turns out invalid.
+            if scratch.scan_at == 0
+                && word_at(data, nl + 1) | LOWER8 == TRACEPAR
                 && (word_at(data, nl + 9) as u32) | 0x2020_2020 == ENT_COLON
             {
                 scratch.scan_at = nl + 13;
-                return 1;
             }
         }
     }
@@ -247,9 +249,9 @@ pub fn scan_head(
         (*scratch).scan_at = 0;
         (*scratch).head_end = 0;
     }
+    let first = byte_at(data, 0);
     if line_start
-        && n >= 2
-        && (byte_at(data, 0) == b'\n' || (byte_at(data, 0) == b'\r' && byte_at(data, 1) == b'\n'))
+        && ((n >= 1 && first == b'\n') || (n >= 2 && first == b'\r' && byte_at(data, 1) == b'\n'))
     {
         scan.ended = true;
         return scan;
@@ -261,18 +263,17 @@ pub fn scan_head(
     {
         // SAFETY: as above.
         unsafe { (*scratch).scan_at = 12 };
-    } else {
-        let mut ctx = ScanCtx { n };
-        // SAFETY: callback and context follow bpf_loop's contract.
-        unsafe {
-            bpf_loop(
-                n.div_ceil(SCAN_STEP) as u32,
-                scan_step as *mut core::ffi::c_void,
-                &mut ctx as *mut ScanCtx as *mut core::ffi::c_void,
-                0,
-            )
-        };
     }
+    let mut ctx = ScanCtx { n };
+    // SAFETY: callback and context follow bpf_loop's contract.
+    unsafe {
+        bpf_loop(
+            n.div_ceil(SCAN_STEP) as u32,
+            scan_step as *mut core::ffi::c_void,
+            &mut ctx as *mut ScanCtx as *mut core::ffi::c_void,
+            0,
+        )
+    };
     // SAFETY: as above.
     let (value_at, head_end) = unsafe { ((*scratch).scan_at, (*scratch).head_end) };
     scan.ended = head_end != 0;
@@ -402,6 +403,7 @@ pub fn on_server_head_continued(
     data: &[u8; SCRATCH_BYTES],
     n: u64,
     line_start: bool,
+    head_span: u64,
     ids: &mut TraceIds,
 ) -> HeadScan {
     let scan = scan_head(
@@ -417,13 +419,15 @@ pub fn on_server_head_continued(
     }
     count(counter::TRACEPARENT_LATE);
     ids.kind = TRACE_SERVER_PARENT;
+    ids.span_id = head_span.to_ne_bytes();
     ids.has_parent = 1;
     ids.origin = ORIGIN_HEADER;
     if let Some(slot) = THREAD_CTX.get_ptr_mut(pid_tgid) {
         // SAFETY: pointer from a successful lookup.
         let server = unsafe { &mut *slot };
-        if server.kind == TRACE_SERVER {
-            ids.span_id = server.span_id;
+        // Only the span this head belongs to: the thread may have opened another since
+        // (an event loop reading a second connection between the two reads).
+        if server.kind == TRACE_SERVER && u64::from_ne_bytes(server.span_id) == head_span {
             // SAFETY: distinct memory (map value vs. scratch).
             unsafe { core::ptr::copy_nonoverlapping(&ids.trace_id, &mut server.trace_id, 1) };
             server.parent_span_id = ids.parent_span_id;

@@ -54,8 +54,8 @@ impl ConnAssembler {
         let Some((_, ids)) = self.pending_ids.back_mut() else {
             return;
         };
-        // The kernel names the span when the reading thread still had it open.
-        if ids.kind != TRACE_SERVER || (late.span_id != [0; 8] && late.span_id != ids.span_id) {
+        // The kernel names the span whose head it followed.
+        if ids.kind != TRACE_SERVER || late.span_id != ids.span_id {
             return;
         }
         ids.trace_id = late.trace_id;
