@@ -165,7 +165,7 @@ pub const TRACE_SERVER: u8 = 1;
 pub const TRACE_CLIENT: u8 = 2;
 /// A later read of a request head carried the `traceparent` the first read lacked:
 /// `trace_id`, `parent_span_id` and `flags` replace those of the SERVER span being read on
-/// this connection (`span_id` is that span's, when the reading thread still had it open).
+/// this connection; the first four bytes of `span_id` are that span's (the rest are zero).
 pub const TRACE_SERVER_PARENT: u8 = 3;
 
 /// [`TraceIds::origin`]: fresh ids (no incoming context).
@@ -209,37 +209,37 @@ pub struct ConnKey {
 }
 
 /// [`ConnState::flags`]: the fd is a TCP socket that is tracked.
-pub const CONN_TCP: u32 = 1;
+pub const CONN_TCP: u16 = 1;
 /// The connection has carried something that starts like HTTP/1.x: its later chunks
 /// (header continuations, bodies) are reported too.
-pub const CONN_HTTP: u32 = 2;
+pub const CONN_HTTP: u16 = 2;
 /// The connection's HTTP port is already in the injection port set (saves a lookup per
 /// request).
-pub const CONN_PORT_LEARNED: u32 = 4;
+pub const CONN_PORT_LEARNED: u16 = 4;
 /// An incoming request head is being read and no `traceparent` was found in it yet: the
 /// next ingress read continues it and is scanned too.
-pub const CONN_HEAD_OPEN: u32 = 8;
+pub const CONN_HEAD_OPEN: u16 = 8;
 /// ... and the last read ended at a line end, or at a line end and a `\r` (a header, or
 /// the head's end, may start at the next read's first byte).
-pub const CONN_HEAD_AT_LINE: u32 = 16;
+pub const CONN_HEAD_AT_LINE: u16 = 16;
 
+/// 24 bytes: the connection map preallocates 65,536 of them.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnState {
     pub sock_id: u64,
-    pub flags: u32,
-    /// The process's fd generation when this was cached (see the kernel's PROC_GEN map).
-    pub gen: u32,
+    pub flags: u16,
     pub role: u8,
     pub _pad: u8,
+    /// The process's fd generation when this was cached (see the kernel's PROC_GEN map).
+    pub gen: u32,
     /// Host-order ports of the connection (port learning for traceparent injection).
     pub local_port: u16,
     pub remote_port: u16,
-    pub _pad2: u16,
-    /// While `CONN_HEAD_OPEN`: the span id (as read from its bytes in order) of the
-    /// request whose head is being followed, so that a late `traceparent` updates that
-    /// span and no other the reading thread may have opened since.
-    pub head_span: u64,
+    /// While `CONN_HEAD_OPEN`: the first four bytes of the span id of the request whose
+    /// head is being followed, so that a late `traceparent` updates that span and no other
+    /// the reading thread may have opened since.
+    pub head_span: [u8; 4],
 }
 
 /// Struct member offsets (bytes) of the running kernel, read from its BTF at start-up and
@@ -355,8 +355,9 @@ mod tests {
         assert_eq!(offset_of!(DataEventHeader, total), 32);
         assert_eq!(offset_of!(DataEventHeader, direction), 40);
         assert_eq!(size_of::<ConnKey>(), 8);
-        assert_eq!(size_of::<ConnState>(), 32);
-        assert_eq!(offset_of!(ConnState, head_span), 24);
+        assert_eq!(size_of::<ConnState>(), 24);
+        assert_eq!(offset_of!(ConnState, gen), 12);
+        assert_eq!(offset_of!(ConnState, head_span), 20);
         assert_eq!(size_of::<KernelOffsets>(), 18 * 4);
         assert_eq!(align_of::<DataEventHeader>(), 8);
     }

@@ -350,7 +350,12 @@ fn trace_ids(
         }
         if direction == DIR_INGRESS {
             let scan = on_server_request(pid_tgid, data, n, ids);
-            conn.head_span = u64::from_ne_bytes(ids.span_id);
+            conn.head_span = [
+                ids.span_id[0],
+                ids.span_id[1],
+                ids.span_id[2],
+                ids.span_id[3],
+            ];
             follow_head(conn, scan, whole, data, n);
         } else {
             on_client_request(pid_tgid, data, n, ids);

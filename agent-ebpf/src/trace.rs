@@ -403,7 +403,7 @@ pub fn on_server_head_continued(
     data: &[u8; SCRATCH_BYTES],
     n: u64,
     line_start: bool,
-    head_span: u64,
+    head_span: [u8; 4],
     ids: &mut TraceIds,
 ) -> HeadScan {
     let scan = scan_head(
@@ -419,7 +419,7 @@ pub fn on_server_head_continued(
     }
     count(counter::TRACEPARENT_LATE);
     ids.kind = TRACE_SERVER_PARENT;
-    ids.span_id = head_span.to_ne_bytes();
+    ids.span_id = (u32::from_ne_bytes(head_span) as u64).to_le_bytes();
     ids.has_parent = 1;
     ids.origin = ORIGIN_HEADER;
     if let Some(slot) = THREAD_CTX.get_ptr_mut(pid_tgid) {
@@ -427,7 +427,13 @@ pub fn on_server_head_continued(
         let server = unsafe { &mut *slot };
         // Only the span this head belongs to: the thread may have opened another since
         // (an event loop reading a second connection between the two reads).
-        if server.kind == TRACE_SERVER && u64::from_ne_bytes(server.span_id) == head_span {
+        let server_head = [
+            server.span_id[0],
+            server.span_id[1],
+            server.span_id[2],
+            server.span_id[3],
+        ];
+        if server.kind == TRACE_SERVER && server_head == head_span {
             // SAFETY: distinct memory (map value vs. scratch).
             unsafe { core::ptr::copy_nonoverlapping(&ids.trace_id, &mut server.trace_id, 1) };
             server.parent_span_id = ids.parent_span_id;

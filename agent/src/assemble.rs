@@ -54,8 +54,8 @@ impl ConnAssembler {
         let Some((_, ids)) = self.pending_ids.back_mut() else {
             return;
         };
-        // The kernel names the span whose head it followed.
-        if ids.kind != TRACE_SERVER || late.span_id != ids.span_id {
+        // The kernel names the span whose head it followed by its first four bytes.
+        if ids.kind != TRACE_SERVER || late.span_id[..4] != ids.span_id[..4] {
             return;
         }
         ids.trace_id = late.trace_id;
@@ -182,7 +182,7 @@ mod tests {
         let mut header = chunk_header(DIR_INGRESS, 11, rest);
         header.trace = TraceIds {
             trace_id: [0xab; 16],
-            span_id: [late_span; 8],
+            span_id: [late_span, late_span, late_span, late_span, 0, 0, 0, 0],
             parent_span_id: [0xcd; 8],
             flags: 1,
             kind: TRACE_SERVER_PARENT,
