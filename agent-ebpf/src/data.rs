@@ -388,7 +388,9 @@ fn follow_head(
     n: u64,
 ) {
     conn.flags &= !(CONN_HEAD_OPEN | CONN_HEAD_AT_LINE);
-    if scan.found || scan.ended || !whole || n == 0 {
+    // An invalid `traceparent` ends the following too: the scan stopped at it, and the
+    // head's end may already have passed (later reads would be body).
+    if scan.header_seen || scan.ended || !whole || n == 0 {
         return;
     }
     conn.flags |= CONN_HEAD_OPEN;

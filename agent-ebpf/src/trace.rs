@@ -200,13 +200,14 @@ extern "C" fn scan_step(w: u64, ctx: *mut core::ffi::c_void) -> i64 {
                 scratch.head_end = 1;
                 return 1;
             }
-            // The first match only; scanning goes on to the head's end, which decides
-            // whether later reads are followed even when this value turns out invalid.
-            if scratch.scan_at == 0
-                && word_at(data, nl + 1) | LOWER8 == TRACEPAR
+            // Stopping here keeps the callback's paths few (scanning on to the head's end
+            // tripled verification time); a head whose `traceparent` line turns out invalid
+            // is not followed further (see `HeadScan::header_seen`).
+            if word_at(data, nl + 1) | LOWER8 == TRACEPAR
                 && (word_at(data, nl + 9) as u32) | 0x2020_2020 == ENT_COLON
             {
                 scratch.scan_at = nl + 13;
+                return 1;
             }
         }
     }
@@ -220,6 +221,8 @@ pub struct HeadScan {
     pub found: bool,
     /// The empty line that ends the head, before any `traceparent`.
     pub ended: bool,
+    /// A `traceparent` line, valid or not (the scan stops at it).
+    pub header_seen: bool,
 }
 
 /// Finds a valid W3C `traceparent` header in the first `n` captured bytes of a request
@@ -239,6 +242,7 @@ pub fn scan_head(
     let mut scan = HeadScan {
         found: false,
         ended: false,
+        header_seen: false,
     };
     let n = n.min(MAX_CAPTURE as u64);
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
@@ -263,20 +267,22 @@ pub fn scan_head(
     {
         // SAFETY: as above.
         unsafe { (*scratch).scan_at = 12 };
+    } else {
+        let mut ctx = ScanCtx { n };
+        // SAFETY: callback and context follow bpf_loop's contract.
+        unsafe {
+            bpf_loop(
+                n.div_ceil(SCAN_STEP) as u32,
+                scan_step as *mut core::ffi::c_void,
+                &mut ctx as *mut ScanCtx as *mut core::ffi::c_void,
+                0,
+            )
+        };
     }
-    let mut ctx = ScanCtx { n };
-    // SAFETY: callback and context follow bpf_loop's contract.
-    unsafe {
-        bpf_loop(
-            n.div_ceil(SCAN_STEP) as u32,
-            scan_step as *mut core::ffi::c_void,
-            &mut ctx as *mut ScanCtx as *mut core::ffi::c_void,
-            0,
-        )
-    };
     // SAFETY: as above.
     let (value_at, head_end) = unsafe { ((*scratch).scan_at, (*scratch).head_end) };
     scan.ended = head_end != 0;
+    scan.header_seen = value_at != 0;
     scan.found = value_at != 0
         && parse_traceparent(
             data,
