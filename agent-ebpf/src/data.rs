@@ -23,7 +23,7 @@ use crate::{
     },
     trace::{
         byte_at, is_request_start, is_response_start, on_client_request, on_server_head_continued,
-        on_server_request, on_server_response, HeadScan,
+        on_server_request, on_server_response, span_head, HeadScan,
     },
 };
 
@@ -350,12 +350,7 @@ fn trace_ids(
         }
         if direction == DIR_INGRESS {
             let scan = on_server_request(pid_tgid, data, n, ids);
-            conn.head_span = [
-                ids.span_id[0],
-                ids.span_id[1],
-                ids.span_id[2],
-                ids.span_id[3],
-            ];
+            conn.head_span = span_head(&ids.span_id);
             follow_head(conn, scan, whole, data, n);
         } else {
             on_client_request(pid_tgid, data, n, ids);

@@ -154,6 +154,26 @@ const NL8: u64 = 0x0a0a_0a0a_0a0a_0a0a;
 const ONES8: u64 = 0x0101_0101_0101_0101;
 const HIGH8: u64 = 0x8080_8080_8080_8080;
 
+/// Does a line starting at `i` name the `traceparent` header (any case)?
+#[inline(always)]
+fn traceparent_name_at(data: &[u8; SCRATCH_BYTES], i: u64) -> bool {
+    word_at(data, i) | LOWER8 == TRACEPAR
+        && (word_at(data, i + 8) as u32) | 0x2020_2020 == ENT_COLON
+}
+
+/// Is the line starting at `i` (of `n` captured bytes) the empty line that ends a head?
+#[inline(always)]
+fn empty_line_at(data: &[u8; SCRATCH_BYTES], i: u64, n: u64) -> bool {
+    let c = byte_at(data, i);
+    i < n && (c == b'\n' || (c == b'\r' && i + 1 < n && byte_at(data, i + 1) == b'\n'))
+}
+
+/// The first four bytes of a span id: how a followed request head names its span.
+#[inline(always)]
+pub fn span_head(span_id: &[u8; 8]) -> [u8; 4] {
+    [span_id[0], span_id[1], span_id[2], span_id[3]]
+}
+
 struct ScanCtx {
     /// Captured bytes to scan.
     n: u64,
@@ -192,20 +212,14 @@ extern "C" fn scan_step(w: u64, ctx: *mut core::ffi::c_void) -> i64 {
             }
             // Reported through map memory, which the verifier does not track value by
             // value: the caller then continues in one state, not one per position.
-            let next = byte_at(data, nl + 1);
-            if nl + 1 < n
-                && (next == b'\n'
-                    || (next == b'\r' && nl + 2 < n && byte_at(data, nl + 2) == b'\n'))
-            {
+            if empty_line_at(data, nl + 1, n) {
                 scratch.head_end = 1;
                 return 1;
             }
             // Stopping here keeps the callback's paths few (scanning on to the head's end
             // tripled verification time); a head whose `traceparent` line turns out invalid
             // is not followed further (see `HeadScan::header_seen`).
-            if word_at(data, nl + 1) | LOWER8 == TRACEPAR
-                && (word_at(data, nl + 9) as u32) | 0x2020_2020 == ENT_COLON
-            {
+            if traceparent_name_at(data, nl + 1) {
                 scratch.scan_at = nl + 13;
                 return 1;
             }
@@ -253,18 +267,11 @@ pub fn scan_head(
         (*scratch).scan_at = 0;
         (*scratch).head_end = 0;
     }
-    let first = byte_at(data, 0);
-    if line_start
-        && ((n >= 1 && first == b'\n') || (n >= 2 && first == b'\r' && byte_at(data, 1) == b'\n'))
-    {
+    if line_start && empty_line_at(data, 0, n) {
         scan.ended = true;
         return scan;
     }
-    if line_start
-        && n >= 12
-        && word_at(data, 0) | LOWER8 == TRACEPAR
-        && (word_at(data, 8) as u32) | 0x2020_2020 == ENT_COLON
-    {
+    if line_start && n >= 12 && traceparent_name_at(data, 0) {
         // SAFETY: as above.
         unsafe { (*scratch).scan_at = 12 };
     } else {
@@ -425,7 +432,8 @@ pub fn on_server_head_continued(
     }
     count(counter::TRACEPARENT_LATE);
     ids.kind = TRACE_SERVER_PARENT;
-    ids.span_id = (u32::from_ne_bytes(head_span) as u64).to_le_bytes();
+    let [a, b, c, d] = head_span;
+    ids.span_id = [a, b, c, d, 0, 0, 0, 0];
     ids.has_parent = 1;
     ids.origin = ORIGIN_HEADER;
     if let Some(slot) = THREAD_CTX.get_ptr_mut(pid_tgid) {
@@ -433,13 +441,7 @@ pub fn on_server_head_continued(
         let server = unsafe { &mut *slot };
         // Only the span this head belongs to: the thread may have opened another since
         // (an event loop reading a second connection between the two reads).
-        let server_head = [
-            server.span_id[0],
-            server.span_id[1],
-            server.span_id[2],
-            server.span_id[3],
-        ];
-        if server.kind == TRACE_SERVER && server_head == head_span {
+        if server.kind == TRACE_SERVER && span_head(&server.span_id) == head_span {
             // SAFETY: distinct memory (map value vs. scratch).
             unsafe { core::ptr::copy_nonoverlapping(&ids.trace_id, &mut server.trace_id, 1) };
             server.parent_span_id = ids.parent_span_id;

@@ -350,6 +350,11 @@ struct Run {
 }
 
 impl Run {
+    /// `cpu_s` seconds spread over this run's requests, in µs per request.
+    fn per_req_us(&self, cpu_s: f64) -> f64 {
+        cpu_s / self.wrk.requests.max(1) as f64 * 1e6
+    }
+
     /// The agent as configured: not one of the extra variants.
     fn is_default_agent(&self) -> bool {
         self.agent && !self.capture_only && !self.sampled
@@ -614,15 +619,14 @@ struct VariantCost {
 impl VariantCost {
     /// Over the pairs that have both a baseline and a run for which `is_variant` holds.
     fn of(runs: &[Run], is_variant: impl Fn(&Run) -> bool) -> Self {
-        let per_req = |cpu: f64, r: &Run| cpu / r.wrk.requests.max(1) as f64 * 1e6;
         let mut v: [Vec<f64>; 5] = Default::default();
         for base in runs.iter().filter(|r| !r.agent) {
             let Some(c) = runs.iter().find(|r| r.pair == base.pair && is_variant(r)) else {
                 continue;
             };
-            let server_base = per_req(base.server_cpu_s, base);
-            let added = per_req(c.server_cpu_s, c) - server_base;
-            let agent = per_req(c.agent_cpu_s, c);
+            let server_base = base.per_req_us(base.server_cpu_s);
+            let added = c.per_req_us(c.server_cpu_s) - server_base;
+            let agent = c.per_req_us(c.agent_cpu_s);
             v[0].push(c.wrk.rps / base.wrk.rps);
             v[1].push(c.wrk.p99_us - base.wrk.p99_us);
             v[2].push(added);
@@ -673,7 +677,6 @@ fn summarize_load(close: bool, runs: Vec<Run>) -> LoadBench {
         close,
         ..Default::default()
     };
-    let per_req = |cpu: f64, r: &Run| cpu / r.wrk.requests.max(1) as f64 * 1e6;
     let mut v: [Vec<f64>; 12] = Default::default();
     let mut drops = Vec::new();
     let pairs = runs.iter().map(|r| r.pair).max().map_or(0, |p| p + 1);
@@ -687,15 +690,15 @@ fn summarize_load(close: bool, runs: Vec<Run>) -> LoadBench {
         v[1].push(ag.wrk.rps);
         v[2].push(ag.wrk.p50_us - base.wrk.p50_us);
         v[3].push(base.wrk.p99_us);
-        v[4].push(per_req(base.server_cpu_s, base));
-        v[5].push(per_req(ag.wrk.cpu_s, ag) - per_req(base.wrk.cpu_s, base));
-        v[6].push(ag.agent_cpu_s / ag.wrk.requests.max(1) as f64 * 1e5);
+        v[4].push(base.per_req_us(base.server_cpu_s));
+        v[5].push(ag.per_req_us(ag.wrk.cpu_s) - base.per_req_us(base.wrk.cpu_s));
+        v[6].push(ag.per_req_us(ag.agent_cpu_s) / 10.0); // s per 100k requests
         v[7].push(ag.agent_startup_s);
         v[8].push(ag.agent_startup_cpu_s);
         if ag.spans_expected > 0 {
             v[9].push(ag.spans_received as f64 / ag.spans_expected as f64);
         }
-        v[11].push(per_req(ag.receiver_cpu_s, ag));
+        v[11].push(ag.per_req_us(ag.receiver_cpu_s));
         if let Some(AgentExit {
             spans_exported: Some(e),
             spans_dropped: Some(d),
@@ -1072,8 +1075,8 @@ fn memory_bench(ctx: &mut Ctx) -> Result<MemoryBench> {
         m.with_conns = mem();
         m.ringbuf_rss_kib = sys::mapping_rss_kib(pid, "anon_inode:bpf-map");
         drop(conns);
-        // The agent frees idle buffers and returns heap to the OS on its sweep, every 5 s
-        // (`pipeline::IDLE_SWEEP`): read after the next one.
+        // The agent frees idle buffers and returns heap to the OS on its sweep: read after
+        // the next one.
         settle();
         thread::sleep(AGENT_IDLE_SWEEP);
         m.with_conns_peak = sampler.finish().0;
