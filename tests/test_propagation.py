@@ -19,10 +19,16 @@ def of(exchanges, kind, port):
     return [e for e in exchanges if e["kind"] == kind and e["server.port"] == port]
 
 
-def raw_request(port, head: bytes):
-    """Send one request with exactly these header bytes; return the status code."""
+def raw_request(port, *parts: bytes):
+    """Send one request with exactly these bytes and return the status code. Several parts
+    go out as separate segments with a pause between them, so that the server reads each
+    on its own (the late-read counter checked by the callers proves it did)."""
     with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(head)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i, part in enumerate(parts):
+            if i:
+                time.sleep(0.05)
+            s.sendall(part)
         f = s.makefile("rb")
         status = int(f.readline().split()[1])
         length = 0
@@ -93,19 +99,6 @@ def test_traceparent_after_3kib_of_headers_and_any_case(py_server):
     assert (s["trace_id"], s["parent_span_id"]) == (TRACE, PARENT)
 
 
-def request_in_parts(port, parts):
-    """Send a request's bytes in separate segments, pausing between them so that the server
-    reads each on its own (the late-read counter checked by the callers proves it did)."""
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for i, part in enumerate(parts):
-            if i:
-                time.sleep(0.05)
-            s.sendall(part)
-        f = s.makefile("rb")
-        return int(f.readline().split()[1])
-
-
 TP = f"traceparent: 00-{TRACE}-{PARENT}-01\r\n".encode()
 
 
@@ -124,7 +117,7 @@ def test_traceparent_in_a_later_read_of_the_head_is_continued(py_server, procs, 
     fport = free_port()
     procs([PY, TESTS / "servers/frontend.py", fport, f"http://127.0.0.1:{bport}"], ready_port=fport)
     agent = watch(fport, bport)
-    assert request_in_parts(fport, parts) == 200
+    assert raw_request(fport, *parts) == 200
     got = finish(agent)
     (server,) = of(got, "server", fport)
     (child,) = of(got, "client", bport)
@@ -171,7 +164,7 @@ def test_traceparent_lines_in_a_body_are_not_a_parent(py_server, split, head_ext
     agent = watch(port)
     body = b"x\r\n" + TP
     head = b"POST /body HTTP/1.1\r\nHost: x\r\n%sContent-Length: %d\r\n\r\n" % (head_extra, len(body))
-    assert request_in_parts(port, [head, body] if split else [head + body]) == 201
+    assert raw_request(port, *([head, body] if split else [head + body])) == 201
     (s,) = of(finish(agent), "server", port)
     assert s["url.path"] == "/body"
     assert s["trace_id"] != TRACE and s["parent_span_id"] is None
