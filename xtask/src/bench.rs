@@ -181,15 +181,13 @@ pub fn run(root: &Path, bin: &Path, quick: bool) -> Result<()> {
         machine["cpu"].as_str().unwrap_or("?"),
         machine["kernel"].as_str().unwrap_or("?")
     );
-    let replay_bin = build_replay(root)?;
+    let tools = build_bench_tools(root)?;
 
     let help = sys::run_output(Command::new(bin).args(["run", "--help"]))?;
     let otlp = help.contains("--otlp-endpoint");
     let receiver = if otlp {
-        let python = crate::setup::ensure_venv(root, &root.join("tests/requirements.txt"))?;
         Some(Receiver::start(
-            &python,
-            &root.join("bench/otlp_sink.py"),
+            &tools.sink,
             &work.join("otlp-receiver.log"),
         )?)
     } else {
@@ -211,7 +209,7 @@ pub fn run(root: &Path, bin: &Path, quick: bool) -> Result<()> {
         ]);
     }
     machine["exporter"] = json!(if otlp {
-        "OTLP/gRPC to a local receiver (bench/otlp_sink.py)"
+        "OTLP/gRPC to a local receiver (tapir-otlp-sink)"
     } else {
         "none (tapir run had no OTLP exporter)"
     });
@@ -229,7 +227,7 @@ pub fn run(root: &Path, bin: &Path, quick: bool) -> Result<()> {
         agents_started: 0,
         mine,
     };
-    let result = run_all(&mut ctx, &replay_bin);
+    let result = run_all(&mut ctx, &tools.replay);
     let Ctx {
         nginx, receiver, ..
     } = ctx;
@@ -742,15 +740,27 @@ fn summarize_load(close: bool, runs: Vec<Run>) -> LoadBench {
 // ---------------------------------------------------------------------------------------------
 // Benchmark 4: the userspace pipeline alone
 
-fn build_replay(root: &Path) -> Result<PathBuf> {
+/// The benchmark's own programs, built from this tree whatever `TAPIR_BENCH_BIN` says.
+struct BenchTools {
+    /// `tapir-replay`: the pipeline benchmark.
+    replay: PathBuf,
+    /// `tapir-otlp-sink`: the counting OTLP/gRPC receiver.
+    sink: PathBuf,
+}
+
+fn build_bench_tools(root: &Path) -> Result<BenchTools> {
     crate::status(
         Command::new(crate::cargo())
-            .args(["build", "--release", "-p", "tapir", "--bin", "tapir-replay"])
+            .args(["build", "--release", "-p", "tapir"])
+            .args(["--bin", "tapir-replay", "--bin", "tapir-otlp-sink"])
             .env("TAPIR_EBPF_OBJECT", crate::ebpf_object(root))
             .current_dir(root),
-        "building tapir-replay (the pipeline benchmark)",
+        "building tapir-replay and tapir-otlp-sink (the benchmark's tools)",
     )?;
-    Ok(root.join("target/release/tapir-replay"))
+    Ok(BenchTools {
+        replay: root.join("target/release/tapir-replay"),
+        sink: root.join("target/release/tapir-otlp-sink"),
+    })
 }
 
 /// Runs tapir-replay pinned to the client core; returns its JSON line.
@@ -1251,7 +1261,7 @@ fn load_table(md: &mut String, b: &LoadBench, title: &str, unit: &str) {
         ),
         (
             format!(
-                "the local OTLP receiver's CPU per {unit} (µs; Python, on the same 2 cores: it delays nginx or wrk as the agent does)"
+                "the local OTLP receiver's CPU per {unit} (µs; on the same 2 cores: it delays nginx or wrk as the agent does)"
             ),
             b.receiver_cpu_per_req_us.show(2),
         ),

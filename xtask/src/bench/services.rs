@@ -227,9 +227,6 @@ pub struct Receiver {
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
     pub grpc_port: u16,
-    /// OTLP/HTTP, for trying `--otlp-protocol http/protobuf` by hand.
-    #[allow(dead_code)]
-    pub http_port: u16,
 }
 
 #[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
@@ -241,10 +238,10 @@ pub struct ReceiverCounts {
 }
 
 impl Receiver {
-    pub fn start(python: &Path, script: &Path, log: &Path) -> Result<Self> {
-        let mut child = Command::new(python)
-            .arg(script)
-            .args(["--grpc-port", "0", "--http-port", "0"])
+    /// Starts `tapir-otlp-sink` (agent/src/bin/tapir-otlp-sink.rs) on a free port.
+    pub fn start(sink: &Path, log: &Path) -> Result<Self> {
+        let mut child = Command::new(sink)
+            .args(["--grpc-port", "0"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(fs::File::create(log)?)
@@ -255,8 +252,7 @@ impl Receiver {
         let mut line = String::new();
         stdout.read_line(&mut line)?;
         let parts: Vec<&str> = line.split_whitespace().collect();
-        let (Some(&"listening"), Some(g), Some(h)) = (parts.first(), parts.get(1), parts.get(2))
-        else {
+        let (Some(&"listening"), Some(g)) = (parts.first(), parts.get(1)) else {
             let _ = child.kill();
             let _ = child.wait();
             bail!(
@@ -266,7 +262,6 @@ impl Receiver {
         };
         Ok(Self {
             grpc_port: g.parse()?,
-            http_port: h.parse()?,
             child,
             stdin,
             stdout,
