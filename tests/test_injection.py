@@ -197,3 +197,92 @@ def test_error_rate_of_1000_requests_equals_the_no_agent_baseline(py_server, pro
     assert agent.stop() == 0
     assert with_agent == baseline == 0, (baseline, with_agent)
     assert (agent.final_count("tapir.inject.injected") or 0) >= 1000, agent.err[-30:]
+
+
+# Kept-alive connections: the kernel injects into the first request after it claims a
+# socket and releases the socket once that request is acknowledged; the agent puts an idle
+# socket back after each response it has seen (agent/src/rearm.rs). Each test waits for the
+# agent to print the exchange of one request before sending the next: that is when the
+# socket has been re-armed. Without the re-arming only the first request is injected.
+
+
+def test_every_request_of_a_kept_alive_connection_is_injected(py_server):
+    import http.client
+    import os
+
+    backend, bport = py_server()
+    agent = watch(bport, inject=True)
+    conn = http.client.HTTPConnection("127.0.0.1", bport, timeout=10)
+    n = 6
+    for i in range(n):
+        conn.request("GET", f"/ka/{i}")
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 200
+        assert len(agent.wait_exchanges(2 * (i + 1))) >= 2 * (i + 1), agent.err[-10:]
+    local_port = conn.sock.getsockname()[1]
+    conn.close()
+    got = finish(agent)
+    cli = [e for e in of(got, "client", bport) if e["process.pid"] == os.getpid()]
+    srv = of(got, "server", bport)
+    paths = [f"/ka/{i}" for i in range(n)]
+    assert [e["url.path"] for e in cli] == [e["url.path"] for e in srv] == paths
+    assert {e["client.port"] for e in srv} == {local_port}, "one connection for all"
+    for c, s in zip(cli, srv):
+        assert s["trace_id"] == c["trace_id"], s["url.path"]
+        assert s["parent_span_id"] == c["span_id"], s["url.path"]
+    assert agent.final_count("tapir.inject.injected") == n
+    assert agent.final_count("tapir.inject.rearm.done") >= n - 1, agent.err[-40:]
+
+
+def test_node_keepalive_pool_continues_every_callers_trace(py_server, procs):
+    backend, bport = py_server()
+    nport = free_port()
+    node = procs(["node", TESTS / "servers/node_frontend.js", nport, f"http://127.0.0.1:{bport}", "keepalive"],
+                 ready_port=nport)
+    agent = watch(nport, bport, inject=True)
+    n = 5
+    for i in range(n):
+        curl("-o", "/dev/null", "-H", f"traceparent: 00-{TRACE}-{PARENT}-01", f"http://127.0.0.1:{nport}/k/{i}")
+        agent.wait_exchanges(4 * (i + 1))  # curl's, Node's two, the backend's
+    got = finish(agent)
+    n_srv = of(got, "server", nport)
+    n_cli = [e for e in of(got, "client", bport) if e["process.pid"] == node.pid]
+    b_srv = of(got, "server", bport)
+    paths = [f"/k/{i}" for i in range(n)]
+    assert [e["url.path"] for e in n_srv] == [e["url.path"] for e in b_srv] == paths
+    assert len({e["client.port"] for e in b_srv}) == 1, "Node reused one pooled connection"
+    for s, c, b in zip(n_srv, n_cli, b_srv):
+        assert s["trace_id"] == c["trace_id"] == b["trace_id"] == TRACE, b["url.path"]
+        assert c["parent_span_id"] == s["span_id"]
+        assert b["parent_span_id"] == c["span_id"], b["url.path"]
+    assert agent.final_count("tapir.inject.injected") == n
+    assert agent.final_count("tapir.inject.rearm.done") >= n - 1, agent.err[-40:]
+
+
+def test_no_stall_through_rearmed_nginx_upstream_keepalive_4mib(py_server, procs, tmp_path):
+    """nginx reads upstream responses with FIONREAD, which a socket in the sockhash answers
+    with 0: a re-armed socket must be out of the sockhash before its response arrives."""
+    backend, bport = py_server("--threading")
+    nport = free_port()
+    nginx(procs, tmp_path, nport,
+          "location / { proxy_pass http://tapir_backend; proxy_http_version 1.1; "
+          'proxy_set_header Connection ""; proxy_read_timeout 20s; }',
+          http_extra=f"upstream tapir_backend {{ server 127.0.0.1:{bport}; keepalive 4; }}")
+    agent = watch(nport, bport, inject=True)
+    big = 4 * 1024 * 1024
+    n = 20
+    for i in range(n):
+        r = curl("-o", "/dev/null", "-w", "%{http_code} %{size_download}", "--max-time", "20",
+                 f"http://127.0.0.1:{nport}/bytes/{big}?i={i}")
+        assert r.stdout == f"200 {big}", (i, r.stdout)
+        agent.wait_exchanges(4 * (i + 1))  # curl's, nginx's two, the backend's
+    got = finish(agent)
+    n_cli = [e for e in of(got, "client", bport) if e["process.executable.name"] == "nginx"]
+    b_srv = of(got, "server", bport)
+    assert len(n_cli) == len(b_srv) == n
+    assert len({e["client.port"] for e in b_srv}) < n, "nginx reused its upstream connections"
+    for c, b in zip(n_cli, b_srv):
+        assert b["parent_span_id"] == c["span_id"] and b["trace_id"] == c["trace_id"]
+    assert agent.final_count("tapir.inject.injected") == n
+    assert agent.final_count("tapir.inject.rearm.done") >= n - 4, agent.err[-40:]

@@ -287,6 +287,49 @@ pub mod counter {
     pub const COUNT: u32 = 8;
 }
 
+/// Key of the injection sockhash and its state map (`TAPIR_INJ_SOCKS`, `TAPIR_INJ_STATE`),
+/// in the field conventions of `bpf_sock_ops` and `sk_msg_md`: `lport` in host order,
+/// `rport` as those contexts load it (the network-order port shifted into the upper half),
+/// addresses in network order (IPv4 in `lip[0]`/`rip[0]`). Built by the kernel programs
+/// and, to re-arm a kept-alive connection, by the agent from the socket's own addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InjSockKey {
+    pub family: u32,
+    pub lport: u32,
+    pub rport: u32,
+    pub _pad: u32,
+    pub lip: [u32; 4],
+    pub rip: [u32; 4],
+}
+
+impl InjSockKey {
+    /// `rport` for a remote port in host order.
+    pub const fn remote_port_field(port: u16) -> u32 {
+        (port.to_be() as u32) << 16
+    }
+}
+
+/// A claimed socket's injection state (`TAPIR_INJ_STATE`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InjSockState {
+    /// [`INJ_PENDING`], [`INJ_JUDGED`] or [`INJ_RELEASED`].
+    pub done: u32,
+    pub _pad: u32,
+}
+
+/// Bytes sk_msg inserts into an injected request: `traceparent: 00-<32>-<16>-<2>\r\n`.
+pub const TRACEPARENT_HEADER_LEN: u32 = 70;
+
+/// In the sockhash; its next request will be injected.
+pub const INJ_PENDING: u32 = 0;
+/// In the sockhash; its request was handled (injected or deliberately not); it leaves at
+/// the next acknowledgement of its data.
+pub const INJ_JUDGED: u32 = 1;
+/// Out of the sockhash, its RTT callback still on: the agent may re-arm it.
+pub const INJ_RELEASED: u32 = 2;
+
 /// Indexes of the traceparent-injection counters (`TAPIR_INJ_COUNTERS`, per-CPU).
 pub mod inject_counter {
     /// Client sockets put in the injection sockhash at connection setup.
@@ -299,7 +342,8 @@ pub mod inject_counter {
     pub const HAS_TRACEPARENT: u32 = 3;
     /// The request head did not fit in the first send (or had no line end): left alone.
     pub const HEAD_SPLIT: u32 = 4;
-    /// Later requests on a kept-alive connection (only the first is injected).
+    /// Later messages on a claimed connection before its release (only the first request
+    /// after a claim is injected; the agent re-arms idle kept-alive connections).
     pub const KEEPALIVE_LATER: u32 = 5;
     /// The kernel refused to grow or linearize the message.
     pub const PUSH_FAILED: u32 = 6;
@@ -331,6 +375,8 @@ mod pod {
     unsafe impl aya::Pod for ConnKey {}
     unsafe impl aya::Pod for ConnState {}
     unsafe impl aya::Pod for TraceIds {}
+    unsafe impl aya::Pod for InjSockKey {}
+    unsafe impl aya::Pod for InjSockState {}
 }
 
 #[cfg(test)]
@@ -360,6 +406,22 @@ mod tests {
         assert_eq!(offset_of!(ConnState, head_span), 20);
         assert_eq!(size_of::<KernelOffsets>(), 18 * 4);
         assert_eq!(align_of::<DataEventHeader>(), 8);
+        assert_eq!(size_of::<InjSockKey>(), 48);
+        assert_eq!(offset_of!(InjSockKey, lip), 16);
+        assert_eq!(offset_of!(InjSockKey, rip), 32);
+        assert_eq!(size_of::<InjSockState>(), 8);
+    }
+
+    #[test]
+    fn remote_port_field_is_what_the_kernel_programs_decode() {
+        // tapir_sock_ops reads the port back as `u32::from_be(rport) & 0xffff`.
+        for port in [1u16, 80, 8080, 0xff00, u16::MAX] {
+            let field = InjSockKey::remote_port_field(port);
+            assert_eq!(u32::from_be(field) & 0xffff, u32::from(port));
+            // In memory: two zero bytes, then the port in network order.
+            let b = port.to_be_bytes();
+            assert_eq!(field.to_ne_bytes(), [0, 0, b[0], b[1]]);
+        }
     }
 
     #[test]

@@ -7,8 +7,13 @@
 //! ids in `OUT_CTX[pid_tgid]` for the write's exit tracepoint, so that the exported CLIENT
 //! span has exactly the injected ids. A socket in a sockhash reports FIONREAD = 0 (nginx
 //! and others then stall), so each socket is released on its first RTT sample after the
-//! request: the server acknowledged it, the response has not been read yet.
-use agent_common::{inject_counter as c, TraceIds, MAX_CAPTURE, TRACE_CLIENT};
+//! request: the server acknowledged it, the response has not been read yet. The agent puts
+//! an idle kept-alive socket back (agent/src/rearm.rs) so that its next request is injected
+//! too; the RTT callback stays enabled for that.
+use agent_common::{
+    inject_counter as c, InjSockKey as SockKey, InjSockState as SockState, TraceIds, INJ_JUDGED,
+    INJ_PENDING, INJ_RELEASED, MAX_CAPTURE, TRACE_CLIENT,
+};
 use aya_ebpf::{
     bindings::{
         sk_action::SK_PASS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB,
@@ -27,27 +32,6 @@ use crate::{
     maps::{agent_tgid, SCRATCH, SCRATCH_BYTES},
     trace::{find_traceparent, is_request_start, new_span_id, thread_parent, OUT_CTX},
 };
-
-/// The same field conventions in `bpf_sock_ops` and `sk_msg_md`: local port host order,
-/// remote port network order, addresses network order.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct SockKey {
-    pub family: u32,
-    pub lport: u32,
-    pub rport: u32,
-    pub _pad: u32,
-    pub lip: [u32; 4],
-    pub rip: [u32; 4],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct SockState {
-    /// 1 once the first request was handled (injected or deliberately not).
-    pub done: u32,
-    pub _pad: u32,
-}
 
 #[map(name = "TAPIR_INJ_SOCKS")]
 pub static INJ_SOCKS: SockHash<SockKey> = SockHash::with_max_entries(65536, 0);
@@ -70,7 +54,7 @@ pub static INJ_SCAN: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0)
 /// Only the first this-many bytes of a message are looked at.
 const WINDOW: u32 = MAX_CAPTURE as u32;
 /// "traceparent: " (13) + 55 + "\r\n" (2).
-const HDR_LEN: u32 = 70;
+const HDR_LEN: u32 = agent_common::TRACEPARENT_HEADER_LEN;
 const HEXD: &[u8; 16] = b"0123456789abcdef";
 
 #[inline(always)]
@@ -100,7 +84,7 @@ pub fn learn_http_port(port: u16) {
 }
 
 #[inline(always)]
-fn release(key: &SockKey) {
+fn release(key: &SockKey, st: &mut SockState) {
     // SAFETY: deleting from a sockhash is allowed from sock_ops.
     let r = unsafe {
         bpf_map_delete_elem(
@@ -109,7 +93,7 @@ fn release(key: &SockKey) {
         )
     };
     count(if r == 0 { c::RELEASED } else { c::MAP_FAILED });
-    let _ = INJ_STATE.remove(key);
+    st.done = INJ_RELEASED;
 }
 
 #[sock_ops]
@@ -152,17 +136,28 @@ pub fn tapir_sock_ops(ctx: SockOpsContext) -> u32 {
             .is_ok()
         {
             count(c::CLAIMED);
-            let _ = INJ_STATE.insert(&key, &SockState { done: 0, _pad: 0 }, 0);
+            let _ = INJ_STATE.insert(
+                &key,
+                &SockState {
+                    done: INJ_PENDING,
+                    _pad: 0,
+                },
+                0,
+            );
             let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
         } else {
             count(c::MAP_FAILED);
         }
     } else if op == BPF_SOCK_OPS_RTT_CB {
-        // SAFETY: plain lookup.
-        let done = unsafe { INJ_STATE.get(&key) }.is_none_or(|s| s.done != 0);
-        if done {
-            release(&key);
-            let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
+        // New data of ours was acknowledged. A claimed socket leaves the sockhash now: its
+        // request was judged by sk_msg, or (re-armed by the agent while a send was under
+        // way) it sent data sk_msg never saw. Either way the response is still to come.
+        if let Some(st) = INJ_STATE.get_ptr_mut(&key) {
+            // SAFETY: map value pointer.
+            let st = unsafe { &mut *st };
+            if st.done != INJ_RELEASED {
+                release(&key, st);
+            }
         }
     }
     1
@@ -264,12 +259,12 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Option<()> {
     let st = INJ_STATE.get_ptr_mut(&key)?;
     // SAFETY: map value pointer.
     let st = unsafe { &mut *st };
-    if st.done != 0 {
+    if st.done != INJ_PENDING {
         count(c::KEEPALIVE_LATER);
         return None;
     }
     // Whatever happens below, this connection's first message has been judged.
-    st.done = 1;
+    st.done = INJ_JUDGED;
     let size = ctx.size();
     let n = if size < WINDOW { size } else { WINDOW };
     if n < 16 {

@@ -17,6 +17,7 @@ pub mod otel;
 pub mod pipeline;
 pub mod probes;
 pub mod process;
+pub mod rearm;
 pub mod stats;
 #[cfg(test)]
 mod test_alloc;

@@ -6,7 +6,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_common::{ConnEvent, ConnTuple, Role, AF_INET};
+use agent_common::{
+    ConnEvent, ConnTuple, Role, AF_INET, DIR_EGRESS, DIR_INGRESS, TRACEPARENT_HEADER_LEN,
+    TRACE_CLIENT,
+};
 use aya::maps::{MapData, PerCpuArray};
 
 use crate::{
@@ -78,6 +81,11 @@ pub struct Conn {
     pub http: crate::assemble::ConnAssembler,
     /// Saw data since the last idle sweep.
     pub active: bool,
+    /// Bytes this connection carried out (as sent on the wire: injected headers included)
+    /// and in, since it was opened: re-arming injection compares them with the kernel's.
+    pub sent: u64,
+    pub received: u64,
+    pub rearm: crate::rearm::Backoff,
 }
 
 /// Receives what the pipeline produces.
@@ -100,6 +108,7 @@ pub struct Pipeline<S: ExchangeSink> {
     last_sweep: Instant,
     kernel_counters: Option<PerCpuArray<MapData, u64>>,
     inject_counters: Option<PerCpuArray<MapData, u64>>,
+    rearm: Option<crate::rearm::Rearm>,
 }
 
 impl<S: ExchangeSink> Pipeline<S> {
@@ -116,7 +125,13 @@ impl<S: ExchangeSink> Pipeline<S> {
             last_sweep: Instant::now(),
             kernel_counters: None,
             inject_counters: None,
+            rearm: None,
         }
+    }
+
+    /// Re-arms traceparent injection on kept-alive client connections (injection on).
+    pub fn set_rearm(&mut self, rearm: crate::rearm::Rearm) {
+        self.rearm = Some(rearm);
     }
 
     /// The kernel's traceparent-injection counters, summed into [`Stats`] with the others.
@@ -187,6 +202,9 @@ impl<S: ExchangeSink> Pipeline<S> {
             process,
             http: crate::assemble::ConnAssembler::new(),
             active: true,
+            sent: 0,
+            received: 0,
+            rearm: Default::default(),
         };
         if let Some((k, mut evicted)) = self.conns.push(key, conn) {
             if k != key {
@@ -219,8 +237,34 @@ impl<S: ExchangeSink> Pipeline<S> {
             return;
         }
         conn.active = true;
+        let h = &d.header;
+        if h.direction == DIR_EGRESS {
+            let injected = h.trace.kind == TRACE_CLIENT && h.trace.injected != 0;
+            conn.sent += u64::from(h.total)
+                + if injected {
+                    u64::from(TRACEPARENT_HEADER_LEN)
+                } else {
+                    0
+                };
+        } else {
+            conn.received += u64::from(h.total);
+        }
         let mut done = Vec::new();
         conn.http.on_data(d, &mut done, &self.stats);
+        // A client read a whole response: its socket may take the next request's header.
+        // Before the exchange is passed on, so that whoever sees it sees the attempt made.
+        if !done.is_empty() && h.direction == DIR_INGRESS && conn.role == Role::Client {
+            if let Some(rearm) = &mut self.rearm {
+                let c = crate::rearm::Candidate {
+                    tgid: h.header.tgid,
+                    fd: h.header.fd,
+                    endpoints: conn.endpoints,
+                    sent: conn.sent,
+                    received: conn.received,
+                };
+                rearm.try_rearm(&c, &mut conn.rearm);
+            }
+        }
         Self::emit(&mut self.sink, &self.stats, &self.clock, conn, done);
     }
 
@@ -242,6 +286,9 @@ impl<S: ExchangeSink> Pipeline<S> {
             self.finish(&mut conn, ts_ns);
         }
         self.procs.forget(tgid);
+        if let Some(r) = &mut self.rearm {
+            r.forget(tgid);
+        }
         self.sink.on_process_exit(tgid);
     }
 

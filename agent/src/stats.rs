@@ -70,6 +70,19 @@ counters! {
     kernel_read_user_failed => "tapir.kernel.payload_read_failed",
     /// Kernel: requests whose `traceparent` came in a later read of the head than the first.
     kernel_traceparent_late => "tapir.kernel.traceparent_in_later_read",
+    /// Kept-alive client sockets put back for injection into their next request.
+    rearm_done => "tapir.inject.rearm.done",
+    /// Re-arming skipped: the process had already moved on (bytes unread, unacknowledged
+    /// or not yet seen by the agent).
+    rearm_busy => "tapir.inject.rearm.busy",
+    /// Re-arming skipped: the socket was not released by the kernel (never claimed).
+    rearm_not_eligible => "tapir.inject.rearm.not_eligible",
+    /// Re-arming skipped: over the rate limit.
+    rearm_over_budget => "tapir.inject.rearm.over_budget",
+    /// Re-arming skipped: the process exited or closed the socket after the response.
+    rearm_gone => "tapir.inject.rearm.gone",
+    /// Re-arming failed: a system call or map update was refused.
+    rearm_failed => "tapir.inject.rearm.failed",
 }
 
 impl Stats {

@@ -194,6 +194,31 @@ pub fn take_logger(attached: &mut Attached) -> Option<(Logger, LogFlush)> {
     }
 }
 
+/// The injection sockhash and its state map, for re-arming kept-alive client connections
+/// (only when injection is on).
+pub fn take_rearm_maps(attached: &mut Attached) -> Option<(aya::maps::Map, aya::maps::Map)> {
+    attached.injection.as_ref().ok()?;
+    let socks = attached.ebpf.take_map("TAPIR_INJ_SOCKS")?;
+    let state = attached.ebpf.take_map("TAPIR_INJ_STATE")?;
+    Some((socks, state))
+}
+
+/// Hands the injection maps to the pipeline (on the capture thread).
+pub fn set_rearm<S: tapir::pipeline::ExchangeSink>(
+    pipeline: &mut tapir::pipeline::Pipeline<S>,
+    maps: Option<(aya::maps::Map, aya::maps::Map)>,
+    stats: Arc<tapir::stats::Stats>,
+) {
+    let Some((socks, state)) = maps else { return };
+    match tapir::rearm::Rearm::new(socks, state, stats) {
+        Ok(r) => pipeline.set_rearm(r),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "kept-alive connections will only have their first request injected"
+        ),
+    }
+}
+
 /// The kernel's drop counters, taken out of the loaded object for the capture thread.
 pub fn take_counters(
     attached: &mut Attached,

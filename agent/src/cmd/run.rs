@@ -209,6 +209,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let logger = super::take_logger(&mut attached);
     let counters = super::take_counters(&mut attached);
     let inject_counters = super::take_inject_counters(&mut attached);
+    let rearm_maps = super::take_rearm_maps(&mut attached);
     let filter = Filter {
         pids: args.pids.clone(),
         ports: args.ports.clone(),
@@ -217,13 +218,14 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let st = stats.clone();
     let os = otel_stats.clone();
     let capture = CaptureThread::spawn(move |stop| {
-        let mut pipeline = Pipeline::new(max_conns, filter, st, sink);
+        let mut pipeline = Pipeline::new(max_conns, filter, st.clone(), sink);
         if let Some(c) = counters {
             pipeline.set_kernel_counters(c);
         }
         if let Some(c) = inject_counters {
             pipeline.set_inject_counters(c);
         }
+        super::set_rearm(&mut pipeline, rearm_maps, st.clone());
         let mut sink = Gauged { pipeline, otel: os };
         drain_loop(ring, &mut sink, &stop, logger);
         sink.pipeline.read_kernel_counters();

@@ -1,0 +1,566 @@
+//! Re-arms traceparent injection on kept-alive client connections.
+//!
+//! The kernel injects into the first request written after a client socket is claimed,
+//! then releases the socket from the injection sockhash when that request is acknowledged
+//! (a socket in a sockhash reports FIONREAD = 0, which stalls nginx and others reading
+//! the response). The kernel cannot put it back: sock_ops may add sockets to a sockhash
+//! only while a connection is set up, tracepoints never. So the agent does, from
+//! userspace, when the pipeline has just seen a client connection read a whole response:
+//!
+//! 1. it takes a copy of the socket from its process (`pidfd_getfd`) and checks that it is
+//!    the tracked connection (same addresses and ports);
+//! 2. it checks that the socket is idle *and* that nothing happened on it that the
+//!    pipeline has not seen: no byte unread or unacknowledged, every byte the kernel says
+//!    was sent and received went through the pipeline. Otherwise the process may already
+//!    have sent its next request, whose response must not arrive while the socket is
+//!    claimed;
+//! 3. it moves the socket's kernel state from "released" back to "pending" and inserts it
+//!    into the sockhash. Only sockets the kernel claimed itself are eligible: theirs is
+//!    the RTT callback that releases them again;
+//! 4. it reads the counters again: if the process wrote while the socket was being
+//!    inserted (sk_msg may not have seen it), the socket is taken out at once.
+//!
+//! Each attempt costs about ten system calls, so attempts are rate-limited; every outcome
+//! is counted (`tapir.inject.rearm.*`).
+use std::{
+    mem::{size_of, MaybeUninit},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    num::NonZeroUsize,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
+    sync::Arc,
+    time::Instant,
+};
+
+use agent_common::{InjSockKey, InjSockState, INJ_PENDING, INJ_RELEASED};
+use aya::maps::{HashMap, Map, MapData, MapError, SockHash};
+
+use crate::{pipeline::Endpoints, stats::Stats};
+
+/// Attempts per second, and how many may come at once.
+const RATE_PER_SEC: f64 = 2000.0;
+const BURST: f64 = 200.0;
+/// Processes whose pidfd is kept open.
+const PIDFDS: usize = 256;
+
+/// `TCP_ESTABLISHED` of include/net/tcp_states.h (`tcpi_state`).
+const TCP_ESTABLISHED: u8 = 1;
+const BPF_NOEXIST: u64 = 1;
+const BPF_EXIST: u64 = 2;
+
+/// What the pipeline knows of a client connection that just read a whole response.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate {
+    pub tgid: u32,
+    pub fd: u32,
+    pub endpoints: Endpoints,
+    /// Bytes the connection carried out, as the kernel put them on the wire (injected
+    /// headers included), and in, since it was opened.
+    pub sent: u64,
+    pub received: u64,
+}
+
+/// Per-connection backoff: a connection found busy (its process writes its next request
+/// before the pipeline sees the last response) is tried on every 2nd, 4th … 64th response
+/// only, until it is found idle again.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Backoff {
+    skip: u8,
+    wait: u8,
+}
+
+const MAX_SKIP: u8 = 6;
+
+impl Backoff {
+    /// Whether this response's turn has come.
+    fn due(&mut self) -> bool {
+        if self.wait > 0 {
+            self.wait -= 1;
+            false
+        } else {
+            true
+        }
+    }
+
+    fn after(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Busy => {
+                self.skip = (self.skip + 1).min(MAX_SKIP);
+                self.wait = (1u8 << self.skip) - 1;
+            }
+            Outcome::Rearmed => *self = Self::default(),
+            _ => {}
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Rearmed,
+    /// Unread, unacknowledged or unseen bytes: the process is ahead of the pipeline.
+    Busy,
+    /// Not released by the kernel (never claimed, or still in the sockhash).
+    NotEligible,
+    OverBudget,
+    /// The process exited or closed the socket (short-lived clients do, right after the
+    /// response), or the fd is another socket now.
+    Gone,
+    /// A system call or map update failed.
+    Failed,
+}
+
+/// The kernel's view of one socket, read through our copy of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SocketCounters {
+    established: bool,
+    unread: u64,
+    unacked: u64,
+    acked: u64,
+    received: u64,
+}
+
+impl SocketCounters {
+    /// Bytes the process wrote, acknowledged or not. The kernel's `bytes_acked` counts the
+    /// SYN of the connect (these are client connections) as one byte.
+    fn written(&self) -> u64 {
+        (self.acked + self.unacked).saturating_sub(1)
+    }
+
+    /// Everything the pipeline saw and nothing more, nothing in flight.
+    fn idle_at(&self, sent: u64, received: u64) -> bool {
+        self.established
+            && self.unread == 0
+            && self.unacked == 0
+            && self.written() == sent
+            && self.received == received
+    }
+}
+
+pub struct Rearm {
+    socks: SockHash<MapData, InjSockKey>,
+    state: HashMap<MapData, InjSockKey, InjSockState>,
+    pidfds: lru::LruCache<u32, OwnedFd>,
+    budget: TokenBucket,
+    stats: Arc<Stats>,
+}
+
+impl Rearm {
+    /// `socks`, `state`: the `TAPIR_INJ_SOCKS` sockhash and `TAPIR_INJ_STATE` map.
+    pub fn new(socks: Map, state: Map, stats: Arc<Stats>) -> Result<Self, MapError> {
+        Ok(Self {
+            socks: SockHash::try_from(socks)?,
+            state: HashMap::try_from(state)?,
+            pidfds: lru::LruCache::new(NonZeroUsize::new(PIDFDS).unwrap_or(NonZeroUsize::MIN)),
+            budget: TokenBucket::new(RATE_PER_SEC, BURST),
+            stats,
+        })
+    }
+
+    /// Tries to put the connection's socket back into the injection sockhash (`None`: not
+    /// this response, the connection is backing off).
+    pub fn try_rearm(&mut self, c: &Candidate, backoff: &mut Backoff) -> Option<Outcome> {
+        if !backoff.due() {
+            return None;
+        }
+        let outcome = self.attempt(c);
+        backoff.after(outcome);
+        let counter = match outcome {
+            Outcome::Rearmed => &self.stats.rearm_done,
+            Outcome::Busy => &self.stats.rearm_busy,
+            Outcome::NotEligible => &self.stats.rearm_not_eligible,
+            Outcome::OverBudget => &self.stats.rearm_over_budget,
+            Outcome::Gone => &self.stats.rearm_gone,
+            Outcome::Failed => &self.stats.rearm_failed,
+        };
+        Stats::inc(counter);
+        Some(outcome)
+    }
+
+    /// A process exited: its pidfd is closed.
+    pub fn forget(&mut self, tgid: u32) {
+        self.pidfds.pop(&tgid);
+    }
+
+    fn attempt(&mut self, c: &Candidate) -> Outcome {
+        if !self.budget.take(Instant::now()) {
+            return Outcome::OverBudget;
+        }
+        let failed = |why: &str| {
+            tracing::debug!(pid = c.tgid, fd = c.fd, why, "re-arming injection failed");
+            Outcome::Failed
+        };
+        let Some(sock) = self.socket_of(c.tgid, c.fd) else {
+            return Outcome::Gone;
+        };
+        let Some((key, endpoints)) = socket_key(sock.as_raw_fd()) else {
+            return Outcome::Gone; // not connected any more, or not a TCP socket
+        };
+        if !same_connection(&endpoints, &c.endpoints) {
+            return Outcome::Gone;
+        }
+        match counters(sock.as_raw_fd()) {
+            Some(k) if k.idle_at(c.sent, c.received) => {}
+            Some(k) => {
+                tracing::trace!(
+                    pid = c.tgid,
+                    fd = c.fd,
+                    ?k,
+                    sent = c.sent,
+                    received = c.received,
+                    "busy"
+                );
+                return Outcome::Busy;
+            }
+            None => return failed("TCP_INFO"),
+        }
+        match self.state.get(&key, 0) {
+            Ok(s) if s.done == INJ_RELEASED => {}
+            other => {
+                if !matches!(other, Ok(_) | Err(MapError::KeyNotFound)) {
+                    return failed("state lookup");
+                }
+                tracing::trace!(pid = c.tgid, fd = c.fd, state = ?other.ok(), "not released by the kernel");
+                return Outcome::NotEligible;
+            }
+        }
+        if self.set_state(&key, INJ_PENDING).is_err() {
+            return failed("state update");
+        }
+        if let Err(e) = self.socks.insert(key, sock.as_raw_fd(), BPF_NOEXIST) {
+            let _ = self.set_state(&key, INJ_RELEASED);
+            tracing::debug!(pid = c.tgid, fd = c.fd, error = %e, "re-arming injection failed: sockhash insert");
+            return Outcome::Failed;
+        }
+        // Written to or read from while being inserted: sk_msg may have missed a request
+        // whose response would then arrive while the socket is claimed.
+        match counters(sock.as_raw_fd()) {
+            Some(k) if k.written() == c.sent && k.received == c.received => Outcome::Rearmed,
+            _ => {
+                let _ = self.socks.remove(&key);
+                let _ = self.set_state(&key, INJ_RELEASED);
+                Outcome::Busy
+            }
+        }
+    }
+
+    fn set_state(&mut self, key: &InjSockKey, done: u32) -> Result<(), MapError> {
+        self.state
+            .insert(key, InjSockState { done, _pad: 0 }, BPF_EXIST)
+    }
+
+    /// Our own copy of the process's socket (closed when dropped).
+    fn socket_of(&mut self, tgid: u32, fd: u32) -> Option<OwnedFd> {
+        if !self.pidfds.contains(&tgid) {
+            // SAFETY: plain system call; the result is checked.
+            let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, tgid, 0) };
+            if pidfd < 0 {
+                return None;
+            }
+            // SAFETY: a new fd this process owns.
+            let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+            self.pidfds.put(tgid, pidfd);
+        }
+        let pidfd = self.pidfds.get(&tgid)?.as_raw_fd();
+        // SAFETY: plain system call; the result is checked.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: a new fd this process owns.
+        Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    }
+}
+
+/// The two ends as a socket reports them, v4-mapped addresses shown as IPv4 (as in
+/// [`Endpoints::from_tuple`]).
+fn same_connection(a: &Endpoints, b: &Endpoints) -> bool {
+    let canon = |(ip, port): (IpAddr, u16)| (ip.to_canonical(), port);
+    canon(a.local) == canon(b.local) && canon(a.remote) == canon(b.remote)
+}
+
+/// The sockhash key of a TCP socket, as sock_ops and sk_msg build it, and its endpoints.
+fn socket_key(fd: RawFd) -> Option<(InjSockKey, Endpoints)> {
+    let local = sock_addr(fd, libc::getsockname)?;
+    let remote = sock_addr(fd, libc::getpeername)?;
+    key_of(&local, &remote)
+}
+
+/// A socket address as the kernel stores it.
+enum SockAddr {
+    V4(libc::sockaddr_in),
+    V6(libc::sockaddr_in6),
+}
+
+type AddrCall = unsafe extern "C" fn(i32, *mut libc::sockaddr, *mut libc::socklen_t) -> i32;
+
+fn sock_addr(fd: RawFd, call: AddrCall) -> Option<SockAddr> {
+    let mut ss = MaybeUninit::<libc::sockaddr_storage>::zeroed();
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: the buffer and its length are ours; the result is checked.
+    if unsafe { call(fd, ss.as_mut_ptr().cast(), &mut len) } != 0 {
+        return None;
+    }
+    // SAFETY: zero-initialised and filled by the kernel up to `len`.
+    let ss = unsafe { ss.assume_init() };
+    let p = &ss as *const libc::sockaddr_storage;
+    match i32::from(ss.ss_family) {
+        // SAFETY: the family says which struct the storage holds.
+        libc::AF_INET => Some(SockAddr::V4(unsafe { *p.cast::<libc::sockaddr_in>() })),
+        // SAFETY: as above.
+        libc::AF_INET6 => Some(SockAddr::V6(unsafe { *p.cast::<libc::sockaddr_in6>() })),
+        _ => None,
+    }
+}
+
+fn key_of(local: &SockAddr, remote: &SockAddr) -> Option<(InjSockKey, Endpoints)> {
+    let words = |b: [u8; 16]| -> [u32; 4] {
+        let w = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        [w(0), w(4), w(8), w(12)]
+    };
+    let (family, lip, lport, lend, rip, rport, rend) = match (local, remote) {
+        (SockAddr::V4(l), SockAddr::V4(r)) => {
+            let (lp, rp) = (u16::from_be(l.sin_port), u16::from_be(r.sin_port));
+            let (la, ra) = (l.sin_addr.s_addr, r.sin_addr.s_addr);
+            (
+                libc::AF_INET as u32,
+                [la, 0, 0, 0],
+                lp,
+                IpAddr::V4(Ipv4Addr::from(la.to_ne_bytes())),
+                [ra, 0, 0, 0],
+                rp,
+                IpAddr::V4(Ipv4Addr::from(ra.to_ne_bytes())),
+            )
+        }
+        (SockAddr::V6(l), SockAddr::V6(r)) => {
+            let (lp, rp) = (u16::from_be(l.sin6_port), u16::from_be(r.sin6_port));
+            let (la, ra) = (l.sin6_addr.s6_addr, r.sin6_addr.s6_addr);
+            (
+                libc::AF_INET6 as u32,
+                words(la),
+                lp,
+                IpAddr::V6(Ipv6Addr::from(la)),
+                words(ra),
+                rp,
+                IpAddr::V6(Ipv6Addr::from(ra)),
+            )
+        }
+        _ => return None,
+    };
+    let key = InjSockKey {
+        family,
+        lport: u32::from(lport),
+        rport: InjSockKey::remote_port_field(rport),
+        _pad: 0,
+        lip,
+        rip,
+    };
+    let endpoints = Endpoints {
+        local: (lend, lport),
+        remote: (rend, rport),
+    };
+    Some((key, endpoints))
+}
+
+fn counters(fd: RawFd) -> Option<SocketCounters> {
+    let mut info = MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the buffer and its length are ours; the result is checked.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if r != 0 || (len as usize) < size_of::<libc::tcp_info>() {
+        return None;
+    }
+    // SAFETY: zero-initialised and filled by the kernel.
+    let info = unsafe { info.assume_init() };
+    let queued = |req: libc::Ioctl| -> Option<u64> {
+        let mut n: libc::c_int = 0;
+        // SAFETY: SIOCINQ / SIOCOUTQ write one int.
+        let r = unsafe { libc::ioctl(fd, req, &mut n) };
+        (r == 0).then_some(n.max(0) as u64)
+    };
+    Some(SocketCounters {
+        established: info.tcpi_state == TCP_ESTABLISHED,
+        unread: queued(libc::FIONREAD)?,
+        unacked: queued(libc::TIOCOUTQ)?,
+        acked: info.tcpi_bytes_acked,
+        received: info.tcpi_bytes_received,
+    })
+}
+
+/// At most `rate` per second on average, `burst` at once.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Option<Instant>,
+}
+
+impl TokenBucket {
+    fn new(rate: f64, burst: f64) -> Self {
+        Self {
+            rate,
+            burst,
+            tokens: burst,
+            last: None,
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        if let Some(last) = self.last {
+            let earned = now.saturating_duration_since(last).as_secs_f64() * self.rate;
+            self.tokens = (self.tokens + earned).min(self.burst);
+        }
+        self.last = Some(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::{Read, Write},
+        net::{TcpListener, TcpStream},
+        time::Duration,
+    };
+
+    use super::*;
+
+    #[test]
+    fn idle_means_nothing_queued_and_nothing_unseen() {
+        let k = SocketCounters {
+            established: true,
+            unread: 0,
+            unacked: 0,
+            acked: 101,
+            received: 250,
+        };
+        assert!(k.idle_at(100, 250));
+        assert!(!k.idle_at(90, 250), "sent bytes the pipeline has not seen");
+        assert!(
+            !k.idle_at(100, 200),
+            "received bytes the pipeline has not seen"
+        );
+        assert!(!SocketCounters { unread: 1, ..k }.idle_at(100, 250));
+        assert!(!SocketCounters { unacked: 1, ..k }.idle_at(100, 250));
+        assert!(!SocketCounters {
+            established: false,
+            ..k
+        }
+        .idle_at(100, 250));
+    }
+
+    #[test]
+    fn busy_connections_back_off_to_every_64th_response() {
+        let mut b = Backoff::default();
+        let mut tried = Vec::new();
+        for i in 0..200 {
+            if b.due() {
+                tried.push(i);
+                b.after(Outcome::Busy);
+            }
+        }
+        assert_eq!(&tried[..7], &[0, 2, 6, 14, 30, 62, 126]);
+        assert_eq!(tried.len(), 8, "{tried:?}");
+        b.after(Outcome::Rearmed);
+        assert!(b.due() && b.due(), "found idle: tried every time again");
+        b.after(Outcome::NotEligible);
+        assert!(b.due());
+    }
+
+    #[test]
+    fn token_bucket_allows_bursts_then_the_rate() {
+        let mut b = TokenBucket::new(10.0, 3.0);
+        let t0 = Instant::now();
+        assert!((0..3).all(|_| b.take(t0)));
+        assert!(!b.take(t0));
+        assert!(!b.take(t0 + Duration::from_millis(50)));
+        assert!(b.take(t0 + Duration::from_millis(160)));
+        assert!(!b.take(t0 + Duration::from_millis(170)));
+        // A long pause refills to the burst, not beyond.
+        let later = t0 + Duration::from_secs(60);
+        assert!((0..3).all(|_| b.take(later)));
+        assert!(!b.take(later));
+    }
+
+    #[test]
+    fn keys_and_counters_of_a_real_loopback_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        let (key, ends) = socket_key(client.as_raw_fd()).unwrap();
+        let local = client.local_addr().unwrap();
+        let remote = client.peer_addr().unwrap();
+        assert_eq!(ends.local, (local.ip(), local.port()));
+        assert_eq!(ends.remote, (remote.ip(), remote.port()));
+        assert_eq!(key.family, libc::AF_INET as u32);
+        assert_eq!(key.lport, u32::from(local.port()));
+        assert_eq!(u32::from_be(key.rport) & 0xffff, u32::from(remote.port()));
+        assert_eq!(key.lip[0].to_ne_bytes(), [127, 0, 0, 1]);
+        assert_eq!(&key.lip[1..], &[0, 0, 0]);
+
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let mut buf = [0u8; 18];
+        server.read_exact(&mut buf).unwrap();
+        server.write_all(b"HTTP/1.1 200 OK\r\n\r\n").unwrap();
+        // Unread: not idle.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut k = counters(client.as_raw_fd()).unwrap();
+        while k.unread < 19 && Instant::now() < deadline {
+            std::thread::yield_now();
+            k = counters(client.as_raw_fd()).unwrap();
+        }
+        assert_eq!(k.unread, 19);
+        assert_eq!(k.received, 19);
+        assert!(!k.idle_at(18, 19));
+        let mut resp = [0u8; 19];
+        client.read_exact(&mut resp).unwrap();
+        let k = counters(client.as_raw_fd()).unwrap();
+        assert!(k.established);
+        assert_eq!(
+            (k.acked, k.unacked),
+            (18 + 1, 0),
+            "the SYN counts as one byte"
+        );
+        assert!(k.idle_at(18, 19));
+    }
+
+    #[test]
+    fn v6_keys_keep_network_order_words() {
+        let listener = TcpListener::bind("[::1]:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (key, ends) = socket_key(client.as_raw_fd()).unwrap();
+        assert_eq!(key.family, libc::AF_INET6 as u32);
+        assert_eq!(key.lip[3].to_ne_bytes(), [0, 0, 0, 1]);
+        assert_eq!(key.rip[..3], [0, 0, 0]);
+        assert_eq!(ends.remote.0, IpAddr::V6(Ipv6Addr::LOCALHOST));
+        // v4-mapped and plain IPv4 name the same connection.
+        let mapped = Endpoints {
+            local: ("::ffff:127.0.0.1".parse().unwrap(), 1),
+            remote: ("::ffff:127.0.0.2".parse().unwrap(), 2),
+        };
+        let plain = Endpoints {
+            local: ("127.0.0.1".parse().unwrap(), 1),
+            remote: ("127.0.0.2".parse().unwrap(), 2),
+        };
+        assert!(same_connection(&mapped, &plain));
+        assert!(!same_connection(
+            &plain,
+            &Endpoints {
+                remote: ("127.0.0.2".parse().unwrap(), 3),
+                ..plain
+            }
+        ));
+    }
+}
