@@ -314,9 +314,11 @@ impl InjSockKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InjSockState {
-    /// [`INJ_PENDING`], [`INJ_JUDGED`] or [`INJ_RELEASED`].
+    /// [`INJ_PENDING`], [`INJ_JUDGED`], [`INJ_RELEASED`] or [`INJ_RETIRED`].
     pub done: u32,
-    pub _pad: u32,
+    /// Acknowledgements of new data seen since the socket was released (see
+    /// [`INJ_RETIRE_AFTER_ACKS`]).
+    pub released_acks: u32,
 }
 
 /// Bytes sk_msg inserts into an injected request: `traceparent: 00-<32>-<16>-<2>\r\n`.
@@ -329,6 +331,12 @@ pub const INJ_PENDING: u32 = 0;
 pub const INJ_JUDGED: u32 = 1;
 /// Out of the sockhash, its RTT callback still on: the agent may re-arm it.
 pub const INJ_RELEASED: u32 = 2;
+/// Out of the sockhash for good, RTT callback off: it never went idle long enough to be
+/// re-armed (back-to-back requests), so the callback only cost time.
+pub const INJ_RETIRED: u32 = 3;
+/// A released socket whose data was acknowledged this many times without the agent
+/// re-arming it in between is retired.
+pub const INJ_RETIRE_AFTER_ACKS: u32 = 4096;
 
 /// Indexes of the traceparent-injection counters (`TAPIR_INJ_COUNTERS`, per-CPU).
 pub mod inject_counter {
@@ -351,7 +359,10 @@ pub mod inject_counter {
     pub const RELEASED: u32 = 7;
     /// Claiming or releasing a socket failed.
     pub const MAP_FAILED: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// Released sockets retired after [`super::INJ_RETIRE_AFTER_ACKS`] acknowledgements
+    /// without going idle.
+    pub const RETIRED: u32 = 9;
+    pub const COUNT: u32 = 10;
     /// Metric-name suffixes, by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "claimed",
@@ -363,6 +374,7 @@ pub mod inject_counter {
         "push_failed",
         "released",
         "map_failed",
+        "retired",
     ];
 }
 

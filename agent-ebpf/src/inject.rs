@@ -9,10 +9,11 @@
 //! and others then stall), so each socket is released on its first RTT sample after the
 //! request: the server acknowledged it, the response has not been read yet. The agent puts
 //! an idle kept-alive socket back (agent/src/rearm.rs) so that its next request is injected
-//! too; the RTT callback stays enabled for that.
+//! too; the RTT callback stays enabled for that, until a socket that never pauses between
+//! requests is retired.
 use agent_common::{
     inject_counter as c, InjSockKey as SockKey, InjSockState as SockState, TraceIds, INJ_JUDGED,
-    INJ_PENDING, INJ_RELEASED, MAX_CAPTURE, TRACE_CLIENT,
+    INJ_PENDING, INJ_RELEASED, INJ_RETIRED, INJ_RETIRE_AFTER_ACKS, MAX_CAPTURE, TRACE_CLIENT,
 };
 use aya_ebpf::{
     bindings::{
@@ -94,6 +95,7 @@ fn release(key: &SockKey, st: &mut SockState) {
     };
     count(if r == 0 { c::RELEASED } else { c::MAP_FAILED });
     st.done = INJ_RELEASED;
+    st.released_acks = 0;
 }
 
 #[sock_ops]
@@ -140,7 +142,7 @@ pub fn tapir_sock_ops(ctx: SockOpsContext) -> u32 {
                 &key,
                 &SockState {
                     done: INJ_PENDING,
-                    _pad: 0,
+                    released_acks: 0,
                 },
                 0,
             );
@@ -155,7 +157,17 @@ pub fn tapir_sock_ops(ctx: SockOpsContext) -> u32 {
         if let Some(st) = INJ_STATE.get_ptr_mut(&key) {
             // SAFETY: map value pointer.
             let st = unsafe { &mut *st };
-            if st.done != INJ_RELEASED {
+            if st.done == INJ_RELEASED {
+                // Waiting for the agent to re-arm it. A socket that carries request after
+                // request without a pause never gets re-armed: stop paying for this
+                // callback on it.
+                st.released_acks += 1;
+                if st.released_acks >= INJ_RETIRE_AFTER_ACKS {
+                    st.done = INJ_RETIRED;
+                    count(c::RETIRED);
+                    let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
+                }
+            } else if st.done != INJ_RETIRED {
                 release(&key, st);
             }
         }

@@ -31,7 +31,7 @@ use std::{
     time::Instant,
 };
 
-use agent_common::{InjSockKey, InjSockState, INJ_PENDING, INJ_RELEASED};
+use agent_common::{InjSockKey, InjSockState, INJ_PENDING, INJ_RELEASED, INJ_RETIRED};
 use aya::maps::{HashMap, Map, MapData, MapError, SockHash};
 
 use crate::{pipeline::Endpoints, stats::Stats};
@@ -60,20 +60,23 @@ pub struct Candidate {
 }
 
 /// Per-connection backoff: a connection found busy (its process writes its next request
-/// before the pipeline sees the last response) is tried on every 2nd, 4th … 64th response
-/// only, until it is found idle again.
+/// before the pipeline sees the last response) is tried on every 2nd, 4th … 1024th response
+/// only, until it is found idle again; one the kernel retired is not tried again.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Backoff {
     skip: u8,
-    wait: u8,
+    wait: u16,
+    never: bool,
 }
 
-const MAX_SKIP: u8 = 6;
+const MAX_SKIP: u8 = 10;
 
 impl Backoff {
     /// Whether this response's turn has come.
     fn due(&mut self) -> bool {
-        if self.wait > 0 {
+        if self.never {
+            false
+        } else if self.wait > 0 {
             self.wait -= 1;
             false
         } else {
@@ -83,10 +86,12 @@ impl Backoff {
 
     fn after(&mut self, outcome: Outcome) {
         match outcome {
-            Outcome::Busy => {
+            // Not eligible now (still claimed, never claimed): rarely better later.
+            Outcome::Busy | Outcome::NotEligible => {
                 self.skip = (self.skip + 1).min(MAX_SKIP);
-                self.wait = (1u8 << self.skip) - 1;
+                self.wait = (1u16 << self.skip) - 1;
             }
+            Outcome::Retired => self.never = true,
             Outcome::Rearmed => *self = Self::default(),
             _ => {}
         }
@@ -100,6 +105,8 @@ pub enum Outcome {
     Busy,
     /// Not released by the kernel (never claimed, or still in the sockhash).
     NotEligible,
+    /// Retired by the kernel: it never paused between requests.
+    Retired,
     OverBudget,
     /// The process exited or closed the socket (short-lived clients do, right after the
     /// response), or the fd is another socket now.
@@ -166,7 +173,7 @@ impl Rearm {
         let counter = match outcome {
             Outcome::Rearmed => &self.stats.rearm_done,
             Outcome::Busy => &self.stats.rearm_busy,
-            Outcome::NotEligible => &self.stats.rearm_not_eligible,
+            Outcome::NotEligible | Outcome::Retired => &self.stats.rearm_not_eligible,
             Outcome::OverBudget => &self.stats.rearm_over_budget,
             Outcome::Gone => &self.stats.rearm_gone,
             Outcome::Failed => &self.stats.rearm_failed,
@@ -197,6 +204,17 @@ impl Rearm {
         if !same_connection(&endpoints, &c.endpoints) {
             return Outcome::Gone;
         }
+        match self.state.get(&key, 0) {
+            Ok(s) if s.done == INJ_RELEASED => {}
+            Ok(s) if s.done == INJ_RETIRED => return Outcome::Retired,
+            other => {
+                if !matches!(other, Ok(_) | Err(MapError::KeyNotFound)) {
+                    return failed("state lookup");
+                }
+                tracing::trace!(pid = c.tgid, fd = c.fd, state = ?other.ok(), "not released by the kernel");
+                return Outcome::NotEligible;
+            }
+        }
         match counters(sock.as_raw_fd()) {
             Some(k) if k.idle_at(c.sent, c.received) => {}
             Some(k) => {
@@ -211,16 +229,6 @@ impl Rearm {
                 return Outcome::Busy;
             }
             None => return failed("TCP_INFO"),
-        }
-        match self.state.get(&key, 0) {
-            Ok(s) if s.done == INJ_RELEASED => {}
-            other => {
-                if !matches!(other, Ok(_) | Err(MapError::KeyNotFound)) {
-                    return failed("state lookup");
-                }
-                tracing::trace!(pid = c.tgid, fd = c.fd, state = ?other.ok(), "not released by the kernel");
-                return Outcome::NotEligible;
-            }
         }
         if self.set_state(&key, INJ_PENDING).is_err() {
             return failed("state update");
@@ -243,8 +251,14 @@ impl Rearm {
     }
 
     fn set_state(&mut self, key: &InjSockKey, done: u32) -> Result<(), MapError> {
-        self.state
-            .insert(key, InjSockState { done, _pad: 0 }, BPF_EXIST)
+        self.state.insert(
+            key,
+            InjSockState {
+                done,
+                released_acks: 0,
+            },
+            BPF_EXIST,
+        )
     }
 
     /// Our own copy of the process's socket (closed when dropped).
@@ -462,21 +476,24 @@ mod tests {
     }
 
     #[test]
-    fn busy_connections_back_off_to_every_64th_response() {
+    fn busy_connections_back_off_to_every_1024th_response() {
         let mut b = Backoff::default();
         let mut tried = Vec::new();
-        for i in 0..200 {
+        for i in 0..5000 {
             if b.due() {
                 tried.push(i);
                 b.after(Outcome::Busy);
             }
         }
         assert_eq!(&tried[..7], &[0, 2, 6, 14, 30, 62, 126]);
-        assert_eq!(tried.len(), 8, "{tried:?}");
+        let gaps: Vec<_> = tried.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(gaps.iter().max(), Some(&1024), "{tried:?}");
         b.after(Outcome::Rearmed);
         assert!(b.due() && b.due(), "found idle: tried every time again");
-        b.after(Outcome::NotEligible);
+        b.after(Outcome::OverBudget);
         assert!(b.due());
+        b.after(Outcome::Retired);
+        assert!((0..5000).all(|_| !b.due()), "retired: never again");
     }
 
     #[test]

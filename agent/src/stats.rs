@@ -16,6 +16,7 @@ const INJECT_METRICS: [&str; INJECT_COUNT] = [
     "tapir.inject.push_failed",
     "tapir.inject.released",
     "tapir.inject.map_failed",
+    "tapir.inject.retired",
 ];
 
 macro_rules! counters {
