@@ -251,9 +251,11 @@ impl<S: ExchangeSink> Pipeline<S> {
         }
         let mut done = Vec::new();
         conn.http.on_data(d, &mut done, &self.stats);
-        // A client read a whole response: its socket may take the next request's header.
+        // A client read a whole response that keeps the connection: its socket may take the
+        // next request's header.
         // Before the exchange is passed on, so that whoever sees it sees the attempt made.
-        if !done.is_empty() && h.direction == DIR_INGRESS && conn.role == Role::Client {
+        let reused = done.last().is_some_and(|(ex, _)| ex.keep_alive);
+        if reused && h.direction == DIR_INGRESS && conn.role == Role::Client {
             if let Some(rearm) = &mut self.rearm {
                 let c = crate::rearm::Candidate {
                     tgid: h.header.tgid,

@@ -59,4 +59,7 @@ pub struct Exchange {
     pub response_body_bytes: u64,
     /// The capture limit cut the request head: fields past the captured prefix are missing.
     pub request_head_truncated: bool,
+    /// The response left the connection open for another request (HTTP/1.1 without
+    /// `Connection: close`, or HTTP/1.0 with `keep-alive`).
+    pub keep_alive: bool,
 }

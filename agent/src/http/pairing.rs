@@ -40,6 +40,7 @@ pub(super) struct FinishedResponse {
     pub(super) start_ns: u64,
     pub(super) end_ns: u64,
     pub(super) body_bytes: u64,
+    pub(super) keep_alive: bool,
 }
 
 /// What a response needs to know about the request it answers.
@@ -115,6 +116,7 @@ impl Pairing {
         exchange.response_start_ns = response.start_ns;
         exchange.end_ns = response.end_ns;
         exchange.response_body_bytes = response.body_bytes;
+        exchange.keep_alive = response.keep_alive;
         out.push(exchange);
     }
 
@@ -219,6 +221,7 @@ mod tests {
                 request_body_bytes: 0,
                 response_body_bytes: 0,
                 request_head_truncated: false,
+                keep_alive: false,
             }),
         }
     }
@@ -229,6 +232,7 @@ mod tests {
             start_ns: 1,
             end_ns: 2,
             body_bytes: 3,
+            keep_alive: true,
         }
     }
 

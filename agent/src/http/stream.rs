@@ -280,6 +280,7 @@ impl Message {
             start_ns: self.start_ns,
             end_ns,
             body_bytes: self.body_bytes,
+            keep_alive: self.keep_alive,
         }
     }
 }
@@ -370,6 +371,7 @@ fn parsed_request(
         request_body_bytes: 0,
         response_body_bytes: 0,
         request_head_truncated: truncated,
+        keep_alive: false,
     };
     // A request body is chunked or has a length; anything else means no body.
     let body = match (

@@ -158,6 +158,7 @@ fn a_request_and_its_response_make_one_exchange() {
             request_body_bytes: 0,
             response_body_bytes: 5,
             request_head_truncated: false,
+            keep_alive: true,
         }
     );
     assert_eq!(c.stream.role(), Some(ExchangeRole::Server));
@@ -1102,4 +1103,37 @@ fn idle_connection_releases_its_buffers_and_still_pairs_the_next_exchange() {
     assert_eq!(c.stream.pairing_capacity(), 0);
     assert_eq!(c.stream.head_capacity(), 0);
     c.assert_round_trip("/after", 10);
+}
+
+#[test]
+fn exchanges_say_whether_the_response_kept_the_connection() {
+    let cases: [(&[u8], bool); 5] = [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", true),
+        (
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            false,
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, close\r\nContent-Length: 0\r\n\r\n",
+            false,
+        ),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", false),
+        (
+            b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n",
+            true,
+        ),
+    ];
+    for (resp, keep_alive) in cases {
+        let mut c = Conn::new();
+        c.send(Egress, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", 1);
+        c.send(Ingress, resp, 2);
+        let ex = c.take_one();
+        assert_eq!(ex.role, ExchangeRole::Client);
+        assert_eq!(
+            ex.keep_alive,
+            keep_alive,
+            "{}",
+            String::from_utf8_lossy(resp)
+        );
+    }
 }

@@ -377,6 +377,7 @@ pub(crate) mod tests {
                 request_body_bytes: 10,
                 response_body_bytes: 20,
                 request_head_truncated: false,
+                keep_alive: true,
             },
             process: Arc::new(ProcessInfo {
                 pid: 77,
