@@ -310,15 +310,16 @@ impl InjSockKey {
     }
 }
 
-/// A claimed socket's injection state (`TAPIR_INJ_STATE`).
+/// A claimed socket's injection state (`TAPIR_INJ_STATE`). Written by the kernel
+/// programs only (through map value pointers): the agent reads it, and asks for changes
+/// through `TAPIR_INJ_REARM`, so that no update of the agent's replaces an element a
+/// program is writing to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct InjSockState {
     /// [`INJ_PENDING`], [`INJ_JUDGED`], [`INJ_RELEASED`] or [`INJ_RETIRED`].
     pub done: u32,
-    /// Acknowledgements of new data seen since the socket was released (see
-    /// [`INJ_RETIRE_AFTER_ACKS`]).
-    pub released_acks: u32,
+    pub _pad: u32,
 }
 
 /// Bytes sk_msg inserts into an injected request: `traceparent: 00-<32>-<16>-<2>\r\n`.
@@ -331,12 +332,16 @@ pub const INJ_PENDING: u32 = 0;
 pub const INJ_JUDGED: u32 = 1;
 /// Out of the sockhash, its RTT callback still on: the agent may re-arm it.
 pub const INJ_RELEASED: u32 = 2;
-/// Out of the sockhash for good, RTT callback off: it never went idle long enough to be
-/// re-armed (back-to-back requests), so the callback only cost time.
+/// Out of the sockhash for good, RTT callback off: the agent found it busy every time it
+/// tried to re-arm it (back-to-back requests) and asked for it to be retired.
 pub const INJ_RETIRED: u32 = 3;
-/// A released socket whose data was acknowledged this many times without the agent
-/// re-arming it in between is retired.
-pub const INJ_RETIRE_AFTER_ACKS: u32 = 4096;
+
+/// `TAPIR_INJ_REARM` values, written by the agent for a released socket: it put the
+/// socket back into the sockhash (its next request is injected; an acknowledgement of
+/// data sk_msg did not see releases it again) ...
+pub const INJ_REARM_ARMED: u32 = 1;
+/// ... or it gave up on it: switch its RTT callback off at the next acknowledgement.
+pub const INJ_REARM_RETIRE: u32 = 2;
 
 /// Indexes of the traceparent-injection counters (`TAPIR_INJ_COUNTERS`, per-CPU).
 pub mod inject_counter {
@@ -359,8 +364,7 @@ pub mod inject_counter {
     pub const RELEASED: u32 = 7;
     /// Claiming or releasing a socket failed.
     pub const MAP_FAILED: u32 = 8;
-    /// Released sockets retired after [`super::INJ_RETIRE_AFTER_ACKS`] acknowledgements
-    /// without going idle.
+    /// Released sockets retired at the agent's request (never idle when it tried).
     pub const RETIRED: u32 = 9;
     pub const COUNT: u32 = 10;
     /// Metric-name suffixes, by index.

@@ -9,11 +9,12 @@
 //! and others then stall), so each socket is released on its first RTT sample after the
 //! request: the server acknowledged it, the response has not been read yet. The agent puts
 //! an idle kept-alive socket back (agent/src/rearm.rs) so that its next request is injected
-//! too; the RTT callback stays enabled for that, until a socket that never pauses between
-//! requests is retired.
+//! too, and says so in `INJ_REARM`; the RTT callback stays enabled for that until the agent
+//! asks for a socket that never pauses between requests to be retired.
 use agent_common::{
     inject_counter as c, InjSockKey as SockKey, InjSockState as SockState, TraceIds, INJ_JUDGED,
-    INJ_PENDING, INJ_RELEASED, INJ_RETIRED, INJ_RETIRE_AFTER_ACKS, MAX_CAPTURE, TRACE_CLIENT,
+    INJ_PENDING, INJ_REARM_ARMED, INJ_REARM_RETIRE, INJ_RELEASED, INJ_RETIRED, MAX_CAPTURE,
+    TRACE_CLIENT,
 };
 use aya_ebpf::{
     bindings::{
@@ -39,6 +40,11 @@ pub static INJ_SOCKS: SockHash<SockKey> = SockHash::with_max_entries(65536, 0);
 
 #[map(name = "TAPIR_INJ_STATE")]
 pub static INJ_STATE: LruHashMap<SockKey, SockState> = LruHashMap::with_max_entries(65536, 0);
+
+/// Written by the agent (agent/src/rearm.rs) for released sockets: `INJ_REARM_ARMED` when
+/// it put the socket back into the sockhash, `INJ_REARM_RETIRE` when it gave up on it.
+#[map(name = "TAPIR_INJ_REARM")]
+pub static INJ_REARM: LruHashMap<SockKey, u32> = LruHashMap::with_max_entries(65536, 0);
 
 /// Destination ports (host order) whose connections are claimed: HTTP ports seen in
 /// traffic (see data.rs) and the ones the user named.
@@ -84,8 +90,9 @@ pub fn learn_http_port(port: u16) {
     }
 }
 
+/// Takes the socket out of the sockhash (if it is in it).
 #[inline(always)]
-fn release(key: &SockKey, st: &mut SockState) {
+fn unclaim(key: &SockKey) -> bool {
     // SAFETY: deleting from a sockhash is allowed from sock_ops.
     let r = unsafe {
         bpf_map_delete_elem(
@@ -93,9 +100,17 @@ fn release(key: &SockKey, st: &mut SockState) {
             key as *const SockKey as *const core::ffi::c_void,
         )
     };
-    count(if r == 0 { c::RELEASED } else { c::MAP_FAILED });
+    r == 0
+}
+
+#[inline(always)]
+fn release(key: &SockKey, st: &mut SockState) {
+    count(if unclaim(key) {
+        c::RELEASED
+    } else {
+        c::MAP_FAILED
+    });
     st.done = INJ_RELEASED;
-    st.released_acks = 0;
 }
 
 #[sock_ops]
@@ -142,33 +157,44 @@ pub fn tapir_sock_ops(ctx: SockOpsContext) -> u32 {
                 &key,
                 &SockState {
                     done: INJ_PENDING,
-                    released_acks: 0,
+                    _pad: 0,
                 },
                 0,
             );
+            // A re-arm left over from an earlier connection with the same addresses.
+            let _ = INJ_REARM.remove(&key);
             let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
         } else {
             count(c::MAP_FAILED);
         }
     } else if op == BPF_SOCK_OPS_RTT_CB {
-        // New data of ours was acknowledged. A claimed socket leaves the sockhash now: its
-        // request was judged by sk_msg, or (re-armed by the agent while a send was under
-        // way) it sent data sk_msg never saw. Either way the response is still to come.
-        if let Some(st) = INJ_STATE.get_ptr_mut(&key) {
-            // SAFETY: map value pointer.
-            let st = unsafe { &mut *st };
-            if st.done == INJ_RELEASED {
-                // Waiting for the agent to re-arm it. A socket that carries request after
-                // request without a pause never gets re-armed: stop paying for this
-                // callback on it.
-                st.released_acks += 1;
-                if st.released_acks >= INJ_RETIRE_AFTER_ACKS {
-                    st.done = INJ_RETIRED;
-                    count(c::RETIRED);
-                    let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
-                }
-            } else if st.done != INJ_RETIRED {
+        // New data of ours was acknowledged: the server has the request, its response is
+        // still to come. A socket in the sockhash must leave it now.
+        let Some(st) = INJ_STATE.get_ptr_mut(&key) else {
+            // Its state was evicted: never leave it claimed, stop watching it.
+            if unclaim(&key) {
+                count(c::RELEASED);
+            }
+            let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
+            return 1;
+        };
+        // SAFETY: map value pointer.
+        let st = unsafe { &mut *st };
+        if st.done == INJ_PENDING || st.done == INJ_JUDGED {
+            release(&key, st);
+        } else if st.done == INJ_RELEASED {
+            // SAFETY: plain lookup.
+            let rearm = unsafe { INJ_REARM.get(&key) }.copied();
+            if rearm == Some(INJ_REARM_ARMED) {
+                // Re-armed by the agent, and data went out that sk_msg did not see (a
+                // write racing the re-arm): out again.
+                let _ = INJ_REARM.remove(&key);
                 release(&key, st);
+            } else if rearm == Some(INJ_REARM_RETIRE) {
+                let _ = INJ_REARM.remove(&key);
+                st.done = INJ_RETIRED;
+                count(c::RETIRED);
+                let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
             }
         }
     }
@@ -271,6 +297,12 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Option<()> {
     let st = INJ_STATE.get_ptr_mut(&key)?;
     // SAFETY: map value pointer.
     let st = unsafe { &mut *st };
+    // SAFETY: plain lookup.
+    if st.done == INJ_RELEASED && unsafe { INJ_REARM.get(&key) } == Some(&INJ_REARM_ARMED) {
+        // Put back by the agent: this is the next request of a kept-alive connection.
+        let _ = INJ_REARM.remove(&key);
+        st.done = INJ_PENDING;
+    }
     if st.done != INJ_PENDING {
         count(c::KEEPALIVE_LATER);
         return None;

@@ -31,7 +31,9 @@ use std::{
     time::Instant,
 };
 
-use agent_common::{InjSockKey, InjSockState, INJ_PENDING, INJ_RELEASED, INJ_RETIRED};
+use agent_common::{
+    InjSockKey, InjSockState, INJ_REARM_ARMED, INJ_REARM_RETIRE, INJ_RELEASED, INJ_RETIRED,
+};
 use aya::maps::{HashMap, Map, MapData, MapError, SockHash};
 
 use crate::{pipeline::Endpoints, stats::Stats};
@@ -42,10 +44,14 @@ const BURST: f64 = 200.0;
 /// Processes whose pidfd is kept open.
 const PIDFDS: usize = 256;
 
+/// The part of `struct tcp_info` read here (up to `tcpi_bytes_received`, Linux 4.1):
+/// older kernels fill less of the struct than the libc crate declares.
+const TCP_INFO_NEEDED: usize =
+    std::mem::offset_of!(libc::tcp_info, tcpi_bytes_received) + size_of::<u64>();
 /// `TCP_ESTABLISHED` of include/net/tcp_states.h (`tcpi_state`).
 const TCP_ESTABLISHED: u8 = 1;
+const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
-const BPF_EXIST: u64 = 2;
 
 /// What the pipeline knows of a client connection that just read a whole response.
 #[derive(Debug, Clone, Copy)]
@@ -72,6 +78,11 @@ pub struct Backoff {
 const MAX_SKIP: u8 = 10;
 
 impl Backoff {
+    /// Busy at every try, as far apart as tries get.
+    fn at_max(&self) -> bool {
+        self.skip >= MAX_SKIP
+    }
+
     /// Whether this response's turn has come.
     fn due(&mut self) -> bool {
         if self.never {
@@ -142,20 +153,31 @@ impl SocketCounters {
     }
 }
 
+/// The kernel maps re-arming works on, taken out of the loaded object.
+pub struct InjectionMaps {
+    pub socks: Map,
+    pub state: Map,
+    pub rearm: Map,
+}
+
 pub struct Rearm {
     socks: SockHash<MapData, InjSockKey>,
+    /// Read only: the kernel programs write it through value pointers.
     state: HashMap<MapData, InjSockKey, InjSockState>,
+    /// What the agent did with a released socket (`INJ_REARM_*`).
+    rearm: HashMap<MapData, InjSockKey, u32>,
     pidfds: lru::LruCache<u32, OwnedFd>,
     budget: TokenBucket,
     stats: Arc<Stats>,
 }
 
 impl Rearm {
-    /// `socks`, `state`: the `TAPIR_INJ_SOCKS` sockhash and `TAPIR_INJ_STATE` map.
-    pub fn new(socks: Map, state: Map, stats: Arc<Stats>) -> Result<Self, MapError> {
+    /// The `TAPIR_INJ_SOCKS` sockhash and the `TAPIR_INJ_STATE` and `TAPIR_INJ_REARM` maps.
+    pub fn new(maps: InjectionMaps, stats: Arc<Stats>) -> Result<Self, MapError> {
         Ok(Self {
-            socks: SockHash::try_from(socks)?,
-            state: HashMap::try_from(state)?,
+            socks: SockHash::try_from(maps.socks)?,
+            state: HashMap::try_from(maps.state)?,
+            rearm: HashMap::try_from(maps.rearm)?,
             pidfds: lru::LruCache::new(NonZeroUsize::new(PIDFDS).unwrap_or(NonZeroUsize::MIN)),
             budget: TokenBucket::new(RATE_PER_SEC, BURST),
             stats,
@@ -168,7 +190,7 @@ impl Rearm {
         if !backoff.due() {
             return None;
         }
-        let outcome = self.attempt(c);
+        let outcome = self.attempt(c, backoff.at_max());
         backoff.after(outcome);
         let counter = match outcome {
             Outcome::Rearmed => &self.stats.rearm_done,
@@ -187,7 +209,9 @@ impl Rearm {
         self.pidfds.pop(&tgid);
     }
 
-    fn attempt(&mut self, c: &Candidate) -> Outcome {
+    /// `retire_if_busy`: the connection has been busy at every try so far; if it is busy
+    /// again, ask the kernel to stop watching it (its RTT callback costs every request).
+    fn attempt(&mut self, c: &Candidate, retire_if_busy: bool) -> Outcome {
         if !self.budget.take(Instant::now()) {
             return Outcome::OverBudget;
         }
@@ -207,34 +231,24 @@ impl Rearm {
         match self.state.get(&key, 0) {
             Ok(s) if s.done == INJ_RELEASED => {}
             Ok(s) if s.done == INJ_RETIRED => return Outcome::Retired,
-            other => {
-                if !matches!(other, Ok(_) | Err(MapError::KeyNotFound)) {
-                    return failed("state lookup");
-                }
-                tracing::trace!(pid = c.tgid, fd = c.fd, state = ?other.ok(), "not released by the kernel");
-                return Outcome::NotEligible;
-            }
+            Ok(_) | Err(MapError::KeyNotFound) => return Outcome::NotEligible,
+            Err(_) => return failed("state lookup"),
         }
         match counters(sock.as_raw_fd()) {
             Some(k) if k.idle_at(c.sent, c.received) => {}
-            Some(k) => {
-                tracing::trace!(
-                    pid = c.tgid,
-                    fd = c.fd,
-                    ?k,
-                    sent = c.sent,
-                    received = c.received,
-                    "busy"
-                );
-                return Outcome::Busy;
+            Some(_) if retire_if_busy => {
+                let _ = self.rearm.insert(key, INJ_REARM_RETIRE, BPF_ANY);
+                return Outcome::Retired;
             }
+            Some(_) => return Outcome::Busy,
             None => return failed("TCP_INFO"),
         }
-        if self.set_state(&key, INJ_PENDING).is_err() {
-            return failed("state update");
+        // Said first: sk_msg injects into a released socket's message only when told so.
+        if self.rearm.insert(key, INJ_REARM_ARMED, BPF_ANY).is_err() {
+            return failed("rearm map update");
         }
         if let Err(e) = self.socks.insert(key, sock.as_raw_fd(), BPF_NOEXIST) {
-            let _ = self.set_state(&key, INJ_RELEASED);
+            let _ = self.rearm.remove(&key);
             tracing::debug!(pid = c.tgid, fd = c.fd, error = %e, "re-arming injection failed: sockhash insert");
             return Outcome::Failed;
         }
@@ -244,21 +258,10 @@ impl Rearm {
             Some(k) if k.written() == c.sent && k.received == c.received => Outcome::Rearmed,
             _ => {
                 let _ = self.socks.remove(&key);
-                let _ = self.set_state(&key, INJ_RELEASED);
+                let _ = self.rearm.remove(&key);
                 Outcome::Busy
             }
         }
-    }
-
-    fn set_state(&mut self, key: &InjSockKey, done: u32) -> Result<(), MapError> {
-        self.state.insert(
-            key,
-            InjSockState {
-                done,
-                released_acks: 0,
-            },
-            BPF_EXIST,
-        )
     }
 
     /// Our own copy of the process's socket (closed when dropped).
@@ -277,6 +280,11 @@ impl Rearm {
         // SAFETY: plain system call; the result is checked.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) };
         if fd < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+                // That process is gone (its exit may not have reached us): a new process
+                // with the same pid must get a pidfd of its own.
+                self.pidfds.pop(&tgid);
+            }
             return None;
         }
         // SAFETY: a new fd this process owns.
@@ -387,7 +395,7 @@ fn counters(fd: RawFd) -> Option<SocketCounters> {
             &mut len,
         )
     };
-    if r != 0 || (len as usize) < size_of::<libc::tcp_info>() {
+    if r != 0 || (len as usize) < TCP_INFO_NEEDED {
         return None;
     }
     // SAFETY: zero-initialised and filled by the kernel.
@@ -488,12 +496,23 @@ mod tests {
         assert_eq!(&tried[..7], &[0, 2, 6, 14, 30, 62, 126]);
         let gaps: Vec<_> = tried.windows(2).map(|w| w[1] - w[0]).collect();
         assert_eq!(gaps.iter().max(), Some(&1024), "{tried:?}");
+        assert!(
+            b.at_max(),
+            "busy at every try: the next busy try retires it"
+        );
         b.after(Outcome::Rearmed);
         assert!(b.due() && b.due(), "found idle: tried every time again");
         b.after(Outcome::OverBudget);
         assert!(b.due());
         b.after(Outcome::Retired);
         assert!((0..5000).all(|_| !b.due()), "retired: never again");
+    }
+
+    #[test]
+    fn tcp_info_needs_only_what_linux_4_1_fills() {
+        // Linux 4.1's struct tcp_info ends with tcpi_bytes_received, at 136 bytes.
+        assert_eq!(TCP_INFO_NEEDED, 136);
+        assert!(TCP_INFO_NEEDED <= size_of::<libc::tcp_info>());
     }
 
     #[test]

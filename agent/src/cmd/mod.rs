@@ -194,23 +194,25 @@ pub fn take_logger(attached: &mut Attached) -> Option<(Logger, LogFlush)> {
     }
 }
 
-/// The injection sockhash and its state map, for re-arming kept-alive client connections
-/// (only when injection is on).
-pub fn take_rearm_maps(attached: &mut Attached) -> Option<(aya::maps::Map, aya::maps::Map)> {
+/// The injection maps, for re-arming kept-alive client connections (only when injection
+/// is on).
+pub fn take_rearm_maps(attached: &mut Attached) -> Option<tapir::rearm::InjectionMaps> {
     attached.injection.as_ref().ok()?;
-    let socks = attached.ebpf.take_map("TAPIR_INJ_SOCKS")?;
-    let state = attached.ebpf.take_map("TAPIR_INJ_STATE")?;
-    Some((socks, state))
+    Some(tapir::rearm::InjectionMaps {
+        socks: attached.ebpf.take_map("TAPIR_INJ_SOCKS")?,
+        state: attached.ebpf.take_map("TAPIR_INJ_STATE")?,
+        rearm: attached.ebpf.take_map("TAPIR_INJ_REARM")?,
+    })
 }
 
 /// Hands the injection maps to the pipeline (on the capture thread).
 pub fn set_rearm<S: tapir::pipeline::ExchangeSink>(
     pipeline: &mut tapir::pipeline::Pipeline<S>,
-    maps: Option<(aya::maps::Map, aya::maps::Map)>,
+    maps: Option<tapir::rearm::InjectionMaps>,
     stats: Arc<tapir::stats::Stats>,
 ) {
-    let Some((socks, state)) = maps else { return };
-    match tapir::rearm::Rearm::new(socks, state, stats) {
+    let Some(maps) = maps else { return };
+    match tapir::rearm::Rearm::new(maps, stats) {
         Ok(r) => pipeline.set_rearm(r),
         Err(e) => tracing::warn!(
             error = %e,
