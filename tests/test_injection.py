@@ -5,6 +5,8 @@ import hashlib
 import json
 import sys
 
+import pytest
+
 from conftest import TESTS, Agent, curl, finish, free_port, nginx, watch
 from test_propagation import PARENT, TRACE, of
 
@@ -206,13 +208,18 @@ def test_error_rate_of_1000_requests_equals_the_no_agent_baseline(py_server, pro
 # socket has been re-armed. Without the re-arming only the first request is injected.
 
 
-def test_every_request_of_a_kept_alive_connection_is_injected(py_server):
+@pytest.mark.parametrize("client_addr,server_bind", [
+    ("127.0.0.1", "127.0.0.1"),
+    ("::1", "::1"),
+    ("::ffff:127.0.0.1", "127.0.0.1"),  # an IPv6 client socket with v4-mapped addresses
+])
+def test_every_request_of_a_kept_alive_connection_is_injected(py_server, client_addr, server_bind):
     import http.client
     import os
 
-    backend, bport = py_server()
+    backend, bport = py_server(bind=server_bind)
     agent = watch(bport, inject=True)
-    conn = http.client.HTTPConnection("127.0.0.1", bport, timeout=10)
+    conn = http.client.HTTPConnection(client_addr, bport, timeout=10)
     n = 6
     for i in range(n):
         conn.request("GET", f"/ka/{i}")
