@@ -30,6 +30,7 @@ def test_doctor_reports_a_working_core_on_this_kernel():
         "map: ring buffer",
         "helper: bpf_loop",
         "cgroup v2",
+        "pidfd_getfd",
     ):
         line = next((l for l in table.splitlines() if l.startswith(feature)), None)
         assert line is not None, f"doctor does not report {feature}:\n{table}"
@@ -38,6 +39,7 @@ def test_doctor_reports_a_working_core_on_this_kernel():
     # This kernel has BTF and ring buffers: they must be found, not just listed.
     assert re.search(r"^kernel BTF\s+ok", table, re.M)
     assert re.search(r"^map: ring buffer\s+ok", table, re.M)
+    assert re.search(r"^pidfd_getfd\s+ok", table, re.M)
 
 
 def test_run_sees_a_real_tcp_connection_and_stops_cleanly():

@@ -243,6 +243,20 @@ pub fn check_host() -> Vec<Check> {
         without: "TLS capture (uprobes on libssl) is unavailable",
         core: false,
     });
+    let (status, detail) = match crate::rearm::pidfd_getfd_works() {
+        Ok(()) => (
+            Status::Ok,
+            "copied a descriptor of this process".to_string(),
+        ),
+        Err(e) => (Status::Missing, e.to_string()),
+    };
+    checks.push(Check {
+        feature: "pidfd_getfd".into(),
+        status,
+        detail,
+        without: "only the first request of a kept-alive connection gets a traceparent",
+        core: false,
+    });
     let cg = cgroup2_mount(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
     checks.push(Check {
         feature: "cgroup v2".into(),

@@ -292,6 +292,27 @@ impl Rearm {
     }
 }
 
+/// Whether this process may copy other processes' sockets (`pidfd_getfd`, Linux 5.6, with
+/// ptrace rights over them): tried on its own pidfd. `tapir doctor` reports it.
+pub fn pidfd_getfd_works() -> Result<(), std::io::Error> {
+    // SAFETY: plain system calls; results checked, fds owned and closed.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+    if pidfd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new fd this process owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+    let raw = pidfd.as_raw_fd();
+    // SAFETY: as above.
+    let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, raw, raw, 0) };
+    if copy < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new fd this process owns; dropped (closed) at once.
+    drop(unsafe { OwnedFd::from_raw_fd(copy as RawFd) });
+    Ok(())
+}
+
 /// The two ends as a socket reports them, v4-mapped addresses shown as IPv4 (as in
 /// [`Endpoints::from_tuple`]).
 fn same_connection(a: &Endpoints, b: &Endpoints) -> bool {
@@ -506,6 +527,11 @@ mod tests {
         assert!(b.due());
         b.after(Outcome::Retired);
         assert!((0..5000).all(|_| !b.due()), "retired: never again");
+    }
+
+    #[test]
+    fn pidfd_getfd_works_on_this_kernel() {
+        pidfd_getfd_works().unwrap();
     }
 
     #[test]
