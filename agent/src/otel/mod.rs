@@ -226,7 +226,7 @@ impl OtelSink {
                 metrics: true,
                 host: "bench-host".into(),
                 agent_attrs: None,
-                temporality: metrics::Temporality::Cumulative,
+                temporality: Temporality::Cumulative,
             },
             AgentSources {
                 capture,
