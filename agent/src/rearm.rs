@@ -267,50 +267,50 @@ impl Rearm {
     /// Our own copy of the process's socket (closed when dropped).
     fn socket_of(&mut self, tgid: u32, fd: u32) -> Option<OwnedFd> {
         if !self.pidfds.contains(&tgid) {
-            // SAFETY: plain system call; the result is checked.
-            let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, tgid, 0) };
-            if pidfd < 0 {
-                return None;
-            }
-            // SAFETY: a new fd this process owns.
-            let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
-            self.pidfds.put(tgid, pidfd);
+            self.pidfds.put(tgid, pidfd_open(tgid).ok()?);
         }
-        let pidfd = self.pidfds.get(&tgid)?.as_raw_fd();
-        // SAFETY: plain system call; the result is checked.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) };
-        if fd < 0 {
-            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
-                // That process is gone (its exit may not have reached us): a new process
-                // with the same pid must get a pidfd of its own.
-                self.pidfds.pop(&tgid);
+        match pidfd_getfd(self.pidfds.get(&tgid)?, fd as RawFd) {
+            Ok(sock) => Some(sock),
+            Err(e) => {
+                if e.raw_os_error() == Some(libc::ESRCH) {
+                    // That process is gone (its exit may not have reached us): a new
+                    // process with the same pid must get a pidfd of its own.
+                    self.pidfds.pop(&tgid);
+                }
+                None
             }
-            return None;
         }
-        // SAFETY: a new fd this process owns.
-        Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
     }
+}
+
+/// An fd that refers to process `pid` (`pidfd_open`, Linux 5.3).
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain system call; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new fd this process owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Our own copy of the process's descriptor `fd` (`pidfd_getfd`, Linux 5.6; needs ptrace
+/// rights over the process).
+fn pidfd_getfd(pidfd: &OwnedFd, fd: RawFd) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain system call; the result is checked.
+    let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) };
+    if copy < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new fd this process owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(copy as RawFd) })
 }
 
 /// Whether this process may copy other processes' sockets (`pidfd_getfd`, Linux 5.6, with
 /// ptrace rights over them): tried on its own pidfd. `tapir doctor` reports it.
-pub fn pidfd_getfd_works() -> Result<(), std::io::Error> {
-    // SAFETY: plain system calls; results checked, fds owned and closed.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
-    if pidfd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a new fd this process owns.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
-    let raw = pidfd.as_raw_fd();
-    // SAFETY: as above.
-    let copy = unsafe { libc::syscall(libc::SYS_pidfd_getfd, raw, raw, 0) };
-    if copy < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a new fd this process owns; dropped (closed) at once.
-    drop(unsafe { OwnedFd::from_raw_fd(copy as RawFd) });
-    Ok(())
+pub fn pidfd_getfd_works() -> std::io::Result<()> {
+    let pidfd = pidfd_open(std::process::id())?;
+    pidfd_getfd(&pidfd, pidfd.as_raw_fd()).map(drop)
 }
 
 /// The two ends as a socket reports them, v4-mapped addresses shown as IPv4 (as in
@@ -354,40 +354,39 @@ fn sock_addr(fd: RawFd, call: AddrCall) -> Option<SockAddr> {
     }
 }
 
+impl SockAddr {
+    /// (family, address as the kernel's four network-order words, port, address).
+    fn parts(&self) -> (u32, [u32; 4], u16, IpAddr) {
+        match self {
+            SockAddr::V4(a) => {
+                let ip = a.sin_addr.s_addr;
+                (
+                    libc::AF_INET as u32,
+                    [ip, 0, 0, 0],
+                    u16::from_be(a.sin_port),
+                    IpAddr::V4(Ipv4Addr::from(ip.to_ne_bytes())),
+                )
+            }
+            SockAddr::V6(a) => {
+                let b = a.sin6_addr.s6_addr;
+                let w = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+                (
+                    libc::AF_INET6 as u32,
+                    [w(0), w(4), w(8), w(12)],
+                    u16::from_be(a.sin6_port),
+                    IpAddr::V6(Ipv6Addr::from(b)),
+                )
+            }
+        }
+    }
+}
+
 fn key_of(local: &SockAddr, remote: &SockAddr) -> Option<(InjSockKey, Endpoints)> {
-    let words = |b: [u8; 16]| -> [u32; 4] {
-        let w = |i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
-        [w(0), w(4), w(8), w(12)]
-    };
-    let (family, lip, lport, lend, rip, rport, rend) = match (local, remote) {
-        (SockAddr::V4(l), SockAddr::V4(r)) => {
-            let (lp, rp) = (u16::from_be(l.sin_port), u16::from_be(r.sin_port));
-            let (la, ra) = (l.sin_addr.s_addr, r.sin_addr.s_addr);
-            (
-                libc::AF_INET as u32,
-                [la, 0, 0, 0],
-                lp,
-                IpAddr::V4(Ipv4Addr::from(la.to_ne_bytes())),
-                [ra, 0, 0, 0],
-                rp,
-                IpAddr::V4(Ipv4Addr::from(ra.to_ne_bytes())),
-            )
-        }
-        (SockAddr::V6(l), SockAddr::V6(r)) => {
-            let (lp, rp) = (u16::from_be(l.sin6_port), u16::from_be(r.sin6_port));
-            let (la, ra) = (l.sin6_addr.s6_addr, r.sin6_addr.s6_addr);
-            (
-                libc::AF_INET6 as u32,
-                words(la),
-                lp,
-                IpAddr::V6(Ipv6Addr::from(la)),
-                words(ra),
-                rp,
-                IpAddr::V6(Ipv6Addr::from(ra)),
-            )
-        }
-        _ => return None,
-    };
+    let (family, lip, lport, lend) = local.parts();
+    let (rfamily, rip, rport, rend) = remote.parts();
+    if family != rfamily {
+        return None;
+    }
     let key = InjSockKey {
         family,
         lport: u32::from(lport),
