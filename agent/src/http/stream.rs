@@ -349,15 +349,16 @@ fn parsed_request(
     truncated: bool,
 ) -> ParsedHead {
     let fields = &head.fields;
+    let (authority, path, query) = head.target_parts();
     let host = fields
         .host
         .map(lossy)
-        .or_else(|| head.target_authority().map(str::to_owned));
+        .or_else(|| authority.map(str::to_owned));
     let exchange = Exchange {
         role,
         method: head.method.to_owned(),
-        path: head.path().to_owned(),
-        query: head.query().map(str::to_owned),
+        path: path.to_owned(),
+        query: query.map(str::to_owned),
         version: head.version,
         status: 0,
         host,

@@ -39,7 +39,7 @@ use crate::{exchange::CapturedExchange, pipeline::ExchangeSink, stats::Stats};
 use client::{ClientSettings, OtlpClient};
 use export::OtlpSpanSender;
 pub use export::QueuedSpan;
-use metrics::{AgentSources, Registry, RegistryConfig, Temporality};
+use metrics::{AgentSources, EntryCache, Registry, RegistryConfig, Temporality};
 use queue::LoopConfig;
 pub use queue::SharedQueue;
 
@@ -243,6 +243,7 @@ impl OtelSink {
             scope: span::scope(),
             stats,
             spans: SpanArena::default(),
+            entries: EntryCache::default(),
         };
         (Self { ingest }, queue)
     }
@@ -258,6 +259,7 @@ struct Ingest {
     scope: opentelemetry::InstrumentationScope,
     stats: Arc<OtelStats>,
     spans: SpanArena,
+    entries: EntryCache,
 }
 
 /// Where encoded spans live until they are exported: carved one after the other out of
@@ -288,7 +290,7 @@ impl SpanArena {
 
 impl Ingest {
     fn handle(&mut self, ex: CapturedExchange) {
-        let entry = self.registry.entry(&ex.process);
+        let entry = self.registry.entry_cached(&ex.process, &mut self.entries);
         let route = self.routes.route(&entry.service_name, &ex.http.path);
         if route.as_ref().is_some_and(|r| r.overflow) {
             OtelStats::add(&self.stats.routes_overflow, 1);
@@ -467,6 +469,7 @@ impl Telemetry {
             spans: SpanArena::default(),
             scope: span::scope(),
             stats: stats.clone(),
+            entries: EntryCache::default(),
         };
         let (close_spans, close_rx) = watch::channel(None);
         let span_loop = match (span_exporter, &queue) {

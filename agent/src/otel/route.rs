@@ -1,7 +1,7 @@
 //! `http.route` without the application's help: user-given route patterns first, else a
 //! heuristic that replaces identifier-like path segments with `*`, and a per-service cap on
 //! distinct routes so that a raw path never becomes an unbounded metric attribute.
-use std::{collections::HashSet, fmt, num::NonZeroUsize, str::FromStr};
+use std::{fmt, num::NonZeroUsize, str::FromStr, sync::Arc};
 
 use lru::LruCache;
 
@@ -22,21 +22,33 @@ const MAX_SEGMENT: usize = 64;
 /// digits, segments longer than 64 bytes). `/users/42/orders/9f86d081` → `/users/*/orders/*`.
 /// `None` for a path that is not origin-form (`*`, `host:443`, empty).
 pub fn collapse_path(path: &str) -> Option<String> {
+    let mut out = String::new();
+    collapse_into(path, &mut out).then_some(out)
+}
+
+/// [`collapse_path`] into `out` (cleared first; its capacity is reused): false when the
+/// path is not origin-form.
+fn collapse_into(path: &str, out: &mut String) -> bool {
+    out.clear();
     if !path.starts_with('/') {
-        return None;
+        return false;
     }
-    let mut out = String::with_capacity(path.len());
-    for (i, seg) in path.split('/').enumerate() {
-        if i > 0 {
-            out.push('/');
+    // Cut at each '/' byte (an ASCII byte is always a char boundary): this runs on every
+    // exchange, and `str::split` with a char pattern costs several times more.
+    let mut start = 0;
+    loop {
+        let end = path.as_bytes()[start..]
+            .iter()
+            .position(|&b| b == b'/')
+            .map_or(path.len(), |i| start + i);
+        let seg = path.get(start..end).unwrap_or_default();
+        out.push_str(if is_identifier(seg) { "*" } else { seg });
+        if end == path.len() {
+            return true;
         }
-        if is_identifier(seg) {
-            out.push('*');
-        } else {
-            out.push_str(seg);
-        }
+        out.push('/');
+        start = end + 1;
     }
-    Some(out)
 }
 
 /// Whether a path segment looks like a value rather than a name.
@@ -48,24 +60,35 @@ pub fn is_identifier(seg: &str) -> bool {
         return true;
     }
     let bytes = seg.as_bytes();
+    // One pass for the counts the rules below need (this runs on every exchange).
+    let (mut digits, mut alnum, mut run, mut longest_run, mut all_hex) = (0, 0, 0, 0, true);
+    for c in bytes {
+        if c.is_ascii_digit() {
+            digits += 1;
+            run += 1;
+            longest_run = longest_run.max(run);
+        } else {
+            run = 0;
+            all_hex &= c.is_ascii_hexdigit();
+        }
+        alnum += usize::from(c.is_ascii_alphanumeric());
+    }
     if contains_uuid(bytes) {
         return true;
     }
-    let digits = bytes.iter().filter(|b| b.is_ascii_digit()).count();
     if digits == 0 {
         return false;
     }
-    if digits == bytes.len() || longest_digit_run(bytes) >= MAX_DIGIT_RUN {
+    if digits == bytes.len() || longest_run >= MAX_DIGIT_RUN {
         return true;
     }
-    if bytes.len() >= HEX_LEN && bytes.iter().all(u8::is_ascii_hexdigit) {
+    if bytes.len() >= HEX_LEN && all_hex {
         return true;
     }
-    let alnum = bytes.iter().filter(|b| b.is_ascii_alphanumeric()).count();
-    let letters = alnum - digits;
-    alnum >= TOKEN_LEN && letters > 0
+    alnum >= TOKEN_LEN && alnum > digits
 }
 
+#[cfg(test)]
 fn longest_digit_run(b: &[u8]) -> usize {
     let (mut best, mut cur) = (0, 0);
     for c in b {
@@ -208,16 +231,22 @@ impl FromStr for RoutePattern {
 
 /// Turns paths into bounded routes, per service.
 pub struct RouteTable {
-    patterns: Vec<RoutePattern>,
+    patterns: Vec<(RoutePattern, Arc<str>)>,
     max_per_service: usize,
-    /// Heuristic routes seen, per service.name (the services themselves are bounded).
-    seen: LruCache<String, HashSet<String>>,
+    /// Heuristic routes seen, per service.name (the services themselves are bounded). A
+    /// known route is handed out as a shared string: no allocation per exchange.
+    seen: LruCache<String, RouteSet>,
+    overflow: Arc<str>,
+    /// The route being computed (its capacity is reused).
+    scratch: String,
 }
+
+type RouteSet = hashbrown::HashSet<Arc<str>, foldhash::fast::RandomState>;
 
 /// The route chosen for one exchange.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
-    pub route: String,
+    pub route: Arc<str>,
     /// It came from a user pattern.
     pub from_pattern: bool,
     /// The service had too many routes: this is [`OVERFLOW_ROUTE`].
@@ -227,9 +256,17 @@ pub struct Route {
 impl RouteTable {
     pub fn new(patterns: Vec<RoutePattern>, max_per_service: usize) -> Self {
         Self {
-            patterns,
+            patterns: patterns
+                .into_iter()
+                .map(|p| {
+                    let text = Arc::from(p.as_str());
+                    (p, text)
+                })
+                .collect(),
             max_per_service,
             seen: LruCache::new(NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN)),
+            overflow: Arc::from(OVERFLOW_ROUTE),
+            scratch: String::new(),
         }
     }
 
@@ -238,36 +275,38 @@ impl RouteTable {
     /// has `max_per_service` other heuristic routes. `None` when the path is not
     /// origin-form.
     pub fn route(&mut self, service: &str, path: &str) -> Option<Route> {
-        if let Some(p) = self.patterns.iter().find(|p| p.matches(path)) {
+        if let Some((_, text)) = self.patterns.iter().find(|(p, _)| p.matches(path)) {
             return Some(Route {
-                route: p.text.clone(),
+                route: text.clone(),
                 from_pattern: true,
                 overflow: false,
             });
         }
-        let route = collapse_path(path)?;
+        if !collapse_into(path, &mut self.scratch) {
+            return None;
+        }
         let set = match self.seen.get_mut(service) {
             Some(s) => s,
             None => {
-                self.seen.put(service.to_string(), HashSet::new());
+                self.seen.put(service.to_string(), RouteSet::default());
                 self.seen.get_mut(service)?
             }
         };
-        if set.contains(&route) {
-            return Some(Route {
-                route,
-                from_pattern: false,
-                overflow: false,
-            });
-        }
-        if set.len() >= self.max_per_service {
-            return Some(Route {
-                route: OVERFLOW_ROUTE.to_string(),
-                from_pattern: false,
-                overflow: true,
-            });
-        }
-        set.insert(route.clone());
+        let route = match set.get(self.scratch.as_str()) {
+            Some(known) => known.clone(),
+            None if set.len() >= self.max_per_service => {
+                return Some(Route {
+                    route: self.overflow.clone(),
+                    from_pattern: false,
+                    overflow: true,
+                });
+            }
+            None => {
+                let new: Arc<str> = Arc::from(self.scratch.as_str());
+                set.insert(new.clone());
+                new
+            }
+        };
         Some(Route {
             route,
             from_pattern: false,
@@ -372,11 +411,23 @@ mod tests {
             100,
         );
         let r = t.route("svc", "/users/42").unwrap();
-        assert_eq!(r.route, "/users/{id}");
+        assert_eq!(&*r.route, "/users/{id}");
         assert!(r.from_pattern);
-        assert_eq!(t.route("svc", "/users/42/x").unwrap().route, "/users/*");
-        assert_eq!(t.route("svc", "/orders/42").unwrap().route, "/orders/*");
+        assert_eq!(&*t.route("svc", "/users/42/x").unwrap().route, "/users/*");
+        assert_eq!(&*t.route("svc", "/orders/42").unwrap().route, "/orders/*");
         assert_eq!(t.route("svc", "*"), None);
+    }
+
+    #[test]
+    fn a_known_route_is_shared_not_rebuilt() {
+        let mut t = RouteTable::new(vec!["/p/{x}".parse().unwrap()], 10);
+        let a = t.route("svc", "/users/1").unwrap().route;
+        let b = t.route("svc", "/users/2").unwrap().route;
+        assert!(Arc::ptr_eq(&a, &b));
+        let p = t.route("svc", "/p/1").unwrap().route;
+        assert!(Arc::ptr_eq(&p, &t.route("svc", "/p/2").unwrap().route));
+        // Same route text in another service: its own entry, same text.
+        assert_eq!(t.route("other", "/users/3").unwrap().route, a);
     }
 
     #[test]
@@ -387,11 +438,11 @@ mod tests {
         }
         let over = t.route("svc", "/d").unwrap();
         assert!(over.overflow);
-        assert_eq!(over.route, OVERFLOW_ROUTE);
+        assert_eq!(&*over.route, OVERFLOW_ROUTE);
         // Known routes, patterns and other services still work.
-        assert_eq!(t.route("svc", "/a").unwrap().route, "/a");
-        assert_eq!(t.route("svc", "/p/zzz").unwrap().route, "/p/{x}");
-        assert_eq!(t.route("other", "/d").unwrap().route, "/d");
+        assert_eq!(&*t.route("svc", "/a").unwrap().route, "/a");
+        assert_eq!(&*t.route("svc", "/p/zzz").unwrap().route, "/p/{x}");
+        assert_eq!(&*t.route("other", "/d").unwrap().route, "/d");
     }
 
     mod props {
@@ -450,7 +501,7 @@ mod tests {
             #[test]
             fn route_table_is_bounded(paths in prop::collection::vec(path(), 1..60), cap in 1usize..20) {
                 let mut t = RouteTable::new(Vec::new(), cap);
-                let mut distinct = HashSet::new();
+                let mut distinct = std::collections::HashSet::new();
                 for p in &paths {
                     distinct.insert(t.route("svc", p).unwrap().route);
                 }

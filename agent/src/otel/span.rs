@@ -189,7 +189,18 @@ pub fn parse_host(host: &str) -> Option<(String, Option<u16>)> {
 /// [`parse_host`] without allocating: the host is a slice of `host`.
 pub fn parse_host_ref(host: &str) -> Option<(&str, Option<u16>)> {
     let h = host.trim();
-    if h.is_empty() || h.len() > 255 || h.contains(|c: char| c.is_whitespace() || c == '/') {
+    if h.is_empty() || h.len() > 255 {
+        return None;
+    }
+    // Byte-wise for ASCII (every exchange of a client comes here, twice); `char` decoding
+    // only for the rare non-ASCII Host. ASCII whitespace as `char::is_whitespace` has it.
+    let rejected = if h.is_ascii() {
+        h.bytes()
+            .any(|b| b.is_ascii_whitespace() || b == 0x0b || b == b'/')
+    } else {
+        h.contains(|c: char| c.is_whitespace() || c == '/')
+    };
+    if rejected {
         return None;
     }
     if let Some(rest) = h.strip_prefix('[') {
@@ -201,8 +212,16 @@ pub fn parse_host_ref(host: &str) -> Option<(&str, Option<u16>)> {
         };
         return Some((addr, port));
     }
-    match h.rsplit_once(':') {
-        Some((name, port)) if !name.contains(':') => Some((name, Some(port.parse().ok()?))),
+    let colon = h.bytes().rposition(|b| b == b':');
+    match colon.map(|at| {
+        (
+            h.get(..at).unwrap_or_default(),
+            h.get(at + 1..).unwrap_or_default(),
+        )
+    }) {
+        Some((name, port)) if !name.bytes().any(|b| b == b':') => {
+            Some((name, Some(port.parse().ok()?)))
+        }
         Some(_) => None, // a bare IPv6 address is not a valid Host
         None => Some((h, None)),
     }
@@ -683,5 +702,19 @@ pub(crate) mod tests {
         assert_eq!(parse_host("::1"), None);
         assert_eq!(parse_host("a b"), None);
         assert_eq!(parse_host(""), None);
+        // Inside the name, any character `char::is_whitespace` calls whitespace, or a '/',
+        // rejects the Host: every ASCII one, and non-ASCII ones (the slow path).
+        for c in (0u8..128)
+            .map(char::from)
+            .chain(['\u{a0}', '\u{2003}', 'é', '\u{3000}'])
+        {
+            let host = format!("a{c}b:80");
+            let rejected = c.is_whitespace() || c == '/';
+            assert_eq!(
+                parse_host_ref(&host).is_none(),
+                rejected || c == ':',
+                "{c:?}"
+            );
+        }
     }
 }

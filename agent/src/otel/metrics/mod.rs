@@ -109,6 +109,44 @@ fn unix_now_ns() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
+/// The last few processes the capture thread recorded for (see
+/// [`Registry::entry_cached`]): client and server exchanges of a host alternate between
+/// processes, so one slot would not do.
+#[derive(Default)]
+pub struct EntryCache {
+    slots: [Option<CachedEntry>; 4],
+    next: usize,
+}
+
+struct CachedEntry {
+    /// Held so that the pointer compared is never reused for another process.
+    process: Arc<ProcessInfo>,
+    entry: Arc<ServiceEntry>,
+    /// The registry's second when the table was last asked.
+    secs: u64,
+}
+
+impl EntryCache {
+    fn put(&mut self, p: &Arc<ProcessInfo>, entry: &Arc<ServiceEntry>, secs: u64) {
+        let c = CachedEntry {
+            process: p.clone(),
+            entry: entry.clone(),
+            secs,
+        };
+        match self
+            .slots
+            .iter_mut()
+            .find(|s| s.as_ref().is_some_and(|s| Arc::ptr_eq(&s.process, p)))
+        {
+            Some(slot) => *slot = Some(c),
+            None => {
+                self.slots[self.next] = Some(c);
+                self.next = (self.next + 1) % self.slots.len();
+            }
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -241,8 +279,29 @@ impl Registry {
         entry
     }
 
+    /// [`Registry::entry`] through the caller's [`EntryCache`]: a process seen in the
+    /// same second is found by its `Arc` instead of hashing it under the table's lock.
+    /// Asking the table once a second per process keeps its LRU order and idle clock.
+    pub fn entry_cached(&self, p: &Arc<ProcessInfo>, cache: &mut EntryCache) -> Arc<ServiceEntry> {
+        let now = self.now_secs();
+        if let Some(c) = cache
+            .slots
+            .iter()
+            .flatten()
+            .find(|c| Arc::ptr_eq(&c.process, p))
+        {
+            if c.secs == now && !c.entry.has_left() {
+                return c.entry.clone();
+            }
+        }
+        let entry = self.entry(p);
+        cache.put(p, &entry, now);
+        entry
+    }
+
     /// A process left the table: its series wait for a last export, or are freed now.
     fn retire(&self, e: Arc<ServiceEntry>) {
+        e.mark_left();
         if !self.collect_retired || e.series_count() == 0 {
             self.free(&e);
             return;
@@ -258,6 +317,7 @@ impl Registry {
     }
 
     fn free(&self, e: &ServiceEntry) {
+        e.mark_left();
         let n = e.close();
         self.series.fetch_sub(n, Ordering::Relaxed);
     }
@@ -481,6 +541,29 @@ mod tests {
 
     use super::{testutil::*, *};
     use crate::{http::ExchangeRole, otel::span::tests::exchange, test_alloc::allocations};
+
+    #[test]
+    fn cached_entries_are_the_tables_until_the_process_leaves_it() {
+        let r = registry(4);
+        let mut cache = EntryCache::default();
+        let a = with_pid(exchange(ExchangeRole::Server, "GET", "/", 200), 1).process;
+        let b = with_pid(exchange(ExchangeRole::Server, "GET", "/", 200), 2).process;
+        let ea = r.entry_cached(&a, &mut cache);
+        let eb = r.entry_cached(&b, &mut cache);
+        assert!(!Arc::ptr_eq(&ea, &eb));
+        // Alternating processes both stay cached, and agree with the table.
+        for _ in 0..3 {
+            assert!(Arc::ptr_eq(&r.entry_cached(&a, &mut cache), &ea));
+            assert!(Arc::ptr_eq(&r.entry_cached(&b, &mut cache), &eb));
+        }
+        assert!(Arc::ptr_eq(&r.entry(&a), &ea));
+        // Once the process exited, its cached entry is not handed out again.
+        assert_eq!(r.process_exited(1), 1);
+        let again = r.entry_cached(&a, &mut cache);
+        assert!(!Arc::ptr_eq(&again, &ea));
+        assert!(Arc::ptr_eq(&r.entry(&a), &again));
+        assert!(Arc::ptr_eq(&r.entry_cached(&b, &mut cache), &eb));
+    }
 
     #[test]
     fn unknown_methods_and_paths_stay_bounded() {

@@ -1,6 +1,6 @@
 //! What Tapir keeps per observed process: its resource, and the table of its series.
 use std::sync::{
-    atomic::{AtomicU64, Ordering},
+    atomic::{AtomicBool, AtomicU64, Ordering},
     Mutex,
 };
 
@@ -29,6 +29,9 @@ pub struct ServiceEntry {
     metrics: Option<EntryMetrics>,
     /// Seconds since the registry's epoch when it was last used.
     last_used: AtomicU64,
+    /// It left the registry's table (exited, evicted, idle, shutdown): a cached handle
+    /// must ask the registry again.
+    left: AtomicBool,
 }
 
 impl std::fmt::Debug for ServiceEntry {
@@ -52,7 +55,16 @@ impl ServiceEntry {
             resource,
             metrics,
             last_used: AtomicU64::new(now_secs),
+            left: AtomicBool::new(false),
         }
+    }
+
+    pub(super) fn mark_left(&self) {
+        self.left.store(true, Ordering::Release);
+    }
+
+    pub(super) fn has_left(&self) -> bool {
+        self.left.load(Ordering::Acquire)
     }
 
     pub(super) fn touch(&self, now_secs: u64) {
