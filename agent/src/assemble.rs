@@ -21,6 +21,16 @@ pub struct ConnAssembler {
 /// A finished exchange and the trace ids the kernel chose for it (if it saw its start).
 pub type Assembled = (Exchange, Option<TraceIds>);
 
+/// What chunks complete, in buffers the caller reuses for every connection (a fresh
+/// `Vec` per chunk was two allocations per exchange).
+#[derive(Default)]
+pub struct Completed {
+    /// Finished by the stream, waiting for their ids.
+    exchanges: Vec<Exchange>,
+    /// With their ids: for the caller to drain.
+    pub assembled: Vec<Assembled>,
+}
+
 impl ConnAssembler {
     pub fn new() -> Self {
         Self {
@@ -31,8 +41,8 @@ impl ConnAssembler {
 
     /// Pairs finished exchanges with the ids recorded at their request's first chunk
     /// (exchanges complete in request order, so stale entries are skipped from the front).
-    fn attach_ids(&mut self, done: Vec<Exchange>, out: &mut Vec<Assembled>) {
-        for ex in done {
+    fn attach_ids(&mut self, out: &mut Completed) {
+        for ex in out.exchanges.drain(..) {
             while self
                 .pending_ids
                 .front()
@@ -44,7 +54,7 @@ impl ConnAssembler {
                 Some((ts, _)) if *ts == ex.start_ns => self.pending_ids.pop_front().map(|(_, i)| i),
                 _ => None,
             };
-            out.push((ex, ids));
+            out.assembled.push((ex, ids));
         }
     }
 
@@ -74,7 +84,7 @@ impl ConnAssembler {
     }
 
     /// Feeds one data event; drop counts go to `stats`.
-    pub fn on_data(&mut self, d: &DataEvent<'_>, out: &mut Vec<Assembled>, stats: &Stats) {
+    pub fn on_data(&mut self, d: &DataEvent<'_>, out: &mut Completed, stats: &Stats) {
         let trace = &d.header.trace;
         if trace.kind == TRACE_SERVER_PARENT {
             self.adopt_late_parent(trace);
@@ -96,18 +106,16 @@ impl ConnAssembler {
             tail: d.tail(),
             ts_ns: d.header.header.ts_ns,
         };
-        let mut done = Vec::new();
-        if let Err(e) = self.stream.on_chunk(&chunk, &mut done) {
+        if let Err(e) = self.stream.on_chunk(&chunk, &mut out.exchanges) {
             tracing::trace!(error = %e, "http stream reset");
         }
-        self.attach_ids(done, out);
+        self.attach_ids(out);
         self.flush_stats(stats);
     }
 
-    pub fn on_close(&mut self, ts_ns: u64, out: &mut Vec<Assembled>, stats: &Stats) {
-        let mut done = Vec::new();
-        self.stream.on_close(ts_ns, &mut done);
-        self.attach_ids(done, out);
+    pub fn on_close(&mut self, ts_ns: u64, out: &mut Completed, stats: &Stats) {
+        self.stream.on_close(ts_ns, &mut out.exchanges);
+        self.attach_ids(out);
         self.flush_stats(stats);
     }
 
@@ -151,7 +159,7 @@ mod tests {
     /// Feeds one fully captured chunk; `ids`: the kernel gave it span id `[b; 8]`.
     fn feed(
         a: &mut ConnAssembler,
-        out: &mut Vec<Assembled>,
+        out: &mut Completed,
         dir: u8,
         ts: u64,
         payload: &[u8],
@@ -170,7 +178,7 @@ mod tests {
     /// Returns the exchange's ids.
     fn split_head_exchange(rest: &[u8], late_span: u8) -> (String, TraceIds) {
         let mut a = ConnAssembler::new();
-        let mut out = Vec::new();
+        let mut out = Completed::default();
         feed(
             &mut a,
             &mut out,
@@ -197,8 +205,8 @@ mod tests {
         a.on_data(&late, &mut out, &Stats::default());
         let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
         feed(&mut a, &mut out, DIR_EGRESS, 12, resp, None);
-        let (ex, ids) = out.pop().expect("one exchange");
-        (ex.path, ids.expect("kernel ids"))
+        let (ex, ids) = out.assembled.pop().expect("one exchange");
+        (ex.path.to_string(), ids.expect("kernel ids"))
     }
 
     #[test]
@@ -221,7 +229,7 @@ mod tests {
     #[test]
     fn kernel_ids_follow_their_exchange_through_pipelining() {
         let mut a = ConnAssembler::new();
-        let mut out = Vec::new();
+        let mut out = Completed::default();
         for (i, path) in ["/a", "/b"].iter().enumerate() {
             let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
             let ts = 10 + i as u64;
@@ -239,6 +247,7 @@ mod tests {
             feed(&mut a, &mut out, DIR_EGRESS, ts, resp, None);
         }
         let got: Vec<_> = out
+            .assembled
             .iter()
             .map(|(e, ids)| (e.path.clone(), ids.map(|i| i.span_id[0])))
             .collect();
@@ -248,7 +257,7 @@ mod tests {
     #[test]
     fn exchange_without_kernel_ids_gets_none() {
         let mut a = ConnAssembler::new();
-        let mut out = Vec::new();
+        let mut out = Completed::default();
         feed(
             &mut a,
             &mut out,
@@ -259,7 +268,7 @@ mod tests {
         );
         let resp = b"HTTP/1.1 204 No Content\r\n\r\n";
         feed(&mut a, &mut out, DIR_EGRESS, 6, resp, None);
-        assert_eq!(out.len(), 1);
-        assert!(out[0].1.is_none());
+        assert_eq!(out.assembled.len(), 1);
+        assert!(out.assembled[0].1.is_none());
     }
 }

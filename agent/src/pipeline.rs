@@ -109,6 +109,8 @@ pub struct Pipeline<S: ExchangeSink> {
     kernel_counters: Option<PerCpuArray<MapData, u64>>,
     inject_counters: Option<PerCpuArray<MapData, u64>>,
     rearm: Option<crate::rearm::Rearm>,
+    /// What the current record completed (reused).
+    completed: crate::assemble::Completed,
 }
 
 impl<S: ExchangeSink> Pipeline<S> {
@@ -126,6 +128,7 @@ impl<S: ExchangeSink> Pipeline<S> {
             kernel_counters: None,
             inject_counters: None,
             rearm: None,
+            completed: Default::default(),
         }
     }
 
@@ -249,8 +252,8 @@ impl<S: ExchangeSink> Pipeline<S> {
         } else {
             conn.received += u64::from(h.total);
         }
-        let mut done = Vec::new();
-        conn.http.on_data(d, &mut done, &self.stats);
+        conn.http.on_data(d, &mut self.completed, &self.stats);
+        let done = &mut self.completed.assembled;
         // A client read a whole response that keeps the connection: its socket may take the
         // next request's header.
         // Before the exchange is passed on, so that whoever sees it sees the attempt made.
@@ -299,8 +302,8 @@ impl<S: ExchangeSink> Pipeline<S> {
         if !conn.wanted {
             return;
         }
-        let mut done = Vec::new();
-        conn.http.on_close(ts_ns, &mut done, &self.stats);
+        conn.http.on_close(ts_ns, &mut self.completed, &self.stats);
+        let done = &mut self.completed.assembled;
         Self::emit(&mut self.sink, &self.stats, &self.clock, conn, done);
     }
 
@@ -309,9 +312,9 @@ impl<S: ExchangeSink> Pipeline<S> {
         stats: &Stats,
         clock: &MonoToWall,
         conn: &Conn,
-        done: Vec<crate::assemble::Assembled>,
+        done: &mut Vec<crate::assemble::Assembled>,
     ) {
-        for (http, trace) in done {
+        for (http, trace) in done.drain(..) {
             Stats::inc(&stats.exchanges);
             let mut ex = crate::exchange::CapturedExchange::new(
                 http,

@@ -1,5 +1,7 @@
 //! A finished request/response pair: what the agent turns into a span.
 
+use compact_str::CompactString;
+
 /// Which end of the exchange the observed process was.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ExchangeRole {
@@ -31,20 +33,20 @@ impl HttpVersion {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Exchange {
     pub role: ExchangeRole,
-    pub method: String,
+    pub method: CompactString,
     /// Request target without its query (for absolute-form targets, only the path part).
-    pub path: String,
+    pub path: CompactString,
     /// Query string without the `?`; `None` when absent or empty.
-    pub query: Option<String>,
+    pub query: Option<CompactString>,
     /// Version of the request.
     pub version: HttpVersion,
     /// Status of the final response (or 101 for an upgrade).
     pub status: u16,
-    pub host: Option<String>,
-    pub user_agent: Option<String>,
+    pub host: Option<CompactString>,
+    pub user_agent: Option<CompactString>,
     /// The first `traceparent` header.
-    pub traceparent: Option<String>,
-    pub tracestate: Option<String>,
+    pub traceparent: Option<CompactString>,
+    pub tracestate: Option<CompactString>,
     /// The request carried more than one `traceparent` header.
     pub traceparent_duplicated: bool,
     /// Timestamp of the first chunk of the request head.

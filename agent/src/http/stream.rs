@@ -9,6 +9,7 @@
 use std::mem::discriminant;
 
 use agent_common::TAIL_BYTES;
+use compact_str::CompactString;
 
 use super::chunk::{Chunk, Direction};
 use super::chunked::{ChunkedDecoder, ChunkedProgress};
@@ -353,12 +354,12 @@ fn parsed_request(
     let host = fields
         .host
         .map(lossy)
-        .or_else(|| authority.map(str::to_owned));
+        .or_else(|| authority.map(CompactString::from));
     let exchange = Exchange {
         role,
-        method: head.method.to_owned(),
-        path: path.to_owned(),
-        query: query.map(str::to_owned),
+        method: head.method.into(),
+        path: path.into(),
+        query: query.map(CompactString::from),
         version: head.version,
         status: 0,
         host,
@@ -416,8 +417,9 @@ fn parsed_response(head: &ResponseHead<'_>) -> ParsedHead {
     }
 }
 
-fn lossy(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+/// Inline up to 24 bytes (most methods, paths, hosts and user agents): no allocation.
+fn lossy(bytes: &[u8]) -> CompactString {
+    CompactString::from_utf8_lossy(bytes)
 }
 
 fn head_error_reason(e: HeadError) -> DropReason {
@@ -982,6 +984,35 @@ mod tests {
             ExchangeRole::Server
         );
         assert_eq!(role_for(MessageKind::Request, Egress), ExchangeRole::Client);
+    }
+
+    #[test]
+    fn a_typical_request_head_is_kept_without_allocating() {
+        let head = b"GET /api/v1/items/42?verbose=1 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\
+            User-Agent: curl/8.5.0\r\nAccept: */*\r\n\r\n";
+        let before = crate::test_alloc::allocations();
+        let parsed = parse_head(MessageKind::Request, head, Direction::Ingress, 1, false);
+        assert_eq!(crate::test_alloc::allocations() - before, 0);
+        let Ok(Some((_, ParsedHead::Request { exchange, .. }))) = parsed else {
+            panic!("not parsed as a request");
+        };
+        assert_eq!(exchange.method, "GET");
+        assert_eq!(exchange.path, "/api/v1/items/42");
+        assert_eq!(exchange.query.as_deref(), Some("verbose=1"));
+        assert_eq!(exchange.host.as_deref(), Some("127.0.0.1:8080"));
+        assert_eq!(exchange.user_agent.as_deref(), Some("curl/8.5.0"));
+        // Longer strings still come through whole (on the heap).
+        let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(100));
+        let Ok(Some((_, ParsedHead::Request { exchange, .. }))) = parse_head(
+            MessageKind::Request,
+            long.as_bytes(),
+            Direction::Ingress,
+            1,
+            false,
+        ) else {
+            panic!("not parsed as a request");
+        };
+        assert_eq!(exchange.path.len(), 101);
     }
 
     #[test]

@@ -280,7 +280,7 @@ pub fn build_span(
             o.to_string(),
         ));
     }
-    attrs.push(KeyValue::new(sc::URL_PATH, http.path.clone()));
+    attrs.push(KeyValue::new(sc::URL_PATH, http.path.to_string()));
     attrs.push(KeyValue::new(sc::URL_SCHEME, "http"));
     attrs.push(KeyValue::new(
         sc::HTTP_RESPONSE_STATUS_CODE,
@@ -300,7 +300,7 @@ pub fn build_span(
         http.version.as_str(),
     ));
     if let Some(ua) = &http.user_agent {
-        attrs.push(KeyValue::new(sc::USER_AGENT_ORIGINAL, ua.clone()));
+        attrs.push(KeyValue::new(sc::USER_AGENT_ORIGINAL, ua.to_string()));
     }
     let error = is_error(server, http.status);
     if error {

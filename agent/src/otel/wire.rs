@@ -1187,8 +1187,8 @@ mod tests {
         } else {
             HttpVersion::Http11
         };
-        ex.http.host = c.host.clone();
-        ex.http.user_agent = c.user_agent.clone();
+        ex.http.host = c.host.as_deref().map(Into::into);
+        ex.http.user_agent = c.user_agent.as_deref().map(Into::into);
         ex.start_unix_ns = c.start;
         // Sometimes before the start: the span then ends where it starts.
         ex.end_unix_ns = c.start.wrapping_add(c.duration);

@@ -750,7 +750,7 @@ mod tests {
             Some("bad host"),
             None,
         ] {
-            ex.http.host = host.map(String::from);
+            ex.http.host = host.map(Into::into);
             let mut buf = StackText::empty();
             let (a, p) = server_address_in(&ex, &mut buf);
             assert_eq!((a.to_string(), p), crate::otel::span::server_address(&ex));
