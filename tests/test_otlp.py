@@ -628,6 +628,24 @@ def test_standard_env_configures_endpoint_and_protocol(otlp, py_server):
     assert otlp.http_headers and all(h.get("content-type") == "application/x-protobuf" for h in otlp.http_headers)
 
 
+def test_batch_span_processor_variables_set_batch_size_and_delay(otlp, py_server):
+    """OTEL_BSP_MAX_EXPORT_BATCH_SIZE=3 with a 10-minute OTEL_BSP_SCHEDULE_DELAY: spans
+    still arrive at once, in requests of exactly 3 (full batches go out without waiting)."""
+    server, port = py_server()
+    agent = otel_agent(otlp, port, env={
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "3",
+        "OTEL_BSP_SCHEDULE_DELAY": "600000",
+    })
+    for i in range(6):
+        get(port, f"/bsp/{i}", 200)
+    # Six server spans and six curl client spans: four full batches of three.
+    otlp.wait_spans(is_server_of(server.pid), n=6, timeout=TIMEOUT)
+    otlp.wait_until(lambda r: len(r.spans()) >= 12, timeout=TIMEOUT, what="12 spans")
+    assert len(otlp.spans()) == 12, otlp.summary()
+    assert otlp.requests_by_signal.get(("grpc", "traces")) == 4, otlp.summary()
+    finish(agent)
+
+
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
 def test_headers_from_the_environment_reach_the_collector(otlp, py_server, protocol):
     server, port = py_server()

@@ -87,13 +87,9 @@ pub struct RunArgs {
     pub max_routes_per_service: usize,
     /// Spans held for export while the collector is slow or down (count). Beyond it the
     /// oldest are dropped and counted in tapir.spans.dropped{reason=export_queue_full}.
-    #[arg(
-        long,
-        value_name = "N",
-        env = "TAPIR_EXPORT_QUEUE_SPANS",
-        default_value_t = 32768
-    )]
-    pub export_queue_spans: usize,
+    /// Default: OTEL_BSP_MAX_QUEUE_SIZE, else 32768
+    #[arg(long, value_name = "N", env = "TAPIR_EXPORT_QUEUE_SPANS")]
+    pub export_queue_spans: Option<usize>,
     /// On SIGINT/SIGTERM, how long to keep trying to deliver pending spans and metrics
     /// (seconds).
     #[arg(
@@ -120,7 +116,7 @@ impl RunArgs {
             prometheus_port: self.prometheus_port,
             routes: self.routes.clone(),
             max_routes_per_service: self.max_routes_per_service.max(1),
-            export_queue_spans: self.export_queue_spans.max(1),
+            export_queue_spans: self.export_queue_spans.map(|n| n.max(1)),
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
             ..OtelConfig::default()
         }

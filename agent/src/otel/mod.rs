@@ -59,6 +59,10 @@ OpenTelemetry environment variables honoured (Tapir's flags win over them):
   OTEL_EXPORTER_OTLP_[{TRACES,METRICS}_]CERTIFICATE  PEM file of the collector's CA (TLS)
   OTEL_TRACES_EXPORTER, OTEL_METRICS_EXPORTER      none: no OTLP export of that signal
   OTEL_METRIC_EXPORT_INTERVAL         milliseconds between metric exports (60000)
+  OTEL_BSP_MAX_EXPORT_BATCH_SIZE      most spans per export request (512)
+  OTEL_BSP_SCHEDULE_DELAY             milliseconds a span waits for its batch to fill (1000)
+  OTEL_BSP_MAX_QUEUE_SIZE             spans held while the collector is slow or down
+                                      (32768; --export-queue-spans wins)
   OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE  cumulative (default) | delta | lowmemory
   OTEL_TRACES_SAMPLER                 always_on | always_off | traceidratio |
                                       parentbased_always_on (default) |
@@ -79,8 +83,9 @@ pub struct OtelConfig {
     pub prometheus_port: Option<u16>,
     pub routes: Vec<RoutePattern>,
     pub max_routes_per_service: usize,
-    /// Bound of the retry queue, in spans.
-    pub export_queue_spans: usize,
+    /// Bound of the retry queue, in spans, when given on the command line (else
+    /// `OTEL_BSP_MAX_QUEUE_SIZE`, else [`DEFAULT_EXPORT_QUEUE_SPANS`]).
+    pub export_queue_spans: Option<usize>,
     /// Bound of the per-process resource/metrics table.
     pub max_services: usize,
     pub shutdown_timeout: Duration,
@@ -96,12 +101,15 @@ impl Default for OtelConfig {
             prometheus_port: None,
             routes: Vec::new(),
             max_routes_per_service: 100,
-            export_queue_spans: 32768,
+            export_queue_spans: None,
             max_services: 256,
             shutdown_timeout: Duration::from_secs(10),
         }
     }
 }
+
+/// Spans held for export while the collector is slow or down, unless configured.
+pub const DEFAULT_EXPORT_QUEUE_SPANS: usize = 32768;
 
 /// What the standard `OTEL_*` variables of the agent's own environment say.
 #[derive(Debug, Clone, PartialEq)]
@@ -110,6 +118,11 @@ pub struct EnvSettings {
     pub traces_otlp: bool,
     pub metrics_otlp: bool,
     pub metric_interval: Duration,
+    /// `OTEL_BSP_*`: spans per export request, how long a span waits for its batch, and
+    /// the export queue's bound (when set).
+    pub span_batch: usize,
+    pub span_delay: Duration,
+    pub span_queue: Option<usize>,
     pub metrics_temporality: Temporality,
     pub sampler: Sampler,
     pub resource_attributes: Option<String>,
@@ -145,18 +158,32 @@ impl EnvSettings {
         };
         let traces_otlp = exporter_on("OTEL_TRACES_EXPORTER", &mut warnings);
         let metrics_otlp = exporter_on("OTEL_METRICS_EXPORTER", &mut warnings);
-        let metric_interval = match get("OTEL_METRIC_EXPORT_INTERVAL") {
-            None => Duration::from_secs(60),
+        // A positive whole number, or the default (with a warning when set otherwise).
+        let mut positive = |var: &str, default: u64, unit: &str| match get(var) {
+            None => None,
             Some(v) => match v.parse::<u64>() {
-                Ok(ms) if ms > 0 => Duration::from_millis(ms),
+                Ok(n) if n > 0 => Some(n),
                 _ => {
                     warnings.push(format!(
-                        "OTEL_METRIC_EXPORT_INTERVAL={v:?} is not a positive number of milliseconds; using 60000"
+                        "{var}={v:?} is not a positive number{unit}; using {default}"
                     ));
-                    Duration::from_secs(60)
+                    None
                 }
             },
         };
+        let metric_interval = Duration::from_millis(
+            positive("OTEL_METRIC_EXPORT_INTERVAL", 60_000, " of milliseconds").unwrap_or(60_000),
+        );
+        let default_batch = LoopConfig::default().max_batch as u64;
+        let span_batch = positive("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", default_batch, "")
+            .unwrap_or(default_batch) as usize;
+        let default_delay = LoopConfig::default().linger.as_millis() as u64;
+        let span_delay = Duration::from_millis(
+            positive("OTEL_BSP_SCHEDULE_DELAY", default_delay, " of milliseconds")
+                .unwrap_or(default_delay),
+        );
+        let default_queue = DEFAULT_EXPORT_QUEUE_SPANS as u64;
+        let span_queue = positive("OTEL_BSP_MAX_QUEUE_SIZE", default_queue, "").map(|n| n as usize);
         let temporality_var = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE";
         let metrics_temporality = match get(temporality_var).map(|v| v.parse::<Temporality>()) {
             None => Temporality::default(),
@@ -175,6 +202,9 @@ impl EnvSettings {
             traces_otlp,
             metrics_otlp,
             metric_interval,
+            span_batch,
+            span_delay,
+            span_queue,
             metrics_temporality,
             sampler,
             resource_attributes: get("OTEL_RESOURCE_ATTRIBUTES"),
@@ -216,7 +246,7 @@ impl OtelSink {
     ) -> (Self, Arc<SharedQueue<QueuedSpan>>) {
         let cfg = OtelConfig::default();
         let queue = Arc::new(SharedQueue::new(
-            cfg.export_queue_spans,
+            cfg.export_queue_spans.unwrap_or(DEFAULT_EXPORT_QUEUE_SPANS),
             usize::MAX,
             stats.clone(),
         ));
@@ -429,11 +459,19 @@ impl Telemetry {
             return Ok(None);
         }
 
-        let max_batch = LoopConfig::default().max_batch;
+        let loop_config = LoopConfig {
+            max_batch: env.span_batch,
+            linger: env.span_delay,
+            ..LoopConfig::default()
+        };
+        let queue_spans = cfg
+            .export_queue_spans
+            .or(env.span_queue)
+            .unwrap_or(DEFAULT_EXPORT_QUEUE_SPANS);
         let queue = span_exporter.as_ref().map(|_| {
             Arc::new(SharedQueue::new(
-                cfg.export_queue_spans,
-                max_batch,
+                queue_spans,
+                loop_config.max_batch,
                 stats.clone(),
             ))
         });
@@ -473,12 +511,9 @@ impl Telemetry {
         };
         let (close_spans, close_rx) = watch::channel(None);
         let span_loop = match (span_exporter, &queue) {
-            (Some(sender), Some(q)) => Some(rt.spawn(queue::export_loop(
-                q.clone(),
-                sender,
-                LoopConfig::default(),
-                close_rx,
-            ))),
+            (Some(sender), Some(q)) => {
+                Some(rt.spawn(queue::export_loop(q.clone(), sender, loop_config, close_rx)))
+            }
             _ => None,
         };
         let (stop_metrics, stop_rx) = watch::channel(None);
@@ -607,6 +642,10 @@ mod tests {
         assert!(!e.sdk_disabled);
         assert!(e.traces_otlp && e.metrics_otlp);
         assert_eq!(e.metric_interval, Duration::from_secs(60));
+        assert_eq!(
+            (e.span_batch, e.span_delay, e.span_queue),
+            (512, Duration::from_secs(1), None)
+        );
         assert_eq!(e.sampler, Sampler::default());
         assert_eq!(e.metrics_temporality, Temporality::Cumulative);
         assert!(e.warnings.is_empty());
@@ -653,5 +692,29 @@ mod tests {
         assert!(!e.sdk_disabled);
         assert_eq!(e.metric_interval, Duration::from_secs(60));
         assert_eq!(e.warnings.len(), 1);
+    }
+
+    #[test]
+    fn env_batch_span_processor() {
+        let e = env(&[
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "2048"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "5000"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "100000"),
+        ]);
+        assert_eq!(
+            (e.span_batch, e.span_delay, e.span_queue),
+            (2048, Duration::from_secs(5), Some(100_000))
+        );
+        assert!(e.warnings.is_empty());
+        let e = env(&[
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "0"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "-1"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "lots"),
+        ]);
+        assert_eq!(
+            (e.span_batch, e.span_delay, e.span_queue),
+            (512, Duration::from_secs(1), None)
+        );
+        assert_eq!(e.warnings.len(), 3, "{:?}", e.warnings);
     }
 }
