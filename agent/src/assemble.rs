@@ -22,13 +22,25 @@ pub struct ConnAssembler {
 pub type Assembled = (Exchange, Option<TraceIds>);
 
 /// What chunks complete, in buffers the caller reuses for every connection (a fresh
-/// `Vec` per chunk was two allocations per exchange).
+/// `Vec` per chunk was two allocations per exchange). Ids sit beside their exchange
+/// rather than with it, so that an exchange is not moved once more to pair them.
 #[derive(Default)]
 pub struct Completed {
-    /// Finished by the stream, waiting for their ids.
+    /// Finished by the stream; the first `ids.len()` have their ids.
     exchanges: Vec<Exchange>,
-    /// With their ids: for the caller to drain.
-    pub assembled: Vec<Assembled>,
+    ids: Vec<Option<TraceIds>>,
+}
+
+impl Completed {
+    /// The exchanges completed since the last drain, with their kernel ids, in order.
+    pub fn drain(&mut self) -> impl Iterator<Item = Assembled> + '_ {
+        self.exchanges.drain(..).zip(self.ids.drain(..))
+    }
+
+    /// The last exchange completed so far.
+    pub fn last(&self) -> Option<&Exchange> {
+        self.exchanges.last()
+    }
 }
 
 impl ConnAssembler {
@@ -42,7 +54,7 @@ impl ConnAssembler {
     /// Pairs finished exchanges with the ids recorded at their request's first chunk
     /// (exchanges complete in request order, so stale entries are skipped from the front).
     fn attach_ids(&mut self, out: &mut Completed) {
-        for ex in out.exchanges.drain(..) {
+        for ex in &out.exchanges[out.ids.len()..] {
             while self
                 .pending_ids
                 .front()
@@ -54,7 +66,7 @@ impl ConnAssembler {
                 Some((ts, _)) if *ts == ex.start_ns => self.pending_ids.pop_front().map(|(_, i)| i),
                 _ => None,
             };
-            out.assembled.push((ex, ids));
+            out.ids.push(ids);
         }
     }
 
@@ -205,7 +217,7 @@ mod tests {
         a.on_data(&late, &mut out, &Stats::default());
         let resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
         feed(&mut a, &mut out, DIR_EGRESS, 12, resp, None);
-        let (ex, ids) = out.assembled.pop().expect("one exchange");
+        let (ex, ids) = out.drain().last().expect("one exchange");
         (ex.path.to_string(), ids.expect("kernel ids"))
     }
 
@@ -247,8 +259,7 @@ mod tests {
             feed(&mut a, &mut out, DIR_EGRESS, ts, resp, None);
         }
         let got: Vec<_> = out
-            .assembled
-            .iter()
+            .drain()
             .map(|(e, ids)| (e.path.clone(), ids.map(|i| i.span_id[0])))
             .collect();
         assert_eq!(got, vec![("/a".into(), Some(1)), ("/b".into(), Some(2))]);
@@ -268,7 +279,8 @@ mod tests {
         );
         let resp = b"HTTP/1.1 204 No Content\r\n\r\n";
         feed(&mut a, &mut out, DIR_EGRESS, 6, resp, None);
-        assert_eq!(out.assembled.len(), 1);
-        assert!(out.assembled[0].1.is_none());
+        let done: Vec<_> = out.drain().collect();
+        assert_eq!(done.len(), 1);
+        assert!(done[0].1.is_none());
     }
 }

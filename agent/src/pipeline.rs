@@ -90,7 +90,8 @@ pub struct Conn {
 
 /// Receives what the pipeline produces.
 pub trait ExchangeSink {
-    fn on_exchange(&mut self, exchange: crate::exchange::CapturedExchange);
+    /// By reference: an exchange is a few hundred bytes, and no sink keeps it.
+    fn on_exchange(&mut self, exchange: &crate::exchange::CapturedExchange);
     /// Called after each drain of the ring buffer.
     fn flush(&mut self) {}
     /// A process exited, after its last exchanges were passed on.
@@ -253,11 +254,11 @@ impl<S: ExchangeSink> Pipeline<S> {
             conn.received += u64::from(h.total);
         }
         conn.http.on_data(d, &mut self.completed, &self.stats);
-        let done = &mut self.completed.assembled;
+        let done = &mut self.completed;
         // A client read a whole response that keeps the connection: its socket may take the
         // next request's header.
         // Before the exchange is passed on, so that whoever sees it sees the attempt made.
-        let reused = done.last().is_some_and(|(ex, _)| ex.keep_alive);
+        let reused = done.last().is_some_and(|ex| ex.keep_alive);
         if reused && h.direction == DIR_INGRESS && conn.role == Role::Client {
             if let Some(rearm) = &mut self.rearm {
                 let c = crate::rearm::Candidate {
@@ -303,7 +304,7 @@ impl<S: ExchangeSink> Pipeline<S> {
             return;
         }
         conn.http.on_close(ts_ns, &mut self.completed, &self.stats);
-        let done = &mut self.completed.assembled;
+        let done = &mut self.completed;
         Self::emit(&mut self.sink, &self.stats, &self.clock, conn, done);
     }
 
@@ -312,9 +313,9 @@ impl<S: ExchangeSink> Pipeline<S> {
         stats: &Stats,
         clock: &MonoToWall,
         conn: &Conn,
-        done: &mut Vec<crate::assemble::Assembled>,
+        done: &mut crate::assemble::Completed,
     ) {
-        for (http, trace) in done.drain(..) {
+        for (http, trace) in done.drain() {
             Stats::inc(&stats.exchanges);
             let mut ex = crate::exchange::CapturedExchange::new(
                 http,
@@ -323,7 +324,7 @@ impl<S: ExchangeSink> Pipeline<S> {
                 clock,
             );
             ex.trace = trace;
-            sink.on_exchange(ex);
+            sink.on_exchange(&ex);
         }
     }
 }

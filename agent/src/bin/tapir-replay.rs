@@ -486,7 +486,7 @@ impl BenchSink {
 }
 
 impl ExchangeSink for BenchSink {
-    fn on_exchange(&mut self, ex: CapturedExchange) {
+    fn on_exchange(&mut self, ex: &CapturedExchange) {
         self.exchanges += 1;
         match self.kind {
             SinkKind::Count => {}
@@ -500,7 +500,7 @@ impl ExchangeSink for BenchSink {
                 }
             }
         }
-        std::hint::black_box(&ex);
+        std::hint::black_box(ex);
     }
 }
 

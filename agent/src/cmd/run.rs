@@ -127,7 +127,7 @@ impl RunArgs {
 struct LogSink;
 
 impl ExchangeSink for LogSink {
-    fn on_exchange(&mut self, ex: CapturedExchange) {
+    fn on_exchange(&mut self, ex: &CapturedExchange) {
         tracing::debug!(exchange = %ex.to_json(), "exchange");
     }
 }
@@ -141,7 +141,7 @@ enum Sink {
 }
 
 impl ExchangeSink for Sink {
-    fn on_exchange(&mut self, ex: CapturedExchange) {
+    fn on_exchange(&mut self, ex: &CapturedExchange) {
         match self {
             Self::Otel(s) => s.on_exchange(ex),
             Self::Log(s) => s.on_exchange(ex),

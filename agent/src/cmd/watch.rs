@@ -39,7 +39,7 @@ struct Printer {
 }
 
 impl ExchangeSink for Printer {
-    fn on_exchange(&mut self, ex: CapturedExchange) {
+    fn on_exchange(&mut self, ex: &CapturedExchange) {
         let _ = if self.json {
             writeln!(self.out, "{}", ex.to_json())
         } else {

@@ -226,7 +226,7 @@ pub struct OtelSink {
 }
 
 impl ExchangeSink for OtelSink {
-    fn on_exchange(&mut self, ex: CapturedExchange) {
+    fn on_exchange(&mut self, ex: &CapturedExchange) {
         self.ingest.handle(ex);
     }
 
@@ -319,7 +319,7 @@ impl SpanArena {
 }
 
 impl Ingest {
-    fn handle(&mut self, ex: CapturedExchange) {
+    fn handle(&mut self, ex: &CapturedExchange) {
         let entry = self.registry.entry_cached(&ex.process, &mut self.entries);
         let route = self.routes.route(&entry.service_name, &ex.http.path);
         if route.as_ref().is_some_and(|r| r.overflow) {
