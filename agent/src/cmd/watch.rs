@@ -43,7 +43,7 @@ impl ExchangeSink for Printer {
         let _ = if self.json {
             writeln!(self.out, "{}", ex.to_json())
         } else {
-            writeln!(self.out, "{}", human_line(&ex))
+            writeln!(self.out, "{}", human_line(ex))
         };
     }
 

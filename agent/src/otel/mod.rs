@@ -326,18 +326,18 @@ impl Ingest {
             OtelStats::add(&self.stats.routes_overflow, 1);
         }
         let route = route.map(|r| r.route);
-        self.registry.record(&entry, &ex, route.as_deref());
+        self.registry.record(&entry, ex, route.as_deref());
         // Spans are built only for a span exporter (its queue) or the console.
         if self.queue.is_none() && !self.console {
             return;
         }
-        let ids = span::span_context_for(&ex, span::kernel_ids(&ex));
+        let ids = span::span_context_for(ex, span::kernel_ids(ex));
         if !self.sampler.should_sample(ids.trace_id, ids.parent_sampled) {
             OtelStats::add(&self.stats.spans_not_sampled, 1);
             return;
         }
         if self.console {
-            let data = span::build_span(&ex, &ids, route.as_deref(), &self.scope);
+            let data = span::build_span(ex, &ids, route.as_deref(), &self.scope);
             let line = export::span_json(&data, &entry).to_string();
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{line}");
@@ -347,7 +347,7 @@ impl Ingest {
             // Encoded here, once, straight from the exchange: no SpanData on this path.
             let span = self
                 .spans
-                .encode(|out| wire::encode_span(out, &ex, &ids, route.as_deref()));
+                .encode(|out| wire::encode_span(out, ex, &ids, route.as_deref()));
             q.push(QueuedSpan { entry, span });
         }
     }
