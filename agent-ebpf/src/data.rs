@@ -212,12 +212,15 @@ fn emit_data<const SHAPE: u8>(
             msghdr_iov(p.buf)?
         };
         let read = read_iovecs(&mut scratch.iovecs, iov, vlen);
-        scratch.gather = Gather {
-            total,
-            cap,
-            read,
-            ..Gather::default()
-        };
+        Gather::store(
+            &mut scratch.gather,
+            Gather {
+                total,
+                cap,
+                read,
+                ..Gather::default()
+            },
+        );
         // A callback is verified once, however many segments there are: an unrolled loop
         // left the vectored reads at the verifier's 1M-instruction limit.
         // SAFETY: callback and context follow bpf_loop's contract (no context used).

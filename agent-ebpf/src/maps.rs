@@ -129,6 +129,25 @@ pub struct Gather {
     pub last_len: u64,
 }
 
+impl Gather {
+    /// `dst = v`, field by field: a plain assignment with zeroed fields becomes a `memset`
+    /// call, which the BPF backend turns into a byte-by-byte loop (on every vectored call).
+    #[inline(always)]
+    pub fn store(dst: &mut Gather, v: Gather) {
+        let d: *mut Gather = dst;
+        // SAFETY: `d` comes from a live `&mut`; each write stays inside it.
+        unsafe {
+            core::ptr::write_volatile(&raw mut (*d).total, v.total);
+            core::ptr::write_volatile(&raw mut (*d).cap, v.cap);
+            core::ptr::write_volatile(&raw mut (*d).read, v.read);
+            core::ptr::write_volatile(&raw mut (*d).captured, v.captured);
+            core::ptr::write_volatile(&raw mut (*d).consumed, v.consumed);
+            core::ptr::write_volatile(&raw mut (*d).last_base, v.last_base);
+            core::ptr::write_volatile(&raw mut (*d).last_len, v.last_len);
+        }
+    }
+}
+
 #[map(name = "TAPIR_SCRATCH")]
 pub static SCRATCH: PerCpuArray<DataScratch> = PerCpuArray::with_max_entries(1, 0);
 

@@ -262,10 +262,12 @@ pub fn scan_head(
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return scan;
     };
-    // SAFETY: per-CPU scratch slot of this CPU.
+    // SAFETY: per-CPU scratch slot of this CPU. Volatile: LLVM would merge two plain
+    // stores into a 16-byte memset, which the BPF backend turns into a call to a
+    // byte-by-byte loop (on every request head scanned).
     unsafe {
-        (*scratch).scan_at = 0;
-        (*scratch).head_end = 0;
+        core::ptr::write_volatile(&raw mut (*scratch).scan_at, 0);
+        core::ptr::write_volatile(&raw mut (*scratch).head_end, 0);
     }
     if line_start && empty_line_at(data, 0, n) {
         scan.ended = true;
