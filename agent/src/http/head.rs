@@ -178,29 +178,32 @@ impl<'a> HeadFields<'a> {
     fn from_headers(headers: &[Header<'a>]) -> Result<Self, HeadError> {
         let mut fields = Self::default();
         for header in headers {
-            fields.add(header.name.as_bytes(), trim(header.value))?;
+            fields.add(header.name.as_bytes(), header.value)?;
         }
         Ok(fields)
     }
 
+    /// `value` untrimmed: only the headers kept are trimmed (most are none of ours).
     fn add(&mut self, name: &[u8], value: &'a [u8]) -> Result<(), HeadError> {
         let is = |wanted: &[u8]| name.eq_ignore_ascii_case(wanted);
+        let value = || trim(value);
         // Dispatch on length first: most headers are none of ours.
         match name.len() {
-            4 if is(b"host") => keep_first(&mut self.host, value),
+            4 if is(b"host") => keep_first(&mut self.host, value()),
             6 if is(b"expect") => {
-                self.expect_continue |= value.eq_ignore_ascii_case(b"100-continue")
+                self.expect_continue |= value().eq_ignore_ascii_case(b"100-continue")
             }
-            7 if is(b"upgrade") => keep_first(&mut self.upgrade, value),
-            10 if is(b"user-agent") => keep_first(&mut self.user_agent, value),
-            10 if is(b"tracestate") => keep_first(&mut self.tracestate, value),
-            10 if is(b"connection") => self.add_connection(value),
+            7 if is(b"upgrade") => keep_first(&mut self.upgrade, value()),
+            10 if is(b"user-agent") => keep_first(&mut self.user_agent, value()),
+            10 if is(b"tracestate") => keep_first(&mut self.tracestate, value()),
+            10 if is(b"connection") => self.add_connection(value()),
             11 if is(b"traceparent") => {
                 self.traceparent_duplicated |= self.traceparent.is_some();
-                keep_first(&mut self.traceparent, value);
+                keep_first(&mut self.traceparent, value());
             }
             14 if is(b"content-length") => {
-                let length = parse_content_length(value).ok_or(HeadError::InvalidContentLength)?;
+                let length =
+                    parse_content_length(value()).ok_or(HeadError::InvalidContentLength)?;
                 if self.content_length.is_some_and(|seen| seen != length) {
                     return Err(HeadError::InvalidContentLength);
                 }
@@ -209,7 +212,7 @@ impl<'a> HeadFields<'a> {
             17 if is(b"transfer-encoding") => {
                 // Only the final coding of the last header decides the framing.
                 self.transfer_encoding = true;
-                let last = value.rsplit(|&b| b == b',').next().unwrap_or_default();
+                let last = value().rsplit(|&b| b == b',').next().unwrap_or_default();
                 self.chunked = trim(last).eq_ignore_ascii_case(b"chunked");
             }
             _ => {}
