@@ -117,6 +117,18 @@ fn release(key: &SockKey, st: &mut SockState) {
 pub fn tapir_sock_ops(ctx: SockOpsContext) -> u32 {
     // SAFETY: ctx fields read through the context pointer (rewritten by the verifier).
     let o = unsafe { &*ctx.ops };
+    // Every TCP socket of the host comes here about ten times per connection (timeouts,
+    // windows, ECN, establishment...): leave before reading anything else.
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        let rport = (u32::from_be(o.remote_port) & 0xffff) as u16;
+        // SAFETY: plain lookup.
+        if unsafe { INJ_PORTS.get(&rport) }.is_none() {
+            return 1;
+        }
+    } else if op != BPF_SOCK_OPS_RTT_CB {
+        return 1;
+    }
     let mut key = SockKey {
         family: o.family,
         lport: o.local_port,
@@ -140,13 +152,7 @@ pub fn tapir_sock_ops(ctx: SockOpsContext) -> u32 {
             o.remote_ip6[3],
         ];
     }
-    let op = ctx.op();
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
-        let rport = (u32::from_be(o.remote_port) & 0xffff) as u16;
-        // SAFETY: plain lookup.
-        if unsafe { INJ_PORTS.get(&rport) }.is_none() {
-            return 1;
-        }
         // SAFETY: the context pointer is the bpf_sock_ops the helper expects.
         if INJ_SOCKS
             .update(&mut key, unsafe { &mut *ctx.ops }, BPF_NOEXIST as u64)
