@@ -552,6 +552,19 @@ mod tests {
         );
         assert_eq!(split_target("HTTPS://h?x"), (Some("h"), "/", Some("x")));
         assert_eq!(request(b"GET /p? HTTP/1.1\r\n\r\n").query(), None);
+        let parts = |t: &str| {
+            let raw = format!("GET {t} HTTP/1.1\r\n\r\n");
+            let h = request(raw.as_bytes());
+            let (a, p, q) = h.target_parts();
+            (a.map(str::to_owned), p.to_owned(), q.map(str::to_owned))
+        };
+        let own = |a: Option<&str>, p: &str, q: Option<&str>| {
+            (a.map(str::to_owned), p.to_owned(), q.map(str::to_owned))
+        };
+        assert_eq!(parts("/a/b?c?d"), own(None, "/a/b", Some("c?d")));
+        assert_eq!(parts("/ä?ö"), own(None, "/ä", Some("ö")));
+        assert_eq!(parts("/p?"), own(None, "/p", None));
+        assert_eq!(parts("http://h:1/a?b"), own(Some("h:1"), "/a", Some("b")));
         // The one-pass accessor agrees with the three single ones.
         for t in [
             "/p?q",

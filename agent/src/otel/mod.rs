@@ -111,6 +111,23 @@ impl Default for OtelConfig {
 /// Spans held for export while the collector is slow or down, unless configured.
 pub const DEFAULT_EXPORT_QUEUE_SPANS: usize = 32768;
 
+/// Most spans per export request whatever `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` says: a larger
+/// request risks the collector's message limit (4 MiB by default), and a refused batch
+/// would be retried as it is.
+pub const MAX_EXPORT_BATCH: usize = 8192;
+
+/// The batch size used: at most the queue's bound (a batch larger than the queue would
+/// never fill, as the SDKs also enforce) and [`MAX_EXPORT_BATCH`].
+fn batch_size(wanted: usize, queue_spans: usize) -> usize {
+    let used = wanted.min(queue_spans).min(MAX_EXPORT_BATCH).max(1);
+    if used != wanted {
+        tracing::warn!(
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE={wanted} is larger than the export queue ({queue_spans} spans) or {MAX_EXPORT_BATCH}; using {used}"
+        );
+    }
+    used
+}
+
 /// What the standard `OTEL_*` variables of the agent's own environment say.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EnvSettings {
@@ -459,15 +476,15 @@ impl Telemetry {
             return Ok(None);
         }
 
-        let loop_config = LoopConfig {
-            max_batch: env.span_batch,
-            linger: env.span_delay,
-            ..LoopConfig::default()
-        };
         let queue_spans = cfg
             .export_queue_spans
             .or(env.span_queue)
             .unwrap_or(DEFAULT_EXPORT_QUEUE_SPANS);
+        let loop_config = LoopConfig {
+            max_batch: batch_size(env.span_batch, queue_spans),
+            linger: env.span_delay,
+            ..LoopConfig::default()
+        };
         let queue = span_exporter.as_ref().map(|_| {
             Arc::new(SharedQueue::new(
                 queue_spans,
@@ -716,5 +733,13 @@ mod tests {
             (512, Duration::from_secs(1), None)
         );
         assert_eq!(e.warnings.len(), 3, "{:?}", e.warnings);
+    }
+
+    #[test]
+    fn batches_never_exceed_the_queue_or_the_request_limit() {
+        assert_eq!(batch_size(512, DEFAULT_EXPORT_QUEUE_SPANS), 512);
+        assert_eq!(batch_size(4096, 1000), 1000);
+        assert_eq!(batch_size(100_000, 1_000_000), MAX_EXPORT_BATCH);
+        assert_eq!(batch_size(3, 2), 2);
     }
 }

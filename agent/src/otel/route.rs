@@ -467,7 +467,38 @@ mod tests {
             prop::collection::vec(segment(), 0..8).prop_map(|s| format!("/{}", s.join("/")))
         }
 
+        /// `is_identifier` as it was before its one-pass rewrite (session 6).
+        fn is_identifier_before(seg: &str) -> bool {
+            if seg.is_empty() || seg == "*" {
+                return false;
+            }
+            if seg.len() > MAX_SEGMENT {
+                return true;
+            }
+            let bytes = seg.as_bytes();
+            if contains_uuid(bytes) {
+                return true;
+            }
+            let digits = bytes.iter().filter(|b| b.is_ascii_digit()).count();
+            if digits == 0 {
+                return false;
+            }
+            if digits == bytes.len() || longest_digit_run(bytes) >= MAX_DIGIT_RUN {
+                return true;
+            }
+            if bytes.len() >= HEX_LEN && bytes.iter().all(u8::is_ascii_hexdigit) {
+                return true;
+            }
+            let alnum = bytes.iter().filter(|b| b.is_ascii_alphanumeric()).count();
+            alnum >= TOKEN_LEN && alnum - digits > 0
+        }
+
         proptest! {
+            #[test]
+            fn identifiers_are_judged_as_before(seg in segment()) {
+                prop_assert_eq!(is_identifier(&seg), is_identifier_before(&seg), "{:?}", seg);
+            }
+
             #[test]
             fn never_panics(s in "\\PC{0,200}") {
                 let _ = collapse_path(&s);

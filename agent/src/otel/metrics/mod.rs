@@ -116,6 +116,9 @@ fn unix_now_ns() -> u64 {
 pub struct EntryCache {
     slots: [Option<CachedEntry>; 4],
     next: usize,
+    /// Lookups answered from the cache.
+    #[cfg(test)]
+    hits: u64,
 }
 
 struct CachedEntry {
@@ -283,7 +286,16 @@ impl Registry {
     /// same second is found by its `Arc` instead of hashing it under the table's lock.
     /// Asking the table once a second per process keeps its LRU order and idle clock.
     pub fn entry_cached(&self, p: &Arc<ProcessInfo>, cache: &mut EntryCache) -> Arc<ServiceEntry> {
-        let now = self.now_secs();
+        self.entry_cached_at(p, cache, self.now_secs())
+    }
+
+    /// [`Registry::entry_cached`] in second `now` of the registry's clock.
+    fn entry_cached_at(
+        &self,
+        p: &Arc<ProcessInfo>,
+        cache: &mut EntryCache,
+        now: u64,
+    ) -> Arc<ServiceEntry> {
         if let Some(c) = cache
             .slots
             .iter()
@@ -291,6 +303,10 @@ impl Registry {
             .find(|c| Arc::ptr_eq(&c.process, p))
         {
             if c.secs == now && !c.entry.has_left() {
+                #[cfg(test)]
+                {
+                    cache.hits += 1;
+                }
                 return c.entry.clone();
             }
         }
@@ -548,21 +564,32 @@ mod tests {
         let mut cache = EntryCache::default();
         let a = with_pid(exchange(ExchangeRole::Server, "GET", "/", 200), 1).process;
         let b = with_pid(exchange(ExchangeRole::Server, "GET", "/", 200), 2).process;
-        let ea = r.entry_cached(&a, &mut cache);
-        let eb = r.entry_cached(&b, &mut cache);
+        let now = 5;
+        let ea = r.entry_cached_at(&a, &mut cache, now);
+        let eb = r.entry_cached_at(&b, &mut cache, now);
         assert!(!Arc::ptr_eq(&ea, &eb));
-        // Alternating processes both stay cached, and agree with the table.
+        assert_eq!(cache.hits, 0);
+        // Alternating processes both stay cached within the second, and agree with the table.
         for _ in 0..3 {
-            assert!(Arc::ptr_eq(&r.entry_cached(&a, &mut cache), &ea));
-            assert!(Arc::ptr_eq(&r.entry_cached(&b, &mut cache), &eb));
+            assert!(Arc::ptr_eq(&r.entry_cached_at(&a, &mut cache, now), &ea));
+            assert!(Arc::ptr_eq(&r.entry_cached_at(&b, &mut cache, now), &eb));
         }
+        assert_eq!(cache.hits, 6);
         assert!(Arc::ptr_eq(&r.entry(&a), &ea));
-        // Once the process exited, its cached entry is not handed out again.
+        // The next second asks the table again (same entry).
+        assert!(Arc::ptr_eq(
+            &r.entry_cached_at(&a, &mut cache, now + 1),
+            &ea
+        ));
+        assert_eq!(cache.hits, 6);
+        // Once the process exited, its cached entry is not handed out again, even within
+        // the same second.
         assert_eq!(r.process_exited(1), 1);
-        let again = r.entry_cached(&a, &mut cache);
+        let again = r.entry_cached_at(&a, &mut cache, now + 1);
         assert!(!Arc::ptr_eq(&again, &ea));
+        assert_eq!(cache.hits, 6);
         assert!(Arc::ptr_eq(&r.entry(&a), &again));
-        assert!(Arc::ptr_eq(&r.entry_cached(&b, &mut cache), &eb));
+        assert!(Arc::ptr_eq(&r.entry_cached_at(&b, &mut cache, now), &eb));
     }
 
     #[test]
