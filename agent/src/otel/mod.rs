@@ -119,7 +119,7 @@ pub const MAX_EXPORT_BATCH: usize = 8192;
 /// The batch size used: at most the queue's bound (a batch larger than the queue would
 /// never fill, as the SDKs also enforce) and [`MAX_EXPORT_BATCH`].
 fn batch_size(wanted: usize, queue_spans: usize) -> usize {
-    let used = wanted.min(queue_spans).min(MAX_EXPORT_BATCH).max(1);
+    let used = wanted.min(queue_spans).clamp(1, MAX_EXPORT_BATCH);
     if used != wanted {
         tracing::warn!(
             "OTEL_BSP_MAX_EXPORT_BATCH_SIZE={wanted} is larger than the export queue ({queue_spans} spans) or {MAX_EXPORT_BATCH}; using {used}"
