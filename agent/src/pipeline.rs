@@ -304,8 +304,13 @@ impl<S: ExchangeSink> Pipeline<S> {
             return;
         }
         conn.http.on_close(ts_ns, &mut self.completed, &self.stats);
-        let done = &mut self.completed;
-        Self::emit(&mut self.sink, &self.stats, &self.clock, conn, done);
+        Self::emit(
+            &mut self.sink,
+            &self.stats,
+            &self.clock,
+            conn,
+            &mut self.completed,
+        );
     }
 
     fn emit(

@@ -14,9 +14,11 @@
 //!    was sent and received went through the pipeline. Otherwise the process may already
 //!    have sent its next request, whose response must not arrive while the socket is
 //!    claimed;
-//! 3. it moves the socket's kernel state from "released" back to "pending" and inserts it
-//!    into the sockhash. Only sockets the kernel claimed itself are eligible: theirs is
-//!    the RTT callback that releases them again;
+//! 3. it marks the socket "armed" in `TAPIR_INJ_REARM` and inserts it into the sockhash
+//!    (sk_msg then moves the kernel's state from "released" back to "pending"). Only
+//!    sockets the kernel claimed and released itself are eligible: theirs is the RTT
+//!    callback that releases them again. A socket busy at every try is marked "retire"
+//!    instead, and the kernel stops watching it;
 //! 4. it reads the counters again: if the process wrote while the socket was being
 //!    inserted (sk_msg may not have seen it), the socket is taken out at once.
 //!

@@ -194,49 +194,66 @@ pub fn take_logger(attached: &mut Attached) -> Option<(Logger, LogFlush)> {
     }
 }
 
-/// The injection maps, for re-arming kept-alive client connections (only when injection
-/// is on).
-pub fn take_rearm_maps(attached: &mut Attached) -> Option<tapir::rearm::InjectionMaps> {
-    attached.injection.as_ref().ok()?;
-    Some(tapir::rearm::InjectionMaps {
-        socks: attached.ebpf.take_map("TAPIR_INJ_SOCKS")?,
-        state: attached.ebpf.take_map("TAPIR_INJ_STATE")?,
-        rearm: attached.ebpf.take_map("TAPIR_INJ_REARM")?,
-    })
+/// What the capture thread reads from the kernel besides the ring buffer: the drop and
+/// injection counters, and the injection maps for re-arming kept-alive client connections
+/// (only when injection is on). Taken out of the loaded object on the main thread, handed
+/// to the pipeline on the capture thread.
+pub struct PipelineMaps {
+    counters: Option<aya::maps::PerCpuArray<aya::maps::MapData, u64>>,
+    inject_counters: Option<aya::maps::PerCpuArray<aya::maps::MapData, u64>>,
+    rearm: Option<tapir::rearm::InjectionMaps>,
 }
 
-/// Hands the injection maps to the pipeline (on the capture thread).
-pub fn set_rearm<S: tapir::pipeline::ExchangeSink>(
-    pipeline: &mut tapir::pipeline::Pipeline<S>,
-    maps: Option<tapir::rearm::InjectionMaps>,
-    stats: Arc<tapir::stats::Stats>,
-) {
-    let Some(maps) = maps else { return };
-    match tapir::rearm::Rearm::new(maps, stats) {
-        Ok(r) => pipeline.set_rearm(r),
-        Err(e) => tracing::warn!(
-            error = %e,
-            "kept-alive connections will only have their first request injected"
-        ),
+impl PipelineMaps {
+    pub fn take(attached: &mut Attached) -> Self {
+        let counters = attached
+            .ebpf
+            .take_map(agent_common::names::COUNTERS)
+            .and_then(|map| {
+                aya::maps::PerCpuArray::try_from(map)
+                    .map_err(|e| tracing::warn!(error = %e, "kernel counters unavailable"))
+                    .ok()
+            });
+        let inject_counters = attached
+            .ebpf
+            .take_map("TAPIR_INJ_COUNTERS")
+            .and_then(|map| aya::maps::PerCpuArray::try_from(map).ok());
+        Self {
+            counters,
+            inject_counters,
+            rearm: Self::take_rearm(attached),
+        }
     }
-}
 
-/// The kernel's drop counters, taken out of the loaded object for the capture thread.
-pub fn take_counters(
-    attached: &mut Attached,
-) -> Option<aya::maps::PerCpuArray<aya::maps::MapData, u64>> {
-    let map = attached.ebpf.take_map(agent_common::names::COUNTERS)?;
-    aya::maps::PerCpuArray::try_from(map)
-        .map_err(|e| tracing::warn!(error = %e, "kernel counters unavailable"))
-        .ok()
-}
+    fn take_rearm(attached: &mut Attached) -> Option<tapir::rearm::InjectionMaps> {
+        attached.injection.as_ref().ok()?;
+        Some(tapir::rearm::InjectionMaps {
+            socks: attached.ebpf.take_map("TAPIR_INJ_SOCKS")?,
+            state: attached.ebpf.take_map("TAPIR_INJ_STATE")?,
+            rearm: attached.ebpf.take_map("TAPIR_INJ_REARM")?,
+        })
+    }
 
-/// The injection counters, taken out of the loaded object for the capture thread.
-pub fn take_inject_counters(
-    attached: &mut Attached,
-) -> Option<aya::maps::PerCpuArray<aya::maps::MapData, u64>> {
-    let map = attached.ebpf.take_map("TAPIR_INJ_COUNTERS")?;
-    aya::maps::PerCpuArray::try_from(map).ok()
+    pub fn install<S: tapir::pipeline::ExchangeSink>(
+        self,
+        pipeline: &mut tapir::pipeline::Pipeline<S>,
+        stats: Arc<tapir::stats::Stats>,
+    ) {
+        if let Some(c) = self.counters {
+            pipeline.set_kernel_counters(c);
+        }
+        if let Some(c) = self.inject_counters {
+            pipeline.set_inject_counters(c);
+        }
+        let Some(maps) = self.rearm else { return };
+        match tapir::rearm::Rearm::new(maps, stats) {
+            Ok(r) => pipeline.set_rearm(r),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "kept-alive connections will only have their first request injected"
+            ),
+        }
+    }
 }
 
 /// The agent's own counters at exit, on stderr (drops and kernel events never go unsaid).

@@ -203,9 +203,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let mut attached = attach(&args.capture, &inject, &args.ports)?;
     let ring = super::take_ring(&mut attached)?;
     let logger = super::take_logger(&mut attached);
-    let counters = super::take_counters(&mut attached);
-    let inject_counters = super::take_inject_counters(&mut attached);
-    let rearm_maps = super::take_rearm_maps(&mut attached);
+    let maps = super::PipelineMaps::take(&mut attached);
     let filter = Filter {
         pids: args.pids.clone(),
         ports: args.ports.clone(),
@@ -215,13 +213,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let os = otel_stats.clone();
     let capture = CaptureThread::spawn(move |stop| {
         let mut pipeline = Pipeline::new(max_conns, filter, st.clone(), sink);
-        if let Some(c) = counters {
-            pipeline.set_kernel_counters(c);
-        }
-        if let Some(c) = inject_counters {
-            pipeline.set_inject_counters(c);
-        }
-        super::set_rearm(&mut pipeline, rearm_maps, st.clone());
+        maps.install(&mut pipeline, st);
         let mut sink = Gauged { pipeline, otel: os };
         drain_loop(ring, &mut sink, &stop, logger);
         sink.pipeline.read_kernel_counters();

@@ -79,9 +79,7 @@ pub fn run(args: WatchArgs) -> Result<ExitCode> {
     let mut attached = attach(&args.capture, &args.inject, &args.ports)?;
     let ring = super::take_ring(&mut attached)?;
     let logger = super::take_logger(&mut attached);
-    let counters = super::take_counters(&mut attached);
-    let inject_counters = super::take_inject_counters(&mut attached);
-    let rearm_maps = super::take_rearm_maps(&mut attached);
+    let maps = super::PipelineMaps::take(&mut attached);
     let filter = Filter {
         pids: args.pids.clone(),
         ports: args.ports.clone(),
@@ -96,13 +94,7 @@ pub fn run(args: WatchArgs) -> Result<ExitCode> {
             out: io::BufWriter::new(io::stdout()),
         };
         let mut pipeline = Pipeline::new(max_conns, filter, pipeline_stats.clone(), printer);
-        if let Some(c) = counters {
-            pipeline.set_kernel_counters(c);
-        }
-        if let Some(c) = inject_counters {
-            pipeline.set_inject_counters(c);
-        }
-        super::set_rearm(&mut pipeline, rearm_maps, pipeline_stats.clone());
+        maps.install(&mut pipeline, pipeline_stats);
         drain_loop(ring, &mut pipeline, &stop, logger);
         pipeline.read_kernel_counters();
         pipeline.sink_mut().flush();
