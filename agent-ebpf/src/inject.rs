@@ -113,6 +113,12 @@ fn release(key: &SockKey, st: &mut SockState) {
     st.done = INJ_RELEASED;
 }
 
+/// This socket's acknowledgements no longer run the program.
+#[inline(always)]
+fn stop_rtt_callbacks(ctx: &SockOpsContext) {
+    let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
+}
+
 #[sock_ops]
 pub fn tapir_sock_ops(ctx: SockOpsContext) -> u32 {
     // SAFETY: ctx fields read through the context pointer (rewritten by the verifier).
@@ -181,7 +187,7 @@ pub fn tapir_sock_ops(ctx: SockOpsContext) -> u32 {
             if unclaim(&key) {
                 count(c::RELEASED);
             }
-            let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
+            stop_rtt_callbacks(&ctx);
             return 1;
         };
         // SAFETY: map value pointer.
@@ -200,7 +206,7 @@ pub fn tapir_sock_ops(ctx: SockOpsContext) -> u32 {
                 let _ = INJ_REARM.remove(&key);
                 st.done = INJ_RETIRED;
                 count(c::RETIRED);
-                let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
+                stop_rtt_callbacks(&ctx);
             }
         }
     }
