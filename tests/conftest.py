@@ -173,13 +173,15 @@ class Agent(Proc):
         return self.exchanges()
 
 
-def watch(*ports, pids=(), inject=False):
+def watch(*ports, pids=(), exe=(), inject=False):
     """`tapir watch --json` limited to these ports/pids (tests never see each other)."""
     args = ["watch", "--json"] + (["--inject"] if inject else [])
     for p in ports:
         args += ["--port", str(p)]
     for p in pids:
         args += ["--pid", str(p)]
+    for name in exe:
+        args += ["--exe", name]
     return Agent(*args)
 
 

@@ -14,6 +14,19 @@ pub mod names {
     pub const AGENT_TGID: &str = "TAPIR_AGENT_TGID";
     pub const CAPTURE_BYTES: &str = "TAPIR_CAPTURE";
     pub const WAKEUP_BYTES: &str = "TAPIR_WAKEUP_BYTES";
+    pub const SELECTIVE: &str = "TAPIR_SELECTIVE";
+    pub const SELECTED: &str = "TAPIR_SELECTED";
+    pub const SELECT_NAMES: &str = "TAPIR_SELECT_NAMES";
+}
+
+/// Why a process is in `TAPIR_SELECTED` (`--pid` / `--exe`): it decides what exec() does.
+pub mod select {
+    /// Named by pid (or forked by such a process): stays selected across exec().
+    pub const BY_PID: u8 = 1;
+    /// Runs a named program (or was forked by one): re-judged by name at exec().
+    pub const BY_NAME: u8 = 2;
+    /// The kernel's process name (`comm`) length, NUL included.
+    pub const COMM_LEN: usize = 16;
 }
 
 /// The most payload bytes one data event carries. A power of two: the kernel side masks
@@ -366,7 +379,10 @@ pub mod inject_counter {
     pub const MAP_FAILED: u32 = 8;
     /// Released sockets retired at the agent's request (never idle when it tried).
     pub const RETIRED: u32 = 9;
-    pub const COUNT: u32 = 10;
+    /// Requests of processes left out by `--pid` / `--exe`: not injected, since their span
+    /// would never be exported (the downstream span's parent would be missing).
+    pub const NOT_OBSERVED: u32 = 10;
+    pub const COUNT: u32 = 11;
     /// Metric-name suffixes, by index.
     pub const NAMES: [&str; COUNT as usize] = [
         "claimed",
@@ -379,6 +395,7 @@ pub mod inject_counter {
         "released",
         "map_failed",
         "retired",
+        "not_observed",
     ];
 }
 

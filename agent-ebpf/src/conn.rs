@@ -7,7 +7,7 @@ use aya_ebpf::helpers::{
 };
 
 use crate::{
-    maps::{count, ringbuf_flags, CONNS, CPU_STATE, EVENTS, GEN_EPOCH, PROC_GEN},
+    maps::{count, observed, ringbuf_flags, CONNS, CPU_STATE, EVENTS, GEN_EPOCH, PROC_GEN},
     sock::{resolve_fd, FdKind},
 };
 
@@ -76,8 +76,14 @@ pub fn lookup_tcp(tgid: u32, fd: u32) -> Option<*mut ConnState> {
             };
         }
     }
-    // First sight of this fd (or a stale entry): classify it once.
-    match resolve_fd(fd) {
+    // First sight of this fd (or a stale entry): classify it once. A process that is not
+    // observed caches every fd as "not TCP", so its syscalls stop at the lookup above.
+    let kind = if observed(tgid) {
+        resolve_fd(fd)
+    } else {
+        FdKind::Other
+    };
+    match kind {
         FdKind::Tcp { sock_id, tuple } => {
             let state = ConnState {
                 sock_id,
@@ -114,6 +120,9 @@ pub fn lookup_tcp(tgid: u32, fd: u32) -> Option<*mut ConnState> {
 /// cached for that fd number.
 #[inline(always)]
 pub fn track_new(tgid: u32, fd: u32, role: Role) -> bool {
+    if !observed(tgid) {
+        return false;
+    }
     match resolve_fd(fd) {
         FdKind::Tcp { sock_id, tuple } => {
             let state = ConnState {

@@ -31,7 +31,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{agent_tgid, SCRATCH, SCRATCH_BYTES},
+    maps::{agent_tgid, observed, SCRATCH, SCRATCH_BYTES},
     trace::{find_traceparent, is_request_start, new_span_id, thread_parent, OUT_CTX},
 };
 
@@ -321,6 +321,10 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Option<()> {
     }
     // Whatever happens below, this connection's first message has been judged.
     st.done = INJ_JUDGED;
+    if !observed((pid_tgid >> 32) as u32) {
+        count(c::NOT_OBSERVED);
+        return None;
+    }
     let size = ctx.size();
     let n = if size < WINDOW { size } else { WINDOW };
     if n < 16 {

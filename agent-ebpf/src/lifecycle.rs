@@ -1,15 +1,17 @@
 //! Connection and process lifecycle: accept/connect start tracking with a known role,
 //! close/dup2 end it, exec/close_range/exit invalidate a process's cached fds.
-use agent_common::{ConnKey, ConnTuple, EventKind, Role, CONN_TCP};
+use agent_common::{select, ConnKey, ConnTuple, EventKind, Role, CONN_TCP};
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
+    macros::tracepoint,
+    programs::TracePointContext,
 };
 use aya_log_ebpf::debug;
 
 use crate::{
     conn::{bump_gen, emit_conn, header, track_new},
     data::arg,
-    maps::{agent_tgid, count, ringbuf_flags, CONNS, EVENTS},
+    maps::{agent_tgid, count, ringbuf_flags, selective, CONNS, EVENTS, SELECTED, SELECT_NAMES},
 };
 
 const EINPROGRESS: i64 = -115;
@@ -126,18 +128,69 @@ pub fn tapir_enter_close_range(_ctx: TracePointContext) -> u32 {
     0
 }
 
-/// sched/sched_process_exec: CLOEXEC fds are gone without a close().
+/// sched/sched_process_exec: CLOEXEC fds are gone without a close(). With `--exe`, the
+/// process is judged again by its new name (`comm` is the new program's file name now).
 #[tracepoint]
 pub fn tapir_sched_exec(_ctx: TracePointContext) -> u32 {
     let (_, tgid) = current();
     bump_gen(tgid);
+    if selective() {
+        reselect_at_exec(tgid);
+    }
     0
 }
+
+#[inline(always)]
+fn reselect_at_exec(tgid: u32) {
+    let comm = bpf_get_current_comm().unwrap_or_default();
+    // SAFETY: plain lookups.
+    let named = unsafe { SELECT_NAMES.get(&comm) }.is_some();
+    let why = unsafe { SELECTED.get(&tgid).copied() };
+    if named {
+        if why != Some(select::BY_PID) {
+            let _ = SELECTED.insert(&tgid, &select::BY_NAME, 0);
+        }
+    } else if why == Some(select::BY_NAME) {
+        // A named program's child that now runs something else.
+        let _ = SELECTED.remove(&tgid);
+    }
+}
+
+/// sched/sched_process_fork: children of an observed process are observed (nginx and
+/// gunicorn workers, Node cluster). A new thread lands here too; its entry is harmless
+/// (lookups are by tgid) and leaves when the thread exits.
+#[tracepoint]
+pub fn tapir_sched_fork(ctx: TracePointContext) -> u32 {
+    if !selective() {
+        return 0;
+    }
+    let (_, tgid) = current();
+    // SAFETY: plain lookup.
+    let Some(why) = (unsafe { SELECTED.get(&tgid).copied() }) else {
+        return 0;
+    };
+    // SAFETY: a probe read inside the tracepoint's record, at the offset of `child_pid`
+    // that the loader read from the tracepoint's format file.
+    let off = unsafe { core::ptr::read_volatile(&TAPIR_FORK_CHILD_PID) } as usize;
+    if let Ok(child) = unsafe { ctx.read_at::<u32>(off) } {
+        let _ = SELECTED.insert(&child, &why, 0);
+    }
+    0
+}
+
+/// Offset of `child_pid` in sched_process_fork's record, from its tracefs format file (the
+/// comm fields before it changed size in Linux 6.x).
+#[unsafe(no_mangle)]
+pub static TAPIR_FORK_CHILD_PID: u32 = 20;
 
 /// sched/sched_process_exit fires per thread; the process is gone when its leader exits.
 #[tracepoint]
 pub fn tapir_sched_exit(_ctx: TracePointContext) -> u32 {
     let (pid_tgid, tgid) = current();
+    if selective() {
+        // Every thread: fork() put new threads in too.
+        let _ = SELECTED.remove(&(pid_tgid as u32));
+    }
     if pid_tgid as u32 != tgid {
         return 0;
     }

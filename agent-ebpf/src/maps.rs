@@ -1,8 +1,8 @@
 //! Maps and read-only globals shared with userspace (names in `agent_common::names`).
-use agent_common::{ConnKey, ConnState, DataEventHeader, KernelOffsets, MAX_CAPTURE};
+use agent_common::{select, ConnKey, ConnState, DataEventHeader, KernelOffsets, MAX_CAPTURE};
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 
 /// Kernel struct offsets, filled by the agent from BTF before loading.
@@ -46,6 +46,33 @@ pub fn offsets() -> KernelOffsets {
 pub fn agent_tgid() -> u32 {
     // SAFETY: as above.
     unsafe { core::ptr::read_volatile(&TAPIR_AGENT_TGID) }
+}
+
+/// 1 when only the processes in `SELECTED` are observed (`--pid`, `--exe`).
+#[unsafe(no_mangle)]
+pub static TAPIR_SELECTIVE: u32 = 0;
+
+/// tgid → why it is observed (`agent_common::select`). Filled by the agent from /proc at
+/// start, by fork (children inherit) and exec (by name); entries leave at exit.
+#[map(name = "TAPIR_SELECTED")]
+pub static SELECTED: HashMap<u32, u8> = HashMap::with_max_entries(65536, 0);
+
+/// Process names (`comm`, NUL-padded) whose processes are observed from their exec() on.
+#[map(name = "TAPIR_SELECT_NAMES")]
+pub static SELECT_NAMES: HashMap<[u8; select::COMM_LEN], u8> = HashMap::with_max_entries(256, 0);
+
+#[inline(always)]
+pub fn selective() -> bool {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(&TAPIR_SELECTIVE) != 0 }
+}
+
+/// Whether the process's traffic is captured. Asked only when a connection is first seen
+/// (its answer is cached with the fd), so the per-syscall path pays nothing for it.
+#[inline(always)]
+pub fn observed(tgid: u32) -> bool {
+    // SAFETY: plain lookup.
+    !selective() || unsafe { SELECTED.get(&tgid) }.is_some()
 }
 
 #[inline(always)]

@@ -18,6 +18,7 @@ pub mod pipeline;
 pub mod probes;
 pub mod process;
 pub mod rearm;
+pub mod select;
 pub mod stats;
 #[cfg(test)]
 mod test_alloc;

@@ -7,6 +7,7 @@ use thiserror::Error;
 use crate::{
     btf::{self, Btf},
     probes::{Hook, Probe, PROBES},
+    select::{scan_proc, Selection},
     tracefs::{self, TracefsState},
 };
 
@@ -28,6 +29,8 @@ pub struct LoadOptions {
     pub inject_ports: Vec<u16>,
     /// Learn HTTP ports from traffic (off when the user limited Tapir to some ports).
     pub inject_learn: bool,
+    /// The processes observed (`--pid`, `--exe`); empty: all of them.
+    pub selection: Selection,
 }
 
 impl Default for LoadOptions {
@@ -39,6 +42,7 @@ impl Default for LoadOptions {
             inject: false,
             inject_ports: Vec::new(),
             inject_learn: true,
+            selection: Selection::default(),
         }
     }
 }
@@ -61,6 +65,8 @@ pub enum LoadError {
         hook: String,
         error: String,
     },
+    #[error("setting up the process selection (--pid / --exe): {0}")]
+    Select(String),
 }
 
 #[derive(Debug, Clone)]
@@ -114,6 +120,9 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
     let agent_tgid = std::process::id();
     let capture = opts.capture_bytes.min(MAX_CAPTURE as u32);
     let ebpf_debug = u32::from(tracing::enabled!(target: "tapir_ebpf", tracing::Level::DEBUG));
+    let selective = !opts.selection.is_everything();
+    // Without the offset the fork hook would read garbage: it is then not attached.
+    let fork_child_pid = tracefs::field_offset("sched", "sched_process_fork", "child_pid");
     let mut ebpf = EbpfLoader::new()
         .override_global(names::OFFSETS, &offsets, true)
         .override_global(names::AGENT_TGID, &agent_tgid, true)
@@ -121,13 +130,22 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
         .override_global(names::WAKEUP_BYTES, &wakeup_bytes(opts.ringbuf_bytes), true)
         .override_global("TAPIR_INJ_LEARN", &u32::from(opts.inject_learn), true)
         .override_global("TAPIR_EBPF_DEBUG", &ebpf_debug, true)
+        .override_global(names::SELECTIVE, &u32::from(selective), true)
+        .override_global("TAPIR_FORK_CHILD_PID", &fork_child_pid.unwrap_or(0), true)
         .map_max_entries(names::EVENTS, opts.ringbuf_bytes)
         .map_max_entries(names::CONNS, opts.max_connections)
         .load(EBPF_OBJECT)
         .map_err(|e| LoadError::Load(Box::new(e)))?;
+    if selective {
+        seed_selection(&mut ebpf, &opts.selection, false)?;
+    }
     let mut failures = Vec::new();
     for probe in PROBES {
-        if let Err(error) = attach(&mut ebpf, probe) {
+        let attached = match (probe.program, fork_child_pid) {
+            ("tapir_sched_fork", None) => Err("its format file has no child_pid field".to_string()),
+            _ => attach(&mut ebpf, probe),
+        };
+        if let Err(error) = attached {
             if probe.required {
                 return Err(LoadError::RequiredProbe {
                     program: probe.program,
@@ -140,6 +158,10 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
                 error,
             });
         }
+    }
+    if selective {
+        // Processes started or forked while the probes were being attached.
+        seed_selection(&mut ebpf, &opts.selection, true)?;
     }
     let injection = if opts.inject {
         attach_injection(&mut ebpf, &opts.inject_ports)
@@ -198,6 +220,80 @@ fn attach_injection(ebpf: &mut Ebpf, ports: &[u16]) -> Result<(), String> {
     ops.load().map_err(|e| format!("loading sock_ops: {e}"))?;
     ops.attach(&cgroup, CgroupAttachMode::Single)
         .map_err(|e| format!("attaching sock_ops to {root} (another agent attached?): {e}"))?;
+    Ok(())
+}
+
+/// Puts the selected processes running now into `TAPIR_SELECTED`, and the names into
+/// `TAPIR_SELECT_NAMES` (the kernel follows fork and exec from there). `late`: the probes
+/// are live, so a process added now may have fds cached as "not observed": its cache
+/// generation is bumped, as exec() would.
+fn seed_selection(ebpf: &mut Ebpf, selection: &Selection, late: bool) -> Result<(), LoadError> {
+    use aya::maps::{Array, HashMap};
+    fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map, LoadError> {
+        ebpf.map_mut(name)
+            .ok_or_else(|| LoadError::Select(format!("the eBPF object has no {name} map")))
+    }
+    let err = |name: &str, e: aya::maps::MapError| LoadError::Select(format!("{name}: {e}"));
+    if !late {
+        let mut names: HashMap<_, [u8; agent_common::select::COMM_LEN], u8> =
+            HashMap::try_from(map(ebpf, names::SELECT_NAMES)?)
+                .map_err(|e| err(names::SELECT_NAMES, e))?;
+        for key in selection.comm_keys() {
+            names
+                .insert(key, 1, 0)
+                .map_err(|e| err(names::SELECT_NAMES, e))?;
+        }
+    }
+    let mut added = Vec::new();
+    {
+        let mut selected: HashMap<_, u32, u8> =
+            HashMap::try_from(map(ebpf, names::SELECTED)?).map_err(|e| err(names::SELECTED, e))?;
+        let procs = scan_proc(std::path::Path::new("/proc"));
+        if !late {
+            for pid in selection.missing_pids(&procs) {
+                tracing::warn!(
+                    pid,
+                    "--pid {pid}: no such process; nothing to observe for it"
+                );
+            }
+        }
+        for (pid, why) in selection.judge(&procs) {
+            if selected.get(&pid, 0).is_err() {
+                selected
+                    .insert(pid, why, 0)
+                    .map_err(|e| err(names::SELECTED, e))?;
+                added.push(pid);
+            }
+        }
+    }
+    if late && !added.is_empty() {
+        let mut gens: HashMap<_, u32, u32> = HashMap::try_from(map(ebpf, "TAPIR_PROC_GEN")?)
+            .map_err(|e| err("TAPIR_PROC_GEN", e))?;
+        for pid in &added {
+            let next = gens.get(pid, 0).unwrap_or(0).wrapping_add(1);
+            gens.insert(pid, next, 0)
+                .map_err(|e| err("TAPIR_PROC_GEN", e))?;
+        }
+        // A new epoch makes every CPU re-read the generations (bump_gen on the eBPF side):
+        // the clock ×4096 with a CPU number no CPU has, so no CPU ever cached it.
+        let mut epoch: Array<_, u64> = Array::try_from(map(ebpf, "TAPIR_GEN_EPOCH")?)
+            .map_err(|e| err("TAPIR_GEN_EPOCH", e))?;
+        let now = crate::clock::monotonic_now_ns();
+        epoch
+            .set(0, now.wrapping_mul(4096) | 4095, 0)
+            .map_err(|e| err("TAPIR_GEN_EPOCH", e))?;
+    }
+    if !late {
+        tracing::info!(
+            processes = added.len(),
+            "observing only the selected processes (--pid / --exe) and what they fork"
+        );
+    } else if !added.is_empty() {
+        tracing::debug!(
+            processes = added.len(),
+            "selected processes started during set-up"
+        );
+    }
     Ok(())
 }
 

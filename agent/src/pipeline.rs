@@ -23,19 +23,18 @@ use crate::{
     stats::Stats,
 };
 
-/// Which connections to follow (`--pid`, `--port`); empty lists follow everything.
+/// Which connections to follow (`--port`); an empty list follows everything. Processes
+/// (`--pid`, `--exe`) are chosen in the kernel: see [`crate::select`].
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
-    pub pids: Vec<u32>,
     pub ports: Vec<u16>,
 }
 
 impl Filter {
-    fn wants(&self, tgid: u32, tuple: &ConnTuple) -> bool {
-        (self.pids.is_empty() || self.pids.contains(&tgid))
-            && (self.ports.is_empty()
-                || self.ports.contains(&tuple.local_port)
-                || self.ports.contains(&tuple.remote_port))
+    fn wants(&self, tuple: &ConnTuple) -> bool {
+        self.ports.is_empty()
+            || self.ports.contains(&tuple.local_port)
+            || self.ports.contains(&tuple.remote_port)
     }
 }
 
@@ -182,7 +181,7 @@ impl<S: ExchangeSink> Pipeline<S> {
         let key = (ev.header.tgid, ev.header.fd);
         let endpoints = Endpoints::from_tuple(&ev.tuple);
         let role = Role::from_u8(ev.role);
-        let wanted = self.filter.wants(ev.header.tgid, &ev.tuple);
+        let wanted = self.filter.wants(&ev.tuple);
         tracing::debug!(
             pid = ev.header.tgid,
             fd = ev.header.fd,

@@ -145,6 +145,11 @@ pub const PROBES: &[Probe] = &[
         "fds closed by exec() may be misclassified",
     ),
     sched(
+        "tapir_sched_fork",
+        "sched_process_fork",
+        "with --pid or --exe, processes forked after start are not observed",
+    ),
+    sched(
         "tapir_sched_exit",
         "sched_process_exit",
         "state of exited processes is freed late (by LRU eviction)",

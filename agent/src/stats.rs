@@ -17,6 +17,7 @@ const INJECT_METRICS: [&str; INJECT_COUNT] = [
     "tapir.inject.released",
     "tapir.inject.map_failed",
     "tapir.inject.retired",
+    "tapir.inject.not_observed",
 ];
 
 macro_rules! counters {

@@ -76,6 +76,8 @@ struct Config {
     capture_only: bool,
     /// Also run the agent with a 10 % trace-id ratio sampler in each pair.
     sampled: bool,
+    /// Also run the agent observing nginx alone (`--exe nginx`) in each pair.
+    nginx_only: bool,
 }
 
 impl Config {
@@ -104,6 +106,7 @@ impl Config {
                 profile,
                 capture_only: true,
                 sampled: true,
+                nginx_only: true,
             }
         } else {
             Self {
@@ -126,6 +129,7 @@ impl Config {
                 profile,
                 capture_only: true,
                 sampled: true,
+                nginx_only: true,
             }
         }
     }
@@ -323,6 +327,8 @@ struct Run {
     capture_only: bool,
     /// The agent ran with the sampler [`SAMPLED_ENV`].
     sampled: bool,
+    /// The agent observed nginx alone (`--exe nginx`): wrk's side was not captured.
+    nginx_only: bool,
     wrk: WrkResult,
     /// nginx worker CPU during the wrk run.
     server_cpu_s: f64,
@@ -355,7 +361,7 @@ impl Run {
 
     /// The agent as configured: not one of the extra variants.
     fn is_default_agent(&self) -> bool {
-        self.agent && !self.capture_only && !self.sampled
+        self.agent && !self.capture_only && !self.sampled && !self.nginx_only
     }
 }
 
@@ -385,9 +391,11 @@ struct LoadBench {
     span_ratio: Summary,
     /// Spans the agent itself reported dropped, over exported + dropped.
     span_drop_ratio: Summary,
-    /// The same per-pair figures for `--exporter none` runs, and for sampled runs.
+    /// The same per-pair figures for `--exporter none` runs, for sampled runs, and for
+    /// runs observing nginx alone.
     capture: VariantCost,
     sampled: VariantCost,
+    nginx_only: VariantCost,
     foreign_cpu_share: Summary,
     foreign_agents_max: usize,
 }
@@ -420,6 +428,9 @@ enum Variant {
     CaptureOnly,
     /// `tapir run` as configured, with the sampler [`SAMPLED_ENV`].
     Sampled,
+    /// `tapir run` as configured, observing nginx alone (`--exe nginx`), as when the
+    /// clients are on other hosts.
+    NginxOnly,
 }
 
 /// The sampler of [`Variant::Sampled`]: what the README suggests for busy services.
@@ -432,6 +443,7 @@ fn one_run(ctx: &mut Ctx, close: bool, variant: Variant, pair: usize) -> Result<
     let agent_on = variant != Variant::Baseline;
     let capture_only = variant == Variant::CaptureOnly;
     let sampled = variant == Variant::Sampled;
+    let nginx_only = variant == Variant::NginxOnly;
     let (secs, conns) = if close {
         (ctx.cfg.close_secs, ctx.cfg.close_conns)
     } else {
@@ -447,6 +459,7 @@ fn one_run(ctx: &mut Ctx, close: bool, variant: Variant, pair: usize) -> Result<
             match variant {
                 Variant::CaptureOnly => "-capture-only",
                 Variant::Sampled => "-sampled",
+                Variant::NginxOnly => "-nginx-only",
                 _ => "",
             }
         ));
@@ -454,6 +467,9 @@ fn one_run(ctx: &mut Ctx, close: bool, variant: Variant, pair: usize) -> Result<
         if capture_only {
             args.truncate(2); // --port P
             args.extend(["--exporter".into(), "none".into()]);
+        }
+        if nginx_only {
+            args.extend(["--exe".into(), "nginx".into()]);
         }
         let envs: &[(&str, &str)] = if sampled { &SAMPLED_ENV } else { &[] };
         let a = Agent::start(&ctx.bin, &args, envs, &log)?;
@@ -487,7 +503,8 @@ fn one_run(ctx: &mut Ctx, close: bool, variant: Variant, pair: usize) -> Result<
             return Err(e);
         }
     };
-    let expected = 2 * w.requests;
+    // A span for each end of every request; nginx's end alone when wrk is not observed.
+    let expected = if nginx_only { 1 } else { 2 } * w.requests;
     let mut spans = 0;
     if let Some(a) = &agent {
         match &mut ctx.receiver {
@@ -511,13 +528,16 @@ fn one_run(ctx: &mut Ctx, close: bool, variant: Variant, pair: usize) -> Result<
         agent: agent_on,
         capture_only,
         sampled,
+        nginx_only,
         server_cpu_s: n1 - n0,
         agent_cpu_s: a1 - a0,
         receiver_cpu_s: r1 - r0,
         foreign_agents,
         waited_for_quiet_s: waited,
         loadavg,
-        spans_expected: if variant == Variant::Agent && ctx.receiver.is_some() {
+        spans_expected: if matches!(variant, Variant::Agent | Variant::NginxOnly)
+            && ctx.receiver.is_some()
+        {
             expected
         } else {
             0
@@ -551,6 +571,7 @@ fn one_run(ctx: &mut Ctx, close: bool, variant: Variant, pair: usize) -> Result<
             Variant::Agent => "agent",
             Variant::CaptureOnly => "capture",
             Variant::Sampled => "sampled",
+            Variant::NginxOnly => "nginx",
         },
         run.wrk.rps,
         run.wrk.p99_us,
@@ -595,6 +616,9 @@ fn load_bench(ctx: &mut Ctx, close: bool) -> Result<LoadBench> {
         if ctx.cfg.sampled && ctx.receiver.is_some() {
             order.push(Variant::Sampled);
         }
+        if ctx.cfg.nginx_only && ctx.receiver.is_some() {
+            order.push(Variant::NginxOnly);
+        }
         let n = order.len();
         order.rotate_left(pair % n);
         for variant in order {
@@ -604,7 +628,7 @@ fn load_bench(ctx: &mut Ctx, close: bool) -> Result<LoadBench> {
     Ok(summarize_load(close, runs))
 }
 
-/// A variant's cost against the baseline of its pair (capture only, sampled).
+/// A variant's cost against the baseline of its pair (capture only, sampled, nginx alone).
 #[derive(Debug, Clone, Default, Serialize)]
 struct VariantCost {
     throughput_ratio: Summary,
@@ -733,6 +757,7 @@ fn summarize_load(close: bool, runs: Vec<Run>) -> LoadBench {
     b.agent = VariantCost::of(&runs, Run::is_default_agent);
     b.capture = VariantCost::of(&runs, |r| r.capture_only);
     b.sampled = VariantCost::of(&runs, |r| r.sampled);
+    b.nginx_only = VariantCost::of(&runs, |r| r.nginx_only);
     b.runs = runs;
     b
 }
@@ -1214,13 +1239,22 @@ fn verdict(ok: Option<bool>, noisy: bool) -> &'static str {
     }
 }
 
-/// "X; capture only: Y" when there were capture-only runs.
-fn with_capture(main: String, cap: &Summary, show: impl Fn(&Summary) -> String) -> String {
-    if cap.n == 0 {
-        main
-    } else {
-        format!("{main}; capture only (`--exporter none`): {}", show(cap))
+/// "X; capture only: Y; nginx alone: Z" for the variants that ran.
+fn with_variants(
+    b: &LoadBench,
+    pick: impl Fn(&VariantCost) -> &Summary,
+    show: impl Fn(&Summary) -> String,
+) -> String {
+    let mut out = show(pick(&b.agent));
+    for (label, v) in [
+        ("capture only (`--exporter none`)", &b.capture),
+        ("nginx alone observed (`--exe nginx`)", &b.nginx_only),
+    ] {
+        if pick(v).n > 0 {
+            out.push_str(&format!("; {label}: {}", show(pick(v))));
+        }
     }
+    out
 }
 
 /// The repeats fall on both sides of `limit`: the verdict rests on the median alone.
@@ -1275,6 +1309,11 @@ fn load_table(md: &mut String, b: &LoadBench, title: &str, unit: &str) {
         "10 % sampled",
         unit,
     ));
+    rows.extend(b.nginx_only.rows(
+        "nginx alone observed (`--exe nginx`; wrk's side not captured, as with remote clients)",
+        "nginx alone",
+        unit,
+    ));
     rows.push((
         "other load on the host during runs (cores)".into(),
         b.foreign_cpu_share.show(2),
@@ -1322,11 +1361,7 @@ fn render(r: &Results) -> String {
     target(
         "added CPU per request ≤ 10 % of nginx's own (keep-alive)",
         ka.map_or("n/a".into(), |b| {
-            with_capture(
-                b.agent.added_cpu_pct.show(1) + " %",
-                &b.capture.added_cpu_pct,
-                |c| c.show(1) + " %",
-            )
+            with_variants(b, |v| &v.added_cpu_pct, |c| c.show(1) + " %")
         }),
         ka.and_then(|b| fin(&b.agent.added_cpu_pct))
             .map(|v| v <= TARGET_ADDED_CPU_PCT),
@@ -1335,11 +1370,7 @@ fn render(r: &Results) -> String {
     target(
         "keep-alive throughput ≥ 97 % of baseline",
         ka.map_or("n/a".into(), |b| {
-            with_capture(
-                b.agent.throughput_ratio.pct(1),
-                &b.capture.throughput_ratio,
-                |c| c.pct(1),
-            )
+            with_variants(b, |v| &v.throughput_ratio, |c| c.pct(1))
         }),
         ka.and_then(|b| fin(&b.agent.throughput_ratio))
             .map(|v| v >= TARGET_KA_THROUGHPUT),
@@ -1348,11 +1379,7 @@ fn render(r: &Results) -> String {
     target(
         "added p99 latency ≤ 50 µs (keep-alive)",
         ka.map_or("n/a".into(), |b| {
-            with_capture(
-                b.agent.p99_added_us.show(0) + " µs",
-                &b.capture.p99_added_us,
-                |c| c.show(0) + " µs",
-            )
+            with_variants(b, |v| &v.p99_added_us, |c| c.show(0) + " µs")
         }),
         ka.and_then(|b| fin(&b.agent.p99_added_us))
             .map(|v| v <= TARGET_ADDED_P99_US),

@@ -13,7 +13,10 @@ use std::{
 
 use anyhow::{Context, Result};
 use clap::Args;
-use tapir::loader::{self, Attached, LoadOptions};
+use tapir::{
+    loader::{self, Attached, LoadOptions},
+    select::Selection,
+};
 use tracing_subscriber::EnvFilter;
 
 /// Logs go to stderr; RUST_LOG picks the level (e.g. `RUST_LOG=debug`, `RUST_LOG=tapir=trace`).
@@ -42,22 +45,41 @@ pub struct CaptureArgs {
     /// Connections tracked at once (kernel and agent). The least recently used are evicted.
     #[arg(long, env = "TAPIR_MAX_CONNECTIONS", default_value_t = 65536)]
     pub max_connections: u32,
+    /// Only observe this process and the processes it forks (repeatable; default: every
+    /// process). Others cost one map lookup per syscall in the kernel and nothing more.
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Only observe processes running this program, by file name: the executable's
+    /// (`/proc/PID/exe`) or the process name (`comm`, as `ps -e` shows it), e.g. `--exe nginx
+    /// --exe python3`. Repeatable, or comma-separated in the env. Processes they fork are
+    /// observed too, until they exec another program; programs started later are picked up
+    /// at exec. Combines with --pid (either selects).
+    #[arg(
+        long = "exe",
+        value_name = "NAME",
+        env = "TAPIR_EXE",
+        value_delimiter = ','
+    )]
+    pub exe_names: Vec<String>,
 }
 
 impl CaptureArgs {
     /// `ports`: the `--port` filter. When given, injection is limited to connections to
     /// those ports (plus `--inject-port`) instead of every port seen carrying HTTP.
-    pub fn load_options(&self, inject: &InjectArgs, ports: &[u16]) -> LoadOptions {
+    pub fn load_options(&self, inject: &InjectArgs, ports: &[u16]) -> Result<LoadOptions> {
         let mut inject_ports = inject.inject_ports.clone();
         inject_ports.extend_from_slice(ports);
-        LoadOptions {
+        let selection =
+            Selection::new(self.pids.clone(), &self.exe_names).map_err(anyhow::Error::msg)?;
+        Ok(LoadOptions {
             capture_bytes: self.capture_bytes,
             ringbuf_bytes: self.ringbuf_bytes,
             max_connections: self.max_connections,
             inject: inject.enabled(),
             inject_ports,
             inject_learn: ports.is_empty(),
-        }
+            selection,
+        })
     }
 }
 
@@ -91,7 +113,7 @@ impl InjectArgs {
 
 /// Loads and attaches the probes, reporting on stderr any that could not be attached.
 pub fn attach(args: &CaptureArgs, inject: &InjectArgs, ports: &[u16]) -> Result<Attached> {
-    let attached = loader::load_and_attach(&args.load_options(inject, ports))
+    let attached = loader::load_and_attach(&args.load_options(inject, ports)?)
         .context("starting the eBPF probes (`tapir doctor` tells what this host lacks)")?;
     match (&attached.injection, inject.enabled()) {
         (Ok(()), _) => {

@@ -36,9 +36,6 @@ pub struct RunArgs {
     pub capture: CaptureArgs,
     #[command(flatten)]
     pub inject: super::InjectArgs,
-    /// Only observe this process id (repeatable; default: every process).
-    #[arg(long = "pid", value_name = "PID")]
-    pub pids: Vec<u32>,
     /// Only observe connections with this local or remote port (repeatable).
     #[arg(long = "port", value_name = "PORT")]
     pub ports: Vec<u16>,
@@ -205,7 +202,6 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let logger = super::take_logger(&mut attached);
     let maps = super::PipelineMaps::take(&mut attached);
     let filter = Filter {
-        pids: args.pids.clone(),
         ports: args.ports.clone(),
     };
     let max_conns = args.capture.max_connections as usize;

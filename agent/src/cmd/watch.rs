@@ -25,9 +25,6 @@ pub struct WatchArgs {
     /// One JSON object per exchange (keys follow OpenTelemetry semantic conventions).
     #[arg(long)]
     pub json: bool,
-    /// Only exchanges of this process id (repeatable).
-    #[arg(long = "pid", value_name = "PID")]
-    pub pids: Vec<u32>,
     /// Only connections with this local or remote port (repeatable).
     #[arg(long = "port", value_name = "PORT")]
     pub ports: Vec<u16>,
@@ -81,7 +78,6 @@ pub fn run(args: WatchArgs) -> Result<ExitCode> {
     let logger = super::take_logger(&mut attached);
     let maps = super::PipelineMaps::take(&mut attached);
     let filter = Filter {
-        pids: args.pids.clone(),
         ports: args.ports.clone(),
     };
     let max_conns = args.capture.max_connections as usize;

@@ -1,0 +1,272 @@
+//! Which processes are observed (`--pid`, `--exe`). The kernel keeps the answer per process
+//! (`TAPIR_SELECTED`) and follows fork and exec itself; this module seeds it from /proc with
+//! the processes that were running before Tapir started.
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
+
+use agent_common::select::{BY_NAME, BY_PID, COMM_LEN};
+
+/// The user's choice of processes. Empty: every process on the host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// These processes and every process they fork.
+    pub pids: Vec<u32>,
+    /// Programs by file name (`nginx`, `python3`, `node`): processes whose executable or
+    /// process name is one of these, and their forked children until they exec another.
+    pub names: Vec<String>,
+}
+
+/// What /proc says about one running process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcEntry {
+    pub pid: u32,
+    pub ppid: u32,
+    /// `/proc/PID/comm`: the kernel's process name (at most 15 bytes).
+    pub comm: String,
+    /// File name of `/proc/PID/exe` (None for kernel threads and vanished processes).
+    pub exe_name: Option<String>,
+}
+
+impl Selection {
+    pub fn new(pids: Vec<u32>, names: &[String]) -> Result<Self, String> {
+        let mut kept = Vec::new();
+        for n in names {
+            // A path is accepted for its file name: what exec() puts in the process name.
+            let base = n.trim().rsplit('/').next().unwrap_or_default();
+            if base.is_empty() {
+                return Err(format!(
+                    "--exe {n:?}: give a program's file name, e.g. --exe nginx"
+                ));
+            }
+            if base.contains('\0') {
+                return Err(format!("--exe {n:?}: a program name has no NUL byte"));
+            }
+            if !kept.iter().any(|k: &String| k == base) {
+                kept.push(base.to_string());
+            }
+        }
+        Ok(Self { pids, names: kept })
+    }
+
+    /// Every process is observed (no `--pid`, no `--exe`).
+    pub fn is_everything(&self) -> bool {
+        self.pids.is_empty() && self.names.is_empty()
+    }
+
+    /// The kernel's names to match at exec(): each name's first 15 bytes, NUL-padded, as
+    /// the kernel stores a process name.
+    pub fn comm_keys(&self) -> Vec<[u8; COMM_LEN]> {
+        self.names.iter().map(|n| comm_key(n)).collect()
+    }
+
+    fn name_matches(&self, p: &ProcEntry) -> bool {
+        self.names
+            .iter()
+            .any(|n| p.exe_name.as_deref() == Some(n.as_str()) || comm_key(&p.comm) == comm_key(n))
+    }
+
+    /// The processes among `procs` that are observed, with why (`agent_common::select`).
+    /// A named pid's descendants are observed too: they were forked before Tapir could
+    /// follow the fork (nginx's workers when `--pid` names the master).
+    pub fn judge(&self, procs: &[ProcEntry]) -> Vec<(u32, u8)> {
+        let parent: HashMap<u32, u32> = procs.iter().map(|p| (p.pid, p.ppid)).collect();
+        let descends_from_named = |mut pid: u32| {
+            // Bounded: a parent loop in a racy /proc snapshot must not hang the agent.
+            for _ in 0..64 {
+                if self.pids.contains(&pid) {
+                    return true;
+                }
+                match parent.get(&pid) {
+                    Some(&pp) if pp != 0 && pp != pid => pid = pp,
+                    _ => return false,
+                }
+            }
+            false
+        };
+        procs
+            .iter()
+            .filter_map(|p| {
+                if descends_from_named(p.pid) {
+                    Some((p.pid, BY_PID))
+                } else if self.name_matches(p) {
+                    Some((p.pid, BY_NAME))
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    /// Named pids that are not running: nothing to observe (and a pid put in anyway
+    /// would select whichever process is given that number next).
+    pub fn missing_pids(&self, procs: &[ProcEntry]) -> Vec<u32> {
+        let mut missing: Vec<u32> = self
+            .pids
+            .iter()
+            .copied()
+            .filter(|pid| !procs.iter().any(|p| p.pid == *pid))
+            .collect();
+        missing.dedup();
+        missing
+    }
+}
+
+fn comm_key(name: &str) -> [u8; COMM_LEN] {
+    let mut key = [0u8; COMM_LEN];
+    let b = name.as_bytes();
+    let n = b.len().min(COMM_LEN - 1);
+    key[..n].copy_from_slice(&b[..n]);
+    key
+}
+
+/// Every process under `proc_root` (normally `/proc`). Processes that vanish while being
+/// read are skipped.
+pub fn scan_proc(proc_root: &Path) -> Vec<ProcEntry> {
+    let Ok(dir) = std::fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        read_proc_entry(&e.path(), pid)
+    })
+    .collect()
+}
+
+fn read_proc_entry(dir: &Path, pid: u32) -> Option<ProcEntry> {
+    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+    let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+    let exe: Option<PathBuf> = std::fs::read_link(dir.join("exe")).ok();
+    Some(ProcEntry {
+        pid,
+        ppid: parse_ppid(&stat)?,
+        comm: comm.trim_end_matches('\n').to_string(),
+        exe_name: exe.and_then(|p| {
+            // A replaced binary reads "/usr/bin/x (deleted)".
+            let name = p.file_name()?.to_str()?.to_string();
+            Some(
+                name.strip_suffix(" (deleted)")
+                    .map_or(name.clone(), str::to_string),
+            )
+        }),
+    })
+}
+
+/// The parent pid from `/proc/PID/stat`: the 4th field, counted after the `(comm)` field,
+/// whose name may itself hold spaces and parentheses.
+fn parse_ppid(stat: &str) -> Option<u32> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(pid: u32, ppid: u32, comm: &str, exe: Option<&str>) -> ProcEntry {
+        ProcEntry {
+            pid,
+            ppid,
+            comm: comm.into(),
+            exe_name: exe.map(Into::into),
+        }
+    }
+
+    fn host() -> Vec<ProcEntry> {
+        vec![
+            entry(1, 0, "systemd", Some("systemd")),
+            entry(2, 0, "kthreadd", None),
+            entry(100, 1, "nginx", Some("nginx")),
+            entry(101, 100, "nginx", Some("nginx")),
+            entry(102, 100, "nginx", Some("nginx")),
+            entry(200, 1, "python3", Some("python3.11")),
+            entry(201, 200, "sh", Some("dash")),
+            entry(300, 1, "wrk", Some("wrk")),
+            entry(400, 1, "a-very-long-pro", Some("a-very-long-program-name")),
+        ]
+    }
+
+    fn pids(v: &[(u32, u8)]) -> Vec<u32> {
+        let mut p: Vec<u32> = v.iter().map(|&(p, _)| p).collect();
+        p.sort_unstable();
+        p
+    }
+
+    #[test]
+    fn names_match_the_executable_or_the_process_name() {
+        let names = |n: &[&str]| {
+            let n: Vec<String> = n.iter().map(|s| s.to_string()).collect();
+            Selection::new(vec![], &n).unwrap()
+        };
+        let got = names(&["nginx"]).judge(&host());
+        assert_eq!(pids(&got), [100, 101, 102]);
+        assert!(got.iter().all(|&(_, why)| why == BY_NAME));
+        // python3 by its process name, python3.11 by its executable; a path is its file name.
+        assert_eq!(pids(&names(&["python3"]).judge(&host())), [200]);
+        assert_eq!(pids(&names(&["/usr/bin/python3.11"]).judge(&host())), [200]);
+        // A long name matches the kernel's 15-byte process name, and the full exe name.
+        assert_eq!(
+            pids(&names(&["a-very-long-program-name"]).judge(&host())),
+            [400]
+        );
+        assert_eq!(pids(&names(&["a-very-long-pro"]).judge(&host())), [400]);
+        // Not a prefix or substring match.
+        assert!(names(&["ngin", "nginx2", "pyth"]).judge(&host()).is_empty());
+        assert_eq!(pids(&names(&["wrk", "dash"]).judge(&host())), [201, 300]);
+    }
+
+    #[test]
+    fn a_named_pid_brings_its_descendants() {
+        let s = Selection::new(vec![100, 200], &[]).unwrap();
+        let got = s.judge(&host());
+        assert_eq!(pids(&got), [100, 101, 102, 200, 201]);
+        assert!(got.iter().all(|&(_, why)| why == BY_PID));
+        // Named by pid wins over named by name (exec keeps it selected).
+        let s = Selection::new(vec![100], &["nginx".into()]).unwrap();
+        assert!(s.judge(&host()).iter().all(|&(_, why)| why == BY_PID));
+        // A pid /proc does not list is reported, not selected; a parent loop ends.
+        let looped = vec![entry(7, 8, "a", None), entry(8, 7, "b", None)];
+        let s = Selection::new(vec![9], &[]).unwrap();
+        assert!(s.judge(&looped).is_empty());
+        assert_eq!(s.missing_pids(&looped), [9]);
+        let s = Selection::new(vec![7], &[]).unwrap();
+        assert_eq!(pids(&s.judge(&looped)), [7, 8]);
+        assert!(s.missing_pids(&looped).is_empty());
+    }
+
+    #[test]
+    fn bad_names_are_refused_and_repeats_dropped() {
+        assert!(Selection::new(vec![], &["".into()]).is_err());
+        assert!(Selection::new(vec![], &["/usr/bin/".into()]).is_err());
+        let s = Selection::new(vec![], &["nginx".into(), "/sbin/nginx".into()]).unwrap();
+        assert_eq!(s.names, ["nginx"]);
+        assert!(!s.is_everything());
+        assert!(Selection::default().is_everything());
+        let keys = Selection::new(vec![], &["a-very-long-program-name".into()])
+            .unwrap()
+            .comm_keys();
+        assert_eq!(&keys[0][..], b"a-very-long-pro\0");
+    }
+
+    #[test]
+    fn stat_parent_pid_survives_odd_process_names() {
+        assert_eq!(parse_ppid("42 (nginx) S 7 42 42 0 -1"), Some(7));
+        assert_eq!(parse_ppid("42 (a) b) (c) R 9 1 1"), Some(9));
+        assert_eq!(parse_ppid("42 (x y z) S 12 0"), Some(12));
+        assert_eq!(parse_ppid("42 nginx S 7"), None);
+        assert_eq!(parse_ppid("42 (nginx) S"), None);
+        assert_eq!(parse_ppid(""), None);
+    }
+
+    #[test]
+    fn this_process_is_found_in_proc() {
+        let me = std::process::id();
+        let all = scan_proc(Path::new("/proc"));
+        let mine = all.iter().find(|p| p.pid == me).expect("own /proc entry");
+        assert_eq!(mine.ppid, std::os::unix::process::parent_id());
+        assert!(mine.exe_name.is_some());
+        assert!(scan_proc(Path::new("/nonexistent")).is_empty());
+    }
+}

@@ -1,0 +1,83 @@
+"""Process selection (`--pid`, `--exe`): only the chosen programs are observed, the choice
+is made in the kernel (others' connections are never tracked), and it follows fork() and
+exec() of processes started after Tapir."""
+import os
+import sys
+from pathlib import Path
+
+from conftest import TESTS, curl, finish, free_port, watch
+
+PY = sys.executable
+# The venv's `python` is a symlink: the process name (comm) is the name it was started by,
+# the executable is what the link points to. --exe accepts either.
+PY_COMM = Path(PY).name[:15]
+PY_EXE = Path(os.path.realpath(PY)).name
+
+
+def summary(got):
+    return sorted((e["kind"], e["url.path"], e["process.pid"]) for e in got)
+
+
+def test_exe_observes_only_the_named_programs(py_server):
+    server, port = py_server()
+    assert PY_COMM != PY_EXE, "the venv python should be a symlink with another name"
+
+    # curl is started after the agent: the kernel picks it up by name at exec().
+    agent = watch(port, exe=["curl"])
+    curl("-o", "/dev/null", f"http://127.0.0.1:{port}/by-curl")
+    got = finish(agent)
+    assert [(e["kind"], e["url.path"]) for e in got] == [("client", "/by-curl")]
+    assert got[0]["process.pid"] != server.pid
+    # The server's accepted connection was never tracked, not merely filtered out later.
+    assert agent.final_count("tapir.connections.opened") == 1, agent.err[-30:]
+
+    # The server was running before the agent: found in /proc by its executable's name,
+    # and by its process name.
+    for name in (PY_EXE, PY_COMM):
+        agent = watch(port, exe=[name])
+        curl("-o", "/dev/null", f"http://127.0.0.1:{port}/by-{name}")
+        got = finish(agent)
+        assert summary(got) == [("server", f"/by-{name}", server.pid)], name
+        assert agent.final_count("tapir.connections.opened") == 1, agent.err[-30:]
+
+    # Both: both ends of the one request.
+    agent = watch(port, exe=["curl", PY_EXE])
+    curl("-o", "/dev/null", f"http://127.0.0.1:{port}/both")
+    got = finish(agent)
+    assert sorted(e["kind"] for e in got) == ["client", "server"]
+
+
+def test_pid_follows_a_fork_made_after_start(procs):
+    port = free_port()
+    parent = procs([PY, TESTS / "servers/forking.py", port], ready_port=port, stdin=True)
+    agent = watch(port, pids=[parent.pid])
+    # The worker is forked only now: no /proc scan saw it, only the kernel's fork hook.
+    parent.send_line()
+    line = parent.wait_for(lambda l: l.startswith("worker "), stream="out", what="a worker")
+    worker = int(line.split()[1])
+    r = curl(f"http://127.0.0.1:{port}/forked")
+    assert r.stdout == f"worker {worker}"
+    got = finish(agent)
+    assert summary(got) == [("server", "/forked", worker)]
+
+
+def test_unobserved_callers_are_not_injected(py_server):
+    server, port = py_server()
+    # Observed caller: its request carries the injected traceparent...
+    agent = watch(port, exe=["curl", PY_EXE], inject=True)
+    curl("-o", "/dev/null", f"http://127.0.0.1:{port}/observed-caller")
+    got = finish(agent)
+    (c,) = [e for e in got if e["kind"] == "client"]
+    (s,) = [e for e in got if e["kind"] == "server"]
+    assert s["parent_span_id"] == c["span_id"] and s["trace_id"] == c["trace_id"]
+    assert agent.final_count("tapir.inject.injected") == 1, agent.err[-30:]
+
+    # ... an unobserved one's does not: its span would never be exported, and the server's
+    # span would point at a parent nobody has.
+    agent = watch(port, exe=[PY_EXE], inject=True)
+    curl("-o", "/dev/null", f"http://127.0.0.1:{port}/unobserved-caller")
+    got = finish(agent)
+    assert summary(got) == [("server", "/unobserved-caller", server.pid)]
+    assert got[0]["parent_span_id"] is None
+    assert agent.final_count("tapir.inject.injected") == 0, agent.err[-30:]
+    assert agent.final_count("tapir.inject.not_observed") == 1, agent.err[-30:]
