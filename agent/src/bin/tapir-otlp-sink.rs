@@ -250,9 +250,19 @@ async fn serve_request(
     Ok(())
 }
 
+const SINK_WINDOW: u32 = 4 << 20;
+
 async fn serve_connection(counts: Arc<Counts>, socket: tokio::net::TcpStream) -> Result<()> {
     let _ = socket.set_nodelay(true);
-    let mut conn = h2::server::handshake(socket).await?;
+    // Flow-control windows of a warmed-up collector: grpc-go (the OTel Collector) grows its
+    // windows from 64 KiB by BDP estimation up to 16 MiB, so a 512-span export (~150 KiB)
+    // goes out in one flight there. h2's fixed 64 KiB default would instead make every
+    // export wait for WINDOW_UPDATEs, charging the agent round trips a collector does not.
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(SINK_WINDOW)
+        .initial_connection_window_size(SINK_WINDOW)
+        .handshake(socket)
+        .await?;
     while let Some(accepted) = conn.accept().await {
         let (request, respond) = accepted?;
         let counts = counts.clone();
