@@ -71,9 +71,11 @@ def test_unobserved_callers_are_not_injected(py_server):
     (s,) = [e for e in got if e["kind"] == "server"]
     assert s["parent_span_id"] == c["span_id"] and s["trace_id"] == c["trace_id"]
     assert agent.final_count("tapir.inject.injected") == 1, agent.err[-30:]
+    assert agent.final_count("tapir.inject.claimed") == 1, agent.err[-30:]
 
     # ... an unobserved one's does not: its span would never be exported, and the server's
-    # span would point at a parent nobody has.
+    # span would point at a parent nobody has. Its connection is not even claimed (claiming
+    # and releasing a socket is most of what injection costs a connection).
     agent = watch(port, exe=[PY_EXE], inject=True)
     curl("-o", "/dev/null", f"http://127.0.0.1:{port}/unobserved-caller")
     got = finish(agent)
@@ -81,3 +83,4 @@ def test_unobserved_callers_are_not_injected(py_server):
     assert got[0]["parent_span_id"] is None
     assert agent.final_count("tapir.inject.injected") == 0, agent.err[-30:]
     assert agent.final_count("tapir.inject.not_observed") == 1, agent.err[-30:]
+    assert agent.final_count("tapir.inject.claimed") == 0, agent.err[-30:]

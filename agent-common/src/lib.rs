@@ -379,8 +379,9 @@ pub mod inject_counter {
     pub const MAP_FAILED: u32 = 8;
     /// Released sockets retired at the agent's request (never idle when it tried).
     pub const RETIRED: u32 = 9;
-    /// Requests of processes left out by `--pid` / `--exe`: not injected, since their span
-    /// would never be exported (the downstream span's parent would be missing).
+    /// Connections (and requests) of processes left out by `--pid` / `--exe`: not claimed
+    /// or not injected, since their span would never be exported (the downstream span's
+    /// parent would be missing).
     pub const NOT_OBSERVED: u32 = 10;
     pub const COUNT: u32 = 11;
     /// Metric-name suffixes, by index.

@@ -19,7 +19,7 @@ use agent_common::{
 use aya_ebpf::{
     bindings::{
         sk_action::SK_PASS, BPF_NOEXIST, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB,
-        BPF_SOCK_OPS_RTT_CB_FLAG,
+        BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
     },
     helpers::{
         bpf_get_current_pid_tgid, bpf_probe_read_kernel_buf,
@@ -31,7 +31,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{agent_tgid, observed, SCRATCH, SCRATCH_BYTES},
+    maps::{agent_tgid, observed, selective, SCRATCH, SCRATCH_BYTES},
     trace::{find_traceparent, is_request_start, new_span_id, thread_parent, OUT_CTX},
 };
 
@@ -50,6 +50,12 @@ pub static INJ_REARM: LruHashMap<SockKey, u32> = LruHashMap::with_max_entries(65
 /// traffic (see data.rs) and the ones the user named.
 #[map(name = "TAPIR_INJ_PORTS")]
 pub static INJ_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
+
+/// With `--pid`/`--exe`: client sockets whose connect() an observed process made (marked
+/// at `TCP_CONNECT_CB`, in the caller's context; establishment may run in any context).
+/// Only these are claimed, so a process left out pays nothing for injection.
+#[map(name = "TAPIR_INJ_WANTED")]
+pub static INJ_WANTED: LruHashMap<SockKey, u8> = LruHashMap::with_max_entries(16384, 0);
 
 #[map(name = "TAPIR_INJ_COUNTERS")]
 pub static INJ_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(c::COUNT, 0);
@@ -126,7 +132,9 @@ pub fn tapir_sock_ops(ctx: SockOpsContext) -> u32 {
     // Every TCP socket of the host comes here about ten times per connection (timeouts,
     // windows, ECN, establishment...): leave before reading anything else.
     let op = ctx.op();
-    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        || (op == BPF_SOCK_OPS_TCP_CONNECT_CB && selective())
+    {
         let rport = (u32::from_be(o.remote_port) & 0xffff) as u16;
         // SAFETY: plain lookup.
         if unsafe { INJ_PORTS.get(&rport) }.is_none() {
@@ -157,6 +165,16 @@ pub fn tapir_sock_ops(ctx: SockOpsContext) -> u32 {
             o.remote_ip6[2],
             o.remote_ip6[3],
         ];
+    }
+    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        if observed((bpf_get_current_pid_tgid() >> 32) as u32) {
+            let _ = INJ_WANTED.insert(&key, &1, 0);
+        }
+        return 1;
+    }
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && selective() && INJ_WANTED.remove(&key).is_err() {
+        count(c::NOT_OBSERVED);
+        return 1;
     }
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
         // SAFETY: the context pointer is the bpf_sock_ops the helper expects.

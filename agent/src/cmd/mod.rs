@@ -53,7 +53,8 @@ pub struct CaptureArgs {
     /// (`/proc/PID/exe`) or the process name (`comm`, as `ps -e` shows it), e.g. `--exe nginx
     /// --exe python3`. Repeatable, or comma-separated in the env. Processes they fork are
     /// observed too, until they exec another program; programs started later are picked up
-    /// at exec. Combines with --pid (either selects).
+    /// at exec by their process name (the file name they were started by, of which the
+    /// kernel keeps 15 characters). Combines with --pid (either selects).
     #[arg(
         long = "exe",
         value_name = "NAME",
