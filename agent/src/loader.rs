@@ -288,6 +288,12 @@ fn seed_selection(ebpf: &mut Ebpf, selection: &Selection, late: bool) -> Result<
             processes = added.len(),
             "observing only the selected processes (--pid / --exe) and what they fork"
         );
+        if added.is_empty() && !selection.names.is_empty() {
+            tracing::warn!(
+                "no running process matches --exe {}: nothing is observed until one is started",
+                selection.names.join(" --exe ")
+            );
+        }
     } else if !added.is_empty() {
         tracing::debug!(
             processes = added.len(),
