@@ -173,7 +173,7 @@ class Agent(Proc):
         return self.exchanges()
 
 
-def watch(*ports, pids=(), exe=(), inject=False):
+def watch(*ports, pids=(), exe=(), exclude=(), inject=False):
     """`tapir watch --json` limited to these ports/pids (tests never see each other)."""
     args = ["watch", "--json"] + (["--inject"] if inject else [])
     for p in ports:
@@ -182,6 +182,8 @@ def watch(*ports, pids=(), exe=(), inject=False):
         args += ["--pid", str(p)]
     for name in exe:
         args += ["--exe", name]
+    for name in exclude:
+        args += ["--exclude-exe", name]
     return Agent(*args)
 
 

@@ -25,6 +25,9 @@ pub mod select {
     pub const BY_PID: u8 = 1;
     /// Runs a named program (or was forked by one): re-judged by name at exec().
     pub const BY_NAME: u8 = 2;
+    /// Runs a program left out by `--exclude-exe` (or was forked by one): never observed,
+    /// re-judged by name at exec().
+    pub const EXCLUDED: u8 = 3;
     /// The kernel's process name (`comm`) length, NUL included.
     pub const COMM_LEN: usize = 16;
 }

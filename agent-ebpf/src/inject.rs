@@ -31,7 +31,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    maps::{agent_tgid, observed, selective, SCRATCH, SCRATCH_BYTES},
+    maps::{agent_tgid, choosing, observed, sockops_pid, SCRATCH, SCRATCH_BYTES},
     trace::{find_traceparent, is_request_start, new_span_id, thread_parent, OUT_CTX},
 };
 
@@ -51,11 +51,12 @@ pub static INJ_REARM: LruHashMap<SockKey, u32> = LruHashMap::with_max_entries(65
 #[map(name = "TAPIR_INJ_PORTS")]
 pub static INJ_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
 
-/// With `--pid`/`--exe`: client sockets whose connect() an observed process made (marked
-/// at `TCP_CONNECT_CB`, in the caller's context; establishment may run in any context).
-/// Only these are claimed, so a process left out pays nothing for injection.
-#[map(name = "TAPIR_INJ_WANTED")]
-pub static INJ_WANTED: LruHashMap<SockKey, u8> = LruHashMap::with_max_entries(16384, 0);
+/// With `--pid`/`--exe`/`--exclude-exe`: client sockets that a process left out
+/// connected (marked at `TCP_CONNECT_CB`, in the caller's context; establishment may run
+/// in any context). These are not claimed, so a left-out process pays nothing for
+/// injection.
+#[map(name = "TAPIR_INJ_SKIP")]
+pub static INJ_SKIP: LruHashMap<SockKey, u8> = LruHashMap::with_max_entries(16384, 0);
 
 #[map(name = "TAPIR_INJ_COUNTERS")]
 pub static INJ_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(c::COUNT, 0);
@@ -133,7 +134,7 @@ pub fn tapir_sock_ops(ctx: SockOpsContext) -> u32 {
     // windows, ECN, establishment...): leave before reading anything else.
     let op = ctx.op();
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
-        || (op == BPF_SOCK_OPS_TCP_CONNECT_CB && selective())
+        || (op == BPF_SOCK_OPS_TCP_CONNECT_CB && choosing() && sockops_pid())
     {
         let rport = (u32::from_be(o.remote_port) & 0xffff) as u16;
         // SAFETY: plain lookup.
@@ -166,13 +167,19 @@ pub fn tapir_sock_ops(ctx: SockOpsContext) -> u32 {
             o.remote_ip6[3],
         ];
     }
+    // Only reached when sockops_pid() holds: older kernels reject the helper here, and the
+    // branch is dead code for their verifier (the loader freezes the flag).
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        if observed((bpf_get_current_pid_tgid() >> 32) as u32) {
-            let _ = INJ_WANTED.insert(&key, &1, 0);
+        if !observed((bpf_get_current_pid_tgid() >> 32) as u32) {
+            let _ = INJ_SKIP.insert(&key, &1, 0);
         }
         return 1;
     }
-    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && selective() && INJ_WANTED.remove(&key).is_err() {
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+        && choosing()
+        && sockops_pid()
+        && INJ_SKIP.remove(&key).is_ok()
+    {
         count(c::NOT_OBSERVED);
         return 1;
     }

@@ -11,7 +11,7 @@ use aya_log_ebpf::debug;
 use crate::{
     conn::{bump_gen, emit_conn, header, track_new},
     data::arg,
-    maps::{agent_tgid, count, ringbuf_flags, selective, CONNS, EVENTS, SELECTED, SELECT_NAMES},
+    maps::{agent_tgid, choosing, count, ringbuf_flags, CONNS, EVENTS, SELECTED, SELECT_NAMES},
 };
 
 const EINPROGRESS: i64 = -115;
@@ -131,37 +131,73 @@ pub fn tapir_enter_close_range(_ctx: TracePointContext) -> u32 {
 /// sched/sched_process_exec: CLOEXEC fds are gone without a close(). With `--exe`, the
 /// process is judged again by its new name (`comm` is the new program's file name now).
 #[tracepoint]
-pub fn tapir_sched_exec(_ctx: TracePointContext) -> u32 {
+pub fn tapir_sched_exec(ctx: TracePointContext) -> u32 {
     let (_, tgid) = current();
     bump_gen(tgid);
-    if selective() {
+    if choosing() {
+        take_over_thread_entry(&ctx, tgid);
         reselect_at_exec(tgid);
     }
     0
 }
 
+/// exec() from a thread other than the main one: the kernel ended the old main thread
+/// first (its exit removed the process's entry) and gave this thread the process's id.
+/// The thread's own entry, made when it was created, carries the process's selection.
+#[inline(always)]
+fn take_over_thread_entry(ctx: &TracePointContext, tgid: u32) {
+    // SAFETY: reading a static; volatile so the loader's value is used.
+    let off = unsafe { core::ptr::read_volatile(&TAPIR_EXEC_OLD_PID) } as usize;
+    if off == 0 {
+        return;
+    }
+    // SAFETY: a probe read inside the tracepoint's record.
+    let Ok(old) = (unsafe { ctx.read_at::<u32>(off) }) else {
+        return;
+    };
+    if old == tgid {
+        return;
+    }
+    // SAFETY: plain lookups.
+    if let Some(why) = unsafe { SELECTED.get(&old).copied() } {
+        let _ = SELECTED.remove(&old);
+        if unsafe { SELECTED.get(&tgid) }.is_none() {
+            let _ = SELECTED.insert(&tgid, &why, 0);
+        }
+    }
+}
+
+/// Offset of `old_pid` in sched_process_exec's record, from its tracefs format file (0:
+/// unknown, the take-over is skipped).
+#[unsafe(no_mangle)]
+pub static TAPIR_EXEC_OLD_PID: u32 = 0;
+
 #[inline(always)]
 fn reselect_at_exec(tgid: u32) {
     let comm = bpf_get_current_comm().unwrap_or_default();
     // SAFETY: plain lookups.
-    let named = unsafe { SELECT_NAMES.get(&comm) }.is_some();
+    let named = unsafe { SELECT_NAMES.get(&comm).copied() };
     let why = unsafe { SELECTED.get(&tgid).copied() };
-    if named {
-        if why != Some(select::BY_PID) {
-            let _ = SELECTED.insert(&tgid, &select::BY_NAME, 0);
+    match named {
+        // Left out wins; a pid the user named otherwise stays as it is.
+        Some(n) if n == select::EXCLUDED || why != Some(select::BY_PID) => {
+            let _ = SELECTED.insert(&tgid, &n, 0);
         }
-    } else if why == Some(select::BY_NAME) {
-        // A named program's child that now runs something else.
-        let _ = SELECTED.remove(&tgid);
+        Some(_) => {}
+        // A named (or left-out) program's child that now runs something else.
+        None if why == Some(select::BY_NAME) || why == Some(select::EXCLUDED) => {
+            let _ = SELECTED.remove(&tgid);
+        }
+        None => {}
     }
 }
 
 /// sched/sched_process_fork: children of an observed process are observed (nginx and
-/// gunicorn workers, Node cluster). A new thread lands here too; its entry is harmless
+/// gunicorn workers, Node cluster), children of a left-out one are left out. A new thread lands here too; its entry is harmless
 /// (lookups are by tgid) and leaves when the thread exits.
 #[tracepoint]
 pub fn tapir_sched_fork(ctx: TracePointContext) -> u32 {
-    if !selective() {
+    if !choosing() {
         return 0;
     }
     let (_, tgid) = current();
@@ -187,7 +223,7 @@ pub static TAPIR_FORK_CHILD_PID: u32 = 20;
 #[tracepoint]
 pub fn tapir_sched_exit(_ctx: TracePointContext) -> u32 {
     let (pid_tgid, tgid) = current();
-    if selective() {
+    if choosing() {
         // Every thread: fork() put new threads in too.
         let _ = SELECTED.remove(&(pid_tgid as u32));
     }

@@ -52,12 +52,18 @@ pub fn agent_tgid() -> u32 {
 #[unsafe(no_mangle)]
 pub static TAPIR_SELECTIVE: u32 = 0;
 
-/// tgid → why it is observed (`agent_common::select`). Filled by the agent from /proc at
-/// start, by fork (children inherit) and exec (by name); entries leave at exit.
+/// 1 when some programs are left out (`--exclude-exe`, on by default for collectors).
+#[unsafe(no_mangle)]
+pub static TAPIR_EXCLUDING: u32 = 0;
+
+/// tgid → whether and why it is observed (`agent_common::select`). Filled by the agent
+/// from /proc at start, by fork (children inherit) and exec (by name); entries leave at
+/// exit.
 #[map(name = "TAPIR_SELECTED")]
 pub static SELECTED: HashMap<u32, u8> = HashMap::with_max_entries(65536, 0);
 
-/// Process names (`comm`, NUL-padded) whose processes are observed from their exec() on.
+/// Process names (`comm`, NUL-padded) → `BY_NAME` (observed) or `EXCLUDED`, applied at
+/// exec().
 #[map(name = "TAPIR_SELECT_NAMES")]
 pub static SELECT_NAMES: HashMap<[u8; select::COMM_LEN], u8> = HashMap::with_max_entries(256, 0);
 
@@ -67,12 +73,36 @@ pub fn selective() -> bool {
     unsafe { core::ptr::read_volatile(&TAPIR_SELECTIVE) != 0 }
 }
 
+/// 1 when sock_ops may call `bpf_get_current_pid_tgid` (Linux 6.10 and later): only then
+/// are left-out processes' connections recognised at connect() and not claimed.
+#[unsafe(no_mangle)]
+pub static TAPIR_SOCKOPS_PID: u32 = 0;
+
+#[inline(always)]
+pub fn sockops_pid() -> bool {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(&TAPIR_SOCKOPS_PID) != 0 }
+}
+
+/// Some processes are chosen or left out: `SELECTED` must be kept current.
+#[inline(always)]
+pub fn choosing() -> bool {
+    // SAFETY: as above.
+    selective() || unsafe { core::ptr::read_volatile(&TAPIR_EXCLUDING) != 0 }
+}
+
 /// Whether the process's traffic is captured. Asked only when a connection is first seen
 /// (its answer is cached with the fd), so the per-syscall path pays nothing for it.
 #[inline(always)]
 pub fn observed(tgid: u32) -> bool {
+    if !choosing() {
+        return true;
+    }
     // SAFETY: plain lookup.
-    !selective() || unsafe { SELECTED.get(&tgid) }.is_some()
+    match unsafe { SELECTED.get(&tgid) } {
+        Some(&why) => why != select::EXCLUDED,
+        None => !selective(),
+    }
 }
 
 #[inline(always)]

@@ -1,6 +1,6 @@
 //! Loads the embedded eBPF object with this kernel's struct offsets and attaches every
 //! probe in [`crate::probes::PROBES`].
-use agent_common::{names, KernelOffsets, MAX_CAPTURE};
+use agent_common::{names, select::EXCLUDED, KernelOffsets, MAX_CAPTURE};
 use aya::{programs::TracePoint, Ebpf, EbpfLoader};
 use thiserror::Error;
 
@@ -120,7 +120,8 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
     let agent_tgid = std::process::id();
     let capture = opts.capture_bytes.min(MAX_CAPTURE as u32);
     let ebpf_debug = u32::from(tracing::enabled!(target: "tapir_ebpf", tracing::Level::DEBUG));
-    let selective = !opts.selection.is_everything();
+    let selective = opts.selection.is_selective();
+    let choosing = !opts.selection.is_everything();
     // Without the offset the fork hook would read garbage: it is then not attached.
     let fork_child_pid = tracefs::field_offset("sched", "sched_process_fork", "child_pid");
     let mut ebpf = EbpfLoader::new()
@@ -131,14 +132,31 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
         .override_global("TAPIR_INJ_LEARN", &u32::from(opts.inject_learn), true)
         .override_global("TAPIR_EBPF_DEBUG", &ebpf_debug, true)
         .override_global(names::SELECTIVE, &u32::from(selective), true)
+        .override_global(
+            "TAPIR_EXCLUDING",
+            &u32::from(!opts.selection.excluded.is_empty()),
+            true,
+        )
         .override_global("TAPIR_FORK_CHILD_PID", &fork_child_pid.unwrap_or(0), true)
+        .override_global(
+            "TAPIR_EXEC_OLD_PID",
+            &tracefs::field_offset("sched", "sched_process_exec", "old_pid").unwrap_or(0),
+            true,
+        )
+        .override_global(
+            "TAPIR_SOCKOPS_PID",
+            &u32::from(kernel_at_least(&kernel_release(), (6, 10))),
+            true,
+        )
         .map_max_entries(names::EVENTS, opts.ringbuf_bytes)
         .map_max_entries(names::CONNS, opts.max_connections)
         .load(EBPF_OBJECT)
         .map_err(|e| LoadError::Load(Box::new(e)))?;
-    if selective {
-        seed_selection(&mut ebpf, &opts.selection, false)?;
-    }
+    let seeded = if choosing {
+        seed_selection(&mut ebpf, &opts.selection, None)?
+    } else {
+        Vec::new()
+    };
     let mut failures = Vec::new();
     for probe in PROBES {
         let attached = match (probe.program, fork_child_pid) {
@@ -159,9 +177,9 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
             });
         }
     }
-    if selective {
+    if choosing {
         // Processes started or forked while the probes were being attached.
-        seed_selection(&mut ebpf, &opts.selection, true)?;
+        seed_selection(&mut ebpf, &opts.selection, Some(&seeded))?;
     }
     let injection = if opts.inject {
         attach_injection(&mut ebpf, &opts.inject_ports)
@@ -223,11 +241,19 @@ fn attach_injection(ebpf: &mut Ebpf, ports: &[u16]) -> Result<(), String> {
     Ok(())
 }
 
-/// Puts the selected processes running now into `TAPIR_SELECTED`, and the names into
-/// `TAPIR_SELECT_NAMES` (the kernel follows fork and exec from there). `late`: the probes
-/// are live, so a process added now may have fds cached as "not observed": its cache
-/// generation is bumped, as exec() would.
-fn seed_selection(ebpf: &mut Ebpf, selection: &Selection, late: bool) -> Result<(), LoadError> {
+/// Puts the chosen and left-out processes running now into `TAPIR_SELECTED`, and the
+/// names into `TAPIR_SELECT_NAMES` (the kernel follows fork, exec and exit from there);
+/// returns the pids put in. `earlier`: what the pass before the probes were attached put
+/// in. The probes are live now, so a process added late may have fds cached under the
+/// old answer: its cache generation is bumped, as exec() would; and an earlier entry of a
+/// process that exited before the exit hook was attached is removed (its pid could be
+/// given to an unrelated process).
+fn seed_selection(
+    ebpf: &mut Ebpf,
+    selection: &Selection,
+    earlier: Option<&[u32]>,
+) -> Result<Vec<u32>, LoadError> {
+    let late = earlier.is_some();
     use aya::maps::{Array, HashMap};
     fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map, LoadError> {
         ebpf.map_mut(name)
@@ -238,9 +264,9 @@ fn seed_selection(ebpf: &mut Ebpf, selection: &Selection, late: bool) -> Result<
         let mut names: HashMap<_, [u8; agent_common::select::COMM_LEN], u8> =
             HashMap::try_from(map(ebpf, names::SELECT_NAMES)?)
                 .map_err(|e| err(names::SELECT_NAMES, e))?;
-        for key in selection.comm_keys() {
+        for (key, why) in selection.comm_keys() {
             names
-                .insert(key, 1, 0)
+                .insert(key, why, 0)
                 .map_err(|e| err(names::SELECT_NAMES, e))?;
         }
     }
@@ -250,11 +276,31 @@ fn seed_selection(ebpf: &mut Ebpf, selection: &Selection, late: bool) -> Result<
             HashMap::try_from(map(ebpf, names::SELECTED)?).map_err(|e| err(names::SELECTED, e))?;
         let procs = scan_proc(std::path::Path::new("/proc"));
         if !late {
-            for pid in selection.missing_pids(&procs) {
+            let missing = selection.missing_pids(&procs);
+            if !missing.is_empty()
+                && missing.len() == selection.pids.len()
+                && selection.names.is_empty()
+            {
+                return Err(LoadError::Select(format!(
+                    "no process has the pid given with --pid ({}): nothing would be observed \
+                     (give a process id from `ps -e`, on the host's pid namespace)",
+                    missing
+                        .iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            for pid in missing {
                 tracing::warn!(
                     pid,
                     "--pid {pid}: no such process; nothing to observe for it"
                 );
+            }
+        }
+        for pid in earlier.unwrap_or_default() {
+            if !procs.iter().any(|p| p.pid == *pid) {
+                let _ = selected.remove(pid);
             }
         }
         for (pid, why) in selection.judge(&procs) {
@@ -262,14 +308,14 @@ fn seed_selection(ebpf: &mut Ebpf, selection: &Selection, late: bool) -> Result<
                 selected
                     .insert(pid, why, 0)
                     .map_err(|e| err(names::SELECTED, e))?;
-                added.push(pid);
+                added.push((pid, why));
             }
         }
     }
     if late && !added.is_empty() {
         let mut gens: HashMap<_, u32, u32> = HashMap::try_from(map(ebpf, "TAPIR_PROC_GEN")?)
             .map_err(|e| err("TAPIR_PROC_GEN", e))?;
-        for pid in &added {
+        for (pid, _) in &added {
             let next = gens.get(pid, 0).unwrap_or(0).wrapping_add(1);
             gens.insert(pid, next, 0)
                 .map_err(|e| err("TAPIR_PROC_GEN", e))?;
@@ -284,11 +330,21 @@ fn seed_selection(ebpf: &mut Ebpf, selection: &Selection, late: bool) -> Result<
             .map_err(|e| err("TAPIR_GEN_EPOCH", e))?;
     }
     if !late {
-        tracing::info!(
-            processes = added.len(),
-            "observing only the selected processes (--pid / --exe) and what they fork"
-        );
-        if added.is_empty() && !selection.names.is_empty() {
+        let left_out = added.iter().filter(|&&(_, why)| why == EXCLUDED).count();
+        if selection.is_selective() {
+            tracing::info!(
+                processes = added.len() - left_out,
+                "observing only the selected processes (--pid / --exe) and what they fork"
+            );
+        }
+        if !selection.excluded.is_empty() {
+            tracing::info!(
+                processes = left_out,
+                "leaving out {} and what they fork (--exclude-exe)",
+                selection.excluded.join(", ")
+            );
+        }
+        if added.len() == left_out && !selection.names.is_empty() {
             tracing::warn!(
                 "no running process matches --exe {}: nothing is observed until one is started",
                 selection.names.join(" --exe ")
@@ -300,7 +356,23 @@ fn seed_selection(ebpf: &mut Ebpf, selection: &Selection, late: bool) -> Result<
             "selected processes started during set-up"
         );
     }
-    Ok(())
+    Ok(added.into_iter().map(|(pid, _)| pid).collect())
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default()
+}
+
+/// Whether a kernel release string ("6.18.44-fc-v669") is at least `(major, minor)`; an
+/// unreadable one is not.
+fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let major = parts.next().and_then(|p| p.parse::<u32>().ok());
+    let minor = parts.next().and_then(|p| p.parse::<u32>().ok());
+    match (major, minor) {
+        (Some(major), Some(minor)) => (major, minor) >= want,
+        _ => false,
+    }
 }
 
 fn attach(ebpf: &mut Ebpf, probe: &Probe) -> Result<(), String> {
@@ -319,7 +391,18 @@ fn attach(ebpf: &mut Ebpf, probe: &Probe) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::wakeup_bytes_for;
+    use super::{kernel_at_least, wakeup_bytes_for};
+
+    #[test]
+    fn kernel_release_comparison() {
+        assert!(kernel_at_least("6.18.44-fc-v669\n", (6, 10)));
+        assert!(kernel_at_least("6.10.0", (6, 10)));
+        assert!(kernel_at_least("7.0.1", (6, 10)));
+        assert!(!kernel_at_least("6.9.12-arch1", (6, 10)));
+        assert!(!kernel_at_least("5.15.0-91-generic", (6, 10)));
+        assert!(!kernel_at_least("", (6, 10)));
+        assert!(!kernel_at_least("garbage", (6, 10)));
+    }
 
     #[test]
     fn wakeup_budget_is_a_share_of_the_ring_within_bounds() {

@@ -1,4 +1,4 @@
-//! Which processes are observed (`--pid`, `--exe`). The kernel keeps the answer per process
+//! Which processes are observed (`--pid`, `--exe`, `--exclude-exe`). The kernel keeps the answer per process
 //! (`TAPIR_SELECTED`) and follows fork and exec itself; this module seeds it from /proc with
 //! the processes that were running before Tapir started.
 use std::{
@@ -6,7 +6,20 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use agent_common::select::{BY_NAME, BY_PID, COMM_LEN};
+use agent_common::select::{BY_NAME, BY_PID, COMM_LEN, EXCLUDED};
+
+/// Programs left out unless the user says otherwise: telemetry collectors and other eBPF
+/// instrumentation agents. Observing a collector's OTLP/HTTP receiver would turn every
+/// export into a span of its own (as OBI's default exclusions also avoid).
+pub const DEFAULT_EXCLUDED: &[&str] = &[
+    "otelcol",
+    "otelcol-contrib",
+    "otelcol-k8s",
+    "otelcol-otlp",
+    "alloy",
+    "beyla",
+    "ebpf-instrument",
+];
 
 /// The user's choice of processes. Empty: every process on the host.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -16,6 +29,8 @@ pub struct Selection {
     /// Programs by file name (`nginx`, `python3`, `node`): processes whose executable or
     /// process name is one of these, and their forked children until they exec another.
     pub names: Vec<String>,
+    /// Programs never observed, matched like `names`; they win over `names` and `pids`.
+    pub excluded: Vec<String>,
 }
 
 /// What /proc says about one running process.
@@ -29,40 +44,69 @@ pub struct ProcEntry {
     pub exe_name: Option<String>,
 }
 
+/// Program names as given (`--exe`, `--exclude-exe`): a path counts for its file name
+/// (what exec() puts in the process name); repeats are dropped.
+fn program_names(flag: &str, given: &[String]) -> Result<Vec<String>, String> {
+    let mut kept: Vec<String> = Vec::new();
+    for n in given {
+        let base = n.trim().rsplit('/').next().unwrap_or_default();
+        if base.is_empty() {
+            return Err(format!(
+                "{flag} {n:?}: give a program's file name, e.g. {flag} nginx"
+            ));
+        }
+        if base.contains('\0') {
+            return Err(format!("{flag} {n:?}: a program name has no NUL byte"));
+        }
+        if !kept.iter().any(|k| k == base) {
+            kept.push(base.to_string());
+        }
+    }
+    Ok(kept)
+}
+
 impl Selection {
-    pub fn new(pids: Vec<u32>, names: &[String]) -> Result<Self, String> {
-        let mut kept = Vec::new();
-        for n in names {
-            // A path is accepted for its file name: what exec() puts in the process name.
-            let base = n.trim().rsplit('/').next().unwrap_or_default();
-            if base.is_empty() {
-                return Err(format!(
-                    "--exe {n:?}: give a program's file name, e.g. --exe nginx"
-                ));
-            }
-            if base.contains('\0') {
-                return Err(format!("--exe {n:?}: a program name has no NUL byte"));
-            }
-            if !kept.iter().any(|k: &String| k == base) {
-                kept.push(base.to_string());
+    /// `excluded`: `--exclude-exe` as given; a single `none` (or empty) value leaves
+    /// nothing out.
+    pub fn new(pids: Vec<u32>, names: &[String], excluded: &[String]) -> Result<Self, String> {
+        let excluded = match excluded {
+            [one] if one.trim().is_empty() || one.trim() == "none" => Vec::new(),
+            _ => program_names("--exclude-exe", excluded)?,
+        };
+        Ok(Self {
+            pids,
+            names: program_names("--exe", names)?,
+            excluded,
+        })
+    }
+
+    /// Only the chosen processes are observed (`--pid` or `--exe` given).
+    pub fn is_selective(&self) -> bool {
+        !self.pids.is_empty() || !self.names.is_empty()
+    }
+
+    /// Every process is observed: nothing chosen, nothing left out.
+    pub fn is_everything(&self) -> bool {
+        !self.is_selective() && self.excluded.is_empty()
+    }
+
+    /// The kernel's names to match at exec(), with what a match means (`BY_NAME` or
+    /// `EXCLUDED`; left out wins): each name's first 15 bytes, NUL-padded, as the kernel
+    /// stores a process name.
+    pub fn comm_keys(&self) -> Vec<([u8; COMM_LEN], u8)> {
+        let mut keys: Vec<([u8; COMM_LEN], u8)> = Vec::new();
+        let named = self.names.iter().map(|n| (n, BY_NAME));
+        for (n, why) in self.excluded.iter().map(|n| (n, EXCLUDED)).chain(named) {
+            let key = comm_key(n);
+            if !keys.iter().any(|(k, _)| *k == key) {
+                keys.push((key, why));
             }
         }
-        Ok(Self { pids, names: kept })
+        keys
     }
 
-    /// Every process is observed (no `--pid`, no `--exe`).
-    pub fn is_everything(&self) -> bool {
-        self.pids.is_empty() && self.names.is_empty()
-    }
-
-    /// The kernel's names to match at exec(): each name's first 15 bytes, NUL-padded, as
-    /// the kernel stores a process name.
-    pub fn comm_keys(&self) -> Vec<[u8; COMM_LEN]> {
-        self.names.iter().map(|n| comm_key(n)).collect()
-    }
-
-    fn name_matches(&self, p: &ProcEntry) -> bool {
-        self.names
+    fn name_matches(names: &[String], p: &ProcEntry) -> bool {
+        names
             .iter()
             .any(|n| p.exe_name.as_deref() == Some(n.as_str()) || comm_key(&p.comm) == comm_key(n))
     }
@@ -88,9 +132,11 @@ impl Selection {
         procs
             .iter()
             .filter_map(|p| {
-                if descends_from_named(p.pid) {
+                if Self::name_matches(&self.excluded, p) {
+                    Some((p.pid, EXCLUDED))
+                } else if descends_from_named(p.pid) {
                     Some((p.pid, BY_PID))
-                } else if self.name_matches(p) {
+                } else if Self::name_matches(&self.names, p) {
                     Some((p.pid, BY_NAME))
                 } else {
                     None
@@ -198,7 +244,7 @@ mod tests {
     fn names_match_the_executable_or_the_process_name() {
         let names = |n: &[&str]| {
             let n: Vec<String> = n.iter().map(|s| s.to_string()).collect();
-            Selection::new(vec![], &n).unwrap()
+            Selection::new(vec![], &n, &[]).unwrap()
         };
         let got = names(&["nginx"]).judge(&host());
         assert_eq!(pids(&got), [100, 101, 102]);
@@ -219,35 +265,63 @@ mod tests {
 
     #[test]
     fn a_named_pid_brings_its_descendants() {
-        let s = Selection::new(vec![100, 200], &[]).unwrap();
+        let s = Selection::new(vec![100, 200], &[], &[]).unwrap();
         let got = s.judge(&host());
         assert_eq!(pids(&got), [100, 101, 102, 200, 201]);
         assert!(got.iter().all(|&(_, why)| why == BY_PID));
         // Named by pid wins over named by name (exec keeps it selected).
-        let s = Selection::new(vec![100], &["nginx".into()]).unwrap();
+        let s = Selection::new(vec![100], &["nginx".into()], &[]).unwrap();
         assert!(s.judge(&host()).iter().all(|&(_, why)| why == BY_PID));
         // A pid /proc does not list is reported, not selected; a parent loop ends.
         let looped = vec![entry(7, 8, "a", None), entry(8, 7, "b", None)];
-        let s = Selection::new(vec![9], &[]).unwrap();
+        let s = Selection::new(vec![9], &[], &[]).unwrap();
         assert!(s.judge(&looped).is_empty());
         assert_eq!(s.missing_pids(&looped), [9]);
-        let s = Selection::new(vec![7], &[]).unwrap();
+        let s = Selection::new(vec![7], &[], &[]).unwrap();
         assert_eq!(pids(&s.judge(&looped)), [7, 8]);
         assert!(s.missing_pids(&looped).is_empty());
     }
 
     #[test]
     fn bad_names_are_refused_and_repeats_dropped() {
-        assert!(Selection::new(vec![], &["".into()]).is_err());
-        assert!(Selection::new(vec![], &["/usr/bin/".into()]).is_err());
-        let s = Selection::new(vec![], &["nginx".into(), "/sbin/nginx".into()]).unwrap();
+        assert!(Selection::new(vec![], &["".into()], &[]).is_err());
+        assert!(Selection::new(vec![], &["/usr/bin/".into()], &[]).is_err());
+        let s = Selection::new(vec![], &["nginx".into(), "/sbin/nginx".into()], &[]).unwrap();
         assert_eq!(s.names, ["nginx"]);
         assert!(!s.is_everything());
         assert!(Selection::default().is_everything());
-        let keys = Selection::new(vec![], &["a-very-long-program-name".into()])
+        let keys = Selection::new(vec![], &["a-very-long-program-name".into()], &[])
             .unwrap()
             .comm_keys();
-        assert_eq!(&keys[0][..], b"a-very-long-pro\0");
+        assert_eq!(keys, [(*b"a-very-long-pro\0", BY_NAME)]);
+    }
+
+    #[test]
+    fn left_out_programs_win_and_can_be_cleared() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // Left out wins over a name and over a pid (and its descendants' pid rule).
+        let s = Selection::new(vec![100], &names(&["nginx", "wrk"]), &names(&["nginx"])).unwrap();
+        let got = s.judge(&host());
+        assert!(got.contains(&(100, EXCLUDED)) && got.contains(&(101, EXCLUDED)));
+        assert!(got.contains(&(300, BY_NAME)));
+        assert_eq!(
+            s.comm_keys(),
+            [(comm_key("nginx"), EXCLUDED), (comm_key("wrk"), BY_NAME)]
+        );
+        // Leaving out alone is not selective: everything else is observed.
+        let s = Selection::new(vec![], &[], &names(&["python3.11"])).unwrap();
+        assert!(!s.is_selective() && !s.is_everything());
+        assert_eq!(s.judge(&host()), [(200, EXCLUDED)]);
+        // `none` or an empty value clears the list; any other empty name is an error.
+        for clear in ["none", ""] {
+            let s = Selection::new(vec![], &[], &names(&[clear])).unwrap();
+            assert!(s.is_everything());
+        }
+        assert!(Selection::new(vec![], &[], &names(&["a", ""])).is_err());
+        let defaults = names(DEFAULT_EXCLUDED);
+        let s = Selection::new(vec![], &[], &defaults).unwrap();
+        assert_eq!(s.excluded.len(), DEFAULT_EXCLUDED.len());
+        assert!(s.comm_keys().iter().all(|&(_, why)| why == EXCLUDED));
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub struct CaptureArgs {
     #[arg(long, env = "TAPIR_MAX_CONNECTIONS", default_value_t = 65536)]
     pub max_connections: u32,
     /// Only observe this process and the processes it forks (repeatable; default: every
-    /// process). Others cost one map lookup per syscall in the kernel and nothing more.
+    /// process). Others' socket syscalls stop at a map lookup in the kernel.
     #[arg(long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
     /// Only observe processes running this program, by file name: the executable's
@@ -62,6 +62,18 @@ pub struct CaptureArgs {
         value_delimiter = ','
     )]
     pub exe_names: Vec<String>,
+    /// Never observe processes running this program (matched as for --exe; repeatable, or
+    /// comma-separated). Wins over --exe and --pid. Replaces the default list, telemetry
+    /// collectors and eBPF agents, whose OTLP/HTTP receivers would otherwise turn every
+    /// export into a span; `--exclude-exe none` observes them too.
+    #[arg(
+        long = "exclude-exe",
+        value_name = "NAME",
+        env = "TAPIR_EXCLUDE_EXE",
+        value_delimiter = ',',
+        default_values_t = tapir::select::DEFAULT_EXCLUDED.iter().map(|s| s.to_string())
+    )]
+    pub exclude_exe_names: Vec<String>,
 }
 
 impl CaptureArgs {
@@ -70,8 +82,8 @@ impl CaptureArgs {
     pub fn load_options(&self, inject: &InjectArgs, ports: &[u16]) -> Result<LoadOptions> {
         let mut inject_ports = inject.inject_ports.clone();
         inject_ports.extend_from_slice(ports);
-        let selection =
-            Selection::new(self.pids.clone(), &self.exe_names).map_err(anyhow::Error::msg)?;
+        let selection = Selection::new(self.pids.clone(), &self.exe_names, &self.exclude_exe_names)
+            .map_err(anyhow::Error::msg)?;
         Ok(LoadOptions {
             capture_bytes: self.capture_bytes,
             ringbuf_bytes: self.ringbuf_bytes,
