@@ -129,14 +129,37 @@ impl Selection {
             }
             false
         };
+        let by_pid: HashMap<u32, &ProcEntry> = procs.iter().map(|p| (p.pid, p)).collect();
+        // `p`, or an ancestor it was forked from without an exec since (the same
+        // executable), runs one of `names`: a worker that renamed itself (setproctitle) is
+        // still its master's program, as the fork hook would have said.
+        let runs = |names: &[String], p: &ProcEntry| {
+            let mut cur = p;
+            for _ in 0..64 {
+                if Self::name_matches(names, cur) {
+                    return true;
+                }
+                match by_pid.get(&cur.ppid) {
+                    Some(parent)
+                        if parent.pid != cur.pid
+                            && parent.exe_name.is_some()
+                            && parent.exe_name == p.exe_name =>
+                    {
+                        cur = parent
+                    }
+                    _ => return false,
+                }
+            }
+            false
+        };
         procs
             .iter()
             .filter_map(|p| {
-                if Self::name_matches(&self.excluded, p) {
+                if runs(&self.excluded, p) {
                     Some((p.pid, EXCLUDED))
                 } else if descends_from_named(p.pid) {
                     Some((p.pid, BY_PID))
-                } else if Self::name_matches(&self.names, p) {
+                } else if runs(&self.names, p) {
                     Some((p.pid, BY_NAME))
                 } else {
                     None
@@ -261,6 +284,26 @@ mod tests {
         // Not a prefix or substring match.
         assert!(names(&["ngin", "nginx2", "pyth"]).judge(&host()).is_empty());
         assert_eq!(pids(&names(&["wrk", "dash"]).judge(&host())), [201, 300]);
+    }
+
+    #[test]
+    fn renamed_workers_follow_their_master_but_exec_children_do_not() {
+        let procs = vec![
+            entry(1, 0, "systemd", Some("systemd")),
+            entry(500, 1, "gunicorn", Some("python3.11")),
+            // setproctitle renamed the forked workers; same executable as the master.
+            entry(501, 500, "gunicorn: worke", Some("python3.11")),
+            entry(502, 501, "gunicorn: worke", Some("python3.11")),
+            // exec'd another program.
+            entry(503, 500, "sh", Some("dash")),
+            // An unrelated python.
+            entry(600, 1, "python3", Some("python3.11")),
+        ];
+        let s = Selection::new(vec![], &["gunicorn".into()], &[]).unwrap();
+        assert_eq!(pids(&s.judge(&procs)), [500, 501, 502]);
+        let s = Selection::new(vec![], &[], &["gunicorn".into()]).unwrap();
+        assert_eq!(pids(&s.judge(&procs)), [500, 501, 502]);
+        assert!(s.judge(&procs).iter().all(|&(_, why)| why == EXCLUDED));
     }
 
     #[test]
