@@ -11,29 +11,33 @@ use crate::{
     sock::{resolve_fd, FdKind},
 };
 
-/// The process's fd generation. Each CPU keeps the last answer: consecutive syscalls on a
-/// CPU are mostly the same process, and the epoch check is a plain load where the
-/// `PROC_GEN` lookup was a hash lookup per syscall.
+/// The process's fd generation, and whether it is observed. Each CPU keeps the last
+/// answer: consecutive syscalls on a CPU are mostly the same process, and the epoch check
+/// is a plain load where the `PROC_GEN` lookup was a hash lookup per syscall. Whatever
+/// changes a process's selection bumps the epoch (exec, exit, the agent's late seeding)
+/// or concerns a process that has not run yet (fork).
 #[inline(always)]
-pub fn current_gen(tgid: u32) -> u32 {
+pub fn current_gen(tgid: u32) -> (u32, bool) {
     let Some(epoch) = GEN_EPOCH.get_ptr(0) else {
-        return proc_gen(tgid);
+        return (proc_gen(tgid), observed(tgid));
     };
     // SAFETY: the single slot of an array map; read once, before PROC_GEN (see bump_gen).
     let epoch = unsafe { core::ptr::read_volatile(epoch) };
     let Some(cpu) = CPU_STATE.get_ptr_mut(0) else {
-        return proc_gen(tgid);
+        return (proc_gen(tgid), observed(tgid));
     };
     // SAFETY: this CPU's slot.
     let cpu = unsafe { &mut *cpu };
     if cpu.gen_tgid == tgid && cpu.gen_epoch == epoch {
-        return cpu.gen;
+        return (cpu.gen, cpu.gen_observed != 0);
     }
     let gen = proc_gen(tgid);
+    let seen = observed(tgid);
     cpu.gen_tgid = tgid;
     cpu.gen = gen;
     cpu.gen_epoch = epoch;
-    gen
+    cpu.gen_observed = u32::from(seen);
+    (gen, seen)
 }
 
 #[inline(always)]
@@ -64,7 +68,12 @@ pub fn bump_gen(tgid: u32) {
 #[inline(always)]
 pub fn lookup_tcp(tgid: u32, fd: u32) -> Option<*mut ConnState> {
     let key = ConnKey { tgid, fd };
-    let gen = current_gen(tgid);
+    let (gen, seen) = current_gen(tgid);
+    if !seen {
+        // Left out (--pid/--exe/--exclude-exe): no lookup, and no cache entry that could
+        // push an observed connection out of the LRU.
+        return None;
+    }
     if let Some(state) = CONNS.get_ptr_mut(key) {
         // SAFETY: pointer from a successful lookup.
         let s = unsafe { &*state };
@@ -76,14 +85,8 @@ pub fn lookup_tcp(tgid: u32, fd: u32) -> Option<*mut ConnState> {
             };
         }
     }
-    // First sight of this fd (or a stale entry): classify it once. A process that is not
-    // observed caches every fd as "not TCP", so its syscalls stop at the lookup above.
-    let kind = if observed(tgid) {
-        resolve_fd(fd)
-    } else {
-        FdKind::Other
-    };
-    match kind {
+    // First sight of this fd (or a stale entry): classify it once.
+    match resolve_fd(fd) {
         FdKind::Tcp { sock_id, tuple } => {
             let state = ConnState {
                 sock_id,
@@ -128,7 +131,7 @@ pub fn track_new(tgid: u32, fd: u32, role: Role) -> bool {
             let state = ConnState {
                 sock_id,
                 flags: CONN_TCP,
-                gen: current_gen(tgid),
+                gen: current_gen(tgid).0,
                 role: role as u8,
                 local_port: tuple.local_port,
                 remote_port: tuple.remote_port,

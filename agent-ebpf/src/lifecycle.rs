@@ -133,11 +133,12 @@ pub fn tapir_enter_close_range(_ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn tapir_sched_exec(ctx: TracePointContext) -> u32 {
     let (_, tgid) = current();
-    bump_gen(tgid);
     if choosing() {
         take_over_thread_entry(&ctx, tgid);
         reselect_at_exec(tgid);
     }
+    // After the selection changed: CPUs cache it with the generation.
+    bump_gen(tgid);
     0
 }
 

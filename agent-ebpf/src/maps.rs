@@ -235,6 +235,10 @@ pub struct CpuState {
     pub gen_tgid: u32,
     pub gen: u32,
     pub gen_epoch: u64,
+    /// Whether `gen_tgid` is observed ([`observed`]), read with its generation: a left-out
+    /// process's syscalls then end here, without a connection lookup or cache entry.
+    pub gen_observed: u32,
+    pub _pad: u32,
 }
 
 /// Bumped after every change to `PROC_GEN`: a CPU's cached generation is valid while the
