@@ -128,8 +128,9 @@ pub fn tapir_enter_close_range(_ctx: TracePointContext) -> u32 {
     0
 }
 
-/// sched/sched_process_exec: CLOEXEC fds are gone without a close(). With `--exe`, the
-/// process is judged again by its new name (`comm` is the new program's file name now).
+/// sched/sched_process_exec: CLOEXEC fds are gone without a close(). With `--exe` or
+/// `--exclude-exe`, the process is judged again by its new name (`comm` is the new
+/// program's file name now).
 #[tracepoint]
 pub fn tapir_sched_exec(ctx: TracePointContext) -> u32 {
     let (_, tgid) = current();
@@ -194,8 +195,9 @@ fn reselect_at_exec(tgid: u32) {
 }
 
 /// sched/sched_process_fork: children of an observed process are observed (nginx and
-/// gunicorn workers, Node cluster), children of a left-out one are left out. A new thread lands here too; its entry is harmless
-/// (lookups are by tgid) and leaves when the thread exits.
+/// gunicorn workers, Node cluster), children of a left-out one are left out. A new thread
+/// lands here too; its entry is harmless (lookups are by tgid) and leaves when the thread
+/// exits.
 #[tracepoint]
 pub fn tapir_sched_fork(ctx: TracePointContext) -> u32 {
     if !choosing() {
