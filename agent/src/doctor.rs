@@ -165,6 +165,23 @@ pub fn check_host() -> Vec<Check> {
         without: "",
         core: false,
     });
+    let sockops_pid = loader::kernel_at_least(&kernel_release(), (6, 10));
+    checks.push(Check {
+        feature: "sock_ops knows the connecting process".into(),
+        status: if sockops_pid {
+            Status::Ok
+        } else {
+            Status::Missing
+        },
+        detail: if sockops_pid {
+            "Linux 6.10 or later".into()
+        } else {
+            "needs Linux 6.10 (bpf_get_current_pid_tgid in sock_ops)".into()
+        },
+        without: "connections of processes left out by --exe/--pid/--exclude-exe are still \
+                  claimed for injection (~5 µs each), though never injected into",
+        core: false,
+    });
     let btf_path = Path::new("/sys/kernel/btf/vmlinux");
     let (status, detail) = if !btf_path.exists() {
         (

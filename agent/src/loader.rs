@@ -365,7 +365,7 @@ fn kernel_release() -> String {
 
 /// Whether a kernel release string ("6.18.44-fc-v669") is at least `(major, minor)`; an
 /// unreadable one is not.
-fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
+pub(crate) fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
     let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
     let major = parts.next().and_then(|p| p.parse::<u32>().ok());
     let minor = parts.next().and_then(|p| p.parse::<u32>().ok());
