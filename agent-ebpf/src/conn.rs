@@ -123,7 +123,8 @@ pub fn lookup_tcp(tgid: u32, fd: u32) -> Option<*mut ConnState> {
 /// cached for that fd number.
 #[inline(always)]
 pub fn track_new(tgid: u32, fd: u32, role: Role) -> bool {
-    if !observed(tgid) {
+    let (gen, seen) = current_gen(tgid);
+    if !seen {
         return false;
     }
     match resolve_fd(fd) {
@@ -131,7 +132,7 @@ pub fn track_new(tgid: u32, fd: u32, role: Role) -> bool {
             let state = ConnState {
                 sock_id,
                 flags: CONN_TCP,
-                gen: current_gen(tgid).0,
+                gen,
                 role: role as u8,
                 local_port: tuple.local_port,
                 remote_port: tuple.remote_port,

@@ -133,8 +133,10 @@ pub fn tapir_sock_ops(ctx: SockOpsContext) -> u32 {
     // Every TCP socket of the host comes here about ten times per connection (timeouts,
     // windows, ECN, establishment...): leave before reading anything else.
     let op = ctx.op();
+    // Left-out clients are recognised at connect() and not claimed (see INJ_SKIP).
+    let skip_left_out = choosing() && sockops_pid();
     if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
-        || (op == BPF_SOCK_OPS_TCP_CONNECT_CB && choosing() && sockops_pid())
+        || (op == BPF_SOCK_OPS_TCP_CONNECT_CB && skip_left_out)
     {
         let rport = (u32::from_be(o.remote_port) & 0xffff) as u16;
         // SAFETY: plain lookup.
@@ -167,19 +169,15 @@ pub fn tapir_sock_ops(ctx: SockOpsContext) -> u32 {
             o.remote_ip6[3],
         ];
     }
-    // Only reached when sockops_pid() holds: older kernels reject the helper here, and the
-    // branch is dead code for their verifier (the loader freezes the flag).
+    // Only reached when skip_left_out holds: older kernels reject the helper here, and the
+    // branch is dead code for their verifier (the loader freezes the flags).
     if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
         if !observed((bpf_get_current_pid_tgid() >> 32) as u32) {
             let _ = INJ_SKIP.insert(&key, &1, 0);
         }
         return 1;
     }
-    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
-        && choosing()
-        && sockops_pid()
-        && INJ_SKIP.remove(&key).is_ok()
-    {
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && skip_left_out && INJ_SKIP.remove(&key).is_ok() {
         count(c::NOT_OBSERVED);
         return 1;
     }

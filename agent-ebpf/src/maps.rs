@@ -91,8 +91,8 @@ pub fn choosing() -> bool {
     selective() || unsafe { core::ptr::read_volatile(&TAPIR_EXCLUDING) != 0 }
 }
 
-/// Whether the process's traffic is captured. Asked only when a connection is first seen
-/// (its answer is cached with the fd), so the per-syscall path pays nothing for it.
+/// Whether the process's traffic is captured. The data path asks through
+/// `conn::current_gen`, which caches the answer per CPU with the fd generation.
 #[inline(always)]
 pub fn observed(tgid: u32) -> bool {
     if !choosing() {

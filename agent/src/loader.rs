@@ -145,7 +145,7 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
         )
         .override_global(
             "TAPIR_SOCKOPS_PID",
-            &u32::from(kernel_at_least(&kernel_release(), (6, 10))),
+            &u32::from(kernel_at_least(&crate::doctor::kernel_release(), (6, 10))),
             true,
         )
         .map_max_entries(names::EVENTS, opts.ringbuf_bytes)
@@ -357,10 +357,6 @@ fn seed_selection(
         );
     }
     Ok(added.into_iter().map(|(pid, _)| pid).collect())
-}
-
-fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default()
 }
 
 /// Whether a kernel release string ("6.18.44-fc-v669") is at least `(major, minor)`; an

@@ -115,21 +115,20 @@ impl Selection {
     /// A named pid's descendants are observed too: they were forked before Tapir could
     /// follow the fork (nginx's workers when `--pid` names the master).
     pub fn judge(&self, procs: &[ProcEntry]) -> Vec<(u32, u8)> {
-        let parent: HashMap<u32, u32> = procs.iter().map(|p| (p.pid, p.ppid)).collect();
+        let by_pid: HashMap<u32, &ProcEntry> = procs.iter().map(|p| (p.pid, p)).collect();
         let descends_from_named = |mut pid: u32| {
             // Bounded: a parent loop in a racy /proc snapshot must not hang the agent.
             for _ in 0..64 {
                 if self.pids.contains(&pid) {
                     return true;
                 }
-                match parent.get(&pid) {
-                    Some(&pp) if pp != 0 && pp != pid => pid = pp,
+                match by_pid.get(&pid).map(|p| p.ppid) {
+                    Some(pp) if pp != 0 && pp != pid => pid = pp,
                     _ => return false,
                 }
             }
             false
         };
-        let by_pid: HashMap<u32, &ProcEntry> = procs.iter().map(|p| (p.pid, p)).collect();
         // `p`, or an ancestor it was forked from without an exec since (the same
         // executable), runs one of `names`: a worker that renamed itself (setproctitle) is
         // still its master's program, as the fork hook would have said.
