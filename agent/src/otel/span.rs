@@ -188,12 +188,23 @@ pub fn parse_host(host: &str) -> Option<(String, Option<u16>)> {
 
 /// [`parse_host`] without allocating: the host is a slice of `host`.
 pub fn parse_host_ref(host: &str) -> Option<(&str, Option<u16>)> {
+    // Every exchange of a client comes here: one pass for the usual Host (visible ASCII,
+    // no '/'), which has nothing to trim or reject.
+    let b = host.as_bytes();
+    if (1..=255).contains(&b.len()) && b.iter().all(|&c| (0x21..0x7f).contains(&c) && c != b'/') {
+        return split_host_port(host);
+    }
+    parse_host_general(host)
+}
+
+/// [`parse_host_ref`] for any input: trims, and rejects whitespace or '/' inside.
+fn parse_host_general(host: &str) -> Option<(&str, Option<u16>)> {
     let h = host.trim();
     if h.is_empty() || h.len() > 255 {
         return None;
     }
-    // Byte-wise for ASCII (every exchange of a client comes here, twice); `char` decoding
-    // only for the rare non-ASCII Host. ASCII whitespace as `char::is_whitespace` has it.
+    // Byte-wise for ASCII; `char` decoding only for the rare non-ASCII Host. ASCII
+    // whitespace as `char::is_whitespace` has it.
     let rejected = if h.is_ascii() {
         h.bytes()
             .any(|b| b.is_ascii_whitespace() || b == 0x0b || b == b'/')
@@ -203,6 +214,11 @@ pub fn parse_host_ref(host: &str) -> Option<(&str, Option<u16>)> {
     if rejected {
         return None;
     }
+    split_host_port(h)
+}
+
+/// `name`, `name:port` or `[v6]:port`, already trimmed and free of whitespace and '/'.
+fn split_host_port(h: &str) -> Option<(&str, Option<u16>)> {
     if let Some(rest) = h.strip_prefix('[') {
         let (addr, after) = rest.split_once(']')?;
         addr.parse::<std::net::Ipv6Addr>().ok()?;
@@ -691,6 +707,15 @@ pub(crate) mod tests {
         assert_eq!(kernel_ids(&sv), None);
         sv.trace = None;
         assert_eq!(kernel_ids(&sv), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn host_fast_path_agrees_with_the_general_one(
+            host in "[a-z0-9.:\\[\\] /\t\u{0}-\u{1f}\u{7f}é\u{a0}]{0,24}"
+        ) {
+            proptest::prop_assert_eq!(parse_host_ref(&host), parse_host_general(&host));
+        }
     }
 
     #[test]
