@@ -21,6 +21,7 @@
 //! target/bench/results.json, logs in target/bench/work/. Environment: `TAPIR_BENCH_BIN`
 //! benchmarks another tapir binary; `TAPIR_BENCH_PROFILE=0|1` skips or forces the callgrind
 //! profile (default: full runs only). BENCHMARKS.md says how to read the numbers.
+mod rate;
 mod services;
 mod stats;
 mod sys;
@@ -78,6 +79,9 @@ struct Config {
     sampled: bool,
     /// Also run the agent observing nginx alone (`--exe nginx`) in each pair.
     nginx_only: bool,
+    /// Fixed-rate keep-alive (1b): baseline/agent pairs, seconds per run.
+    rate_pairs: usize,
+    rate_secs: u32,
 }
 
 impl Config {
@@ -107,6 +111,8 @@ impl Config {
                 capture_only: true,
                 sampled: true,
                 nginx_only: true,
+                rate_pairs: 2,
+                rate_secs: 3,
             }
         } else {
             Self {
@@ -130,6 +136,8 @@ impl Config {
                 capture_only: true,
                 sampled: true,
                 nginx_only: true,
+                rate_pairs: 5,
+                rate_secs: 8,
             }
         }
     }
@@ -231,7 +239,7 @@ pub fn run(root: &Path, bin: &Path, quick: bool) -> Result<()> {
         agents_started: 0,
         mine,
     };
-    let result = run_all(&mut ctx, &tools.replay);
+    let result = run_all(&mut ctx, &tools);
     let Ctx {
         nginx, receiver, ..
     } = ctx;
@@ -265,6 +273,7 @@ struct Results {
     machine: Value,
     config: Value,
     keepalive: Option<LoadBench>,
+    fixed_rate: Option<rate::RateBench>,
     close: Option<LoadBench>,
     pipeline: Vec<Value>,
     pipeline_profiles: Vec<Profile>,
@@ -272,7 +281,8 @@ struct Results {
     errors: Vec<String>,
 }
 
-fn run_all(ctx: &mut Ctx, replay_bin: &Path) -> Result<Results> {
+fn run_all(ctx: &mut Ctx, tools: &BenchTools) -> Result<Results> {
+    let replay_bin = &tools.replay;
     let mut res = Results {
         config: serde_json::to_value(&ctx.cfg)?,
         ..Default::default()
@@ -287,6 +297,17 @@ fn run_all(ctx: &mut Ctx, replay_bin: &Path) -> Result<Results> {
     };
     attempt("1) keep-alive", &mut res, &mut |r| {
         r.keepalive = Some(load_bench(ctx, false)?);
+        Ok(())
+    });
+    attempt("1b) keep-alive at a fixed rate", &mut res, &mut |r| {
+        // A share of what nginx managed without the agent: well below saturation.
+        let rate = r
+            .keepalive
+            .as_ref()
+            .map(|k| k.base_rps.median * rate::RATE_SHARE)
+            .filter(|v| v.is_finite() && *v >= 1000.0)
+            .map_or(rate::FALLBACK_RATE, |v| (v / 1000.0).round() as u32 * 1000);
+        r.fixed_rate = Some(rate::rate_bench(ctx, &tools.load, rate)?);
         Ok(())
     });
     attempt("2) Connection: close", &mut res, &mut |r| {
@@ -771,6 +792,8 @@ struct BenchTools {
     replay: PathBuf,
     /// `tapir-otlp-sink`: the counting OTLP/gRPC receiver.
     sink: PathBuf,
+    /// `tapir-load`: fixed-rate load.
+    load: PathBuf,
 }
 
 fn build_bench_tools(root: &Path) -> Result<BenchTools> {
@@ -778,13 +801,15 @@ fn build_bench_tools(root: &Path) -> Result<BenchTools> {
         Command::new(crate::cargo())
             .args(["build", "--release", "-p", "tapir"])
             .args(["--bin", "tapir-replay", "--bin", "tapir-otlp-sink"])
+            .args(["--bin", "tapir-load"])
             .env("TAPIR_EBPF_OBJECT", crate::ebpf_object(root))
             .current_dir(root),
-        "building tapir-replay and tapir-otlp-sink (the benchmark's tools)",
+        "building tapir-replay, tapir-otlp-sink and tapir-load (the benchmark's tools)",
     )?;
     Ok(BenchTools {
         replay: root.join("target/release/tapir-replay"),
         sink: root.join("target/release/tapir-otlp-sink"),
+        load: root.join("target/release/tapir-load"),
     })
 }
 
@@ -1385,6 +1410,24 @@ fn render(r: &Results) -> String {
             .map(|v| v <= TARGET_ADDED_P99_US),
         ka.is_some_and(|b| straddles(&b.agent.p99_added_us, TARGET_ADDED_P99_US)),
     );
+    // The same limit below saturation (1b), where latency is not throughput lost.
+    let fr = r.fixed_rate.as_ref();
+    target(
+        "… and at a fixed rate below saturation (1b)",
+        fr.map_or("n/a".into(), |b| {
+            let mut s = format!("{} µs at {} req/s", b.agent.p99_added_us.show(0), b.rate);
+            if b.nginx_only.p99_added_us.n > 0 {
+                s += &format!(
+                    "; nginx alone observed (`--exe nginx`): {} µs",
+                    b.nginx_only.p99_added_us.show(0)
+                );
+            }
+            s
+        }),
+        fr.and_then(|b| fin(&b.agent.p99_added_us))
+            .map(|v| v <= TARGET_ADDED_P99_US),
+        fr.is_some_and(|b| straddles(&b.agent.p99_added_us, TARGET_ADDED_P99_US)),
+    );
     let pipe_otel = r
         .pipeline
         .iter()
@@ -1427,6 +1470,9 @@ fn render(r: &Results) -> String {
             "1) nginx keep-alive, small responses",
             "request",
         );
+    }
+    if let Some(b) = &r.fixed_rate {
+        rate::table(&mut md, b);
     }
     if let Some(b) = &r.close {
         load_table(
