@@ -15,7 +15,6 @@ pub mod http;
 pub mod loader;
 pub mod otel;
 pub mod pipeline;
-pub mod priority;
 pub mod probes;
 pub mod process;
 pub mod rearm;

@@ -13,7 +13,6 @@ use tapir::{
     exchange::CapturedExchange,
     otel::{EnvSettings, OtelConfig, OtelStats, OtlpProtocol, RoutePattern, Telemetry},
     pipeline::{ExchangeSink, Filter, Pipeline},
-    priority::Yielding,
     stats::Stats,
 };
 
@@ -28,16 +27,6 @@ pub enum Exporter {
     Console,
     /// Nothing (e.g. with only --prometheus-port).
     None,
-}
-
-/// The scheduling class of the agent's threads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum CpuPriority {
-    /// SCHED_IDLE: the observed services preempt the agent whenever they wake; raised to
-    /// normal while its backlog grows (a busy host), so nothing is lost.
-    Idle,
-    /// SCHED_OTHER, like any other process.
-    Normal,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -61,18 +50,6 @@ pub struct RunArgs {
         default_value = "otlp"
     )]
     pub exporters: Vec<Exporter>,
-    /// Scheduling class of the agent's threads. idle: they run on CPU time the observed
-    /// services leave, so an export or a drain never delays a request; on a host with no
-    /// time to spare they are raised to normal until their backlog clears. normal: like
-    /// any process.
-    #[arg(
-        long,
-        value_name = "CLASS",
-        env = "TAPIR_CPU_PRIORITY",
-        value_enum,
-        default_value = "idle"
-    )]
-    pub cpu_priority: CpuPriority,
     /// OTLP collector URL, e.g. http://collector:4317 (gRPC) or http://collector:4318
     /// (HTTP; /v1/traces and /v1/metrics are appended). Overrides OTEL_EXPORTER_OTLP_*ENDPOINT.
     /// Default: from the environment, else localhost:4318 (or :4317 for grpc).
@@ -179,7 +156,6 @@ impl ExchangeSink for Sink {
 struct Gauged {
     pipeline: Pipeline<Sink>,
     otel: Arc<OtelStats>,
-    yielding: Arc<Yielding>,
 }
 
 impl RecordSink for Gauged {
@@ -188,7 +164,6 @@ impl RecordSink for Gauged {
     }
 
     fn on_idle(&mut self) {
-        self.yielding.drained();
         self.pipeline.on_idle();
         self.otel.connections_tracked.store(
             self.pipeline.tracked_connections() as u64,
@@ -200,18 +175,9 @@ impl RecordSink for Gauged {
 pub fn run(args: RunArgs) -> Result<ExitCode> {
     // Two workers: span building/export and metrics never compete with the capture thread
     // for more than that.
-    // Idle-class threads unless --cpu-priority normal (see `tapir::priority`).
-    let yielding = Yielding::new();
-    let idle = args.cpu_priority == CpuPriority::Idle;
-    let y = yielding.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("tapir-export")
-        .on_thread_start(move || {
-            if idle {
-                y.register_current_thread();
-            }
-        })
         .enable_all()
         .build()
         .context("starting the export runtime")?;
@@ -241,29 +207,14 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let max_conns = args.capture.max_connections as usize;
     let st = stats.clone();
     let os = otel_stats.clone();
-    let y = yielding.clone();
     let capture = CaptureThread::spawn(move |stop| {
-        if idle {
-            y.register_current_thread();
-        }
         let mut pipeline = Pipeline::new(max_conns, filter, st.clone(), sink);
         maps.install(&mut pipeline, st);
-        let mut sink = Gauged {
-            pipeline,
-            otel: os,
-            yielding: y,
-        };
+        let mut sink = Gauged { pipeline, otel: os };
         drain_loop(ring, &mut sink, &stop, logger);
         sink.pipeline.read_kernel_counters();
         // The OTLP sink goes with the pipeline; `Telemetry::shutdown` flushes the queue.
     })?;
-    if idle {
-        yielding.drained();
-        let fill = telemetry.as_ref().and_then(Telemetry::span_fill);
-        yielding
-            .watch(move || fill.as_ref().map_or((0, 0), |f| f()))
-            .context("starting the priority watchdog")?;
-    }
     let signals = {
         let _guard = rt.enter();
         super::ShutdownSignals::register()?
@@ -284,12 +235,6 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         t.shutdown(&rt);
     }
     super::log_final_counts(&stats);
-    if idle {
-        tracing::info!(
-            times = yielding.raises.load(Ordering::Relaxed),
-            "agent threads raised to normal priority (idle class otherwise) while the host's CPUs had no time to spare"
-        );
-    }
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(ExitCode::SUCCESS)
 }

@@ -564,12 +564,6 @@ impl Telemetry {
 
     /// Flushes everything: call after the capture thread stopped (its sink is dropped, so
     /// the channel drains and closes). Waits at most the shutdown timeout for the collector.
-    /// The span queue's length and capacity, when spans are exported.
-    pub fn span_fill(&self) -> Option<impl Fn() -> (usize, usize) + Send + 'static> {
-        let q = self.queue.clone()?;
-        Some(move || q.fill())
-    }
-
     pub fn shutdown(self, rt: &tokio::runtime::Runtime) {
         let Self {
             span_loop,

@@ -185,12 +185,6 @@ impl<T> SharedQueue<T> {
         self.lock().len()
     }
 
-    /// Spans queued, and how many fit.
-    pub fn fill(&self) -> (usize, usize) {
-        let q = self.lock();
-        (q.len(), q.cap)
-    }
-
     pub fn is_empty(&self) -> bool {
         self.lock().is_empty()
     }
