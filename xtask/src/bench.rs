@@ -471,7 +471,7 @@ fn one_run(ctx: &mut Ctx, close: bool, variant: Variant, pair: usize) -> Result<
         (ctx.cfg.ka_secs, ctx.cfg.ka_conns)
     };
     let waited = wait_quiet(ctx.cfg.quiet_wait_s);
-    let agent = if agent_on {
+    let mut agent = if agent_on {
         ctx.agents_started += 1;
         let log = ctx.work.join(format!(
             "agent-{:02}-{}{}.log",
@@ -515,15 +515,7 @@ fn one_run(ctx: &mut Ctx, close: bool, variant: Variant, pair: usize) -> Result<
     );
     let w = wrk(&ctx.nginx.url(), conns, secs, close);
     let n1 = ctx.nginx.cpu_s();
-    let w = match w {
-        Ok(w) => w,
-        Err(e) => {
-            if let Some(a) = agent {
-                let _ = a.stop();
-            }
-            return Err(e);
-        }
-    };
+    let w = or_stop(w, &mut agent)?;
     // A span for each end of every request; nginx's end alone when wrk is not observed.
     let expected = if nginx_only { 1 } else { 2 } * w.requests;
     let mut spans = 0;
@@ -605,6 +597,15 @@ fn one_run(ctx: &mut Ctx, close: bool, variant: Variant, pair: usize) -> Result<
         }
     );
     Ok(run)
+}
+
+/// `r`, or its error once `agent` is stopped: a failed load run leaves no agent behind.
+fn or_stop<T>(r: Result<T>, agent: &mut Option<Agent>) -> Result<T> {
+    r.inspect_err(|_| {
+        if let Some(a) = agent.take() {
+            let _ = a.stop();
+        }
+    })
 }
 
 fn counter(exit: &AgentExit, name: &str) -> u64 {

@@ -15,6 +15,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::{
+    or_stop,
     services::{Agent, CLIENT_CPU},
     stats::Summary,
     wait_quiet, Ctx,
@@ -104,7 +105,7 @@ fn one_rate_run(
     pair: usize,
 ) -> Result<RateRun> {
     wait_quiet(ctx.cfg.quiet_wait_s);
-    let agent = if variant == RateVariant::Baseline {
+    let mut agent = if variant == RateVariant::Baseline {
         None
     } else {
         ctx.agents_started += 1;
@@ -132,15 +133,7 @@ fn one_rate_run(
     let (a0, n0) = (agent.as_ref().map_or(0.0, Agent::cpu_s), ctx.nginx.cpu_s());
     let load = run_load(load_bin, ctx.nginx.port, rate, conns, secs);
     let n1 = ctx.nginx.cpu_s();
-    let load = match load {
-        Ok(l) => l,
-        Err(e) => {
-            if let Some(a) = agent {
-                let _ = a.stop();
-            }
-            return Err(e);
-        }
-    };
+    let load = or_stop(load, &mut agent)?;
     let num = |k: &str| load[k].as_f64().unwrap_or(f64::NAN);
     let completed = load["completed"].as_u64().unwrap_or(0);
     let expected = match variant {
