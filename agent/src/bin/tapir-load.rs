@@ -54,6 +54,8 @@ struct Conn {
     /// Due time of the request in flight.
     in_flight: Option<Instant>,
     buf: Vec<u8>,
+    /// The server closed it: its requests count as errors.
+    closed: bool,
 }
 
 #[derive(Default)]
@@ -85,6 +87,7 @@ fn main() -> Result<()> {
                 backlog: VecDeque::new(),
                 in_flight: None,
                 buf: Vec::with_capacity(4096),
+                closed: false,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -159,6 +162,9 @@ fn main() -> Result<()> {
             if fd.revents != 0 {
                 fd.revents = 0;
                 receive(c, &mut tally);
+                if c.closed {
+                    fd.fd = -1; // poll skips it from now on
+                }
             }
         }
     }
@@ -195,6 +201,10 @@ fn main() -> Result<()> {
 }
 
 fn send(c: &mut Conn, request: &[u8], due: Instant, tally: &mut Tally) {
+    if c.closed {
+        tally.errors += 1;
+        return;
+    }
     // A small request on an idle keep-alive socket goes out whole or not at all.
     match c.stream.write(request) {
         Ok(n) if n == request.len() => c.in_flight = Some(due),
@@ -210,7 +220,7 @@ fn receive(c: &mut Conn, tally: &mut Tally) {
             Ok(0) => {
                 // The server closed: this connection is done.
                 tally.errors += u64::from(c.in_flight.take().is_some());
-                c.backlog.clear();
+                c.closed = true;
                 return;
             }
             Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
@@ -219,6 +229,7 @@ fn receive(c: &mut Conn, tally: &mut Tally) {
             Err(_) => {
                 tally.errors += 1;
                 c.in_flight = None;
+                c.closed = true;
                 return;
             }
         }
