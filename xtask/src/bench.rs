@@ -9,6 +9,7 @@
 //! programs' time is charged to the observed process — is reported next to throughput.
 //!
 //! 1. nginx, small responses, HTTP/1.1 keep-alive, wrk with fixed connections.
+//!    1b. The same at a fixed rate below saturation (`tapir-load`, open loop; see `rate`).
 //! 2. The same with `Connection: close`: a TCP connection per request.
 //! 3. The agent's own CPU and memory during 1 and 2, exporting every span to a real OTLP
 //!    receiver (when `tapir run` has an OTLP exporter).
