@@ -165,7 +165,7 @@ pub fn check_host() -> Vec<Check> {
         without: "",
         core: false,
     });
-    let sockops_pid = loader::kernel_at_least(&kernel_release(), (6, 10));
+    let sockops_pid = loader::sockops_knows_pid();
     checks.push(Check {
         feature: "sock_ops knows the connecting process".into(),
         status: if sockops_pid {

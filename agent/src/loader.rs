@@ -143,11 +143,7 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
             &tracefs::field_offset("sched", "sched_process_exec", "old_pid").unwrap_or(0),
             true,
         )
-        .override_global(
-            "TAPIR_SOCKOPS_PID",
-            &u32::from(kernel_at_least(&crate::doctor::kernel_release(), (6, 10))),
-            true,
-        )
+        .override_global("TAPIR_SOCKOPS_PID", &u32::from(sockops_knows_pid()), true)
         .map_max_entries(names::EVENTS, opts.ringbuf_bytes)
         .map_max_entries(names::CONNS, opts.max_connections)
         .load(EBPF_OBJECT)
@@ -357,6 +353,12 @@ fn seed_selection(
         );
     }
     Ok(added.into_iter().map(|(pid, _)| pid).collect())
+}
+
+/// Whether sock_ops programs may call `bpf_get_current_pid_tgid` (Linux 6.10 and later):
+/// only then can they tell which process connects.
+pub(crate) fn sockops_knows_pid() -> bool {
+    kernel_at_least(&crate::doctor::kernel_release(), (6, 10))
 }
 
 /// Whether a kernel release string ("6.18.44-fc-v669") is at least `(major, minor)`; an
