@@ -815,18 +815,20 @@ fn build_bench_tools(root: &Path) -> Result<BenchTools> {
     })
 }
 
-/// Runs tapir-replay pinned to the client core; returns its JSON line.
-fn replay(bin: &Path, args: &[String], log: &Path) -> Result<Value> {
+/// Runs one of the benchmark's tools (tapir-replay, tapir-load) pinned to the client
+/// core, its stderr in `log`; returns the JSON line it ends with.
+fn pinned_json(bin: &Path, args: &[String], log: &Path) -> Result<Value> {
+    let name = bin.file_name().unwrap_or_default().to_string_lossy();
     let out = Command::new("taskset")
         .args(["-c", CLIENT_CPU])
         .arg(bin)
         .args(args)
         .stderr(fs::File::create(log)?)
         .output()
-        .context("running tapir-replay")?;
+        .with_context(|| format!("running {name}"))?;
     if !out.status.success() {
         bail!(
-            "tapir-replay {} failed ({}):\n{}",
+            "{name} {} failed ({}):\n{}",
             args.join(" "),
             out.status,
             sys::tail(log, 15)
@@ -834,7 +836,7 @@ fn replay(bin: &Path, args: &[String], log: &Path) -> Result<Value> {
     }
     let text = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(text.lines().last().unwrap_or(""))
-        .with_context(|| format!("tapir-replay said {text:?}"))
+        .with_context(|| format!("{name} said {text:?}"))
 }
 
 fn pipeline_bench(ctx: &mut Ctx, replay_bin: &Path) -> Result<Vec<Value>> {
@@ -853,7 +855,7 @@ fn pipeline_bench(ctx: &mut Ctx, replay_bin: &Path) -> Result<Vec<Value>> {
         let mut args = vec!["synth".to_string()];
         args.extend(shape.iter().cloned());
         args.extend(["--sink".into(), sink.into()]);
-        let mut v = replay(
+        let mut v = pinned_json(
             replay_bin,
             &args,
             &ctx.work.join(format!("replay-synth-{sink}.log")),
@@ -884,7 +886,7 @@ fn pipeline_bench(ctx: &mut Ctx, replay_bin: &Path) -> Result<Vec<Value>> {
                     "--sink".into(),
                     sink.into(),
                 ];
-                let mut v = replay(
+                let mut v = pinned_json(
                     replay_bin,
                     &args,
                     &ctx.work.join(format!("replay-recorded-{sink}.log")),

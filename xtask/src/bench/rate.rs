@@ -4,22 +4,13 @@
 //! loop, latency ≈ connections / throughput). `tapir-load` sends at a fixed rate instead
 //! and counts each latency from when the request was due, which is what a service's
 //! clients see at the load it normally runs at.
-use std::{
-    path::Path,
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{path::Path, time::Duration};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{
-    or_stop,
-    services::{Agent, CLIENT_CPU},
-    stats::Summary,
-    wait_quiet, Ctx,
-};
+use super::{or_stop, pinned_json, services::Agent, stats::Summary, wait_quiet, Ctx};
 
 /// Share of the keep-alive baseline's throughput the fixed rate runs at.
 pub const RATE_SHARE: f64 = 0.3;
@@ -131,7 +122,8 @@ fn one_rate_run(
         None => 0,
     };
     let (a0, n0) = (agent.as_ref().map_or(0.0, Agent::cpu_s), ctx.nginx.cpu_s());
-    let load = run_load(load_bin, ctx.nginx.port, rate, conns, secs);
+    let log = ctx.work.join("tapir-load.log");
+    let load = run_load(load_bin, &log, ctx.nginx.port, rate, conns, secs);
     let n1 = ctx.nginx.cpu_s();
     let load = or_stop(load, &mut agent)?;
     let num = |k: &str| load[k].as_f64().unwrap_or(f64::NAN);
@@ -193,30 +185,20 @@ fn one_rate_run(
 }
 
 /// `tapir-load` pinned to the client core; its JSON line.
-fn run_load(bin: &Path, port: u16, rate: u32, conns: u32, secs: u32) -> Result<Value> {
-    let t0 = Instant::now();
-    let out = Command::new("taskset")
-        .args(["-c", CLIENT_CPU])
-        .arg(bin)
-        .args(["--port", &port.to_string()])
-        .args(["--rate", &rate.to_string()])
-        .args(["--conns", &conns.to_string()])
-        .args(["--secs", &secs.to_string()])
-        .output()
-        .context("running tapir-load")?;
-    if !out.status.success() {
-        bail!(
-            "tapir-load failed ({}) after {:.1} s: {}",
-            out.status,
-            t0.elapsed().as_secs_f64(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let v: Value = serde_json::from_str(text.lines().last().unwrap_or(""))
-        .with_context(|| format!("tapir-load said {text:?}"))?;
+fn run_load(bin: &Path, log: &Path, port: u16, rate: u32, conns: u32, secs: u32) -> Result<Value> {
+    let args = [
+        "--port".to_string(),
+        port.to_string(),
+        "--rate".into(),
+        rate.to_string(),
+        "--conns".into(),
+        conns.to_string(),
+        "--secs".into(),
+        secs.to_string(),
+    ];
+    let v = pinned_json(bin, &args, log)?;
     if v["completed"].as_u64().unwrap_or(0) == 0 {
-        bail!("tapir-load completed no request: {text}");
+        bail!("tapir-load completed no request: {v}");
     }
     Ok(v)
 }
