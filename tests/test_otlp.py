@@ -152,6 +152,8 @@ def check_client_span(s, *, port, **kw):
     a = s["attributes"]
     assert s["name"] in (kw["method"], f"{kw['method']} {collapse(kw['path'])}"), s["name"]
     assert a["server.port"] == port
+    # Required on CLIENT spans; the query never leaves the host.
+    assert a["url.full"] == f"http://127.0.0.1:{port}{kw['path'].split('?')[0]}", a["url.full"]
     assert a["network.peer.address"] == "127.0.0.1"
     assert a["network.peer.port"] == port
 

@@ -269,6 +269,37 @@ pub fn server_address_in<'a>(ex: &'a CapturedExchange, buf: &'a mut StackText) -
     (buf.as_str(), server.1)
 }
 
+/// `url.full` of a CLIENT span (required by the HTTP client conventions), in pieces that
+/// the wire encoder writes without joining: `http://`, server.address (bracketed when it
+/// is an IPv6 literal), `:port` unless it is 80, then the path when it is one. Never the
+/// query: privacy by default, as for `url.path`.
+pub fn url_full_parts<'a>(
+    addr: &'a str,
+    port: u16,
+    path: &'a str,
+    port_text: &'a mut StackText,
+) -> [&'a str; 7] {
+    let v6 = addr.contains(':');
+    let (open, close) = if v6 { ("[", "]") } else { ("", "") };
+    let colon = if port == 80 {
+        ""
+    } else {
+        *port_text = StackText::decimal(port);
+        ":"
+    };
+    // `*` (OPTIONS) or an absolute-form leftover is not a path of this URL.
+    let path = if path.starts_with('/') { path } else { "" };
+    [
+        "http://",
+        open,
+        addr,
+        close,
+        colon,
+        port_text.as_str(),
+        path,
+    ]
+}
+
 fn unix_ns(ns: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_nanos(ns)
 }
@@ -298,6 +329,11 @@ pub fn build_span(
     }
     attrs.push(KeyValue::new(sc::URL_PATH, http.path.to_string()));
     attrs.push(KeyValue::new(sc::URL_SCHEME, "http"));
+    if !server {
+        let mut port_text = StackText::empty();
+        let full = url_full_parts(&srv_addr, srv_port, &http.path, &mut port_text).concat();
+        attrs.push(KeyValue::new(sc::URL_FULL, full));
+    }
     attrs.push(KeyValue::new(
         sc::HTTP_RESPONSE_STATUS_CODE,
         i64::from(http.status),
@@ -500,8 +536,30 @@ pub(crate) mod tests {
         assert_eq!(a["network.peer.port"], Value::I64(8080));
         assert_eq!(a["network.protocol.version"], s("1.1"));
         assert_eq!(a["user_agent.original"], s("curl/8.5.0"));
+        // Required on CLIENT spans; never the query (`?secret=1` in the fixture).
+        assert_eq!(a["url.full"], s("http://api.example.com:8080/orders"));
         assert!(!a.contains_key("error.type"));
-        assert_eq!(a.len(), 13);
+        assert_eq!(a.len(), 14);
+    }
+
+    #[test]
+    fn url_full_follows_the_server_address() {
+        let mut ex = exchange(ExchangeRole::Client, "GET", "/a/b", 200);
+        let mut full = |host: Option<&str>, path: &str| {
+            ex.http.host = host.map(Into::into);
+            ex.http.path = path.into();
+            attrs(&build(&ex, None))["url.full"].as_str().into_owned()
+        };
+        // Port 80 is the scheme's default and left out.
+        assert_eq!(full(Some("example.com"), "/a/b"), "http://example.com:8080/a/b");
+        assert_eq!(full(Some("example.com:80"), "/a/b"), "http://example.com/a/b");
+        assert_eq!(full(Some("[::1]:9000"), "/"), "http://[::1]:9000/");
+        // No usable Host: the peer's address; `*` is no path.
+        assert_eq!(full(None, "/x"), "http://10.0.0.1:8080/x");
+        assert_eq!(full(Some("h"), "*"), "http://h:8080");
+        // Servers do not carry it.
+        let server = exchange(ExchangeRole::Server, "GET", "/a", 200);
+        assert!(!attrs(&build(&server, None)).contains_key("url.full"));
     }
 
     #[test]

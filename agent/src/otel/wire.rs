@@ -14,7 +14,7 @@ use opentelemetry_semantic_conventions::attribute as sc;
 use prost::encoding::encoded_len_varint;
 
 use super::{
-    span::{is_error, normalize_method, parse_host_ref, SpanIds},
+    span::{is_error, normalize_method, parse_host_ref, url_full_parts, SpanIds},
     text::StackText,
 };
 use crate::exchange::CapturedExchange;
@@ -130,6 +130,16 @@ fn put_attr_str(out: &mut Vec<u8>, tag: u32, k: &str, v: &[u8]) {
     // AnyValue's `value` is a oneof: written even when empty.
     put_attr_head(out, tag, k, len_field(ANY_STRING, v.len()));
     put_bytes(out, ANY_STRING, v);
+}
+
+/// One `KeyValue` whose string value is `parts` joined, written without joining them.
+fn put_attr_parts(out: &mut Vec<u8>, tag: u32, k: &str, parts: &[&str]) {
+    let len = parts.iter().map(|p| p.len()).sum();
+    put_attr_head(out, tag, k, len_field(ANY_STRING, len));
+    put_len_prefix(out, ANY_STRING, len);
+    for p in parts {
+        out.extend_from_slice(p.as_bytes());
+    }
 }
 
 /// A `KeyValue`'s length prefix (as field `tag`), its key, and the prefix of its
@@ -287,8 +297,8 @@ pub fn encode_span(out: &mut Vec<u8>, ex: &CapturedExchange, ids: &SpanIds, rout
         http.host.as_deref().and_then(parse_host_ref)
     };
     let (srv_addr, srv_port) = match host {
-        Some((name, port)) => (name.as_bytes(), port.unwrap_or(srv.1)),
-        None => (srv_ip.as_bytes(), srv.1),
+        Some((name, port)) => (name, port.unwrap_or(srv.1)),
+        None => (srv_ip.as_str(), srv.1),
     };
     let error = is_error(server, http.status);
     let user_agent = http.user_agent.as_deref();
@@ -296,8 +306,9 @@ pub fn encode_span(out: &mut Vec<u8>, ex: &CapturedExchange, ids: &SpanIds, rout
     // One reservation for the whole span: a little over the fixed part plus the variable
     // strings, so a reused buffer never grows here.
     out.reserve(
-        640 + http.path.len()
-            + srv_addr.len()
+        // A CLIENT's url.full repeats the path and the server's address.
+        640 + 2 * http.path.len()
+            + 2 * srv_addr.len()
             + user_agent.map_or(0, str::len)
             + 2 * route.map_or(0, str::len)
             + original.map_or(0, str::len)
@@ -344,12 +355,17 @@ pub fn encode_span(out: &mut Vec<u8>, ex: &CapturedExchange, ids: &SpanIds, rout
     }
     put_attr_str(out, a, sc::URL_PATH, http.path.as_bytes());
     put_attr_str(out, a, sc::URL_SCHEME, b"http");
+    if !server {
+        let mut port_text = StackText::empty();
+        let parts = url_full_parts(srv_addr, srv_port, &http.path, &mut port_text);
+        put_attr_parts(out, a, sc::URL_FULL, &parts);
+    }
     let status = i64::from(http.status);
     put_attr_int(out, a, sc::HTTP_RESPONSE_STATUS_CODE, status);
     if let Some(r) = route {
         put_attr_str(out, a, sc::HTTP_ROUTE, r.as_bytes());
     }
-    put_attr_str(out, a, sc::SERVER_ADDRESS, srv_addr);
+    put_attr_str(out, a, sc::SERVER_ADDRESS, srv_addr.as_bytes());
     put_attr_int(out, a, sc::SERVER_PORT, i64::from(srv_port));
     put_attr_str(out, a, sc::CLIENT_ADDRESS, client_ip.as_bytes());
     put_attr_int(out, a, sc::CLIENT_PORT, i64::from(client.1));
