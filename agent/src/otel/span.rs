@@ -551,8 +551,14 @@ pub(crate) mod tests {
             attrs(&build(&ex, None))["url.full"].as_str().into_owned()
         };
         // Port 80 is the scheme's default and left out.
-        assert_eq!(full(Some("example.com"), "/a/b"), "http://example.com:8080/a/b");
-        assert_eq!(full(Some("example.com:80"), "/a/b"), "http://example.com/a/b");
+        assert_eq!(
+            full(Some("example.com"), "/a/b"),
+            "http://example.com:8080/a/b"
+        );
+        assert_eq!(
+            full(Some("example.com:80"), "/a/b"),
+            "http://example.com/a/b"
+        );
         assert_eq!(full(Some("[::1]:9000"), "/"), "http://[::1]:9000/");
         // No usable Host: the peer's address; `*` is no path.
         assert_eq!(full(None, "/x"), "http://10.0.0.1:8080/x");
