@@ -39,7 +39,7 @@ impl Filter {
 }
 
 /// A TCP endpoint as the observed process sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Endpoints {
     pub local: (IpAddr, u16),
     pub remote: (IpAddr, u16),

@@ -12,6 +12,7 @@
 //!   Prometheus /metrics: read the same series on scrape
 //! ```
 pub mod client;
+pub mod conn_attrs;
 pub mod counters;
 pub mod export;
 pub mod metrics;
@@ -37,6 +38,7 @@ pub use sampler::Sampler;
 
 use crate::{exchange::CapturedExchange, pipeline::ExchangeSink, stats::Stats};
 use client::{ClientSettings, OtlpClient};
+use conn_attrs::ConnAttrCache;
 use export::OtlpSpanSender;
 pub use export::QueuedSpan;
 use metrics::{AgentSources, EntryCache, Registry, RegistryConfig, Temporality};
@@ -291,6 +293,7 @@ impl OtelSink {
             stats,
             spans: SpanArena::default(),
             entries: EntryCache::default(),
+            conn_attrs: ConnAttrCache::default(),
         };
         (Self { ingest }, queue)
     }
@@ -307,31 +310,39 @@ struct Ingest {
     stats: Arc<OtelStats>,
     spans: SpanArena,
     entries: EntryCache,
+    conn_attrs: ConnAttrCache,
 }
 
-/// Where encoded spans live until they are exported: carved one after the other out of
-/// shared 64 KiB blocks (freed when their last span is dropped), instead of one
+/// Where encoded spans live until they are exported: encoded in place, one after the
+/// other, in shared 64 KiB blocks (freed when their last span is dropped), instead of one
 /// allocation per span on this thread and one free per span on the export thread.
 #[derive(Default)]
 struct SpanArena {
-    /// The span being encoded (its capacity is reused).
-    scratch: Vec<u8>,
     block: bytes::BytesMut,
 }
 
 impl SpanArena {
     const BLOCK_BYTES: usize = 64 << 10;
 
-    /// Encodes with `encode` and returns the span's bytes.
-    fn encode(&mut self, encode: impl FnOnce(&mut Vec<u8>)) -> bytes::Bytes {
-        self.scratch.clear();
-        encode(&mut self.scratch);
-        if self.block.capacity() - self.block.len() < self.scratch.len() {
-            // The rest of the old block stays with the spans already carved from it.
-            self.block = bytes::BytesMut::with_capacity(Self::BLOCK_BYTES.max(self.scratch.len()));
+    /// Encodes with `encode` into `room` bytes (a size hint) and returns the span's bytes.
+    /// `encode` returns the size its output needs; when that is more than it was given,
+    /// it is called once more with that much room.
+    fn encode(&mut self, mut room: usize, encode: impl Fn(&mut [u8]) -> usize) -> bytes::Bytes {
+        loop {
+            if self.block.capacity() - self.block.len() < room {
+                // The rest of the old block stays with the spans already carved from it.
+                self.block = bytes::BytesMut::with_capacity(Self::BLOCK_BYTES.max(room));
+            }
+            let start = self.block.len();
+            self.block.resize(start + room, 0);
+            let needed = encode(&mut self.block[start..]);
+            if needed <= room {
+                self.block.truncate(start + needed);
+                return self.block.split().freeze();
+            }
+            self.block.truncate(start);
+            room = needed;
         }
-        self.block.extend_from_slice(&self.scratch);
-        self.block.split().freeze()
     }
 }
 
@@ -343,11 +354,19 @@ impl Ingest {
             OtelStats::add(&self.stats.routes_overflow, 1);
         }
         let route = route.map(|r| r.route);
-        self.registry.record(&entry, ex, route.as_deref());
         // Spans are built only for a span exporter (its queue) or the console.
-        if self.queue.is_none() && !self.console {
+        let spans = self.queue.is_some() || self.console;
+        // A CLIENT's metrics need its server's address, which the connection's attributes
+        // have: looked up when spans or that need them.
+        let conn = (spans || !ex.is_server()).then(|| self.conn_attrs.get(ex));
+        let server_address = conn
+            .and_then(|c| c.server_address.as_ref())
+            .map(|(a, p)| (a.as_str(), *p));
+        self.registry
+            .record_with(&entry, ex, route.as_deref(), server_address);
+        let Some(conn) = conn.filter(|_| spans) else {
             return;
-        }
+        };
         let ids = span::span_context_for(ex, span::kernel_ids(ex));
         if !self.sampler.should_sample(ids.trace_id, ids.parent_sampled) {
             OtelStats::add(&self.stats.spans_not_sampled, 1);
@@ -362,9 +381,11 @@ impl Ingest {
         }
         if let Some(q) = &self.queue {
             // Encoded here, once, straight from the exchange: no SpanData on this path.
-            let span = self
-                .spans
-                .encode(|out| wire::encode_span(out, ex, &ids, route.as_deref()));
+            let route = route.as_deref();
+            let hint = wire::span_size_hint(ex, &ids, route, conn);
+            let span = self.spans.encode(hint, |buf| {
+                wire::encode_span_into(buf, ex, &ids, route, conn)
+            });
             q.push(QueuedSpan { entry, span });
         }
     }
@@ -525,6 +546,7 @@ impl Telemetry {
             scope: span::scope(),
             stats: stats.clone(),
             entries: EntryCache::default(),
+            conn_attrs: ConnAttrCache::default(),
         };
         let (close_spans, close_rx) = watch::channel(None);
         let span_loop = match (span_exporter, &queue) {
@@ -634,7 +656,15 @@ mod tests {
         let spans: Vec<_> = sizes
             .iter()
             .enumerate()
-            .map(|(i, &n)| arena.encode(|out| out.extend((0..n).map(|k| (i + k) as u8))))
+            .map(|(i, &n)| {
+                // A hint too small for some: those are encoded a second time.
+                arena.encode(n.min(1000), |buf| {
+                    for (k, b) in buf.iter_mut().enumerate().take(n) {
+                        *b = (i + k) as u8;
+                    }
+                    n
+                })
+            })
             .collect();
         for (i, (span, &n)) in spans.iter().zip(&sizes).enumerate() {
             assert_eq!(span.len(), n);

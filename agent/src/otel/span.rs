@@ -269,35 +269,31 @@ pub fn server_address_in<'a>(ex: &'a CapturedExchange, buf: &'a mut StackText) -
     (buf.as_str(), server.1)
 }
 
-/// `url.full` of a CLIENT span (required by the HTTP client conventions), in pieces that
-/// the wire encoder writes without joining: `http://`, server.address (bracketed when it
-/// is an IPv6 literal), `:port` unless it is 80, then the path when it is one. Never the
-/// query: privacy by default, as for `url.path`.
-pub fn url_full_parts<'a>(
-    addr: &'a str,
-    port: u16,
-    path: &'a str,
-    port_text: &'a mut StackText,
-) -> [&'a str; 7] {
-    let v6 = addr.contains(':');
-    let (open, close) = if v6 { ("[", "]") } else { ("", "") };
-    let colon = if port == 80 {
-        ""
+/// The start of a CLIENT span's `url.full` (required by the HTTP client conventions):
+/// `http://`, server.address (bracketed when it is an IPv6 literal), then `:port` unless
+/// it is 80. [`url_full_path`] follows it.
+pub fn url_full_prefix(addr: &str, port: u16) -> String {
+    let (open, close) = if addr.contains(':') {
+        ("[", "]")
     } else {
-        *port_text = StackText::decimal(port);
-        ":"
+        ("", "")
     };
-    // `*` (OPTIONS) or an absolute-form leftover is not a path of this URL.
-    let path = if path.starts_with('/') { path } else { "" };
-    [
-        "http://",
-        open,
-        addr,
-        close,
-        colon,
-        port_text.as_str(),
-        path,
-    ]
+    let mut url = format!("http://{open}{addr}{close}");
+    if port != 80 {
+        url.push(':');
+        url.push_str(StackText::decimal(port).as_str());
+    }
+    url
+}
+
+/// The rest of `url.full` after [`url_full_prefix`]: the path, never the query (privacy
+/// by default, as for `url.path`). `*` (OPTIONS) is no path of this URL.
+pub fn url_full_path(path: &str) -> &str {
+    if path.starts_with('/') {
+        path
+    } else {
+        ""
+    }
 }
 
 fn unix_ns(ns: u64) -> SystemTime {
@@ -330,8 +326,7 @@ pub fn build_span(
     attrs.push(KeyValue::new(sc::URL_PATH, http.path.to_string()));
     attrs.push(KeyValue::new(sc::URL_SCHEME, "http"));
     if !server {
-        let mut port_text = StackText::empty();
-        let full = url_full_parts(&srv_addr, srv_port, &http.path, &mut port_text).concat();
+        let full = url_full_prefix(&srv_addr, srv_port) + url_full_path(&http.path);
         attrs.push(KeyValue::new(sc::URL_FULL, full));
     }
     attrs.push(KeyValue::new(

@@ -14,7 +14,7 @@ use opentelemetry_semantic_conventions::attribute as sc;
 use prost::encoding::encoded_len_varint;
 
 use super::{
-    span::{is_error, normalize_method, parse_host_ref, url_full_parts, SpanIds},
+    span::{is_error, normalize_method, parse_host_ref, url_full_path, url_full_prefix, SpanIds},
     text::StackText,
 };
 use crate::exchange::CapturedExchange;
@@ -70,39 +70,95 @@ const SS_SPANS: u32 = 2;
 const SS_SCHEMA_URL: u32 = 3;
 const REQ_RESOURCE_SPANS: u32 = 1;
 
+/// Where the encoders write: a `Vec` that grows, or a [`SliceWriter`] sized beforehand.
+pub trait Out {
+    fn byte(&mut self, b: u8);
+    fn bytes(&mut self, b: &[u8]);
+}
+
+impl Out for Vec<u8> {
+    #[inline(always)]
+    fn byte(&mut self, b: u8) {
+        self.push(b);
+    }
+
+    #[inline(always)]
+    fn bytes(&mut self, b: &[u8]) {
+        self.extend_from_slice(b);
+    }
+}
+
+/// Writes into a slice made ready beforehand: no capacity check (and no reload of a
+/// `Vec`'s length and capacity) per byte, which is most of a span's encoding cost. What
+/// does not fit is counted, not written, so `pos` is always the size the output needs.
+pub struct SliceWriter<'a> {
+    buf: &'a mut [u8],
+    pos: usize,
+}
+
+impl<'a> SliceWriter<'a> {
+    pub fn new(buf: &'a mut [u8]) -> Self {
+        Self { buf, pos: 0 }
+    }
+
+    /// Bytes the output needs; it is all in the slice when this is at most its length.
+    pub fn needed(&self) -> usize {
+        self.pos
+    }
+}
+
+impl Out for SliceWriter<'_> {
+    #[inline(always)]
+    fn byte(&mut self, b: u8) {
+        if let Some(slot) = self.buf.get_mut(self.pos) {
+            *slot = b;
+        }
+        self.pos += 1;
+    }
+
+    #[inline(always)]
+    fn bytes(&mut self, b: &[u8]) {
+        let end = self.pos.saturating_add(b.len());
+        if let Some(dst) = self.buf.get_mut(self.pos..end) {
+            dst.copy_from_slice(b);
+        }
+        self.pos = end;
+    }
+}
+
 const fn key(tag: u32, wire_type: u32) -> u64 {
     ((tag << 3) | wire_type) as u64
 }
 
 #[inline]
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+fn put_varint(out: &mut impl Out, mut v: u64) {
     while v >= 0x80 {
-        out.push(v as u8 | 0x80);
+        out.byte(v as u8 | 0x80);
         v >>= 7;
     }
-    out.push(v as u8);
+    out.byte(v as u8);
 }
 
 #[inline]
-fn put_key(out: &mut Vec<u8>, tag: u32, wire_type: u32) {
+fn put_key(out: &mut impl Out, tag: u32, wire_type: u32) {
     put_varint(out, key(tag, wire_type));
 }
 
 #[inline]
-fn put_len_prefix(out: &mut Vec<u8>, tag: u32, len: usize) {
+fn put_len_prefix(out: &mut impl Out, tag: u32, len: usize) {
     put_key(out, tag, LEN);
     put_varint(out, len as u64);
 }
 
 #[inline]
-fn put_bytes(out: &mut Vec<u8>, tag: u32, b: &[u8]) {
+fn put_bytes(out: &mut impl Out, tag: u32, b: &[u8]) {
     put_len_prefix(out, tag, b.len());
-    out.extend_from_slice(b);
+    out.bytes(b);
 }
 
 /// A proto3 string field: absent when empty (prost leaves it out; decoders read "").
 #[inline]
-fn put_str(out: &mut Vec<u8>, tag: u32, s: &str) {
+fn put_str(out: &mut impl Out, tag: u32, s: &str) {
     if !s.is_empty() {
         put_bytes(out, tag, s.as_bytes());
     }
@@ -126,26 +182,26 @@ fn str_field(tag: u32, s: &str) -> usize {
 /// One `KeyValue` with a string value as field `tag`; `v` is UTF-8 (a `str`'s bytes or our
 /// own ASCII text). Inlined so that the constant keys are copied as fixed-size moves.
 #[inline(always)]
-fn put_attr_str(out: &mut Vec<u8>, tag: u32, k: &str, v: &[u8]) {
+fn put_attr_str(out: &mut impl Out, tag: u32, k: &str, v: &[u8]) {
     // AnyValue's `value` is a oneof: written even when empty.
     put_attr_head(out, tag, k, len_field(ANY_STRING, v.len()));
     put_bytes(out, ANY_STRING, v);
 }
 
 /// One `KeyValue` whose string value is `parts` joined, written without joining them.
-fn put_attr_parts(out: &mut Vec<u8>, tag: u32, k: &str, parts: &[&str]) {
+fn put_attr_parts(out: &mut impl Out, tag: u32, k: &str, parts: &[&str]) {
     let len = parts.iter().map(|p| p.len()).sum();
     put_attr_head(out, tag, k, len_field(ANY_STRING, len));
     put_len_prefix(out, ANY_STRING, len);
     for p in parts {
-        out.extend_from_slice(p.as_bytes());
+        out.bytes(p.as_bytes());
     }
 }
 
 /// A `KeyValue`'s length prefix (as field `tag`), its key, and the prefix of its
 /// `AnyValue` of `value_len` bytes, which the caller writes next.
 #[inline(always)]
-fn put_attr_head(out: &mut Vec<u8>, tag: u32, k: &str, value_len: usize) {
+fn put_attr_head(out: &mut impl Out, tag: u32, k: &str, value_len: usize) {
     put_len_prefix(
         out,
         tag,
@@ -157,7 +213,7 @@ fn put_attr_head(out: &mut Vec<u8>, tag: u32, k: &str, value_len: usize) {
 
 /// One `KeyValue` with an int64 value as field `tag`.
 #[inline(always)]
-fn put_attr_int(out: &mut Vec<u8>, tag: u32, k: &str, v: i64) {
+fn put_attr_int(out: &mut impl Out, tag: u32, k: &str, v: i64) {
     // int64: negative values are ten-byte varints of their two's complement.
     put_attr_head(out, tag, k, 1 + encoded_len_varint(v as u64));
     put_key(out, ANY_INT, VARINT);
@@ -194,11 +250,11 @@ fn array_len(a: &Array) -> usize {
     }
 }
 
-fn put_value(out: &mut Vec<u8>, v: &Value) {
+fn put_value(out: &mut impl Out, v: &Value) {
     match v {
         Value::Bool(b) => {
             put_key(out, ANY_BOOL, VARINT);
-            out.push(u8::from(*b));
+            out.byte(u8::from(*b));
         }
         Value::I64(i) => {
             put_key(out, ANY_INT, VARINT);
@@ -206,7 +262,7 @@ fn put_value(out: &mut Vec<u8>, v: &Value) {
         }
         Value::F64(f) => {
             put_key(out, ANY_DOUBLE, FIXED64);
-            out.extend_from_slice(&f.to_le_bytes());
+            out.bytes(&f.to_le_bytes());
         }
         Value::String(s) => put_bytes(out, ANY_STRING, s.as_str().as_bytes()),
         Value::Array(a) => {
@@ -217,9 +273,9 @@ fn put_value(out: &mut Vec<u8>, v: &Value) {
     }
 }
 
-fn put_array(out: &mut Vec<u8>, a: &Array) {
+fn put_array(out: &mut impl Out, a: &Array) {
     // Each element goes through the same path as a scalar value.
-    fn each<T: Clone>(out: &mut Vec<u8>, items: &[T], to_value: impl Fn(T) -> Value) {
+    fn each<T: Clone>(out: &mut impl Out, items: &[T], to_value: impl Fn(T) -> Value) {
         for item in items {
             let v = to_value(item.clone());
             put_len_prefix(out, ARRAY_VALUES, value_len(&v));
@@ -243,7 +299,7 @@ fn put_array(out: &mut Vec<u8>, a: &Array) {
 }
 
 /// One `KeyValue` with any value, as field `tag`.
-fn put_value_attr(out: &mut Vec<u8>, tag: u32, k: &str, v: &Value) {
+fn put_value_attr(out: &mut impl Out, tag: u32, k: &str, v: &Value) {
     put_attr_head(out, tag, k, value_len(v));
     put_value(out, v);
 }
@@ -256,7 +312,7 @@ fn trace_state_len(ts: &TraceState) -> usize {
         .sum()
 }
 
-fn put_trace_state(out: &mut Vec<u8>, ts: &TraceState) {
+fn put_trace_state(out: &mut impl Out, ts: &TraceState) {
     let len = trace_state_len(ts);
     if len == 0 {
         return;
@@ -264,11 +320,11 @@ fn put_trace_state(out: &mut Vec<u8>, ts: &TraceState) {
     put_len_prefix(out, SPAN_TRACE_STATE, len);
     for (i, (k, v)) in ts.into_iter().enumerate() {
         if i > 0 {
-            out.push(b',');
+            out.byte(b',');
         }
-        out.extend_from_slice(k.as_bytes());
-        out.push(b'=');
-        out.extend_from_slice(v.as_bytes());
+        out.bytes(k.as_bytes());
+        out.byte(b'=');
+        out.bytes(v.as_bytes());
     }
 }
 
@@ -276,44 +332,139 @@ fn put_trace_state(out: &mut Vec<u8>, ts: &TraceState) {
 /// length-prefixed) for `ex`: what `span::build_span(ex, ids, route, _)` becomes on the
 /// wire. `route` is its `http.route` (and names the span when known).
 pub fn encode_span(out: &mut Vec<u8>, ex: &CapturedExchange, ids: &SpanIds, route: Option<&str>) {
+    let conn = ConnAttrs::of(ex);
+    let start = out.len();
+    let mut room = span_size_hint(ex, ids, route, &conn);
+    // At most twice: a span that did not fit says exactly how much room it needs.
+    loop {
+        out.resize(start + room, 0);
+        let needed = encode_span_into(&mut out[start..], ex, ids, route, &conn);
+        if needed <= room {
+            out.truncate(start + needed);
+            return;
+        }
+        room = needed;
+    }
+}
+
+/// [`encode_span`] into `buf`, with `conn` = `ConnAttrs::of(ex)` (or a copy kept for
+/// the connection). Returns the span's size: when it is larger than `buf`, the bytes
+/// written are unusable and the caller retries with that much room.
+pub fn encode_span_into(
+    buf: &mut [u8],
+    ex: &CapturedExchange,
+    ids: &SpanIds,
+    route: Option<&str>,
+    conn: &ConnAttrs,
+) -> usize {
+    let mut w = SliceWriter::new(buf);
+    encode_span_to(&mut w, ex, ids, route, conn);
+    w.needed()
+}
+
+/// Room that fits almost any span of `ex`: a little over the fixed part (keys, ids,
+/// times) plus the variable strings (the path twice: a CLIENT's url.full repeats it).
+pub fn span_size_hint(
+    ex: &CapturedExchange,
+    ids: &SpanIds,
+    route: Option<&str>,
+    conn: &ConnAttrs,
+) -> usize {
+    let http = &ex.http;
+    384 + conn.encoded.len()
+        + conn.url_prefix.len()
+        + 2 * http.path.len()
+        + 2 * route.map_or(0, str::len)
+        + http.method.len()
+        + trace_state_len(&ids.trace_state)
+}
+
+/// The attributes of a span that follow from its connection and the request's `Host`,
+/// `User-Agent` and version alone: the same for every exchange of a kept-alive
+/// connection, so they can be encoded once and copied (see `conn_attrs`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnAttrs {
+    /// `http://host[:port]`, the start of a CLIENT's url.full; empty for a SERVER.
+    pub url_prefix: String,
+    /// A CLIENT's server.address and server.port (for its metrics too); `None` for a SERVER.
+    pub server_address: Option<(String, u16)>,
+    /// server.address, server.port, client.address, client.port, network.peer.address,
+    /// network.peer.port, network.protocol.version and user_agent.original (when sent),
+    /// as Span attributes in build_span's order.
+    pub encoded: Vec<u8>,
+}
+
+impl ConnAttrs {
+    pub fn of(ex: &CapturedExchange) -> Self {
+        let server = ex.is_server();
+        let http = &ex.http;
+        let (srv, client) = ex.server_client();
+        let peer = ex.endpoints.remote;
+        // Each end formatted once: the remote one is also the server (CLIENT span) or the
+        // client (SERVER span), as in `server_client`.
+        let local_ip = StackText::ip(ex.endpoints.local.0);
+        let remote_ip = StackText::ip(peer.0);
+        let (srv_ip, client_ip) = if server {
+            (&local_ip, &remote_ip)
+        } else {
+            (&remote_ip, &local_ip)
+        };
+        // server.address: a CLIENT reports the request's Host when it parses (as build_span).
+        let host = if server {
+            None
+        } else {
+            http.host.as_deref().and_then(parse_host_ref)
+        };
+        let (srv_addr, srv_port) = match host {
+            Some((name, port)) => (name, port.unwrap_or(srv.1)),
+            None => (srv_ip.as_str(), srv.1),
+        };
+        let (url_prefix, server_address) = if server {
+            (String::new(), None)
+        } else {
+            (
+                url_full_prefix(srv_addr, srv_port),
+                Some((srv_addr.to_string(), srv_port)),
+            )
+        };
+
+        let mut out = Vec::with_capacity(384);
+        let a = SPAN_ATTRIBUTES;
+        put_attr_str(&mut out, a, sc::SERVER_ADDRESS, srv_addr.as_bytes());
+        put_attr_int(&mut out, a, sc::SERVER_PORT, i64::from(srv_port));
+        put_attr_str(&mut out, a, sc::CLIENT_ADDRESS, client_ip.as_bytes());
+        put_attr_int(&mut out, a, sc::CLIENT_PORT, i64::from(client.1));
+        put_attr_str(&mut out, a, sc::NETWORK_PEER_ADDRESS, remote_ip.as_bytes());
+        put_attr_int(&mut out, a, sc::NETWORK_PEER_PORT, i64::from(peer.1));
+        let version = http.version.as_str();
+        put_attr_str(
+            &mut out,
+            a,
+            sc::NETWORK_PROTOCOL_VERSION,
+            version.as_bytes(),
+        );
+        if let Some(ua) = http.user_agent.as_deref() {
+            put_attr_str(&mut out, a, sc::USER_AGENT_ORIGINAL, ua.as_bytes());
+        }
+        Self {
+            url_prefix,
+            server_address,
+            encoded: out,
+        }
+    }
+}
+
+fn encode_span_to(
+    out: &mut impl Out,
+    ex: &CapturedExchange,
+    ids: &SpanIds,
+    route: Option<&str>,
+    conn: &ConnAttrs,
+) {
     let server = ex.is_server();
     let http = &ex.http;
     let (method, original) = normalize_method(&http.method);
-    let (srv, client) = ex.server_client();
-    let peer = ex.endpoints.remote;
-    // Each end formatted once: the remote one is also the server (CLIENT span) or the
-    // client (SERVER span), as in `server_client`.
-    let local_ip = StackText::ip(ex.endpoints.local.0);
-    let remote_ip = StackText::ip(peer.0);
-    let (srv_ip, client_ip) = if server {
-        (&local_ip, &remote_ip)
-    } else {
-        (&remote_ip, &local_ip)
-    };
-    // server.address: a CLIENT reports the request's Host when it parses (as build_span).
-    let host = if server {
-        None
-    } else {
-        http.host.as_deref().and_then(parse_host_ref)
-    };
-    let (srv_addr, srv_port) = match host {
-        Some((name, port)) => (name, port.unwrap_or(srv.1)),
-        None => (srv_ip.as_str(), srv.1),
-    };
     let error = is_error(server, http.status);
-    let user_agent = http.user_agent.as_deref();
-
-    // One reservation for the whole span: a little over the fixed part plus the variable
-    // strings, so a reused buffer never grows here.
-    out.reserve(
-        // A CLIENT's url.full repeats the path and the server's address.
-        640 + 2 * http.path.len()
-            + 2 * srv_addr.len()
-            + user_agent.map_or(0, str::len)
-            + 2 * route.map_or(0, str::len)
-            + original.map_or(0, str::len)
-            + trace_state_len(&ids.trace_state),
-    );
 
     // Ids are copied even when zero, as the transform does.
     put_bytes(out, SPAN_TRACE_ID, &ids.trace_id.to_bytes());
@@ -327,10 +478,10 @@ pub fn encode_span(out: &mut Vec<u8>, ex: &CapturedExchange, ids: &SpanIds, rout
     let name_method = if original.is_some() { "HTTP" } else { method };
     let name_len = name_method.len() + route.map_or(0, |r| 1 + r.len());
     put_len_prefix(out, SPAN_NAME, name_len);
-    out.extend_from_slice(name_method.as_bytes());
+    out.bytes(name_method.as_bytes());
     if let Some(r) = route {
-        out.push(b' ');
-        out.extend_from_slice(r.as_bytes());
+        out.byte(b' ');
+        out.bytes(r.as_bytes());
     }
 
     put_key(out, SPAN_KIND, VARINT);
@@ -340,11 +491,11 @@ pub fn encode_span(out: &mut Vec<u8>, ex: &CapturedExchange, ids: &SpanIds, rout
     let end = ex.end_unix_ns.max(start);
     if start != 0 {
         put_key(out, SPAN_START, FIXED64);
-        out.extend_from_slice(&start.to_le_bytes());
+        out.bytes(&start.to_le_bytes());
     }
     if end != 0 {
         put_key(out, SPAN_END, FIXED64);
-        out.extend_from_slice(&end.to_le_bytes());
+        out.bytes(&end.to_le_bytes());
     }
 
     // Attributes in build_span's order.
@@ -356,26 +507,15 @@ pub fn encode_span(out: &mut Vec<u8>, ex: &CapturedExchange, ids: &SpanIds, rout
     put_attr_str(out, a, sc::URL_PATH, http.path.as_bytes());
     put_attr_str(out, a, sc::URL_SCHEME, b"http");
     if !server {
-        let mut port_text = StackText::empty();
-        let parts = url_full_parts(srv_addr, srv_port, &http.path, &mut port_text);
-        put_attr_parts(out, a, sc::URL_FULL, &parts);
+        let path = url_full_path(&http.path);
+        put_attr_parts(out, a, sc::URL_FULL, &[&conn.url_prefix, path]);
     }
     let status = i64::from(http.status);
     put_attr_int(out, a, sc::HTTP_RESPONSE_STATUS_CODE, status);
     if let Some(r) = route {
         put_attr_str(out, a, sc::HTTP_ROUTE, r.as_bytes());
     }
-    put_attr_str(out, a, sc::SERVER_ADDRESS, srv_addr.as_bytes());
-    put_attr_int(out, a, sc::SERVER_PORT, i64::from(srv_port));
-    put_attr_str(out, a, sc::CLIENT_ADDRESS, client_ip.as_bytes());
-    put_attr_int(out, a, sc::CLIENT_PORT, i64::from(client.1));
-    put_attr_str(out, a, sc::NETWORK_PEER_ADDRESS, remote_ip.as_bytes());
-    put_attr_int(out, a, sc::NETWORK_PEER_PORT, i64::from(peer.1));
-    let version = http.version.as_str();
-    put_attr_str(out, a, sc::NETWORK_PROTOCOL_VERSION, version.as_bytes());
-    if let Some(ua) = user_agent {
-        put_attr_str(out, a, sc::USER_AGENT_ORIGINAL, ua.as_bytes());
-    }
+    out.bytes(&conn.encoded);
     if error {
         let code = StackText::decimal(http.status);
         put_attr_str(out, a, sc::ERROR_TYPE, code.as_bytes());
@@ -398,7 +538,7 @@ pub fn encode_span(out: &mut Vec<u8>, ex: &CapturedExchange, ids: &SpanIds, rout
         flags |= FLAG_CONTEXT_IS_REMOTE;
     }
     put_key(out, SPAN_FLAGS, FIXED32);
-    out.extend_from_slice(&flags.to_le_bytes());
+    out.bytes(&flags.to_le_bytes());
 }
 
 /// Appends the bytes of one OTLP `Resource` message for these attributes (in
@@ -833,20 +973,42 @@ mod tests {
     }
 
     #[test]
-    fn no_allocation_once_the_buffer_is_big_enough() {
-        let mut out = Vec::with_capacity(1 << 16);
+    fn no_allocation_once_the_connection_is_known() {
+        let mut buf = vec![0u8; 1 << 16];
         let mut prepared = Vec::new();
         for ex in fixtures() {
             let ids = span_context_for(&ex, kernel_ids(&ex));
-            prepared.push((ex, ids));
+            let conn = ConnAttrs::of(&ex);
+            prepared.push((ex, ids, conn));
         }
         let before = allocations();
-        for (ex, ids) in &prepared {
-            out.clear();
-            encode_span(&mut out, ex, ids, Some("/users/{id}"));
-            encode_span(&mut out, ex, ids, None);
+        for (ex, ids, conn) in &prepared {
+            encode_span_into(&mut buf, ex, ids, Some("/users/{id}"), conn);
+            encode_span_into(&mut buf, ex, ids, None, conn);
         }
         assert_eq!(allocations() - before, 0);
+    }
+
+    #[test]
+    fn too_little_room_says_how_much_is_needed() {
+        for ex in fixtures() {
+            let ids = span_context_for(&ex, kernel_ids(&ex));
+            let whole = encoded(&ex, &ids, Some("/r"));
+            let conn = ConnAttrs::of(&ex);
+            for room in [0, 1, 17, whole.len() - 1] {
+                let mut buf = vec![0u8; room];
+                assert_eq!(
+                    encode_span_into(&mut buf, &ex, &ids, Some("/r"), &conn),
+                    whole.len()
+                );
+            }
+            let mut buf = vec![0u8; whole.len()];
+            assert_eq!(
+                encode_span_into(&mut buf, &ex, &ids, Some("/r"), &conn),
+                whole.len()
+            );
+            assert_eq!(buf, whole);
+        }
     }
 
     fn resource_proto(r: &Resource) -> pr::Resource {

@@ -357,16 +357,24 @@ impl Registry {
 
     /// Records an exchange in its process's RED metrics. Allocates only for a new series.
     pub fn record(&self, entry: &ServiceEntry, ex: &CapturedExchange, route: Option<&str>) {
+        let mut buf = StackText::empty();
+        let server_address = (!ex.is_server()).then(|| server_address_in(ex, &mut buf));
+        self.record_with(entry, ex, route, server_address);
+    }
+
+    /// [`Registry::record`] with a CLIENT's server.address and server.port known already
+    /// (`server_address_in`'s; `None` for a SERVER).
+    pub fn record_with(
+        &self,
+        entry: &ServiceEntry,
+        ex: &CapturedExchange,
+        route: Option<&str>,
+        server_address: Option<(&str, u16)>,
+    ) {
         let Some(table) = entry.table() else {
             return;
         };
         let server = ex.is_server();
-        let mut buf = StackText::empty();
-        let server_address = if server {
-            None
-        } else {
-            Some(server_address_in(ex, &mut buf))
-        };
         let view = KeyView {
             server,
             overflow: false,
