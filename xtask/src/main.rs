@@ -96,7 +96,9 @@ fn build(root: &Path) -> Result<PathBuf> {
             // must not inherit them.
             .env_remove("RUSTC")
             .env_remove("RUSTUP_TOOLCHAIN")
-            .env_remove("CARGO"),
+            .env_remove("CARGO")
+            // Everything is built where xtask looks for it (`ebpf_object`, target/release).
+            .env_remove("CARGO_TARGET_DIR"),
         "building the eBPF programs (nightly, bpfel-unknown-none)",
     )?;
     if !obj.exists() {
@@ -106,6 +108,7 @@ fn build(root: &Path) -> Result<PathBuf> {
         Command::new(cargo())
             .args(["build", "--release", "-p", "tapir"])
             .env("TAPIR_EBPF_OBJECT", &obj)
+            .env_remove("CARGO_TARGET_DIR")
             .current_dir(root),
         "building the tapir binary",
     )?;
@@ -138,6 +141,7 @@ fn test(root: &Path, filter: Option<&str>, e2e_only: bool) -> Result<()> {
             Command::new(cargo())
                 .args(["test", "--workspace", "--release"])
                 .env("TAPIR_EBPF_OBJECT", ebpf_object(root))
+                .env_remove("CARGO_TARGET_DIR")
                 .current_dir(root),
             "unit tests",
         )?;
