@@ -185,14 +185,12 @@ impl<'a> HeadFields<'a> {
 
     /// `value` untrimmed: only the headers kept are trimmed (most are none of ours).
     fn add(&mut self, name: &[u8], value: &'a [u8]) -> Result<(), HeadError> {
-        let is = |wanted: &[u8]| name.eq_ignore_ascii_case(wanted);
+        let is = |wanted: &[u8]| eq_lower(name, wanted);
         let value = || trim(value);
         // Dispatch on length first: most headers are none of ours.
         match name.len() {
             4 if is(b"host") => keep_first(&mut self.host, value()),
-            6 if is(b"expect") => {
-                self.expect_continue |= value().eq_ignore_ascii_case(b"100-continue")
-            }
+            6 if is(b"expect") => self.expect_continue |= eq_lower(value(), b"100-continue"),
             7 if is(b"upgrade") => keep_first(&mut self.upgrade, value()),
             10 if is(b"user-agent") => keep_first(&mut self.user_agent, value()),
             10 if is(b"tracestate") => keep_first(&mut self.tracestate, value()),
@@ -213,7 +211,7 @@ impl<'a> HeadFields<'a> {
                 // Only the final coding of the last header decides the framing.
                 self.transfer_encoding = true;
                 let last = value().rsplit(|&b| b == b',').next().unwrap_or_default();
-                self.chunked = trim(last).eq_ignore_ascii_case(b"chunked");
+                self.chunked = eq_lower(trim(last), b"chunked");
             }
             _ => {}
         }
@@ -221,16 +219,58 @@ impl<'a> HeadFields<'a> {
     }
 
     fn add_connection(&mut self, value: &[u8]) {
+        // Usually a single option: no list to split (memchr instead of a byte iterator).
+        if !value.contains(&b',') {
+            self.add_connection_option(value);
+            return;
+        }
         for option in value.split(|&b| b == b',').map(trim) {
-            if option.eq_ignore_ascii_case(b"close") {
-                self.connection = ConnectionOption::Close;
-            } else if option.eq_ignore_ascii_case(b"keep-alive")
-                && self.connection != ConnectionOption::Close
-            {
-                self.connection = ConnectionOption::KeepAlive;
-            }
+            self.add_connection_option(option);
         }
     }
+
+    fn add_connection_option(&mut self, option: &[u8]) {
+        if eq_lower(option, b"close") {
+            self.connection = ConnectionOption::Close;
+        } else if eq_lower(option, b"keep-alive") && self.connection != ConnectionOption::Close {
+            self.connection = ConnectionOption::KeepAlive;
+        }
+    }
+}
+
+/// `s.eq_ignore_ascii_case(lower)` for a `lower` with no uppercase letter, eight bytes at
+/// a time (a response's every header is compared with a few names this way).
+pub(crate) fn eq_lower(s: &[u8], lower: &[u8]) -> bool {
+    if s.len() != lower.len() {
+        return false;
+    }
+    if s.len() < 8 {
+        return s.eq_ignore_ascii_case(lower);
+    }
+    let same = |at: usize| match (word_at(s, at), word_at(lower, at)) {
+        (Some(a), Some(b)) => ascii_lowercase_word(a) == b,
+        _ => false,
+    };
+    // Whole words, then the last eight bytes (overlapping the previous word).
+    (0..s.len() / 8).all(|i| same(8 * i)) && same(s.len() - 8)
+}
+
+fn word_at(b: &[u8], at: usize) -> Option<u64> {
+    let w: [u8; 8] = b.get(at..at.checked_add(8)?)?.try_into().ok()?;
+    Some(u64::from_le_bytes(w))
+}
+
+/// Each byte of `x` lowercased as `u8::to_ascii_lowercase` does (only `A`..=`Z` change).
+fn ascii_lowercase_word(x: u64) -> u64 {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let h = x & LOW7;
+    // Per byte, without carries (h ≤ 0x7f): the high bit is set when h ≥ 'A' (0x41),
+    // resp. when h > 'Z' (0x5a).
+    let at_least_a = h + 0x3f3f_3f3f_3f3f_3f3f;
+    let above_z = h + 0x2525_2525_2525_2525;
+    let upper = at_least_a & !above_z & !x & HIGH;
+    x | (upper >> 2)
 }
 
 fn keep_first<'a>(slot: &mut Option<&'a [u8]>, value: &'a [u8]) {
@@ -241,20 +281,29 @@ fn keep_first<'a>(slot: &mut Option<&'a [u8]>, value: &'a [u8]) {
 
 /// Digits only; a list of identical values (`5, 5`) is accepted as RFC 9110 allows.
 fn parse_content_length(value: &[u8]) -> Option<u64> {
+    // Usually a single value: no list to split.
+    if !value.contains(&b',') {
+        return parse_digits(trim(value));
+    }
     let mut length = None;
     for item in value.split(|&b| b == b',').map(trim) {
-        if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        let n = item.iter().try_fold(0u64, |n, d| {
-            n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-        })?;
+        let n = parse_digits(item)?;
         if length.is_some_and(|seen| seen != n) {
             return None;
         }
         length = Some(n);
     }
     length
+}
+
+/// A non-empty run of decimal digits that fits in a u64.
+fn parse_digits(item: &[u8]) -> Option<u64> {
+    if item.is_empty() || !item.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    item.iter().try_fold(0u64, |n, d| {
+        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+    })
 }
 
 fn trim(bytes: &[u8]) -> &[u8] {

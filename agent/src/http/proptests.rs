@@ -429,3 +429,31 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// The word-at-a-time comparison agrees with std's on any bytes, including the
+    /// lowercased input itself and near misses of the names compared in practice.
+    #[test]
+    fn eq_lower_is_eq_ignore_ascii_case(
+        s in proptest::collection::vec(any::<u8>(), 0..40),
+        name in select(vec![
+            &b"content-length"[..], b"transfer-encoding", b"connection", b"keep-alive",
+            b"traceparent", b"100-continue", b"user-agent", b"chunked",
+        ]),
+        flip in any::<Index>(),
+    ) {
+        let lower = s.to_ascii_lowercase();
+        prop_assert_eq!(head::eq_lower(&s, &lower), s.eq_ignore_ascii_case(&lower));
+        prop_assert_eq!(head::eq_lower(&s, name), s.eq_ignore_ascii_case(name));
+        // The name with one byte's case flipped, and with one byte changed.
+        let mut upper = name.to_vec();
+        let i = flip.index(upper.len());
+        upper[i] = upper[i].to_ascii_uppercase();
+        prop_assert!(head::eq_lower(&upper, name));
+        let mut near = name.to_vec();
+        near[i] ^= 0x01;
+        prop_assert_eq!(head::eq_lower(&near, name), near.eq_ignore_ascii_case(name));
+        near[i] = near[i].wrapping_add(0x80);
+        prop_assert!(!head::eq_lower(&near, name));
+    }
+}
