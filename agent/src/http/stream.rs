@@ -487,13 +487,21 @@ impl Run<'_> {
 
     /// How `more` (after any buffered head bytes) starts.
     fn classify(&self, more: &[u8]) -> MessageStart {
-        let mut first = [0u8; 32];
-        let mut n = 0;
-        for (slot, b) in first.iter_mut().zip(self.side.head.iter().chain(more)) {
-            *slot = *b;
-            n += 1;
-        }
-        head::message_start(first.get(..n).unwrap_or_default()).expecting(self.expected_kind())
+        const LOOK: usize = 32;
+        let held = &self.side.head;
+        let mut joined = [0u8; LOOK];
+        let start: &[u8] = if held.is_empty() {
+            // The usual case, a message starting with this chunk: nothing to join.
+            &more[..more.len().min(LOOK)]
+        } else {
+            // Slice copies (bounds: a ≤ held, b ≤ more, a + b ≤ LOOK), not a byte loop.
+            let a = held.len().min(LOOK);
+            let b = more.len().min(LOOK - a);
+            joined[..a].copy_from_slice(&held[..a]);
+            joined[a..a + b].copy_from_slice(&more[..b]);
+            &joined[..a + b]
+        };
+        head::message_start(start).expecting(self.expected_kind())
     }
 
     fn resync(&mut self, cursor: &mut Cursor<'_>, at_chunk_start: bool) {
