@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    conn::{header_of, lookup_tcp},
+    conn::{current_gen, header_of, lookup_tcp},
     inject::learn_http_port,
     maps::{
         agent_tgid, capture_bytes, count, ringbuf_flags, DataScratch, Gather, PendingIo, EVENTS,
@@ -69,6 +69,11 @@ fn exit<const SHAPE: u8>(ctx: &TracePointContext, call: u8, direction: u8) -> u3
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if tgid == agent_tgid() {
+        return 0;
+    }
+    // A process left out by --pid/--exe stops here, before the helper calls that read the
+    // arguments back (lookup_tcp asks again: a per-CPU cached answer).
+    if !current_gen(tgid).1 {
         return 0;
     }
     let Some((fd, buf, third)) = syscall_args() else {
