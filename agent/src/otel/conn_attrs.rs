@@ -2,51 +2,59 @@
 //! per connection: on a kept-alive connection every exchange has the same ones, and
 //! formatting two IP addresses, parsing `Host` and encoding eight attributes was a large
 //! share of a span's encoding. What is kept is a pure function of the connection's ends,
-//! its role and three request fields, so an entry is used only when those match and is
-//! rebuilt otherwise; nothing needs invalidating when a connection closes.
-use std::num::NonZeroUsize;
+//! its role and three request fields, so a slot is used only when those match and is
+//! refilled otherwise; nothing needs invalidating when a connection closes.
+//!
+//! A fixed table of slots, one per hash of the connection's ends, not an LRU: a
+//! connection that lives for one exchange (or collides with another) costs one hash and
+//! a refill in place, with the slot's buffers reused, instead of an insertion, an
+//! eviction and their allocations, which cost more than the encoding they save.
+use std::hash::BuildHasher;
 
 use compact_str::CompactString;
-use lru::LruCache;
 
 use super::wire::ConnAttrs;
 use crate::{exchange::CapturedExchange, http::HttpVersion, pipeline::Endpoints};
 
-/// Connections remembered; the least recently used is forgotten first. ~0.4 KiB each.
-const CAPACITY: usize = 4096;
+/// Slots (a power of two); ~0.5 KiB each once filled.
+const SLOTS: usize = 1024;
 
-struct Entry {
+#[derive(Default)]
+struct Slot {
+    key: Option<(Endpoints, bool)>,
     host: Option<CompactString>,
     user_agent: Option<CompactString>,
-    version: HttpVersion,
+    version: Option<HttpVersion>,
     attrs: ConnAttrs,
 }
 
-impl Entry {
-    fn new(ex: &CapturedExchange) -> Self {
-        Self {
-            host: ex.http.host.clone(),
-            user_agent: ex.http.user_agent.clone(),
-            version: ex.http.version,
-            attrs: ConnAttrs::of(ex),
-        }
-    }
-
-    fn matches(&self, ex: &CapturedExchange) -> bool {
-        self.version == ex.http.version
+impl Slot {
+    fn holds(&self, key: &(Endpoints, bool), ex: &CapturedExchange) -> bool {
+        self.key.as_ref() == Some(key)
+            && self.version == Some(ex.http.version)
             && self.host == ex.http.host
             && self.user_agent == ex.http.user_agent
+    }
+
+    fn fill(&mut self, key: (Endpoints, bool), ex: &CapturedExchange) {
+        self.key = Some(key);
+        self.host.clone_from(&ex.http.host);
+        self.user_agent.clone_from(&ex.http.user_agent);
+        self.version = Some(ex.http.version);
+        self.attrs.fill(ex);
     }
 }
 
 pub struct ConnAttrCache {
-    entries: LruCache<(Endpoints, bool), Entry>,
+    slots: Box<[Slot]>,
+    hasher: foldhash::fast::RandomState,
 }
 
 impl Default for ConnAttrCache {
     fn default() -> Self {
         Self {
-            entries: LruCache::new(NonZeroUsize::new(CAPACITY).unwrap_or(NonZeroUsize::MIN)),
+            slots: (0..SLOTS).map(|_| Slot::default()).collect(),
+            hasher: foldhash::fast::RandomState::default(),
         }
     }
 }
@@ -55,16 +63,17 @@ impl ConnAttrCache {
     /// `ConnAttrs::of(ex)`, built once per connection while its fields stay the same.
     pub fn get(&mut self, ex: &CapturedExchange) -> &ConnAttrs {
         let key = (ex.endpoints, ex.is_server());
-        let entry = self.entries.get_or_insert_mut(key, || Entry::new(ex));
-        if !entry.matches(ex) {
-            *entry = Entry::new(ex);
+        // In range: the table always has SLOTS slots.
+        let slot = &mut self.slots[self.hasher.hash_one(key) as usize & (SLOTS - 1)];
+        if !slot.holds(&key, ex) {
+            slot.fill(key, ex);
         }
-        &entry.attrs
+        &slot.attrs
     }
 
     #[cfg(test)]
-    fn len(&self) -> usize {
-        self.entries.len()
+    fn filled(&self) -> usize {
+        self.slots.iter().filter(|s| s.key.is_some()).count()
     }
 }
 
@@ -112,20 +121,25 @@ mod tests {
         ] {
             ex.http.host = host.map(Into::into);
             let conn = ConnAttrs::of(&ex);
-            assert_eq!(conn.server_address, Some(server_address(&ex)), "{host:?}");
+            let (a, p) = server_address(&ex);
+            assert_eq!(conn.server_address(), Some((a.as_str(), p)), "{host:?}");
         }
         let server = exchange(ExchangeRole::Server, "GET", "/", 200);
-        assert_eq!(ConnAttrs::of(&server).server_address, None);
+        assert_eq!(ConnAttrs::of(&server).server_address(), None);
     }
 
     #[test]
-    fn bounded() {
+    fn bounded_and_right_after_collisions() {
         let mut cache = ConnAttrCache::default();
         let mut ex = exchange(ExchangeRole::Server, "GET", "/", 200);
-        for port in 0..(CAPACITY as u16 + 100) {
-            ex.endpoints.remote.1 = port;
-            assert_eq!(*cache.get(&ex), ConnAttrs::of(&ex));
+        // Many more connections than slots, then the first ones again: every answer is
+        // the fresh one (refilled in place when its slot was taken).
+        for round in 0..2 {
+            for port in 0..(4 * SLOTS as u16) {
+                ex.endpoints.remote.1 = port;
+                assert_eq!(*cache.get(&ex), ConnAttrs::of(&ex), "round {round}");
+            }
         }
-        assert_eq!(cache.len(), CAPACITY);
+        assert!(cache.filled() <= SLOTS);
     }
 }

@@ -354,19 +354,19 @@ impl Ingest {
             OtelStats::add(&self.stats.routes_overflow, 1);
         }
         let route = route.map(|r| r.route);
-        // Spans are built only for a span exporter (its queue) or the console.
-        let spans = self.queue.is_some() || self.console;
-        // A CLIENT's metrics need its server's address, which the connection's attributes
-        // have: looked up when spans or that need them.
-        let conn = (spans || !ex.is_server()).then(|| self.conn_attrs.get(ex));
-        let server_address = conn
-            .and_then(|c| c.server_address.as_ref())
-            .map(|(a, p)| (a.as_str(), *p));
+        // A CLIENT's metrics need its server's address, which its connection's attributes
+        // have (a SERVER's need none).
+        let server_address = if ex.is_server() {
+            None
+        } else {
+            self.conn_attrs.get(ex).server_address()
+        };
         self.registry
             .record_with(&entry, ex, route.as_deref(), server_address);
-        let Some(conn) = conn.filter(|_| spans) else {
+        // Spans are built only for a span exporter (its queue) or the console.
+        if self.queue.is_none() && !self.console {
             return;
-        };
+        }
         let ids = span::span_context_for(ex, span::kernel_ids(ex));
         if !self.sampler.should_sample(ids.trace_id, ids.parent_sampled) {
             OtelStats::add(&self.stats.spans_not_sampled, 1);
@@ -382,6 +382,7 @@ impl Ingest {
         if let Some(q) = &self.queue {
             // Encoded here, once, straight from the exchange: no SpanData on this path.
             let route = route.as_deref();
+            let conn = self.conn_attrs.get(ex);
             let hint = wire::span_size_hint(ex, &ids, route, conn);
             let span = self.spans.encode(hint, |buf| {
                 wire::encode_span_into(buf, ex, &ids, route, conn)

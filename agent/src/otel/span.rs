@@ -273,17 +273,23 @@ pub fn server_address_in<'a>(ex: &'a CapturedExchange, buf: &'a mut StackText) -
 /// `http://`, server.address (bracketed when it is an IPv6 literal), then `:port` unless
 /// it is 80. [`url_full_path`] follows it.
 pub fn url_full_prefix(addr: &str, port: u16) -> String {
-    let (open, close) = if addr.contains(':') {
-        ("[", "]")
-    } else {
-        ("", "")
-    };
-    let mut url = format!("http://{open}{addr}{close}");
+    let mut url = String::new();
+    url_full_prefix_into(&mut url, addr, port);
+    url
+}
+
+/// [`url_full_prefix`] appended to `url`.
+pub fn url_full_prefix_into(url: &mut String, addr: &str, port: u16) {
+    let v6 = addr.contains(':');
+    url.push_str(if v6 { "http://[" } else { "http://" });
+    url.push_str(addr);
+    if v6 {
+        url.push(']');
+    }
     if port != 80 {
         url.push(':');
         url.push_str(StackText::decimal(port).as_str());
     }
-    url
 }
 
 /// The rest of `url.full` after [`url_full_prefix`]: the path, never the query (privacy

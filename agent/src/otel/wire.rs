@@ -14,7 +14,9 @@ use opentelemetry_semantic_conventions::attribute as sc;
 use prost::encoding::encoded_len_varint;
 
 use super::{
-    span::{is_error, normalize_method, parse_host_ref, url_full_path, url_full_prefix, SpanIds},
+    span::{
+        is_error, normalize_method, parse_host_ref, url_full_path, url_full_prefix_into, SpanIds,
+    },
     text::StackText,
 };
 use crate::exchange::CapturedExchange;
@@ -386,8 +388,10 @@ pub fn span_size_hint(
 pub struct ConnAttrs {
     /// `http://host[:port]`, the start of a CLIENT's url.full; empty for a SERVER.
     pub url_prefix: String,
-    /// A CLIENT's server.address and server.port (for its metrics too); `None` for a SERVER.
-    pub server_address: Option<(String, u16)>,
+    /// A CLIENT's server.address (for its metrics too); empty for a SERVER.
+    server_name: String,
+    server_port: u16,
+    client: bool,
     /// server.address, server.port, client.address, client.port, network.peer.address,
     /// network.peer.port, network.protocol.version and user_agent.original (when sent),
     /// as Span attributes in build_span's order.
@@ -396,6 +400,20 @@ pub struct ConnAttrs {
 
 impl ConnAttrs {
     pub fn of(ex: &CapturedExchange) -> Self {
+        let mut attrs = Self::default();
+        attrs.fill(ex);
+        attrs
+    }
+
+    /// A CLIENT's server.address and server.port; `None` for a SERVER.
+    pub fn server_address(&self) -> Option<(&str, u16)> {
+        self.client
+            .then_some((self.server_name.as_str(), self.server_port))
+    }
+
+    /// Becomes `ConnAttrs::of(ex)`, reusing its buffers (no allocation once they are
+    /// large enough).
+    pub fn fill(&mut self, ex: &CapturedExchange) {
         let server = ex.is_server();
         let http = &ex.http;
         let (srv, client) = ex.server_client();
@@ -419,37 +437,29 @@ impl ConnAttrs {
             Some((name, port)) => (name, port.unwrap_or(srv.1)),
             None => (srv_ip.as_str(), srv.1),
         };
-        let (url_prefix, server_address) = if server {
-            (String::new(), None)
-        } else {
-            (
-                url_full_prefix(srv_addr, srv_port),
-                Some((srv_addr.to_string(), srv_port)),
-            )
-        };
-
-        let mut out = Vec::with_capacity(384);
-        let a = SPAN_ATTRIBUTES;
-        put_attr_str(&mut out, a, sc::SERVER_ADDRESS, srv_addr.as_bytes());
-        put_attr_int(&mut out, a, sc::SERVER_PORT, i64::from(srv_port));
-        put_attr_str(&mut out, a, sc::CLIENT_ADDRESS, client_ip.as_bytes());
-        put_attr_int(&mut out, a, sc::CLIENT_PORT, i64::from(client.1));
-        put_attr_str(&mut out, a, sc::NETWORK_PEER_ADDRESS, remote_ip.as_bytes());
-        put_attr_int(&mut out, a, sc::NETWORK_PEER_PORT, i64::from(peer.1));
-        let version = http.version.as_str();
-        put_attr_str(
-            &mut out,
-            a,
-            sc::NETWORK_PROTOCOL_VERSION,
-            version.as_bytes(),
-        );
-        if let Some(ua) = http.user_agent.as_deref() {
-            put_attr_str(&mut out, a, sc::USER_AGENT_ORIGINAL, ua.as_bytes());
+        self.client = !server;
+        self.url_prefix.clear();
+        self.server_name.clear();
+        self.server_port = 0;
+        if !server {
+            url_full_prefix_into(&mut self.url_prefix, srv_addr, srv_port);
+            self.server_name.push_str(srv_addr);
+            self.server_port = srv_port;
         }
-        Self {
-            url_prefix,
-            server_address,
-            encoded: out,
+
+        let out = &mut self.encoded;
+        out.clear();
+        let a = SPAN_ATTRIBUTES;
+        put_attr_str(out, a, sc::SERVER_ADDRESS, srv_addr.as_bytes());
+        put_attr_int(out, a, sc::SERVER_PORT, i64::from(srv_port));
+        put_attr_str(out, a, sc::CLIENT_ADDRESS, client_ip.as_bytes());
+        put_attr_int(out, a, sc::CLIENT_PORT, i64::from(client.1));
+        put_attr_str(out, a, sc::NETWORK_PEER_ADDRESS, remote_ip.as_bytes());
+        put_attr_int(out, a, sc::NETWORK_PEER_PORT, i64::from(peer.1));
+        let version = http.version.as_str();
+        put_attr_str(out, a, sc::NETWORK_PROTOCOL_VERSION, version.as_bytes());
+        if let Some(ua) = http.user_agent.as_deref() {
+            put_attr_str(out, a, sc::USER_AGENT_ORIGINAL, ua.as_bytes());
         }
     }
 }
