@@ -502,6 +502,14 @@ impl ExchangeSink for BenchSink {
         }
         std::hint::black_box(ex);
     }
+
+    fn flush(&mut self) {
+        if let Some((sink, queue)) = &mut self.otel {
+            let before = queue.pushed();
+            sink.flush();
+            self.spans += queue.pushed() - before;
+        }
+    }
 }
 
 fn thread_cpu_ns() -> u64 {

@@ -145,6 +145,12 @@ impl ExchangeSink for Sink {
         }
     }
 
+    fn flush(&mut self) {
+        if let Self::Otel(s) = self {
+            s.flush();
+        }
+    }
+
     fn on_process_exit(&mut self, pid: u32) {
         if let Self::Otel(s) = self {
             s.on_process_exit(pid);

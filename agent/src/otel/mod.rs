@@ -249,6 +249,10 @@ impl ExchangeSink for OtelSink {
         self.ingest.handle(ex);
     }
 
+    fn flush(&mut self) {
+        self.ingest.push_pending();
+    }
+
     fn on_process_exit(&mut self, pid: u32) {
         // After its last exchanges (same thread): export its metrics a last time, free them.
         self.ingest.registry.process_exited(pid);
@@ -294,6 +298,7 @@ impl OtelSink {
             spans: SpanArena::default(),
             entries: EntryCache::default(),
             conn_attrs: ConnAttrCache::default(),
+            pending: Vec::with_capacity(PENDING_SPANS),
         };
         (Self { ingest }, queue)
     }
@@ -311,6 +316,17 @@ struct Ingest {
     spans: SpanArena,
     entries: EntryCache,
     conn_attrs: ConnAttrCache,
+    /// Spans encoded but not yet in the shared queue: handed over [`PENDING_SPANS`] at a
+    /// time (and after each drain of the ring), one lock instead of one per span.
+    pending: Vec<QueuedSpan>,
+}
+
+const PENDING_SPANS: usize = 64;
+
+impl Drop for Ingest {
+    fn drop(&mut self) {
+        self.push_pending();
+    }
 }
 
 /// Where encoded spans live until they are exported: encoded in place, one after the
@@ -387,7 +403,16 @@ impl Ingest {
             let span = self.spans.encode(hint, |buf| {
                 wire::encode_span_into(buf, ex, &ids, route, conn)
             });
-            q.push(QueuedSpan { entry, span });
+            self.pending.push(QueuedSpan { entry, span });
+            if self.pending.len() >= PENDING_SPANS {
+                q.push_all(&mut self.pending);
+            }
+        }
+    }
+
+    fn push_pending(&mut self) {
+        if let Some(q) = &self.queue {
+            q.push_all(&mut self.pending);
         }
     }
 }
@@ -548,6 +573,7 @@ impl Telemetry {
             stats: stats.clone(),
             entries: EntryCache::default(),
             conn_attrs: ConnAttrCache::default(),
+            pending: Vec::with_capacity(PENDING_SPANS),
         };
         let (close_spans, close_rx) = watch::channel(None);
         let span_loop = match (span_exporter, &queue) {
@@ -639,6 +665,26 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+
+    #[test]
+    fn spans_reach_the_queue_in_handfuls_and_on_flush() {
+        let (mut sink, queue) =
+            OtelSink::without_export(Arc::default(), Arc::new(OtelStats::default()));
+        let ex = span::tests::exchange(crate::http::ExchangeRole::Server, "GET", "/", 200);
+        for _ in 0..PENDING_SPANS - 1 {
+            sink.on_exchange(&ex);
+        }
+        assert_eq!(queue.pushed(), 0);
+        sink.on_exchange(&ex);
+        assert_eq!(queue.pushed(), PENDING_SPANS as u64);
+        sink.on_exchange(&ex);
+        sink.flush();
+        assert_eq!(queue.pushed(), PENDING_SPANS as u64 + 1);
+        // What is pending when the sink goes away is handed over too.
+        sink.on_exchange(&ex);
+        drop(sink);
+        assert_eq!(queue.pushed(), PENDING_SPANS as u64 + 2);
+    }
 
     #[test]
     fn span_arena_hands_out_each_encoding_intact_across_blocks() {

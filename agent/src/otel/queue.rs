@@ -43,6 +43,12 @@ impl<T> RetryQueue<T> {
         self.trim()
     }
 
+    /// Appends `items` in order; returns how many of the oldest items were dropped.
+    pub fn extend(&mut self, items: impl IntoIterator<Item = T>) -> u64 {
+        self.items.extend(items);
+        self.trim()
+    }
+
     /// Removes and returns up to `max` of the oldest items, in order.
     pub fn take_batch(&mut self, max: usize) -> Vec<T> {
         let n = max.min(self.items.len());
@@ -181,6 +187,24 @@ impl<T> SharedQueue<T> {
         }
     }
 
+    /// [`SharedQueue::push`] for each of `items` (emptied), under one lock.
+    pub fn push_all(&self, items: &mut Vec<T>) {
+        if items.is_empty() {
+            return;
+        }
+        self.pushed.fetch_add(items.len() as u64, Ordering::Relaxed);
+        let (dropped, len) = {
+            let mut q = self.lock();
+            (q.extend(items.drain(..)), q.len())
+        };
+        if dropped > 0 {
+            self.stats.dropped(SpanDrop::ExportQueueFull, dropped);
+        }
+        if len >= self.max_batch {
+            self.notify.notify_one();
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }
@@ -304,6 +328,23 @@ mod tests {
         assert_eq!(q.len(), 3);
         assert_eq!(q.take_batch(10), vec![2, 3, 4]);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn push_all_is_push_each_under_one_lock() {
+        let stats = Arc::new(OtelStats::default());
+        let q = SharedQueue::new(3, 2, stats.clone());
+        let mut items = vec![1, 2];
+        q.push_all(&mut items);
+        assert!(items.is_empty());
+        let mut items = vec![3, 4, 5];
+        q.push_all(&mut items);
+        // Bounded as push: the two oldest are dropped and counted.
+        assert_eq!(q.pushed(), 5);
+        assert_eq!(q.lock().take_batch(10), vec![3, 4, 5]);
+        assert_eq!(stats.dropped_count(SpanDrop::ExportQueueFull), 2);
+        q.push_all(&mut Vec::new());
+        assert_eq!(q.pushed(), 5);
     }
 
     #[test]
