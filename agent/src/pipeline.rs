@@ -93,6 +93,9 @@ pub trait ExchangeSink {
     fn on_exchange(&mut self, exchange: &crate::exchange::CapturedExchange);
     /// Called after each drain of the ring buffer.
     fn flush(&mut self) {}
+    /// Called every idle sweep: free what was kept for connections not seen since the
+    /// previous one.
+    fn release_idle(&mut self) {}
     /// A process exited, after its last exchanges were passed on.
     fn on_process_exit(&mut self, _pid: u32) {}
 }
@@ -282,6 +285,7 @@ impl<S: ExchangeSink> Pipeline<S> {
                 conn.http.release_idle_buffers();
             }
         }
+        self.sink.release_idle();
         crate::heap::trim();
     }
 

@@ -151,6 +151,12 @@ impl ExchangeSink for Sink {
         }
     }
 
+    fn release_idle(&mut self) {
+        if let Self::Otel(s) = self {
+            s.release_idle();
+        }
+    }
+
     fn on_process_exit(&mut self, pid: u32) {
         if let Self::Otel(s) = self {
             s.on_process_exit(pid);

@@ -21,6 +21,8 @@ const SLOTS: usize = 1024;
 
 #[derive(Default)]
 struct Slot {
+    /// Asked for since the last idle sweep.
+    used: bool,
     key: Option<(Endpoints, bool)>,
     host: Option<CompactString>,
     user_agent: Option<CompactString>,
@@ -68,7 +70,18 @@ impl ConnAttrCache {
         if !slot.holds(&key, ex) {
             slot.fill(key, ex);
         }
+        slot.used = true;
         &slot.attrs
+    }
+
+    /// Frees the slots not asked for since the previous call (the pipeline's idle sweep):
+    /// the buffers of connections gone would otherwise stay, scattered over the heap.
+    pub fn release_idle(&mut self) {
+        for slot in self.slots.iter_mut() {
+            if !std::mem::take(&mut slot.used) && slot.key.is_some() {
+                *slot = Slot::default();
+            }
+        }
     }
 
     #[cfg(test)]
@@ -141,5 +154,28 @@ mod tests {
             }
         }
         assert!(cache.filled() <= SLOTS);
+    }
+
+    #[test]
+    fn idle_slots_are_freed() {
+        let mut cache = ConnAttrCache::default();
+        let a = exchange(ExchangeRole::Server, "GET", "/", 200);
+        let mut b = a.clone();
+        b.endpoints.remote.1 += 1;
+        cache.get(&a);
+        // b in another slot than a (slots follow a random hash; a collision refills a's).
+        while {
+            cache.get(&b);
+            cache.filled() < 2
+        } {
+            b.endpoints.remote.1 += 1;
+            cache.get(&a);
+        }
+        cache.release_idle(); // both used since the start: kept
+        assert_eq!(cache.filled(), 2);
+        cache.get(&a);
+        cache.release_idle(); // b idle for a whole sweep: freed
+        assert_eq!(cache.filled(), 1);
+        assert_eq!(*cache.get(&b), ConnAttrs::of(&b));
     }
 }

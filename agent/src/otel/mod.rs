@@ -253,6 +253,10 @@ impl ExchangeSink for OtelSink {
         self.ingest.push_pending();
     }
 
+    fn release_idle(&mut self) {
+        self.ingest.conn_attrs.release_idle();
+    }
+
     fn on_process_exit(&mut self, pid: u32) {
         // After its last exchanges (same thread): export its metrics a last time, free them.
         self.ingest.registry.process_exited(pid);
