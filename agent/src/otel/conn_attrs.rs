@@ -95,7 +95,10 @@ mod tests {
     use super::*;
     use crate::{
         http::ExchangeRole,
-        otel::span::{server_address, tests::exchange},
+        otel::span::{
+            server_address,
+            tests::{exchange, HOST_CASES},
+        },
     };
 
     #[test]
@@ -126,12 +129,7 @@ mod tests {
     #[test]
     fn a_clients_server_address_is_the_spans() {
         let mut ex = exchange(ExchangeRole::Client, "GET", "/", 200);
-        for host in [
-            Some("api.example.com:8080"),
-            Some("[::1]:9"),
-            Some("bad host"),
-            None,
-        ] {
+        for host in HOST_CASES {
             ex.http.host = host.map(Into::into);
             let conn = ConnAttrs::of(&ex);
             let (a, p) = server_address(&ex);

@@ -414,6 +414,14 @@ pub(crate) mod tests {
         process::ProcessInfo,
     };
 
+    /// `Host` values that exercise server.address: name and port, IPv6, unparsable, none.
+    pub(crate) const HOST_CASES: [Option<&str>; 4] = [
+        Some("api.example.com:8080"),
+        Some("[::1]:9"),
+        Some("bad host"),
+        None,
+    ];
+
     pub(crate) fn exchange(
         role: ExchangeRole,
         method: &str,

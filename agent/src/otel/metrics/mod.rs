@@ -779,12 +779,7 @@ mod tests {
     #[test]
     fn metric_server_address_matches_the_span() {
         let mut ex = exchange(ExchangeRole::Client, "GET", "/", 200);
-        for host in [
-            Some("api.example.com:8080"),
-            Some("[::1]:9"),
-            Some("bad host"),
-            None,
-        ] {
+        for host in crate::otel::span::tests::HOST_CASES {
             ex.http.host = host.map(Into::into);
             let mut buf = StackText::empty();
             let (a, p) = server_address_in(&ex, &mut buf);
