@@ -73,7 +73,7 @@ const SS_SCHEMA_URL: u32 = 3;
 const REQ_RESOURCE_SPANS: u32 = 1;
 
 /// Where the encoders write: a `Vec` that grows, or a [`SliceWriter`] sized beforehand.
-pub trait Out {
+trait Out {
     fn byte(&mut self, b: u8);
     fn bytes(&mut self, b: &[u8]);
 }
@@ -93,18 +93,18 @@ impl Out for Vec<u8> {
 /// Writes into a slice made ready beforehand: no capacity check (and no reload of a
 /// `Vec`'s length and capacity) per byte, which is most of a span's encoding cost. What
 /// does not fit is counted, not written, so `pos` is always the size the output needs.
-pub struct SliceWriter<'a> {
+struct SliceWriter<'a> {
     buf: &'a mut [u8],
     pos: usize,
 }
 
 impl<'a> SliceWriter<'a> {
-    pub fn new(buf: &'a mut [u8]) -> Self {
+    fn new(buf: &'a mut [u8]) -> Self {
         Self { buf, pos: 0 }
     }
 
     /// Bytes the output needs; it is all in the slice when this is at most its length.
-    pub fn needed(&self) -> usize {
+    fn needed(&self) -> usize {
         self.pos
     }
 }
