@@ -44,6 +44,7 @@ pub use export::QueuedSpan;
 use metrics::{AgentSources, EntryCache, Registry, RegistryConfig, Temporality};
 use queue::LoopConfig;
 pub use queue::SharedQueue;
+use wire::ConnAttrs;
 
 /// The standard variables `tapir run` honours (for `--help`).
 pub const ENV_HELP: &str = "\
@@ -374,24 +375,27 @@ impl Ingest {
             OtelStats::add(&self.stats.routes_overflow, 1);
         }
         let route = route.map(|r| r.route);
-        // A CLIENT's metrics need its server's address, which its connection's attributes
-        // have (a SERVER's need none).
-        let server_address = if ex.is_server() {
-            None
+        // Spans are built only for a span exporter (its queue) or the console, and only
+        // when sampled.
+        let ids = if self.queue.is_some() || self.console {
+            let ids = span::span_context_for(ex, span::kernel_ids(ex));
+            let sampled = self.sampler.should_sample(ids.trace_id, ids.parent_sampled);
+            if !sampled {
+                OtelStats::add(&self.stats.spans_not_sampled, 1);
+            }
+            sampled.then_some(ids)
         } else {
-            self.conn_attrs.get(ex).server_address()
+            None
         };
+        // The connection's attributes: for the span, and for a CLIENT's metrics (its
+        // server.address; a SERVER's need none). Looked up once, and only then.
+        let conn = (ids.is_some() || !ex.is_server()).then(|| self.conn_attrs.get(ex));
+        let server_address = conn.and_then(ConnAttrs::server_address);
         self.registry
             .record_with(&entry, ex, route.as_deref(), server_address);
-        // Spans are built only for a span exporter (its queue) or the console.
-        if self.queue.is_none() && !self.console {
+        let (Some(ids), Some(conn)) = (ids, conn) else {
             return;
-        }
-        let ids = span::span_context_for(ex, span::kernel_ids(ex));
-        if !self.sampler.should_sample(ids.trace_id, ids.parent_sampled) {
-            OtelStats::add(&self.stats.spans_not_sampled, 1);
-            return;
-        }
+        };
         if self.console {
             let data = span::build_span(ex, &ids, route.as_deref(), &self.scope);
             let line = export::span_json(&data, &entry).to_string();
@@ -402,7 +406,6 @@ impl Ingest {
         if let Some(q) = &self.queue {
             // Encoded here, once, straight from the exchange: no SpanData on this path.
             let route = route.as_deref();
-            let conn = self.conn_attrs.get(ex);
             let hint = wire::span_size_hint(ex, &ids, route, conn);
             let span = self.spans.encode(hint, |buf| {
                 wire::encode_span_into(buf, ex, &ids, route, conn)

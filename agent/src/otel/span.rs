@@ -269,17 +269,10 @@ pub fn server_address_in<'a>(ex: &'a CapturedExchange, buf: &'a mut StackText) -
     (buf.as_str(), server.1)
 }
 
-/// The start of a CLIENT span's `url.full` (required by the HTTP client conventions):
-/// `http://`, server.address (bracketed when it is an IPv6 literal), then `:port` unless
-/// it is 80. [`url_full_path`] follows it.
-pub fn url_full_prefix(addr: &str, port: u16) -> String {
-    let mut url = String::new();
-    url_full_prefix_into(&mut url, addr, port);
-    url
-}
-
-/// [`url_full_prefix`] appended to `url`.
-pub fn url_full_prefix_into(url: &mut String, addr: &str, port: u16) {
+/// Appends the start of a CLIENT span's `url.full` (required by the HTTP client
+/// conventions) to `url`: `http://`, server.address (bracketed when it is an IPv6
+/// literal), then `:port` unless it is 80. [`url_full_path`] follows it.
+pub fn url_full_prefix(url: &mut String, addr: &str, port: u16) {
     let v6 = addr.contains(':');
     url.push_str(if v6 { "http://[" } else { "http://" });
     url.push_str(addr);
@@ -332,7 +325,9 @@ pub fn build_span(
     attrs.push(KeyValue::new(sc::URL_PATH, http.path.to_string()));
     attrs.push(KeyValue::new(sc::URL_SCHEME, "http"));
     if !server {
-        let full = url_full_prefix(&srv_addr, srv_port) + url_full_path(&http.path);
+        let mut full = String::new();
+        url_full_prefix(&mut full, &srv_addr, srv_port);
+        full.push_str(url_full_path(&http.path));
         attrs.push(KeyValue::new(sc::URL_FULL, full));
     }
     attrs.push(KeyValue::new(

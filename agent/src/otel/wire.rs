@@ -15,7 +15,7 @@ use prost::encoding::encoded_len_varint;
 
 use super::{
     span::{
-        is_error, normalize_method, parse_host_ref, url_full_path, url_full_prefix_into, SpanIds,
+        is_error, normalize_method, server_address_in, url_full_path, url_full_prefix, SpanIds,
     },
     text::StackText,
 };
@@ -332,7 +332,9 @@ fn put_trace_state(out: &mut impl Out, ts: &TraceState) {
 
 /// Appends the bytes of one OTLP `Span` message (opentelemetry.proto.trace.v1.Span, not
 /// length-prefixed) for `ex`: what `span::build_span(ex, ids, route, _)` becomes on the
-/// wire. `route` is its `http.route` (and names the span when known).
+/// wire. `route` is its `http.route` (and names the span when known). For the tests: the
+/// agent encodes with [`encode_span_into`] straight into its span blocks.
+#[cfg(test)]
 pub fn encode_span(out: &mut Vec<u8>, ex: &CapturedExchange, ids: &SpanIds, route: Option<&str>) {
     let conn = ConnAttrs::of(ex);
     let start = out.len();
@@ -387,7 +389,7 @@ pub fn span_size_hint(
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConnAttrs {
     /// `http://host[:port]`, the start of a CLIENT's url.full; empty for a SERVER.
-    pub url_prefix: String,
+    url_prefix: String,
     /// A CLIENT's server.address (for its metrics too); empty for a SERVER.
     server_name: String,
     server_port: u16,
@@ -395,7 +397,7 @@ pub struct ConnAttrs {
     /// server.address, server.port, client.address, client.port, network.peer.address,
     /// network.peer.port, network.protocol.version and user_agent.original (when sent),
     /// as Span attributes in build_span's order.
-    pub encoded: Vec<u8>,
+    encoded: Vec<u8>,
 }
 
 impl ConnAttrs {
@@ -416,33 +418,25 @@ impl ConnAttrs {
     pub fn fill(&mut self, ex: &CapturedExchange) {
         let server = ex.is_server();
         let http = &ex.http;
-        let (srv, client) = ex.server_client();
+        let (_, client) = ex.server_client();
         let peer = ex.endpoints.remote;
-        // Each end formatted once: the remote one is also the server (CLIENT span) or the
-        // client (SERVER span), as in `server_client`.
-        let local_ip = StackText::ip(ex.endpoints.local.0);
+        let mut srv_text = StackText::empty();
+        let (srv_addr, srv_port) = server_address_in(ex, &mut srv_text);
+        // The remote end is the client of a SERVER span (as in `server_client`).
         let remote_ip = StackText::ip(peer.0);
-        let (srv_ip, client_ip) = if server {
-            (&local_ip, &remote_ip)
+        let local_ip;
+        let client_ip = if server {
+            &remote_ip
         } else {
-            (&remote_ip, &local_ip)
-        };
-        // server.address: a CLIENT reports the request's Host when it parses (as build_span).
-        let host = if server {
-            None
-        } else {
-            http.host.as_deref().and_then(parse_host_ref)
-        };
-        let (srv_addr, srv_port) = match host {
-            Some((name, port)) => (name, port.unwrap_or(srv.1)),
-            None => (srv_ip.as_str(), srv.1),
+            local_ip = StackText::ip(ex.endpoints.local.0);
+            &local_ip
         };
         self.client = !server;
         self.url_prefix.clear();
         self.server_name.clear();
         self.server_port = 0;
         if !server {
-            url_full_prefix_into(&mut self.url_prefix, srv_addr, srv_port);
+            url_full_prefix(&mut self.url_prefix, srv_addr, srv_port);
             self.server_name.push_str(srv_addr);
             self.server_port = srv_port;
         }

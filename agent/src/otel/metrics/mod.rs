@@ -49,12 +49,7 @@ pub use encode::{encode_requests, OVERFLOW_ATTRIBUTE};
 pub use series::{DURATION_BUCKETS, SIZE_BUCKETS};
 pub use service::ServiceEntry;
 
-use super::{
-    counters::OtelStats,
-    resource::process_resource,
-    span::{normalize_method, server_address_in},
-    text::StackText,
-};
+use super::{counters::OtelStats, resource::process_resource, span::normalize_method};
 use crate::{exchange::CapturedExchange, process::ProcessInfo};
 use agent::AgentMetrics;
 use series::{KeyView, Read, Series, SeriesKey};
@@ -355,15 +350,19 @@ impl Registry {
         keys.len()
     }
 
-    /// Records an exchange in its process's RED metrics. Allocates only for a new series.
+    /// [`Registry::record_with`], finding a CLIENT's server.address itself (for the tests;
+    /// the agent has it from the connection's attributes).
+    #[cfg(test)]
     pub fn record(&self, entry: &ServiceEntry, ex: &CapturedExchange, route: Option<&str>) {
-        let mut buf = StackText::empty();
-        let server_address = (!ex.is_server()).then(|| server_address_in(ex, &mut buf));
+        let mut buf = super::text::StackText::empty();
+        let server_address =
+            (!ex.is_server()).then(|| super::span::server_address_in(ex, &mut buf));
         self.record_with(entry, ex, route, server_address);
     }
 
-    /// [`Registry::record`] with a CLIENT's server.address and server.port known already
-    /// (`server_address_in`'s; `None` for a SERVER).
+    /// Records an exchange in its process's RED metrics, given a CLIENT's server.address
+    /// and server.port (`server_address_in`'s; `None` for a SERVER). Allocates only for a
+    /// new series.
     pub fn record_with(
         &self,
         entry: &ServiceEntry,
@@ -564,7 +563,14 @@ mod tests {
     use opentelemetry_proto::tonic::common::v1::any_value;
 
     use super::{testutil::*, *};
-    use crate::{http::ExchangeRole, otel::span::tests::exchange, test_alloc::allocations};
+    use crate::{
+        http::ExchangeRole,
+        otel::{
+            span::{server_address_in, tests::exchange},
+            text::StackText,
+        },
+        test_alloc::allocations,
+    };
 
     #[test]
     fn cached_entries_are_the_tables_until_the_process_leaves_it() {
