@@ -256,6 +256,16 @@ def nginx(procs, tmp_path, port, server_body, http_extra=""):
     return procs(["nginx", "-c", conf, "-g", "daemon off;"], ready_port=port)
 
 
+def span_path(s):
+    """An OTLP span's request path: a SERVER's url.path, a CLIENT's from its url.full (the
+    conventions give CLIENT spans no url.path)."""
+    a = s["attributes"]
+    if "url.path" in a:
+        return a["url.path"]
+    rest = a["url.full"].split("://", 1)[1]
+    return "/" + rest.split("/", 1)[1] if "/" in rest else ""
+
+
 def curl(*args, check=True):
     r = subprocess.run(["curl", "-sS", *map(str, args)], capture_output=True, text=True, timeout=60)
     if check and r.returncode != 0:

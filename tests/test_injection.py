@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import TESTS, Agent, curl, finish, free_port, nginx, watch
+from conftest import TESTS, Agent, curl, finish, free_port, nginx, span_path, watch
 from test_propagation import PARENT, TRACE, of
 
 PY = sys.executable
@@ -157,7 +157,7 @@ def test_traces_over_otlp_two_named_services(otlp, py_server, procs):
     for i in range(20):
         curl("-o", "/dev/null", f"http://127.0.0.1:{fport}/t/{i}")
     assert agent.stop() == 0
-    spans = [s for s in otlp.spans() if s["attributes"].get("url.path", "").startswith("/t/")]
+    spans = [s for s in otlp.spans() if span_path(s).startswith("/t/")]
     by = lambda svc, kind: sorted(
         (s for s in spans if s["resource"]["service.name"] == svc and s["kind"] == kind),
         key=lambda s: s["start_time_unix_nano"],

@@ -20,7 +20,7 @@ import urllib.request
 
 import pytest
 
-from conftest import TESTS, Agent, curl, free_port, wait_port
+from conftest import TESTS, Agent, curl, free_port, span_path, wait_port
 from otlp_receiver import OtlpReceiver
 
 PY = sys.executable
@@ -114,16 +114,15 @@ def check_times(s, t0, t1):
     )
 
 
-def check_http_span(s, kind, *, method, path, status, ua_prefix, t0, t1):
+def check_http_span(s, kind, *, method, path, status, t0, t1):
     """What SERVER and CLIENT spans share; 5xx is an error on both sides, 4xx on clients only."""
     a = s["attributes"]
     assert s["kind"] == kind
     assert a["http.request.method"] == method
-    assert a["url.path"] == path.split("?")[0]
+    assert span_path(s) == path.split("?")[0]
     assert a["http.response.status_code"] == status and type(a["http.response.status_code"]) is int
     assert a["server.address"] == "127.0.0.1"
     assert a["network.protocol.version"] == "1.1"
-    assert a["user_agent.original"].startswith(ua_prefix), a["user_agent.original"]
     if status >= (500 if kind == "SERVER" else 400):
         assert a["error.type"] == str(status)
         assert s["status_code"] == "ERROR"
@@ -134,7 +133,13 @@ def check_http_span(s, kind, *, method, path, status, ua_prefix, t0, t1):
     check_times(s, t0, t1)
 
 
-def check_server_span(s, *, port, **kw):
+# The conventions' Opt-In attributes (and client.* on a CLIENT, which they do not define):
+# not sent by default.
+SERVER_OPT_IN = {"client.port", "url.full"}
+CLIENT_NOT_SENT = {"url.path", "url.scheme", "client.address", "client.port", "user_agent.original"}
+
+
+def check_server_span(s, *, port, ua_prefix, **kw):
     check_http_span(s, "SERVER", **kw)
     a = s["attributes"]
     assert a["url.scheme"] == "http"
@@ -142,14 +147,16 @@ def check_server_span(s, *, port, **kw):
     assert s["name"] in (kw["method"], f"{kw['method']} {a['http.route']}"), s["name"]
     assert a["server.port"] == port
     assert a["client.address"] == "127.0.0.1"
-    assert type(a["client.port"]) is int and 0 < a["client.port"] != port
     assert a["network.peer.address"] == a["client.address"]
-    assert a["network.peer.port"] == a["client.port"]
+    assert type(a["network.peer.port"]) is int and 0 < a["network.peer.port"] != port
+    assert a["user_agent.original"].startswith(ua_prefix), a["user_agent.original"]
+    assert not SERVER_OPT_IN & a.keys(), a
 
 
-def check_client_span(s, *, port, **kw):
+def check_client_span(s, *, port, ua_prefix, **kw):
     check_http_span(s, "CLIENT", **kw)
     a = s["attributes"]
+    assert not CLIENT_NOT_SENT & a.keys(), a
     assert s["name"] in (kw["method"], f"{kw['method']} {collapse(kw['path'])}"), s["name"]
     assert a["server.port"] == port
     # Required on CLIENT spans; the query never leaves the host.
@@ -223,11 +230,11 @@ def test_server_spans_one_per_request_with_semconv_attributes(otlp, py_server, p
     for s, (path, status) in zip(spans, REQUESTS):
         check_server_span(s, method="GET", path=path, status=status, port=port, ua_prefix="curl/", t0=t0, t1=t1)
     assert len({s["span_id"] for s in spans}) == n
-    assert len({s["attributes"]["client.port"] for s in spans}) == n, "curl opens one connection per request"
+    assert len({s["attributes"]["network.peer.port"] for s in spans}) == n, "curl opens one connection per request"
 
     # curl's side of the same exchanges: one CLIENT span each, from the curl processes.
     clients = by_start(otlp.spans(lambda s: s["kind"] == "CLIENT"))
-    assert [(s["attributes"]["url.path"], s["attributes"]["http.response.status_code"]) for s in clients] == [
+    assert [(span_path(s), s["attributes"]["http.response.status_code"]) for s in clients] == [
         (p.split("?")[0], st) for p, st in REQUESTS
     ]
     for s, (path, status) in zip(clients, REQUESTS):
@@ -262,7 +269,7 @@ def test_client_spans_of_a_python_urllib_client(otlp, py_server, procs, protocol
     t1 = time.time_ns()
 
     spans = by_start(otlp.spans(is_client_of(client.pid)))
-    assert [(s["attributes"]["url.path"], s["attributes"]["http.response.status_code"]) for s in spans] == [
+    assert [(span_path(s), s["attributes"]["http.response.status_code"]) for s in spans] == [
         (p.split("?")[0], st) for p, st in requests
     ], "exactly one CLIENT span per request, in order"
     for s, (path, status) in zip(spans, requests):
@@ -470,7 +477,7 @@ def test_ground_truth_against_a_service_instrumented_with_the_opentelemetry_sdk(
             f"{'ok' if same else 'FIELDS DIFFER'} {'ok' if close else 'DURATION OFF'}"
         )
         # The attributes both sides can know agree, too.
-        for k in ("url.scheme", "server.address", "server.port", "client.address", "client.port",
+        for k in ("url.scheme", "server.address", "server.port", "client.address",
                   "network.peer.address", "network.peer.port", "network.protocol.version",
                   "user_agent.original", "error.type"):
             assert ta.get(k) == sa.get(k), (sa["url.path"], k, ta.get(k), sa.get(k))
@@ -726,14 +733,41 @@ def test_tls_collector_trusted_through_otel_exporter_otlp_certificate(tmp_path, 
         assert {s["protocol"] for s in tls_otlp.spans()} == {"grpc" if protocol == "grpc" else "http"}
 
 
+def test_known_methods_follow_the_environment(otlp, py_server):
+    """OTEL_INSTRUMENTATION_HTTP_KNOWN_METHODS replaces the conventions' method list: the
+    methods it names are reported as they are, any other (GET too) as _OTHER with the
+    original kept, in spans and metrics alike."""
+    server, port = py_server()
+    agent = otel_agent(otlp, port, env={"OTEL_INSTRUMENTATION_HTTP_KNOWN_METHODS": "GET,PROPFIND"})
+    url = f"http://127.0.0.1:{port}/dav/"
+    # A connection is recognized as HTTP by a standard method; a WebDAV request is seen
+    # on a connection that has already carried one (curl reuses it for --next).
+    curl("-o", "/dev/null", url + "1", "--next", "-o", "/dev/null", "-X", "PROPFIND", url + "2")
+    curl("-o", "/dev/null", "-X", "DELETE", url + "3")
+    otlp.wait_spans(is_server_of(server.pid), n=3, timeout=TIMEOUT)
+    mine = lambda res: res.get("process.pid") == server.pid  # noqa: E731
+    method = lambda p: p["attributes"]["http.request.method"]  # noqa: E731
+    wait_histogram(otlp, "http.server.request.duration", mine, method, {"GET": 1, "PROPFIND": 1, "_OTHER": 1})
+    finish(agent)
+    spans = by_start(otlp.spans(is_server_of(server.pid)))
+    got = [(s["name"], s["attributes"]["http.request.method"], s["attributes"].get("http.request.method_original"))
+           for s in spans]
+    assert got == [
+        ("GET /dav/*", "GET", None),
+        ("PROPFIND /dav/*", "PROPFIND", None),
+        ("HTTP /dav/*", "_OTHER", "DELETE"),
+    ], got
+
+
 def test_console_exporter_prints_one_json_span_per_exchange(py_server):
     server, port = py_server()
     agent = Agent("run", "--exporter", "console", "--port", str(port))
     get(port, "/status/503?secret=1", 503)
     agent.wait_for(lambda l: '"SERVER"' in l and '"/status/503"' in l, stream="out", what="the server's span")
-    agent.wait_for(lambda l: '"CLIENT"' in l and '"/status/503"' in l, stream="out", what="curl's span")
+    # A CLIENT span has the path in its url.full only.
+    agent.wait_for(lambda l: '"CLIENT"' in l and '/status/503"' in l, stream="out", what="curl's span")
     finish(agent)
-    lines = [l for l in agent.out if '"/status/503"' in l]
+    lines = [l for l in agent.out if '/status/503"' in l]
     assert all("secret" not in l for l in lines)  # no query string by default
     spans = {s["kind"]: s for s in map(json.loads, lines)}
     assert len(lines) == 2 and set(spans) == {"SERVER", "CLIENT"}, lines

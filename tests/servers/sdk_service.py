@@ -65,7 +65,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
             "server.address": server_host,
             "server.port": server_port,
             "client.address": client_host,
-            "client.port": client_port,
             "network.peer.address": client_host,
             "network.peer.port": client_port,
             "network.protocol.version": self.request_version.split("/")[1],

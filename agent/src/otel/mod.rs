@@ -72,6 +72,9 @@ OpenTelemetry environment variables honoured (Tapir's flags win over them):
                                       parentbased_always_off | parentbased_traceidratio
   OTEL_TRACES_SAMPLER_ARG             sampling ratio in [0, 1] (default 1)
   OTEL_RESOURCE_ATTRIBUTES            extra attributes of the agent's own metrics
+  OTEL_INSTRUMENTATION_HTTP_KNOWN_METHODS  comma-separated HTTP methods reported as they are
+                                      (replaces GET,HEAD,POST,PUT,DELETE,CONNECT,OPTIONS,
+                                      TRACE,PATCH; others are http.request.method=_OTHER)
 An observed process's own OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES name its telemetry.";
 
 /// Where spans and metrics go, and how much the agent may hold.
@@ -146,6 +149,8 @@ pub struct EnvSettings {
     pub metrics_temporality: Temporality,
     pub sampler: Sampler,
     pub resource_attributes: Option<String>,
+    /// `OTEL_INSTRUMENTATION_HTTP_KNOWN_METHODS`: replaces the conventions' method list.
+    pub known_methods: Option<Vec<String>>,
     pub warnings: Vec<String>,
 }
 
@@ -217,6 +222,11 @@ impl EnvSettings {
         let a = get("OTEL_TRACES_SAMPLER_ARG");
         let (sampler, w) = Sampler::from_env_values(s.as_deref(), a.as_deref());
         warnings.extend(w);
+        let known_methods = get("OTEL_INSTRUMENTATION_HTTP_KNOWN_METHODS").and_then(|v| {
+            let (methods, w) = span::parse_known_methods(&v);
+            warnings.extend(w);
+            methods
+        });
         Self {
             sdk_disabled,
             traces_otlp,
@@ -228,6 +238,7 @@ impl EnvSettings {
             metrics_temporality,
             sampler,
             resource_attributes: get("OTEL_RESOURCE_ATTRIBUTES"),
+            known_methods,
             warnings,
         }
     }
@@ -450,6 +461,9 @@ impl Telemetry {
     ) -> Result<Option<(Self, OtelSink)>> {
         for w in &env.warnings {
             tracing::warn!("{w}");
+        }
+        if let Some(methods) = &env.known_methods {
+            span::set_known_methods(methods);
         }
         if env.sdk_disabled {
             tracing::info!(
@@ -770,6 +784,18 @@ mod tests {
         let e = env(&[(var, "sometimes")]);
         assert_eq!(e.metrics_temporality, Temporality::Cumulative);
         assert_eq!(e.warnings.len(), 1);
+    }
+
+    #[test]
+    fn env_known_methods() {
+        let var = "OTEL_INSTRUMENTATION_HTTP_KNOWN_METHODS";
+        assert_eq!(env(&[]).known_methods, None);
+        let e = env(&[(var, "GET,PROPFIND")]);
+        assert_eq!(e.known_methods, Some(vec!["GET".into(), "PROPFIND".into()]));
+        assert!(e.warnings.is_empty());
+        let e = env(&[(var, "not a method")]);
+        assert_eq!(e.known_methods, None);
+        assert_eq!(e.warnings.len(), 2, "{:?}", e.warnings);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 use std::{
     borrow::Cow,
     net::IpAddr,
+    sync::OnceLock,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -16,18 +17,69 @@ use opentelemetry_semantic_conventions::attribute as sc;
 use super::{text::StackText, tracecontext::parse_traceparent};
 use crate::exchange::CapturedExchange;
 
-/// Methods the semantic conventions know; others are reported as `_OTHER`.
-const KNOWN_METHODS: [&str; 9] = [
+/// Methods the semantic conventions know by default; others are reported as `_OTHER`.
+const DEFAULT_KNOWN_METHODS: [&str; 9] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
 
-/// `http.request.method`: the method if standard, else `_OTHER` (`None` = it was standard,
+/// `OTEL_INSTRUMENTATION_HTTP_KNOWN_METHODS`, when set: the whole list of known methods
+/// (the conventions make it a full override, not an addition). Set once at start-up.
+static KNOWN_METHODS: OnceLock<Box<[&'static str]>> = OnceLock::new();
+
+/// Makes `methods` the known ones for the rest of the process (first call wins). The
+/// names are leaked: one short list per process.
+pub fn set_known_methods(methods: &[String]) {
+    let list: Box<[&'static str]> = methods
+        .iter()
+        .map(|m| &*Box::leak(m.clone().into_boxed_str()))
+        .collect();
+    let _ = KNOWN_METHODS.set(list);
+}
+
+/// `http.request.method`: the method if known, else `_OTHER` (`None` = it was known,
 /// `Some(original)` = it was not).
 pub fn normalize_method(method: &str) -> (&'static str, Option<&str>) {
-    match KNOWN_METHODS.iter().find(|m| **m == method) {
+    match KNOWN_METHODS.get() {
+        Some(known) => normalize_method_in(known, method),
+        None => normalize_method_in(&DEFAULT_KNOWN_METHODS, method),
+    }
+}
+
+/// Method names are case-sensitive (`get` is not `GET`).
+fn normalize_method_in<'m>(
+    known: &[&'static str],
+    method: &'m str,
+) -> (&'static str, Option<&'m str>) {
+    match known.iter().find(|m| **m == method) {
         Some(m) => (m, None),
         None => ("_OTHER", Some(method)),
     }
+}
+
+/// Parses `OTEL_INSTRUMENTATION_HTTP_KNOWN_METHODS`: comma-separated, case-sensitive
+/// method names (HTTP tokens). Invalid entries are left out with a warning; a list with
+/// no valid entry keeps the default.
+pub fn parse_known_methods(value: &str) -> (Option<Vec<String>>, Vec<String>) {
+    let var = "OTEL_INSTRUMENTATION_HTTP_KNOWN_METHODS";
+    let mut methods: Vec<String> = Vec::new();
+    let mut warnings = Vec::new();
+    for m in value.split(',').map(str::trim).filter(|m| !m.is_empty()) {
+        let token = m
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !b"\"(),/:;<=>?@[\\]{}".contains(&b));
+        if !token || m.len() > 32 {
+            warnings.push(format!("{var}: {m:?} is not an HTTP method name; left out"));
+        } else if !methods.iter().any(|k| k == m) {
+            methods.push(m.to_string());
+        }
+    }
+    if methods.is_empty() {
+        warnings.push(format!(
+            "{var}={value:?} names no method; using the default list"
+        ));
+        return (None, warnings);
+    }
+    (Some(methods), warnings)
 }
 
 /// Whether the status makes the exchange an error: 5xx for a server, 4xx and 5xx for a
@@ -311,7 +363,6 @@ pub fn build_span(
     let http = &ex.http;
     let (method, original) = normalize_method(&http.method);
     let (srv_addr, srv_port) = server_address(ex);
-    let (_, client) = ex.server_client();
     let peer = ex.endpoints.remote;
 
     let mut attrs = Vec::with_capacity(16);
@@ -322,9 +373,12 @@ pub fn build_span(
             o.to_string(),
         ));
     }
-    attrs.push(KeyValue::new(sc::URL_PATH, http.path.to_string()));
-    attrs.push(KeyValue::new(sc::URL_SCHEME, "http"));
-    if !server {
+    // The conventions' defaults (their Opt-In attributes are left out): a SERVER reports
+    // path, scheme, its client and the user agent; a CLIENT the full URL.
+    if server {
+        attrs.push(KeyValue::new(sc::URL_PATH, http.path.to_string()));
+        attrs.push(KeyValue::new(sc::URL_SCHEME, "http"));
+    } else {
         let mut full = String::new();
         url_full_prefix(&mut full, &srv_addr, srv_port);
         full.push_str(url_full_path(&http.path));
@@ -339,15 +393,16 @@ pub fn build_span(
     }
     attrs.push(KeyValue::new(sc::SERVER_ADDRESS, srv_addr));
     attrs.push(KeyValue::new(sc::SERVER_PORT, i64::from(srv_port)));
-    attrs.push(KeyValue::new(sc::CLIENT_ADDRESS, ip_string(client.0)));
-    attrs.push(KeyValue::new(sc::CLIENT_PORT, i64::from(client.1)));
+    if server {
+        attrs.push(KeyValue::new(sc::CLIENT_ADDRESS, ip_string(peer.0)));
+    }
     attrs.push(KeyValue::new(sc::NETWORK_PEER_ADDRESS, ip_string(peer.0)));
     attrs.push(KeyValue::new(sc::NETWORK_PEER_PORT, i64::from(peer.1)));
     attrs.push(KeyValue::new(
         sc::NETWORK_PROTOCOL_VERSION,
         http.version.as_str(),
     ));
-    if let Some(ua) = &http.user_agent {
+    if let Some(ua) = http.user_agent.as_ref().filter(|_| server) {
         attrs.push(KeyValue::new(sc::USER_AGENT_ORIGINAL, ua.to_string()));
     }
     let error = is_error(server, http.status);
@@ -498,7 +553,6 @@ pub(crate) mod tests {
             ("server.address", s("10.0.0.1")),
             ("server.port", Value::I64(8080)),
             ("client.address", s("10.0.0.2")),
-            ("client.port", Value::I64(51000)),
             ("network.peer.address", s("10.0.0.2")),
             ("network.peer.port", Value::I64(51000)),
             ("network.protocol.version", s("1.1")),
@@ -526,24 +580,25 @@ pub(crate) mod tests {
         let span = build(&ex, Some("/orders"));
         assert_eq!(span.span_kind, SpanKind::Client);
         assert_eq!(span.name, "POST /orders");
-        let a = attrs(&span);
-        assert_eq!(a["http.request.method"], s("POST"));
-        assert_eq!(a["url.path"], s("/orders"));
-        assert_eq!(a["url.scheme"], s("http"));
-        assert_eq!(a["http.response.status_code"], Value::I64(201));
-        // The logical server name from Host; the peer is the socket's remote end.
-        assert_eq!(a["server.address"], s("api.example.com"));
-        assert_eq!(a["server.port"], Value::I64(8080));
-        assert_eq!(a["client.address"], s("10.0.0.2"));
-        assert_eq!(a["client.port"], Value::I64(51000));
-        assert_eq!(a["network.peer.address"], s("10.0.0.1"));
-        assert_eq!(a["network.peer.port"], Value::I64(8080));
-        assert_eq!(a["network.protocol.version"], s("1.1"));
-        assert_eq!(a["user_agent.original"], s("curl/8.5.0"));
-        // Required on CLIENT spans; never the query (`?secret=1` in the fixture).
-        assert_eq!(a["url.full"], s("http://api.example.com:8080/orders"));
-        assert!(!a.contains_key("error.type"));
-        assert_eq!(a.len(), 14);
+        // The conventions' CLIENT attributes by default: url.full instead of path and
+        // scheme; no client.* and no user agent (Opt-In or not defined for a CLIENT).
+        let want: HashMap<String, Value> = [
+            ("http.request.method", s("POST")),
+            ("http.response.status_code", Value::I64(201)),
+            ("http.route", s("/orders")),
+            // The logical server name from Host; the peer is the socket's remote end.
+            ("server.address", s("api.example.com")),
+            ("server.port", Value::I64(8080)),
+            ("network.peer.address", s("10.0.0.1")),
+            ("network.peer.port", Value::I64(8080)),
+            ("network.protocol.version", s("1.1")),
+            // Required on CLIENT spans; never the query (`?secret=1` in the fixture).
+            ("url.full", s("http://api.example.com:8080/orders")),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        assert_eq!(attrs(&span), want);
     }
 
     #[test]
@@ -642,6 +697,38 @@ pub(crate) mod tests {
         // Case matters: "get" is not GET.
         assert_eq!(normalize_method("get"), ("_OTHER", Some("get")));
         assert_eq!(normalize_method("PATCH"), ("PATCH", None));
+    }
+
+    #[test]
+    fn known_methods_replace_the_default_list() {
+        let (known, warnings) = parse_known_methods(" GET, PROPFIND ,,GET,MKCOL");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let known = known.unwrap();
+        assert_eq!(known, ["GET", "PROPFIND", "MKCOL"]);
+        let known: Vec<&'static str> = known
+            .into_iter()
+            .map(|m| &*Box::leak(m.into_boxed_str()))
+            .collect();
+        assert_eq!(normalize_method_in(&known, "PROPFIND"), ("PROPFIND", None));
+        // A full override: POST is no longer known; case still matters.
+        assert_eq!(
+            normalize_method_in(&known, "POST"),
+            ("_OTHER", Some("POST"))
+        );
+        assert_eq!(normalize_method_in(&known, "get"), ("_OTHER", Some("get")));
+    }
+
+    #[test]
+    fn known_methods_left_out_when_not_tokens() {
+        let (known, warnings) = parse_known_methods("GET,BAD METHOD,A(B),ÄÖ");
+        assert_eq!(known.unwrap(), ["GET"]);
+        assert_eq!(warnings.len(), 3, "{warnings:?}");
+        let long = "X".repeat(33);
+        for value in [",", "a b", long.as_str()] {
+            let (known, warnings) = parse_known_methods(value);
+            assert_eq!(known, None, "{value:?}");
+            assert!(!warnings.is_empty());
+        }
     }
 
     #[test]

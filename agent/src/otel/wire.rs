@@ -394,9 +394,9 @@ pub struct ConnAttrs {
     server_name: String,
     server_port: u16,
     client: bool,
-    /// server.address, server.port, client.address, client.port, network.peer.address,
-    /// network.peer.port, network.protocol.version and user_agent.original (when sent),
-    /// as Span attributes in build_span's order.
+    /// server.address, server.port, client.address (SERVER), network.peer.address,
+    /// network.peer.port, network.protocol.version and user_agent.original (SERVER, when
+    /// sent), as Span attributes in build_span's order.
     encoded: Vec<u8>,
 }
 
@@ -418,19 +418,11 @@ impl ConnAttrs {
     pub fn fill(&mut self, ex: &CapturedExchange) {
         let server = ex.is_server();
         let http = &ex.http;
-        let (_, client) = ex.server_client();
         let peer = ex.endpoints.remote;
         let mut srv_text = StackText::empty();
         let (srv_addr, srv_port) = server_address_in(ex, &mut srv_text);
-        // The remote end is the client of a SERVER span (as in `server_client`).
+        // The remote end is a SERVER span's client (its client.address).
         let remote_ip = StackText::ip(peer.0);
-        let local_ip;
-        let client_ip = if server {
-            &remote_ip
-        } else {
-            local_ip = StackText::ip(ex.endpoints.local.0);
-            &local_ip
-        };
         self.client = !server;
         self.url_prefix.clear();
         self.server_name.clear();
@@ -446,13 +438,14 @@ impl ConnAttrs {
         let a = SPAN_ATTRIBUTES;
         put_attr_str(out, a, sc::SERVER_ADDRESS, srv_addr.as_bytes());
         put_attr_int(out, a, sc::SERVER_PORT, i64::from(srv_port));
-        put_attr_str(out, a, sc::CLIENT_ADDRESS, client_ip.as_bytes());
-        put_attr_int(out, a, sc::CLIENT_PORT, i64::from(client.1));
+        if server {
+            put_attr_str(out, a, sc::CLIENT_ADDRESS, remote_ip.as_bytes());
+        }
         put_attr_str(out, a, sc::NETWORK_PEER_ADDRESS, remote_ip.as_bytes());
         put_attr_int(out, a, sc::NETWORK_PEER_PORT, i64::from(peer.1));
         let version = http.version.as_str();
         put_attr_str(out, a, sc::NETWORK_PROTOCOL_VERSION, version.as_bytes());
-        if let Some(ua) = http.user_agent.as_deref() {
+        if let Some(ua) = http.user_agent.as_deref().filter(|_| server) {
             put_attr_str(out, a, sc::USER_AGENT_ORIGINAL, ua.as_bytes());
         }
     }
@@ -508,9 +501,11 @@ fn encode_span_to(
     if let Some(o) = original {
         put_attr_str(out, a, sc::HTTP_REQUEST_METHOD_ORIGINAL, o.as_bytes());
     }
-    put_attr_str(out, a, sc::URL_PATH, http.path.as_bytes());
-    put_attr_str(out, a, sc::URL_SCHEME, b"http");
-    if !server {
+    // The conventions' defaults: a SERVER reports path and scheme, a CLIENT the full URL.
+    if server {
+        put_attr_str(out, a, sc::URL_PATH, http.path.as_bytes());
+        put_attr_str(out, a, sc::URL_SCHEME, b"http");
+    } else {
         let path = url_full_path(&http.path);
         put_attr_parts(out, a, sc::URL_FULL, &[&conn.url_prefix, path]);
     }
