@@ -137,12 +137,13 @@ _LIVE_AGENTS = []
 class Agent(Proc):
     """`tapir <args>`, started and waited for until it logs that it is ready."""
 
-    def __init__(self, *args, env=None):
+    def __init__(self, *args, env=None, wrap=()):
+        """`wrap`: a command that runs the agent (its last arguments), e.g. in namespaces."""
         e = dict(os.environ)
         e.setdefault("RUST_LOG", "info")
         if env:
             e.update(env)
-        super().__init__([TAPIR, *args], env=e)
+        super().__init__([*wrap, TAPIR, *args], env=e)
         _LIVE_AGENTS.append(self)
         self.wait_for(lambda l: "ready" in l, what="the agent's ready line", timeout=120)
 

@@ -3,6 +3,7 @@ into outgoing HTTP/1.x requests of unmodified programs, so the downstream servic
 SERVER span joins the trace. The request otherwise arrives byte-identical."""
 import hashlib
 import json
+import os
 import sys
 
 import pytest
@@ -84,6 +85,58 @@ def test_backend_sees_exactly_one_traceparent_equal_to_the_client_span(py_server
     got = finish(agent)
     cli, = [e for e in of(got, "client", bport) if e["process.pid"] == front.pid]
     assert tps[0] == f"00-{cli['trace_id']}-{cli['span_id']}-01"
+
+
+# Runs "$@" as a container does on cgroup v2: in a cgroup namespace of its own, rooted
+# at a child cgroup, with its own cgroup2 mount of that subtree, and the host's whole
+# hierarchy mounted (as a hostPath) after it, at $3.
+OWN_CGROUP_NS = r"""
+set -e
+cg=$1 sub=$2 host=$3; shift 3
+mkdir -p "$host.tmp" "$host"
+mount --bind "$cg" "$host.tmp"
+echo $$ > "$cg/$sub/cgroup.procs"
+exec unshare --cgroup sh -ec '
+  cg=$1 host=$2; shift 2
+  umount "$cg"; mount -t cgroup2 none "$cg"
+  mount --bind "$host.tmp" "$host"; umount "$host.tmp"
+  exec "$@"' sh "$cg" "$host" "$@"
+"""
+
+
+def cgroup2_mount():
+    for line in open("/proc/self/mountinfo"):
+        pre, _, post = line.partition(" - ")
+        if post.split()[0] == "cgroup2":
+            return pre.split()[4]
+    pytest.skip("no cgroup v2 mount")
+
+
+def test_injection_from_an_agent_in_its_own_cgroup_namespace(py_server, tmp_path):
+    """In a DaemonSet the agent has a cgroup namespace of its own (containerd and Docker on
+    cgroup v2): its /sys/fs/cgroup is its own subtree, and sock_ops attached there would see
+    only the agent's sockets. It must find the hierarchy's root (the host's mount) and
+    inject into requests of processes outside its cgroup."""
+    server, port = py_server()
+    cg = cgroup2_mount()
+    sub = f"tapir-e2e-{tmp_path.name}"
+    os.mkdir(f"{cg}/{sub}")
+    script = tmp_path / "own_cgroup_ns.sh"
+    script.write_text(OWN_CGROUP_NS)
+    wrap = ["unshare", "--mount", "--propagation", "private", "sh", str(script), cg, sub, str(tmp_path / "host")]
+    try:
+        agent = Agent("watch", "--json", "--inject", "--port", str(port), wrap=wrap)
+        assert not any("not the root of the cgroup hierarchy" in l for l in agent.err), agent.err
+        warm(port)
+        echoed = curl(f"http://127.0.0.1:{port}/echo-headers").stdout
+        got = finish(agent)
+    finally:
+        if "agent" in locals() and agent.p.poll() is None:
+            agent.stop()
+        os.rmdir(f"{cg}/{sub}")
+    tps = [l.split(":", 1)[1].strip() for l in echoed.splitlines() if l.lower().startswith("traceparent:")]
+    cli = [e for e in of(got, "client", port) if e["url.path"] == "/echo-headers"]
+    assert len(cli) == 1 and tps == [f"00-{cli[0]['trace_id']}-{cli[0]['span_id']}-01"], (echoed, cli)
 
 
 def test_request_bodies_arrive_intact(py_server, procs, tmp_path):

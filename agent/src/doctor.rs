@@ -274,15 +274,18 @@ pub fn check_host() -> Vec<Check> {
         without: "only the first request of a kept-alive connection gets a traceparent",
         core: false,
     });
-    let cg = cgroup2_mount(&fs::read_to_string("/proc/self/mountinfo").unwrap_or_default());
+    let cg = crate::cgroup::host_cgroup_root();
     checks.push(Check {
         feature: "cgroup v2".into(),
-        status: if cg.is_some() {
-            Status::Ok
-        } else {
-            Status::Missing
+        // A subtree only (a cgroup namespace of its own): injection misses other processes.
+        status: match &cg {
+            Ok(root) if root.is_hierarchy_root => Status::Ok,
+            _ => Status::Missing,
         },
-        detail: cg.unwrap_or_else(|| "no cgroup2 mount".into()),
+        detail: match cg {
+            Ok(root) => root.describe(),
+            Err(e) => e,
+        },
         without: "traceparent injection (sock_ops attaches to a cgroup v2)",
         core: false,
     });
@@ -388,15 +391,6 @@ fn cap_eff(status: &str) -> Option<u64> {
         .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
 }
 
-/// The mount point of the cgroup v2 hierarchy, from /proc/self/mountinfo.
-pub fn cgroup2_mount(mountinfo: &str) -> Option<String> {
-    mountinfo.lines().find_map(|line| {
-        let (pre, post) = line.split_once(" - ")?;
-        let fstype = post.split_whitespace().next()?;
-        (fstype == "cgroup2").then(|| pre.split_whitespace().nth(4).map(str::to_string))?
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -438,19 +432,6 @@ mod tests {
         ];
         assert!(core_ok(&checks));
         assert!(render(&checks).contains("without it (optional)"));
-    }
-
-    #[test]
-    fn finds_cgroup2_mount_in_hybrid_and_pure_layouts() {
-        let hybrid = "35 25 0:30 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw\n\
-                      36 25 0:31 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu";
-        assert_eq!(
-            cgroup2_mount(hybrid).as_deref(),
-            Some("/sys/fs/cgroup/unified")
-        );
-        let pure = "30 23 0:26 / /sys/fs/cgroup rw,nosuid shared:4 - cgroup2 cgroup2 rw";
-        assert_eq!(cgroup2_mount(pure).as_deref(), Some("/sys/fs/cgroup"));
-        assert_eq!(cgroup2_mount("garbage\n\n - "), None);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod assemble;
 pub mod btf;
 pub mod capture;
+pub mod cgroup;
 pub mod clock;
 pub mod conn_table;
 pub mod doctor;

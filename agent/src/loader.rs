@@ -198,9 +198,11 @@ fn attach_injection(ebpf: &mut Ebpf, ports: &[u16]) -> Result<(), String> {
         maps::{HashMap, SockHash},
         programs::{CgroupAttachMode, SkMsg, SockOps},
     };
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| e.to_string())?;
-    let root = crate::doctor::cgroup2_mount(&mountinfo)
-        .ok_or("no cgroup v2 mount (sock_ops attaches to a cgroup v2)")?;
+    let root = crate::cgroup::host_cgroup_root()?;
+    if !root.is_hierarchy_root {
+        tracing::warn!("sock_ops attaches to {}", root.describe());
+    }
+    let root = root.path;
     {
         let map = ebpf
             .map_mut("TAPIR_INJ_PORTS")
