@@ -390,6 +390,31 @@ def test_resource_attributes_come_from_the_observed_process(otlp, py_server):
         assert p["resource"]["service.instance.id"] == s_named["resource"]["service.instance.id"]
 
 
+def test_the_agents_resource_attributes_describe_the_node(otlp, py_server):
+    """The agent's own OTEL_RESOURCE_ATTRIBUTES (a DaemonSet's k8s.node.name, cluster…) are
+    on every observed process's resource, below the process's own; its host.name replaces
+    the kernel's (a pod's host name is the pod's); its service.* stay the agent's."""
+    named, named_port = py_server(env=env_without_otel(OTEL_RESOURCE_ATTRIBUTES="k8s.cluster.name=mine"))
+    plain, plain_port = py_server(env=env_without_otel())
+    node_attrs = "host.name=node-e2e,k8s.node.name=node-e2e,k8s.cluster.name=e2e,service.name=tapir-ds"
+    agent = otel_agent(otlp, named_port, plain_port, env={"OTEL_RESOURCE_ATTRIBUTES": node_attrs})
+    get(named_port, "/a", 200)
+    get(plain_port, "/b", 200)
+    otlp.wait_spans(is_server_of(named.pid), n=1, timeout=TIMEOUT)
+    otlp.wait_spans(is_server_of(plain.pid), n=1, timeout=TIMEOUT)
+    otlp.wait_until(lambda r: r.latest_points("tapir.exchanges"), TIMEOUT, what="the agent's own metrics")
+    finish(agent)
+    (s_named,) = otlp.spans(is_server_of(named.pid))
+    (s_plain,) = otlp.spans(is_server_of(plain.pid))
+    for s, proc, cluster in ((s_named, named, "mine"), (s_plain, plain, "e2e")):
+        res = s["resource"]
+        assert (res["host.name"], res["k8s.node.name"], res["k8s.cluster.name"]) == ("node-e2e", "node-e2e", cluster)
+        assert res["service.instance.id"] == f"node-e2e:{proc.pid}"
+        assert res["service.name"].startswith("python"), res
+    own = otlp.latest_points("tapir.exchanges")[0]["resource"]
+    assert (own["service.name"], own["host.name"], own["k8s.cluster.name"]) == ("tapir", "node-e2e", "e2e")
+
+
 # (e) -------------------------------------------------------------------------------------
 
 GROUND_TRUTH_REQUESTS = [

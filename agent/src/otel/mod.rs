@@ -71,7 +71,10 @@ OpenTelemetry environment variables honoured (Tapir's flags win over them):
                                       parentbased_always_on (default) |
                                       parentbased_always_off | parentbased_traceidratio
   OTEL_TRACES_SAMPLER_ARG             sampling ratio in [0, 1] (default 1)
-  OTEL_RESOURCE_ATTRIBUTES            extra attributes of the agent's own metrics
+  OTEL_RESOURCE_ATTRIBUTES            attributes of the node, on every resource (e.g.
+                                      k8s.node.name=…,k8s.cluster.name=…; host.name=…
+                                      replaces the host name); an observed process's own
+                                      win; service.* and process.* stay the agent's
   OTEL_INSTRUMENTATION_HTTP_KNOWN_METHODS  comma-separated HTTP methods reported as they are
                                       (replaces GET,HEAD,POST,PUT,DELETE,CONNECT,OPTIONS,
                                       TRACE,PATCH; others are http.request.method=_OTHER)
@@ -293,7 +296,7 @@ impl OtelSink {
             RegistryConfig {
                 max_services: cfg.max_services,
                 metrics: true,
-                host: "bench-host".into(),
+                node: resource::Node::new("bench-host".into(), None),
                 agent_attrs: None,
                 temporality: Temporality::Cumulative,
             },
@@ -568,7 +571,10 @@ impl Telemetry {
             RegistryConfig {
                 max_services: cfg.max_services,
                 metrics: metrics_on,
-                host: resource::host_name(),
+                node: resource::Node::new(
+                    resource::host_name(),
+                    env.resource_attributes.as_deref(),
+                ),
                 agent_attrs: env.resource_attributes.clone(),
                 temporality: env.metrics_temporality,
             },

@@ -96,7 +96,9 @@ pub fn runtime_name(exe: &str) -> Option<&'static str> {
     }
 }
 
-/// This host's name (the agent's UTS namespace: the node, for a DaemonSet).
+/// This host's name in the agent's UTS namespace: the node's on a host or on the host
+/// network, the pod's otherwise (then `host.name` in the agent's resource attributes
+/// names the node: see [`Node::new`]).
 pub fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
@@ -105,21 +107,61 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "localhost".to_string())
 }
 
+/// What the agent says of the node the observed processes run on: its `host.name`, and
+/// the agent's own `OTEL_RESOURCE_ATTRIBUTES` other than `service.*`, `process.*` and
+/// `telemetry.*` (`k8s.node.name`, `k8s.cluster.name`, `cloud.region`…), which every
+/// process's resource carries unless the process's own attributes say otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Node {
+    pub host_name: String,
+    pub attrs: Vec<(String, String)>,
+}
+
+impl Node {
+    /// `host.name` in the agent's attributes wins over the kernel's host name: a DaemonSet
+    /// pod off the host network has the pod's name as its host name.
+    pub fn new(kernel_host_name: String, agent_resource_attributes: Option<&str>) -> Self {
+        let mut host_name = kernel_host_name;
+        let mut attrs = Vec::new();
+        for (k, v) in agent_resource_attributes
+            .map(parse_resource_attributes)
+            .unwrap_or_default()
+        {
+            if k == semres::HOST_NAME {
+                host_name = v;
+            } else if !["service.", "process.", "telemetry."]
+                .iter()
+                .any(|p| k.starts_with(p))
+            {
+                attrs.push((k, v));
+            }
+        }
+        Self { host_name, attrs }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn named(host_name: &str) -> Self {
+        Self::new(host_name.to_string(), None)
+    }
+}
+
 /// The resource of an observed process.
 ///
 /// Tapir's defaults (`process.*`, `host.name`, `service.instance.id` = `{host.name}:{pid}`,
-/// `telemetry.*`) come first; the process's own `OTEL_RESOURCE_ATTRIBUTES` override them,
-/// like the SDK's environment detector would; `service.name` follows [`service_name`].
-pub fn process_resource(p: &ProcessInfo, host: &str) -> Resource {
+/// `telemetry.*`) and the node's attributes come first; the process's own
+/// `OTEL_RESOURCE_ATTRIBUTES` override them, like the SDK's environment detector would;
+/// `service.name` follows [`service_name`].
+pub fn process_resource(p: &ProcessInfo, node: &Node) -> Resource {
     let attrs = p
         .otel_resource_attributes
         .as_deref()
         .map(parse_resource_attributes)
         .unwrap_or_default();
+    let host = &node.host_name;
     let mut kvs = vec![
         KeyValue::new(semres::SERVICE_INSTANCE_ID, format!("{host}:{}", p.pid)),
         KeyValue::new(semres::PROCESS_PID, i64::from(p.pid)),
-        KeyValue::new(semres::HOST_NAME, host.to_string()),
+        KeyValue::new(semres::HOST_NAME, host.clone()),
         KeyValue::new(semres::TELEMETRY_DISTRO_NAME, DISTRO_NAME),
         KeyValue::new(semres::TELEMETRY_DISTRO_VERSION, DISTRO_VERSION),
     ];
@@ -135,6 +177,11 @@ pub fn process_resource(p: &ProcessInfo, host: &str) -> Resource {
     if let Some(rt) = runtime_name(&p.exe_name) {
         kvs.push(KeyValue::new(semres::PROCESS_RUNTIME_NAME, rt));
     }
+    kvs.extend(
+        node.attrs
+            .iter()
+            .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+    );
     kvs.extend(
         attrs
             .iter()
@@ -212,17 +259,25 @@ mod tests {
     fn service_name_precedence() {
         let both = proc(Some("from-env"), Some("service.name=from-attrs"));
         assert_eq!(
-            get(&process_resource(&both, "h"), "service.name").unwrap(),
+            get(&process_resource(&both, &Node::named("h")), "service.name").unwrap(),
             "from-env"
         );
         let attrs_only = proc(None, Some("a=1,service.name=from-attrs"));
         assert_eq!(
-            get(&process_resource(&attrs_only, "h"), "service.name").unwrap(),
+            get(
+                &process_resource(&attrs_only, &Node::named("h")),
+                "service.name"
+            )
+            .unwrap(),
             "from-attrs"
         );
         let neither = proc(None, Some("a=1"));
         assert_eq!(
-            get(&process_resource(&neither, "h"), "service.name").unwrap(),
+            get(
+                &process_resource(&neither, &Node::named("h")),
+                "service.name"
+            )
+            .unwrap(),
             "python3.12"
         );
         let blank = proc(Some("  "), Some("service.name="));
@@ -245,14 +300,17 @@ mod tests {
                 ("utf".into(), "€".into()),
             ]
         );
-        let r = process_resource(&proc(None, Some("service.name=shop%20api,team=a%2Cb")), "h");
+        let r = process_resource(
+            &proc(None, Some("service.name=shop%20api,team=a%2Cb")),
+            &Node::named("h"),
+        );
         assert_eq!(get(&r, "service.name").unwrap(), "shop api");
         assert_eq!(get(&r, "team").unwrap(), "a,b");
     }
 
     #[test]
     fn process_resource_has_every_attribute() {
-        let r = process_resource(&proc(None, None), "node-1");
+        let r = process_resource(&proc(None, None), &Node::named("node-1"));
         assert_eq!(get(&r, "service.instance.id").unwrap(), "node-1:4242");
         assert_eq!(
             r.get(&Key::from_static_str("process.pid")),
@@ -279,11 +337,43 @@ mod tests {
     fn process_attributes_override_defaults_but_not_the_service_name_rule() {
         let r = process_resource(
             &proc(Some("svc"), Some("service.instance.id=abc,host.name=vm")),
-            "node-1",
+            &Node::named("node-1"),
         );
         assert_eq!(get(&r, "service.instance.id").unwrap(), "abc");
         assert_eq!(get(&r, "host.name").unwrap(), "vm");
         assert_eq!(get(&r, "service.name").unwrap(), "svc");
+    }
+
+    #[test]
+    fn the_agents_attributes_describe_the_node_of_every_process() {
+        let node = Node::new(
+            "pod-tapir-x1".into(),
+            Some(
+                "host.name=node-7,k8s.node.name=node-7,k8s.cluster.name=prod,\
+                 service.name=tapir-ds,service.version=9,process.pid=1,telemetry.sdk.name=x",
+            ),
+        );
+        assert_eq!(node.host_name, "node-7");
+        assert_eq!(
+            node.attrs,
+            [
+                ("k8s.node.name".to_string(), "node-7".to_string()),
+                ("k8s.cluster.name".to_string(), "prod".to_string()),
+            ]
+        );
+        let r = process_resource(&proc(None, Some("k8s.cluster.name=mine")), &node);
+        assert_eq!(get(&r, "host.name").unwrap(), "node-7");
+        assert_eq!(get(&r, "service.instance.id").unwrap(), "node-7:4242");
+        assert_eq!(get(&r, "k8s.node.name").unwrap(), "node-7");
+        // The process's own attributes win; the agent's service.* and process.* never apply.
+        assert_eq!(get(&r, "k8s.cluster.name").unwrap(), "mine");
+        assert_eq!(get(&r, "service.name").unwrap(), "python3.12");
+        assert_eq!(
+            r.get(&Key::from_static_str("process.pid")),
+            Some(Value::I64(4242))
+        );
+        assert!(get(&r, "service.version").is_none());
+        assert_eq!(get(&r, "telemetry.sdk.name").unwrap(), "opentelemetry");
     }
 
     #[test]
@@ -312,7 +402,7 @@ mod tests {
                 exe_name: "nginx".into(),
                 ..Default::default()
             },
-            "h",
+            &Node::named("h"),
         );
         assert_eq!(get(&r, "process.runtime.name"), None);
     }

@@ -1057,8 +1057,8 @@ mod tests {
         };
         vec![
             Resource::builder_empty().build(),
-            resource::process_resource(&p, "node-1"),
-            resource::process_resource(&ProcessInfo::default(), "h"),
+            resource::process_resource(&p, &resource::Node::named("node-1")),
+            resource::process_resource(&ProcessInfo::default(), &resource::Node::named("h")),
             resource::agent_resource("node-1", Some("a=1")),
             every_kind_of_value(),
             Resource::builder_empty()

@@ -49,7 +49,11 @@ pub use encode::{encode_requests, OVERFLOW_ATTRIBUTE};
 pub use series::{DURATION_BUCKETS, SIZE_BUCKETS};
 pub use service::ServiceEntry;
 
-use super::{counters::OtelStats, resource::process_resource, span::normalize_method};
+use super::{
+    counters::OtelStats,
+    resource::{process_resource, Node},
+    span::normalize_method,
+};
 use crate::{exchange::CapturedExchange, process::ProcessInfo};
 use agent::AgentMetrics;
 use series::{KeyView, Read, Series, SeriesKey};
@@ -165,7 +169,7 @@ pub struct Registry {
     /// The resources of the last `collect()`, in request order.
     in_flight: Mutex<Vec<Sent>>,
     agent: AgentMetrics,
-    host: String,
+    node: Node,
     metrics: bool,
     /// Retired processes wait for one last periodic collection (only when something
     /// collects periodically: the OTLP metrics loop).
@@ -187,8 +191,8 @@ pub struct RegistryConfig {
     pub max_services: usize,
     /// Keep RED series at all (off: only the agent's own metrics).
     pub metrics: bool,
-    /// `host.name` of every resource.
-    pub host: String,
+    /// `host.name` and the node's attributes of every process's resource.
+    pub node: Node,
     /// `OTEL_RESOURCE_ATTRIBUTES` for the agent's own resource.
     pub agent_attrs: Option<String>,
     pub temporality: Temporality,
@@ -200,7 +204,7 @@ impl RegistryConfig {
         Self {
             max_services,
             metrics: true,
-            host: "h".into(),
+            node: Node::named("h"),
             agent_attrs: None,
             temporality,
         }
@@ -212,12 +216,12 @@ impl Registry {
         let RegistryConfig {
             max_services,
             metrics,
-            host,
+            node,
             agent_attrs,
             temporality,
         } = cfg;
         let stats = sources.stats.clone();
-        let agent = AgentMetrics::new(&host, agent_attrs.as_deref(), sources);
+        let agent = AgentMetrics::new(&node.host_name, agent_attrs.as_deref(), sources);
         Self {
             entries: Mutex::new(LruCache::new(
                 NonZeroUsize::new(max_services.max(1)).unwrap_or(NonZeroUsize::MIN),
@@ -225,7 +229,7 @@ impl Registry {
             retired: Mutex::new(Vec::new()),
             in_flight: Mutex::new(Vec::new()),
             agent,
-            host,
+            node,
             metrics,
             collect_retired: true,
             temporality,
@@ -264,7 +268,7 @@ impl Registry {
             return e.clone();
         }
         let entry = Arc::new(ServiceEntry::new(
-            process_resource(p, &self.host),
+            process_resource(p, &self.node),
             self.metrics,
             now,
         ));
