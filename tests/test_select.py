@@ -49,6 +49,21 @@ def test_exe_observes_only_the_named_programs(py_server):
     assert sorted(e["kind"] for e in got) == ["client", "server"]
 
 
+def test_exe_pattern_picks_up_a_program_started_later(py_server, procs):
+    """A glob --exe is matched in userspace: programs running at start through /proc, those
+    started later when the kernel queues their exec() (logged for each process picked up)."""
+    early, early_port = py_server()
+    late_port = free_port()
+    agent = watch(early_port, late_port, exe=[PY_EXE[:4] + "*"])
+    curl("-o", "/dev/null", f"http://127.0.0.1:{early_port}/early")
+    late = procs([PY, TESTS / "servers/pyserver.py", late_port], ready_port=late_port)
+    agent.wait_for(lambda l: "--exe pattern" in l and f"pid={late.pid}" in l, what="the late server picked up")
+    curl("-o", "/dev/null", f"http://127.0.0.1:{late_port}/late")
+    got = finish(agent)
+    # Both servers; curl matches no pattern.
+    assert summary(got) == [("server", "/early", early.pid), ("server", "/late", late.pid)]
+
+
 def test_pid_follows_a_fork_made_after_start(procs):
     port = free_port()
     parent = procs([PY, TESTS / "servers/forking.py", port], ready_port=port, stdin=True)

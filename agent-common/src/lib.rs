@@ -17,6 +17,9 @@ pub mod names {
     pub const SELECTIVE: &str = "TAPIR_SELECTIVE";
     pub const SELECTED: &str = "TAPIR_SELECTED";
     pub const SELECT_NAMES: &str = "TAPIR_SELECT_NAMES";
+    pub const PROC_GEN: &str = "TAPIR_PROC_GEN";
+    pub const GEN_EPOCH: &str = "TAPIR_GEN_EPOCH";
+    pub const EXECS: &str = "TAPIR_EXECS";
 }
 
 /// Why a process is in `TAPIR_SELECTED` (`--pid` / `--exe`): it decides what exec() does.

@@ -11,7 +11,10 @@ use aya_log_ebpf::debug;
 use crate::{
     conn::{bump_gen, emit_conn, header, track_new},
     data::arg,
-    maps::{agent_tgid, choosing, count, ringbuf_flags, CONNS, EVENTS, SELECTED, SELECT_NAMES},
+    maps::{
+        agent_tgid, choosing, count, exec_queue, ringbuf_flags, CONNS, EVENTS, EXECS, SELECTED,
+        SELECT_NAMES,
+    },
 };
 
 const EINPROGRESS: i64 = -115;
@@ -137,6 +140,10 @@ pub fn tapir_sched_exec(ctx: TracePointContext) -> u32 {
     if choosing() {
         take_over_thread_entry(&ctx, tgid);
         reselect_at_exec(tgid);
+        if exec_queue() {
+            // BPF_EXIST: when full, the oldest entry makes room.
+            let _ = EXECS.push(tgid, 2);
+        }
     }
     // After the selection changed: CPUs cache it with the generation.
     bump_gen(tgid);

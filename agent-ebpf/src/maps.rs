@@ -2,7 +2,7 @@
 use agent_common::{select, ConnKey, ConnState, DataEventHeader, KernelOffsets, MAX_CAPTURE};
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, Queue, RingBuf},
 };
 
 /// Kernel struct offsets, filled by the agent from BTF before loading.
@@ -83,6 +83,22 @@ pub fn sockops_pid() -> bool {
     // SAFETY: as above.
     unsafe { core::ptr::read_volatile(&TAPIR_SOCKOPS_PID) != 0 }
 }
+
+/// 1 when `--exe` has glob patterns: exec() also queues the process in `EXECS`, and the
+/// agent matches the patterns (the kernel matches exact names only).
+#[unsafe(no_mangle)]
+pub static TAPIR_EXEC_QUEUE: u32 = 0;
+
+#[inline(always)]
+pub fn exec_queue() -> bool {
+    // SAFETY: as above.
+    unsafe { core::ptr::read_volatile(&TAPIR_EXEC_QUEUE) != 0 }
+}
+
+/// tgids that exec'd, for the agent's pattern matching. When full, a push drops the
+/// oldest (the agent also rescans /proc now and then).
+#[map(name = "TAPIR_EXECS")]
+pub static EXECS: Queue<u32> = Queue::with_max_entries(4096, 0);
 
 /// Some processes are chosen or left out: `SELECTED` must be kept current.
 #[inline(always)]

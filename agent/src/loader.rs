@@ -1,13 +1,18 @@
 //! Loads the embedded eBPF object with this kernel's struct offsets and attaches every
 //! probe in [`crate::probes::PROBES`].
+use std::{
+    borrow::BorrowMut,
+    time::{Duration, Instant},
+};
+
 use agent_common::{names, select::EXCLUDED, KernelOffsets, MAX_CAPTURE};
-use aya::{programs::TracePoint, Ebpf, EbpfLoader};
+use aya::{maps::MapData, programs::TracePoint, Ebpf, EbpfLoader};
 use thiserror::Error;
 
 use crate::{
     btf::{self, Btf},
     probes::{Hook, Probe, PROBES},
-    select::{scan_proc, Selection},
+    select::{read_proc, scan_proc, ProcEntry, Selection},
     tracefs::{self, TracefsState},
 };
 
@@ -83,6 +88,8 @@ pub struct Attached {
     pub offsets: KernelOffsets,
     /// Whether traceparent injection is active, or why not.
     pub injection: Result<(), String>,
+    /// The processes chosen (see [`SelectionRescan`]).
+    pub selection: Selection,
 }
 
 pub fn has_embedded_object() -> bool {
@@ -144,6 +151,11 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
             true,
         )
         .override_global("TAPIR_SOCKOPS_PID", &u32::from(sockops_knows_pid()), true)
+        .override_global(
+            "TAPIR_EXEC_QUEUE",
+            &u32::from(opts.selection.needs_rescan()),
+            true,
+        )
         .map_max_entries(names::EVENTS, opts.ringbuf_bytes)
         .map_max_entries(names::CONNS, opts.max_connections)
         .load(EBPF_OBJECT)
@@ -188,6 +200,7 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
         tracefs,
         offsets,
         injection,
+        selection: opts.selection.clone(),
     })
 }
 
@@ -268,8 +281,7 @@ fn seed_selection(
                 .map_err(|e| err(names::SELECT_NAMES, e))?;
         }
     }
-    let mut added = Vec::new();
-    {
+    let added = {
         let mut selected: HashMap<_, u32, u8> =
             HashMap::try_from(map(ebpf, names::SELECTED)?).map_err(|e| err(names::SELECTED, e))?;
         let procs = scan_proc(std::path::Path::new("/proc"));
@@ -301,31 +313,15 @@ fn seed_selection(
                 let _ = selected.remove(pid);
             }
         }
-        for (pid, why) in selection.judge(&procs) {
-            if selected.get(&pid, 0).is_err() {
-                selected
-                    .insert(pid, why, 0)
-                    .map_err(|e| err(names::SELECTED, e))?;
-                added.push((pid, why));
-            }
-        }
-    }
+        add_chosen(&mut selected, selection, &procs)?
+    };
     if late && !added.is_empty() {
-        let mut gens: HashMap<_, u32, u32> = HashMap::try_from(map(ebpf, "TAPIR_PROC_GEN")?)
-            .map_err(|e| err("TAPIR_PROC_GEN", e))?;
-        for (pid, _) in &added {
-            let next = gens.get(pid, 0).unwrap_or(0).wrapping_add(1);
-            gens.insert(pid, next, 0)
-                .map_err(|e| err("TAPIR_PROC_GEN", e))?;
-        }
-        // A new epoch makes every CPU re-read the generations (bump_gen on the eBPF side):
-        // the clock ×4096 with a CPU number no CPU has, so no CPU ever cached it.
-        let mut epoch: Array<_, u64> = Array::try_from(map(ebpf, "TAPIR_GEN_EPOCH")?)
-            .map_err(|e| err("TAPIR_GEN_EPOCH", e))?;
-        let now = crate::clock::monotonic_now_ns();
-        epoch
-            .set(0, now.wrapping_mul(4096) | 4095, 0)
-            .map_err(|e| err("TAPIR_GEN_EPOCH", e))?;
+        let mut gens: HashMap<_, u32, u32> =
+            HashMap::try_from(map(ebpf, names::PROC_GEN)?).map_err(|e| err(names::PROC_GEN, e))?;
+        bump_generations(&mut gens, &added)?;
+        let mut epoch: Array<_, u64> =
+            Array::try_from(map(ebpf, names::GEN_EPOCH)?).map_err(|e| err(names::GEN_EPOCH, e))?;
+        new_epoch(&mut epoch)?;
     }
     if !late {
         let left_out = added.iter().filter(|&&(_, why)| why == EXCLUDED).count();
@@ -342,10 +338,13 @@ fn seed_selection(
                 selection.excluded.join(", ")
             );
         }
-        if added.len() == left_out && !selection.names.is_empty() {
+        if added.len() == left_out && (!selection.names.is_empty() || selection.needs_rescan()) {
+            let given: Vec<&str> = (selection.names.iter().map(String::as_str))
+                .chain(selection.patterns.iter().map(glob::Pattern::as_str))
+                .collect();
             tracing::warn!(
                 "no running process matches --exe {}: nothing is observed until one is started",
-                selection.names.join(" --exe ")
+                given.join(" --exe ")
             );
         }
     } else if !added.is_empty() {
@@ -355,6 +354,138 @@ fn seed_selection(
         );
     }
     Ok(added.into_iter().map(|(pid, _)| pid).collect())
+}
+
+fn select_err(name: &str, e: aya::maps::MapError) -> LoadError {
+    LoadError::Select(format!("{name}: {e}"))
+}
+
+/// Puts the processes among `procs` that `selection` chooses, and that the kernel has no
+/// answer for yet, into `TAPIR_SELECTED`; returns them with why.
+fn add_chosen<T: BorrowMut<MapData>>(
+    selected: &mut aya::maps::HashMap<T, u32, u8>,
+    selection: &Selection,
+    procs: &[ProcEntry],
+) -> Result<Vec<(u32, u8)>, LoadError> {
+    let mut added = Vec::new();
+    for (pid, why) in selection.judge(procs) {
+        if selected.get(&pid, 0).is_err() {
+            selected
+                .insert(pid, why, 0)
+                .map_err(|e| select_err(names::SELECTED, e))?;
+            added.push((pid, why));
+        }
+    }
+    Ok(added)
+}
+
+/// Processes selected while the probes run may have fds cached under the old answer: their
+/// generation is bumped, as exec() would.
+fn bump_generations<T: BorrowMut<MapData>>(
+    gens: &mut aya::maps::HashMap<T, u32, u32>,
+    added: &[(u32, u8)],
+) -> Result<(), LoadError> {
+    for (pid, _) in added {
+        let next = gens.get(pid, 0).unwrap_or(0).wrapping_add(1);
+        gens.insert(pid, next, 0)
+            .map_err(|e| select_err(names::PROC_GEN, e))?;
+    }
+    Ok(())
+}
+
+/// A new epoch makes every CPU re-read the generations (bump_gen on the eBPF side): the
+/// clock ×4096 with a CPU number no CPU has, so no CPU ever cached it.
+fn new_epoch<T: BorrowMut<MapData>>(epoch: &mut aya::maps::Array<T, u64>) -> Result<(), LoadError> {
+    let now = crate::clock::monotonic_now_ns();
+    epoch
+        .set(0, now.wrapping_mul(4096) | 4095, 0)
+        .map_err(|e| select_err(names::GEN_EPOCH, e))
+}
+
+/// Selects the processes started later that `--exe` patterns match: the kernel matches
+/// exact names at exec, patterns are matched here, by a periodic scan of /proc. Holds its
+/// own handles on the selection maps.
+pub struct SelectionRescan {
+    selection: Selection,
+    selected: aya::maps::HashMap<MapData, u32, u8>,
+    gens: aya::maps::HashMap<MapData, u32, u32>,
+    epoch: aya::maps::Array<MapData, u64>,
+    execs: aya::maps::Queue<MapData, u32>,
+    last_full_scan: Instant,
+}
+
+/// How often /proc is scanned whole, besides the processes the kernel queues at exec (in
+/// case the queue overflowed).
+const FULL_RESCAN_EVERY: Duration = Duration::from_secs(30);
+
+impl SelectionRescan {
+    /// `None` when the selection has no pattern (the kernel does all the work).
+    pub fn take(attached: &mut Attached) -> Result<Option<Self>, LoadError> {
+        if !attached.selection.needs_rescan() {
+            return Ok(None);
+        }
+        let mut take = |name: &str| {
+            attached
+                .ebpf
+                .take_map(name)
+                .ok_or_else(|| LoadError::Select(format!("the eBPF object has no {name} map")))
+        };
+        let selected = take(names::SELECTED)?;
+        let gens = take(names::PROC_GEN)?;
+        let epoch = take(names::GEN_EPOCH)?;
+        let execs = take(names::EXECS)?;
+        Ok(Some(Self {
+            selection: attached.selection.clone(),
+            selected: aya::maps::HashMap::try_from(selected)
+                .map_err(|e| select_err(names::SELECTED, e))?,
+            gens: aya::maps::HashMap::try_from(gens).map_err(|e| select_err(names::PROC_GEN, e))?,
+            epoch: aya::maps::Array::try_from(epoch)
+                .map_err(|e| select_err(names::GEN_EPOCH, e))?,
+            execs: aya::maps::Queue::try_from(execs).map_err(|e| select_err(names::EXECS, e))?,
+            last_full_scan: Instant::now(),
+        }))
+    }
+
+    /// Selects the matching processes the kernel does not know yet: those that exec'd
+    /// since the last call (queued by the kernel), and every ~30 s all of /proc.
+    pub fn rescan(&mut self) -> Result<Vec<u32>, LoadError> {
+        let mut execd = Vec::new();
+        // Bounded: the queue's size, twice over (exec keeps pushing meanwhile).
+        for _ in 0..8192 {
+            match self.execs.pop(0) {
+                Ok(pid) => execd.push(pid),
+                Err(_) => break,
+            }
+        }
+        let procs = if self.last_full_scan.elapsed() >= FULL_RESCAN_EVERY {
+            self.last_full_scan = Instant::now();
+            scan_proc(std::path::Path::new("/proc"))
+        } else {
+            // A program exec'd is judged by itself: the rule that follows a renamed worker
+            // to its master concerns forks, which the kernel follows.
+            execd.sort_unstable();
+            execd.dedup();
+            execd.into_iter().filter_map(read_proc).collect()
+        };
+        if procs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let added = add_chosen(&mut self.selected, &self.selection, &procs)?;
+        if !added.is_empty() {
+            bump_generations(&mut self.gens, &added)?;
+            new_epoch(&mut self.epoch)?;
+        }
+        for (pid, _) in &added {
+            let program = procs.iter().find(|p| p.pid == *pid);
+            let program = program.and_then(|p| p.exe_name.as_deref().or(Some(p.comm.as_str())));
+            tracing::info!(
+                pid,
+                program = program.unwrap_or_default(),
+                "observing a process an --exe pattern matches"
+            );
+        }
+        Ok(added.into_iter().map(|(pid, _)| pid).collect())
+    }
 }
 
 /// Whether sock_ops programs may call `bpf_get_current_pid_tgid` (Linux 6.10 and later):

@@ -31,6 +31,15 @@ pub struct Selection {
     pub names: Vec<String>,
     /// Programs never observed, matched like `names`; they win over `names` and `pids`.
     pub excluded: Vec<String>,
+    /// `--exe` glob patterns (`python3*`, `*node*`), matched like `names` but in
+    /// userspace: when Tapir starts and by its periodic rescan of /proc (the kernel
+    /// matches exact names only).
+    pub patterns: Vec<glob::Pattern>,
+}
+
+/// Whether an `--exe` value is a glob pattern rather than a name.
+fn is_pattern(name: &str) -> bool {
+    name.contains(['*', '?', '['])
 }
 
 /// What /proc says about one running process.
@@ -73,16 +82,37 @@ impl Selection {
             [one] if one.trim().is_empty() || one.trim() == "none" => Vec::new(),
             _ => program_names("--exclude-exe", excluded)?,
         };
+        if let Some(p) = excluded.iter().find(|n| is_pattern(n)) {
+            return Err(format!(
+                "--exclude-exe {p:?}: give exact program names (a pattern is matched by a \
+                 periodic scan, and a process it should leave out could be seen before it)"
+            ));
+        }
+        let (patterns, names): (Vec<String>, Vec<String>) = program_names("--exe", names)?
+            .into_iter()
+            .partition(|n| is_pattern(n));
+        let patterns = patterns
+            .iter()
+            .map(|p| {
+                glob::Pattern::new(p).map_err(|e| format!("--exe {p:?}: not a valid pattern: {e}"))
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             pids,
-            names: program_names("--exe", names)?,
+            names,
             excluded,
+            patterns,
         })
     }
 
     /// Only the chosen processes are observed (`--pid` or `--exe` given).
     pub fn is_selective(&self) -> bool {
-        !self.pids.is_empty() || !self.names.is_empty()
+        !self.pids.is_empty() || !self.names.is_empty() || !self.patterns.is_empty()
+    }
+
+    /// Programs started later are matched by a periodic rescan, not by the kernel.
+    pub fn needs_rescan(&self) -> bool {
+        !self.patterns.is_empty()
     }
 
     /// Every process is observed: nothing chosen, nothing left out.
@@ -111,6 +141,12 @@ impl Selection {
             .any(|n| p.exe_name.as_deref() == Some(n.as_str()) || comm_key(&p.comm) == comm_key(n))
     }
 
+    fn pattern_matches(patterns: &[glob::Pattern], p: &ProcEntry) -> bool {
+        patterns
+            .iter()
+            .any(|g| p.exe_name.as_deref().is_some_and(|e| g.matches(e)) || g.matches(&p.comm))
+    }
+
     /// The processes among `procs` that are observed, with why (`agent_common::select`).
     /// A named pid's descendants are observed too: they were forked before Tapir could
     /// follow the fork (nginx's workers when `--pid` names the master).
@@ -132,10 +168,10 @@ impl Selection {
         // `p`, or an ancestor it was forked from without an exec since (the same
         // executable), runs one of `names`: a worker that renamed itself (setproctitle) is
         // still its master's program, as the fork hook would have said.
-        let runs = |names: &[String], p: &ProcEntry| {
+        let runs = |names: &[String], patterns: &[glob::Pattern], p: &ProcEntry| {
             let mut cur = p;
             for _ in 0..64 {
-                if Self::name_matches(names, cur) {
+                if Self::name_matches(names, cur) || Self::pattern_matches(patterns, cur) {
                     return true;
                 }
                 match by_pid.get(&cur.ppid) {
@@ -154,11 +190,11 @@ impl Selection {
         procs
             .iter()
             .filter_map(|p| {
-                if runs(&self.excluded, p) {
+                if runs(&self.excluded, &[], p) {
                     Some((p.pid, EXCLUDED))
                 } else if descends_from_named(p.pid) {
                     Some((p.pid, BY_PID))
-                } else if runs(&self.names, p) {
+                } else if runs(&self.names, &self.patterns, p) {
                     Some((p.pid, BY_NAME))
                 } else {
                     None
@@ -201,6 +237,11 @@ pub fn scan_proc(proc_root: &Path) -> Vec<ProcEntry> {
         read_proc_entry(&e.path(), pid)
     })
     .collect()
+}
+
+/// One process's entry, `None` once it is gone.
+pub fn read_proc(pid: u32) -> Option<ProcEntry> {
+    read_proc_entry(&Path::new("/proc").join(pid.to_string()), pid)
 }
 
 fn read_proc_entry(dir: &Path, pid: u32) -> Option<ProcEntry> {
@@ -283,6 +324,39 @@ mod tests {
         // Not a prefix or substring match.
         assert!(names(&["ngin", "nginx2", "pyth"]).judge(&host()).is_empty());
         assert_eq!(pids(&names(&["wrk", "dash"]).judge(&host())), [201, 300]);
+    }
+
+    #[test]
+    fn patterns_match_the_executable_or_the_process_name() {
+        let sel = |n: &[&str]| {
+            let n: Vec<String> = n.iter().map(|s| s.to_string()).collect();
+            Selection::new(vec![], &n, &[]).unwrap()
+        };
+        let s = sel(&["python3*", "ngin?"]);
+        assert_eq!(s.names, Vec::<String>::new());
+        assert!(s.is_selective() && s.needs_rescan());
+        assert!(
+            s.comm_keys().is_empty(),
+            "the kernel matches exact names only"
+        );
+        assert_eq!(pids(&s.judge(&host())), [100, 101, 102, 200]);
+        // Against the whole exe name (past the kernel's 15 bytes) or the process name.
+        assert_eq!(pids(&sel(&["*-program-name"]).judge(&host())), [400]);
+        assert_eq!(pids(&sel(&["[wx]rk", "da*"]).judge(&host())), [201, 300]);
+        // Names and patterns mix; exact names stay the kernel's.
+        let s = sel(&["wrk", "*nginx*"]);
+        assert_eq!(s.names, ["wrk"]);
+        assert_eq!(pids(&s.judge(&host())), [100, 101, 102, 300]);
+        assert!(!sel(&["nginx"]).needs_rescan());
+        assert!(sel(&["zzz*"]).judge(&host()).is_empty());
+    }
+
+    #[test]
+    fn bad_patterns_and_excluded_patterns_are_refused() {
+        let err = Selection::new(vec![], &["[abc".into()], &[]).unwrap_err();
+        assert!(err.contains("not a valid pattern"), "{err}");
+        let err = Selection::new(vec![], &[], &["python*".into()]).unwrap_err();
+        assert!(err.contains("exact program names"), "{err}");
     }
 
     #[test]
@@ -383,6 +457,7 @@ mod tests {
         let mine = all.iter().find(|p| p.pid == me).expect("own /proc entry");
         assert_eq!(mine.ppid, std::os::unix::process::parent_id());
         assert!(mine.exe_name.is_some());
+        assert_eq!(read_proc(me).as_ref(), Some(mine));
         assert!(scan_proc(Path::new("/nonexistent")).is_empty());
     }
 }

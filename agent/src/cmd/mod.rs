@@ -6,15 +6,17 @@ pub mod watch;
 use std::{
     sync::{
         atomic::{AtomicBool, Ordering},
+        mpsc::{self, RecvTimeoutError},
         Arc,
     },
     thread,
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
 use clap::Args;
 use tapir::{
-    loader::{self, Attached, LoadOptions},
+    loader::{self, Attached, LoadOptions, SelectionRescan},
     select::Selection,
 };
 use tracing_subscriber::EnvFilter;
@@ -54,7 +56,10 @@ pub struct CaptureArgs {
     /// --exe python3`. Repeatable, or comma-separated in the env. Processes they fork are
     /// observed too, until they exec another program; programs started later are picked up
     /// at exec by their process name (the file name they were started by, of which the
-    /// kernel keeps 15 characters). Combines with --pid (either selects).
+    /// kernel keeps 15 characters). A glob pattern (`'python3*'`, `'*node*'`, `'[a-c]?'`)
+    /// matches the same names; programs started later are matched by the agent within
+    /// ~0.2 s of their exec (the kernel matches exact names only), so their first requests
+    /// may be missed. Combines with --pid (either selects).
     #[arg(
         long = "exe",
         value_name = "NAME",
@@ -62,8 +67,8 @@ pub struct CaptureArgs {
         value_delimiter = ','
     )]
     pub exe_names: Vec<String>,
-    /// Never observe processes running this program (matched as for --exe; repeatable, or
-    /// comma-separated). Wins over --exe and --pid. Replaces the default list, telemetry
+    /// Never observe processes running this program (an exact name, matched as for --exe;
+    /// repeatable, or comma-separated). Wins over --exe and --pid. Replaces the default list, telemetry
     /// collectors and eBPF agents, whose OTLP/HTTP receivers would otherwise turn every
     /// export into a span; `--exclude-exe none` observes them too.
     #[arg(
@@ -202,6 +207,40 @@ impl CaptureThread {
     /// Asks the thread to drain what is pending and stop, then waits for it.
     pub fn stop(self) {
         self.stop.store(true, Ordering::Release);
+        let _ = self.handle.join();
+    }
+}
+
+/// How often the processes that exec'd are matched against `--exe` patterns.
+const RESCAN_EVERY: Duration = Duration::from_millis(200);
+
+/// The thread that runs [`SelectionRescan`] (only when `--exe` has patterns).
+pub struct RescanThread {
+    stop: mpsc::Sender<()>,
+    handle: thread::JoinHandle<()>,
+}
+
+impl RescanThread {
+    pub fn spawn(attached: &mut Attached) -> Result<Option<Self>> {
+        let Some(mut rescan) = SelectionRescan::take(attached)? else {
+            return Ok(None);
+        };
+        let (stop, stopped) = mpsc::channel::<()>();
+        let handle = thread::Builder::new()
+            .name("tapir-select".into())
+            .spawn(move || {
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(RESCAN_EVERY) {
+                    if let Err(e) = rescan.rescan() {
+                        tracing::warn!(error = %e, "scanning /proc for --exe patterns");
+                    }
+                }
+            })
+            .context("starting the process rescan thread")?;
+        Ok(Some(Self { stop, handle }))
+    }
+
+    pub fn stop(self) {
+        drop(self.stop);
         let _ = self.handle.join();
     }
 }

@@ -214,6 +214,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let ring = super::take_ring(&mut attached)?;
     let logger = super::take_logger(&mut attached);
     let maps = super::PipelineMaps::take(&mut attached);
+    let rescan = super::RescanThread::spawn(&mut attached)?;
     let filter = Filter {
         ports: args.ports.clone(),
     };
@@ -243,6 +244,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     tracing::info!("shutting down: detaching probes");
     // Stops capture after a last drain of the ring buffer.
     capture.stop();
+    if let Some(r) = rescan {
+        r.stop();
+    }
     drop(attached);
     if let Some(t) = telemetry {
         t.shutdown(&rt);

@@ -75,6 +75,7 @@ fn human_line(ex: &CapturedExchange) -> String {
 pub fn run(args: WatchArgs) -> Result<ExitCode> {
     let mut attached = attach(&args.capture, &args.inject, &args.ports)?;
     let ring = super::take_ring(&mut attached)?;
+    let rescan = super::RescanThread::spawn(&mut attached)?;
     let logger = super::take_logger(&mut attached);
     let maps = super::PipelineMaps::take(&mut attached);
     let filter = Filter {
@@ -108,6 +109,9 @@ pub fn run(args: WatchArgs) -> Result<ExitCode> {
     tracing::info!("ready: watching HTTP exchanges (Ctrl-C to stop)");
     rt.block_on(signals.wait());
     capture.stop();
+    if let Some(r) = rescan {
+        r.stop();
+    }
     drop(attached);
     super::log_final_counts(&stats);
     Ok(ExitCode::SUCCESS)
