@@ -403,8 +403,8 @@ fn new_epoch<T: BorrowMut<MapData>>(epoch: &mut aya::maps::Array<T, u64>) -> Res
 }
 
 /// Selects the processes started later that `--exe` patterns match: the kernel matches
-/// exact names at exec, patterns are matched here, by a periodic scan of /proc. Holds its
-/// own handles on the selection maps.
+/// exact names at exec and queues every exec for the patterns, which are matched here.
+/// Holds its own handles on the selection maps.
 pub struct SelectionRescan {
     selection: Selection,
     selected: aya::maps::HashMap<MapData, u32, u8>,
