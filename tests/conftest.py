@@ -257,6 +257,15 @@ def nginx(procs, tmp_path, port, server_body, http_extra=""):
     return procs(["nginx", "-c", conf, "-g", "daemon off;"], ready_port=port)
 
 
+def cgroup2_mount():
+    """Where the cgroup v2 hierarchy is mounted (skips the test without one)."""
+    for line in open("/proc/self/mountinfo"):
+        pre, _, post = line.partition(" - ")
+        if post.split()[0] == "cgroup2":
+            return pre.split()[4]
+    pytest.skip("no cgroup v2 mount")
+
+
 def span_path(s):
     """An OTLP span's request path: a SERVER's url.path, a CLIENT's from its url.full (the
     conventions give CLIENT spans no url.path)."""

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import TESTS, Agent, curl, finish, free_port, nginx, span_path, watch
+from conftest import TESTS, Agent, cgroup2_mount, curl, finish, free_port, nginx, span_path, watch
 from test_propagation import PARENT, TRACE, of
 
 PY = sys.executable
@@ -102,14 +102,6 @@ exec unshare --cgroup sh -ec '
   mount --bind "$host.tmp" "$host"; umount "$host.tmp"
   exec "$@"' sh "$cg" "$host" "$@"
 """
-
-
-def cgroup2_mount():
-    for line in open("/proc/self/mountinfo"):
-        pre, _, post = line.partition(" - ")
-        if post.split()[0] == "cgroup2":
-            return pre.split()[4]
-    pytest.skip("no cgroup v2 mount")
 
 
 def test_injection_from_an_agent_in_its_own_cgroup_namespace(py_server, tmp_path):

@@ -8,6 +8,7 @@ pending, so a test stops the agent and then asserts on exactly what arrived; bef
 waits for the data with the receiver's condition variable, so a test that receives nothing
 fails with a message saying what did arrive, not with a hang.
 """
+import hashlib
 import json
 import os
 import re
@@ -20,7 +21,7 @@ import urllib.request
 
 import pytest
 
-from conftest import TESTS, Agent, curl, free_port, span_path, wait_port
+from conftest import TESTS, Agent, cgroup2_mount, curl, free_port, span_path, wait_port
 from otlp_receiver import OtlpReceiver
 
 PY = sys.executable
@@ -413,6 +414,39 @@ def test_the_agents_resource_attributes_describe_the_node(otlp, py_server):
         assert res["service.name"].startswith("python"), res
     own = otlp.latest_points("tapir.exchanges")[0]["resource"]
     assert (own["service.name"], own["host.name"], own["k8s.cluster.name"]) == ("tapir", "node-e2e", "e2e")
+
+
+def test_container_and_pod_ids_come_from_the_cgroup(otlp, py_server, tmp_path):
+    """A process in a Kubernetes container's cgroup (the systemd driver's layout, made here
+    for real) gets container.id and k8s.pod.uid on its resource: what the collector's
+    k8sattributes processor needs to add the pod's name, namespace and workload."""
+    server, port = py_server()
+    cg = cgroup2_mount()
+    uid = f"0b7e54f2-2f1c-4c5e-9a5d-{os.getpid():012x}"
+    cid = hashlib.sha256(tmp_path.name.encode()).hexdigest()
+    top = f"{cg}/tapir-e2e-{tmp_path.name}"
+    pod = f"{top}/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{uid.replace('-', '_')}.slice"
+    leaf = f"{pod}/cri-containerd-{cid}.scope"
+    os.makedirs(leaf)
+    try:
+        with open(f"{leaf}/cgroup.procs", "w") as f:
+            f.write(str(server.pid))
+        agent = otel_agent(otlp, port)
+        get(port, "/in-a-pod", 200)
+        otlp.wait_spans(is_server_of(server.pid), n=1, timeout=TIMEOUT)
+        finish(agent)
+    finally:
+        with open(f"{cg}/cgroup.procs", "w") as f:
+            f.write(str(server.pid))
+        d = leaf
+        while d != cg:
+            os.rmdir(d)
+            d = os.path.dirname(d)
+    (s,) = otlp.spans(is_server_of(server.pid))
+    assert (s["resource"].get("container.id"), s["resource"].get("k8s.pod.uid")) == (cid, uid), s["resource"]
+    # curl ran outside any container.
+    (c,) = otlp.spans(lambda s: s["kind"] == "CLIENT")
+    assert "container.id" not in c["resource"] and "k8s.pod.uid" not in c["resource"]
 
 
 # (e) -------------------------------------------------------------------------------------

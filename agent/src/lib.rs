@@ -9,6 +9,7 @@ pub mod capture;
 pub mod cgroup;
 pub mod clock;
 pub mod conn_table;
+pub mod container;
 pub mod doctor;
 pub mod exchange;
 pub mod heap;

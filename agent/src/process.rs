@@ -3,6 +3,8 @@ use std::{fs, path::Path, sync::Arc};
 
 use lru::LruCache;
 
+use crate::container::ContainerIds;
+
 /// Identity of an observed process, read once per pid.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct ProcessInfo {
@@ -15,6 +17,8 @@ pub struct ProcessInfo {
     pub otel_service_name: Option<String>,
     /// The process's own `OTEL_RESOURCE_ATTRIBUTES`, unparsed.
     pub otel_resource_attributes: Option<String>,
+    /// Its container and pod, from its cgroup.
+    pub container: ContainerIds,
 }
 
 impl ProcessInfo {
@@ -44,6 +48,9 @@ impl ProcessInfo {
             exe_path,
             otel_service_name: env_var(&environ, "OTEL_SERVICE_NAME"),
             otel_resource_attributes: env_var(&environ, "OTEL_RESOURCE_ATTRIBUTES"),
+            container: fs::read_to_string(dir.join("cgroup"))
+                .map(|c| ContainerIds::from_proc_cgroup(&c))
+                .unwrap_or_default(),
         }
     }
 }

@@ -182,6 +182,13 @@ pub fn process_resource(p: &ProcessInfo, node: &Node) -> Resource {
             .iter()
             .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
     );
+    // For the collector's k8sattributes processor (pod name, namespace, workload).
+    if let Some(id) = &p.container.container_id {
+        kvs.push(KeyValue::new(semres::CONTAINER_ID, id.clone()));
+    }
+    if let Some(uid) = &p.container.pod_uid {
+        kvs.push(KeyValue::new(semres::K8S_POD_UID, uid.clone()));
+    }
     kvs.extend(
         attrs
             .iter()
@@ -248,6 +255,7 @@ mod tests {
             exe_path: Some("/usr/bin/python3.12".into()),
             otel_service_name: svc.map(Into::into),
             otel_resource_attributes: attrs.map(Into::into),
+            container: Default::default(),
         }
     }
 
@@ -342,6 +350,21 @@ mod tests {
         assert_eq!(get(&r, "service.instance.id").unwrap(), "abc");
         assert_eq!(get(&r, "host.name").unwrap(), "vm");
         assert_eq!(get(&r, "service.name").unwrap(), "svc");
+    }
+
+    #[test]
+    fn container_and_pod_ids_are_on_the_resource() {
+        let mut p = proc(None, Some("k8s.pod.uid=from-the-process"));
+        p.container = crate::container::ContainerIds {
+            container_id: Some("c".repeat(64)),
+            pod_uid: Some("0b7e54f2-2f1c-4c5e-9a5d-0e1f2a3b4c5d".into()),
+        };
+        let r = process_resource(&p, &Node::named("h"));
+        assert_eq!(get(&r, "container.id").unwrap(), "c".repeat(64));
+        // The process's own attributes win, as for every default.
+        assert_eq!(get(&r, "k8s.pod.uid").unwrap(), "from-the-process");
+        let r = process_resource(&proc(None, None), &Node::named("h"));
+        assert!(get(&r, "container.id").is_none() && get(&r, "k8s.pod.uid").is_none());
     }
 
     #[test]

@@ -1054,6 +1054,10 @@ mod tests {
             exe_path: Some("/usr/bin/python3.12".into()),
             otel_service_name: Some("checkout".into()),
             otel_resource_attributes: Some("deployment.environment=prod,team=ü".into()),
+            container: crate::container::ContainerIds {
+                container_id: Some("ab".repeat(32)),
+                pod_uid: Some("0b7e54f2-2f1c-4c5e-9a5d-0e1f2a3b4c5d".into()),
+            },
         };
         vec![
             Resource::builder_empty().build(),
