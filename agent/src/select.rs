@@ -32,8 +32,8 @@ pub struct Selection {
     /// Programs never observed, matched like `names`; they win over `names` and `pids`.
     pub excluded: Vec<String>,
     /// `--exe` glob patterns (`python3*`, `*node*`), matched like `names` but in
-    /// userspace: when Tapir starts and by its periodic rescan of /proc (the kernel
-    /// matches exact names only).
+    /// userspace: from /proc when Tapir starts, then for each exec() the kernel queues
+    /// (the kernel matches exact names only).
     pub patterns: Vec<glob::Pattern>,
 }
 
@@ -84,8 +84,8 @@ impl Selection {
         };
         if let Some(p) = excluded.iter().find(|n| is_pattern(n)) {
             return Err(format!(
-                "--exclude-exe {p:?}: give exact program names (a pattern is matched by a \
-                 periodic scan, and a process it should leave out could be seen before it)"
+                "--exclude-exe {p:?}: give exact program names (patterns are matched by the \
+                 agent shortly after exec, so a process to leave out could be seen before that)"
             ));
         }
         let (patterns, names): (Vec<String>, Vec<String>) = program_names("--exe", names)?
@@ -110,7 +110,8 @@ impl Selection {
         !self.pids.is_empty() || !self.names.is_empty() || !self.patterns.is_empty()
     }
 
-    /// Programs started later are matched by a periodic rescan, not by the kernel.
+    /// Programs started later are matched by the agent (`loader::SelectionRescan`), not by
+    /// the kernel.
     pub fn needs_rescan(&self) -> bool {
         !self.patterns.is_empty()
     }
