@@ -818,6 +818,28 @@ def test_known_methods_follow_the_environment(otlp, py_server):
     ], got
 
 
+def test_webdav_and_purge_requests_are_seen_on_new_connections(otlp, py_server):
+    """A connection whose first request is PROPFIND or PURGE is recognized as HTTP by the
+    kernel: both ends become spans (methods outside the conventions' list are _OTHER), and
+    the injected traceparent links them."""
+    server, port = py_server()
+    agent = otel_agent(otlp, port)
+    get(port, "/warm-up", 200)  # the port is learned as HTTP: later connections are injected
+    for method in ("PROPFIND", "PURGE"):
+        curl("-o", "/dev/null", "-X", method, f"http://127.0.0.1:{port}/dav/{method}")
+    otlp.wait_spans(is_server_of(server.pid), n=3, timeout=TIMEOUT)
+    otlp.wait_spans(lambda s: s["kind"] == "CLIENT", n=3, timeout=TIMEOUT)
+    finish(agent)
+    servers = by_start(otlp.spans(is_server_of(server.pid)))[1:]
+    clients = by_start(otlp.spans(lambda s: s["kind"] == "CLIENT"))[1:]
+    got = [(s["attributes"]["http.request.method"], s["attributes"]["http.request.method_original"],
+            s["attributes"]["url.path"]) for s in servers]
+    assert got == [("_OTHER", "PROPFIND", "/dav/PROPFIND"), ("_OTHER", "PURGE", "/dav/PURGE")], got
+    assert [span_path(c) for c in clients] == ["/dav/PROPFIND", "/dav/PURGE"]
+    for s, c in zip(servers, clients):
+        assert (s["trace_id"], s["parent_span_id"]) == (c["trace_id"], c["span_id"]), (s, c)
+
+
 def test_console_exporter_prints_one_json_span_per_exchange(py_server):
     server, port = py_server()
     agent = Agent("run", "--exporter", "console", "--port", str(port))

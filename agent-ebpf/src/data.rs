@@ -22,8 +22,8 @@ use crate::{
         SCRATCH, SCRATCH_BYTES, SHAPE_BUF, SHAPE_IOVEC, SHAPE_MSGHDR, SHAPE_NONE,
     },
     trace::{
-        byte_at, is_request_start, is_response_start, on_client_request, on_server_head_continued,
-        on_server_request, on_server_response, span_head, HeadScan,
+        byte_at, is_method_prefix, is_request_start, is_response_start, on_client_request,
+        on_server_head_continued, on_server_request, on_server_response, span_head, HeadScan,
     },
 };
 
@@ -169,19 +169,7 @@ fn looks_like_http(addr: u64, len: u64) -> bool {
     let Ok(b) = (unsafe { bpf_probe_read_user(addr as *const [u8; 4]) }) else {
         return false;
     };
-    matches!(
-        &b,
-        b"GET "
-            | b"POST"
-            | b"PUT "
-            | b"HEAD"
-            | b"DELE"
-            | b"PATC"
-            | b"OPTI"
-            | b"CONN"
-            | b"TRAC"
-            | b"HTTP"
-    )
+    is_method_prefix(&b) || &b == b"HTTP"
 }
 
 #[inline(always)]

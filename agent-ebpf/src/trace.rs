@@ -71,16 +71,35 @@ fn new_trace_id() -> [u8; 16] {
     t
 }
 
+/// The first four bytes of a request line: the standard methods, WebDAV's (PROPFIND,
+/// PROPPATCH, MKCOL, COPY, MOVE, LOCK, UNLOCK) and the caches' PURGE.
+#[inline(always)]
+pub fn is_method_prefix(b: &[u8; 4]) -> bool {
+    matches!(
+        b,
+        b"GET "
+            | b"POST"
+            | b"PUT "
+            | b"HEAD"
+            | b"DELE"
+            | b"PATC"
+            | b"OPTI"
+            | b"CONN"
+            | b"TRAC"
+            | b"PROP"
+            | b"MKCO"
+            | b"COPY"
+            | b"MOVE"
+            | b"LOCK"
+            | b"UNLO"
+            | b"PURG"
+    )
+}
+
 /// Does the chunk start with a request line (a method, not a status line)?
 #[inline(always)]
 pub fn is_request_start(data: &[u8; SCRATCH_BYTES], n: u64) -> bool {
-    if n < 4 {
-        return false;
-    }
-    matches!(
-        &[data[0], data[1], data[2], data[3]],
-        b"GET " | b"POST" | b"PUT " | b"HEAD" | b"DELE" | b"PATC" | b"OPTI" | b"CONN" | b"TRAC"
-    )
+    n >= 4 && is_method_prefix(&[data[0], data[1], data[2], data[3]])
 }
 
 #[inline(always)]
