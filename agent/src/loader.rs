@@ -270,20 +270,19 @@ fn seed_selection(
         ebpf.map_mut(name)
             .ok_or_else(|| LoadError::Select(format!("the eBPF object has no {name} map")))
     }
-    let err = |name: &str, e: aya::maps::MapError| LoadError::Select(format!("{name}: {e}"));
     if !late {
         let mut names: HashMap<_, [u8; agent_common::select::COMM_LEN], u8> =
             HashMap::try_from(map(ebpf, names::SELECT_NAMES)?)
-                .map_err(|e| err(names::SELECT_NAMES, e))?;
+                .map_err(|e| select_err(names::SELECT_NAMES, e))?;
         for (key, why) in selection.comm_keys() {
             names
                 .insert(key, why, 0)
-                .map_err(|e| err(names::SELECT_NAMES, e))?;
+                .map_err(|e| select_err(names::SELECT_NAMES, e))?;
         }
     }
     let added = {
-        let mut selected: HashMap<_, u32, u8> =
-            HashMap::try_from(map(ebpf, names::SELECTED)?).map_err(|e| err(names::SELECTED, e))?;
+        let mut selected: HashMap<_, u32, u8> = HashMap::try_from(map(ebpf, names::SELECTED)?)
+            .map_err(|e| select_err(names::SELECTED, e))?;
         let procs = scan_proc(std::path::Path::new("/proc"));
         if !late {
             let missing = selection.missing_pids(&procs);
@@ -316,11 +315,11 @@ fn seed_selection(
         add_chosen(&mut selected, selection, &procs)?
     };
     if late && !added.is_empty() {
-        let mut gens: HashMap<_, u32, u32> =
-            HashMap::try_from(map(ebpf, names::PROC_GEN)?).map_err(|e| err(names::PROC_GEN, e))?;
+        let mut gens: HashMap<_, u32, u32> = HashMap::try_from(map(ebpf, names::PROC_GEN)?)
+            .map_err(|e| select_err(names::PROC_GEN, e))?;
         bump_generations(&mut gens, &added)?;
-        let mut epoch: Array<_, u64> =
-            Array::try_from(map(ebpf, names::GEN_EPOCH)?).map_err(|e| err(names::GEN_EPOCH, e))?;
+        let mut epoch: Array<_, u64> = Array::try_from(map(ebpf, names::GEN_EPOCH)?)
+            .map_err(|e| select_err(names::GEN_EPOCH, e))?;
         new_epoch(&mut epoch)?;
     }
     if !late {

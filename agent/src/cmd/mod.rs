@@ -68,9 +68,9 @@ pub struct CaptureArgs {
     )]
     pub exe_names: Vec<String>,
     /// Never observe processes running this program (an exact name, matched as for --exe;
-    /// repeatable, or comma-separated). Wins over --exe and --pid. Replaces the default list, telemetry
-    /// collectors and eBPF agents, whose OTLP/HTTP receivers would otherwise turn every
-    /// export into a span; `--exclude-exe none` observes them too.
+    /// repeatable, or comma-separated). Wins over --exe and --pid. Replaces the default
+    /// list, telemetry collectors and eBPF agents, whose OTLP/HTTP receivers would
+    /// otherwise turn every export into a span; `--exclude-exe none` observes them too.
     #[arg(
         long = "exclude-exe",
         value_name = "NAME",

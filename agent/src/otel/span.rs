@@ -528,6 +528,11 @@ pub(crate) mod tests {
             .collect()
     }
 
+    /// An expected attribute set, as `attrs` returns it.
+    fn attr_map<const N: usize>(pairs: [(&str, Value); N]) -> HashMap<String, Value> {
+        pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+    }
+
     fn s(v: &str) -> Value {
         Value::String(v.to_string().into())
     }
@@ -544,7 +549,7 @@ pub(crate) mod tests {
         assert_eq!(span.name, "GET /users/*");
         assert_eq!(span.status, Status::Unset);
         let a = attrs(&span);
-        let want: HashMap<String, Value> = [
+        let want = attr_map([
             ("http.request.method", s("GET")),
             ("url.path", s("/users/42")),
             ("url.scheme", s("http")),
@@ -557,10 +562,7 @@ pub(crate) mod tests {
             ("network.peer.port", Value::I64(51000)),
             ("network.protocol.version", s("1.1")),
             ("user_agent.original", s("curl/8.5.0")),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+        ]);
         assert_eq!(a, want);
         assert_eq!(
             span.start_time,
@@ -582,7 +584,7 @@ pub(crate) mod tests {
         assert_eq!(span.name, "POST /orders");
         // The conventions' CLIENT attributes by default: url.full instead of path and
         // scheme; no client.* and no user agent (Opt-In or not defined for a CLIENT).
-        let want: HashMap<String, Value> = [
+        let want = attr_map([
             ("http.request.method", s("POST")),
             ("http.response.status_code", Value::I64(201)),
             ("http.route", s("/orders")),
@@ -594,10 +596,7 @@ pub(crate) mod tests {
             ("network.protocol.version", s("1.1")),
             // Required on CLIENT spans; never the query (`?secret=1` in the fixture).
             ("url.full", s("http://api.example.com:8080/orders")),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
+        ]);
         assert_eq!(attrs(&span), want);
     }
 
