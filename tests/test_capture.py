@@ -174,6 +174,32 @@ def test_one_mebibyte_response(py_server):
     assert e["http.response.status_code"] == 200
 
 
+def test_bodies_are_measured_not_copied(py_server, tmp_path):
+    """A body's bytes stay in the process: the kernel copies heads and a body's first and
+    last bytes, so a mebibyte each way costs a few KiB of copies, not the body."""
+    server, port = py_server()
+    agent = watch(port)
+    upload = tmp_path / "upload"
+    upload.write_bytes(b"u" * 1048576)
+    curl("-o", "/dev/null", f"http://127.0.0.1:{port}/bytes/1048576")
+    curl("-o", "/dev/null", f"http://127.0.0.1:{port}/chunked/1048576/16")
+    curl("-o", "/dev/null", "--data-binary", f"@{upload}", f"http://127.0.0.1:{port}/upload")
+    got = finish(agent)
+    for kind in ("server", "client"):
+        plain, chunked, post = servers_of(got, kind)
+        assert [e["url.path"] for e in (plain, chunked, post)] == [
+            "/bytes/1048576", "/chunked/1048576/16", "/upload"], kind
+        assert plain["http.response.body.size"] == 1048576, kind
+        assert [e["http.response.status_code"] for e in (plain, chunked, post)] == [
+            200, 200, 201], kind
+        assert post["http.request.body.size"] == 1048576, kind
+    # The server writes one chunk per call: its framing is followed exactly.
+    assert servers_of(got)[1]["http.response.body.size"] == 1048576
+    copied = agent.final_count("tapir.events.payload_bytes")
+    # Three mebibytes moved, each seen twice; the heads are a few hundred bytes each.
+    assert 0 < copied < 64 * 1024, copied
+
+
 def test_slow_chunked_response_ends_at_the_last_chunk(py_server):
     server, port = py_server("--chunk-delay", "0.05")
     agent = watch(port)

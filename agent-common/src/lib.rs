@@ -241,6 +241,11 @@ pub const CONN_HEAD_OPEN: u16 = 8;
 /// ... and the last read ended at a line end, or at a line end and a `\r` (a header, or
 /// the head's end, may start at the next read's first byte).
 pub const CONN_HEAD_AT_LINE: u16 = 16;
+/// The last message read on the connection ended its head, so a read that does not start
+/// a new message is body: only its first bytes (and its last, the tail) are copied.
+pub const CONN_BODY_IN: u16 = 32;
+/// The same for what the connection writes.
+pub const CONN_BODY_OUT: u16 = 64;
 
 /// 24 bytes: the connection map preallocates 65,536 of them.
 #[repr(C)]

@@ -1,8 +1,9 @@
 //! read/write-family syscalls on tracked TCP connections: save the arguments at entry, copy
 //! a bounded prefix (and the last few bytes) at exit when the bytes are or follow HTTP/1.x.
 use agent_common::{
-    counter, syscall, EventKind, TraceIds, CONN_HEAD_AT_LINE, CONN_HEAD_OPEN, CONN_HTTP,
-    CONN_PORT_LEARNED, DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE, MAX_IOVECS, TAIL_BYTES,
+    counter, syscall, EventKind, TraceIds, CONN_BODY_IN, CONN_BODY_OUT, CONN_HEAD_AT_LINE,
+    CONN_HEAD_OPEN, CONN_HTTP, CONN_PORT_LEARNED, DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE, MAX_IOVECS,
+    TAIL_BYTES,
 };
 use aya_ebpf::{
     helpers::{
@@ -22,8 +23,9 @@ use crate::{
         SCRATCH, SCRATCH_BYTES, SHAPE_BUF, SHAPE_IOVEC, SHAPE_MSGHDR, SHAPE_NONE,
     },
     trace::{
-        byte_at, is_method_prefix, is_request_start, is_response_start, on_client_request,
-        on_server_head_continued, on_server_request, on_server_response, span_head, HeadScan,
+        body_start, byte_at, ends_with_empty_line, is_method_prefix, is_request_start,
+        is_response_start, on_client_request, on_server_head_continued, on_server_request,
+        on_server_response, span_head, HeadScan,
     },
 };
 
@@ -190,15 +192,14 @@ fn emit_data<const SHAPE: u8>(
     let scratch = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: per-CPU scratch slot; nothing else on this CPU uses it during this program.
     let scratch = unsafe { &mut *scratch };
-    let cap = (capture_bytes() as u64).min(total);
-    let mut captured: u64 = 0;
-    let mut tail_addr: u64 = 0;
-    if SHAPE == SHAPE_BUF {
-        captured = copy_user(&mut scratch.data, 0, p.buf, cap);
-        if total > captured && total >= TAIL_BYTES as u64 {
-            tail_addr = p.buf + total - TAIL_BYTES as u64;
-        }
-    } else if SHAPE == SHAPE_IOVEC || SHAPE == SHAPE_MSGHDR {
+    let want = (capture_bytes() as u64).min(total);
+    let body_flag = if p.direction == DIR_INGRESS {
+        CONN_BODY_IN
+    } else {
+        CONN_BODY_OUT
+    };
+    let in_body = state.flags & body_flag != 0;
+    if SHAPE == SHAPE_IOVEC || SHAPE == SHAPE_MSGHDR {
         let (iov, vlen) = if SHAPE == SHAPE_IOVEC {
             (p.buf, p.vlen)
         } else {
@@ -209,26 +210,58 @@ fn emit_data<const SHAPE: u8>(
             &mut scratch.gather,
             Gather {
                 total,
-                cap,
                 read,
                 ..Gather::default()
             },
         );
-        // A callback is verified once, however many segments there are: an unrolled loop
-        // left the vectored reads at the verifier's 1M-instruction limit.
-        // SAFETY: callback and context follow bpf_loop's contract (no context used).
-        unsafe {
-            bpf_loop(
-                MAX_IOVECS as u32,
-                gather_segment as *mut core::ffi::c_void,
-                core::ptr::null_mut(),
-                0,
-            )
-        };
-        let g = &scratch.gather;
-        captured = g.captured;
-        if g.consumed >= total && g.last_len >= TAIL_BYTES as u64 {
-            tail_addr = g.last_base + g.last_len - TAIL_BYTES as u64;
+    }
+    // Bodies are not wanted, only their size and a chunked body's framing, which their
+    // first and last bytes mostly show. The first HEAD_PROBE bytes are copied (one helper
+    // call for most calls), the rest only when it may hold head bytes.
+    let mut copied = copy_upto::<SHAPE>(scratch, p, 0, want.min(HEAD_PROBE));
+    let starts =
+        is_request_start(&scratch.data, copied) || is_response_start(&scratch.data, copied);
+    let mut body_next = in_body;
+    if starts {
+        if copied == total {
+            // A whole head alone (the body, if any, follows in later calls), or a small
+            // message whose end is not known here.
+            body_next = ends_with_empty_line(&scratch.data, copied);
+        } else if let Some(at) =
+            head_segment_end::<SHAPE>(scratch, copied).or_else(|| body_start(copied))
+        {
+            if message_at(&scratch.data, at, copied) {
+                // Pipelined: another message follows this head in the same call.
+                copied = copy_upto::<SHAPE>(scratch, p, copied, want);
+                body_next = false;
+            } else {
+                copied = copied.min(at + BODY_SLACK);
+                body_next = true;
+            }
+        } else {
+            copied = copy_upto::<SHAPE>(scratch, p, copied, want);
+            body_next = false;
+        }
+    } else if in_body {
+        copied = copied.min(BODY_PREFIX);
+    } else {
+        copied = copy_upto::<SHAPE>(scratch, p, copied, want);
+    }
+    if body_next != in_body {
+        state.flags ^= body_flag;
+    }
+    let captured = copied;
+    let mut tail_addr: u64 = 0;
+    if total > captured {
+        if SHAPE == SHAPE_BUF {
+            if total >= TAIL_BYTES as u64 {
+                tail_addr = p.buf + total - TAIL_BYTES as u64;
+            }
+        } else {
+            let g = &scratch.gather;
+            if g.consumed >= total && g.last_len >= TAIL_BYTES as u64 {
+                tail_addr = g.last_base + g.last_len - TAIL_BYTES as u64;
+            }
         }
     }
     let DataScratch { hdr, data, .. } = scratch;
@@ -280,6 +313,79 @@ fn emit_data<const SHAPE: u8>(
     Some(())
 }
 
+/// Bytes first copied of a call that starts a message: most heads end within them, and
+/// then nothing after the head is copied but [`BODY_SLACK`] bytes.
+const HEAD_PROBE: u64 = 1024;
+/// Bytes kept after a head's end: a chunked body's first size line.
+const BODY_SLACK: u64 = 64;
+/// Bytes kept of a call that continues a body: enough to see a message start there.
+const BODY_PREFIX: u64 = 64;
+
+/// Does a request or a response start at `at` of the `n` copied bytes?
+#[inline(always)]
+fn message_at(data: &[u8; SCRATCH_BYTES], at: u64, n: u64) -> bool {
+    if at + 5 > n {
+        return false;
+    }
+    let b = [
+        byte_at(data, at),
+        byte_at(data, at + 1),
+        byte_at(data, at + 2),
+        byte_at(data, at + 3),
+    ];
+    is_method_prefix(&b) || (&b == b"HTTP" && byte_at(data, at + 4) == b'/')
+}
+
+/// A vectored write whose first segment is a whole head (nginx writes head and body as
+/// two segments): where its body starts, without scanning the head.
+#[inline(always)]
+fn head_segment_end<const SHAPE: u8>(scratch: &DataScratch, copied: u64) -> Option<u64> {
+    if SHAPE == SHAPE_BUF {
+        return None;
+    }
+    let first = scratch.iovecs[0][1];
+    (first <= copied && ends_with_empty_line(&scratch.data, first)).then_some(first)
+}
+
+/// Copies the call's bytes `[have, upto)` into the scratch record, after the `have`
+/// already there; returns the bytes copied in all.
+#[inline(always)]
+fn copy_upto<const SHAPE: u8>(
+    scratch: &mut DataScratch,
+    p: &PendingIo,
+    have: u64,
+    upto: u64,
+) -> u64 {
+    if upto <= have {
+        return have;
+    }
+    if SHAPE == SHAPE_BUF {
+        return have + copy_user(&mut scratch.data, have, p.buf + have, upto - have);
+    }
+    let g = scratch.gather;
+    Gather::store(
+        &mut scratch.gather,
+        Gather {
+            cap: upto,
+            captured: have,
+            consumed: 0,
+            ..g
+        },
+    );
+    // A callback is verified once, however many segments there are: an unrolled loop
+    // left the vectored reads at the verifier's 1M-instruction limit.
+    // SAFETY: callback and context follow bpf_loop's contract (no context used).
+    unsafe {
+        bpf_loop(
+            MAX_IOVECS as u32,
+            gather_segment as *mut core::ffi::c_void,
+            core::ptr::null_mut(),
+            0,
+        )
+    };
+    scratch.gather.captured
+}
+
 /// One bpf_loop step of a vectored call's copy: segment `i` of `scratch.iovecs`, until
 /// `total` bytes are accounted for; up to `cap` bytes land in `scratch.data`.
 extern "C" fn gather_segment(i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
@@ -295,8 +401,15 @@ extern "C" fn gather_segment(i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     let [base, len] = scratch.iovecs[(i as usize) & (MAX_IOVECS - 1)];
     let seg = len.min(g.total - g.consumed);
     let mut captured = g.captured;
-    if captured < g.cap {
-        captured += copy_user(&mut scratch.data, captured, base, seg.min(g.cap - captured));
+    // The call's first `captured` bytes are already copied (by an earlier pass).
+    let done = captured.saturating_sub(g.consumed).min(seg);
+    if captured < g.cap && done < seg {
+        captured += copy_user(
+            &mut scratch.data,
+            captured,
+            base + done,
+            (seg - done).min(g.cap - captured),
+        );
     }
     scratch.gather = Gather {
         captured,

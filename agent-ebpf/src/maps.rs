@@ -180,6 +180,9 @@ pub struct DataScratch {
     pub scan_at: u64,
     /// Non-zero when that scan reached the empty line that ends the head.
     pub head_end: u64,
+    /// Where the body starts, one past the head's empty line (0: not found); see
+    /// `trace::body_start`.
+    pub body_at: u64,
     /// A vectored call's iovec array (base, len), read in one go.
     pub iovecs: [[u64; 2]; agent_common::MAX_IOVECS],
     /// The copy of a vectored call's segments, step by step (see data.rs).

@@ -247,6 +247,78 @@ extern "C" fn scan_step(w: u64, ctx: *mut core::ffi::c_void) -> i64 {
     0
 }
 
+struct BodyScan {
+    /// Captured bytes to scan.
+    n: u64,
+}
+
+/// One bpf_loop step of [`body_start`]: bytes `[32w, 32w + 32)`.
+extern "C" fn body_step(w: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the pointer given to it: our BodyScan on the stack.
+    let n = unsafe { (*(ctx as *const BodyScan)).n };
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    // SAFETY: per-CPU scratch filled by the caller on this CPU.
+    let scratch = unsafe { &mut *scratch };
+    for k in 0..SCAN_STEP / 8 {
+        let base = w * SCAN_STEP + 8 * k;
+        if base >= n {
+            return 1;
+        }
+        let data = &scratch.data;
+        let x = word_at(data, base) ^ NL8;
+        if (x.wrapping_sub(ONES8) & !x & HIGH8) == 0 {
+            continue;
+        }
+        for j in 0..8u64 {
+            let nl = base + j;
+            if nl >= n || byte_at(data, nl) != b'\n' {
+                continue;
+            }
+            if empty_line_at(data, nl + 1, n) {
+                // `\n` or `\r\n`: the body starts after it.
+                scratch.body_at = nl + if byte_at(data, nl + 1) == b'\n' { 2 } else { 3 };
+                return 1;
+            }
+        }
+    }
+    0
+}
+
+/// Where the body starts in the first `n` bytes of this CPU's scratch copy of a message
+/// (just past the empty line that ends its head), if the head ends there.
+#[inline(always)]
+pub fn body_start(n: u64) -> Option<u64> {
+    let n = n.min(MAX_CAPTURE as u64);
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU scratch slot of this CPU.
+    unsafe { core::ptr::write_volatile(&raw mut (*scratch).body_at, 0) };
+    let mut ctx = BodyScan { n };
+    // SAFETY: callback and context follow bpf_loop's contract.
+    unsafe {
+        bpf_loop(
+            n.div_ceil(SCAN_STEP) as u32,
+            body_step as *mut core::ffi::c_void,
+            &mut ctx as *mut BodyScan as *mut core::ffi::c_void,
+            0,
+        )
+    };
+    // SAFETY: as above.
+    let at = unsafe { (*scratch).body_at };
+    (at != 0).then_some(at)
+}
+
+/// Do the `n` bytes end with the empty line that ends a head (the call moved a whole head
+/// and nothing after it)?
+#[inline(always)]
+pub fn ends_with_empty_line(data: &[u8; SCRATCH_BYTES], n: u64) -> bool {
+    n >= 4
+        && byte_at(data, n - 1) == b'\n'
+        && (byte_at(data, n - 2) == b'\n'
+            || (byte_at(data, n - 2) == b'\r' && byte_at(data, n - 3) == b'\n'))
+}
+
 /// What a scan of request-head bytes found.
 #[derive(Clone, Copy)]
 pub struct HeadScan {

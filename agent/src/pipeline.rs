@@ -343,7 +343,11 @@ impl<S: ExchangeSink> RecordSink for Pipeline<S> {
         match decode(bytes) {
             Ok(KernelEvent::ConnOpen(ev)) => self.on_open(&ev),
             Ok(KernelEvent::ConnClose(ev)) => self.on_close(&ev),
-            Ok(KernelEvent::Data(d)) => self.on_data(&d),
+            Ok(KernelEvent::Data(d)) => {
+                let copied = d.payload.len() + usize::from(d.header.tail_len);
+                Stats::add(&self.stats.payload_bytes, copied as u64);
+                self.on_data(&d);
+            }
             Ok(KernelEvent::ProcExit(h)) => self.on_exit(h.tgid, h.ts_ns),
             Err(e) => {
                 Stats::inc(&self.stats.records_malformed);

@@ -50,6 +50,9 @@ counters! {
     records => "tapir.events.received",
     /// Records that could not be decoded.
     records_malformed => "tapir.events.malformed",
+    /// Payload bytes the kernel copied into data records: a prefix of what each call moved
+    /// (a head, not a body) and its last bytes.
+    payload_bytes => "tapir.events.payload_bytes",
     /// TCP connections seen opening (accept/connect) or first seen in use.
     conns_opened => "tapir.connections.opened",
     /// TCP connections seen closing.
@@ -89,7 +92,11 @@ counters! {
 
 impl Stats {
     pub fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
+        Self::add(counter, 1);
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Stores the kernel's own cumulative counters (summed over CPUs).

@@ -34,8 +34,9 @@ pub fn init_logging() {
 /// Capture options shared by `run` and `watch`.
 #[derive(Args, Debug, Clone)]
 pub struct CaptureArgs {
-    /// Payload bytes copied from each read/write syscall (max 8192). Requests whose headers
-    /// are longer than this in a single syscall lose the headers beyond it.
+    /// Bytes of a message's head copied from a read/write syscall (max 8192). Headers
+    /// beyond this in a single syscall are lost. Of a body, only its first 64 bytes and
+    /// each syscall's last 16 are copied, whatever this says.
     #[arg(long, env = "TAPIR_CAPTURE_BYTES", default_value_t = agent_common::DEFAULT_CAPTURE)]
     pub capture_bytes: u32,
     /// Kernel → agent ring buffer size in bytes (power of two). When it is full, events are
