@@ -1,14 +1,14 @@
 //! The per-(tgid, fd) cache: one map lookup decides whether a syscall is on a TCP socket.
 use agent_common::{
-    counter, ConnEvent, ConnKey, ConnState, ConnTuple, EventHeader, EventKind, Role, CONN_TCP,
+    counter, ConnEvent, ConnKey, ConnState, EventHeader, EventKind, Role, CONN_TCP,
 };
-use aya_ebpf::helpers::{
-    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-};
+use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns};
 
 use crate::{
-    maps::{count, observed, ringbuf_flags, CONNS, CPU_STATE, EVENTS, GEN_EPOCH, PROC_GEN},
-    sock::{resolve_fd, FdKind},
+    maps::{
+        count, observed, ringbuf_flags, CONNS, CONN_SCRATCH, CPU_STATE, EVENTS, GEN_EPOCH, PROC_GEN,
+    },
+    sock::{clear_addr, resolve_fd, FdKind},
 };
 
 /// The process's fd generation, and whether it is observed. Each CPU keeps the last
@@ -87,21 +87,25 @@ pub fn lookup_tcp(tgid: u32, fd: u32) -> Option<*mut ConnState> {
     }
     // First sight of this fd (or a stale entry): classify it once.
     match resolve_fd(fd) {
-        FdKind::Tcp { sock_id, tuple } => {
+        FdKind::Tcp {
+            sock_id,
+            local_port,
+            remote_port,
+        } => {
             let state = ConnState {
                 sock_id,
                 flags: CONN_TCP,
                 gen,
                 role: Role::Unknown as u8,
-                local_port: tuple.local_port,
-                remote_port: tuple.remote_port,
+                local_port,
+                remote_port,
                 ..ConnState::default()
             };
             if CONNS.insert(key, state, 0).is_err() {
                 count(counter::CONN_TABLE_FULL);
                 return None;
             }
-            emit_conn(EventKind::ConnOpen, fd, sock_id, &tuple, Role::Unknown);
+            emit_conn(EventKind::ConnOpen, fd, sock_id, Role::Unknown, true);
             CONNS.get_ptr_mut(key)
         }
         FdKind::Other => {
@@ -128,21 +132,25 @@ pub fn track_new(tgid: u32, fd: u32, role: Role) -> bool {
         return false;
     }
     match resolve_fd(fd) {
-        FdKind::Tcp { sock_id, tuple } => {
+        FdKind::Tcp {
+            sock_id,
+            local_port,
+            remote_port,
+        } => {
             let state = ConnState {
                 sock_id,
                 flags: CONN_TCP,
                 gen,
                 role: role as u8,
-                local_port: tuple.local_port,
-                remote_port: tuple.remote_port,
+                local_port,
+                remote_port,
                 ..ConnState::default()
             };
             if CONNS.insert(ConnKey { tgid, fd }, state, 0).is_err() {
                 count(counter::CONN_TABLE_FULL);
                 return false;
             }
-            emit_conn(EventKind::ConnOpen, fd, sock_id, &tuple, role);
+            emit_conn(EventKind::ConnOpen, fd, sock_id, role, true);
             true
         }
         FdKind::Other => false,
@@ -173,18 +181,37 @@ pub fn header_of(pid_tgid: u64, kind: EventKind, fd: u32) -> EventHeader {
     }
 }
 
+/// Sends a connection event from this CPU's `CONN_SCRATCH` slot: with the 4-tuple the fd
+/// walk left there (`with_tuple`), else with none (a close).
 #[inline(always)]
-pub fn emit_conn(kind: EventKind, fd: u32, sock_id: u64, tuple: &ConnTuple, role: Role) {
-    let ev = ConnEvent {
-        header: header(kind, fd),
-        sock_id,
-        tuple: *tuple,
-        role: role as u8,
-        _pad: [0; 7],
-        comm: bpf_get_current_comm().unwrap_or_default(),
+pub fn emit_conn(kind: EventKind, fd: u32, sock_id: u64, role: Role, with_tuple: bool) {
+    let Some(ev) = CONN_SCRATCH.get_ptr_mut(0) else {
+        return;
     };
+    // SAFETY: this CPU's slot; nothing else on this CPU uses it during this program.
+    let ev = unsafe { &mut *ev };
+    if !with_tuple {
+        ev.tuple.family = 0;
+        ev.tuple.local_port = 0;
+        ev.tuple.remote_port = 0;
+        clear_addr(&mut ev.tuple.local_addr);
+        clear_addr(&mut ev.tuple.remote_addr);
+    }
+    ev.header = header(kind, fd);
+    ev.sock_id = sock_id;
+    ev.role = role as u8;
+    // SAFETY: the helper writes at most 16 bytes, the size of `comm`.
+    let rc = unsafe {
+        aya_ebpf::helpers::generated::bpf_get_current_comm(
+            ev.comm.as_mut_ptr() as *mut core::ffi::c_void,
+            ev.comm.len() as u32,
+        )
+    };
+    if rc != 0 {
+        ev.comm[0] = 0;
+    }
     // Connection events are rare and userspace wants them promptly.
-    match EVENTS.output::<ConnEvent>(&ev, ringbuf_flags(size_of::<ConnEvent>() as u64)) {
+    match EVENTS.output::<ConnEvent>(ev, ringbuf_flags(size_of::<ConnEvent>() as u64)) {
         Ok(()) => count(counter::CONN_EVENTS),
         Err(_) => count(counter::RINGBUF_FULL),
     }

@@ -243,7 +243,11 @@ fn emit_data<const SHAPE: u8>(
             body_next = false;
         }
     } else if in_body {
-        copied = copied.min(BODY_PREFIX);
+        // A short call is already copied whole, and keeps a pipelined message that may
+        // follow the end of a short body.
+        if total > HEAD_PROBE {
+            copied = copied.min(BODY_PREFIX);
+        }
     } else {
         copied = copy_upto::<SHAPE>(scratch, p, copied, want);
     }
@@ -313,12 +317,13 @@ fn emit_data<const SHAPE: u8>(
     Some(())
 }
 
-/// Bytes first copied of a call that starts a message: most heads end within them, and
-/// then nothing after the head is copied but [`BODY_SLACK`] bytes.
+/// Bytes first copied of every call; a call this short is kept whole. Most heads end
+/// within them, and then nothing after the head is kept but [`BODY_SLACK`] bytes.
 const HEAD_PROBE: u64 = 1024;
 /// Bytes kept after a head's end: a chunked body's first size line.
 const BODY_SLACK: u64 = 64;
-/// Bytes kept of a call that continues a body: enough to see a message start there.
+/// Bytes kept of a call over HEAD_PROBE bytes that continues a body: a chunked body's size
+/// line when a chunk starts the call.
 const BODY_PREFIX: u64 = 64;
 
 /// Does a request or a response start at `at` of the `n` copied bytes?

@@ -1,6 +1,6 @@
 //! Connection and process lifecycle: accept/connect start tracking with a known role,
 //! close/dup2 end it, exec/close_range/exit invalidate a process's cached fds.
-use agent_common::{select, ConnKey, ConnTuple, EventKind, Role, CONN_TCP};
+use agent_common::{select, ConnKey, EventKind, Role, CONN_TCP};
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::tracepoint,
@@ -96,8 +96,8 @@ fn forget_fd(tgid: u32, fd: u32) {
             EventKind::ConnClose,
             fd,
             state.sock_id,
-            &ConnTuple::default(),
             Role::from_u8(state.role),
+            false,
         );
     }
 }

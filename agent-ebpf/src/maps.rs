@@ -36,11 +36,18 @@ pub static TAPIR_AGENT_TGID: u32 = 0;
 #[unsafe(no_mangle)]
 pub static TAPIR_CAPTURE: u32 = agent_common::DEFAULT_CAPTURE;
 
-#[inline(always)]
-pub fn offsets() -> KernelOffsets {
-    // SAFETY: reading a static; volatile so the loader's value is used, not the default.
-    unsafe { core::ptr::read_volatile(&TAPIR_OFFSETS) }
+/// One field of the kernel's struct offsets, read where it is used: a copy of the whole
+/// struct up front is spilled to the stack across the helper calls.
+macro_rules! kernel_offset {
+    ($field:ident) => {{
+        // SAFETY: reading a static; volatile so the loader's value is used, not the
+        // default.
+        #[allow(unused_unsafe)]
+        let v = unsafe { core::ptr::read_volatile(&raw const $crate::maps::TAPIR_OFFSETS.$field) };
+        v
+    }};
 }
+pub(crate) use kernel_offset;
 
 #[inline(always)]
 pub fn agent_tgid() -> u32 {
@@ -226,6 +233,13 @@ impl Gather {
 
 #[map(name = "TAPIR_SCRATCH")]
 pub static SCRATCH: PerCpuArray<DataScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Per-CPU connection event, built in place: the fd walk writes its 4-tuple here and
+/// `emit_conn` sends it from here. On the stack, the tuple and the event (~140 bytes) put
+/// the data programs over the 512 bytes of stack that kernels before 6.13 allow a program
+/// and the subprograms it calls.
+#[map(name = "TAPIR_CONN_SCRATCH")]
+pub static CONN_SCRATCH: PerCpuArray<agent_common::ConnEvent> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "TAPIR_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> =

@@ -1,9 +1,9 @@
 //! fd → `struct sock` → TCP 4-tuple, walking task → files → fdtable → file → socket with
 //! offsets from the running kernel's BTF (no CO-RE, no kernel headers).
-use agent_common::{ConnTuple, AF_INET, AF_INET6};
-use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
+use agent_common::{AF_INET, AF_INET6};
+use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
 
-use crate::maps::offsets;
+use crate::maps::{kernel_offset, CONN_SCRATCH};
 
 const S_IFMT: u16 = 0o170000;
 const S_IFSOCK: u16 = 0o140000;
@@ -11,9 +11,11 @@ const SOCK_STREAM: i16 = 1;
 const IPPROTO_TCP: u16 = 6;
 
 pub enum FdKind {
+    /// A TCP socket; its 4-tuple is in this CPU's `CONN_SCRATCH` event.
     Tcp {
         sock_id: u64,
-        tuple: ConnTuple,
+        local_port: u16,
+        remote_port: u16,
     },
     Other,
     /// Kernel memory could not be read; say nothing about this fd.
@@ -35,63 +37,93 @@ pub fn resolve_fd(fd: u32) -> FdKind {
 }
 
 unsafe fn try_resolve(fd: u32) -> Result<FdKind, i32> {
-    let o = offsets();
     let task = unsafe { bpf_get_current_task() };
-    let files: u64 = unsafe { read(task, o.task_files)? };
+    let files: u64 = unsafe { read(task, kernel_offset!(task_files))? };
     if files == 0 {
         return Ok(FdKind::Unknown);
     }
-    let fdt: u64 = unsafe { read(files, o.files_fdt)? };
-    let max_fds: u32 = unsafe { read(fdt, o.fdtable_max_fds)? };
+    let fdt: u64 = unsafe { read(files, kernel_offset!(files_fdt))? };
+    let max_fds: u32 = unsafe { read(fdt, kernel_offset!(fdtable_max_fds))? };
     if fd >= max_fds {
         return Ok(FdKind::Other);
     }
-    let fd_array: u64 = unsafe { read(fdt, o.fdtable_fd)? };
+    let fd_array: u64 = unsafe { read(fdt, kernel_offset!(fdtable_fd))? };
     let file: u64 = unsafe { read(fd_array, fd * 8)? };
     if file == 0 {
         return Ok(FdKind::Other);
     }
-    let inode: u64 = unsafe { read(file, o.file_f_inode)? };
-    let mode: u16 = unsafe { read(inode, o.inode_i_mode)? };
+    let inode: u64 = unsafe { read(file, kernel_offset!(file_f_inode))? };
+    let mode: u16 = unsafe { read(inode, kernel_offset!(inode_i_mode))? };
     if mode & S_IFMT != S_IFSOCK {
         return Ok(FdKind::Other);
     }
-    let socket: u64 = unsafe { read(file, o.file_private_data)? };
-    let stype: i16 = unsafe { read(socket, o.socket_type)? };
+    let socket: u64 = unsafe { read(file, kernel_offset!(file_private_data))? };
+    let stype: i16 = unsafe { read(socket, kernel_offset!(socket_type))? };
     if stype != SOCK_STREAM {
         return Ok(FdKind::Other);
     }
-    let sk: u64 = unsafe { read(socket, o.socket_sk)? };
+    let sk: u64 = unsafe { read(socket, kernel_offset!(socket_sk))? };
     if sk == 0 {
         return Ok(FdKind::Other);
     }
-    let family: u16 = unsafe { read(sk, o.skc_family)? };
+    let family: u16 = unsafe { read(sk, kernel_offset!(skc_family))? };
     if family != AF_INET && family != AF_INET6 {
         return Ok(FdKind::Other);
     }
-    let protocol: u16 = if o.sock_protocol_size == 1 {
-        unsafe { read::<u8>(sk, o.sock_protocol)? as u16 }
+    let protocol: u16 = if kernel_offset!(sock_protocol_size) == 1 {
+        unsafe { read::<u8>(sk, kernel_offset!(sock_protocol))? as u16 }
     } else {
-        unsafe { read(sk, o.sock_protocol)? }
+        unsafe { read(sk, kernel_offset!(sock_protocol))? }
     };
     if protocol != IPPROTO_TCP {
         return Ok(FdKind::Other);
     }
-    let mut tuple = ConnTuple {
-        family,
-        ..ConnTuple::default()
-    };
-    tuple.local_port = unsafe { read(sk, o.skc_num)? };
-    let dport: u16 = unsafe { read(sk, o.skc_dport)? };
-    tuple.remote_port = u16::from_be(dport);
+    let local_port: u16 = unsafe { read(sk, kernel_offset!(skc_num))? };
+    let remote_port = u16::from_be(unsafe { read(sk, kernel_offset!(skc_dport))? });
+    let ev = CONN_SCRATCH.get_ptr_mut(0).ok_or(-1)?;
+    // SAFETY: this CPU's slot; nothing else on this CPU uses it during this program.
+    let t = unsafe { &mut (*ev).tuple };
+    t.family = family;
+    t.local_port = local_port;
+    t.remote_port = remote_port;
     if family == AF_INET {
-        let l: [u8; 4] = unsafe { read(sk, o.skc_rcv_saddr)? };
-        let r: [u8; 4] = unsafe { read(sk, o.skc_daddr)? };
-        tuple.local_addr[..4].copy_from_slice(&l);
-        tuple.remote_addr[..4].copy_from_slice(&r);
+        clear_addr(&mut t.local_addr);
+        clear_addr(&mut t.remote_addr);
+        let l: u32 = unsafe { read(sk, kernel_offset!(skc_rcv_saddr))? };
+        let r: u32 = unsafe { read(sk, kernel_offset!(skc_daddr))? };
+        // SAFETY: the address arrays are 8-aligned in the map value (ConnTuple layout).
+        unsafe {
+            core::ptr::write_volatile(t.local_addr.as_mut_ptr() as *mut u32, l);
+            core::ptr::write_volatile(t.remote_addr.as_mut_ptr() as *mut u32, r);
+        }
     } else {
-        tuple.local_addr = unsafe { read(sk, o.skc_v6_rcv_saddr)? };
-        tuple.remote_addr = unsafe { read(sk, o.skc_v6_daddr)? };
+        let base = sk as *const u8;
+        // Straight into map memory: no 16-byte copies on the stack.
+        unsafe {
+            bpf_probe_read_kernel_buf(
+                base.wrapping_add(kernel_offset!(skc_v6_rcv_saddr) as usize),
+                &mut t.local_addr,
+            )?;
+            bpf_probe_read_kernel_buf(
+                base.wrapping_add(kernel_offset!(skc_v6_daddr) as usize),
+                &mut t.remote_addr,
+            )?;
+        }
     }
-    Ok(FdKind::Tcp { sock_id: sk, tuple })
+    Ok(FdKind::Tcp {
+        sock_id: sk,
+        local_port,
+        remote_port,
+    })
+}
+
+/// Zeroes an address in two 8-byte stores (a plain assignment becomes a memset call).
+#[inline(always)]
+pub fn clear_addr(a: &mut [u8; 16]) {
+    let w = a.as_mut_ptr() as *mut u64;
+    // SAFETY: 16 bytes, 8-aligned in the map value (ConnTuple layout).
+    unsafe {
+        core::ptr::write_volatile(w, 0);
+        core::ptr::write_volatile(w.add(1), 0);
+    }
 }

@@ -35,8 +35,8 @@ pub fn init_logging() {
 #[derive(Args, Debug, Clone)]
 pub struct CaptureArgs {
     /// Bytes of a message's head copied from a read/write syscall (max 8192). Headers
-    /// beyond this in a single syscall are lost. Of a body, only its first 64 bytes and
-    /// each syscall's last 16 are copied, whatever this says.
+    /// beyond this in a single syscall are lost. Of a body in a syscall over 1 KiB, only 64
+    /// bytes and the syscall's last 16 are copied, whatever this says.
     #[arg(long, env = "TAPIR_CAPTURE_BYTES", default_value_t = agent_common::DEFAULT_CAPTURE)]
     pub capture_bytes: u32,
     /// Kernel → agent ring buffer size in bytes (power of two). When it is full, events are
