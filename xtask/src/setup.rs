@@ -106,7 +106,16 @@ fn install_bpf_linker(root: &Path, sysroot: &Path) -> Result<()> {
 }
 
 /// Debian commands the end-to-end tests drive, by the package that provides them.
-const DEBIAN_TOOLS: &[(&str, &str)] = &[("curl", "curl"), ("nginx", "nginx"), ("ip", "iproute2")];
+/// qemu, busybox, cpio and Debian's python3 boot older kernels (tests/kernels/boot.sh).
+const DEBIAN_TOOLS: &[(&str, &str)] = &[
+    ("curl", "curl"),
+    ("nginx", "nginx"),
+    ("ip", "iproute2"),
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("busybox", "busybox-static"),
+    ("cpio", "cpio"),
+    ("python3", "python3"),
+];
 
 /// Installs the Debian packages and the Python environment of the end-to-end tests;
 /// returns the Python interpreter to run pytest with.
