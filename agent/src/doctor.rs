@@ -289,22 +289,39 @@ pub fn check_host() -> Vec<Check> {
         without: "traceparent injection (sock_ops attaches to a cgroup v2)",
         core: false,
     });
+    // The test programs above are small; the real ones can still be refused (stack size,
+    // verifier complexity): load them all, as `tapir run` does, and attach none.
+    let verified = if loader::has_embedded_object() {
+        loader::verify_programs()
+    } else {
+        Err("binary built without them: use `cargo xtask build`".into())
+    };
     checks.push(Check {
         feature: "embedded eBPF programs".into(),
-        status: if loader::has_embedded_object() {
+        status: if verified.is_ok() {
             Status::Ok
         } else {
             Status::Missing
         },
-        detail: if loader::has_embedded_object() {
-            "present".into()
-        } else {
-            "binary built without them: use `cargo xtask build`".into()
+        detail: match verified {
+            Ok(n) => format!("all {n} pass this kernel's verifier"),
+            Err(e) => summarize(&e),
         },
         without: "nothing can be loaded",
         core: true,
     });
     checks
+}
+
+/// A (verifier) message for a table cell: its first line (what failed) and its last two
+/// (the verifier's verdict and totals), the instruction trace between them left out.
+fn summarize(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    match lines.as_slice() {
+        [] => String::new(),
+        [first, .., a, b] if lines.len() > 3 => format!("{first} | … | {a} | {b}"),
+        _ => lines.join(" | "),
+    }
 }
 
 /// True when every core feature is present: the agent can capture.
@@ -394,6 +411,19 @@ fn cap_eff(status: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn verifier_messages_keep_their_first_and_last_lines() {
+        assert_eq!(summarize(""), "");
+        assert_eq!(summarize("one"), "one");
+        assert_eq!(summarize("a\n\nb\nc"), "a | b | c");
+        assert_eq!(
+            summarize(
+                "program x refused: denied\n0: r1 = 0\n1: exit\nstack too large\nprocessed 9 insns"
+            ),
+            "program x refused: denied | … | stack too large | processed 9 insns"
+        );
+    }
 
     fn check(feature: &str, status: Status, core: bool) -> Check {
         Check {

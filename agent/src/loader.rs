@@ -118,20 +118,20 @@ fn wakeup_bytes_for(ringbuf_bytes: u32, cpus: usize) -> u64 {
     (u64::from(ringbuf_bytes) / 4 / cpus.max(1) as u64).clamp(64 << 10, 1 << 20)
 }
 
-pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
+/// The embedded object with its globals set for `opts` and its maps created; no program
+/// is loaded yet. Also returns the kernel's struct offsets and the fork hook's field
+/// offset (without it the fork hook would read garbage, and is not attached).
+fn open_object(opts: &LoadOptions) -> Result<(Ebpf, KernelOffsets, Option<u32>), LoadError> {
     if !has_embedded_object() {
         return Err(LoadError::NoObject);
     }
-    let tracefs = tracefs::ensure_mounted()?;
     let offsets = kernel_offsets()?;
     let agent_tgid = std::process::id();
     let capture = opts.capture_bytes.min(MAX_CAPTURE as u32);
     let ebpf_debug = u32::from(tracing::enabled!(target: "tapir_ebpf", tracing::Level::DEBUG));
     let selective = opts.selection.is_selective();
-    let choosing = !opts.selection.is_everything();
-    // Without the offset the fork hook would read garbage: it is then not attached.
     let fork_child_pid = tracefs::field_offset("sched", "sched_process_fork", "child_pid");
-    let mut ebpf = EbpfLoader::new()
+    let ebpf = EbpfLoader::new()
         .override_global(names::OFFSETS, &offsets, true)
         .override_global(names::AGENT_TGID, &agent_tgid, true)
         .override_global(names::CAPTURE_BYTES, &capture, true)
@@ -160,6 +160,49 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
         .map_max_entries(names::CONNS, opts.max_connections)
         .load(EBPF_OBJECT)
         .map_err(|e| LoadError::Load(Box::new(e)))?;
+    Ok((ebpf, offsets, fork_child_pid))
+}
+
+/// Passes every program of the embedded object through this kernel's verifier (loads,
+/// attaches nothing): what `tapir run` loads, so a kernel that refuses one is found
+/// before a run. Returns how many loaded; the error names the first one refused.
+pub fn verify_programs() -> Result<usize, String> {
+    use aya::programs::{SkMsg, SockOps};
+    let opts = LoadOptions::default();
+    let (mut ebpf, _, _) = open_object(&opts).map_err(|e| e.to_string())?;
+    let mut loaded = 0;
+    for probe in PROBES {
+        let Some(prog) = ebpf.program_mut(probe.program) else {
+            return Err(format!(
+                "program {} is missing from the eBPF object",
+                probe.program
+            ));
+        };
+        let tp: &mut TracePoint = prog.try_into().map_err(|e| format!("{e}"))?;
+        tp.load()
+            .map_err(|e| format!("program {} refused: {e:#}", probe.program))?;
+        loaded += 1;
+    }
+    for name in ["tapir_sk_msg", "tapir_sock_ops"] {
+        let prog = ebpf
+            .program_mut(name)
+            .ok_or_else(|| format!("program {name} is missing from the eBPF object"))?;
+        let loaded_ok = match name {
+            "tapir_sk_msg" => <&mut SkMsg>::try_from(prog).map(|p| p.load()),
+            _ => <&mut SockOps>::try_from(prog).map(|p| p.load()),
+        };
+        loaded_ok
+            .map_err(|e| format!("{e}"))?
+            .map_err(|e| format!("program {name} refused: {e:#}"))?;
+        loaded += 1;
+    }
+    Ok(loaded)
+}
+
+pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
+    let tracefs = tracefs::ensure_mounted()?;
+    let (mut ebpf, offsets, fork_child_pid) = open_object(opts)?;
+    let choosing = !opts.selection.is_everything();
     let seeded = if choosing {
         seed_selection(&mut ebpf, &opts.selection, None)?
     } else {
