@@ -12,7 +12,7 @@ use aya_ebpf::{
     maps::LruHashMap,
 };
 
-use crate::maps::{count, CPU_STATE, SCRATCH, SCRATCH_BYTES};
+use crate::maps::{count, DataScratch, CPU_STATE, SCRATCH, SCRATCH_BYTES};
 
 /// pid_tgid → the SERVER span the thread is handling (between request read and response
 /// written).
@@ -207,39 +207,51 @@ const SCAN_STEP: u64 = 32;
 /// there: a body is not headers). A callback keeps the verifier's work constant however
 /// long the header block is.
 extern "C" fn scan_step(w: u64, ctx: *mut core::ffi::c_void) -> i64 {
-    // SAFETY: bpf_loop passes back the pointer given to it: our ScanCtx on the stack.
-    let n = unsafe { (*(ctx as *const ScanCtx)).n };
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+    let Some((n, scratch)) = step_inputs(ctx) else {
         return 1;
     };
-    // SAFETY: per-CPU scratch filled by the caller on this CPU.
-    let scratch = unsafe { &mut *scratch };
+    let data = &scratch.data;
+    // Reported through map memory, which the verifier does not track value by value: the
+    // caller then continues in one state, not one per position.
+    let (head_end, scan_at) = (&mut scratch.head_end, &mut scratch.scan_at);
+    each_newline(data, w, n, |nl| {
+        if empty_line_at(data, nl + 1, n) {
+            *head_end = 1;
+            return true;
+        }
+        // Stopping here keeps the callback's paths few (scanning on to the head's end
+        // tripled verification time); a head whose `traceparent` line turns out invalid
+        // is not followed further (see `HeadScan::header_seen`).
+        if traceparent_name_at(data, nl + 1) {
+            *scan_at = nl + 13;
+            return true;
+        }
+        false
+    })
+}
+
+/// Calls `found` with the position of each `\n` among bytes `[32w, 32w + 32)` below `n`,
+/// in order, until it returns true. Returns bpf_loop's verdict: 1 (stop) when `found` did
+/// or the bytes ran out, else 0. Words without a `\n` are skipped in a few instructions.
+#[inline(always)]
+fn each_newline(
+    data: &[u8; SCRATCH_BYTES],
+    w: u64,
+    n: u64,
+    mut found: impl FnMut(u64) -> bool,
+) -> i64 {
     for k in 0..SCAN_STEP / 8 {
         let base = w * SCAN_STEP + 8 * k;
         if base >= n {
             return 1;
         }
-        let data = &scratch.data;
         let x = word_at(data, base) ^ NL8;
         if (x.wrapping_sub(ONES8) & !x & HIGH8) == 0 {
             continue;
         }
         for j in 0..8u64 {
             let nl = base + j;
-            if byte_at(data, nl) != b'\n' {
-                continue;
-            }
-            // Reported through map memory, which the verifier does not track value by
-            // value: the caller then continues in one state, not one per position.
-            if empty_line_at(data, nl + 1, n) {
-                scratch.head_end = 1;
-                return 1;
-            }
-            // Stopping here keeps the callback's paths few (scanning on to the head's end
-            // tripled verification time); a head whose `traceparent` line turns out invalid
-            // is not followed further (see `HeadScan::header_seen`).
-            if traceparent_name_at(data, nl + 1) {
-                scratch.scan_at = nl + 13;
+            if nl < n && byte_at(data, nl) == b'\n' && found(nl) {
                 return 1;
             }
         }
@@ -247,43 +259,46 @@ extern "C" fn scan_step(w: u64, ctx: *mut core::ffi::c_void) -> i64 {
     0
 }
 
-struct BodyScan {
-    /// Captured bytes to scan.
-    n: u64,
+/// A scan step's inputs: the byte count in its context, and this CPU's scratch record.
+#[inline(always)]
+fn step_inputs(ctx: *mut core::ffi::c_void) -> Option<(u64, &'static mut DataScratch)> {
+    // SAFETY: bpf_loop passes back the pointer given to it: a ScanCtx on the caller's stack.
+    let n = unsafe { (*(ctx as *const ScanCtx)).n };
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: per-CPU scratch filled by the caller on this CPU.
+    Some((n, unsafe { &mut *scratch }))
+}
+
+/// Runs `step` over the first `n` scratch bytes, SCAN_STEP bytes per bpf_loop iteration.
+#[inline(always)]
+fn run_steps(n: u64, step: extern "C" fn(u64, *mut core::ffi::c_void) -> i64) {
+    let mut ctx = ScanCtx { n };
+    // SAFETY: callback and context follow bpf_loop's contract.
+    unsafe {
+        bpf_loop(
+            n.div_ceil(SCAN_STEP) as u32,
+            step as *mut core::ffi::c_void,
+            &mut ctx as *mut ScanCtx as *mut core::ffi::c_void,
+            0,
+        )
+    };
 }
 
 /// One bpf_loop step of [`body_start`]: bytes `[32w, 32w + 32)`.
 extern "C" fn body_step(w: u64, ctx: *mut core::ffi::c_void) -> i64 {
-    // SAFETY: bpf_loop passes back the pointer given to it: our BodyScan on the stack.
-    let n = unsafe { (*(ctx as *const BodyScan)).n };
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+    let Some((n, scratch)) = step_inputs(ctx) else {
         return 1;
     };
-    // SAFETY: per-CPU scratch filled by the caller on this CPU.
-    let scratch = unsafe { &mut *scratch };
-    for k in 0..SCAN_STEP / 8 {
-        let base = w * SCAN_STEP + 8 * k;
-        if base >= n {
-            return 1;
+    let data = &scratch.data;
+    let body_at = &mut scratch.body_at;
+    each_newline(data, w, n, |nl| {
+        if empty_line_at(data, nl + 1, n) {
+            // `\n` or `\r\n`: the body starts after it.
+            *body_at = nl + if byte_at(data, nl + 1) == b'\n' { 2 } else { 3 };
+            return true;
         }
-        let data = &scratch.data;
-        let x = word_at(data, base) ^ NL8;
-        if (x.wrapping_sub(ONES8) & !x & HIGH8) == 0 {
-            continue;
-        }
-        for j in 0..8u64 {
-            let nl = base + j;
-            if nl >= n || byte_at(data, nl) != b'\n' {
-                continue;
-            }
-            if empty_line_at(data, nl + 1, n) {
-                // `\n` or `\r\n`: the body starts after it.
-                scratch.body_at = nl + if byte_at(data, nl + 1) == b'\n' { 2 } else { 3 };
-                return 1;
-            }
-        }
-    }
-    0
+        false
+    })
 }
 
 /// Where the body starts in the first `n` bytes of this CPU's scratch copy of a message
@@ -294,16 +309,7 @@ pub fn body_start(n: u64) -> Option<u64> {
     let scratch = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: per-CPU scratch slot of this CPU.
     unsafe { core::ptr::write_volatile(&raw mut (*scratch).body_at, 0) };
-    let mut ctx = BodyScan { n };
-    // SAFETY: callback and context follow bpf_loop's contract.
-    unsafe {
-        bpf_loop(
-            n.div_ceil(SCAN_STEP) as u32,
-            body_step as *mut core::ffi::c_void,
-            &mut ctx as *mut BodyScan as *mut core::ffi::c_void,
-            0,
-        )
-    };
+    run_steps(n, body_step);
     // SAFETY: as above.
     let at = unsafe { (*scratch).body_at };
     (at != 0).then_some(at)
@@ -368,16 +374,7 @@ pub fn scan_head(
         // SAFETY: as above.
         unsafe { (*scratch).scan_at = 12 };
     } else {
-        let mut ctx = ScanCtx { n };
-        // SAFETY: callback and context follow bpf_loop's contract.
-        unsafe {
-            bpf_loop(
-                n.div_ceil(SCAN_STEP) as u32,
-                scan_step as *mut core::ffi::c_void,
-                &mut ctx as *mut ScanCtx as *mut core::ffi::c_void,
-                0,
-            )
-        };
+        run_steps(n, scan_step);
     }
     // SAFETY: as above.
     let (value_at, head_end) = unsafe { ((*scratch).scan_at, (*scratch).head_end) };
