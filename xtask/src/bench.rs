@@ -274,6 +274,7 @@ struct Results {
     machine: Value,
     config: Value,
     keepalive: Option<LoadBench>,
+    large_body: Option<LoadBench>,
     fixed_rate: Option<rate::RateBench>,
     close: Option<LoadBench>,
     pipeline: Vec<Value>,
@@ -309,6 +310,17 @@ fn run_all(ctx: &mut Ctx, tools: &BenchTools) -> Result<Results> {
             .filter(|v| v.is_finite() && *v >= 1000.0)
             .map_or(rate::FALLBACK_RATE, |v| (v / 1000.0).round() as u32 * 1000);
         r.fixed_rate = Some(rate::rate_bench(ctx, &tools.load, rate)?);
+        Ok(())
+    });
+    attempt("1c) keep-alive, 16 KiB responses", &mut res, &mut |r| {
+        // Fewer, shorter groups: the per-request costs are larger and steadier here.
+        let (pairs, secs) = (ctx.cfg.ka_pairs, ctx.cfg.ka_secs);
+        ctx.cfg.ka_pairs = pairs.min(3);
+        ctx.cfg.ka_secs = secs.min(6);
+        ctx.nginx.path = services::BODY16K;
+        let b = load_bench(ctx, false);
+        (ctx.cfg.ka_pairs, ctx.cfg.ka_secs, ctx.nginx.path) = (pairs, secs, "/");
+        r.large_body = Some(b?);
         Ok(())
     });
     attempt("2) Connection: close", &mut res, &mut |r| {
@@ -1472,6 +1484,14 @@ fn render(r: &Results) -> String {
             &mut md,
             b,
             "1) nginx keep-alive, small responses",
+            "request",
+        );
+    }
+    if let Some(b) = &r.large_body {
+        load_table(
+            &mut md,
+            b,
+            "1c) nginx keep-alive, 16 KiB responses (written, not sendfile'd)",
             "request",
         );
     }

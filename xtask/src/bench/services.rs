@@ -23,7 +23,12 @@ pub struct Nginx {
     child: Child,
     pub port: u16,
     pub worker: u32,
+    /// The path wrk asks for: `/` (17-byte body) or [`BODY16K`].
+    pub path: &'static str,
 }
+
+/// A 16 KiB response body, read from a file and written by nginx (no sendfile).
+pub const BODY16K: &str = "/body16k";
 
 impl Nginx {
     /// Renders bench/nginx.conf.in into `dir` and starts nginx (one worker) pinned to
@@ -35,6 +40,7 @@ impl Nginx {
         }
         let tpl = fs::read_to_string(root.join("bench/nginx.conf.in"))
             .context("reading bench/nginx.conf.in")?;
+        fs::write(dir.join(&BODY16K[1..]), vec![b'x'; 16 << 10])?;
         let conf = dir.join("nginx.conf");
         fs::write(
             &conf,
@@ -55,6 +61,7 @@ impl Nginx {
             worker: 0,
             child,
             port,
+            path: "/",
         };
         if let Err(e) = sys::wait_port(port, Duration::from_secs(15)) {
             bail!(
@@ -67,7 +74,7 @@ impl Nginx {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/", self.port)
+        format!("http://127.0.0.1:{}{}", self.port, self.path)
     }
 
     pub fn cpu_s(&self) -> f64 {
