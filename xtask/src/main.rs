@@ -39,7 +39,7 @@ enum Cmd {
     },
     /// Benchmarks: overhead on observed services and the agent's own cost.
     Bench {
-        /// A 1–2 minute smoke run.
+        /// A smoke run: two short groups of each benchmark (about 5 minutes).
         #[arg(long)]
         quick: bool,
     },
