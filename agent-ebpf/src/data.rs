@@ -1,5 +1,5 @@
-//! read/write-family syscalls on tracked TCP connections: save the arguments at entry, copy
-//! a bounded prefix (and the last few bytes) at exit when the bytes are or follow HTTP/1.x.
+//! read/write-family syscalls on tracked TCP connections: at exit, when the bytes are or
+//! follow HTTP/1.x, copy a call's head (or, of a body, a few bytes) and its last bytes.
 use agent_common::{
     counter, syscall, EventKind, TraceIds, CONN_BODY_IN, CONN_BODY_OUT, CONN_HEAD_AT_LINE,
     CONN_HEAD_OPEN, CONN_HTTP, CONN_PORT_LEARNED, DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE, MAX_IOVECS,
