@@ -170,33 +170,31 @@ pub fn verify_programs() -> Result<usize, String> {
     use aya::programs::{SkMsg, SockOps};
     let opts = LoadOptions::default();
     let (mut ebpf, _, _) = open_object(&opts).map_err(|e| e.to_string())?;
-    let mut loaded = 0;
+    let refused =
+        |name: &str, e: aya::programs::ProgramError| format!("program {name} refused: {e:#}");
     for probe in PROBES {
-        let Some(prog) = ebpf.program_mut(probe.program) else {
-            return Err(format!(
-                "program {} is missing from the eBPF object",
-                probe.program
-            ));
-        };
-        let tp: &mut TracePoint = prog.try_into().map_err(|e| format!("{e}"))?;
-        tp.load()
-            .map_err(|e| format!("program {} refused: {e:#}", probe.program))?;
-        loaded += 1;
+        program::<TracePoint>(&mut ebpf, probe.program)?
+            .load()
+            .map_err(|e| refused(probe.program, e))?;
     }
-    for name in ["tapir_sk_msg", "tapir_sock_ops"] {
-        let prog = ebpf
-            .program_mut(name)
-            .ok_or_else(|| format!("program {name} is missing from the eBPF object"))?;
-        let loaded_ok = match name {
-            "tapir_sk_msg" => <&mut SkMsg>::try_from(prog).map(|p| p.load()),
-            _ => <&mut SockOps>::try_from(prog).map(|p| p.load()),
-        };
-        loaded_ok
-            .map_err(|e| format!("{e}"))?
-            .map_err(|e| format!("program {name} refused: {e:#}"))?;
-        loaded += 1;
-    }
-    Ok(loaded)
+    program::<SkMsg>(&mut ebpf, "tapir_sk_msg")?
+        .load()
+        .map_err(|e| refused("tapir_sk_msg", e))?;
+    program::<SockOps>(&mut ebpf, "tapir_sock_ops")?
+        .load()
+        .map_err(|e| refused("tapir_sock_ops", e))?;
+    Ok(PROBES.len() + 2)
+}
+
+/// Program `name` of the object, as its type `P`.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut P, String>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| format!("program {name} is missing from the eBPF object"))?
+        .try_into()
+        .map_err(|e| format!("program {name}: {e}"))
 }
 
 pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
@@ -275,20 +273,12 @@ fn attach_injection(ebpf: &mut Ebpf, ports: &[u16]) -> Result<(), String> {
         .ok_or("the eBPF object has no TAPIR_INJ_SOCKS map")?;
     let socks: SockHash<_, [u32; 12]> = SockHash::try_from(socks).map_err(|e| e.to_string())?;
     let socks_fd = socks.fd().try_clone().map_err(|e| e.to_string())?;
-    let msg: &mut SkMsg = ebpf
-        .program_mut("tapir_sk_msg")
-        .ok_or("program tapir_sk_msg is missing")?
-        .try_into()
-        .map_err(|e| format!("{e}"))?;
+    let msg = program::<SkMsg>(ebpf, "tapir_sk_msg")?;
     msg.load().map_err(|e| format!("loading sk_msg: {e}"))?;
     msg.attach(&socks_fd)
         .map_err(|e| format!("attaching sk_msg: {e}"))?;
     let cgroup = std::fs::File::open(&root).map_err(|e| format!("opening {root}: {e}"))?;
-    let ops: &mut SockOps = ebpf
-        .program_mut("tapir_sock_ops")
-        .ok_or("program tapir_sock_ops is missing")?
-        .try_into()
-        .map_err(|e| format!("{e}"))?;
+    let ops = program::<SockOps>(ebpf, "tapir_sock_ops")?;
     ops.load().map_err(|e| format!("loading sock_ops: {e}"))?;
     ops.attach(&cgroup, CgroupAttachMode::Single)
         .map_err(|e| format!("attaching sock_ops to {root} (another agent attached?): {e}"))?;
@@ -549,12 +539,9 @@ pub(crate) fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
 }
 
 fn attach(ebpf: &mut Ebpf, probe: &Probe) -> Result<(), String> {
-    let prog = ebpf
-        .program_mut(probe.program)
-        .ok_or_else(|| format!("program {} is missing from the eBPF object", probe.program))?;
     match probe.hook {
         Hook::TracePoint(category, name) => {
-            let tp: &mut TracePoint = prog.try_into().map_err(|e| format!("{e}"))?;
+            let tp = program::<TracePoint>(ebpf, probe.program)?;
             tp.load().map_err(|e| format!("{e:#}"))?;
             tp.attach(category, name).map_err(|e| format!("{e:#}"))?;
         }
