@@ -1,5 +1,6 @@
 """Kernels users run: the agent loads, captures and propagates on the stock kernels of
-Debian 12 (6.1 LTS, also Amazon Linux 2023's series) and of Debian 13 / bookworm-backports
+Debian 11 (5.10 LTS, also Amazon Linux 2's series; no bpf_loop, so the compat programs),
+Debian 12 (6.1 LTS, also Amazon Linux 2023's series) and Debian 13 / bookworm-backports
 (6.12), booted under qemu with a small userland (tests/kernels/boot.sh). The host runs a
 newer kernel whose verifier accepts what older ones refuse (e.g. more than 512 bytes of
 stack across a program's calls), so only a real older kernel shows that Tapir runs there.
@@ -13,6 +14,7 @@ import pytest
 from conftest import ROOT, TAPIR, TESTS
 
 KERNELS = [
+    "bullseye/linux-image-cloud-amd64",  # Debian 11: 5.10 LTS, no bpf_loop
     "linux-image-cloud-amd64",  # Debian 12: 6.1 LTS
     "linux-image-6.12-cloud-amd64",  # Debian 13 and bookworm-backports: 6.12 LTS
 ]
@@ -51,6 +53,9 @@ def test_agent_runs_on_an_older_kernel(package):
     assert any(h.startswith("ready after") for h in heads), agent_log[-4000:]
     assert [h for h in heads if h.startswith("curl ")] == ["curl 200", "curl 404", "curl 200"]
     assert "agent exit 0" in heads, agent_log[-4000:]
+    # Kernels before 5.17 get the compat build of the programs, and are told so.
+    compat = tuple(int(x) for x in re.findall(r"\d+", kernel)[:2]) < (5, 17)
+    assert ("using the compat build" in agent_log) == compat, agent_log[-4000:]
 
     spans = [json.loads(l) for l in s["spans"] if l.startswith("{")]
     by = {(sp["kind"], sp["attributes"].get("url.path") or

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import TESTS, curl, finish, free_port, watch
+from conftest import TESTS, Agent, curl, finish, free_port, watch
 
 PY = sys.executable
 TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -100,6 +100,23 @@ def test_traceparent_after_3kib_of_headers_and_any_case(py_server):
 
 
 TP = f"traceparent: 00-{TRACE}-{PARENT}-01\r\n".encode()
+
+
+def test_compat_programs_follow_a_traceparent_in_the_first_2kib(py_server):
+    """The programs for kernels without bpf_loop (forced here) scan a head's first 2 KiB:
+    a traceparent after 1.6 KiB of headers is followed, one after 3.3 KiB is not (the
+    README's requirements say so), where the standard programs follow both (above)."""
+    server, port = py_server()
+    agent = Agent("watch", "--json", "--port", str(port), env={"TAPIR_EBPF_COMPAT": "1"})
+    assert agent.wait_for(lambda l: "using the compat build" in l, what="the compat note")
+    for path, lines in (("/near", 16), ("/far", 34)):
+        filler = "".join(f"X-Filler-{i}: {'v' * 90}\r\n" for i in range(lines))
+        head = f"GET {path} HTTP/1.1\r\nHost: x\r\n{filler}{TP.decode()}\r\n".encode()
+        assert raw_request(port, head) == 200
+    near, far = of(finish(agent), "server", port)
+    assert (near["url.path"], far["url.path"]) == ("/near", "/far")
+    assert (near["trace_id"], near["parent_span_id"]) == (TRACE, PARENT)
+    assert far["trace_id"] != TRACE and not far.get("parent_span_id"), far
 
 
 @pytest.mark.parametrize(

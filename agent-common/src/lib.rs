@@ -290,6 +290,9 @@ pub struct KernelOffsets {
     pub skc_v6_rcv_saddr: u32,
     /// Size in bytes of `sock.sk_protocol` (2 on current kernels, 1 on old bitfield ones).
     pub sock_protocol_size: u32,
+    /// `task_struct.stack`: the compat build finds a task's saved registers (its syscall's
+    /// arguments) at the top of its kernel stack, on kernels without bpf_task_pt_regs.
+    pub task_stack: u32,
 }
 
 /// Indexes of the kernel-side counters (a per-CPU array summed by userspace).
@@ -449,7 +452,7 @@ mod tests {
         assert_eq!(size_of::<ConnState>(), 24);
         assert_eq!(offset_of!(ConnState, gen), 12);
         assert_eq!(offset_of!(ConnState, head_span), 20);
-        assert_eq!(size_of::<KernelOffsets>(), 18 * 4);
+        assert_eq!(size_of::<KernelOffsets>(), 19 * 4);
         assert_eq!(align_of::<DataEventHeader>(), 8);
         assert_eq!(size_of::<InjSockKey>(), 48);
         assert_eq!(offset_of!(InjSockKey, lip), 16);

@@ -5,11 +5,10 @@ use agent_common::{
     CONN_HEAD_OPEN, CONN_HTTP, CONN_PORT_LEARNED, DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE, MAX_IOVECS,
     TAIL_BYTES,
 };
+#[cfg(not(feature = "compat"))]
+use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs};
 use aya_ebpf::{
-    helpers::{
-        bpf_get_current_pid_tgid, bpf_probe_read_user,
-        generated::{bpf_get_current_task_btf, bpf_loop, bpf_ringbuf_output, bpf_task_pt_regs},
-    },
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_ringbuf_output},
     macros::tracepoint,
     programs::TracePointContext,
     EbpfContext,
@@ -18,6 +17,7 @@ use aya_ebpf::{
 use crate::{
     conn::{current_gen, header_of, lookup_tcp},
     inject::learn_http_port,
+    looping::repeat,
     maps::{
         agent_tgid, capture_bytes, count, ringbuf_flags, DataScratch, Gather, PendingIo, EVENTS,
         SCRATCH, SCRATCH_BYTES, SHAPE_BUF, SHAPE_IOVEC, SHAPE_MSGHDR, SHAPE_NONE,
@@ -42,8 +42,9 @@ pub fn arg(ctx: &TracePointContext, n: usize) -> u64 {
 /// entry (x86_64 `struct pt_regs`: dx at 96, si at 104, di at 112). Reading them at exit,
 /// instead of saving them at entry, halves the hooks on the hottest syscalls and also
 /// catches calls that were already blocked (a server waiting in recv) when Tapir started.
+#[cfg(not(feature = "compat"))]
 #[inline(always)]
-fn syscall_args() -> Option<(u64, u64, u64)> {
+fn syscall_args(_ctx: &TracePointContext) -> Option<(u64, u64, u64)> {
     // SAFETY: bpf_get_current_task_btf has no preconditions; bpf_task_pt_regs accepts it.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u64;
     if regs.is_null() {
@@ -59,6 +60,45 @@ fn syscall_args() -> Option<(u64, u64, u64)> {
             core::ptr::read_volatile(regs.add(14)),
         )
     };
+    Some((di, si, dx))
+}
+
+/// `__syscall_nr` of a syscall tracepoint's record (an int at offset 8).
+#[cfg(feature = "compat")]
+#[inline(always)]
+fn syscall_nr(ctx: &TracePointContext) -> u64 {
+    // SAFETY: every syscall tracepoint record has the field.
+    unsafe { core::ptr::read_volatile((ctx.as_ptr() as *const u8).add(8) as *const i32) as u64 }
+}
+
+/// The same for kernels without bpf_task_pt_regs (before 5.15): x86_64 saves a syscall's
+/// registers at the top of the task's kernel stack (THREAD_SIZE = 16 KiB without KASAN),
+/// in a `struct pt_regs` of 21 words. `orig_ax` (word 15) must be the syscall's number,
+/// which also guards against a kernel whose stack is laid out otherwise.
+#[cfg(feature = "compat")]
+#[inline(always)]
+fn syscall_args(ctx: &TracePointContext) -> Option<(u64, u64, u64)> {
+    const THREAD_SIZE: u64 = 16 << 10;
+    const PT_REGS: u64 = 21 * 8;
+    // SAFETY: no preconditions.
+    let task = unsafe { aya_ebpf::helpers::bpf_get_current_task() };
+    // SAFETY: bpf_probe_read_kernel tolerates any address.
+    let stack: u64 = unsafe {
+        aya_ebpf::helpers::bpf_probe_read_kernel(
+            (task + crate::maps::kernel_offset!(task_stack) as u64) as *const u64,
+        )
+    }
+    .ok()?;
+    let regs = stack + THREAD_SIZE - PT_REGS;
+    // dx, si, di, orig_ax: words 12 to 15.
+    // SAFETY: as above.
+    let [dx, si, di, orig_ax] =
+        unsafe { aya_ebpf::helpers::bpf_probe_read_kernel((regs + 12 * 8) as *const [u64; 4]) }
+            .ok()?;
+    if orig_ax != syscall_nr(ctx) {
+        count(counter::READ_USER_FAILED);
+        return None;
+    }
     Some((di, si, dx))
 }
 
@@ -78,7 +118,7 @@ fn exit<const SHAPE: u8>(ctx: &TracePointContext, call: u8, direction: u8) -> u3
     if !current_gen(tgid).1 {
         return 0;
     }
-    let Some((fd, buf, third)) = syscall_args() else {
+    let Some((fd, buf, third)) = syscall_args(ctx) else {
         return 0;
     };
     let fd = fd as u32;
@@ -377,17 +417,15 @@ fn copy_upto<const SHAPE: u8>(
             ..g
         },
     );
-    // A callback is verified once, however many segments there are: an unrolled loop
-    // left the vectored reads at the verifier's 1M-instruction limit.
-    // SAFETY: callback and context follow bpf_loop's contract (no context used).
-    unsafe {
-        bpf_loop(
-            MAX_IOVECS as u32,
-            gather_segment as *mut core::ffi::c_void,
-            core::ptr::null_mut(),
-            0,
-        )
-    };
+    // A bpf_loop callback is verified once, however many segments there are: an unrolled
+    // loop left the vectored reads at the verifier's 1M-instruction limit.
+    repeat!(
+        tapir_compat_gather,
+        gather_segment,
+        MAX_IOVECS,
+        MAX_IOVECS as u32,
+        0
+    );
     scratch.gather.captured
 }
 
@@ -580,6 +618,6 @@ io_exit!(
 
 /// The first argument (an fd) of the current syscall, at its exit.
 #[inline(always)]
-pub fn syscall_fd() -> Option<u32> {
-    syscall_args().map(|(fd, _, _)| fd as u32)
+pub fn syscall_fd(ctx: &TracePointContext) -> Option<u32> {
+    syscall_args(ctx).map(|(fd, _, _)| fd as u32)
 }

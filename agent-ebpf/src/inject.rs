@@ -23,7 +23,7 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_pid_tgid, bpf_probe_read_kernel_buf,
-        generated::{bpf_loop, bpf_map_delete_elem, bpf_msg_pull_data},
+        generated::{bpf_map_delete_elem, bpf_msg_pull_data},
     },
     macros::{map, sk_msg, sock_ops},
     maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
@@ -31,6 +31,7 @@ use aya_ebpf::{
 };
 
 use crate::{
+    looping::repeat,
     maps::{agent_tgid, choosing, observed, sockops_pid, SCRATCH, SCRATCH_BYTES},
     trace::{find_traceparent, is_request_start, new_span_id, thread_parent, OUT_CTX},
 };
@@ -236,6 +237,11 @@ pub fn tapir_sock_ops(ctx: SockOpsContext) -> u32 {
     1
 }
 
+/// Request bytes the compat build scans for the end of the head before injecting (a step
+/// per 8 bytes; the verifier follows at most 8192 jumps along one path). A longer head is
+/// left as it is (counted in `tapir.inject.head_split`).
+const COMPAT_INJECT_SCAN_BYTES: u32 = 1024;
+
 #[repr(C)]
 struct LineScan {
     n: u64,
@@ -376,16 +382,13 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Option<()> {
     let res = INJ_SCAN.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot.
     unsafe { *res = [0, 0] };
-    let mut ls = LineScan { n: n as u64 };
-    // SAFETY: bpf_loop contract: callback + our stack context.
-    unsafe {
-        bpf_loop(
-            n.div_ceil(8),
-            scan_lines as *mut core::ffi::c_void,
-            &mut ls as *mut LineScan as *mut core::ffi::c_void,
-            0,
-        )
-    };
+    repeat!(
+        tapir_compat_inject_scan,
+        scan_lines,
+        COMPAT_INJECT_SCAN_BYTES / 8,
+        n.div_ceil(8),
+        n as u64
+    );
     // SAFETY: as above.
     let [first_nl, head_end] = unsafe { *res };
     let first_nl = first_nl & (MAX_CAPTURE as u64 - 1);

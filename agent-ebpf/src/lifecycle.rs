@@ -73,7 +73,7 @@ pub fn tapir_exit_connect(ctx: TracePointContext) -> u32 {
     if ret != 0 && ret != EINPROGRESS {
         return 0;
     }
-    let Some(fd) = crate::data::syscall_fd() else {
+    let Some(fd) = crate::data::syscall_fd(&ctx) else {
         return 0;
     };
     if track_new(tgid, fd, Role::Client) && debug_on() {

@@ -8,6 +8,7 @@ mod conn;
 mod data;
 mod inject;
 mod lifecycle;
+mod looping;
 mod maps;
 mod sock;
 mod trace;

@@ -26,6 +26,7 @@ pub static TAPIR_OFFSETS: KernelOffsets = KernelOffsets {
     skc_v6_daddr: 0,
     skc_v6_rcv_saddr: 0,
     sock_protocol_size: 0,
+    task_stack: 0,
 };
 
 /// The agent's own process: its exporter traffic must never be observed.

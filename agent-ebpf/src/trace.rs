@@ -6,13 +6,12 @@ use agent_common::{
     counter, TraceIds, MAX_CAPTURE, ORIGIN_HEADER, ORIGIN_NEW, ORIGIN_THREAD, TRACE_CLIENT,
     TRACE_SERVER, TRACE_SERVER_PARENT,
 };
-use aya_ebpf::{
-    helpers::{bpf_get_prandom_u32, generated::bpf_loop},
-    macros::map,
-    maps::LruHashMap,
-};
+use aya_ebpf::{helpers::bpf_get_prandom_u32, macros::map, maps::LruHashMap};
 
-use crate::maps::{count, DataScratch, CPU_STATE, SCRATCH, SCRATCH_BYTES};
+use crate::{
+    looping::repeat,
+    maps::{count, DataScratch, CPU_STATE, SCRATCH, SCRATCH_BYTES},
+};
 
 /// pid_tgid → the SERVER span the thread is handling (between request read and response
 /// written).
@@ -193,6 +192,7 @@ pub fn span_head(span_id: &[u8; 8]) -> [u8; 4] {
     [span_id[0], span_id[1], span_id[2], span_id[3]]
 }
 
+#[repr(C)]
 struct ScanCtx {
     /// Captured bytes to scan.
     n: u64,
@@ -269,20 +269,24 @@ fn step_inputs(ctx: *mut core::ffi::c_void) -> Option<(u64, &'static mut DataScr
     Some((n, unsafe { &mut *scratch }))
 }
 
-/// Runs `step` over the first `n` scratch bytes, SCAN_STEP bytes per bpf_loop iteration.
-#[inline(always)]
-fn run_steps(n: u64, step: extern "C" fn(u64, *mut core::ffi::c_void) -> i64) {
-    let mut ctx = ScanCtx { n };
-    // SAFETY: callback and context follow bpf_loop's contract.
-    unsafe {
-        bpf_loop(
+/// Runs `step` over the first `n` scratch bytes, SCAN_STEP bytes per loop step (the compat
+/// build looks at the first COMPAT_SCAN_BYTES only).
+macro_rules! run_steps {
+    ($name:ident, $step:path, $n:expr) => {{
+        let n: u64 = $n;
+        repeat!(
+            $name,
+            $step,
+            COMPAT_SCAN_BYTES / SCAN_STEP,
             n.div_ceil(SCAN_STEP) as u32,
-            step as *mut core::ffi::c_void,
-            &mut ctx as *mut ScanCtx as *mut core::ffi::c_void,
-            0,
-        )
-    };
+            n
+        );
+    }};
 }
+
+/// Head bytes scanned (for a `traceparent`, for the head's end) by the compat build, whose
+/// loop the verifier walks step by step. Longer heads are the exception.
+pub const COMPAT_SCAN_BYTES: u64 = 2048;
 
 /// One bpf_loop step of [`body_start`]: bytes `[32w, 32w + 32)`.
 extern "C" fn body_step(w: u64, ctx: *mut core::ffi::c_void) -> i64 {
@@ -309,7 +313,7 @@ pub fn body_start(n: u64) -> Option<u64> {
     let scratch = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: per-CPU scratch slot of this CPU.
     unsafe { core::ptr::write_volatile(&raw mut (*scratch).body_at, 0) };
-    run_steps(n, body_step);
+    run_steps!(tapir_compat_body_scan, body_step, n);
     // SAFETY: as above.
     let at = unsafe { (*scratch).body_at };
     (at != 0).then_some(at)
@@ -374,7 +378,7 @@ pub fn scan_head(
         // SAFETY: as above.
         unsafe { (*scratch).scan_at = 12 };
     } else {
-        run_steps(n, scan_step);
+        run_steps!(tapir_compat_traceparent_scan, scan_step, n);
     }
     // SAFETY: as above.
     let (value_at, head_end) = unsafe { ((*scratch).scan_at, (*scratch).head_end) };

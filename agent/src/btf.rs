@@ -593,6 +593,7 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets> {
         skc_v6_daddr: skc("skc_v6_daddr")?,
         skc_v6_rcv_saddr: skc("skc_v6_rcv_saddr")?,
         sock_protocol_size: protocol.size,
+        task_stack: off("task_struct", "stack")?,
     })
 }
 
@@ -1018,7 +1019,11 @@ mod tests {
                 &[("__sk_common", common, 0), ("sk_protocol", u16_t, 800)],
             )
         };
-        b.strukt("task_struct", 64, &[("files", void_ptr, 40 * 8)]);
+        b.strukt(
+            "task_struct",
+            64,
+            &[("stack", void_ptr, 24 * 8), ("files", void_ptr, 40 * 8)],
+        );
         b.strukt("files_struct", 64, &[("fdt", void_ptr, 32 * 8)]);
         b.strukt(
             "fdtable",
@@ -1039,7 +1044,7 @@ mod tests {
     fn kernel_offsets_from_a_fake_kernel() {
         let btf = Btf::parse(&fake_kernel(false)).unwrap();
         let k = kernel_offsets(&btf).unwrap();
-        assert_eq!(k.task_files, 40);
+        assert_eq!((k.task_files, k.task_stack), (40, 24));
         assert_eq!(k.files_fdt, 32);
         assert_eq!((k.fdtable_max_fds, k.fdtable_fd), (0, 8));
         assert_eq!((k.file_f_inode, k.file_private_data), (8, 16));

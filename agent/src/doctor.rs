@@ -120,7 +120,7 @@ const KERNEL_FEATURES: &[(&str, Probe, bool, &str)] = &[
         "helper: bpf_loop",
         Probe::Helper(ProgramType::TracePoint, BpfHelper::BPF_FUNC_loop),
         false,
-        "header scans beyond the first bytes in the kernel",
+        "the compat programs are used: the kernel scans a head's first 2 KiB for its traceparent",
     ),
     (
         "helper: bpf_msg_push_data",
@@ -304,7 +304,10 @@ pub fn check_host() -> Vec<Check> {
             Status::Missing
         },
         detail: match verified {
-            Ok(n) => format!("all {n} pass this kernel's verifier"),
+            Ok(n) => format!(
+                "all {n} pass this kernel's verifier ({})",
+                loader::Programs::for_this_kernel().describe()
+            ),
             Err(e) => summarize(&e),
         },
         without: "nothing can be loaded",

@@ -18,6 +18,62 @@ use crate::{
 
 /// The eBPF object built by `cargo xtask build`, embedded at compile time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tapir.bpf.o"));
+/// Its `compat` build, for kernels without `bpf_loop` (5.10 to 5.16): bounded loops that
+/// look at the first 2 KiB of a head, and syscall arguments read from the kernel stack.
+static EBPF_COMPAT_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tapir-compat.bpf.o"));
+
+/// Forces the compat programs on a kernel that has `bpf_loop` (tests; troubleshooting).
+pub const COMPAT_ENV: &str = "TAPIR_EBPF_COMPAT";
+
+/// Which build of the eBPF programs this kernel gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Programs {
+    /// Kernels with `bpf_loop` (5.17 and later).
+    Standard,
+    /// Kernels without it, or `TAPIR_EBPF_COMPAT=1` (`forced`).
+    Compat { forced: bool },
+}
+
+impl Programs {
+    /// Decided once per process: a probe program load, and the environment.
+    pub fn for_this_kernel() -> Self {
+        static CHOSEN: std::sync::OnceLock<Programs> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let forced = std::env::var(COMPAT_ENV).is_ok_and(|v| v == "1" || v == "true");
+            let has_loop = aya::sys::is_helper_supported(
+                aya::programs::ProgramType::TracePoint,
+                aya::sys::BpfHelper::BPF_FUNC_loop,
+            )
+            .unwrap_or(true);
+            if forced || !has_loop {
+                Programs::Compat { forced }
+            } else {
+                Programs::Standard
+            }
+        })
+    }
+
+    fn object(self) -> &'static [u8] {
+        match self {
+            Programs::Standard => EBPF_OBJECT,
+            Programs::Compat { .. } => EBPF_COMPAT_OBJECT,
+        }
+    }
+
+    /// For logs and `tapir doctor`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Programs::Standard => "standard build",
+            Programs::Compat { forced: false } => {
+                "compat build for kernels without bpf_loop: heads scanned up to 2 KiB"
+            }
+            Programs::Compat { forced: true } => {
+                "compat build, forced by TAPIR_EBPF_COMPAT: heads scanned up to 2 KiB"
+            }
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct LoadOptions {
@@ -93,7 +149,7 @@ pub struct Attached {
 }
 
 pub fn has_embedded_object() -> bool {
-    !EBPF_OBJECT.is_empty()
+    !Programs::for_this_kernel().object().is_empty()
 }
 
 pub fn hook_name(hook: &Hook) -> String {
@@ -158,7 +214,7 @@ fn open_object(opts: &LoadOptions) -> Result<(Ebpf, KernelOffsets, Option<u32>),
         )
         .map_max_entries(names::EVENTS, opts.ringbuf_bytes)
         .map_max_entries(names::CONNS, opts.max_connections)
-        .load(EBPF_OBJECT)
+        .load(Programs::for_this_kernel().object())
         .map_err(|e| LoadError::Load(Box::new(e)))?;
     Ok((ebpf, offsets, fork_child_pid))
 }

@@ -6,6 +6,7 @@
 #
 # PACKAGE is a Debian kernel image package or meta-package (linux-image-cloud-amd64 is
 # Debian 12's 6.1 LTS); a meta-package is resolved to the image it currently depends on.
+# SUITE/PACKAGE takes it from another Debian release (see fetch_from_suite).
 # OUTDIR gets guest.log (what guest.sh printed, on the VM's second serial port),
 # console.log (the kernel's console) and the unpacked kernel, kept for later runs.
 # Software emulation (TCG) by default: nested KVM on this project's cloud machines crawls
@@ -16,20 +17,60 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
-# A meta-package names its image in its dependencies.
-IMAGE=$PKG
-dep=$(apt-cache depends --important "$PKG" 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}')
-[ -n "$dep" ] && IMAGE=$dep
-KDIR=$OUT/kernel-$IMAGE
-if [ ! -d "$KDIR/boot" ]; then
-    rm -rf "$OUT/debs"; mkdir -p "$OUT/debs"
-    (cd "$OUT/debs" && apt-get download -q "$IMAGE" >/dev/null) || {
-        echo "boot.sh: cannot download $IMAGE (apt-get update, or a Debian mirror, needed)" >&2
+# SUITE/PACKAGE (e.g. bullseye/linux-image-cloud-amd64: Debian 11's 5.10) is looked up in
+# that suite's package indexes (the archive and its security updates), which this host's
+# apt sources need not list; a plain PACKAGE goes through apt.
+fetch_from_suite() { # suite package outdir
+    local suite=$1 pkg=$2 dir=$3 idx=$3/Packages best="" url="" v f
+    : >"$idx"
+    for base in http://deb.debian.org/debian/dists/$suite http://security.debian.org/debian-security/dists/$suite-security; do
+        curl -fsSL -m 120 "$base/main/binary-amd64/Packages.xz" | xz -d | awk -v b="${base%%/dists/*}" \
+            '/^Package:/{p=$2} /^Version:/{v=$2} /^Depends:/{d=$0} /^Filename:/{print p, v, b "/" $2, d}' >>"$idx" || true
+    done
+    # The meta-package's newest version names the image package it depends on.
+    for v in $(awk -v p="$pkg" '$1 == p {print $2}' "$idx"); do
+        if [ -z "$best" ] || dpkg --compare-versions "$v" gt "$best"; then best=$v; fi
+    done
+    local image=$pkg
+    if [ -n "$best" ]; then
+        image=$(awk -v p="$pkg" -v v="$best" '$1 == p && $2 == v' "$idx" | grep -oE 'linux-image-[0-9][^ ,]*' | head -1)
+        [ -n "$image" ] || image=$pkg
+    fi
+    url=$(awk -v p="$image" '$1 == p {print $3}' "$idx" | tail -1)
+    if [ -z "$url" ]; then
+        echo "boot.sh: $image not found in Debian's $suite indexes (is deb.debian.org reachable?)" >&2
         exit 2
-    }
-    mkdir -p "$KDIR"
-    dpkg-deb -x "$OUT"/debs/*.deb "$KDIR"
+    fi
+    curl -fsSL -m 600 -o "$dir/image.deb" "$url"
+    echo "$image"
+}
+
+if [[ $PKG == */* ]]; then
+    SUITE=${PKG%%/*} PKG=${PKG#*/}
+    mkdir -p "$OUT/debs"
+    IMAGE=$(fetch_from_suite "$SUITE" "$PKG" "$OUT/debs")
+    KDIR=$OUT/kernel-$IMAGE
+    if [ ! -d "$KDIR/boot" ]; then
+        mkdir -p "$KDIR"
+        dpkg-deb -x "$OUT/debs/image.deb" "$KDIR"
+    fi
     rm -rf "$OUT/debs"
+else
+    # A meta-package names its image in its dependencies.
+    IMAGE=$PKG
+    dep=$(apt-cache depends --important "$PKG" 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}' || true)
+    [ -n "$dep" ] && IMAGE=$dep
+    KDIR=$OUT/kernel-$IMAGE
+    if [ ! -d "$KDIR/boot" ]; then
+        rm -rf "$OUT/debs"; mkdir -p "$OUT/debs"
+        (cd "$OUT/debs" && apt-get download -q "$IMAGE" >/dev/null) || {
+            echo "boot.sh: cannot download $IMAGE (apt-get update, or a Debian mirror, needed)" >&2
+            exit 2
+        }
+        mkdir -p "$KDIR"
+        dpkg-deb -x "$OUT"/debs/*.deb "$KDIR"
+        rm -rf "$OUT/debs"
+    fi
 fi
 VMLINUZ=$(ls "$KDIR"/boot/vmlinuz-*)
 

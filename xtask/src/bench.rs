@@ -817,6 +817,7 @@ fn build_bench_tools(root: &Path) -> Result<BenchTools> {
             .args(["--bin", "tapir-replay", "--bin", "tapir-otlp-sink"])
             .args(["--bin", "tapir-load"])
             .env("TAPIR_EBPF_OBJECT", crate::ebpf_object(root))
+            .env("TAPIR_EBPF_COMPAT_OBJECT", crate::ebpf_compat_object(root))
             .current_dir(root),
         "building tapir-replay, tapir-otlp-sink and tapir-load (the benchmark's tools)",
     )?;

@@ -83,31 +83,52 @@ pub fn ebpf_object(root: &Path) -> PathBuf {
     root.join("agent-ebpf/target/bpfel-unknown-none/release/tapir-ebpf")
 }
 
+/// The `compat` build of the eBPF programs (kernels without bpf_loop), in a target
+/// directory of its own so that the two builds do not overwrite each other.
+pub fn ebpf_compat_object(root: &Path) -> PathBuf {
+    root.join("agent-ebpf/target/compat/bpfel-unknown-none/release/tapir-ebpf")
+}
+
 /// Builds everything; returns the path of the release binary.
 fn build(root: &Path) -> Result<PathBuf> {
     setup::ensure_ebpf_toolchain(root)?;
-    let obj = ebpf_object(root);
-    status(
-        Command::new("rustup")
-            .args(["run", "nightly", "cargo", "build", "--release"])
-            .args(["-Z", "build-std=core", "--target", "bpfel-unknown-none"])
-            .current_dir(root.join("agent-ebpf"))
-            // The outer `cargo xtask` sets these for the stable toolchain; the nightly build
-            // must not inherit them.
-            .env_remove("RUSTC")
-            .env_remove("RUSTUP_TOOLCHAIN")
-            .env_remove("CARGO")
-            // Everything is built where xtask looks for it (`ebpf_object`, target/release).
-            .env_remove("CARGO_TARGET_DIR"),
-        "building the eBPF programs (nightly, bpfel-unknown-none)",
-    )?;
-    if !obj.exists() {
-        bail!("the eBPF build finished but {} is missing", obj.display());
+    for (features, target_dir, what) in [
+        (
+            "",
+            "target",
+            "building the eBPF programs (nightly, bpfel-unknown-none)",
+        ),
+        (
+            "compat",
+            "target/compat",
+            "building the eBPF programs for kernels without bpf_loop (--features compat)",
+        ),
+    ] {
+        status(
+            Command::new("rustup")
+                .args(["run", "nightly", "cargo", "build", "--release"])
+                .args(["-Z", "build-std=core", "--target", "bpfel-unknown-none"])
+                .args(["--features", features, "--target-dir", target_dir])
+                .current_dir(root.join("agent-ebpf"))
+                // The outer `cargo xtask` sets these for the stable toolchain; the nightly
+                // build must not inherit them.
+                .env_remove("RUSTC")
+                .env_remove("RUSTUP_TOOLCHAIN")
+                .env_remove("CARGO")
+                .env_remove("CARGO_TARGET_DIR"),
+            what,
+        )?;
+    }
+    for obj in [ebpf_object(root), ebpf_compat_object(root)] {
+        if !obj.exists() {
+            bail!("the eBPF build finished but {} is missing", obj.display());
+        }
     }
     status(
         Command::new(cargo())
             .args(["build", "--release", "-p", "tapir"])
-            .env("TAPIR_EBPF_OBJECT", &obj)
+            .env("TAPIR_EBPF_OBJECT", ebpf_object(root))
+            .env("TAPIR_EBPF_COMPAT_OBJECT", ebpf_compat_object(root))
             .env_remove("CARGO_TARGET_DIR")
             .current_dir(root),
         "building the tapir binary",
@@ -141,6 +162,7 @@ fn test(root: &Path, filter: Option<&str>, e2e_only: bool) -> Result<()> {
             Command::new(cargo())
                 .args(["test", "--workspace", "--release"])
                 .env("TAPIR_EBPF_OBJECT", ebpf_object(root))
+                .env("TAPIR_EBPF_COMPAT_OBJECT", ebpf_compat_object(root))
                 .env_remove("CARGO_TARGET_DIR")
                 .current_dir(root),
             "unit tests",

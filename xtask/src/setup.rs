@@ -106,7 +106,7 @@ fn install_bpf_linker(root: &Path, sysroot: &Path) -> Result<()> {
 }
 
 /// Debian commands the end-to-end tests drive, by the package that provides them.
-/// qemu, busybox, cpio and Debian's python3 boot older kernels (tests/kernels/boot.sh).
+/// qemu, busybox, cpio, xz and Debian's python3 boot older kernels (tests/kernels/boot.sh).
 const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("nginx", "nginx"),
@@ -114,6 +114,7 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("busybox", "busybox-static"),
     ("cpio", "cpio"),
+    ("xz", "xz-utils"),
     ("python3", "python3"),
 ];
 

@@ -144,6 +144,15 @@ pub fn attach(args: &CaptureArgs, inject: &InjectArgs, ports: &[u16]) -> Result<
         ),
         (Err(_), false) => {}
     }
+    let programs = loader::Programs::for_this_kernel();
+    if programs != loader::Programs::Standard {
+        // What the compat programs miss (a traceparent late in a long head, injection into
+        // requests with long heads) is in the README; the counters show the injection side.
+        eprintln!(
+            "tapir: note: using the {} (see the README's requirements)",
+            programs.describe()
+        );
+    }
     if attached.tracefs == tapir::tracefs::TracefsState::MountedNow {
         tracing::info!(
             "tracefs was not mounted: mounted it at {}",
