@@ -88,7 +88,7 @@ def test_incoming_traceparent_is_continued(py_server, procs):
 def test_traceparent_after_3kib_of_headers_and_any_case(py_server):
     server, port = py_server()
     agent = watch(port)
-    filler = "".join(f"X-Filler-{i}: {'v' * 90}\r\n" for i in range(34))  # ≈ 3.3 KiB
+    filler = "".join(f"X-Filler-{i}: {'v' * 90}\r\n" for i in range(34))  # ≈ 3.5 KiB
     assert len(filler) > 3 * 1024
     head = (
         f"GET /late HTTP/1.1\r\nHost: x\r\n{filler}TraceParent: 00-{TRACE}-{PARENT}-01\r\n\r\n"
@@ -104,7 +104,7 @@ TP = f"traceparent: 00-{TRACE}-{PARENT}-01\r\n".encode()
 
 def test_compat_programs_follow_a_traceparent_in_the_first_2kib(py_server):
     """The programs for kernels without bpf_loop (forced here) scan a head's first 2 KiB:
-    a traceparent after 1.6 KiB of headers is followed, one after 3.3 KiB is not (the
+    a traceparent after 1.6 KiB of headers is followed, one after 3.5 KiB is not (the
     README's requirements say so), where the standard programs follow both (above)."""
     server, port = py_server()
     agent = Agent("watch", "--json", "--port", str(port), env={"TAPIR_EBPF_COMPAT": "1"})

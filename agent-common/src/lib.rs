@@ -311,6 +311,9 @@ pub mod counter {
     pub const CONN_EVENTS: u32 = 5;
     /// A request's `traceparent` was found in a later read of its head, not the first.
     pub const TRACEPARENT_LATE: u32 = 6;
+    /// The compat programs found no saved registers of the current syscall on the task's
+    /// kernel stack (a stack layout they do not know): its arguments are unknown.
+    pub const REGS_NOT_FOUND: u32 = 7;
     pub const COUNT: u32 = 8;
 }
 

@@ -73,8 +73,9 @@ fn syscall_nr(ctx: &TracePointContext) -> u64 {
 
 /// The same for kernels without bpf_task_pt_regs (before 5.15): x86_64 saves a syscall's
 /// registers at the top of the task's kernel stack (THREAD_SIZE = 16 KiB without KASAN),
-/// in a `struct pt_regs` of 21 words. `orig_ax` (word 15) must be the syscall's number,
-/// which also guards against a kernel whose stack is laid out otherwise.
+/// in a `struct pt_regs` of 21 words, below 16 bytes of padding on kernels with FRED
+/// (6.9+, where only `TAPIR_EBPF_COMPAT=1` brings this build). `orig_ax` (word 15) must be
+/// the syscall's number, which tells the two layouts apart and refuses any other.
 #[cfg(feature = "compat")]
 #[inline(always)]
 fn syscall_args(ctx: &TracePointContext) -> Option<(u64, u64, u64)> {
@@ -89,17 +90,20 @@ fn syscall_args(ctx: &TracePointContext) -> Option<(u64, u64, u64)> {
         )
     }
     .ok()?;
-    let regs = stack + THREAD_SIZE - PT_REGS;
-    // dx, si, di, orig_ax: words 12 to 15.
-    // SAFETY: as above.
-    let [dx, si, di, orig_ax] =
-        unsafe { aya_ebpf::helpers::bpf_probe_read_kernel((regs + 12 * 8) as *const [u64; 4]) }
-            .ok()?;
-    if orig_ax != syscall_nr(ctx) {
-        count(counter::READ_USER_FAILED);
-        return None;
+    let nr = syscall_nr(ctx);
+    for padding in [0u64, 16] {
+        let regs = stack + THREAD_SIZE - padding - PT_REGS;
+        // dx, si, di, orig_ax: words 12 to 15.
+        // SAFETY: as above.
+        let [dx, si, di, orig_ax] =
+            unsafe { aya_ebpf::helpers::bpf_probe_read_kernel((regs + 12 * 8) as *const [u64; 4]) }
+                .ok()?;
+        if orig_ax == nr {
+            return Some((di, si, dx));
+        }
     }
-    Some((di, si, dx))
+    count(counter::REGS_NOT_FOUND);
+    None
 }
 
 #[inline(always)]
@@ -538,6 +542,11 @@ fn follow_head(
     // An invalid `traceparent` ends the following too: the scan stopped at it, and the
     // head's end may already have passed (later reads would be body).
     if scan.header_seen || scan.ended || !whole || n == 0 {
+        return;
+    }
+    // The compat build scanned only the first COMPAT_SCAN_BYTES: past them the head may
+    // have ended, and a body line must never be taken for a header.
+    if cfg!(feature = "compat") && n > crate::trace::COMPAT_SCAN_BYTES {
         return;
     }
     conn.flags |= CONN_HEAD_OPEN;

@@ -242,11 +242,6 @@ pub fn tapir_sock_ops(ctx: SockOpsContext) -> u32 {
 /// left as it is (counted in `tapir.inject.head_split`).
 const COMPAT_INJECT_SCAN_BYTES: u32 = 1024;
 
-#[repr(C)]
-struct LineScan {
-    n: u64,
-}
-
 #[inline(always)]
 fn byte(data: &[u8; SCRATCH_BYTES], i: u64) -> u8 {
     let i = (i & (2 * MAX_CAPTURE as u64 - 1)) as usize;
@@ -256,8 +251,8 @@ fn byte(data: &[u8; SCRATCH_BYTES], i: u64) -> u8 {
 
 /// One bpf_loop step over 8 bytes: records the end of the request line and of the head.
 extern "C" fn scan_lines(w: u64, ctx: *mut core::ffi::c_void) -> i64 {
-    // SAFETY: bpf_loop hands back our stack context.
-    let n = unsafe { (*(ctx as *const LineScan)).n };
+    // SAFETY: `repeat!` hands back a pointer to one u64 on a stack: the byte count.
+    let n = unsafe { *(ctx as *const u64) };
     let base = w * 8;
     if base >= n {
         return 1;
@@ -393,8 +388,9 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Option<()> {
     let [first_nl, head_end] = unsafe { *res };
     let first_nl = first_nl & (MAX_CAPTURE as u64 - 1);
     // The whole head must be in this message (or fill the window): never split a request
-    // line, never guess where a head continues.
-    if first_nl == 0 || (head_end == 0 && size <= WINDOW) {
+    // line, never guess where a head continues. The compat build scans less than the
+    // window: a head it did not see end may hold a traceparent it did not see either.
+    if first_nl == 0 || (head_end == 0 && (size <= WINDOW || cfg!(feature = "compat"))) {
         count(c::HEAD_SPLIT);
         return None;
     }

@@ -192,12 +192,6 @@ pub fn span_head(span_id: &[u8; 8]) -> [u8; 4] {
     [span_id[0], span_id[1], span_id[2], span_id[3]]
 }
 
-#[repr(C)]
-struct ScanCtx {
-    /// Captured bytes to scan.
-    n: u64,
-}
-
 /// Bytes looked at per bpf_loop step: a callback call costs about as much as the checks of
 /// a few words, so each step takes four.
 const SCAN_STEP: u64 = 32;
@@ -262,8 +256,9 @@ fn each_newline(
 /// A scan step's inputs: the byte count in its context, and this CPU's scratch record.
 #[inline(always)]
 fn step_inputs(ctx: *mut core::ffi::c_void) -> Option<(u64, &'static mut DataScratch)> {
-    // SAFETY: bpf_loop passes back the pointer given to it: a ScanCtx on the caller's stack.
-    let n = unsafe { (*(ctx as *const ScanCtx)).n };
+    // SAFETY: `repeat!` passes a pointer to one u64 on its caller's stack (or, in the
+    // compat build, on its loop function's): the byte count.
+    let n = unsafe { *(ctx as *const u64) };
     let scratch = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: per-CPU scratch filled by the caller on this CPU.
     Some((n, unsafe { &mut *scratch }))

@@ -41,11 +41,13 @@ impl Programs {
         static CHOSEN: std::sync::OnceLock<Programs> = std::sync::OnceLock::new();
         *CHOSEN.get_or_init(|| {
             let forced = std::env::var(COMPAT_ENV).is_ok_and(|v| v == "1" || v == "true");
+            // A probe that cannot run at all (refused for another reason) leaves the
+            // kernel's version to decide.
             let has_loop = aya::sys::is_helper_supported(
                 aya::programs::ProgramType::TracePoint,
                 aya::sys::BpfHelper::BPF_FUNC_loop,
             )
-            .unwrap_or(true);
+            .unwrap_or_else(|_| kernel_at_least(&crate::doctor::kernel_release(), (5, 17)));
             if forced || !has_loop {
                 Programs::Compat { forced }
             } else {

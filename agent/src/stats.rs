@@ -75,6 +75,9 @@ counters! {
     kernel_read_user_failed => "tapir.kernel.payload_read_failed",
     /// Kernel: requests whose `traceparent` came in a later read of the head than the first.
     kernel_traceparent_late => "tapir.kernel.traceparent_in_later_read",
+    /// Kernel (compat programs, kernels before 5.17): a syscall's arguments were not found
+    /// on the task's kernel stack, so the call was not seen.
+    kernel_regs_not_found => "tapir.kernel.syscall_args_not_found",
     /// Kept-alive client sockets put back for injection into their next request.
     rearm_done => "tapir.inject.rearm.done",
     /// Re-arming skipped: the process had already moved on (bytes unread, unacknowledged
@@ -113,6 +116,8 @@ impl Stats {
             .store(get(counter::READ_USER_FAILED), Ordering::Relaxed);
         self.kernel_traceparent_late
             .store(get(counter::TRACEPARENT_LATE), Ordering::Relaxed);
+        self.kernel_regs_not_found
+            .store(get(counter::REGS_NOT_FOUND), Ordering::Relaxed);
     }
 
     /// Stores the kernel's cumulative injection counters (summed over CPUs).

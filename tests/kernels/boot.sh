@@ -18,43 +18,55 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 
 # SUITE/PACKAGE (e.g. bullseye/linux-image-cloud-amd64: Debian 11's 5.10) is looked up in
-# that suite's package indexes (the archive and its security updates), which this host's
-# apt sources need not list; a plain PACKAGE goes through apt.
-fetch_from_suite() { # suite package outdir
-    local suite=$1 pkg=$2 dir=$3 idx=$3/Packages best="" url="" v f
+# that suite's package indexes (the archive and its security updates, or archive.debian.org
+# once the suite has moved there), which this host's apt sources need not list; a plain
+# PACKAGE goes through apt. Prints "image url sha256" of the newest image the package
+# names.
+resolve_in_suite() { # suite package indexfile
+    local suite=$1 pkg=$2 idx=$3 base best="" v image
     : >"$idx"
-    for base in http://deb.debian.org/debian/dists/$suite http://security.debian.org/debian-security/dists/$suite-security; do
-        curl -fsSL -m 120 "$base/main/binary-amd64/Packages.xz" | xz -d | awk -v b="${base%%/dists/*}" \
-            '/^Package:/{p=$2} /^Version:/{v=$2} /^Depends:/{d=$0} /^Filename:/{print p, v, b "/" $2, d}' >>"$idx" || true
+    for base in http://deb.debian.org/debian/dists/$suite \
+        http://security.debian.org/debian-security/dists/$suite-security \
+        http://archive.debian.org/debian/dists/$suite \
+        http://archive.debian.org/debian-security/dists/$suite-security; do
+        { curl -fsL -m 120 "$base/main/binary-amd64/Packages.xz" 2>/dev/null | xz -dq 2>/dev/null |
+            awk -v b="${base%%/dists/*}" '/^Package:/{p=$2; d=""; h=""} /^Version:/{v=$2}
+                /^Depends:/{d=$0} /^SHA256:/{h=$2} /^Filename:/{f=$2}
+                /^$/{if (p != "") print p, v, b "/" f, h, d; p=""}
+                END{if (p != "") print p, v, b "/" f, h, d}' >>"$idx"; } || true
     done
-    # The meta-package's newest version names the image package it depends on.
     for v in $(awk -v p="$pkg" '$1 == p {print $2}' "$idx"); do
         if [ -z "$best" ] || dpkg --compare-versions "$v" gt "$best"; then best=$v; fi
     done
-    local image=$pkg
-    if [ -n "$best" ]; then
-        image=$(awk -v p="$pkg" -v v="$best" '$1 == p && $2 == v' "$idx" | grep -oE 'linux-image-[0-9][^ ,]*' | head -1)
-        [ -n "$image" ] || image=$pkg
-    fi
-    url=$(awk -v p="$image" '$1 == p {print $3}' "$idx" | tail -1)
-    if [ -z "$url" ]; then
-        echo "boot.sh: $image not found in Debian's $suite indexes (is deb.debian.org reachable?)" >&2
-        exit 2
-    fi
-    curl -fsSL -m 600 -o "$dir/image.deb" "$url"
-    echo "$image"
+    [ -n "$best" ] || { echo "boot.sh: $pkg not found in Debian's $suite indexes" >&2; return 2; }
+    image=$(awk -v p="$pkg" -v v="$best" '$1 == p && $2 == v' "$idx" | cut -d' ' -f5- |
+        grep -oE 'linux-image-[0-9][^ ,]*' | head -1 || true)
+    [ -n "$image" ] || image=$pkg
+    awk -v p="$image" '$1 == p {print $1, $3, $4}' "$idx" | tail -1 | grep . ||
+        { echo "boot.sh: $image not found in Debian's $suite indexes" >&2; return 2; }
 }
 
 if [[ $PKG == */* ]]; then
-    SUITE=${PKG%%/*} PKG=${PKG#*/}
-    mkdir -p "$OUT/debs"
-    IMAGE=$(fetch_from_suite "$SUITE" "$PKG" "$OUT/debs")
+    mkdir -p "$OUT"
+    if ! found=$(resolve_in_suite "${PKG%%/*}" "${PKG#*/}" "$OUT/Packages"); then
+        # Offline: the image unpacked by an earlier run, if any.
+        found=$(cat "$OUT/resolved" 2>/dev/null) || exit 2
+    fi
+    rm -f "$OUT/Packages"
+    read -r IMAGE URL SHA <<<"$found"
+    echo "$found" >"$OUT/resolved"
     KDIR=$OUT/kernel-$IMAGE
     if [ ! -d "$KDIR/boot" ]; then
-        mkdir -p "$KDIR"
-        dpkg-deb -x "$OUT/debs/image.deb" "$KDIR"
+        rm -rf "$OUT/debs" "$KDIR.part"
+        mkdir -p "$OUT/debs" "$KDIR.part"
+        curl -fsSL -m 600 -o "$OUT/debs/image.deb" "$URL" ||
+            { echo "boot.sh: cannot download $URL" >&2; exit 2; }
+        echo "$SHA  $OUT/debs/image.deb" | sha256sum -c --quiet - ||
+            { echo "boot.sh: $URL does not match its index's SHA256" >&2; exit 2; }
+        dpkg-deb -x "$OUT/debs/image.deb" "$KDIR.part"
+        mv "$KDIR.part" "$KDIR"
+        rm -rf "$OUT/debs"
     fi
-    rm -rf "$OUT/debs"
 else
     # A meta-package names its image in its dependencies.
     IMAGE=$PKG
@@ -67,8 +79,10 @@ else
             echo "boot.sh: cannot download $IMAGE (apt-get update, or a Debian mirror, needed)" >&2
             exit 2
         }
-        mkdir -p "$KDIR"
-        dpkg-deb -x "$OUT"/debs/*.deb "$KDIR"
+        rm -rf "$KDIR.part"
+        mkdir -p "$KDIR.part"
+        dpkg-deb -x "$OUT"/debs/*.deb "$KDIR.part"
+        mv "$KDIR.part" "$KDIR"
         rm -rf "$OUT/debs"
     fi
 fi
