@@ -40,6 +40,8 @@ def test_doctor_reports_a_working_core_on_this_kernel():
     assert re.search(r"^kernel BTF\s+ok", table, re.M)
     assert re.search(r"^map: ring buffer\s+ok", table, re.M)
     assert re.search(r"^pidfd_getfd\s+ok", table, re.M)
+    # This kernel has bpf_loop and bpf_task_pt_regs: the standard programs, all verified.
+    assert re.search(r"^embedded eBPF programs\s+ok\s+all \d+ pass.*\(standard build\)", table, re.M)
 
 
 def test_run_sees_a_real_tcp_connection_and_stops_cleanly():

@@ -1,6 +1,6 @@
 //! Loops over data. Kernels from 5.17 have `bpf_loop`: the verifier checks its callback
 //! once, however many steps run. The `compat` build (for 5.10 to 5.16, chosen by the
-//! loader when the kernel lacks `bpf_loop`) runs the same step functions in a bounded loop
+//! loader when the kernel lacks `bpf_loop` or `bpf_task_pt_regs`) runs the same step functions in a bounded loop
 //! inside a global function of its own: the verifier checks a global function once, on
 //! its own, instead of once per caller state, and walks its loop step by step, so its step
 //! limits are lower.

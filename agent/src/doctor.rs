@@ -120,7 +120,13 @@ const KERNEL_FEATURES: &[(&str, Probe, bool, &str)] = &[
         "helper: bpf_loop",
         Probe::Helper(ProgramType::TracePoint, BpfHelper::BPF_FUNC_loop),
         false,
-        "the compat programs are used: the kernel scans a head's first 2 KiB for its traceparent",
+        COMPAT_USED,
+    ),
+    (
+        "helper: bpf_task_pt_regs",
+        Probe::Helper(ProgramType::TracePoint, BpfHelper::BPF_FUNC_task_pt_regs),
+        false,
+        COMPAT_USED,
     ),
     (
         "helper: bpf_msg_push_data",
@@ -129,6 +135,10 @@ const KERNEL_FEATURES: &[(&str, Probe, bool, &str)] = &[
         "traceparent injection into outgoing requests",
     ),
 ];
+
+/// What a kernel without a helper of the standard programs gets (see loader::Programs).
+const COMPAT_USED: &str =
+    "the compat programs are used: the kernel scans a head's first 2 KiB for its traceparent";
 
 fn run_probe(p: Probe) -> (Status, String) {
     let r = match p {

@@ -29,7 +29,8 @@ pub const COMPAT_ENV: &str = "TAPIR_EBPF_COMPAT";
 /// Which build of the eBPF programs this kernel gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Programs {
-    /// Kernels with `bpf_loop` (5.17 and later).
+    /// Kernels with `bpf_loop`, `bpf_task_pt_regs` and `bpf_get_current_task_btf` (5.17
+    /// and later, or a distribution kernel with them backported).
     Standard,
     /// Kernels without it, or `TAPIR_EBPF_COMPAT=1` (`forced`).
     Compat { forced: bool },
@@ -41,14 +42,21 @@ impl Programs {
         static CHOSEN: std::sync::OnceLock<Programs> = std::sync::OnceLock::new();
         *CHOSEN.get_or_init(|| {
             let forced = std::env::var(COMPAT_ENV).is_ok_and(|v| v == "1" || v == "true");
-            // A probe that cannot run at all (refused for another reason) leaves the
-            // kernel's version to decide.
-            let has_loop = aya::sys::is_helper_supported(
-                aya::programs::ProgramType::TracePoint,
-                aya::sys::BpfHelper::BPF_FUNC_loop,
-            )
-            .unwrap_or_else(|_| kernel_at_least(&crate::doctor::kernel_release(), (5, 17)));
-            if forced || !has_loop {
+            // The standard build calls these; a distribution kernel may have backported
+            // some of them. A probe that cannot run at all (refused for another reason)
+            // leaves the kernel's version to decide.
+            use aya::sys::BpfHelper as H;
+            let standard_runs = [
+                H::BPF_FUNC_loop,
+                H::BPF_FUNC_task_pt_regs,
+                H::BPF_FUNC_get_current_task_btf,
+            ]
+            .into_iter()
+            .all(|helper| {
+                aya::sys::is_helper_supported(aya::programs::ProgramType::TracePoint, helper)
+                    .unwrap_or_else(|_| kernel_at_least(&crate::doctor::kernel_release(), (5, 17)))
+            });
+            if forced || !standard_runs {
                 Programs::Compat { forced }
             } else {
                 Programs::Standard
