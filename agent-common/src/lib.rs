@@ -43,6 +43,14 @@ pub const DEFAULT_CAPTURE: u32 = MAX_CAPTURE as u32;
 /// At most this many iovec entries are copied from readv/writev/recvmsg/sendmsg.
 pub const MAX_IOVECS: usize = 8;
 
+/// Head bytes of one read that the compat programs (kernels without bpf_loop, whose loops
+/// the verifier walks step by step) scan for a `traceparent` and for the head's end.
+pub const COMPAT_SCAN_BYTES: u64 = 2048;
+/// Request bytes the compat programs scan for the head's end before injecting (a step per
+/// 8 bytes; the verifier follows at most 8192 jumps along one path). A longer head is left
+/// as it is (counted in `tapir.inject.head_split`).
+pub const COMPAT_INJECT_SCAN_BYTES: u64 = 1024;
+
 /// The first byte of every ring-buffer record.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

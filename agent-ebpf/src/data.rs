@@ -546,7 +546,7 @@ fn follow_head(
     }
     // The compat build scanned only the first COMPAT_SCAN_BYTES: past them the head may
     // have ended, and a body line must never be taken for a header.
-    if cfg!(feature = "compat") && n > crate::trace::COMPAT_SCAN_BYTES {
+    if cfg!(feature = "compat") && n > agent_common::COMPAT_SCAN_BYTES {
         return;
     }
     conn.flags |= CONN_HEAD_OPEN;

@@ -237,11 +237,6 @@ pub fn tapir_sock_ops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// Request bytes the compat build scans for the end of the head before injecting (a step
-/// per 8 bytes; the verifier follows at most 8192 jumps along one path). A longer head is
-/// left as it is (counted in `tapir.inject.head_split`).
-const COMPAT_INJECT_SCAN_BYTES: u32 = 1024;
-
 #[inline(always)]
 fn byte(data: &[u8; SCRATCH_BYTES], i: u64) -> u8 {
     let i = (i & (2 * MAX_CAPTURE as u64 - 1)) as usize;
@@ -380,7 +375,7 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Option<()> {
     repeat!(
         tapir_compat_inject_scan,
         scan_lines,
-        COMPAT_INJECT_SCAN_BYTES / 8,
+        agent_common::COMPAT_INJECT_SCAN_BYTES / 8,
         n.div_ceil(8),
         n as u64
     );

@@ -3,8 +3,8 @@
 //! while that context is open becomes its CLIENT child. The ids travel to userspace in the
 //! data event and (see `inject.rs`) onto the wire, so both always agree.
 use agent_common::{
-    counter, TraceIds, MAX_CAPTURE, ORIGIN_HEADER, ORIGIN_NEW, ORIGIN_THREAD, TRACE_CLIENT,
-    TRACE_SERVER, TRACE_SERVER_PARENT,
+    counter, TraceIds, COMPAT_SCAN_BYTES, MAX_CAPTURE, ORIGIN_HEADER, ORIGIN_NEW, ORIGIN_THREAD,
+    TRACE_CLIENT, TRACE_SERVER, TRACE_SERVER_PARENT,
 };
 use aya_ebpf::{helpers::bpf_get_prandom_u32, macros::map, maps::LruHashMap};
 
@@ -278,10 +278,6 @@ macro_rules! run_steps {
         );
     }};
 }
-
-/// Head bytes scanned (for a `traceparent`, for the head's end) by the compat build, whose
-/// loop the verifier walks step by step. Longer heads are the exception.
-pub const COMPAT_SCAN_BYTES: u64 = 2048;
 
 /// One bpf_loop step of [`body_start`]: bytes `[32w, 32w + 32)`.
 extern "C" fn body_step(w: u64, ctx: *mut core::ffi::c_void) -> i64 {

@@ -136,7 +136,8 @@ const KERNEL_FEATURES: &[(&str, Probe, bool, &str)] = &[
     ),
 ];
 
-/// What a kernel without a helper of the standard programs gets (see loader::Programs).
+/// What a kernel without a helper of the standard programs gets (see loader::Programs; a
+/// test ties the size to agent_common::COMPAT_SCAN_BYTES).
 const COMPAT_USED: &str =
     "the compat programs are used: the kernel scans a head's first 2 KiB for its traceparent";
 
@@ -424,6 +425,25 @@ fn cap_eff(status: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compat_texts_name_the_compat_programs_limit() {
+        let kib = agent_common::COMPAT_SCAN_BYTES / 1024;
+        assert!(
+            COMPAT_USED.contains(&format!("first {kib} KiB")),
+            "{COMPAT_USED}"
+        );
+        for p in [
+            loader::Programs::Compat { forced: false },
+            loader::Programs::Compat { forced: true },
+        ] {
+            assert!(
+                p.describe().ends_with(&format!("up to {kib} KiB")),
+                "{}",
+                p.describe()
+            );
+        }
+    }
 
     #[test]
     fn verifier_messages_keep_their_first_and_last_lines() {

@@ -19,7 +19,8 @@ use crate::{
 /// The eBPF object built by `cargo xtask build`, embedded at compile time.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tapir.bpf.o"));
 /// Its `compat` build, for kernels without `bpf_loop` (5.10 to 5.16): bounded loops that
-/// look at the first 2 KiB of a head, and syscall arguments read from the kernel stack.
+/// look at a head's first COMPAT_SCAN_BYTES, and syscall arguments read from the kernel
+/// stack.
 static EBPF_COMPAT_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tapir-compat.bpf.o"));
 
@@ -46,6 +47,9 @@ impl Programs {
             // some of them. A probe that cannot run at all (refused for another reason)
             // leaves the kernel's version to decide.
             use aya::sys::BpfHelper as H;
+            let recent = std::sync::LazyLock::new(|| {
+                kernel_at_least(&crate::doctor::kernel_release(), (5, 17))
+            });
             let standard_runs = [
                 H::BPF_FUNC_loop,
                 H::BPF_FUNC_task_pt_regs,
@@ -54,7 +58,7 @@ impl Programs {
             .into_iter()
             .all(|helper| {
                 aya::sys::is_helper_supported(aya::programs::ProgramType::TracePoint, helper)
-                    .unwrap_or_else(|_| kernel_at_least(&crate::doctor::kernel_release(), (5, 17)))
+                    .unwrap_or_else(|_| *recent)
             });
             if forced || !standard_runs {
                 Programs::Compat { forced }
@@ -72,16 +76,15 @@ impl Programs {
     }
 
     /// For logs and `tapir doctor`.
-    pub fn describe(self) -> &'static str {
-        match self {
-            Programs::Standard => "standard build",
-            Programs::Compat { forced: false } => {
-                "compat build for kernels without bpf_loop: heads scanned up to 2 KiB"
-            }
-            Programs::Compat { forced: true } => {
-                "compat build, forced by TAPIR_EBPF_COMPAT: heads scanned up to 2 KiB"
-            }
-        }
+    pub fn describe(self) -> String {
+        let why = match self {
+            Programs::Standard => return "standard build".into(),
+            Programs::Compat { forced: false } => " for kernels without bpf_loop",
+            Programs::Compat { forced: true } => ", forced by TAPIR_EBPF_COMPAT",
+        };
+        // The limit the compat programs are built with.
+        let kib = agent_common::COMPAT_SCAN_BYTES / 1024;
+        format!("compat build{why}: heads scanned up to {kib} KiB")
     }
 }
 

@@ -47,7 +47,6 @@ resolve_in_suite() { # suite package indexfile
 }
 
 if [[ $PKG == */* ]]; then
-    mkdir -p "$OUT"
     if ! found=$(resolve_in_suite "${PKG%%/*}" "${PKG#*/}" "$OUT/Packages"); then
         # Offline: the image unpacked by an earlier run, if any.
         found=$(cat "$OUT/resolved" 2>/dev/null) || exit 2
@@ -55,36 +54,33 @@ if [[ $PKG == */* ]]; then
     rm -f "$OUT/Packages"
     read -r IMAGE URL SHA <<<"$found"
     echo "$found" >"$OUT/resolved"
-    KDIR=$OUT/kernel-$IMAGE
-    if [ ! -d "$KDIR/boot" ]; then
-        rm -rf "$OUT/debs" "$KDIR.part"
-        mkdir -p "$OUT/debs" "$KDIR.part"
-        curl -fsSL -m 600 -o "$OUT/debs/image.deb" "$URL" ||
+    download_image() { # dir
+        curl -fsSL -m 600 -o "$1/image.deb" "$URL" ||
             { echo "boot.sh: cannot download $URL" >&2; exit 2; }
-        echo "$SHA  $OUT/debs/image.deb" | sha256sum -c --quiet - ||
+        echo "$SHA  $1/image.deb" | sha256sum -c --quiet - ||
             { echo "boot.sh: $URL does not match its index's SHA256" >&2; exit 2; }
-        dpkg-deb -x "$OUT/debs/image.deb" "$KDIR.part"
-        mv "$KDIR.part" "$KDIR"
-        rm -rf "$OUT/debs"
-    fi
+    }
 else
     # A meta-package names its image in its dependencies.
     IMAGE=$PKG
     dep=$(apt-cache depends --important "$PKG" 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}' || true)
     [ -n "$dep" ] && IMAGE=$dep
-    KDIR=$OUT/kernel-$IMAGE
-    if [ ! -d "$KDIR/boot" ]; then
-        rm -rf "$OUT/debs"; mkdir -p "$OUT/debs"
-        (cd "$OUT/debs" && apt-get download -q "$IMAGE" >/dev/null) || {
+    download_image() { # dir
+        (cd "$1" && apt-get download -q "$IMAGE" >/dev/null) || {
             echo "boot.sh: cannot download $IMAGE (apt-get update, or a Debian mirror, needed)" >&2
             exit 2
         }
-        rm -rf "$KDIR.part"
-        mkdir -p "$KDIR.part"
-        dpkg-deb -x "$OUT"/debs/*.deb "$KDIR.part"
-        mv "$KDIR.part" "$KDIR"
-        rm -rf "$OUT/debs"
-    fi
+    }
+fi
+# Downloaded once, unpacked atomically: a later run reuses a complete kernel only.
+KDIR=$OUT/kernel-$IMAGE
+if [ ! -d "$KDIR/boot" ]; then
+    rm -rf "$OUT/debs" "$KDIR.part"
+    mkdir -p "$OUT/debs" "$KDIR.part"
+    download_image "$OUT/debs"
+    dpkg-deb -x "$OUT"/debs/*.deb "$KDIR.part"
+    mv "$KDIR.part" "$KDIR"
+    rm -rf "$OUT/debs"
 fi
 VMLINUZ=$(ls "$KDIR"/boot/vmlinuz-*)
 
