@@ -1,16 +1,16 @@
-//! `tapir-otlp-sink`: the counting OTLP/gRPC receiver of `cargo xtask bench`.
+//! `tapir-otlp-sink`: the counting OTLP receiver of `cargo xtask bench`.
 //!
-//! A real receiver — HTTP/2, gRPC framing, the official protobuf messages of
-//! `opentelemetry-proto` decoded in full — that counts what it receives instead of keeping
+//! A real receiver — OTLP/gRPC (HTTP/2, gRPC framing) and OTLP/HTTP (HTTP/1.1, binary
+//! protobuf), the official protobuf messages of `opentelemetry-proto` decoded — that counts what it receives instead of keeping
 //! it. The benchmark runs it on the same two cores as nginx, wrk and the agent, so what it
 //! spends per span is taken from the measured processes: the Python receiver of the tests
 //! spent more CPU per request than the agent itself and dominated the latency figures.
 //!
 //! ```text
-//! tapir-otlp-sink [--grpc-port N]
+//! tapir-otlp-sink [--grpc-port N] [--http-port N]
 //! ```
 //!
-//! prints `listening GRPC_PORT` once serving; then each line `stats` on stdin is answered
+//! prints `listening GRPC_PORT HTTP_PORT` once serving; then each line `stats` on stdin is answered
 //! with one JSON line of counters; end of stdin stops it.
 use std::{
     io::{BufRead, Read, Write},
@@ -31,6 +31,9 @@ use prost::Message;
 
 const TRACES: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 const METRICS: &str = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export";
+/// The OTLP/HTTP paths of the same two services.
+const HTTP_TRACES: &str = "/v1/traces";
+const HTTP_METRICS: &str = "/v1/metrics";
 
 /// gRPC status codes this receiver answers with.
 const GRPC_OK: &str = "0";
@@ -42,11 +45,14 @@ const GRPC_INTERNAL: &str = "13";
 const FULL_DECODE_EVERY: u64 = 64;
 
 #[derive(Parser)]
-#[command(about = "Counting OTLP/gRPC receiver for `cargo xtask bench`")]
+#[command(about = "Counting OTLP receiver (gRPC and HTTP/protobuf) for `cargo xtask bench`")]
 struct Cli {
-    /// Port to listen on, on 127.0.0.1 (0: any free port; the chosen one is printed).
+    /// OTLP/gRPC port, on 127.0.0.1 (0: any free port; the chosen one is printed).
     #[arg(long, default_value_t = 0)]
     grpc_port: u16,
+    /// OTLP/HTTP (binary protobuf) port, on 127.0.0.1 (0: any free port; printed too).
+    #[arg(long, default_value_t = 0)]
+    http_port: u16,
 }
 
 #[derive(Default)]
@@ -276,6 +282,97 @@ async fn serve_connection(counts: Arc<Counts>, socket: tokio::net::TcpStream) ->
     Ok(())
 }
 
+/// The gRPC status of `Counts::record` as an OTLP/HTTP status code.
+fn http_status(grpc: &str) -> u16 {
+    match grpc {
+        GRPC_OK => 200,
+        GRPC_INVALID_ARGUMENT => 400,
+        GRPC_UNIMPLEMENTED => 404,
+        _ => 500,
+    }
+}
+
+/// One OTLP/HTTP request: `POST /v1/traces` or `/v1/metrics`, binary protobuf, gzip or not.
+/// Answers with an empty Export*ServiceResponse (all accepted) or the error's status.
+async fn serve_http_request(
+    counts: Arc<Counts>,
+    request: http::Request<hyper::body::Incoming>,
+) -> Result<http::Response<http_body_util::Full<Bytes>>> {
+    use http_body_util::BodyExt;
+    let (parts, body) = request.into_parts();
+    let gzip = parts
+        .headers
+        .get("content-encoding")
+        .is_some_and(|v| v.as_bytes() == b"gzip");
+    let protobuf = parts
+        .headers
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes() == b"application/x-protobuf");
+    let body = body.collect().await?.to_bytes();
+    let status = match (parts.method == http::Method::POST, protobuf) {
+        (false, _) => 405,
+        (true, false) => 415,
+        (true, true) => {
+            let path = match parts.uri.path() {
+                HTTP_TRACES => TRACES,
+                HTTP_METRICS => METRICS,
+                other => other,
+            };
+            let message = if gzip {
+                let mut inflated = Vec::new();
+                flate2::read::GzDecoder::new(&body[..])
+                    .read_to_end(&mut inflated)
+                    .map(|_| Bytes::from(inflated))
+                    .ok()
+            } else {
+                Some(body)
+            };
+            match message {
+                Some(m) => http_status(counts.record(path, &m).err().unwrap_or(GRPC_OK)),
+                None => 400,
+            }
+        }
+    };
+    if status != 200 {
+        counts.errors.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(http::Response::builder()
+        .status(status)
+        .header("content-type", "application/x-protobuf")
+        .body(http_body_util::Full::new(Bytes::new()))?)
+}
+
+async fn serve_http_connection(counts: Arc<Counts>, socket: tokio::net::TcpStream) -> Result<()> {
+    let _ = socket.set_nodelay(true);
+    let service =
+        hyper::service::service_fn(move |request| serve_http_request(counts.clone(), request));
+    hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(socket), service)
+        .await?;
+    Ok(())
+}
+
+/// Accepts connections on `listener` forever, serving each with `serve`.
+async fn accept_loop<F, Fut>(
+    listener: tokio::net::TcpListener,
+    counts: Arc<Counts>,
+    serve: F,
+) -> Result<()>
+where
+    F: Fn(Arc<Counts>, tokio::net::TcpStream) -> Fut,
+    Fut: std::future::Future<Output = Result<()>> + Send + 'static,
+{
+    loop {
+        let (socket, _) = listener.accept().await?;
+        let connection = serve(counts.clone(), socket);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                eprintln!("tapir-otlp-sink: connection: {e:#}");
+            }
+        });
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let counts = Arc::new(Counts::default());
@@ -283,10 +380,16 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", cli.grpc_port)))
-        .with_context(|| format!("binding 127.0.0.1:{}", cli.grpc_port))?;
-    println!("listening {}", listener.local_addr()?.port());
+    let bind = |port: u16| {
+        rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
+            .with_context(|| format!("binding 127.0.0.1:{port}"))
+    };
+    let (grpc, http) = (bind(cli.grpc_port)?, bind(cli.http_port)?);
+    println!(
+        "listening {} {}",
+        grpc.local_addr()?.port(),
+        http.local_addr()?.port()
+    );
     std::io::stdout().flush()?;
 
     let stats = counts.clone();
@@ -303,17 +406,13 @@ fn main() -> Result<()> {
         std::process::exit(0);
     });
 
-    rt.block_on(async move {
-        loop {
-            let (socket, _) = listener.accept().await?;
-            let counts = counts.clone();
-            tokio::spawn(async move {
-                if let Err(e) = serve_connection(counts, socket).await {
-                    eprintln!("tapir-otlp-sink: connection: {e:#}");
-                }
-            });
+    let http_counts = counts.clone();
+    rt.spawn(async move {
+        if let Err(e) = accept_loop(http, http_counts, serve_http_connection).await {
+            eprintln!("tapir-otlp-sink: OTLP/HTTP listener: {e:#}");
         }
-    })
+    });
+    rt.block_on(accept_loop(grpc, counts, serve_connection))
 }
 
 #[cfg(test)]
@@ -401,6 +500,87 @@ mod tests {
         assert!(grpc_messages(Bytes::from(body.clone()), false).is_err());
         assert!(grpc_messages(Bytes::from(body[..body.len() - 1].to_vec()), true).is_err());
         assert!(grpc_messages(Bytes::from_static(&[0, 0, 0]), true).is_err());
+    }
+
+    /// Sends `head` + `body` over a real connection to the OTLP/HTTP side; returns the
+    /// response's status line.
+    fn http_exchange(counts: &Arc<Counts>, head: String, body: &[u8]) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+                .await
+                .unwrap();
+            let port = listener.local_addr().unwrap().port();
+            tokio::spawn(accept_loop(listener, counts.clone(), serve_http_connection));
+            let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            client.write_all(head.as_bytes()).await.unwrap();
+            client.write_all(body).await.unwrap();
+            let mut response = Vec::new();
+            client.read_to_end(&mut response).await.unwrap();
+            let response = String::from_utf8_lossy(&response).into_owned();
+            response.lines().next().unwrap_or_default().to_string()
+        })
+    }
+
+    fn post(path: &str, content_type: &str, extra: &str, body: &[u8]) -> String {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: sink\r\nContent-Type: {content_type}\r\n{extra}\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+    }
+
+    #[test]
+    fn otlp_http_requests_are_counted_like_grpc_ones() {
+        let counts = Arc::new(Counts::default());
+        let plain = request(1, 1, 3);
+        let status = http_exchange(
+            &counts,
+            post(HTTP_TRACES, "application/x-protobuf", "", &plain),
+            &plain,
+        );
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&request(2, 1, 2)).unwrap();
+        let packed = gz.finish().unwrap();
+        let head = post(
+            HTTP_TRACES,
+            "application/x-protobuf",
+            "Content-Encoding: gzip\r\n",
+            &packed,
+        );
+        assert_eq!(http_exchange(&counts, head, &packed), "HTTP/1.1 200 OK");
+        assert_eq!(
+            counts.json(),
+            r#"{"spans":7,"metric_points":0,"exports":2,"errors":0}"#
+        );
+        // JSON is not served; an unknown path and a malformed body are errors.
+        let head = post(HTTP_TRACES, "application/json", "", b"{}");
+        assert_eq!(
+            http_exchange(&counts, head, b"{}"),
+            "HTTP/1.1 415 Unsupported Media Type"
+        );
+        let head = post("/v1/logs", "application/x-protobuf", "", &plain);
+        assert_eq!(
+            http_exchange(&counts, head, &plain),
+            "HTTP/1.1 404 Not Found"
+        );
+        let bad = [0x0a, 0xff];
+        let head = post(HTTP_TRACES, "application/x-protobuf", "", &bad);
+        assert_eq!(
+            http_exchange(&counts, head, &bad),
+            "HTTP/1.1 400 Bad Request"
+        );
+        assert_eq!(
+            counts.json(),
+            r#"{"spans":7,"metric_points":0,"exports":2,"errors":3}"#
+        );
     }
 
     #[test]
