@@ -12,7 +12,8 @@
 //!    1b. The same at a fixed rate below saturation (`tapir-load`, open loop; see `rate`).
 //! 2. The same with `Connection: close`: a TCP connection per request.
 //! 3. The agent's own CPU and memory during 1 and 2, exporting every span to a real OTLP
-//!    receiver (when `tapir run` has an OTLP exporter).
+//!    receiver (when `tapir run` has an OTLP exporter): over gRPC, and in 1 also over
+//!    OTLP/HTTP (Tapir's protocol for endpoints not on port 4317).
 //! 4. The userspace pipeline alone on recorded and synthesized ring-buffer records
 //!    (`agent/src/bin/tapir-replay.rs`), on one core.
 //! 5. Agent memory with 10k idle keep-alive connections, then across 1,000 short-lived
@@ -80,6 +81,8 @@ struct Config {
     sampled: bool,
     /// Also run the agent observing nginx alone (`--exe nginx`) in each pair.
     nginx_only: bool,
+    /// Also run the agent exporting over OTLP/HTTP in each keep-alive pair.
+    otlp_http: bool,
     /// Fixed-rate keep-alive (1b): baseline/agent pairs, seconds per run.
     rate_pairs: usize,
     rate_secs: u32,
@@ -112,6 +115,7 @@ impl Config {
                 capture_only: true,
                 sampled: true,
                 nginx_only: true,
+                otlp_http: true,
                 rate_pairs: 2,
                 rate_secs: 3,
             }
@@ -137,6 +141,7 @@ impl Config {
                 capture_only: true,
                 sampled: true,
                 nginx_only: true,
+                otlp_http: true,
                 rate_pairs: 5,
                 rate_secs: 8,
             }
@@ -222,7 +227,7 @@ pub fn run(root: &Path, bin: &Path, quick: bool) -> Result<()> {
         ]);
     }
     machine["exporter"] = json!(if otlp {
-        "OTLP/gRPC to a local receiver (tapir-otlp-sink)"
+        "OTLP/gRPC to a local receiver (tapir-otlp-sink); keep-alive also over OTLP/HTTP"
     } else {
         "none (tapir run had no OTLP exporter)"
     });
@@ -363,6 +368,8 @@ struct Run {
     sampled: bool,
     /// The agent observed nginx alone (`--exe nginx`): wrk's side was not captured.
     nginx_only: bool,
+    /// The agent exported over OTLP/HTTP instead of gRPC.
+    otlp_http: bool,
     wrk: WrkResult,
     /// nginx worker CPU during the wrk run.
     server_cpu_s: f64,
@@ -395,7 +402,7 @@ impl Run {
 
     /// The agent as configured: not one of the extra variants.
     fn is_default_agent(&self) -> bool {
-        self.agent && !self.capture_only && !self.sampled && !self.nginx_only
+        self.agent && !self.capture_only && !self.sampled && !self.nginx_only && !self.otlp_http
     }
 }
 
@@ -425,11 +432,12 @@ struct LoadBench {
     span_ratio: Summary,
     /// Spans the agent itself reported dropped, over exported + dropped.
     span_drop_ratio: Summary,
-    /// The same per-pair figures for `--exporter none` runs, for sampled runs, and for
-    /// runs observing nginx alone.
+    /// The same per-pair figures for `--exporter none` runs, for sampled runs, for runs
+    /// observing nginx alone, and for runs exporting over OTLP/HTTP.
     capture: VariantCost,
     sampled: VariantCost,
     nginx_only: VariantCost,
+    otlp_http: VariantCost,
     foreign_cpu_share: Summary,
     foreign_agents_max: usize,
 }
@@ -465,6 +473,9 @@ enum Variant {
     /// `tapir run` as configured, observing nginx alone (`--exe nginx`), as when the
     /// clients are on other hosts.
     NginxOnly,
+    /// `tapir run` as configured, exporting over OTLP/HTTP (binary protobuf), the protocol
+    /// Tapir picks for an endpoint not on port 4317, to the receiver's HTTP port.
+    OtlpHttp,
 }
 
 /// The sampler of [`Variant::Sampled`]: what the README suggests for busy services.
@@ -478,6 +489,7 @@ fn one_run(ctx: &mut Ctx, close: bool, variant: Variant, pair: usize) -> Result<
     let capture_only = variant == Variant::CaptureOnly;
     let sampled = variant == Variant::Sampled;
     let nginx_only = variant == Variant::NginxOnly;
+    let otlp_http = variant == Variant::OtlpHttp;
     let (secs, conns) = if close {
         (ctx.cfg.close_secs, ctx.cfg.close_conns)
     } else {
@@ -494,6 +506,7 @@ fn one_run(ctx: &mut Ctx, close: bool, variant: Variant, pair: usize) -> Result<
                 Variant::CaptureOnly => "-capture-only",
                 Variant::Sampled => "-sampled",
                 Variant::NginxOnly => "-nginx-only",
+                Variant::OtlpHttp => "-otlp-http",
                 _ => "",
             }
         ));
@@ -504,6 +517,17 @@ fn one_run(ctx: &mut Ctx, close: bool, variant: Variant, pair: usize) -> Result<
         }
         if nginx_only {
             args.extend(["--exe".into(), "nginx".into()]);
+        }
+        if let (true, Some(port)) = (otlp_http, ctx.receiver.as_ref().and_then(|r| r.http_port)) {
+            args.truncate(2); // --port P
+            args.extend([
+                "--exporter".into(),
+                "otlp".into(),
+                "--otlp-protocol".into(),
+                "http/protobuf".into(),
+                "--otlp-endpoint".into(),
+                format!("http://127.0.0.1:{port}"),
+            ]);
         }
         let envs: &[(&str, &str)] = if sampled { &SAMPLED_ENV } else { &[] };
         let a = Agent::start(&ctx.bin, &args, envs, &log)?;
@@ -555,14 +579,17 @@ fn one_run(ctx: &mut Ctx, close: bool, variant: Variant, pair: usize) -> Result<
         capture_only,
         sampled,
         nginx_only,
+        otlp_http,
         server_cpu_s: n1 - n0,
         agent_cpu_s: a1 - a0,
         receiver_cpu_s: r1 - r0,
         foreign_agents,
         waited_for_quiet_s: waited,
         loadavg,
-        spans_expected: if matches!(variant, Variant::Agent | Variant::NginxOnly)
-            && ctx.receiver.is_some()
+        spans_expected: if matches!(
+            variant,
+            Variant::Agent | Variant::NginxOnly | Variant::OtlpHttp
+        ) && ctx.receiver.is_some()
         {
             expected
         } else {
@@ -598,6 +625,7 @@ fn one_run(ctx: &mut Ctx, close: bool, variant: Variant, pair: usize) -> Result<
             Variant::CaptureOnly => "capture",
             Variant::Sampled => "sampled",
             Variant::NginxOnly => "nginx",
+            Variant::OtlpHttp => "http",
         },
         run.wrk.rps,
         run.wrk.p99_us,
@@ -654,6 +682,13 @@ fn load_bench(ctx: &mut Ctx, close: bool) -> Result<LoadBench> {
         if ctx.cfg.nginx_only && ctx.receiver.is_some() {
             order.push(Variant::NginxOnly);
         }
+        // Keep-alive only: the export path is what differs, and that is where spans flow.
+        if ctx.cfg.otlp_http
+            && !close
+            && ctx.receiver.as_ref().is_some_and(|r| r.http_port.is_some())
+        {
+            order.push(Variant::OtlpHttp);
+        }
         let n = order.len();
         order.rotate_left(pair % n);
         for variant in order {
@@ -671,12 +706,14 @@ struct VariantCost {
     server_added_per_req_us: Summary,
     agent_cpu_per_req_us: Summary,
     added_cpu_pct: Summary,
+    /// The local OTLP receiver's CPU per request (what the export costs on its side).
+    receiver_cpu_per_req_us: Summary,
 }
 
 impl VariantCost {
     /// Over the pairs that have both a baseline and a run for which `is_variant` holds.
     fn of(runs: &[Run], is_variant: impl Fn(&Run) -> bool) -> Self {
-        let mut v: [Vec<f64>; 5] = Default::default();
+        let mut v: [Vec<f64>; 6] = Default::default();
         for base in runs.iter().filter(|r| !r.agent) {
             let Some(c) = runs.iter().find(|r| r.pair == base.pair && is_variant(r)) else {
                 continue;
@@ -689,6 +726,7 @@ impl VariantCost {
             v[2].push(added);
             v[3].push(agent);
             v[4].push((added + agent) / server_base * 100.0);
+            v[5].push(c.per_req_us(c.receiver_cpu_s));
         }
         Self {
             throughput_ratio: Summary::of(&v[0]),
@@ -696,6 +734,7 @@ impl VariantCost {
             server_added_per_req_us: Summary::of(&v[2]),
             agent_cpu_per_req_us: Summary::of(&v[3]),
             added_cpu_pct: Summary::of(&v[4]),
+            receiver_cpu_per_req_us: Summary::of(&v[5]),
         }
     }
 
@@ -724,6 +763,10 @@ impl VariantCost {
             (
                 format!("— {short}: added CPU / nginx's own"),
                 self.added_cpu_pct.show(1) + " %",
+            ),
+            (
+                format!("— {short}: the local OTLP receiver's CPU per {unit} (µs)"),
+                self.receiver_cpu_per_req_us.show(2),
             ),
         ]
     }
@@ -793,6 +836,7 @@ fn summarize_load(close: bool, runs: Vec<Run>) -> LoadBench {
     b.capture = VariantCost::of(&runs, |r| r.capture_only);
     b.sampled = VariantCost::of(&runs, |r| r.sampled);
     b.nginx_only = VariantCost::of(&runs, |r| r.nginx_only);
+    b.otlp_http = VariantCost::of(&runs, |r| r.otlp_http);
     b.runs = runs;
     b
 }
@@ -1291,6 +1335,7 @@ fn with_variants(
     for (label, v) in [
         ("capture only (`--exporter none`)", &b.capture),
         ("nginx alone observed (`--exe nginx`)", &b.nginx_only),
+        ("over OTLP/HTTP", &b.otlp_http),
     ] {
         if pick(v).n > 0 {
             out.push_str(&format!("; {label}: {}", show(pick(v))));
@@ -1354,6 +1399,11 @@ fn load_table(md: &mut String, b: &LoadBench, title: &str, unit: &str) {
     rows.extend(b.nginx_only.rows(
         "nginx alone observed (`--exe nginx`; wrk's side not captured, as with remote clients)",
         "nginx alone",
+        unit,
+    ));
+    rows.extend(b.otlp_http.rows(
+        "exported over OTLP/HTTP (`--otlp-protocol http/protobuf`, Tapir's choice for an endpoint not on port 4317)",
+        "OTLP/HTTP",
         unit,
     ));
     rows.push((

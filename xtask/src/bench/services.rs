@@ -234,6 +234,8 @@ pub struct Receiver {
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
     pub grpc_port: u16,
+    /// Its OTLP/HTTP port (older receivers printed none).
+    pub http_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
@@ -269,6 +271,7 @@ impl Receiver {
         };
         Ok(Self {
             grpc_port: g.parse()?,
+            http_port: parts.get(2).and_then(|h| h.parse().ok()),
             child,
             stdin,
             stdout,
