@@ -1,13 +1,14 @@
-"""Process selection (`--pid`, `--exe`, `--exclude-exe`): only the chosen programs are
+"""Process selection (`--pid`, `--exe`, `--open-port`, `--exclude-exe`): only the chosen programs are
 observed, the choice is made in the kernel (others' connections are never tracked), and it
 follows fork() and exec() of processes started after Tapir."""
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import TESTS, curl, finish, free_port, watch
+from conftest import TAPIR, TESTS, Agent, curl, finish, free_port, watch
 
 PY = sys.executable
 # The venv's `python` is a symlink: the process name (comm) is the name it was started by,
@@ -151,3 +152,42 @@ def test_pid_stays_observed_across_exec_from_a_thread(procs):
     curl("-o", "/dev/null", f"http://127.0.0.1:{port}/after-exec")
     got = finish(agent)
     assert summary(got) == [("server", "/after-exec", p.pid)]
+
+
+def test_open_port_observes_the_processes_listening_there(py_server, procs):
+    """--open-port chooses processes by the port they listen on, as OBI's open-port does:
+    one already listening when the agent starts (found in /proc), one that starts listening
+    later (the kernel, at listen()), with its outgoing calls; not the service it calls,
+    which listens elsewhere, nor curl."""
+    backend, bport = py_server()
+    early, eport = py_server()
+    fport = free_port()
+    agent = Agent(
+        "watch", "--json",
+        "--port", str(eport), "--port", str(fport), "--port", str(bport),
+        "--open-port", f"{eport},{fport}",
+    )
+    agent.wait_for(lambda l: "--open-port" in l and "processes=1" in l, what="the early server found")
+    front = procs(
+        [PY, TESTS / "servers/frontend.py", fport, f"http://127.0.0.1:{bport}"], ready_port=fport
+    )
+    curl("-o", "/dev/null", f"http://127.0.0.1:{eport}/early")
+    r = curl(f"http://127.0.0.1:{fport}/via-front")
+    assert r.stdout == "ok"
+    got = finish(agent)
+    assert summary(got) == [
+        ("client", "/via-front", front.pid),
+        ("server", "/early", early.pid),
+        ("server", "/via-front", front.pid),
+    ], got
+    # Chosen in the kernel: the backend's and curl's connections were never tracked.
+    assert agent.final_count("tapir.kernel.selected_by_open_port") == 1, agent.err[-30:]
+    assert agent.final_count("tapir.connections.opened") == 3, agent.err[-30:]
+
+
+def test_open_port_refuses_what_is_not_a_port():
+    for bad in ("80-70", "http", "0"):
+        r = subprocess.run(
+            [TAPIR, "watch", "--open-port", bad], capture_output=True, text=True, timeout=60
+        )
+        assert r.returncode != 0 and f'--open-port "{bad}"' in r.stderr, (bad, r.stderr)

@@ -17,6 +17,7 @@ pub mod names {
     pub const SELECTIVE: &str = "TAPIR_SELECTIVE";
     pub const SELECTED: &str = "TAPIR_SELECTED";
     pub const SELECT_NAMES: &str = "TAPIR_SELECT_NAMES";
+    pub const OPEN_PORTS: &str = "TAPIR_OPEN_PORTS";
     pub const PROC_GEN: &str = "TAPIR_PROC_GEN";
     pub const GEN_EPOCH: &str = "TAPIR_GEN_EPOCH";
     pub const EXECS: &str = "TAPIR_EXECS";
@@ -31,6 +32,11 @@ pub mod select {
     /// Runs a program left out by `--exclude-exe` (or was forked by one): never observed,
     /// re-judged by name at exec().
     pub const EXCLUDED: u8 = 3;
+    /// Listens on a port given with `--open-port` (or was forked by such a process): stays
+    /// selected across exec(), as a listening socket may.
+    pub const BY_PORT: u8 = 4;
+    /// `TAPIR_OPEN_PORTS`: one bit per TCP port, in u64 words.
+    pub const OPEN_PORT_WORDS: usize = 65536 / 64;
     /// The kernel's process name (`comm`) length, NUL included.
     pub const COMM_LEN: usize = 16;
 }
@@ -322,7 +328,9 @@ pub mod counter {
     /// The compat programs found no saved registers of the current syscall on the task's
     /// kernel stack (a stack layout they do not know): its arguments are unknown.
     pub const REGS_NOT_FOUND: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// A process started listening on a port given with `--open-port` and became observed.
+    pub const SELECTED_BY_PORT: u32 = 8;
+    pub const COUNT: u32 = 9;
 }
 
 /// Key of the injection sockhash and its state map (`TAPIR_INJ_SOCKS`, `TAPIR_INJ_STATE`),

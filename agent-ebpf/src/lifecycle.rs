@@ -1,6 +1,6 @@
 //! Connection and process lifecycle: accept/connect start tracking with a known role,
 //! close/dup2 end it, exec/close_range/exit invalidate a process's cached fds.
-use agent_common::{select, ConnKey, EventKind, Role, CONN_TCP};
+use agent_common::{counter, select, ConnKey, EventKind, Role, CONN_TCP};
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::tracepoint,
@@ -12,9 +12,10 @@ use crate::{
     conn::{bump_gen, emit_conn, header, track_new},
     data::arg,
     maps::{
-        agent_tgid, choosing, count, exec_queue, ringbuf_flags, CONNS, EVENTS, EXECS, SELECTED,
-        SELECT_NAMES,
+        agent_tgid, choosing, count, exec_queue, open_port, open_ports_on, ringbuf_flags, CONNS,
+        EVENTS, EXECS, SELECTED, SELECT_NAMES,
     },
+    sock::{resolve_fd, FdKind},
 };
 
 const EINPROGRESS: i64 = -115;
@@ -199,6 +200,39 @@ fn reselect_at_exec(tgid: u32) {
         }
         None => {}
     }
+}
+
+/// syscalls/sys_enter_listen: with `--open-port`, a process that starts listening on one of
+/// those ports becomes observed, and what it forks from then on (nginx's and gunicorn's
+/// workers). At entry the socket is bound, so its port is known; a process already chosen,
+/// or left out (which wins), keeps its answer.
+#[tracepoint]
+pub fn tapir_enter_listen(ctx: TracePointContext) -> u32 {
+    let (_, tgid) = current();
+    if !open_ports_on() || tgid == agent_tgid() {
+        return 0;
+    }
+    // SAFETY: plain lookup.
+    if unsafe { SELECTED.get(&tgid) }.is_some() {
+        return 0;
+    }
+    let FdKind::Tcp { local_port, .. } = resolve_fd(arg(&ctx, 0) as u32) else {
+        return 0;
+    };
+    if !open_port(local_port) {
+        return 0;
+    }
+    let _ = SELECTED.insert(&tgid, &select::BY_PORT, 0);
+    // Its fds may be cached as not observed (accepted before it listened on this port).
+    bump_gen(tgid);
+    count(counter::SELECTED_BY_PORT);
+    if debug_on() {
+        debug!(
+            &ctx,
+            "tapir: pid {} listens on --open-port {}", tgid, local_port
+        );
+    }
+    0
 }
 
 /// sched/sched_process_fork: children of an observed process are observed (nginx and

@@ -75,6 +75,31 @@ pub static SELECTED: HashMap<u32, u8> = HashMap::with_max_entries(65536, 0);
 #[map(name = "TAPIR_SELECT_NAMES")]
 pub static SELECT_NAMES: HashMap<[u8; select::COMM_LEN], u8> = HashMap::with_max_entries(256, 0);
 
+/// `--open-port`: a bit per TCP port (`select::OPEN_PORT_WORDS` words); a process that
+/// starts listening on one of them becomes observed (`lifecycle::tapir_enter_listen`).
+#[map(name = "TAPIR_OPEN_PORTS")]
+pub static OPEN_PORTS: Array<[u64; select::OPEN_PORT_WORDS]> = Array::with_max_entries(1, 0);
+
+/// 1 when `OPEN_PORTS` has a port set.
+#[unsafe(no_mangle)]
+pub static TAPIR_OPEN_PORTS_ON: u32 = 0;
+
+#[inline(always)]
+pub fn open_ports_on() -> bool {
+    // SAFETY: reading a static; volatile so the loader's value is used.
+    unsafe { core::ptr::read_volatile(&TAPIR_OPEN_PORTS_ON) != 0 }
+}
+
+/// Whether `port` was given with `--open-port`.
+#[inline(always)]
+pub fn open_port(port: u16) -> bool {
+    let Some(bits) = OPEN_PORTS.get(0) else {
+        return false;
+    };
+    let word = (port as usize >> 6) & (select::OPEN_PORT_WORDS - 1);
+    bits[word] & (1u64 << (port & 63)) != 0
+}
+
 #[inline(always)]
 pub fn selective() -> bool {
     // SAFETY: as above.

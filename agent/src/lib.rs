@@ -14,6 +14,7 @@ pub mod doctor;
 pub mod exchange;
 pub mod heap;
 pub mod http;
+pub mod listen;
 pub mod loader;
 pub mod otel;
 pub mod pipeline;

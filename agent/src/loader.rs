@@ -2,10 +2,15 @@
 //! probe in [`crate::probes::PROBES`].
 use std::{
     borrow::BorrowMut,
+    collections::HashSet,
     time::{Duration, Instant},
 };
 
-use agent_common::{names, select::EXCLUDED, KernelOffsets, MAX_CAPTURE};
+use agent_common::{
+    names,
+    select::{BY_PORT, EXCLUDED},
+    KernelOffsets, MAX_CAPTURE,
+};
 use aya::{maps::MapData, programs::TracePoint, Ebpf, EbpfLoader};
 use thiserror::Error;
 
@@ -209,6 +214,11 @@ fn open_object(opts: &LoadOptions) -> Result<(Ebpf, KernelOffsets, Option<u32>),
         .override_global("TAPIR_EBPF_DEBUG", &ebpf_debug, true)
         .override_global(names::SELECTIVE, &u32::from(selective), true)
         .override_global(
+            "TAPIR_OPEN_PORTS_ON",
+            &u32::from(!opts.selection.open_ports.is_empty()),
+            true,
+        )
+        .override_global(
             "TAPIR_EXCLUDING",
             &u32::from(!opts.selection.excluded.is_empty()),
             true,
@@ -381,6 +391,18 @@ fn seed_selection(
                 .insert(key, why, 0)
                 .map_err(|e| select_err(names::SELECT_NAMES, e))?;
         }
+        if !selection.open_ports.is_empty() {
+            let mut bits = [0u64; agent_common::select::OPEN_PORT_WORDS];
+            for &p in &selection.open_ports {
+                bits[usize::from(p) / 64] |= 1 << (p % 64);
+            }
+            let mut ports: Array<_, [u64; agent_common::select::OPEN_PORT_WORDS]> =
+                Array::try_from(map(ebpf, names::OPEN_PORTS)?)
+                    .map_err(|e| select_err(names::OPEN_PORTS, e))?;
+            ports
+                .set(0, bits, 0)
+                .map_err(|e| select_err(names::OPEN_PORTS, e))?;
+        }
     }
     let added = {
         let mut selected: HashMap<_, u32, u8> = HashMap::try_from(map(ebpf, names::SELECTED)?)
@@ -391,6 +413,7 @@ fn seed_selection(
             if !missing.is_empty()
                 && missing.len() == selection.pids.len()
                 && selection.names.is_empty()
+                && selection.open_ports.is_empty()
             {
                 return Err(LoadError::Select(format!(
                     "no process has the pid given with --pid ({}): nothing would be observed \
@@ -414,7 +437,12 @@ fn seed_selection(
                 let _ = selected.remove(pid);
             }
         }
-        add_chosen(&mut selected, selection, &procs)?
+        let listening = if selection.open_ports.is_empty() {
+            HashSet::new()
+        } else {
+            crate::listen::listening_pids(std::path::Path::new("/proc"), &selection.open_ports)
+        };
+        add_chosen(&mut selected, selection, &procs, &listening)?
     };
     if late && !added.is_empty() {
         let mut gens: HashMap<_, u32, u32> = HashMap::try_from(map(ebpf, names::PROC_GEN)?)
@@ -429,7 +457,7 @@ fn seed_selection(
         if selection.is_selective() {
             tracing::info!(
                 processes = added.len() - left_out,
-                "observing only the selected processes (--pid / --exe) and what they fork"
+                "observing only the selected processes (--pid / --exe / --open-port) and what they fork"
             );
         }
         if !selection.excluded.is_empty() {
@@ -437,6 +465,15 @@ fn seed_selection(
                 processes = left_out,
                 "leaving out {} and what they fork (--exclude-exe)",
                 selection.excluded.join(", ")
+            );
+        }
+        let by_port = added.iter().filter(|&&(_, why)| why == BY_PORT).count();
+        if !selection.open_ports.is_empty() {
+            tracing::info!(
+                processes = by_port,
+                "observing processes that listen on --open-port {} (those that start listening \
+                 later are picked up by the kernel at listen())",
+                crate::listen::describe_ports(&selection.open_ports)
             );
         }
         if added.len() == left_out && (!selection.names.is_empty() || selection.needs_rescan()) {
@@ -467,9 +504,10 @@ fn add_chosen<T: BorrowMut<MapData>>(
     selected: &mut aya::maps::HashMap<T, u32, u8>,
     selection: &Selection,
     procs: &[ProcEntry],
+    listening: &HashSet<u32>,
 ) -> Result<Vec<(u32, u8)>, LoadError> {
     let mut added = Vec::new();
-    for (pid, why) in selection.judge(procs) {
+    for (pid, why) in selection.judge_listening(procs, listening) {
         if selected.get(&pid, 0).is_err() {
             selected
                 .insert(pid, why, 0)
@@ -571,7 +609,7 @@ impl SelectionRescan {
         if procs.is_empty() {
             return Ok(Vec::new());
         }
-        let added = add_chosen(&mut self.selected, &self.selection, &procs)?;
+        let added = add_chosen(&mut self.selected, &self.selection, &procs, &HashSet::new())?;
         if !added.is_empty() {
             bump_generations(&mut self.gens, &added)?;
             new_epoch(&mut self.epoch)?;

@@ -139,6 +139,12 @@ pub const PROBES: &[Probe] = &[
         false,
         "fds closed with close_range() may be misclassified",
     ),
+    tp(
+        "tapir_enter_listen",
+        "sys_enter_listen",
+        false,
+        "with --open-port, processes that start listening after start are not observed",
+    ),
     sched(
         "tapir_sched_exec",
         "sched_process_exec",

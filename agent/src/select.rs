@@ -1,12 +1,12 @@
-//! Which processes are observed (`--pid`, `--exe`, `--exclude-exe`). The kernel keeps the answer per process
+//! Which processes are observed (`--pid`, `--exe`, `--open-port`, `--exclude-exe`). The kernel keeps the answer per process
 //! (`TAPIR_SELECTED`) and follows fork and exec itself; this module seeds it from /proc with
 //! the processes that were running before Tapir started.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     path::{Path, PathBuf},
 };
 
-use agent_common::select::{BY_NAME, BY_PID, COMM_LEN, EXCLUDED};
+use agent_common::select::{BY_NAME, BY_PID, BY_PORT, COMM_LEN, EXCLUDED};
 
 /// Programs left out unless the user says otherwise: telemetry collectors and other eBPF
 /// instrumentation agents. Observing a collector's OTLP/HTTP receiver would turn every
@@ -35,6 +35,8 @@ pub struct Selection {
     /// userspace: from /proc when Tapir starts, then for each exec() the kernel queues
     /// (the kernel matches exact names only).
     pub patterns: Vec<glob::Pattern>,
+    /// `--open-port`: processes listening on these TCP ports (sorted), and what they fork.
+    pub open_ports: Vec<u16>,
 }
 
 /// Whether an `--exe` value is a glob pattern rather than a name.
@@ -102,12 +104,22 @@ impl Selection {
             names,
             excluded,
             patterns,
+            open_ports: Vec::new(),
         })
     }
 
-    /// Only the chosen processes are observed (`--pid` or `--exe` given).
+    /// Also chooses the processes listening on `--open-port` ports (as given).
+    pub fn with_open_ports(mut self, specs: &[String]) -> Result<Self, String> {
+        self.open_ports = crate::listen::parse_open_ports(specs)?;
+        Ok(self)
+    }
+
+    /// Only the chosen processes are observed (`--pid`, `--exe` or `--open-port` given).
     pub fn is_selective(&self) -> bool {
-        !self.pids.is_empty() || !self.names.is_empty() || !self.patterns.is_empty()
+        !self.pids.is_empty()
+            || !self.names.is_empty()
+            || !self.patterns.is_empty()
+            || !self.open_ports.is_empty()
     }
 
     /// Programs started later are matched by the agent (`loader::SelectionRescan`), not by
@@ -152,6 +164,12 @@ impl Selection {
     /// A named pid's descendants are observed too: they were forked before Tapir could
     /// follow the fork (nginx's workers when `--pid` names the master).
     pub fn judge(&self, procs: &[ProcEntry]) -> Vec<(u32, u8)> {
+        self.judge_listening(procs, &HashSet::new())
+    }
+
+    /// [`Selection::judge`], where `listening` holds the pids listening on an
+    /// `--open-port` port (`listen::listening_pids`).
+    pub fn judge_listening(&self, procs: &[ProcEntry], listening: &HashSet<u32>) -> Vec<(u32, u8)> {
         let by_pid: HashMap<u32, &ProcEntry> = procs.iter().map(|p| (p.pid, p)).collect();
         let descends_from_named = |mut pid: u32| {
             // Bounded: a parent loop in a racy /proc snapshot must not hang the agent.
@@ -197,6 +215,8 @@ impl Selection {
                     Some((p.pid, BY_PID))
                 } else if runs(&self.names, &self.patterns, p) {
                     Some((p.pid, BY_NAME))
+                } else if listening.contains(&p.pid) {
+                    Some((p.pid, BY_PORT))
                 } else {
                     None
                 }
@@ -302,6 +322,33 @@ mod tests {
         let mut p: Vec<u32> = v.iter().map(|&(p, _)| p).collect();
         p.sort_unstable();
         p
+    }
+
+    #[test]
+    fn listeners_on_open_ports_are_chosen_unless_chosen_otherwise_or_left_out() {
+        let s = Selection::new(vec![], &["wrk".into()], &["python3".into()])
+            .and_then(|s| s.with_open_ports(&["8080".into()]))
+            .unwrap();
+        assert!(s.is_selective());
+        // nginx's master and a worker listen; python3 listens too but is left out; wrk is
+        // chosen by name already.
+        let listening: HashSet<u32> = [100, 101, 200, 300].into();
+        let mut got = s.judge_listening(&host(), &listening);
+        got.sort_unstable();
+        assert_eq!(
+            got,
+            [
+                (100, BY_PORT),
+                (101, BY_PORT),
+                (200, EXCLUDED),
+                (300, BY_NAME)
+            ]
+        );
+        // Without listeners, only names decide.
+        assert_eq!(s.judge(&host()), [(200, EXCLUDED), (300, BY_NAME)]);
+        assert!(Selection::new(vec![], &[], &[])
+            .and_then(|s| s.with_open_ports(&["x".into()]))
+            .is_err());
     }
 
     #[test]

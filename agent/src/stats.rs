@@ -78,6 +78,9 @@ counters! {
     /// Kernel (compat programs, kernels before 5.17): a syscall's arguments were not found
     /// on the task's kernel stack, so the call was not seen.
     kernel_regs_not_found => "tapir.kernel.syscall_args_not_found",
+    /// Kernel: processes that started listening on an `--open-port` port and became
+    /// observed.
+    kernel_selected_by_port => "tapir.kernel.selected_by_open_port",
     /// Kept-alive client sockets put back for injection into their next request.
     rearm_done => "tapir.inject.rearm.done",
     /// Re-arming skipped: the process had already moved on (bytes unread, unacknowledged
@@ -118,6 +121,8 @@ impl Stats {
             .store(get(counter::TRACEPARENT_LATE), Ordering::Relaxed);
         self.kernel_regs_not_found
             .store(get(counter::REGS_NOT_FOUND), Ordering::Relaxed);
+        self.kernel_selected_by_port
+            .store(get(counter::SELECTED_BY_PORT), Ordering::Relaxed);
     }
 
     /// Stores the kernel's cumulative injection counters (summed over CPUs).

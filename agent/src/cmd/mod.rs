@@ -80,6 +80,20 @@ pub struct CaptureArgs {
         default_values_t = tapir::select::DEFAULT_EXCLUDED.iter().map(|s| s.to_string())
     )]
     pub exclude_exe_names: Vec<String>,
+    /// Only observe processes that listen on this TCP port, and what they fork from then
+    /// on (nginx's and gunicorn's workers), as OBI's open-port selection does: a port, a
+    /// range (`8000-8099`) or a comma-separated list; repeatable. Those listening when
+    /// Tapir starts are found in /proc, those that start listening later by the kernel
+    /// at listen(), before their first connection. All their connections are observed,
+    /// their outgoing calls included (--port limits connections instead). Combines with
+    /// --pid and --exe (any selects); --exclude-exe still wins.
+    #[arg(
+        long = "open-port",
+        value_name = "PORTS",
+        env = "TAPIR_OPEN_PORT",
+        value_delimiter = ','
+    )]
+    pub open_ports: Vec<String>,
 }
 
 impl CaptureArgs {
@@ -89,6 +103,7 @@ impl CaptureArgs {
         let mut inject_ports = inject.inject_ports.clone();
         inject_ports.extend_from_slice(ports);
         let selection = Selection::new(self.pids.clone(), &self.exe_names, &self.exclude_exe_names)
+            .and_then(|s| s.with_open_ports(&self.open_ports))
             .map_err(anyhow::Error::msg)?;
         Ok(LoadOptions {
             capture_bytes: self.capture_bytes,
