@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TAPIR, TESTS, Agent, curl, finish, free_port, watch
+from conftest import TAPIR, TESTS, Agent, curl, finish, free_port, nginx, watch
 
 PY = sys.executable
 # The venv's `python` is a symlink: the process name (comm) is the name it was started by,
@@ -185,6 +185,20 @@ def test_open_port_observes_the_processes_listening_there(py_server, procs):
     # curl's) and the frontend's call to the backend.
     assert agent.final_count("tapir.kernel.selected_by_open_port") == 1, agent.err[-30:]
     assert agent.final_count("tapir.connections.opened") == 4, agent.err[-30:]
+
+
+def test_open_port_follows_nginx_workers_forked_after_it_listens(procs, tmp_path):
+    """nginx started after the agent: its master listens (chosen at listen()), then forks
+    the worker that answers, which inherits the choice."""
+    port = free_port()
+    agent = Agent("watch", "--json", "--port", str(port), "--open-port", str(port))
+    master = nginx(procs, tmp_path, port, "location / { return 200 'from nginx'; }")
+    r = curl(f"http://127.0.0.1:{port}/nginx")
+    assert r.stdout == "from nginx"
+    got = finish(agent)
+    assert [(e["kind"], e["url.path"]) for e in got] == [("server", "/nginx")], got
+    assert got[0]["process.pid"] != master.pid, "the worker answers, not the master"
+    assert agent.final_count("tapir.kernel.selected_by_open_port") == 1, agent.err[-30:]
 
 
 def test_open_port_refuses_what_is_not_a_port():
