@@ -201,6 +201,27 @@ def test_open_port_follows_nginx_workers_forked_after_it_listens(procs, tmp_path
     assert agent.final_count("tapir.kernel.selected_by_open_port") == 1, agent.err[-30:]
 
 
+def test_open_port_follows_node_cluster_workers_forked_before_the_primary_listens(procs):
+    """Node's cluster: the primary forks its workers, then listens when they ask it to, and
+    hands them the connections it accepts; the workers never listen. The kernel chooses the
+    primary at listen(), the agent its children."""
+    port = free_port()
+    agent = Agent("watch", "--json", "--port", str(port), "--open-port", str(port))
+    primary = procs(["node", TESTS / "servers/node_cluster.js", port, "2"], ready_port=port)
+    primary.wait_for(lambda l: l.strip() == "listening", stream="out", what="both workers")
+    agent.wait_for(
+        lambda l: "started listening on an --open-port" in l and f"pid={primary.pid}" in l
+        and "children_added=2" in l,
+        what="the primary's workers chosen",
+    )
+    answered = {curl(f"http://127.0.0.1:{port}/w{i}").stdout for i in range(4)}
+    got = finish(agent)
+    workers = {int(w.split()[1]) for w in answered}
+    assert len(workers) == 2 and primary.pid not in workers, answered
+    assert [(e["kind"], e["url.path"]) for e in got] == [("server", f"/w{i}") for i in range(4)], got
+    assert {e["process.pid"] for e in got} == workers
+
+
 def test_open_port_refuses_what_is_not_a_port():
     for bad in ("80-70", "http", "0"):
         r = subprocess.run(

@@ -18,6 +18,7 @@ pub mod names {
     pub const SELECTED: &str = "TAPIR_SELECTED";
     pub const SELECT_NAMES: &str = "TAPIR_SELECT_NAMES";
     pub const OPEN_PORTS: &str = "TAPIR_OPEN_PORTS";
+    pub const LISTENERS: &str = "TAPIR_LISTENERS";
     pub const PROC_GEN: &str = "TAPIR_PROC_GEN";
     pub const GEN_EPOCH: &str = "TAPIR_GEN_EPOCH";
     pub const EXECS: &str = "TAPIR_EXECS";

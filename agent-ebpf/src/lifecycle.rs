@@ -13,7 +13,7 @@ use crate::{
     data::arg,
     maps::{
         agent_tgid, choosing, count, exec_queue, open_port, open_ports_on, ringbuf_flags, CONNS,
-        EVENTS, EXECS, SELECTED, SELECT_NAMES,
+        EVENTS, EXECS, LISTENERS, SELECTED, SELECT_NAMES,
     },
     sock::{resolve_fd, FdKind},
 };
@@ -209,7 +209,9 @@ fn reselect_at_exec(tgid: u32) {
 #[tracepoint]
 pub fn tapir_enter_listen(ctx: TracePointContext) -> u32 {
     let (_, tgid) = current();
-    if !open_ports_on() || tgid == agent_tgid() {
+    // Never init: it listens for socket-activated services, and what it forks would all
+    // inherit the choice.
+    if !open_ports_on() || tgid == agent_tgid() || tgid == 1 {
         return 0;
     }
     // SAFETY: plain lookup.
@@ -225,6 +227,8 @@ pub fn tapir_enter_listen(ctx: TracePointContext) -> u32 {
     let _ = SELECTED.insert(&tgid, &select::BY_PORT, 0);
     // Its fds may be cached as not observed (accepted before it listened on this port).
     bump_gen(tgid);
+    // BPF_EXIST: when full, the oldest entry makes room.
+    let _ = LISTENERS.push(tgid, 2);
     count(counter::SELECTED_BY_PORT);
     if debug_on() {
         debug!(

@@ -80,6 +80,12 @@ pub static SELECT_NAMES: HashMap<[u8; select::COMM_LEN], u8> = HashMap::with_max
 #[map(name = "TAPIR_OPEN_PORTS")]
 pub static OPEN_PORTS: Array<[u64; select::OPEN_PORT_WORDS]> = Array::with_max_entries(1, 0);
 
+/// Processes just chosen by `--open-port`, for the agent to choose the children they forked
+/// before they listened (Node's cluster workers, handed connections by their primary).
+/// When full, a push drops the oldest.
+#[map(name = "TAPIR_LISTENERS")]
+pub static LISTENERS: Queue<u32> = Queue::with_max_entries(1024, 0);
+
 /// 1 when `OPEN_PORTS` has a port set.
 #[unsafe(no_mangle)]
 pub static TAPIR_OPEN_PORTS_ON: u32 = 0;

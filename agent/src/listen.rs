@@ -103,19 +103,22 @@ pub fn listening_pids(proc_root: &Path, ports: &[u16]) -> HashSet<u32> {
             .collect(),
         Err(_) => return HashSet::new(),
     };
-    let mut namespaces: HashMap<std::path::PathBuf, u32> = HashMap::new();
+    let mut namespaces: HashMap<std::path::PathBuf, Vec<u32>> = HashMap::new();
     for &pid in &pids {
         if let Ok(ns) = std::fs::read_link(proc_root.join(format!("{pid}/ns/net"))) {
-            namespaces.entry(ns).or_insert(pid);
+            namespaces.entry(ns).or_default().push(pid);
         }
     }
     let mut inodes = HashSet::new();
-    for pid in namespaces.values() {
-        for table in ["tcp", "tcp6"] {
-            let path = proc_root.join(format!("{pid}/net/{table}"));
-            if let Ok(text) = std::fs::read_to_string(path) {
-                inodes.extend(listen_inodes(&text, ports));
-            }
+    for members in namespaces.values() {
+        // Through the first member still there to read it (processes come and go).
+        let tables = members.iter().find_map(|pid| {
+            let read = |t: &str| std::fs::read_to_string(proc_root.join(format!("{pid}/net/{t}")));
+            Some((read("tcp").ok()?, read("tcp6").unwrap_or_default()))
+        });
+        if let Some((tcp, tcp6)) = tables {
+            inodes.extend(listen_inodes(&tcp, ports));
+            inodes.extend(listen_inodes(&tcp6, ports));
         }
     }
     if inodes.is_empty() {

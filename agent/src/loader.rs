@@ -17,7 +17,7 @@ use thiserror::Error;
 use crate::{
     btf::{self, Btf},
     probes::{Hook, Probe, PROBES},
-    select::{read_proc, scan_proc, ProcEntry, Selection},
+    select::{children, read_proc, scan_proc, ProcEntry, Selection},
     tracefs::{self, TracefsState},
 };
 
@@ -247,7 +247,15 @@ fn open_object(opts: &LoadOptions) -> Result<(Ebpf, KernelOffsets, Option<u32>),
 /// before a run. Returns how many loaded; the error names the first one refused.
 pub fn verify_programs() -> Result<usize, String> {
     use aya::programs::{SkMsg, SockOps};
-    let opts = LoadOptions::default();
+    // With the switchable paths on: a switch frozen off lets the verifier skip what it
+    // guards (here the listen program's body, with no --open-port).
+    let opts = LoadOptions {
+        selection: Selection {
+            open_ports: vec![1],
+            ..Selection::default()
+        },
+        ..LoadOptions::default()
+    };
     let (mut ebpf, _, _) = open_object(&opts).map_err(|e| e.to_string())?;
     let refused =
         |name: &str, e: aya::programs::ProgramError| format!("program {name} refused: {e:#}");
@@ -550,6 +558,8 @@ pub struct SelectionRescan {
     gens: aya::maps::HashMap<MapData, u32, u32>,
     epoch: aya::maps::Array<MapData, u64>,
     execs: aya::maps::Queue<MapData, u32>,
+    /// With `--open-port`: processes the kernel chose at listen().
+    listeners: Option<aya::maps::Queue<MapData, u32>>,
     last_full_scan: Instant,
 }
 
@@ -558,11 +568,14 @@ pub struct SelectionRescan {
 const FULL_RESCAN_EVERY: Duration = Duration::from_secs(30);
 
 impl SelectionRescan {
-    /// `None` when the selection has no pattern (the kernel does all the work).
+    /// `None` when the selection has no pattern and no `--open-port` (the kernel does all
+    /// the work).
     pub fn take(attached: &mut Attached) -> Result<Option<Self>, LoadError> {
-        if !attached.selection.needs_rescan() {
+        let selection = &attached.selection;
+        if !selection.needs_rescan() && !selection.follows_listeners() {
             return Ok(None);
         }
+        let follows_listeners = selection.follows_listeners();
         let mut take = |name: &str| {
             attached
                 .ebpf
@@ -573,6 +586,13 @@ impl SelectionRescan {
         let gens = take(names::PROC_GEN)?;
         let epoch = take(names::GEN_EPOCH)?;
         let execs = take(names::EXECS)?;
+        let listeners = match follows_listeners {
+            true => Some(
+                aya::maps::Queue::try_from(take(names::LISTENERS)?)
+                    .map_err(|e| select_err(names::LISTENERS, e))?,
+            ),
+            false => None,
+        };
         Ok(Some(Self {
             selection: attached.selection.clone(),
             selected: aya::maps::HashMap::try_from(selected)
@@ -581,13 +601,70 @@ impl SelectionRescan {
             epoch: aya::maps::Array::try_from(epoch)
                 .map_err(|e| select_err(names::GEN_EPOCH, e))?,
             execs: aya::maps::Queue::try_from(execs).map_err(|e| select_err(names::EXECS, e))?,
+            listeners,
             last_full_scan: Instant::now(),
         }))
     }
 
-    /// Selects the matching processes the kernel does not know yet: those that exec'd
-    /// since the last call (queued by the kernel), and every ~30 s all of /proc.
+    /// Selects the matching processes the kernel does not know yet: the children of
+    /// processes it chose at listen() (`--open-port`), and with `--exe` patterns those that
+    /// exec'd since the last call (queued by the kernel) and every ~30 s all of /proc.
     pub fn rescan(&mut self) -> Result<Vec<u32>, LoadError> {
+        let mut added = self.follow_listeners()?;
+        if self.selection.needs_rescan() {
+            added.extend(self.rescan_patterns()?);
+        }
+        Ok(added)
+    }
+
+    /// Children forked by a process before it listened on an `--open-port` port: Node's
+    /// cluster workers, to which the primary hands the connections it accepts. The kernel
+    /// chose the listener at listen() and queued it; its children inherit nothing from
+    /// that, so they are chosen here (a child left out keeps its answer).
+    fn follow_listeners(&mut self) -> Result<Vec<u32>, LoadError> {
+        let Some(queue) = &mut self.listeners else {
+            return Ok(Vec::new());
+        };
+        let mut listeners = Vec::new();
+        // Bounded: the queue's size, twice over.
+        for _ in 0..2048 {
+            match queue.pop(0) {
+                Ok(pid) => listeners.push(pid),
+                Err(_) => break,
+            }
+        }
+        if listeners.is_empty() {
+            return Ok(Vec::new());
+        }
+        let procs = scan_proc(std::path::Path::new("/proc"));
+        let mut added = Vec::new();
+        for pid in children(&procs, &listeners) {
+            if self.selected.get(&pid, 0).is_err() {
+                self.selected
+                    .insert(pid, BY_PORT, 0)
+                    .map_err(|e| select_err(names::SELECTED, e))?;
+                added.push((pid, BY_PORT));
+            }
+        }
+        if !added.is_empty() {
+            bump_generations(&mut self.gens, &added)?;
+            new_epoch(&mut self.epoch)?;
+        }
+        for pid in &listeners {
+            let program = procs.iter().find(|p| p.pid == *pid);
+            let program = program.and_then(|p| p.exe_name.as_deref().or(Some(p.comm.as_str())));
+            let children = children(&procs, &[*pid]);
+            tracing::info!(
+                pid,
+                program = program.unwrap_or_default(),
+                children_added = added.iter().filter(|(c, _)| children.contains(c)).count(),
+                "observing a process that started listening on an --open-port port"
+            );
+        }
+        Ok(added.into_iter().map(|(pid, _)| pid).collect())
+    }
+
+    fn rescan_patterns(&mut self) -> Result<Vec<u32>, LoadError> {
         let mut execd = Vec::new();
         // Bounded: the queue's size, twice over (exec keeps pushing meanwhile).
         for _ in 0..8192 {

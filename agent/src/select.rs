@@ -128,6 +128,12 @@ impl Selection {
         !self.patterns.is_empty()
     }
 
+    /// Processes the kernel chooses at listen() (`--open-port`) are handed to the agent,
+    /// which chooses the children they forked before (`loader::SelectionRescan`).
+    pub fn follows_listeners(&self) -> bool {
+        !self.open_ports.is_empty()
+    }
+
     /// Every process is observed: nothing chosen, nothing left out.
     pub fn is_everything(&self) -> bool {
         !self.is_selective() && self.excluded.is_empty()
@@ -215,7 +221,7 @@ impl Selection {
                     Some((p.pid, BY_PID))
                 } else if runs(&self.names, &self.patterns, p) {
                     Some((p.pid, BY_NAME))
-                } else if listening.contains(&p.pid) {
+                } else if listening.contains(&p.pid) && p.pid != 1 {
                     Some((p.pid, BY_PORT))
                 } else {
                     None
@@ -244,6 +250,16 @@ fn comm_key(name: &str) -> [u8; COMM_LEN] {
     let n = b.len().min(COMM_LEN - 1);
     key[..n].copy_from_slice(&b[..n]);
     key
+}
+
+/// The processes among `procs` whose parent is one of `parents` (never pid 1's: the init
+/// process, which may listen for socket-activated services, is never chosen by port).
+pub fn children(procs: &[ProcEntry], parents: &[u32]) -> Vec<u32> {
+    procs
+        .iter()
+        .filter(|p| p.ppid != 1 && p.pid != p.ppid && parents.contains(&p.ppid))
+        .map(|p| p.pid)
+        .collect()
 }
 
 /// Every process under `proc_root` (normally `/proc`). Processes that vanish while being
@@ -332,7 +348,7 @@ mod tests {
         assert!(s.is_selective());
         // nginx's master and a worker listen; python3 listens too but is left out; wrk is
         // chosen by name already.
-        let listening: HashSet<u32> = [100, 101, 200, 300].into();
+        let listening: HashSet<u32> = [1, 100, 101, 200, 300].into();
         let mut got = s.judge_listening(&host(), &listening);
         got.sort_unstable();
         assert_eq!(
@@ -349,6 +365,17 @@ mod tests {
         assert!(Selection::new(vec![], &[], &[])
             .and_then(|s| s.with_open_ports(&["x".into()]))
             .is_err());
+    }
+
+    #[test]
+    fn children_of_listeners() {
+        let mut c = children(&host(), &[100]);
+        c.sort_unstable();
+        assert_eq!(c, [101, 102]);
+        assert_eq!(children(&host(), &[200, 999]), [201]);
+        assert!(children(&host(), &[300]).is_empty());
+        // Not grandchildren, and never init's children.
+        assert_eq!(children(&host(), &[1, 200]), [201]);
     }
 
     #[test]

@@ -239,7 +239,7 @@ impl CaptureThread {
 /// How often the processes that exec'd are matched against `--exe` patterns.
 const RESCAN_EVERY: Duration = Duration::from_millis(200);
 
-/// The thread that runs [`SelectionRescan`] (only when `--exe` has patterns).
+/// The thread that runs [`SelectionRescan`] (only with `--exe` patterns or `--open-port`).
 pub struct RescanThread {
     stop: mpsc::Sender<()>,
     handle: thread::JoinHandle<()>,
@@ -256,7 +256,7 @@ impl RescanThread {
             .spawn(move || {
                 while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(RESCAN_EVERY) {
                     if let Err(e) = rescan.rescan() {
-                        tracing::warn!(error = %e, "scanning /proc for --exe patterns");
+                        tracing::warn!(error = %e, "scanning /proc for --exe patterns or --open-port");
                     }
                 }
             })
