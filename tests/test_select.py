@@ -222,6 +222,47 @@ def test_open_port_follows_node_cluster_workers_forked_before_the_primary_listen
     assert {e["process.pid"] for e in got} == workers
 
 
+# An HTTP server on an MPTCP listening socket, as Go 1.24+ opens by default where the kernel
+# allows it (plain TCP clients' connections are accepted as plain TCP sockets).
+MPTCP_SERVER = """
+import http.server, socket, sys
+
+class Server(http.server.HTTPServer):
+    def __init__(self, addr, handler):
+        super().__init__(addr, handler, bind_and_activate=False)
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+        self.server_bind()
+        self.server_activate()
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args):
+        pass
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+Server(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def test_open_port_chooses_a_server_listening_on_mptcp(procs):
+    import socket
+    try:
+        socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262).close()
+    except OSError as e:
+        pytest.skip(f"no MPTCP on this kernel: {e}")
+    port = free_port()
+    agent = Agent("watch", "--json", "--port", str(port), "--open-port", str(port))
+    server = procs([PY, "-c", MPTCP_SERVER, port], ready_port=port)
+    assert curl(f"http://127.0.0.1:{port}/mptcp").stdout == "ok"
+    got = finish(agent)
+    assert summary(got) == [("server", "/mptcp", server.pid)], got
+    assert agent.final_count("tapir.kernel.selected_by_open_port") == 1, agent.err[-30:]
+
+
 def test_open_port_refuses_what_is_not_a_port():
     for bad in ("80-70", "http", "0"):
         r = subprocess.run(

@@ -15,7 +15,7 @@ use crate::{
         agent_tgid, choosing, count, exec_queue, open_port, open_ports_on, ringbuf_flags, CONNS,
         EVENTS, EXECS, LISTENERS, SELECTED, SELECT_NAMES,
     },
-    sock::{resolve_fd, FdKind},
+    sock::stream_local_port,
 };
 
 const EINPROGRESS: i64 = -115;
@@ -218,7 +218,7 @@ pub fn tapir_enter_listen(ctx: TracePointContext) -> u32 {
     if unsafe { SELECTED.get(&tgid) }.is_some() {
         return 0;
     }
-    let FdKind::Tcp { local_port, .. } = resolve_fd(arg(&ctx, 0) as u32) else {
+    let Some(local_port) = stream_local_port(arg(&ctx, 0) as u32) else {
         return 0;
     };
     if !open_port(local_port) {

@@ -9,6 +9,9 @@ const S_IFMT: u16 = 0o170000;
 const S_IFSOCK: u16 = 0o140000;
 const SOCK_STREAM: i16 = 1;
 const IPPROTO_TCP: u16 = 6;
+/// Go 1.24+ listens on MPTCP sockets where the kernel allows it; a plain TCP client's
+/// connection is then accepted as a plain TCP socket.
+const IPPROTO_MPTCP: u16 = 262;
 
 pub enum FdKind {
     /// A TCP socket; its 4-tuple is in this CPU's `CONN_SCRATCH` event.
@@ -36,46 +39,71 @@ pub fn resolve_fd(fd: u32) -> FdKind {
     }
 }
 
-unsafe fn try_resolve(fd: u32) -> Result<FdKind, i32> {
+/// The local port of `fd` of the current process when it is a TCP or MPTCP socket (an
+/// MPTCP listener's port is its first subflow's, copied at bind()).
+#[inline(always)]
+pub fn stream_local_port(fd: u32) -> Option<u16> {
+    let (sk, _) = unsafe { stream_sock(fd) }.ok().flatten()?;
+    let protocol = unsafe { sock_protocol(sk) }.ok()?;
+    if protocol != IPPROTO_TCP && protocol != IPPROTO_MPTCP {
+        return None;
+    }
+    unsafe { read(sk, kernel_offset!(skc_num)) }.ok()
+}
+
+/// `struct sock` of `fd`, and its family, when it is an AF_INET/AF_INET6 stream socket.
+#[inline(always)]
+unsafe fn stream_sock(fd: u32) -> Result<Option<(u64, u16)>, i32> {
     let task = unsafe { bpf_get_current_task() };
     let files: u64 = unsafe { read(task, kernel_offset!(task_files))? };
     if files == 0 {
-        return Ok(FdKind::Unknown);
+        return Err(-1);
     }
     let fdt: u64 = unsafe { read(files, kernel_offset!(files_fdt))? };
     let max_fds: u32 = unsafe { read(fdt, kernel_offset!(fdtable_max_fds))? };
     if fd >= max_fds {
-        return Ok(FdKind::Other);
+        return Ok(None);
     }
     let fd_array: u64 = unsafe { read(fdt, kernel_offset!(fdtable_fd))? };
     let file: u64 = unsafe { read(fd_array, fd * 8)? };
     if file == 0 {
-        return Ok(FdKind::Other);
+        return Ok(None);
     }
     let inode: u64 = unsafe { read(file, kernel_offset!(file_f_inode))? };
     let mode: u16 = unsafe { read(inode, kernel_offset!(inode_i_mode))? };
     if mode & S_IFMT != S_IFSOCK {
-        return Ok(FdKind::Other);
+        return Ok(None);
     }
     let socket: u64 = unsafe { read(file, kernel_offset!(file_private_data))? };
     let stype: i16 = unsafe { read(socket, kernel_offset!(socket_type))? };
     if stype != SOCK_STREAM {
-        return Ok(FdKind::Other);
+        return Ok(None);
     }
     let sk: u64 = unsafe { read(socket, kernel_offset!(socket_sk))? };
     if sk == 0 {
-        return Ok(FdKind::Other);
+        return Ok(None);
     }
     let family: u16 = unsafe { read(sk, kernel_offset!(skc_family))? };
     if family != AF_INET && family != AF_INET6 {
-        return Ok(FdKind::Other);
+        return Ok(None);
     }
-    let protocol: u16 = if kernel_offset!(sock_protocol_size) == 1 {
-        unsafe { read::<u8>(sk, kernel_offset!(sock_protocol))? as u16 }
+    Ok(Some((sk, family)))
+}
+
+#[inline(always)]
+unsafe fn sock_protocol(sk: u64) -> Result<u16, i32> {
+    if kernel_offset!(sock_protocol_size) == 1 {
+        Ok(unsafe { read::<u8>(sk, kernel_offset!(sock_protocol))? } as u16)
     } else {
-        unsafe { read(sk, kernel_offset!(sock_protocol))? }
+        unsafe { read(sk, kernel_offset!(sock_protocol)) }
+    }
+}
+
+unsafe fn try_resolve(fd: u32) -> Result<FdKind, i32> {
+    let Some((sk, family)) = (unsafe { stream_sock(fd)? }) else {
+        return Ok(FdKind::Other);
     };
-    if protocol != IPPROTO_TCP {
+    if unsafe { sock_protocol(sk)? } != IPPROTO_TCP {
         return Ok(FdKind::Other);
     }
     let local_port: u16 = unsafe { read(sk, kernel_offset!(skc_num))? };
