@@ -514,8 +514,17 @@ fn add_chosen<T: BorrowMut<MapData>>(
     procs: &[ProcEntry],
     listening: &HashSet<u32>,
 ) -> Result<Vec<(u32, u8)>, LoadError> {
+    add_new(selected, selection.judge_listening(procs, listening))
+}
+
+/// Puts each of `chosen` (pid, why) that the kernel has no answer for yet into
+/// `TAPIR_SELECTED`; returns those put in.
+fn add_new<T: BorrowMut<MapData>>(
+    selected: &mut aya::maps::HashMap<T, u32, u8>,
+    chosen: impl IntoIterator<Item = (u32, u8)>,
+) -> Result<Vec<(u32, u8)>, LoadError> {
     let mut added = Vec::new();
-    for (pid, why) in selection.judge_listening(procs, listening) {
+    for (pid, why) in chosen {
         if selected.get(&pid, 0).is_err() {
             selected
                 .insert(pid, why, 0)
@@ -625,38 +634,22 @@ impl SelectionRescan {
         let Some(queue) = &mut self.listeners else {
             return Ok(Vec::new());
         };
-        let mut listeners = Vec::new();
         // Bounded: the queue's size, twice over.
-        for _ in 0..2048 {
-            match queue.pop(0) {
-                Ok(pid) => listeners.push(pid),
-                Err(_) => break,
-            }
-        }
+        let listeners = drain(queue, 2048);
         if listeners.is_empty() {
             return Ok(Vec::new());
         }
         let procs = scan_proc(std::path::Path::new("/proc"));
-        let mut added = Vec::new();
-        for pid in children(&procs, &listeners) {
-            if self.selected.get(&pid, 0).is_err() {
-                self.selected
-                    .insert(pid, BY_PORT, 0)
-                    .map_err(|e| select_err(names::SELECTED, e))?;
-                added.push((pid, BY_PORT));
-            }
-        }
-        if !added.is_empty() {
-            bump_generations(&mut self.gens, &added)?;
-            new_epoch(&mut self.epoch)?;
-        }
+        let chosen = children(&procs, &listeners)
+            .into_iter()
+            .map(|pid| (pid, BY_PORT));
+        let added = add_new(&mut self.selected, chosen)?;
+        self.invalidate(&added)?;
         for pid in &listeners {
-            let program = procs.iter().find(|p| p.pid == *pid);
-            let program = program.and_then(|p| p.exe_name.as_deref().or(Some(p.comm.as_str())));
             let children = children(&procs, &[*pid]);
             tracing::info!(
                 pid,
-                program = program.unwrap_or_default(),
+                program = program_of(&procs, *pid),
                 children_added = added.iter().filter(|(c, _)| children.contains(c)).count(),
                 "observing a process that started listening on an --open-port port"
             );
@@ -664,15 +657,19 @@ impl SelectionRescan {
         Ok(added.into_iter().map(|(pid, _)| pid).collect())
     }
 
-    fn rescan_patterns(&mut self) -> Result<Vec<u32>, LoadError> {
-        let mut execd = Vec::new();
-        // Bounded: the queue's size, twice over (exec keeps pushing meanwhile).
-        for _ in 0..8192 {
-            match self.execs.pop(0) {
-                Ok(pid) => execd.push(pid),
-                Err(_) => break,
-            }
+    /// Processes just put in may have fds cached under the old answer: their generations
+    /// are bumped, and every CPU made to re-read them.
+    fn invalidate(&mut self, added: &[(u32, u8)]) -> Result<(), LoadError> {
+        if !added.is_empty() {
+            bump_generations(&mut self.gens, added)?;
+            new_epoch(&mut self.epoch)?;
         }
+        Ok(())
+    }
+
+    fn rescan_patterns(&mut self) -> Result<Vec<u32>, LoadError> {
+        // Bounded: the queue's size, twice over (exec keeps pushing meanwhile).
+        let mut execd = drain(&mut self.execs, 8192);
         let procs = if self.last_full_scan.elapsed() >= FULL_RESCAN_EVERY {
             self.last_full_scan = Instant::now();
             scan_proc(std::path::Path::new("/proc"))
@@ -687,21 +684,29 @@ impl SelectionRescan {
             return Ok(Vec::new());
         }
         let added = add_chosen(&mut self.selected, &self.selection, &procs, &HashSet::new())?;
-        if !added.is_empty() {
-            bump_generations(&mut self.gens, &added)?;
-            new_epoch(&mut self.epoch)?;
-        }
+        self.invalidate(&added)?;
         for (pid, _) in &added {
-            let program = procs.iter().find(|p| p.pid == *pid);
-            let program = program.and_then(|p| p.exe_name.as_deref().or(Some(p.comm.as_str())));
             tracing::info!(
                 pid,
-                program = program.unwrap_or_default(),
+                program = program_of(&procs, *pid),
                 "observing a process an --exe pattern matches"
             );
         }
         Ok(added.into_iter().map(|(pid, _)| pid).collect())
     }
+}
+
+/// Up to `max` pids from a queue the kernel fills.
+fn drain(queue: &mut aya::maps::Queue<MapData, u32>, max: usize) -> Vec<u32> {
+    (0..max).map_while(|_| queue.pop(0).ok()).collect()
+}
+
+/// What to call process `pid` in a log line: its executable's name, else its `comm`.
+fn program_of(procs: &[ProcEntry], pid: u32) -> &str {
+    procs
+        .iter()
+        .find(|p| p.pid == pid)
+        .map_or("", |p| p.exe_name.as_deref().unwrap_or(&p.comm))
 }
 
 /// Whether sock_ops programs may call `bpf_get_current_pid_tgid` (Linux 6.10 and later):

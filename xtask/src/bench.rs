@@ -217,14 +217,7 @@ pub fn run(root: &Path, bin: &Path, quick: bool) -> Result<()> {
     let nginx = Nginx::start(root, &work.join("nginx"))?;
     let mut agent_args = vec!["--port".to_string(), nginx.port.to_string()];
     if let Some(r) = &receiver {
-        agent_args.extend([
-            "--exporter".into(),
-            "otlp".into(),
-            "--otlp-protocol".into(),
-            "grpc".into(),
-            "--otlp-endpoint".into(),
-            format!("http://127.0.0.1:{}", r.grpc_port),
-        ]);
+        agent_args.extend(exporter_args("grpc", r.grpc_port));
     }
     machine["exporter"] = json!(if otlp {
         "OTLP/gRPC to a local receiver (tapir-otlp-sink); keep-alive also over OTLP/HTTP"
@@ -456,6 +449,20 @@ fn wait_quiet(max_s: f64) -> f64 {
     }
 }
 
+/// `tapir run`'s flags to export over OTLP `protocol` to the local receiver's `port`.
+fn exporter_args(protocol: &str, port: u16) -> Vec<String> {
+    [
+        "--exporter",
+        "otlp",
+        "--otlp-protocol",
+        protocol,
+        "--otlp-endpoint",
+        &format!("http://127.0.0.1:{port}"),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 fn proc_cpu(pid: Option<u32>) -> f64 {
     pid.and_then(sys::proc_cpu_s).unwrap_or(0.0)
 }
@@ -520,14 +527,7 @@ fn one_run(ctx: &mut Ctx, close: bool, variant: Variant, pair: usize) -> Result<
         }
         if let (true, Some(port)) = (otlp_http, ctx.receiver.as_ref().and_then(|r| r.http_port)) {
             args.truncate(2); // --port P
-            args.extend([
-                "--exporter".into(),
-                "otlp".into(),
-                "--otlp-protocol".into(),
-                "http/protobuf".into(),
-                "--otlp-endpoint".into(),
-                format!("http://127.0.0.1:{port}"),
-            ]);
+            args.extend(exporter_args("http/protobuf", port));
         }
         let envs: &[(&str, &str)] = if sampled { &SAMPLED_ENV } else { &[] };
         let a = Agent::start(&ctx.bin, &args, envs, &log)?;

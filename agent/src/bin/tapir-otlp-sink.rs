@@ -185,6 +185,12 @@ fn count_spans(request: &[u8]) -> Option<usize> {
     Some(n)
 }
 
+fn gunzip(packed: &[u8]) -> std::io::Result<Bytes> {
+    let mut inflated = Vec::new();
+    flate2::read::GzDecoder::new(packed).read_to_end(&mut inflated)?;
+    Ok(inflated.into())
+}
+
 /// Splits a gRPC request body into its length-prefixed messages, inflating gzip ones.
 fn grpc_messages(mut body: Bytes, gzip: bool) -> Result<Vec<Bytes>> {
     let mut out = Vec::new();
@@ -202,11 +208,7 @@ fn grpc_messages(mut body: Bytes, gzip: bool) -> Result<Vec<Bytes>> {
             if !gzip {
                 bail!("compressed frame without grpc-encoding: gzip");
             }
-            let mut inflated = Vec::new();
-            flate2::read::GzDecoder::new(&frame[..])
-                .read_to_end(&mut inflated)
-                .context("gunzip")?;
-            out.push(inflated.into());
+            out.push(gunzip(&frame).context("gunzip")?);
         } else {
             out.push(frame);
         }
@@ -318,15 +320,7 @@ async fn serve_http_request(
                 HTTP_METRICS => METRICS,
                 other => other,
             };
-            let message = if gzip {
-                let mut inflated = Vec::new();
-                flate2::read::GzDecoder::new(&body[..])
-                    .read_to_end(&mut inflated)
-                    .map(|_| Bytes::from(inflated))
-                    .ok()
-            } else {
-                Some(body)
-            };
+            let message = if gzip { gunzip(&body).ok() } else { Some(body) };
             match message {
                 Some(m) => http_status(counts.record(path, &m).err().unwrap_or(GRPC_OK)),
                 None => 400,
