@@ -263,6 +263,45 @@ def test_open_port_chooses_a_server_listening_on_mptcp(procs):
     assert agent.final_count("tapir.kernel.selected_by_open_port") == 1, agent.err[-30:]
 
 
+# A server that listens without bind(): the kernel picks an ephemeral port inside listen(),
+# as servers asking for "port 0" without binding do; the port is printed once known.
+NO_BIND_SERVER = """
+import http.server, sys
+
+class Server(http.server.HTTPServer):
+    def server_bind(self):
+        pass
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args):
+        pass
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+server = Server(None, Handler)
+print(server.socket.getsockname()[1], flush=True)
+server.serve_forever()
+"""
+
+
+def test_open_port_chooses_a_server_whose_port_listen_picked(procs):
+    """No bind() before listen(): the port exists only once listen() returns, so the kernel
+    program reads it at the syscall's exit. --open-port covers the ephemeral range."""
+    low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    agent = Agent("watch", "--json", "--open-port", f"{low}-{high}")
+    server = procs([PY, "-c", NO_BIND_SERVER])
+    port = int(server.wait_for(lambda l: l.strip().isdigit(), stream="out", what="its port"))
+    assert int(low) <= port <= int(high), port
+    assert curl(f"http://127.0.0.1:{port}/no-bind").stdout == "ok"
+    got = [e for e in finish(agent) if e["process.pid"] == server.pid]
+    assert summary(got) == [("server", "/no-bind", server.pid)], got
+    assert agent.final_count("tapir.kernel.selected_by_open_port") >= 1, agent.err[-30:]
+
+
 def test_open_port_refuses_what_is_not_a_port():
     for bad in ("80-70", "http", "0"):
         r = subprocess.run(

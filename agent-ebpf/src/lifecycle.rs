@@ -10,7 +10,7 @@ use aya_log_ebpf::debug;
 
 use crate::{
     conn::{bump_gen, emit_conn, header, track_new},
-    data::arg,
+    data::{arg, syscall_fd},
     maps::{
         agent_tgid, choosing, count, exec_queue, open_port, open_ports_on, ringbuf_flags, CONNS,
         EVENTS, EXECS, LISTENERS, SELECTED, SELECT_NAMES,
@@ -202,12 +202,16 @@ fn reselect_at_exec(tgid: u32) {
     }
 }
 
-/// syscalls/sys_enter_listen: with `--open-port`, a process that starts listening on one of
+/// syscalls/sys_exit_listen: with `--open-port`, a process that starts listening on one of
 /// those ports becomes observed, and what it forks from then on (nginx's and gunicorn's
-/// workers). At entry the socket is bound, so its port is known; a process already chosen,
-/// or left out (which wins), keeps its answer.
+/// workers). At exit the port is known even when listen() bound it itself (no bind()
+/// before: an ephemeral port), and still before the first accept; a failed listen chooses
+/// nobody. A process already chosen, or left out (which wins), keeps its answer.
 #[tracepoint]
-pub fn tapir_enter_listen(ctx: TracePointContext) -> u32 {
+pub fn tapir_exit_listen(ctx: TracePointContext) -> u32 {
+    if arg(&ctx, 0) != 0 {
+        return 0;
+    }
     let (_, tgid) = current();
     // Never init: it listens for socket-activated services, and what it forks would all
     // inherit the choice.
@@ -218,7 +222,7 @@ pub fn tapir_enter_listen(ctx: TracePointContext) -> u32 {
     if unsafe { SELECTED.get(&tgid) }.is_some() {
         return 0;
     }
-    let Some(local_port) = stream_local_port(arg(&ctx, 0) as u32) else {
+    let Some(local_port) = syscall_fd(&ctx).and_then(stream_local_port) else {
         return 0;
     };
     if !open_port(local_port) {

@@ -76,7 +76,7 @@ pub static SELECTED: HashMap<u32, u8> = HashMap::with_max_entries(65536, 0);
 pub static SELECT_NAMES: HashMap<[u8; select::COMM_LEN], u8> = HashMap::with_max_entries(256, 0);
 
 /// `--open-port`: a bit per TCP port (`select::OPEN_PORT_WORDS` words); a process that
-/// starts listening on one of them becomes observed (`lifecycle::tapir_enter_listen`).
+/// starts listening on one of them becomes observed (`lifecycle::tapir_exit_listen`).
 #[map(name = "TAPIR_OPEN_PORTS")]
 pub static OPEN_PORTS: Array<[u64; select::OPEN_PORT_WORDS]> = Array::with_max_entries(1, 0);
 

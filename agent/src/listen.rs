@@ -1,5 +1,5 @@
 //! `--open-port`: which processes listen on the given TCP ports. Processes that start
-//! listening later are caught by the kernel at listen() (`tapir_enter_listen`); this module
+//! listening later are caught by the kernel at listen() (`tapir_exit_listen`); this module
 //! finds those already listening when Tapir starts, from /proc.
 use std::{
     collections::{HashMap, HashSet},

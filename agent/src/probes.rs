@@ -140,8 +140,8 @@ pub const PROBES: &[Probe] = &[
         "fds closed with close_range() may be misclassified",
     ),
     tp(
-        "tapir_enter_listen",
-        "sys_enter_listen",
+        "tapir_exit_listen",
+        "sys_exit_listen",
         false,
         "with --open-port, processes that start listening after start are not observed",
     ),
