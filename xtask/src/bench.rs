@@ -18,6 +18,7 @@
 //!    (`agent/src/bin/tapir-replay.rs`), on one core.
 //! 5. Agent memory with 10k idle keep-alive connections, then across 1,000 short-lived
 //!    client processes.
+//! 6. What programs the agent does not trace pay per hooked syscall (`syscalls`).
 //!
 //! Results: a Markdown table on stdout and in target/bench/results.md, raw numbers in
 //! target/bench/results.json, logs in target/bench/work/. Environment: `TAPIR_BENCH_BIN`
@@ -27,6 +28,7 @@ mod rate;
 mod services;
 mod stats;
 mod sys;
+mod syscalls;
 
 use std::{
     fs,
@@ -86,6 +88,9 @@ struct Config {
     /// Fixed-rate keep-alive (1b): baseline/agent pairs, seconds per run.
     rate_pairs: usize,
     rate_secs: u32,
+    /// Other programs' syscalls (6): groups, bytes `dd` copies one at a time per run.
+    syscall_groups: usize,
+    syscall_bytes: u64,
 }
 
 impl Config {
@@ -118,6 +123,8 @@ impl Config {
                 otlp_http: true,
                 rate_pairs: 2,
                 rate_secs: 3,
+                syscall_groups: 2,
+                syscall_bytes: 300_000,
             }
         } else {
             Self {
@@ -144,6 +151,8 @@ impl Config {
                 otlp_http: true,
                 rate_pairs: 5,
                 rate_secs: 8,
+                syscall_groups: 3,
+                syscall_bytes: 1_000_000,
             }
         }
     }
@@ -278,6 +287,7 @@ struct Results {
     pipeline: Vec<Value>,
     pipeline_profiles: Vec<Profile>,
     memory: Option<MemoryBench>,
+    syscalls: Option<syscalls::SyscallBench>,
     errors: Vec<String>,
 }
 
@@ -337,6 +347,10 @@ fn run_all(ctx: &mut Ctx, tools: &BenchTools) -> Result<Results> {
             Ok(())
         });
     }
+    attempt("6) syscalls of programs not traced", &mut res, &mut |r| {
+        r.syscalls = Some(syscalls::syscall_bench(ctx)?);
+        Ok(())
+    });
     attempt(
         "5) memory: idle connections and process churn",
         &mut res,
@@ -1680,6 +1694,10 @@ fn render(r: &Results) -> String {
             m.churn_failures,
             mib(m.ringbuf_rss_kib)
         ));
+    }
+    if let Some(b) = &r.syscalls {
+        md.push_str("\n### 6) What other programs pay\n");
+        syscalls::table(&mut md, b);
     }
     if !r.errors.is_empty() {
         md.push_str("\n### Errors\n\n");
