@@ -1,7 +1,7 @@
 //! `http.route` without the application's help: user-given route patterns first, else a
 //! heuristic that replaces identifier-like path segments with `*`, and a per-service cap on
 //! distinct routes so that a raw path never becomes an unbounded metric attribute.
-use std::{fmt, num::NonZeroUsize, str::FromStr, sync::Arc};
+use std::{fmt, hash::BuildHasher, num::NonZeroUsize, str::FromStr, sync::Arc};
 
 use lru::LruCache;
 
@@ -239,6 +239,25 @@ pub struct RouteTable {
     overflow: Arc<str>,
     /// The route being computed (its capacity is reused).
     scratch: String,
+    /// Recent answers: a service asks for the same few paths again and again, and a known
+    /// answer costs a hash and two compares instead of the heuristic's byte loops and two
+    /// table lookups. Direct-mapped (a path replaces the one in its slot, reusing its
+    /// strings' capacity); overflow answers are not kept, so a path the cap turned away
+    /// is asked again.
+    memo: Vec<Memo>,
+    hasher: foldhash::fast::RandomState,
+}
+
+/// Slots of [`RouteTable::memo`] (a power of two).
+const MEMO_SLOTS: usize = 256;
+/// Longer paths are not kept in the memo (its memory stays under ~100 KiB).
+const MEMO_MAX_PATH: usize = 256;
+
+#[derive(Default)]
+struct Memo {
+    service: String,
+    path: String,
+    route: Option<Route>,
 }
 
 type RouteSet = hashbrown::HashSet<Arc<str>, foldhash::fast::RandomState>;
@@ -267,6 +286,10 @@ impl RouteTable {
             seen: LruCache::new(NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN)),
             overflow: Arc::from(OVERFLOW_ROUTE),
             scratch: String::new(),
+            memo: std::iter::repeat_with(Memo::default)
+                .take(MEMO_SLOTS)
+                .collect(),
+            hasher: foldhash::fast::RandomState::default(),
         }
     }
 
@@ -275,6 +298,36 @@ impl RouteTable {
     /// has `max_per_service` other heuristic routes. `None` when the path is not
     /// origin-form.
     pub fn route(&mut self, service: &str, path: &str) -> Option<Route> {
+        if path.len() > MEMO_MAX_PATH {
+            return self.resolve(service, path);
+        }
+        // A power of two: MEMO_SLOTS (fewer in tests, to force collisions).
+        let slot = self.hasher.hash_one((service, path)) as usize & (self.memo.len() - 1);
+        if let Some(Memo {
+            service: s,
+            path: p,
+            route: Some(known),
+        }) = self.memo.get(slot)
+        {
+            if p == path && s == service {
+                return Some(known.clone());
+            }
+        }
+        let route = self.resolve(service, path);
+        if let (Some(r), Some(memo)) = (&route, self.memo.get_mut(slot)) {
+            if !r.overflow {
+                memo.service.clear();
+                memo.service.push_str(service);
+                memo.path.clear();
+                memo.path.push_str(path);
+                memo.route = Some(r.clone());
+            }
+        }
+        route
+    }
+
+    /// [`RouteTable::route`] without the memo.
+    fn resolve(&mut self, service: &str, path: &str) -> Option<Route> {
         if let Some((_, text)) = self.patterns.iter().find(|(p, _)| p.matches(path)) {
             return Some(Route {
                 route: text.clone(),
@@ -538,6 +591,60 @@ mod tests {
                 }
                 prop_assert!(distinct.len() <= cap + 1);
             }
+
+            /// The memo never changes an answer: a twin table that always computes gives
+            /// the same route for every exchange, overflow included, across slot reuse
+            /// (far more paths than slots) and with a user pattern.
+            #[test]
+            fn memo_answers_as_computing_would(
+                asks in prop::collection::vec((0usize..3, 0usize..40, any::<bool>()), 1..400),
+                cap in 1usize..12,
+                extra in prop::collection::vec(path(), 0..300),
+                slots in prop_oneof![Just(1usize), Just(2), Just(MEMO_SLOTS)],
+            ) {
+                let pattern = || vec!["/users/{id}".parse::<RoutePattern>().unwrap()];
+                let mut memo = RouteTable::new(pattern(), cap);
+                memo.memo.truncate(slots);
+                let mut twin = RouteTable::new(pattern(), cap);
+                let services = ["svc", "other", "svc2"];
+                // A few paths asked again and again, between one-offs that take their slots.
+                let repeated: Vec<String> = (0..40)
+                    .map(|i| match i % 4 {
+                        0 => format!("/users/{i}"),
+                        1 => format!("/api/v{}/items/{}", i % 3, i * 7),
+                        2 => format!("/static/f{i}.css"),
+                        _ => format!("/r{}/x", i % 9),
+                    })
+                    .collect();
+                let mut extra = extra.iter();
+                for (s, i, one_off) in asks {
+                    let p = if one_off { extra.next().unwrap_or(&repeated[i]) } else { &repeated[i] };
+                    let (a, b) = (memo.route(services[s], p), twin.resolve(services[s], p));
+                    prop_assert_eq!(a, b, "{} {}", services[s], p);
+                }
+            }
         }
+    }
+
+    #[test]
+    fn memo_keeps_known_routes_but_asks_again_after_an_overflow() {
+        let mut t = RouteTable::new(Vec::new(), 1);
+        let first = t.route("svc", "/a/1").unwrap();
+        assert_eq!(&*first.route, "/a/*");
+        // Served from the memo: the same shared string.
+        assert!(Arc::ptr_eq(
+            &t.route("svc", "/a/1").unwrap().route,
+            &first.route
+        ));
+        assert!(t.route("svc", "/b").unwrap().overflow);
+        assert!(t.route("svc", "/b").unwrap().overflow);
+        // Another service has its own cap and its own memo entries.
+        assert_eq!(&*t.route("other", "/b").unwrap().route, "/b");
+        assert!(
+            t.route("svc", &format!("/{}", "x".repeat(MEMO_MAX_PATH)))
+                .unwrap()
+                .overflow
+        );
+        assert_eq!(t.route("svc", "*"), None);
     }
 }
