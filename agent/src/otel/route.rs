@@ -243,7 +243,8 @@ pub struct RouteTable {
     /// answer costs a hash and two compares instead of the heuristic's byte loops and two
     /// table lookups. Direct-mapped (a path replaces the one in its slot, reusing its
     /// strings' capacity); overflow answers are not kept, so a path the cap turned away
-    /// is asked again.
+    /// is asked again. A hit does not refresh the service in `seen`: past 1,024 services a
+    /// busy one's set may be dropped and its cap counted afresh, by at most these slots.
     memo: Vec<Memo>,
     hasher: foldhash::fast::RandomState,
 }
