@@ -302,6 +302,59 @@ def test_open_port_chooses_a_server_whose_port_listen_picked(procs):
     assert agent.final_count("tapir.kernel.selected_by_open_port") >= 1, agent.err[-30:]
 
 
+# Listens on the port given, then execs the program given, which serves HTTP on the
+# inherited listening socket (as a launcher that binds, then execs its server, does).
+SERVE_FD = """
+import http.server, socket, sys
+
+class Server(http.server.HTTPServer):
+    def __init__(self, fd, handler):
+        super().__init__(None, handler, bind_and_activate=False)
+        self.socket = socket.socket(fileno=fd)
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *args):
+        pass
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+print("serving", flush=True)
+Server(int(sys.argv[1]), Handler).serve_forever()
+"""
+LISTEN_THEN_EXEC = f"""
+import os, socket, sys
+port, program = int(sys.argv[1]), sys.argv[2]
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", port))
+s.listen(16)
+os.set_inheritable(s.fileno(), True)
+os.execv(program, [program, "-c", {SERVE_FD!r}, str(s.fileno())])
+"""
+
+
+def test_open_port_listener_stays_chosen_across_exec_into_a_program_not_named(procs, tmp_path):
+    """A program named by --exe listens on an --open-port port, then execs a program not
+    named, which serves on the inherited socket: chosen by port at listen(), it stays
+    chosen (by name alone, the exec would have dropped it)."""
+    port = free_port()
+    other = tmp_path / "pyserve"  # comm "pyserve": not named
+    other.symlink_to(os.path.realpath(PY))
+    agent = Agent("watch", "--json", "--port", str(port), "--exe", PY_COMM, "--open-port", str(port))
+    server = procs([PY, "-c", LISTEN_THEN_EXEC, port, other])
+    server.wait_for(lambda l: l.strip() == "serving", stream="out", what="the exec'd server")
+    assert Path(f"/proc/{server.pid}/comm").read_text().strip() == "pyserve"
+    assert curl(f"http://127.0.0.1:{port}/after-exec").stdout == "ok"
+    got = finish(agent)
+    assert summary(got) == [("server", "/after-exec", server.pid)], got
+    # Chosen by name first: the listen() changed only the reason, it chose nobody new.
+    assert agent.final_count("tapir.kernel.selected_by_open_port") == 0, agent.err[-30:]
+
+
 def test_open_port_refuses_what_is_not_a_port():
     for bad in ("80-70", "http", "0"):
         r = subprocess.run(

@@ -34,7 +34,9 @@ pub mod select {
     /// re-judged by name at exec().
     pub const EXCLUDED: u8 = 3;
     /// Listens on a port given with `--open-port` (or was forked by such a process): stays
-    /// selected across exec(), as a listening socket may.
+    /// selected across exec(), as a listening socket may, even into a program not named
+    /// (a process chosen by name that listens there becomes this). Only `--exclude-exe`
+    /// takes it back.
     pub const BY_PORT: u8 = 4;
     /// `TAPIR_OPEN_PORTS`: one bit per TCP port, in u64 words.
     pub const OPEN_PORT_WORDS: usize = 65536 / 64;

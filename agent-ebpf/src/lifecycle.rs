@@ -187,15 +187,19 @@ fn reselect_at_exec(tgid: u32) {
     let comm = bpf_get_current_comm().unwrap_or_default();
     // SAFETY: plain lookups.
     let named = unsafe { SELECT_NAMES.get(&comm).copied() };
-    let why = unsafe { SELECTED.get(&tgid).copied() };
+    // 0: not selected. Plain integers: comparing Options of u8 let LLVM read a register
+    // the verifier considers unset when the lookup found nothing.
+    let why = unsafe { SELECTED.get(&tgid).copied() }.unwrap_or(0);
+    // A pid the user named, or a listener on an --open-port port (it keeps its socket
+    // across exec), stays as it is unless its new program is left out.
+    let sticky = why == select::BY_PID || why == select::BY_PORT;
     match named {
-        // Left out wins; a pid the user named otherwise stays as it is.
-        Some(n) if n == select::EXCLUDED || why != Some(select::BY_PID) => {
+        Some(n) if n == select::EXCLUDED || !sticky => {
             let _ = SELECTED.insert(&tgid, &n, 0);
         }
         Some(_) => {}
         // A named (or left-out) program's child that now runs something else.
-        None if why == Some(select::BY_NAME) || why == Some(select::EXCLUDED) => {
+        None if why == select::BY_NAME || why == select::EXCLUDED => {
             let _ = SELECTED.remove(&tgid);
         }
         None => {}
@@ -206,7 +210,8 @@ fn reselect_at_exec(tgid: u32) {
 /// those ports becomes observed, and what it forks from then on (nginx's and gunicorn's
 /// workers). At exit the port is known even when listen() bound it itself (no bind()
 /// before: an ephemeral port), and still before the first accept; a failed listen chooses
-/// nobody. A process already chosen, or left out (which wins), keeps its answer.
+/// nobody. A process chosen by name becomes chosen by port (which survives an exec into a
+/// program not named); one chosen by pid, or left out (which wins), keeps its answer.
 #[tracepoint]
 pub fn tapir_exit_listen(ctx: TracePointContext) -> u32 {
     if arg(&ctx, 0) != 0 {
@@ -219,7 +224,8 @@ pub fn tapir_exit_listen(ctx: TracePointContext) -> u32 {
         return 0;
     }
     // SAFETY: plain lookup.
-    if unsafe { SELECTED.get(&tgid) }.is_some() {
+    let why = unsafe { SELECTED.get(&tgid).copied() }.unwrap_or(0);
+    if why != 0 && why != select::BY_NAME {
         return 0;
     }
     let Some(local_port) = syscall_fd(&ctx).and_then(stream_local_port) else {
@@ -229,6 +235,10 @@ pub fn tapir_exit_listen(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let _ = SELECTED.insert(&tgid, &select::BY_PORT, 0);
+    if why != 0 {
+        // Already observed, and so are its children: only the reason changes.
+        return 0;
+    }
     // Its fds may be cached as not observed (accepted before it listened on this port).
     bump_gen(tgid);
     // BPF_EXIST: when full, the oldest entry makes room.

@@ -219,10 +219,12 @@ impl Selection {
                     Some((p.pid, EXCLUDED))
                 } else if descends_from_named(p.pid) {
                     Some((p.pid, BY_PID))
+                } else if listening.contains(&p.pid) && p.pid != 1 {
+                    // Before names: a listener keeps its socket across exec, so it stays
+                    // chosen when it runs a program not named (the kernel's rule too).
+                    Some((p.pid, BY_PORT))
                 } else if runs(&self.names, &self.patterns, p) {
                     Some((p.pid, BY_NAME))
-                } else if listening.contains(&p.pid) && p.pid != 1 {
-                    Some((p.pid, BY_PORT))
                 } else {
                     None
                 }
@@ -347,7 +349,7 @@ mod tests {
             .unwrap();
         assert!(s.is_selective());
         // nginx's master and a worker listen; python3 listens too but is left out; wrk is
-        // chosen by name already.
+        // named and listens: chosen by port, which outlives an exec.
         let listening: HashSet<u32> = [1, 100, 101, 200, 300].into();
         let mut got = s.judge_listening(&host(), &listening);
         got.sort_unstable();
@@ -357,7 +359,7 @@ mod tests {
                 (100, BY_PORT),
                 (101, BY_PORT),
                 (200, EXCLUDED),
-                (300, BY_NAME)
+                (300, BY_PORT)
             ]
         );
         // Without listeners, only names decide.
