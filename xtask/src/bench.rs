@@ -1696,7 +1696,6 @@ fn render(r: &Results) -> String {
         ));
     }
     if let Some(b) = &r.syscalls {
-        md.push_str("\n### 6) What other programs pay\n");
         syscalls::table(&mut md, b);
     }
     if !r.errors.is_empty() {

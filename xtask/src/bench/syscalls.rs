@@ -172,7 +172,7 @@ fn dd(ctx: &Ctx, bytes: u64) -> Result<(f64, f64)> {
 /// The section of results.md.
 pub fn table(md: &mut String, b: &SyscallBench) {
     md.push_str(&format!(
-        "\n#### 6) Programs the agent does not trace: `dd bs=1` copying {} bytes from /dev/zero to /dev/null ({} read + write calls, not on sockets), on CPU {CLIENT_CPU}\n\n",
+        "\n### 6) What programs the agent does not trace pay: `dd bs=1` copying {} bytes from /dev/zero to /dev/null ({} read + write calls, not on sockets), on CPU {CLIENT_CPU}\n\n",
         b.bytes,
         2 * b.bytes
     ));
