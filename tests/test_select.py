@@ -222,17 +222,9 @@ def test_open_port_follows_node_cluster_workers_forked_before_the_primary_listen
     assert {e["process.pid"] for e in got} == workers
 
 
-# An HTTP server on an MPTCP listening socket, as Go 1.24+ opens by default where the kernel
-# allows it (plain TCP clients' connections are accepted as plain TCP sockets).
-MPTCP_SERVER = """
+# The servers below answer every GET with "ok" (one keep-alive response).
+OK_HANDLER = """
 import http.server, socket, sys
-
-class Server(http.server.HTTPServer):
-    def __init__(self, addr, handler):
-        super().__init__(addr, handler, bind_and_activate=False)
-        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
-        self.server_bind()
-        self.server_activate()
 
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -243,6 +235,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", "2")
         self.end_headers()
         self.wfile.write(b"ok")
+
+"""
+
+
+# An HTTP server on an MPTCP listening socket, as Go 1.24+ opens by default where the kernel
+# allows it (plain TCP clients' connections are accepted as plain TCP sockets).
+MPTCP_SERVER = OK_HANDLER + """
+class Server(http.server.HTTPServer):
+    def __init__(self, addr, handler):
+        super().__init__(addr, handler, bind_and_activate=False)
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
+        self.server_bind()
+        self.server_activate()
 
 Server(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
 """
@@ -265,22 +270,10 @@ def test_open_port_chooses_a_server_listening_on_mptcp(procs):
 
 # A server that listens without bind(): the kernel picks an ephemeral port inside listen(),
 # as servers asking for "port 0" without binding do; the port is printed once known.
-NO_BIND_SERVER = """
-import http.server, sys
-
+NO_BIND_SERVER = OK_HANDLER + """
 class Server(http.server.HTTPServer):
     def server_bind(self):
         pass
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *args):
-        pass
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
 
 server = Server(None, Handler)
 print(server.socket.getsockname()[1], flush=True)
@@ -304,23 +297,11 @@ def test_open_port_chooses_a_server_whose_port_listen_picked(procs):
 
 # Listens on the port given, then execs the program given, which serves HTTP on the
 # inherited listening socket (as a launcher that binds, then execs its server, does).
-SERVE_FD = """
-import http.server, socket, sys
-
+SERVE_FD = OK_HANDLER + """
 class Server(http.server.HTTPServer):
     def __init__(self, fd, handler):
         super().__init__(None, handler, bind_and_activate=False)
         self.socket = socket.socket(fileno=fd)
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def log_message(self, *args):
-        pass
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"ok")
 
 print("serving", flush=True)
 Server(int(sys.argv[1]), Handler).serve_forever()
