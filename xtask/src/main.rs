@@ -39,7 +39,7 @@ enum Cmd {
     },
     /// Benchmarks: overhead on observed services and the agent's own cost.
     Bench {
-        /// A smoke run: two short groups of each benchmark (about 5 minutes).
+        /// A smoke run: two short groups of each benchmark (about 6 minutes).
         #[arg(long)]
         quick: bool,
     },
