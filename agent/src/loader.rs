@@ -640,17 +640,21 @@ impl SelectionRescan {
             return Ok(Vec::new());
         }
         let procs = scan_proc(std::path::Path::new("/proc"));
-        let chosen = children(&procs, &listeners)
-            .into_iter()
-            .map(|pid| (pid, BY_PORT));
+        // Each listener's children, found once: chosen together, then logged per listener.
+        let families: Vec<(u32, Vec<u32>)> = listeners
+            .iter()
+            .map(|&pid| (pid, children(&procs, &[pid])))
+            .collect();
+        let chosen = families
+            .iter()
+            .flat_map(|(_, kids)| kids.iter().map(|&pid| (pid, BY_PORT)));
         let added = add_new(&mut self.selected, chosen)?;
         self.invalidate(&added)?;
-        for pid in &listeners {
-            let children = children(&procs, &[*pid]);
+        for (pid, kids) in &families {
             tracing::info!(
                 pid,
                 program = program_of(&procs, *pid),
-                children_added = added.iter().filter(|(c, _)| children.contains(c)).count(),
+                children_added = added.iter().filter(|(c, _)| kids.contains(c)).count(),
                 "observing a process that started listening on an --open-port port"
             );
         }
