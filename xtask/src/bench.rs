@@ -180,6 +180,20 @@ struct Ctx {
     mine: Vec<u32>,
 }
 
+impl Ctx {
+    /// `tapir run ARGS` with `envs`, logging to `agent-NN-{tag}.log` in the work directory
+    /// (NN counts the agents started), and remembered as ours.
+    fn start_agent(&mut self, tag: &str, args: &[String], envs: &[(&str, &str)]) -> Result<Agent> {
+        self.agents_started += 1;
+        let log = self
+            .work
+            .join(format!("agent-{:02}-{tag}.log", self.agents_started));
+        let agent = Agent::start(&self.bin, args, envs, &log)?;
+        self.mine.push(agent.pid);
+        Ok(agent)
+    }
+}
+
 pub fn run(root: &Path, bin: &Path, quick: bool) -> Result<()> {
     if !crate::is_root() {
         bail!("the benchmarks load eBPF programs: run `cargo xtask bench` as root");
@@ -518,10 +532,8 @@ fn one_run(ctx: &mut Ctx, close: bool, variant: Variant, pair: usize) -> Result<
     };
     let waited = wait_quiet(ctx.cfg.quiet_wait_s);
     let mut agent = if agent_on {
-        ctx.agents_started += 1;
-        let log = ctx.work.join(format!(
-            "agent-{:02}-{}{}.log",
-            ctx.agents_started,
+        let tag = format!(
+            "{}{}",
             if close { "close" } else { "keepalive" },
             match variant {
                 Variant::CaptureOnly => "-capture-only",
@@ -530,7 +542,7 @@ fn one_run(ctx: &mut Ctx, close: bool, variant: Variant, pair: usize) -> Result<
                 Variant::OtlpHttp => "-otlp-http",
                 _ => "",
             }
-        ));
+        );
         let mut args = ctx.agent_args.clone();
         if capture_only {
             args.truncate(2); // --port P
@@ -544,9 +556,7 @@ fn one_run(ctx: &mut Ctx, close: bool, variant: Variant, pair: usize) -> Result<
             args.extend(exporter_args("http/protobuf", port));
         }
         let envs: &[(&str, &str)] = if sampled { &SAMPLED_ENV } else { &[] };
-        let a = Agent::start(&ctx.bin, &args, envs, &log)?;
-        ctx.mine.push(a.pid);
-        Some(a)
+        Some(ctx.start_agent(&tag, &args, envs)?)
     } else {
         None
     };
@@ -1185,12 +1195,8 @@ const AGENT_IDLE_SWEEP: Duration = Duration::from_secs(5);
 fn memory_bench(ctx: &mut Ctx) -> Result<MemoryBench> {
     let cfg = ctx.cfg.clone();
     wait_quiet(cfg.quiet_wait_s);
-    ctx.agents_started += 1;
-    let log = ctx
-        .work
-        .join(format!("agent-{:02}-memory.log", ctx.agents_started));
-    let agent = Agent::start(&ctx.bin, &ctx.agent_args, &[], &log)?;
-    ctx.mine.push(agent.pid);
+    let args = ctx.agent_args.clone();
+    let agent = ctx.start_agent("memory", &args, &[])?;
     let pid = agent.pid;
     let mem = || Mem::read(pid).unwrap_or_default();
     let settle = || thread::sleep(Duration::from_millis(1500));

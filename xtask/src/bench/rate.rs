@@ -99,23 +99,17 @@ fn one_rate_run(
     let mut agent = if variant == RateVariant::Baseline {
         None
     } else {
-        ctx.agents_started += 1;
-        let log = ctx.work.join(format!(
-            "agent-{:02}-rate{}.log",
-            ctx.agents_started,
-            if variant == RateVariant::NginxOnly {
-                "-nginx-only"
-            } else {
-                ""
-            }
-        ));
+        let nginx_only = variant == RateVariant::NginxOnly;
         let mut args = ctx.agent_args.clone();
-        if variant == RateVariant::NginxOnly {
+        if nginx_only {
             args.extend(["--exe".into(), "nginx".into()]);
         }
-        let a = Agent::start(&ctx.bin, &args, &[], &log)?;
-        ctx.mine.push(a.pid);
-        Some(a)
+        let tag = if nginx_only {
+            "rate-nginx-only"
+        } else {
+            "rate"
+        };
+        Some(ctx.start_agent(tag, &args, &[])?)
     };
     let spans0 = match &mut ctx.receiver {
         Some(r) => r.counts()?.spans,

@@ -15,12 +15,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use super::{
-    or_stop,
-    services::{Agent, CLIENT_CPU},
-    stats::Summary,
-    sys, wait_quiet, Ctx,
-};
+use super::{or_stop, services::CLIENT_CPU, stats::Summary, sys, wait_quiet, Ctx};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Who {
@@ -106,20 +101,17 @@ fn one_run(ctx: &mut Ctx, bytes: u64, who: Who, group: usize) -> Result<SyscallR
     let mut agent = match who {
         Who::Baseline => None,
         Who::Observed | Who::LeftOut => {
-            ctx.agents_started += 1;
             let left_out = who == Who::LeftOut;
-            let log = ctx.work.join(format!(
-                "agent-{:02}-syscalls{}.log",
-                ctx.agents_started,
-                if left_out { "-left-out" } else { "" }
-            ));
             let mut args = ctx.agent_args.clone();
             if left_out {
                 args.extend(["--exe".into(), "nginx".into()]);
             }
-            let a = Agent::start(&ctx.bin, &args, &[], &log)?;
-            ctx.mine.push(a.pid);
-            Some(a)
+            let tag = if left_out {
+                "syscalls-left-out"
+            } else {
+                "syscalls"
+            };
+            Some(ctx.start_agent(tag, &args, &[])?)
         }
     };
     let run = or_stop(dd(ctx, bytes), &mut agent)?;
