@@ -675,9 +675,51 @@ def test_prometheus_endpoint(py_server):
         assert [float(x) for x in les[:-1]] == BOUNDS and les[-1] == "+Inf", les
         values = [v for _, v in series]
         assert values == sorted(values) and values[-1] == count, series
-    # Self metrics are exposed too.
+    # Self metrics are exposed too; the kernel programs' costs only with --ebpf-stats.
     assert any(name.startswith("tapir_exchanges") and v >= len(sent) for name, _, v in samples), text
+    assert "tapir_ebpf_program" not in text, text
     finish(agent)
+
+
+def program_costs(samples):
+    """{program: [runs, run time in ns]} from the tapir_ebpf_program_* samples."""
+    out = {}
+    for name, labels, value in samples:
+        for i, family in enumerate(["tapir_ebpf_program_runs_total", "tapir_ebpf_program_run_time_nanoseconds_total"]):
+            if name == family:
+                out.setdefault(labels["program"], [0, 0])[i] = int(value)
+    return out
+
+
+def test_ebpf_stats_report_what_each_kernel_program_costs(py_server):
+    """--ebpf-stats: every loaded program's runs and time, as the kernel counts them, on
+    /metrics and in the exit log. The Python server reads each request with recvfrom and
+    writes its head and body with two sendto calls, so those programs ran at least that
+    often (other processes' calls only add to it)."""
+    server, port = py_server()
+    prom = free_port()
+    agent = Agent("run", "--exporter", "none", "--ebpf-stats", "--prometheus-port", str(prom), "--port", str(port))
+    wait_port(prom)
+    before = program_costs(parse_prometheus(scrape(prom)[1]))
+    assert {"tapir_exit_recvfrom", "tapir_exit_sendto", "tapir_sched_exec", "tapir_sock_ops"} <= before.keys(), before
+    n = 20
+    for i in range(n):
+        get(port, f"/items/{i}", expect=200)
+    after = program_costs(parse_prometheus(scrape(prom)[1]))
+    assert after.keys() == before.keys()
+    for program, calls in [("tapir_exit_recvfrom", n), ("tapir_exit_sendto", 2 * n)]:
+        runs = after[program][0] - before[program][0]
+        ns = after[program][1] - before[program][1]
+        assert runs >= calls, (program, runs, after[program])
+        # Timed by the kernel: a run takes well under a millisecond, and not nothing.
+        assert 0 < ns / runs < 1_000_000, (program, runs, ns)
+    for program, (runs, ns) in after.items():
+        assert runs >= before[program][0] and ns >= before[program][1], program
+    finish(agent)
+    logged = [l for l in agent.err if "kernel program cost" in l and 'program="tapir_exit_recvfrom"' in l]
+    assert len(logged) == 1, agent.err[-30:]
+    runs = int(logged[0].split(" runs=")[1].split()[0])
+    assert runs >= after["tapir_exit_recvfrom"][0], logged
 
 
 # Standard OTEL_* configuration of the agent itself -------------------------------------

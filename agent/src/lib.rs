@@ -20,6 +20,7 @@ pub mod otel;
 pub mod pipeline;
 pub mod probes;
 pub mod process;
+pub mod program_stats;
 pub mod rearm;
 pub mod select;
 pub mod stats;

@@ -30,6 +30,9 @@ macro_rules! counters {
             pub http_drops: [AtomicU64; DropReason::COUNT],
             /// traceparent injection outcomes, by `agent_common::inject_counter` index.
             pub inject: [AtomicU64; INJECT_COUNT],
+            /// The kernel programs' run counts and times (set after loading, with
+            /// `--ebpf-stats`).
+            pub programs: std::sync::OnceLock<crate::program_stats::ProgramStats>,
         }
 
         impl Stats {

@@ -96,6 +96,13 @@ pub struct RunArgs {
         default_value_t = 10
     )]
     pub shutdown_timeout: u64,
+    /// Measure what each of Tapir's kernel programs costs, as OBI's bpf_probe metrics do:
+    /// switches on the kernel's BPF run-time statistics while the agent runs, and exports
+    /// each program's runs and time (tapir.ebpf.program.runs, tapir.ebpf.program.run_time
+    /// in ns, by program; also logged at exit). While they are on, the kernel times every
+    /// run of every BPF program on the host, which adds tens of nanoseconds to each.
+    #[arg(long, env = "TAPIR_EBPF_STATS")]
+    pub ebpf_stats: bool,
 }
 
 fn parse_protocol(s: &str) -> Result<OtlpProtocol, String> {
@@ -211,6 +218,15 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let mut inject = args.inject.clone();
     inject.default_on = true;
     let mut attached = attach(&args.capture, &inject, &args.ports)?;
+    if args.ebpf_stats {
+        match tapir::program_stats::ProgramStats::enable(&attached.ebpf) {
+            Ok(p) => {
+                tracing::info!("kernel program statistics on: exported as tapir.ebpf.program.*");
+                let _ = stats.programs.set(p);
+            }
+            Err(e) => eprintln!("tapir: warning: --ebpf-stats: {e}"),
+        }
+    }
     let ring = super::take_ring(&mut attached)?;
     let logger = super::take_logger(&mut attached);
     let maps = super::PipelineMaps::take(&mut attached);

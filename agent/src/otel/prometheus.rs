@@ -29,6 +29,7 @@ pub fn metric_name(name: &str, unit: &str, counter: bool) -> String {
     let suffix = match unit {
         "s" => "_seconds",
         "ms" => "_milliseconds",
+        "ns" => "_nanoseconds",
         "By" => "_bytes",
         _ => "",
     };
@@ -318,6 +319,15 @@ mod tests {
         assert_eq!(
             metric_name("tapir.exchanges", "", true),
             "tapir_exchanges_total"
+        );
+        assert_eq!(
+            metric_name("tapir.ebpf.program.run_time", "ns", true),
+            "tapir_ebpf_program_run_time_nanoseconds_total"
+        );
+        // Annotations ({run}) are not units: no suffix.
+        assert_eq!(
+            metric_name("tapir.ebpf.program.runs", "{run}", true),
+            "tapir_ebpf_program_runs_total"
         );
     }
 

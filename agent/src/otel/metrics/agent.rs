@@ -28,6 +28,7 @@ pub type QueueLen = Arc<dyn Fn() -> u64 + Send + Sync>;
 struct CounterPoint {
     name: &'static str,
     description: &'static str,
+    unit: &'static str,
     attr: Option<(&'static str, &'static str)>,
     value: u64,
 }
@@ -101,6 +102,7 @@ impl AgentMetrics {
         let point = |name, description, attr, value| CounterPoint {
             name,
             description,
+            unit: "",
             attr,
             value,
         };
@@ -177,6 +179,31 @@ impl AgentMetrics {
         ] {
             v.push(point(name, description, None, OtelStats::get(c)));
         }
+        if let Some(programs) = self.capture.programs.get() {
+            let costs = programs.read();
+            for c in &costs {
+                v.push(CounterPoint {
+                    unit: "{run}",
+                    ..point(
+                        "tapir.ebpf.program.runs",
+                        "Runs of each of the agent's kernel programs (with --ebpf-stats)",
+                        Some(("program", c.program)),
+                        c.runs,
+                    )
+                });
+            }
+            for c in &costs {
+                v.push(CounterPoint {
+                    unit: "ns",
+                    ..point(
+                        "tapir.ebpf.program.run_time",
+                        "Time spent in each of the agent's kernel programs, as the kernel measures it (with --ebpf-stats)",
+                        Some(("program", c.program)),
+                        c.run_time_ns,
+                    )
+                });
+            }
+        }
         v
     }
 
@@ -227,6 +254,7 @@ impl AgentMetrics {
             metrics.push(Metric {
                 name: p.name.to_string(),
                 description: p.description.to_string(),
+                unit: p.unit.to_string(),
                 data: Some(metric::Data::Sum(Sum {
                     data_points: vec![dp],
                     aggregation_temporality: temporality,
