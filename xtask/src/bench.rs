@@ -19,11 +19,14 @@
 //! 5. Agent memory with 10k idle keep-alive connections, then across 1,000 short-lived
 //!    client processes.
 //! 6. What programs the agent does not trace pay per hooked syscall (`syscalls`).
+//! 7. What each kernel program spends per keep-alive request, as the kernel counts it
+//!    (`tapir run --ebpf-stats`; `programs`).
 //!
 //! Results: a Markdown table on stdout and in target/bench/results.md, raw numbers in
 //! target/bench/results.json, logs in target/bench/work/. Environment: `TAPIR_BENCH_BIN`
 //! benchmarks another tapir binary; `TAPIR_BENCH_PROFILE=0|1` skips or forces the callgrind
 //! profile (default: full runs only). BENCHMARKS.md says how to read the numbers.
+mod programs;
 mod rate;
 mod services;
 mod stats;
@@ -91,6 +94,8 @@ struct Config {
     /// Other programs' syscalls (6): groups, bytes `dd` copies one at a time per run.
     syscall_groups: usize,
     syscall_bytes: u64,
+    /// Kernel programs' own time (7): keep-alive runs with `--ebpf-stats`.
+    program_runs: usize,
 }
 
 impl Config {
@@ -125,6 +130,7 @@ impl Config {
                 rate_secs: 3,
                 syscall_groups: 2,
                 syscall_bytes: 300_000,
+                program_runs: 1,
             }
         } else {
             Self {
@@ -153,6 +159,7 @@ impl Config {
                 rate_secs: 8,
                 syscall_groups: 3,
                 syscall_bytes: 1_000_000,
+                program_runs: 3,
             }
         }
     }
@@ -302,6 +309,7 @@ struct Results {
     pipeline_profiles: Vec<Profile>,
     memory: Option<MemoryBench>,
     syscalls: Option<syscalls::SyscallBench>,
+    programs: Option<programs::ProgramBench>,
     errors: Vec<String>,
 }
 
@@ -365,6 +373,14 @@ fn run_all(ctx: &mut Ctx, tools: &BenchTools) -> Result<Results> {
         r.syscalls = Some(syscalls::syscall_bench(ctx)?);
         Ok(())
     });
+    attempt(
+        "7) kernel programs' own time (--ebpf-stats)",
+        &mut res,
+        &mut |r| {
+            r.programs = Some(programs::program_bench(ctx)?);
+            Ok(())
+        },
+    );
     attempt(
         "5) memory: idle connections and process churn",
         &mut res,
@@ -1703,6 +1719,9 @@ fn render(r: &Results) -> String {
     }
     if let Some(b) = &r.syscalls {
         syscalls::table(&mut md, b);
+    }
+    if let Some(b) = &r.programs {
+        programs::table(&mut md, b);
     }
     if !r.errors.is_empty() {
         md.push_str("\n### Errors\n\n");

@@ -114,6 +114,16 @@ pub struct AgentExit {
     /// From the exporter's last log line: spans exported and dropped over the agent's life.
     pub spans_exported: Option<u64>,
     pub spans_dropped: Option<u64>,
+    /// `kernel program cost` lines of the log (with `--ebpf-stats`).
+    pub programs: Vec<ProgramCost>,
+}
+
+/// One kernel program's runs and time over the agent's life, from its exit log.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ProgramCost {
+    pub program: String,
+    pub runs: u64,
+    pub run_time_ns: u64,
 }
 
 impl Agent {
@@ -189,6 +199,7 @@ impl Agent {
             counters: final_counters(&self.log),
             spans_exported,
             spans_dropped,
+            programs: program_costs(&self.log),
         })
     }
 }
@@ -196,21 +207,36 @@ impl Agent {
 /// `... final count counter="tapir.events.received" value=123` → (name, value).
 fn final_counters(log: &Path) -> Vec<(String, u64)> {
     let text = fs::read_to_string(log).unwrap_or_default();
-    let mut out = Vec::new();
-    for l in text.lines().filter(|l| l.contains("final count")) {
-        let field = |key: &str| -> Option<String> {
-            let i = l.find(key)? + key.len();
-            let rest = l[i..].trim_start_matches('"');
-            let end = rest.find(['"', ' ']).unwrap_or(rest.len());
-            Some(rest[..end].to_string())
-        };
-        if let (Some(name), Some(v)) = (field("counter="), field("value=")) {
-            if let Ok(v) = v.parse() {
-                out.push((name, v));
-            }
-        }
-    }
-    out
+    text.lines()
+        .filter(|l| l.contains("final count"))
+        .filter_map(|l| {
+            let name = log_field(l, "counter=")?;
+            Some((name.to_string(), log_field(l, "value=")?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The `kernel program cost` lines of the log (`--ebpf-stats`).
+fn program_costs(log: &Path) -> Vec<ProgramCost> {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains("kernel program cost"))
+        .filter_map(|l| {
+            Some(ProgramCost {
+                program: log_field(l, "program=")?.to_string(),
+                runs: log_field(l, "runs=")?.parse().ok()?,
+                run_time_ns: log_field(l, "run_time_ns=")?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// The value of ` key=value` (or ` key="value"`) in a log line.
+fn log_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let at = line.find(&format!(" {key}"))? + key.len() + 1;
+    let rest = line[at..].trim_start_matches('"');
+    let end = rest.find(['"', ' ']).unwrap_or(rest.len());
+    Some(&rest[..end])
 }
 
 /// `telemetry flushed: 411375 spans exported, 312389 dropped in total` → (exported, dropped).
@@ -457,7 +483,12 @@ Transfer/sec:      2.48MB
         fs::write(
             &log,
             "2026 INFO tapir: final count counter=\"tapir.exchanges\" value=42\n\
-             2026 INFO tapir: final count counter=tapir.events.received value=7\n",
+             2026 INFO tapir: final count counter=tapir.events.received value=7\n\
+             2026 INFO tapir::cmd: kernel program cost program=\"tapir_exit_writev\" runs=453011 \
+             run_time_ns=216801716 mean_ns=478\n\
+             2026 INFO tapir::cmd: kernel program cost program=\"tapir_exit_read\" runs=0 \
+             run_time_ns=0 mean_ns=0\n\
+             2026 INFO tapir::cmd: kernel program cost program=\"broken\" runs=x run_time_ns=1\n",
         )
         .unwrap();
         fs::write(
@@ -474,6 +505,18 @@ Transfer/sec:      2.48MB
             vec![
                 ("tapir.exchanges".to_string(), 42),
                 ("tapir.events.received".to_string(), 7)
+            ]
+        );
+        let cost = |program: &str, runs, run_time_ns| ProgramCost {
+            program: program.into(),
+            runs,
+            run_time_ns,
+        };
+        assert_eq!(
+            program_costs(&log),
+            vec![
+                cost("tapir_exit_writev", 453011, 216801716),
+                cost("tapir_exit_read", 0, 0)
             ]
         );
         let _ = fs::remove_dir_all(dir);

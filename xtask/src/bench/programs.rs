@@ -1,0 +1,214 @@
+//! Benchmark 7: what each kernel program spends per keep-alive request, as the kernel
+//! itself measures it. The agent runs with `--ebpf-stats` (capture only, both ends
+//! observed) while wrk drives nginx, and its exit log gives each program's runs and time.
+//! nginx reads requests with `recvfrom` and writes responses with `writev`; wrk writes with
+//! `write` and reads with `read`: the programs split the cost between server and client.
+//!
+//! Unlike the rows of 1, which subtract two noisy CPU figures, this one is a direct count,
+//! steady to a few percent. The statistics add to what they measure (the kernel reads its
+//! clock around every run), so no other benchmark runs with them.
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+
+use super::{
+    or_stop,
+    services::{wrk, ProgramCost},
+    stats::Summary,
+    wait_quiet, Ctx,
+};
+
+/// Programs that ran less often than this per request (accept, close, exec…) are left out
+/// of the table; their time still counts in the total.
+const MIN_RUNS_PER_REQUEST: f64 = 0.05;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgramRun {
+    requests: u64,
+    /// Over the agent's life: start-up and shutdown add a few calls to wrk's millions.
+    costs: Vec<ProgramCost>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgramRow {
+    program: String,
+    runs_per_request: Summary,
+    ns_per_run: Summary,
+    ns_per_request: Summary,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProgramBench {
+    rows: Vec<ProgramRow>,
+    /// Every program's time, over the requests.
+    total_ns_per_request: Summary,
+    runs: Vec<ProgramRun>,
+}
+
+pub fn program_bench(ctx: &mut Ctx) -> Result<ProgramBench> {
+    let mut runs = Vec::new();
+    for _ in 0..ctx.cfg.program_runs {
+        wait_quiet(ctx.cfg.quiet_wait_s);
+        let mut args = ctx.agent_args.clone();
+        args.truncate(2); // --port P
+        args.extend(["--exporter", "none", "--ebpf-stats"].map(String::from));
+        let mut agent = Some(ctx.start_agent("ebpf-stats", &args, &[])?);
+        let w = wrk(&ctx.nginx.url(), ctx.cfg.ka_conns, ctx.cfg.ka_secs, false);
+        let w = or_stop(w, &mut agent)?;
+        let exit = match agent {
+            Some(a) => a.stop()?,
+            None => bail!("the agent is gone"),
+        };
+        if exit.programs.is_empty() {
+            bail!("the agent logged no kernel program costs: was --ebpf-stats refused?");
+        }
+        eprintln!(
+            "xtask: bench:   {} requests, kernel programs {:.0} ns/request",
+            w.requests,
+            total_ns(&exit.programs) as f64 / w.requests.max(1) as f64
+        );
+        runs.push(ProgramRun {
+            requests: w.requests,
+            costs: exit.programs,
+        });
+    }
+    Ok(summarize(runs))
+}
+
+fn total_ns(costs: &[ProgramCost]) -> u64 {
+    costs.iter().map(|c| c.run_time_ns).sum()
+}
+
+fn summarize(runs: Vec<ProgramRun>) -> ProgramBench {
+    let per_req = |r: &ProgramRun, v: u64| v as f64 / r.requests.max(1) as f64;
+    let mut names: Vec<&str> = Vec::new();
+    for c in runs.iter().flat_map(|r| &r.costs) {
+        if !names.contains(&c.program.as_str()) {
+            names.push(&c.program);
+        }
+    }
+    let rows = names
+        .into_iter()
+        .filter_map(|program| {
+            let of_runs: Vec<(&ProgramRun, &ProgramCost)> = runs
+                .iter()
+                .filter_map(|r| Some((r, r.costs.iter().find(|c| c.program == program)?)))
+                .collect();
+            let summary = |f: &dyn Fn(&ProgramRun, &ProgramCost) -> f64| {
+                Summary::of(&of_runs.iter().map(|(r, c)| f(r, c)).collect::<Vec<_>>())
+            };
+            let row = ProgramRow {
+                program: program.to_string(),
+                runs_per_request: summary(&|r, c| per_req(r, c.runs)),
+                ns_per_run: summary(&|_, c| c.run_time_ns as f64 / c.runs.max(1) as f64),
+                ns_per_request: summary(&|r, c| per_req(r, c.run_time_ns)),
+            };
+            (row.runs_per_request.median >= MIN_RUNS_PER_REQUEST).then_some(row)
+        })
+        .collect();
+    let totals: Vec<f64> = runs
+        .iter()
+        .map(|r| per_req(r, total_ns(&r.costs)))
+        .collect();
+    ProgramBench {
+        rows,
+        total_ns_per_request: Summary::of(&totals),
+        runs,
+    }
+}
+
+/// The section of results.md.
+pub fn table(md: &mut String, b: &ProgramBench) {
+    md.push_str(&format!(
+        "\n### 7) What the kernel programs spend per keep-alive request, as the kernel measures it (`--ebpf-stats`, capture only, both ends observed; {} runs)\n\n",
+        b.runs.len()
+    ));
+    md.push_str("nginx reads with `recvfrom` and writes with `writev`; wrk writes with `write` and reads with `read`. Median (min … max) over runs. The statistics themselves add a little to each run.\n\n| program | runs per request | ns per run | ns per request |\n|---|---|---|---|\n");
+    for r in &b.rows {
+        md.push_str(&format!(
+            "| `{}` | {} | {} | {} |\n",
+            r.program,
+            r.runs_per_request.show(2),
+            r.ns_per_run.show(0),
+            r.ns_per_request.show(0)
+        ));
+    }
+    md.push_str(&format!(
+        "| all programs | | | {} |\n",
+        b.total_ns_per_request.show(0)
+    ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(requests: u64, costs: &[(&str, u64, u64)]) -> ProgramRun {
+        ProgramRun {
+            requests,
+            costs: costs
+                .iter()
+                .map(|&(program, runs, run_time_ns)| ProgramCost {
+                    program: program.into(),
+                    runs,
+                    run_time_ns,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn costs_are_per_request_and_rare_programs_only_count_in_the_total() {
+        let b = summarize(vec![
+            run(
+                1000,
+                &[
+                    ("tapir_exit_recvfrom", 1000, 400_000),
+                    ("tapir_exit_writev", 1000, 500_000),
+                    ("tapir_exit_accept4", 16, 16_000),
+                ],
+            ),
+            run(
+                2000,
+                &[
+                    ("tapir_exit_recvfrom", 2000, 760_000),
+                    ("tapir_exit_writev", 2000, 1_000_000),
+                    ("tapir_exit_accept4", 16, 16_000),
+                ],
+            ),
+        ]);
+        let names: Vec<&str> = b.rows.iter().map(|r| r.program.as_str()).collect();
+        assert_eq!(names, ["tapir_exit_recvfrom", "tapir_exit_writev"]);
+        let recv = &b.rows[0];
+        assert!((recv.runs_per_request.median - 1.0).abs() < 1e-9);
+        assert!((recv.ns_per_run.min - 380.0).abs() < 1e-9);
+        assert!((recv.ns_per_run.max - 400.0).abs() < 1e-9);
+        assert!((recv.ns_per_request.median - 390.0).abs() < 1e-9);
+        // 916 and 888 ns per request, accept4's 16 and 8 included.
+        assert!((b.total_ns_per_request.min - 888.0).abs() < 1e-9);
+        assert!((b.total_ns_per_request.max - 916.0).abs() < 1e-9);
+        let mut md = String::new();
+        table(&mut md, &b);
+        assert!(
+            md.contains("| `tapir_exit_recvfrom` | 1.00 (1.00 … 1.00) | 390 (380 … 400) | 390 (380 … 400) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| all programs | | | 902 (888 … 916) |"),
+            "{md}"
+        );
+        assert!(!md.contains("accept4"), "{md}");
+    }
+
+    #[test]
+    fn a_program_missing_from_a_run_is_summarized_over_the_others() {
+        let b = summarize(vec![
+            run(100, &[("a", 100, 1000)]),
+            run(100, &[("a", 100, 3000), ("b", 100, 500)]),
+        ]);
+        assert_eq!(b.rows[0].ns_per_run.n, 2);
+        assert_eq!(b.rows[1].program, "b");
+        assert_eq!(b.rows[1].ns_per_run.n, 1);
+        assert!((b.total_ns_per_request.median - 22.5).abs() < 1e-9);
+    }
+}
