@@ -22,6 +22,12 @@ pub fn monotonic_now_ns() -> u64 {
     now_ns(libc::CLOCK_MONOTONIC) as u64
 }
 
+/// CLOCK_MONOTONIC_COARSE in whole seconds: the time at the last tick (a few ms behind),
+/// read from the vDSO without a TSC read; for once-a-second bookkeeping on hot paths.
+pub fn coarse_monotonic_secs() -> u64 {
+    (now_ns(libc::CLOCK_MONOTONIC_COARSE) / 1_000_000_000) as u64
+}
+
 impl MonoToWall {
     pub fn new() -> Self {
         let mut c = Self { offset_ns: 0 };
