@@ -300,6 +300,22 @@ pub fn check_host() -> Vec<Check> {
         without: "traceparent injection (sock_ops attaches to a cgroup v2)",
         core: false,
     });
+    // Switched on and straight off again: the statistics only cost while someone holds them.
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime);
+    checks.push(Check {
+        feature: "BPF run-time statistics".into(),
+        status: if stats.is_ok() {
+            Status::Ok
+        } else {
+            Status::Missing
+        },
+        detail: match stats {
+            Ok(_) => "BPF_ENABLE_STATS".into(),
+            Err(e) => e.to_string(),
+        },
+        without: "--ebpf-stats (what each kernel program costs) needs `sysctl -w kernel.bpf_stats_enabled=1`",
+        core: false,
+    });
     // The test programs above are small; the real ones can still be refused (stack size,
     // verifier complexity): load them all, as `tapir run` does, and attach none.
     let verified = if loader::has_embedded_object() {
