@@ -4,6 +4,9 @@
 //! nginx reads requests with `recvfrom` and writes responses with `writev`; wrk writes with
 //! `write` and reads with `read`: the programs split the cost between server and client.
 //!
+//! A second run observes nginx alone (`--exe nginx`): wrk's calls then stop at the process
+//! check, and nginx's programs no longer share the ring buffer with another CPU.
+//!
 //! Unlike the rows of 1, which subtract two noisy CPU figures, this one is a direct count,
 //! steady to a few percent. The statistics add to what they measure (the kernel reads its
 //! clock around every run), so no other benchmark runs with them.
@@ -24,6 +27,8 @@ const MIN_RUNS_PER_REQUEST: f64 = 0.05;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ProgramRun {
+    /// `--exe nginx`: wrk's side left out.
+    nginx_only: bool,
     requests: u64,
     /// Over the agent's life: start-up and shutdown add a few calls to wrk's millions.
     costs: Vec<ProgramCost>,
@@ -37,49 +42,78 @@ pub struct ProgramRow {
     ns_per_request: Summary,
 }
 
+/// The programs of one way of running the agent, summarized over its runs.
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct ProgramBench {
+pub struct ProgramRows {
     rows: Vec<ProgramRow>,
     /// Every program's time, over the requests.
     total_ns_per_request: Summary,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProgramBench {
+    both_ends: ProgramRows,
+    nginx_only: ProgramRows,
     runs: Vec<ProgramRun>,
 }
 
 pub fn program_bench(ctx: &mut Ctx) -> Result<ProgramBench> {
     let mut runs = Vec::new();
-    for _ in 0..ctx.cfg.program_runs {
-        wait_quiet(ctx.cfg.quiet_wait_s);
-        let mut args = ctx.agent_args.clone();
-        args.truncate(2); // --port P
-        args.extend(["--exporter", "none", "--ebpf-stats"].map(String::from));
-        let mut agent = Some(ctx.start_agent("ebpf-stats", &args, &[])?);
-        let w = wrk(&ctx.nginx.url(), ctx.cfg.ka_conns, ctx.cfg.ka_secs, false);
-        let w = or_stop(w, &mut agent)?;
-        let exit = match agent {
-            Some(a) => a.stop()?,
-            None => bail!("the agent is gone"),
-        };
-        if exit.programs.is_empty() {
-            bail!("the agent logged no kernel program costs: was --ebpf-stats refused?");
+    for i in 0..ctx.cfg.program_runs {
+        let mut order = [false, true];
+        order.rotate_left(i % 2);
+        for nginx_only in order {
+            runs.push(one_run(ctx, nginx_only)?);
         }
-        eprintln!(
-            "xtask: bench:   {} requests, kernel programs {:.0} ns/request",
-            w.requests,
-            total_ns(&exit.programs) as f64 / w.requests.max(1) as f64
-        );
-        runs.push(ProgramRun {
-            requests: w.requests,
-            costs: exit.programs,
-        });
     }
-    Ok(summarize(runs))
+    Ok(ProgramBench {
+        both_ends: summarize(runs.iter().filter(|r| !r.nginx_only)),
+        nginx_only: summarize(runs.iter().filter(|r| r.nginx_only)),
+        runs,
+    })
+}
+
+fn one_run(ctx: &mut Ctx, nginx_only: bool) -> Result<ProgramRun> {
+    wait_quiet(ctx.cfg.quiet_wait_s);
+    let mut args = ctx.agent_args.clone();
+    args.truncate(2); // --port P
+    args.extend(["--exporter", "none", "--ebpf-stats"].map(String::from));
+    if nginx_only {
+        args.extend(["--exe", "nginx"].map(String::from));
+    }
+    let tag = if nginx_only {
+        "ebpf-stats-nginx-only"
+    } else {
+        "ebpf-stats"
+    };
+    let mut agent = Some(ctx.start_agent(tag, &args, &[])?);
+    let w = wrk(&ctx.nginx.url(), ctx.cfg.ka_conns, ctx.cfg.ka_secs, false);
+    let w = or_stop(w, &mut agent)?;
+    let exit = match agent {
+        Some(a) => a.stop()?,
+        None => bail!("the agent is gone"),
+    };
+    if exit.programs.is_empty() {
+        bail!("the agent logged no kernel program costs: was --ebpf-stats refused?");
+    }
+    eprintln!(
+        "xtask: bench:   {tag}: {} requests, kernel programs {:.0} ns/request",
+        w.requests,
+        total_ns(&exit.programs) as f64 / w.requests.max(1) as f64
+    );
+    Ok(ProgramRun {
+        nginx_only,
+        requests: w.requests,
+        costs: exit.programs,
+    })
 }
 
 fn total_ns(costs: &[ProgramCost]) -> u64 {
     costs.iter().map(|c| c.run_time_ns).sum()
 }
 
-fn summarize(runs: Vec<ProgramRun>) -> ProgramBench {
+fn summarize<'a>(runs: impl Iterator<Item = &'a ProgramRun>) -> ProgramRows {
+    let runs: Vec<&ProgramRun> = runs.collect();
     let per_req = |r: &ProgramRun, v: u64| v as f64 / r.requests.max(1) as f64;
     let mut names: Vec<&str> = Vec::new();
     for c in runs.iter().flat_map(|r| &r.costs) {
@@ -92,7 +126,7 @@ fn summarize(runs: Vec<ProgramRun>) -> ProgramBench {
         .filter_map(|program| {
             let of_runs: Vec<(&ProgramRun, &ProgramCost)> = runs
                 .iter()
-                .filter_map(|r| Some((r, r.costs.iter().find(|c| c.program == program)?)))
+                .filter_map(|&r| Some((r, r.costs.iter().find(|c| c.program == program)?)))
                 .collect();
             let summary = |f: &dyn Fn(&ProgramRun, &ProgramCost) -> f64| {
                 Summary::of(&of_runs.iter().map(|(r, c)| f(r, c)).collect::<Vec<_>>())
@@ -110,32 +144,50 @@ fn summarize(runs: Vec<ProgramRun>) -> ProgramBench {
         .iter()
         .map(|r| per_req(r, total_ns(&r.costs)))
         .collect();
-    ProgramBench {
+    ProgramRows {
         rows,
         total_ns_per_request: Summary::of(&totals),
-        runs,
     }
 }
 
-/// The section of results.md.
+/// The section of results.md: a row per program that runs with most requests (in either
+/// way of running the agent).
 pub fn table(md: &mut String, b: &ProgramBench) {
     md.push_str(&format!(
-        "\n### 7) What the kernel programs spend per keep-alive request, as the kernel measures it (`--ebpf-stats`, capture only, both ends observed; {} runs)\n\n",
-        b.runs.len()
+        "\n### 7) What the kernel programs spend per keep-alive request, as the kernel measures it (`--ebpf-stats`, capture only; {} runs each)\n\n",
+        b.runs.len() / 2
     ));
-    md.push_str("nginx reads with `recvfrom` and writes with `writev`; wrk writes with `write` and reads with `read`. Median (min … max) over runs. The statistics themselves add a little to each run.\n\n| program | runs per request | ns per run | ns per request |\n|---|---|---|---|\n");
-    for r in &b.rows {
+    md.push_str("nginx reads with `recvfrom` and writes with `writev`; wrk writes with `write` and reads with `read`. Both ends observed (the agent as configured), then nginx alone (`--exe nginx`: wrk's calls stop at the process check, and only nginx's CPU writes to the ring buffer). Median (min … max) over runs. The statistics themselves add a little to each run.\n\n| program | runs per request | ns per run, both ends | ns per request, both ends | ns per run, nginx alone |\n|---|---|---|---|---|\n");
+    let mut names: Vec<&str> = b
+        .both_ends
+        .rows
+        .iter()
+        .map(|r| r.program.as_str())
+        .collect();
+    for r in &b.nginx_only.rows {
+        if !names.contains(&r.program.as_str()) {
+            names.push(&r.program);
+        }
+    }
+    let find =
+        |rows: &ProgramRows, name: &str| rows.rows.iter().find(|r| r.program == name).cloned();
+    for name in names {
+        let (both, alone) = (find(&b.both_ends, name), find(&b.nginx_only, name));
+        let show = |r: &Option<ProgramRow>, f: fn(&ProgramRow) -> &Summary, prec| {
+            r.as_ref().map_or("–".to_string(), |r| f(r).show(prec))
+        };
         md.push_str(&format!(
-            "| `{}` | {} | {} | {} |\n",
-            r.program,
-            r.runs_per_request.show(2),
-            r.ns_per_run.show(0),
-            r.ns_per_request.show(0)
+            "| `{name}` | {} | {} | {} | {} |\n",
+            show(&both, |r| &r.runs_per_request, 2),
+            show(&both, |r| &r.ns_per_run, 0),
+            show(&both, |r| &r.ns_per_request, 0),
+            show(&alone, |r| &r.ns_per_run, 0),
         ));
     }
     md.push_str(&format!(
-        "| all programs | | | {} |\n",
-        b.total_ns_per_request.show(0)
+        "| all programs, per request | | | {} | {} |\n",
+        b.both_ends.total_ns_per_request.show(0),
+        b.nginx_only.total_ns_per_request.show(0)
     ));
 }
 
@@ -143,8 +195,9 @@ pub fn table(md: &mut String, b: &ProgramBench) {
 mod tests {
     use super::*;
 
-    fn run(requests: u64, costs: &[(&str, u64, u64)]) -> ProgramRun {
+    fn run(nginx_only: bool, requests: u64, costs: &[(&str, u64, u64)]) -> ProgramRun {
         ProgramRun {
+            nginx_only,
             requests,
             costs: costs
                 .iter()
@@ -157,10 +210,19 @@ mod tests {
         }
     }
 
+    fn bench(runs: Vec<ProgramRun>) -> ProgramBench {
+        ProgramBench {
+            both_ends: summarize(runs.iter().filter(|r| !r.nginx_only)),
+            nginx_only: summarize(runs.iter().filter(|r| r.nginx_only)),
+            runs,
+        }
+    }
+
     #[test]
     fn costs_are_per_request_and_rare_programs_only_count_in_the_total() {
-        let b = summarize(vec![
+        let b = bench(vec![
             run(
+                false,
                 1000,
                 &[
                     ("tapir_exit_recvfrom", 1000, 400_000),
@@ -168,7 +230,9 @@ mod tests {
                     ("tapir_exit_accept4", 16, 16_000),
                 ],
             ),
+            run(true, 1000, &[("tapir_exit_recvfrom", 1000, 300_000)]),
             run(
+                false,
                 2000,
                 &[
                     ("tapir_exit_recvfrom", 2000, 760_000),
@@ -176,39 +240,49 @@ mod tests {
                     ("tapir_exit_accept4", 16, 16_000),
                 ],
             ),
+            run(true, 1000, &[("tapir_exit_recvfrom", 1000, 320_000)]),
         ]);
-        let names: Vec<&str> = b.rows.iter().map(|r| r.program.as_str()).collect();
+        let names: Vec<&str> = b
+            .both_ends
+            .rows
+            .iter()
+            .map(|r| r.program.as_str())
+            .collect();
         assert_eq!(names, ["tapir_exit_recvfrom", "tapir_exit_writev"]);
-        let recv = &b.rows[0];
+        let recv = &b.both_ends.rows[0];
         assert!((recv.runs_per_request.median - 1.0).abs() < 1e-9);
         assert!((recv.ns_per_run.min - 380.0).abs() < 1e-9);
         assert!((recv.ns_per_run.max - 400.0).abs() < 1e-9);
         assert!((recv.ns_per_request.median - 390.0).abs() < 1e-9);
         // 916 and 888 ns per request, accept4's 16 and 8 included.
-        assert!((b.total_ns_per_request.min - 888.0).abs() < 1e-9);
-        assert!((b.total_ns_per_request.max - 916.0).abs() < 1e-9);
+        let total = &b.both_ends.total_ns_per_request;
+        assert!((total.min - 888.0).abs() < 1e-9 && (total.max - 916.0).abs() < 1e-9);
+        assert!((b.nginx_only.total_ns_per_request.median - 310.0).abs() < 1e-9);
         let mut md = String::new();
         table(&mut md, &b);
         assert!(
-            md.contains("| `tapir_exit_recvfrom` | 1.00 (1.00 … 1.00) | 390 (380 … 400) | 390 (380 … 400) |"),
+            md.contains("| `tapir_exit_recvfrom` | 1.00 (1.00 … 1.00) | 390 (380 … 400) | 390 (380 … 400) | 310 (300 … 320) |"),
             "{md}"
         );
+        assert!(md.contains("| `tapir_exit_writev` | 1.00 (1.00 … 1.00) | 500 (500 … 500) | 500 (500 … 500) | – |"), "{md}");
         assert!(
-            md.contains("| all programs | | | 902 (888 … 916) |"),
+            md.contains("| all programs, per request | | | 902 (888 … 916) | 310 (300 … 320) |"),
             "{md}"
         );
+        assert!(md.contains("2 runs each"), "{md}");
         assert!(!md.contains("accept4"), "{md}");
     }
 
     #[test]
     fn a_program_missing_from_a_run_is_summarized_over_the_others() {
-        let b = summarize(vec![
-            run(100, &[("a", 100, 1000)]),
-            run(100, &[("a", 100, 3000), ("b", 100, 500)]),
-        ]);
-        assert_eq!(b.rows[0].ns_per_run.n, 2);
-        assert_eq!(b.rows[1].program, "b");
-        assert_eq!(b.rows[1].ns_per_run.n, 1);
-        assert!((b.total_ns_per_request.median - 22.5).abs() < 1e-9);
+        let runs = [
+            run(false, 100, &[("a", 100, 1000)]),
+            run(false, 100, &[("a", 100, 3000), ("b", 100, 500)]),
+        ];
+        let rows = summarize(runs.iter());
+        assert_eq!(rows.rows[0].ns_per_run.n, 2);
+        assert_eq!(rows.rows[1].program, "b");
+        assert_eq!(rows.rows[1].ns_per_run.n, 1);
+        assert!((rows.total_ns_per_request.median - 22.5).abs() < 1e-9);
     }
 }
