@@ -7,8 +7,8 @@
 //! A second run observes nginx alone (`--exe nginx`): wrk's calls then stop at the process
 //! check, and nginx's programs no longer share the ring buffer with another CPU.
 //!
-//! Unlike the rows of 1, which subtract two noisy CPU figures, this one is a direct count,
-//! steady to a few percent. The statistics add to what they measure (the kernel reads its
+//! Unlike the rows of 1, which subtract two noisy CPU figures, this one is a direct count:
+//! the repeats of one session agree to a few percent (sessions hours apart need not). The statistics add to what they measure (the kernel reads its
 //! clock around every run), so no other benchmark runs with them.
 
 use anyhow::{bail, Result};
