@@ -10,6 +10,7 @@
 use std::{
     fmt,
     os::fd::{AsFd, AsRawFd, OwnedFd},
+    sync::Mutex,
 };
 
 use aya::{programs::ProgramFd, Ebpf};
@@ -41,6 +42,10 @@ pub struct ProgramCost {
 /// The loaded programs, and the switch that keeps the kernel's statistics on.
 pub struct ProgramStats {
     programs: Vec<(&'static str, ProgramFd)>,
+    /// Each program's (runs, run time) at the last read: a read that fails reports these
+    /// again, so that every program is always there, in the same place (the agent's delta
+    /// bookkeeping goes by position) and never goes backwards.
+    last: Mutex<Vec<(u64, u64)>>,
     /// Statistics stay on while this is open (`None`: the sysctl had them on already).
     _switch: Option<OwnedFd>,
 }
@@ -71,27 +76,33 @@ impl ProgramStats {
                 let fd = ebpf.program(name)?.fd().ok()?.try_clone().ok()?;
                 Some((name, fd))
             })
-            .collect();
+            .collect::<Vec<_>>();
         Ok(Self {
+            last: Mutex::new(vec![(0, 0); programs.len()]),
             programs,
             _switch: switch,
         })
     }
 
-    /// Each program's cost so far, in [`PROBES`] order (programs whose fdinfo could not be
-    /// read are left out).
+    /// Each program's cost so far, in [`PROBES`] order.
     pub fn read(&self) -> Vec<ProgramCost> {
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         self.programs
             .iter()
-            .filter_map(|(program, fd)| {
+            .zip(last.iter_mut())
+            .map(|((program, fd), last)| {
                 let path = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
-                let text = std::fs::read_to_string(path).ok()?;
-                let (runs, run_time_ns) = parse_fdinfo(&text)?;
-                Some(ProgramCost {
+                if let Some(now) = std::fs::read_to_string(path)
+                    .ok()
+                    .and_then(|text| parse_fdinfo(&text))
+                {
+                    *last = now;
+                }
+                ProgramCost {
                     program,
-                    runs,
-                    run_time_ns,
-                })
+                    runs: last.0,
+                    run_time_ns: last.1,
+                }
             })
             .collect()
     }
