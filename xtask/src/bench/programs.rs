@@ -25,6 +25,9 @@ use super::{
 /// of the table; their time still counts in the total.
 const MIN_RUNS_PER_REQUEST: f64 = 0.05;
 
+/// nginx's calls in this benchmark: the programs whose time nginx pays.
+const SERVER_PROGRAMS: [&str; 2] = ["tapir_exit_recvfrom", "tapir_exit_writev"];
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ProgramRun {
     /// `--exe nginx`: wrk's side left out.
@@ -48,6 +51,8 @@ pub struct ProgramRows {
     rows: Vec<ProgramRow>,
     /// Every program's time, over the requests.
     total_ns_per_request: Summary,
+    /// The time of [`SERVER_PROGRAMS`], over the requests.
+    server_ns_per_request: Summary,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -144,10 +149,51 @@ fn summarize<'a>(runs: impl Iterator<Item = &'a ProgramRun>) -> ProgramRows {
         .iter()
         .map(|r| per_req(r, total_ns(&r.costs)))
         .collect();
+    let server: Vec<f64> = runs
+        .iter()
+        .map(|r| {
+            let ns = r
+                .costs
+                .iter()
+                .filter(|c| SERVER_PROGRAMS.contains(&c.program.as_str()))
+                .map(|c| c.run_time_ns)
+                .sum();
+            per_req(r, ns)
+        })
+        .collect();
     ProgramRows {
         rows,
         total_ns_per_request: Summary::of(&totals),
+        server_ns_per_request: Summary::of(&server),
     }
+}
+
+/// The programs' time on nginx's own calls as a share of nginx's own CPU per request
+/// (`nginx_own_us`, from the baseline runs of 1): the kernel's part of the added-CPU
+/// target, counted rather than subtracted. The share with nginx alone observed, if any.
+pub fn server_share(b: &ProgramBench, nginx_own_us: f64, md: &mut String) -> Option<f64> {
+    let pct = |s: &Summary| s.median / 1000.0 / nginx_own_us * 100.0;
+    let mut parts = Vec::new();
+    for (rows, how) in [
+        (&b.nginx_only, "nginx alone observed (`--exe nginx`)"),
+        (&b.both_ends, "both ends observed"),
+    ] {
+        let s = &rows.server_ns_per_request;
+        if s.n > 0 && nginx_own_us > 0.0 {
+            parts.push(format!(
+                "{} ns per request = {:.1} % of nginx's own {nginx_own_us:.2} µs, {how}",
+                s.show(0),
+                pct(s)
+            ));
+        }
+    }
+    md.push_str(&if parts.is_empty() {
+        "n/a".to_string()
+    } else {
+        parts.join("; ")
+    });
+    let s = &b.nginx_only.server_ns_per_request;
+    (s.n > 0 && nginx_own_us > 0.0).then(|| pct(s))
 }
 
 /// The section of results.md: a row per program that runs with most requests (in either
@@ -258,6 +304,18 @@ mod tests {
         let total = &b.both_ends.total_ns_per_request;
         assert!((total.min - 888.0).abs() < 1e-9 && (total.max - 916.0).abs() < 1e-9);
         assert!((b.nginx_only.total_ns_per_request.median - 310.0).abs() < 1e-9);
+        // nginx's recvfrom + writev: 900 and 880 ns per request with both ends.
+        let server = &b.both_ends.server_ns_per_request;
+        assert!((server.min - 880.0).abs() < 1e-9 && (server.max - 900.0).abs() < 1e-9);
+        let mut share = String::new();
+        let pct = server_share(&b, 6.2, &mut share);
+        assert!(pct.is_some_and(|p| (p - 5.0).abs() < 1e-9), "{pct:?}");
+        assert_eq!(
+            share,
+            "310 (300 … 320) ns per request = 5.0 % of nginx's own 6.20 µs, nginx alone observed \
+             (`--exe nginx`); 890 (880 … 900) ns per request = 14.4 % of nginx's own 6.20 µs, \
+             both ends observed"
+        );
         let mut md = String::new();
         table(&mut md, &b);
         assert!(
