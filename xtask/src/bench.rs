@@ -1496,17 +1496,13 @@ fn render(r: &Results) -> String {
         ka.is_some_and(|b| straddles(&b.agent.added_cpu_pct, TARGET_ADDED_CPU_PCT)),
     );
     // The kernel's part of it, counted by the kernel (7) rather than subtracted.
-    let mut share = String::new();
-    let kernel_pct = match (
-        r.programs.as_ref(),
-        ka.and_then(|b| fin(&b.server_cpu_per_req_us)),
-    ) {
-        (Some(p), Some(own)) => programs::server_share(p, own, &mut share),
-        _ => {
-            share.push_str("n/a");
-            None
-        }
-    };
+    let (share, kernel_pct) = r
+        .programs
+        .as_ref()
+        .zip(ka.and_then(|b| fin(&b.server_cpu_per_req_us)))
+        .map_or(("n/a".into(), None), |(p, own)| {
+            programs::server_share(p, own)
+        });
     target(
         "… of which the kernel programs on nginx's own calls (7: `recvfrom` + `writev`, counted by the kernel)",
         share,

@@ -71,11 +71,18 @@ pub fn program_bench(ctx: &mut Ctx) -> Result<ProgramBench> {
             runs.push(one_run(ctx, nginx_only)?);
         }
     }
-    Ok(ProgramBench {
-        both_ends: summarize(runs.iter().filter(|r| !r.nginx_only)),
-        nginx_only: summarize(runs.iter().filter(|r| r.nginx_only)),
-        runs,
-    })
+    Ok(ProgramBench::of(runs))
+}
+
+impl ProgramBench {
+    /// Each way of running the agent summarized over its runs.
+    fn of(runs: Vec<ProgramRun>) -> Self {
+        Self {
+            both_ends: summarize(runs.iter().filter(|r| !r.nginx_only)),
+            nginx_only: summarize(runs.iter().filter(|r| r.nginx_only)),
+            runs,
+        }
+    }
 }
 
 fn one_run(ctx: &mut Ctx, nginx_only: bool) -> Result<ProgramRun> {
@@ -104,7 +111,7 @@ fn one_run(ctx: &mut Ctx, nginx_only: bool) -> Result<ProgramRun> {
     eprintln!(
         "xtask: bench:   {tag}: {} requests, kernel programs {:.0} ns/request",
         w.requests,
-        total_ns(&exit.programs) as f64 / w.requests.max(1) as f64
+        time_ns(&exit.programs, |_| true) as f64 / w.requests.max(1) as f64
     );
     Ok(ProgramRun {
         nginx_only,
@@ -113,65 +120,71 @@ fn one_run(ctx: &mut Ctx, nginx_only: bool) -> Result<ProgramRun> {
     })
 }
 
-fn total_ns(costs: &[ProgramCost]) -> u64 {
-    costs.iter().map(|c| c.run_time_ns).sum()
+/// The time of the programs `of` picks by name.
+fn time_ns(costs: &[ProgramCost], of: impl Fn(&str) -> bool) -> u64 {
+    costs
+        .iter()
+        .filter(|c| of(&c.program))
+        .map(|c| c.run_time_ns)
+        .sum()
+}
+
+/// `names` without repeats, in the order first seen.
+fn distinct<'a>(names: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut out: Vec<&str> = Vec::new();
+    for n in names {
+        if !out.contains(&n) {
+            out.push(n);
+        }
+    }
+    out
 }
 
 fn summarize<'a>(runs: impl Iterator<Item = &'a ProgramRun>) -> ProgramRows {
     let runs: Vec<&ProgramRun> = runs.collect();
     let per_req = |r: &ProgramRun, v: u64| v as f64 / r.requests.max(1) as f64;
-    let mut names: Vec<&str> = Vec::new();
-    for c in runs.iter().flat_map(|r| &r.costs) {
-        if !names.contains(&c.program.as_str()) {
-            names.push(&c.program);
-        }
-    }
-    let rows = names
-        .into_iter()
-        .filter_map(|program| {
-            let of_runs: Vec<(&ProgramRun, &ProgramCost)> = runs
-                .iter()
-                .filter_map(|&r| Some((r, r.costs.iter().find(|c| c.program == program)?)))
-                .collect();
-            let summary = |f: &dyn Fn(&ProgramRun, &ProgramCost) -> f64| {
-                Summary::of(&of_runs.iter().map(|(r, c)| f(r, c)).collect::<Vec<_>>())
-            };
-            let row = ProgramRow {
-                program: program.to_string(),
-                runs_per_request: summary(&|r, c| per_req(r, c.runs)),
-                ns_per_run: summary(&|_, c| c.run_time_ns as f64 / c.runs.max(1) as f64),
-                ns_per_request: summary(&|r, c| per_req(r, c.run_time_ns)),
-            };
-            (row.runs_per_request.median >= MIN_RUNS_PER_REQUEST).then_some(row)
-        })
-        .collect();
-    let totals: Vec<f64> = runs
-        .iter()
-        .map(|r| per_req(r, total_ns(&r.costs)))
-        .collect();
-    let server: Vec<f64> = runs
-        .iter()
-        .map(|r| {
-            let ns = r
-                .costs
-                .iter()
-                .filter(|c| SERVER_PROGRAMS.contains(&c.program.as_str()))
-                .map(|c| c.run_time_ns)
-                .sum();
-            per_req(r, ns)
-        })
-        .collect();
+    let rows = distinct(
+        runs.iter()
+            .flat_map(|r| &r.costs)
+            .map(|c| c.program.as_str()),
+    )
+    .into_iter()
+    .filter_map(|program| {
+        let of_runs: Vec<(&ProgramRun, &ProgramCost)> = runs
+            .iter()
+            .filter_map(|&r| Some((r, r.costs.iter().find(|c| c.program == program)?)))
+            .collect();
+        let summary = |f: &dyn Fn(&ProgramRun, &ProgramCost) -> f64| {
+            Summary::of(&of_runs.iter().map(|(r, c)| f(r, c)).collect::<Vec<_>>())
+        };
+        let row = ProgramRow {
+            program: program.to_string(),
+            runs_per_request: summary(&|r, c| per_req(r, c.runs)),
+            ns_per_run: summary(&|_, c| c.run_time_ns as f64 / c.runs.max(1) as f64),
+            ns_per_request: summary(&|r, c| per_req(r, c.run_time_ns)),
+        };
+        (row.runs_per_request.median >= MIN_RUNS_PER_REQUEST).then_some(row)
+    })
+    .collect();
+    let per_request = |of: &dyn Fn(&str) -> bool| {
+        let v: Vec<f64> = runs
+            .iter()
+            .map(|r| per_req(r, time_ns(&r.costs, of)))
+            .collect();
+        Summary::of(&v)
+    };
     ProgramRows {
         rows,
-        total_ns_per_request: Summary::of(&totals),
-        server_ns_per_request: Summary::of(&server),
+        total_ns_per_request: per_request(&|_| true),
+        server_ns_per_request: per_request(&|p| SERVER_PROGRAMS.contains(&p)),
     }
 }
 
 /// The programs' time on nginx's own calls as a share of nginx's own CPU per request
 /// (`nginx_own_us`, from the baseline runs of 1): the kernel's part of the added-CPU
-/// target, counted rather than subtracted. The share with nginx alone observed, if any.
-pub fn server_share(b: &ProgramBench, nginx_own_us: f64, md: &mut String) -> Option<f64> {
+/// target, counted rather than subtracted. Returns the text for the Targets table and the
+/// share with nginx alone observed, if any.
+pub fn server_share(b: &ProgramBench, nginx_own_us: f64) -> (String, Option<f64>) {
     let pct = |s: &Summary| s.median / 1000.0 / nginx_own_us * 100.0;
     let mut parts = Vec::new();
     for (rows, how) in [
@@ -187,13 +200,13 @@ pub fn server_share(b: &ProgramBench, nginx_own_us: f64, md: &mut String) -> Opt
             ));
         }
     }
-    md.push_str(&if parts.is_empty() {
+    let text = if parts.is_empty() {
         "n/a".to_string()
     } else {
         parts.join("; ")
-    });
+    };
     let s = &b.nginx_only.server_ns_per_request;
-    (s.n > 0 && nginx_own_us > 0.0).then(|| pct(s))
+    (text, (s.n > 0 && nginx_own_us > 0.0).then(|| pct(s)))
 }
 
 /// The section of results.md: a row per program that runs with most requests (in either
@@ -204,17 +217,13 @@ pub fn table(md: &mut String, b: &ProgramBench) {
         b.runs.len() / 2
     ));
     md.push_str("nginx reads with `recvfrom` and writes with `writev`; wrk writes with `write` and reads with `read`. Both ends observed (the agent as configured), then nginx alone (`--exe nginx`: wrk's calls stop at the process check, and only nginx's CPU writes to the ring buffer). Median (min … max) over runs. The statistics themselves add a little to each run.\n\n| program | runs per request | ns per run, both ends | ns per request, both ends | ns per run, nginx alone |\n|---|---|---|---|---|\n");
-    let mut names: Vec<&str> = b
-        .both_ends
-        .rows
-        .iter()
-        .map(|r| r.program.as_str())
-        .collect();
-    for r in &b.nginx_only.rows {
-        if !names.contains(&r.program.as_str()) {
-            names.push(&r.program);
-        }
-    }
+    let names = distinct(
+        b.both_ends
+            .rows
+            .iter()
+            .chain(&b.nginx_only.rows)
+            .map(|r| r.program.as_str()),
+    );
     let find =
         |rows: &ProgramRows, name: &str| rows.rows.iter().find(|r| r.program == name).cloned();
     for name in names {
@@ -256,17 +265,9 @@ mod tests {
         }
     }
 
-    fn bench(runs: Vec<ProgramRun>) -> ProgramBench {
-        ProgramBench {
-            both_ends: summarize(runs.iter().filter(|r| !r.nginx_only)),
-            nginx_only: summarize(runs.iter().filter(|r| r.nginx_only)),
-            runs,
-        }
-    }
-
     #[test]
     fn costs_are_per_request_and_rare_programs_only_count_in_the_total() {
-        let b = bench(vec![
+        let b = ProgramBench::of(vec![
             run(
                 false,
                 1000,
@@ -307,8 +308,7 @@ mod tests {
         // nginx's recvfrom + writev: 900 and 880 ns per request with both ends.
         let server = &b.both_ends.server_ns_per_request;
         assert!((server.min - 880.0).abs() < 1e-9 && (server.max - 900.0).abs() < 1e-9);
-        let mut share = String::new();
-        let pct = server_share(&b, 6.2, &mut share);
+        let (share, pct) = server_share(&b, 6.2);
         assert!(pct.is_some_and(|p| (p - 5.0).abs() < 1e-9), "{pct:?}");
         assert_eq!(
             share,
