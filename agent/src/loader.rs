@@ -16,7 +16,7 @@ use thiserror::Error;
 
 use crate::{
     btf::{self, Btf},
-    probes::{Hook, Probe, PROBES},
+    probes::{program_names, Hook, Probe, PROBES, SK_MSG_PROGRAM, SOCK_OPS_PROGRAM},
     select::{children, read_proc, scan_proc, ProcEntry, Selection},
     tracefs::{self, TracefsState},
 };
@@ -264,13 +264,13 @@ pub fn verify_programs() -> Result<usize, String> {
             .load()
             .map_err(|e| refused(probe.program, e))?;
     }
-    program::<SkMsg>(&mut ebpf, "tapir_sk_msg")?
+    program::<SkMsg>(&mut ebpf, SK_MSG_PROGRAM)?
         .load()
-        .map_err(|e| refused("tapir_sk_msg", e))?;
-    program::<SockOps>(&mut ebpf, "tapir_sock_ops")?
+        .map_err(|e| refused(SK_MSG_PROGRAM, e))?;
+    program::<SockOps>(&mut ebpf, SOCK_OPS_PROGRAM)?
         .load()
-        .map_err(|e| refused("tapir_sock_ops", e))?;
-    Ok(PROBES.len() + 2)
+        .map_err(|e| refused(SOCK_OPS_PROGRAM, e))?;
+    Ok(program_names().count())
 }
 
 /// Program `name` of the object, as its type `P`.
@@ -360,12 +360,12 @@ fn attach_injection(ebpf: &mut Ebpf, ports: &[u16]) -> Result<(), String> {
         .ok_or("the eBPF object has no TAPIR_INJ_SOCKS map")?;
     let socks: SockHash<_, [u32; 12]> = SockHash::try_from(socks).map_err(|e| e.to_string())?;
     let socks_fd = socks.fd().try_clone().map_err(|e| e.to_string())?;
-    let msg = program::<SkMsg>(ebpf, "tapir_sk_msg")?;
+    let msg = program::<SkMsg>(ebpf, SK_MSG_PROGRAM)?;
     msg.load().map_err(|e| format!("loading sk_msg: {e}"))?;
     msg.attach(&socks_fd)
         .map_err(|e| format!("attaching sk_msg: {e}"))?;
     let cgroup = std::fs::File::open(&root).map_err(|e| format!("opening {root}: {e}"))?;
-    let ops = program::<SockOps>(ebpf, "tapir_sock_ops")?;
+    let ops = program::<SockOps>(ebpf, SOCK_OPS_PROGRAM)?;
     ops.load().map_err(|e| format!("loading sock_ops: {e}"))?;
     ops.attach(&cgroup, CgroupAttachMode::Single)
         .map_err(|e| format!("attaching sock_ops to {root} (another agent attached?): {e}"))?;

@@ -8,6 +8,19 @@ pub enum Hook {
     TracePoint(&'static str, &'static str),
 }
 
+/// The injection programs, attached outside [`PROBES`]: sk_msg on the sockhash of claimed
+/// client sockets, sock_ops on the cgroup v2 root.
+pub const SK_MSG_PROGRAM: &str = "tapir_sk_msg";
+pub const SOCK_OPS_PROGRAM: &str = "tapir_sock_ops";
+
+/// Every program of the eBPF object: [`PROBES`]' and the injection ones.
+pub fn program_names() -> impl Iterator<Item = &'static str> {
+    PROBES
+        .iter()
+        .map(|p| p.program)
+        .chain([SOCK_OPS_PROGRAM, SK_MSG_PROGRAM])
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Probe {
     /// Program (function) name in the eBPF object.

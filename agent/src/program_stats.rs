@@ -15,10 +15,7 @@ use std::{
 
 use aya::{programs::ProgramFd, Ebpf};
 
-use crate::probes::PROBES;
-
-/// The programs outside [`PROBES`] (attached to the cgroup and the sockhash, for injection).
-const INJECTION_PROGRAMS: [&str; 2] = ["tapir_sock_ops", "tapir_sk_msg"];
+use crate::probes::program_names;
 
 const SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
@@ -68,10 +65,7 @@ impl ProgramStats {
             Err(_) if sysctl_on() => None,
             Err(e) => return Err(ProgramStatsError::Enable(e.to_string())),
         };
-        let programs = PROBES
-            .iter()
-            .map(|p| p.program)
-            .chain(INJECTION_PROGRAMS)
+        let programs = program_names()
             .filter_map(|name| {
                 let fd = ebpf.program(name)?.fd().ok()?.try_clone().ok()?;
                 Some((name, fd))
@@ -84,7 +78,7 @@ impl ProgramStats {
         })
     }
 
-    /// Each program's cost so far, in [`PROBES`] order.
+    /// Each program's cost so far, in [`program_names`] order.
     pub fn read(&self) -> Vec<ProgramCost> {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         self.programs
@@ -177,11 +171,7 @@ mod tests {
 
     #[test]
     fn every_program_name_is_known_once() {
-        let mut names: Vec<&str> = PROBES
-            .iter()
-            .map(|p| p.program)
-            .chain(INJECTION_PROGRAMS)
-            .collect();
+        let mut names: Vec<&str> = program_names().collect();
         let n = names.len();
         names.sort();
         names.dedup();
