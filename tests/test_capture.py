@@ -11,6 +11,7 @@ from conftest import TESTS, curl, finish, free_port, have, nginx, watch
 
 PY = sys.executable
 CLIENT = str(TESTS / "servers/http_client.py")
+HOPPER = str(TESTS / "servers/cpu_hopper.py")
 
 
 def servers_of(exchanges, kind="server"):
@@ -148,6 +149,31 @@ def test_keepalive_100_requests_are_100_exchanges(py_server, procs):
         assert [e["url.path"] for e in ex] == [f"/ka/{i}" for i in range(100)], kind
         assert {e["process.pid"] for e in ex} == {pid}
         assert len({e["client.port"] for e in ex}) == 1, "one keep-alive connection"
+
+
+def test_request_read_on_one_cpu_and_answered_on_another_pair_in_order(procs):
+    """Each CPU writes to an event ring of its own. The server reads every request on the
+    second CPU and writes the response on the first, so each pair is split across two
+    rings, the response in the ring drained first: only a merge by time pairs them."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    port = free_port()
+    server = procs([PY, HOPPER, port, cpus[1], cpus[0]], ready_port=port)
+    agent = watch(port)
+    t0 = time.time_ns()
+    client = procs([PY, CLIENT, "keepalive", "127.0.0.1", port, 100])
+    assert client.wait_exit() == 0
+    assert client.out.count("200") == 100
+    got = finish(agent)
+    expected = [(f"/ka/{i}", 200) for i in range(100)]
+    for kind, pid in (("server", server.pid), ("client", client.pid)):
+        ex = servers_of(got, kind)
+        assert [(e["url.path"], e["http.response.status_code"]) for e in ex] == expected, kind
+        for e in ex:
+            check_common(e, pid=pid, port=port, t0=t0, kind=kind)
+            assert e["http.response.body.size"] == 2
+    assert agent.final_count("tapir.events.out_of_order") == 0
 
 
 def test_pipelined_requests_are_paired_in_order(py_server, procs):

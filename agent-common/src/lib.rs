@@ -7,7 +7,26 @@
 
 /// Names of the maps and globals shared by both sides (map names are at most 15 bytes).
 pub mod names {
-    pub const EVENTS: &str = "TAPIR_EVENTS";
+    /// The event rings, one per CPU up to [`super::EVENT_RINGS`] (CPU `c` writes to ring
+    /// `c % EVENT_RINGS`).
+    pub const EVENT_RINGS: [&str; super::EVENT_RINGS] = [
+        "TAPIR_EVENTS_0",
+        "TAPIR_EVENTS_1",
+        "TAPIR_EVENTS_2",
+        "TAPIR_EVENTS_3",
+        "TAPIR_EVENTS_4",
+        "TAPIR_EVENTS_5",
+        "TAPIR_EVENTS_6",
+        "TAPIR_EVENTS_7",
+        "TAPIR_EVENTS_8",
+        "TAPIR_EVENTS_9",
+        "TAPIR_EVENTS_10",
+        "TAPIR_EVENTS_11",
+        "TAPIR_EVENTS_12",
+        "TAPIR_EVENTS_13",
+        "TAPIR_EVENTS_14",
+        "TAPIR_EVENTS_15",
+    ];
     pub const CONNS: &str = "TAPIR_CONNS";
     pub const COUNTERS: &str = "TAPIR_COUNTERS";
     pub const OFFSETS: &str = "TAPIR_OFFSETS";
@@ -23,6 +42,13 @@ pub mod names {
     pub const GEN_EPOCH: &str = "TAPIR_GEN_EPOCH";
     pub const EXECS: &str = "TAPIR_EXECS";
 }
+
+/// Kernel → agent event rings. One ring written by every CPU cost each record ~200 ns
+/// more on a 2-CPU host than a ring of its own (its lock and producer position bounce
+/// between the CPUs; BENCHMARKS.md finding 22), and more with every CPU added. The agent
+/// merges the rings back into one order by `EventHeader::ts_ns`.
+pub const EVENT_RINGS: usize = 16;
+const _: () = assert!(EVENT_RINGS.is_power_of_two()); // the kernel side masks the CPU
 
 /// Why a process is in `TAPIR_SELECTED` (`--pid` / `--exe`): it decides what exec() does.
 pub mod select {
@@ -100,6 +126,9 @@ pub struct EventHeader {
     pub fd: u32,
     pub ts_ns: u64,
 }
+
+/// Where `ts_ns` sits in every record: the agent orders records from different rings by it.
+pub const EVENT_TS_OFFSET: usize = core::mem::offset_of!(EventHeader, ts_ns);
 
 /// Which side of the connection the process is on.
 #[repr(u8)]

@@ -5,9 +5,7 @@ use agent_common::{
 use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns};
 
 use crate::{
-    maps::{
-        count, observed, ringbuf_flags, CONNS, CONN_SCRATCH, CPU_STATE, EVENTS, GEN_EPOCH, PROC_GEN,
-    },
+    maps::{count, observed, ring_output, CONNS, CONN_SCRATCH, CPU_STATE, GEN_EPOCH, PROC_GEN},
     sock::{clear_addr, resolve_fd, FdKind},
 };
 
@@ -211,8 +209,13 @@ pub fn emit_conn(kind: EventKind, fd: u32, sock_id: u64, role: Role, with_tuple:
         ev.comm[0] = 0;
     }
     // Connection events are rare and userspace wants them promptly.
-    match EVENTS.output::<ConnEvent>(ev, ringbuf_flags(size_of::<ConnEvent>() as u64)) {
-        Ok(()) => count(counter::CONN_EVENTS),
-        Err(_) => count(counter::RINGBUF_FULL),
+    if ring_output(
+        ev as *const ConnEvent as *const u8,
+        size_of::<ConnEvent>() as u64,
+    ) == 0
+    {
+        count(counter::CONN_EVENTS);
+    } else {
+        count(counter::RINGBUF_FULL);
     }
 }

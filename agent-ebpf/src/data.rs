@@ -8,7 +8,7 @@ use agent_common::{
 #[cfg(not(feature = "compat"))]
 use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs};
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_ringbuf_output},
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::tracepoint,
     programs::TracePointContext,
     EbpfContext,
@@ -19,8 +19,8 @@ use crate::{
     inject::learn_http_port,
     looping::repeat,
     maps::{
-        agent_tgid, capture_bytes, count, ringbuf_flags, DataScratch, Gather, PendingIo, EVENTS,
-        SCRATCH, SCRATCH_BYTES, SHAPE_BUF, SHAPE_IOVEC, SHAPE_MSGHDR, SHAPE_NONE,
+        agent_tgid, capture_bytes, count, ring_output, DataScratch, Gather, PendingIo, SCRATCH,
+        SCRATCH_BYTES, SHAPE_BUF, SHAPE_IOVEC, SHAPE_MSGHDR, SHAPE_NONE,
     },
     trace::{
         body_start, byte_at, ends_with_empty_line, is_method_prefix, is_request_start,
@@ -344,15 +344,8 @@ fn emit_data<const SHAPE: u8>(
     hdr.syscall = p.syscall;
     let size = core::mem::size_of::<agent_common::DataEventHeader>() as u64
         + (core::hint::black_box(captured.min(MAX_CAPTURE as u64)) & (2 * MAX_CAPTURE as u64 - 1));
-    // SAFETY: `size` never exceeds the scratch record.
-    let rc = unsafe {
-        bpf_ringbuf_output(
-            core::ptr::addr_of!(EVENTS) as *mut _,
-            scratch as *mut _ as *mut _,
-            size,
-            ringbuf_flags(size),
-        )
-    };
+    // `size` never exceeds the scratch record.
+    let rc = ring_output(scratch as *const DataScratch as *const u8, size);
     if rc == 0 {
         count(counter::DATA_EVENTS);
     } else {

@@ -12,8 +12,8 @@ use crate::{
     conn::{bump_gen, emit_conn, header, track_new},
     data::{arg, syscall_fd},
     maps::{
-        agent_tgid, choosing, count, exec_queue, open_port, open_ports_on, ringbuf_flags, CONNS,
-        EVENTS, EXECS, LISTENERS, SELECTED, SELECT_NAMES,
+        agent_tgid, choosing, count, exec_queue, open_port, open_ports_on, ring_output, CONNS,
+        EXECS, LISTENERS, SELECTED, SELECT_NAMES,
     },
     sock::stream_local_port,
 };
@@ -294,13 +294,8 @@ pub fn tapir_sched_exit(_ctx: TracePointContext) -> u32 {
     }
     bump_gen(tgid);
     let hdr = header(EventKind::ProcExit, 0);
-    if EVENTS
-        .output::<agent_common::EventHeader>(
-            &hdr,
-            ringbuf_flags(core::mem::size_of::<agent_common::EventHeader>() as u64),
-        )
-        .is_err()
-    {
+    let size = core::mem::size_of::<agent_common::EventHeader>() as u64;
+    if ring_output(&hdr as *const agent_common::EventHeader as *const u8, size) != 0 {
         count(agent_common::counter::RINGBUF_FULL);
     }
     0

@@ -1,6 +1,9 @@
 //! Maps and read-only globals shared with userspace (names in `agent_common::names`).
-use agent_common::{select, ConnKey, ConnState, DataEventHeader, KernelOffsets, MAX_CAPTURE};
+use agent_common::{
+    select, ConnKey, ConnState, DataEventHeader, KernelOffsets, EVENT_RINGS, MAX_CAPTURE,
+};
 use aya_ebpf::{
+    helpers::{bpf_get_smp_processor_id, generated::bpf_ringbuf_output},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, Queue, RingBuf},
 };
@@ -171,8 +174,59 @@ pub fn capture_bytes() -> usize {
     }
 }
 
-#[map(name = "TAPIR_EVENTS")]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+/// The event rings (`agent_common::EVENT_RINGS`): the agent sizes those CPUs write to and
+/// shrinks the rest to a page.
+macro_rules! event_rings {
+    ($($ring:ident $name:literal $cpu:literal),* $(,)?) => {
+        $(
+            #[map(name = $name)]
+            pub static $ring: RingBuf = RingBuf::with_byte_size(4096, 0);
+        )*
+
+        /// Sends `size` bytes at `data` to this CPU's ring (`bpf_ringbuf_output`'s result).
+        /// One call per ring: the verifier needs each call's map to be a constant.
+        #[inline(always)]
+        pub fn ring_output(data: *const u8, size: u64) -> i64 {
+            let flags = ringbuf_flags(size);
+            // SAFETY: helper without preconditions.
+            let cpu = unsafe { bpf_get_smp_processor_id() } as usize & (EVENT_RINGS - 1);
+            match cpu {
+                $(
+                    // SAFETY: `data` holds `size` readable bytes (the callers' records).
+                    $cpu => unsafe {
+                        bpf_ringbuf_output(
+                            core::ptr::addr_of!($ring) as *mut _,
+                            data as *mut _,
+                            size,
+                            flags,
+                        )
+                    },
+                )*
+                _ => -1,
+            }
+        }
+    };
+}
+
+event_rings!(
+    EVENTS_0 "TAPIR_EVENTS_0" 0,
+    EVENTS_1 "TAPIR_EVENTS_1" 1,
+    EVENTS_2 "TAPIR_EVENTS_2" 2,
+    EVENTS_3 "TAPIR_EVENTS_3" 3,
+    EVENTS_4 "TAPIR_EVENTS_4" 4,
+    EVENTS_5 "TAPIR_EVENTS_5" 5,
+    EVENTS_6 "TAPIR_EVENTS_6" 6,
+    EVENTS_7 "TAPIR_EVENTS_7" 7,
+    EVENTS_8 "TAPIR_EVENTS_8" 8,
+    EVENTS_9 "TAPIR_EVENTS_9" 9,
+    EVENTS_10 "TAPIR_EVENTS_10" 10,
+    EVENTS_11 "TAPIR_EVENTS_11" 11,
+    EVENTS_12 "TAPIR_EVENTS_12" 12,
+    EVENTS_13 "TAPIR_EVENTS_13" 13,
+    EVENTS_14 "TAPIR_EVENTS_14" 14,
+    EVENTS_15 "TAPIR_EVENTS_15" 15,
+);
+const _: () = assert!(EVENT_RINGS == 16); // one line above per ring
 
 /// (tgid, fd) → what we know about that fd: a TCP connection or not a TCP socket.
 #[map(name = "TAPIR_CONNS")]

@@ -9,7 +9,7 @@ use std::{
 use agent_common::{
     names,
     select::{BY_PORT, EXCLUDED},
-    KernelOffsets, MAX_CAPTURE,
+    KernelOffsets, EVENT_RINGS, MAX_CAPTURE,
 };
 use aya::{maps::MapData, programs::TracePoint, Ebpf, EbpfLoader};
 use thiserror::Error;
@@ -97,7 +97,7 @@ impl Programs {
 pub struct LoadOptions {
     /// Payload bytes copied per syscall (clamped to MAX_CAPTURE).
     pub capture_bytes: u32,
-    /// Ring buffer size (a power of two, multiple of the page size).
+    /// Ring buffer bytes in all, shared out among the CPUs' rings ([`event_rings`]).
     pub ringbuf_bytes: u32,
     /// Connections the kernel tracks at once.
     pub max_connections: u32,
@@ -164,6 +164,8 @@ pub struct Attached {
     pub injection: Result<(), String>,
     /// The processes chosen (see [`SelectionRescan`]).
     pub selection: Selection,
+    /// How many of the event rings the CPUs write to ([`event_rings`]).
+    pub rings_used: usize,
 }
 
 pub fn has_embedded_object() -> bool {
@@ -192,6 +194,27 @@ fn wakeup_bytes_for(ringbuf_bytes: u32, cpus: usize) -> u64 {
     (u64::from(ringbuf_bytes) / 4 / cpus.max(1) as u64).clamp(64 << 10, 1 << 20)
 }
 
+/// The event rings the CPUs write to (CPU `c` to ring `c % EVENT_RINGS`) and each one's
+/// size: `ringbuf_bytes` shared out evenly, as a power of two of at least a page (the
+/// kernel's rule).
+pub fn event_rings(ringbuf_bytes: u32) -> (usize, u32) {
+    event_rings_for(ringbuf_bytes, aya::util::nr_cpus().unwrap_or(EVENT_RINGS))
+}
+
+fn event_rings_for(ringbuf_bytes: u32, cpus: usize) -> (usize, u32) {
+    let used = cpus.clamp(1, EVENT_RINGS);
+    let share = ringbuf_bytes / used as u32;
+    let size = if share == 0 {
+        0
+    } else {
+        1u32 << (31 - share.leading_zeros())
+    };
+    (used, size.max(PAGE_BYTES))
+}
+
+/// The smallest ring the kernel accepts (x86_64's page).
+const PAGE_BYTES: u32 = 4096;
+
 /// The embedded object with its globals set for `opts` and its maps created; no program
 /// is loaded yet. Also returns the kernel's struct offsets and the fork hook's field
 /// offset (without it the fork hook would read garbage, and is not attached).
@@ -205,7 +228,20 @@ fn open_object(opts: &LoadOptions) -> Result<(Ebpf, KernelOffsets, Option<u32>),
     let ebpf_debug = u32::from(tracing::enabled!(target: "tapir_ebpf", tracing::Level::DEBUG));
     let selective = opts.selection.is_selective();
     let fork_child_pid = tracefs::field_offset("sched", "sched_process_fork", "child_pid");
-    let ebpf = EbpfLoader::new()
+    let (rings_used, ring_bytes) = event_rings(opts.ringbuf_bytes);
+    let mut loader = EbpfLoader::new();
+    for (i, ring) in names::EVENT_RINGS.iter().enumerate() {
+        // Rings no CPU writes to stay at a page.
+        loader.map_max_entries(
+            ring,
+            if i < rings_used {
+                ring_bytes
+            } else {
+                PAGE_BYTES
+            },
+        );
+    }
+    let ebpf = loader
         .override_global(names::OFFSETS, &offsets, true)
         .override_global(names::AGENT_TGID, &agent_tgid, true)
         .override_global(names::CAPTURE_BYTES, &capture, true)
@@ -235,7 +271,6 @@ fn open_object(opts: &LoadOptions) -> Result<(Ebpf, KernelOffsets, Option<u32>),
             &u32::from(opts.selection.needs_rescan()),
             true,
         )
-        .map_max_entries(names::EVENTS, opts.ringbuf_bytes)
         .map_max_entries(names::CONNS, opts.max_connections)
         .load(Programs::for_this_kernel().object())
         .map_err(|e| LoadError::Load(Box::new(e)))?;
@@ -329,6 +364,7 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
         offsets,
         injection,
         selection: opts.selection.clone(),
+        rings_used: event_rings(opts.ringbuf_bytes).0,
     })
 }
 
@@ -744,7 +780,8 @@ fn attach(ebpf: &mut Ebpf, probe: &Probe) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{kernel_at_least, wakeup_bytes_for};
+    use super::{event_rings_for, kernel_at_least, wakeup_bytes_for};
+    use agent_common::EVENT_RINGS;
 
     #[test]
     fn kernel_release_comparison() {
@@ -755,6 +792,21 @@ mod tests {
         assert!(!kernel_at_least("5.15.0-91-generic", (6, 10)));
         assert!(!kernel_at_least("", (6, 10)));
         assert!(!kernel_at_least("garbage", (6, 10)));
+    }
+
+    #[test]
+    fn the_ring_bytes_are_shared_out_among_the_cpus_rings() {
+        // The default 8 MiB on this 2-CPU host: two rings of 4 MiB.
+        assert_eq!(event_rings_for(8 << 20, 2), (2, 4 << 20));
+        // Not a power of two per ring: rounded down, never over the total.
+        assert_eq!(event_rings_for(8 << 20, 3), (3, 2 << 20));
+        assert_eq!(event_rings_for(8 << 20, 1), (1, 8 << 20));
+        // More CPUs than rings: CPUs share the EVENT_RINGS rings.
+        assert_eq!(event_rings_for(8 << 20, 96), (EVENT_RINGS, 512 << 10));
+        // A tiny total or no CPU count: a page each, never zero rings.
+        assert_eq!(event_rings_for(4096, 16), (16, 4096));
+        assert_eq!(event_rings_for(0, 0), (1, 4096));
+        assert_eq!(event_rings_for(u32::MAX, 1), (1, 1 << 31));
     }
 
     #[test]

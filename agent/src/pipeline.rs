@@ -356,6 +356,10 @@ impl<S: ExchangeSink> RecordSink for Pipeline<S> {
         }
     }
 
+    fn on_out_of_order(&mut self, n: u64) {
+        Stats::add(&self.stats.records_out_of_order, n);
+    }
+
     fn on_idle(&mut self) {
         self.sink.flush();
         // Re-measure the clock offset about once a second.

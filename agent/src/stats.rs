@@ -53,6 +53,10 @@ counters! {
     records => "tapir.events.received",
     /// Records that could not be decoded.
     records_malformed => "tapir.events.malformed",
+    /// Records that reached the agent from their CPU's ring after a newer record from
+    /// another CPU had been processed (the merge waits 2 ms for stragglers): a request and
+    /// its response on different CPUs may then be paired out of order.
+    records_out_of_order => "tapir.events.out_of_order",
     /// Payload bytes the kernel copied into data records: a prefix of what each call moved
     /// (a head, not a body) and its last bytes.
     payload_bytes => "tapir.events.payload_bytes",

@@ -654,11 +654,8 @@ type NoExtra = Option<(OwnedFd, Box<dyn FnMut(&mut OwnedFd) + Send>)>;
 fn record(out: &Path, seconds: f64, max_records: u64) -> Result<()> {
     let mut attached = tapir::loader::load_and_attach(&tapir::loader::LoadOptions::default())
         .context("loading the eBPF programs (run as root; `tapir doctor` tells what is missing)")?;
-    let map = attached
-        .ebpf
-        .take_map(agent_common::names::EVENTS)
-        .context("the eBPF object has no event ring buffer")?;
-    let ring = aya::maps::RingBuf::try_from(map).context("opening the event ring buffer")?;
+    let used = attached.rings_used;
+    let rings = tapir::capture::reader::take_rings(&mut attached.ebpf, used)?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut rec = Recorder {
         w: RecordWriter::create(out)?,
@@ -680,7 +677,7 @@ fn record(out: &Path, seconds: f64, max_records: u64) -> Result<()> {
         "tapir-replay: recording to {} for {seconds} s",
         out.display()
     );
-    drain_loop(ring, &mut rec, &stop, NoExtra::None);
+    drain_loop(rings, &mut rec, &stop, NoExtra::None);
     let _ = timer.join();
     drop(attached);
     if let Some(e) = rec.error {

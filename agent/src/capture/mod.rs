@@ -1,3 +1,4 @@
-//! Kernel → userspace: decoding ring-buffer records and draining the ring buffer.
+//! Kernel → userspace: decoding ring-buffer records, draining the rings and merging them.
 pub mod events;
+pub mod merge;
 pub mod reader;

@@ -1,9 +1,10 @@
-//! Drains the kernel's ring buffer on a dedicated thread.
+//! Drains the kernel's event rings on a dedicated thread.
 //!
 //! The kernel submits records without waking us (a wakeup per record would cost every
 //! observed syscall an IPI); each CPU forces a wakeup only after it has written a share of
-//! the ring (`TAPIR_WAKEUP_BYTES`, see the loader), so the reader polls with a short
-//! timeout and drains whatever is there.
+//! its ring (`TAPIR_WAKEUP_BYTES`, see the loader), so the reader polls with a short
+//! timeout and drains whatever is there. With more than one ring (one per CPU), the
+//! records are put back into one order first ([`Merge`]).
 use std::{
     os::fd::{AsFd, AsRawFd},
     sync::{
@@ -13,7 +14,41 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{MapData, RingBuf};
+use aya::{
+    maps::{MapData, MapError, RingBuf},
+    Ebpf,
+};
+
+use super::merge::{Merge, SLACK_NS};
+use crate::clock;
+
+/// Bytes read from one ring before the others get their turn: bounds what a drain holds
+/// in memory (the pipeline gets records while the rest wait in the rings).
+const RING_BATCH_BYTES: usize = 256 << 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RingsError {
+    #[error("the eBPF object has no event ring {0}")]
+    Missing(&'static str),
+    #[error("opening event ring {name}")]
+    Open {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// The first `used` event rings (those CPUs write to), taken out of the loaded object.
+pub fn take_rings(ebpf: &mut Ebpf, used: usize) -> Result<Vec<RingBuf<MapData>>, RingsError> {
+    agent_common::names::EVENT_RINGS
+        .iter()
+        .take(used.max(1))
+        .map(|&name| {
+            let map = ebpf.take_map(name).ok_or(RingsError::Missing(name))?;
+            RingBuf::try_from(map).map_err(|source| RingsError::Open { name, source })
+        })
+        .collect()
+}
 
 /// How long the reader sleeps between drains when nothing forces a wakeup. Each drain
 /// should be a short burst: a long one holds a CPU that the observed service may be waiting
@@ -44,6 +79,9 @@ pub trait RecordSink {
     fn on_record(&mut self, bytes: &[u8]);
     /// Called after every drain (and at least every poll interval): time-based work.
     fn on_idle(&mut self);
+    /// `n` records came out of the merge older than one already passed on (written to
+    /// their ring more than `merge::SLACK_NS` after their stamp).
+    fn on_out_of_order(&mut self, _n: u64) {}
 }
 
 /// A second fd to wake on (the aya-log buffer) and what to do when it is readable.
@@ -52,23 +90,22 @@ pub type ExtraFd<L> = Option<(L, Box<dyn FnMut(&mut L) + Send>)>;
 /// Runs until `stop` is set; drains once more before returning so nothing already
 /// submitted is lost. `extra` is another fd to wake on (the aya-log buffer) and its handler.
 pub fn drain_loop<S: RecordSink, L: AsFd>(
-    mut ring: RingBuf<MapData>,
+    mut rings: Vec<RingBuf<MapData>>,
     sink: &mut S,
     stop: &Arc<AtomicBool>,
     mut extra: ExtraFd<L>,
 ) {
-    let mut fds = vec![libc::pollfd {
-        fd: ring.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    }];
-    if let Some((l, _)) = &extra {
-        fds.push(libc::pollfd {
-            fd: l.as_fd().as_raw_fd(),
+    let mut fds: Vec<libc::pollfd> = rings
+        .iter()
+        .map(|r| r.as_raw_fd())
+        .chain(extra.as_ref().map(|(l, _)| l.as_fd().as_raw_fd()))
+        .map(|fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
-        });
-    }
+        })
+        .collect();
+    let mut merge = Merge::default();
     let mut timeout = POLL_MIN;
     let mut last_drain = Instant::now();
     loop {
@@ -84,11 +121,10 @@ pub fn drain_loop<S: RecordSink, L: AsFd>(
                 )
             };
         }
-        let mut drained: u32 = 0;
-        while let Some(item) = ring.next() {
-            sink.on_record(&item);
-            drained = drained.saturating_add(1);
-        }
+        let drained = match rings.as_mut_slice() {
+            [ring] => drain_one(ring, sink),
+            rings => drain_merged(rings, &mut merge, sink, stopping),
+        };
         let now = Instant::now();
         timeout = next_poll(timeout, now - last_drain, drained);
         last_drain = now;
@@ -98,6 +134,57 @@ pub fn drain_loop<S: RecordSink, L: AsFd>(
         sink.on_idle();
         if stopping {
             return;
+        }
+    }
+}
+
+/// A single ring is already in order: its records go straight from the ring.
+fn drain_one<S: RecordSink>(ring: &mut RingBuf<MapData>, sink: &mut S) -> u32 {
+    let mut drained: u32 = 0;
+    while let Some(item) = ring.next() {
+        sink.on_record(&item);
+        drained = drained.saturating_add(1);
+    }
+    drained
+}
+
+/// Drains every ring into `merge` and passes on what is safe to order: everything
+/// stamped `SLACK_NS` before the drain began, or before the last record read from a ring
+/// that still had more (what is left in it is newer). `last` passes on everything.
+fn drain_merged<S: RecordSink>(
+    rings: &mut [RingBuf<MapData>],
+    merge: &mut Merge,
+    sink: &mut S,
+    last: bool,
+) -> u32 {
+    let mut drained: u32 = 0;
+    loop {
+        let began = clock::monotonic_now_ns();
+        let mut upto = began.saturating_sub(SLACK_NS);
+        let mut more = false;
+        for ring in rings.iter_mut() {
+            let mut bytes = 0;
+            let mut newest = None;
+            while bytes < RING_BATCH_BYTES {
+                let Some(item) = ring.next() else { break };
+                bytes += item.len();
+                newest = Some(merge.push(&item));
+                drained = drained.saturating_add(1);
+            }
+            if bytes >= RING_BATCH_BYTES {
+                more = true;
+                upto = upto.min(newest.unwrap_or(0).saturating_sub(SLACK_NS));
+            }
+        }
+        if last && !more {
+            upto = u64::MAX;
+        }
+        let late = merge.release(upto, |r| sink.on_record(r));
+        if late > 0 {
+            sink.on_out_of_order(late);
+        }
+        if !more {
+            return drained;
         }
     }
 }

@@ -39,10 +39,11 @@ pub struct CaptureArgs {
     /// bytes and the syscall's last 16 are copied, whatever this says.
     #[arg(long, env = "TAPIR_CAPTURE_BYTES", default_value_t = agent_common::DEFAULT_CAPTURE)]
     pub capture_bytes: u32,
-    /// Kernel → agent ring buffer size in bytes (power of two). When it is full, events are
-    /// dropped and counted (tapir.kernel.ringbuf_full). It shows twice in the agent's RSS
-    /// (the kernel maps it twice in a row for wrap-around). The default holds about 200 ms
-    /// of events at 50k requests/s seen from both ends.
+    /// Kernel → agent ring buffer bytes in all, shared out evenly among one ring per CPU
+    /// (up to 16 rings; each rounded down to a power of two). When a CPU's ring is full,
+    /// its events are dropped and counted (tapir.kernel.ringbuf_full). It shows twice in
+    /// the agent's RSS (the kernel maps each ring twice in a row for wrap-around). The
+    /// default holds about 200 ms of events at 50k requests/s seen from both ends.
     #[arg(long, env = "TAPIR_RINGBUF_BYTES", default_value_t = 8 << 20)]
     pub ringbuf_bytes: u32,
     /// Connections tracked at once (kernel and agent). The least recently used are evicted.
@@ -273,13 +274,13 @@ impl RescanThread {
 type Logger = aya_log::EbpfLogger<&'static dyn log::Log>;
 type LogFlush = Box<dyn FnMut(&mut Logger) + Send>;
 
-/// The ring buffer of kernel events, taken out of the loaded object.
-pub fn take_ring(attached: &mut Attached) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
-    let map = attached
-        .ebpf
-        .take_map(agent_common::names::EVENTS)
-        .context("the eBPF object has no event ring buffer")?;
-    aya::maps::RingBuf::try_from(map).context("opening the event ring buffer")
+/// The rings of kernel events, taken out of the loaded object.
+pub fn take_rings(attached: &mut Attached) -> Result<Vec<aya::maps::RingBuf<aya::maps::MapData>>> {
+    let used = attached.rings_used;
+    Ok(tapir::capture::reader::take_rings(
+        &mut attached.ebpf,
+        used,
+    )?)
 }
 
 /// eBPF-side logs (aya-log), forwarded to our log at their level (debug).

@@ -182,6 +182,10 @@ impl RecordSink for Gauged {
         self.pipeline.on_record(bytes);
     }
 
+    fn on_out_of_order(&mut self, n: u64) {
+        self.pipeline.on_out_of_order(n);
+    }
+
     fn on_idle(&mut self) {
         self.pipeline.on_idle();
         self.otel.connections_tracked.store(
@@ -227,7 +231,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             Err(e) => eprintln!("tapir: warning: --ebpf-stats: {e}"),
         }
     }
-    let ring = super::take_ring(&mut attached)?;
+    let rings = super::take_rings(&mut attached)?;
     let logger = super::take_logger(&mut attached);
     let maps = super::PipelineMaps::take(&mut attached);
     let rescan = super::RescanThread::spawn(&mut attached)?;
@@ -241,7 +245,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         let mut pipeline = Pipeline::new(max_conns, filter, st.clone(), sink);
         maps.install(&mut pipeline, st);
         let mut sink = Gauged { pipeline, otel: os };
-        drain_loop(ring, &mut sink, &stop, logger);
+        drain_loop(rings, &mut sink, &stop, logger);
         sink.pipeline.read_kernel_counters();
         // The OTLP sink goes with the pipeline; `Telemetry::shutdown` flushes the queue.
     })?;

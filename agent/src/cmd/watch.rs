@@ -74,7 +74,7 @@ fn human_line(ex: &CapturedExchange) -> String {
 
 pub fn run(args: WatchArgs) -> Result<ExitCode> {
     let mut attached = attach(&args.capture, &args.inject, &args.ports)?;
-    let ring = super::take_ring(&mut attached)?;
+    let rings = super::take_rings(&mut attached)?;
     let rescan = super::RescanThread::spawn(&mut attached)?;
     let logger = super::take_logger(&mut attached);
     let maps = super::PipelineMaps::take(&mut attached);
@@ -92,7 +92,7 @@ pub fn run(args: WatchArgs) -> Result<ExitCode> {
         };
         let mut pipeline = Pipeline::new(max_conns, filter, pipeline_stats.clone(), printer);
         maps.install(&mut pipeline, pipeline_stats);
-        drain_loop(ring, &mut pipeline, &stop, logger);
+        drain_loop(rings, &mut pipeline, &stop, logger);
         pipeline.read_kernel_counters();
         pipeline.sink_mut().flush();
     })?;
