@@ -54,8 +54,8 @@ counters! {
     /// Records that could not be decoded.
     records_malformed => "tapir.events.malformed",
     /// Records that reached the agent from their CPU's ring after a newer record from
-    /// another CPU had been processed (the merge waits 2 ms for stragglers): a request and
-    /// its response on different CPUs may then be paired out of order.
+    /// another CPU had been processed: written more than 0.1 ms after they were stamped
+    /// (an interrupt in between). Harmless unless both were of one connection.
     records_out_of_order => "tapir.events.out_of_order",
     /// Payload bytes the kernel copied into data records: a prefix of what each call moved
     /// (a head, not a body) and its last bytes.

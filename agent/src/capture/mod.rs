@@ -1,4 +1,6 @@
-//! Kernel → userspace: decoding ring-buffer records, draining the rings and merging them.
+//! Kernel → userspace: reading the event rings in place, merging them into one order, and
+//! decoding their records.
 pub mod events;
 pub mod merge;
 pub mod reader;
+pub mod ring;

@@ -3,8 +3,8 @@
 //! The kernel submits records without waking us (a wakeup per record would cost every
 //! observed syscall an IPI); each CPU forces a wakeup only after it has written a share of
 //! its ring (`TAPIR_WAKEUP_BYTES`, see the loader), so the reader polls with a short
-//! timeout and drains whatever is there. With more than one ring (one per CPU), the
-//! records are put back into one order first ([`Merge`]).
+//! timeout and drains whatever is there, the rings (one per CPU) merged into one order by
+//! [`Merger`], in place.
 use std::{
     os::fd::{AsFd, AsRawFd},
     sync::{
@@ -14,17 +14,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::{
-    maps::{MapData, MapError, RingBuf},
-    Ebpf,
+use aya::Ebpf;
+
+use super::{
+    merge::{Merger, Source, SLACK_NS},
+    ring::{EventRing, RingError},
 };
-
-use super::merge::{Merge, SLACK_NS};
 use crate::clock;
-
-/// Bytes read from one ring before the others get their turn: bounds what a drain holds
-/// in memory (the pipeline gets records while the rest wait in the rings).
-const RING_BATCH_BYTES: usize = 256 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RingsError {
@@ -34,20 +30,32 @@ pub enum RingsError {
     Open {
         name: &'static str,
         #[source]
-        source: MapError,
+        source: RingError,
     },
 }
 
 /// The first `used` event rings (those CPUs write to), taken out of the loaded object.
-pub fn take_rings(ebpf: &mut Ebpf, used: usize) -> Result<Vec<RingBuf<MapData>>, RingsError> {
+pub fn take_rings(ebpf: &mut Ebpf, used: usize) -> Result<Vec<EventRing>, RingsError> {
     agent_common::names::EVENT_RINGS
         .iter()
         .take(used.max(1))
         .map(|&name| {
-            let map = ebpf.take_map(name).ok_or(RingsError::Missing(name))?;
-            RingBuf::try_from(map).map_err(|source| RingsError::Open { name, source })
+            let map = match ebpf.take_map(name) {
+                Some(aya::maps::Map::RingBuf(data)) => data,
+                _ => return Err(RingsError::Missing(name)),
+            };
+            EventRing::new(map).map_err(|source| RingsError::Open { name, source })
         })
         .collect()
+}
+
+impl Source for EventRing {
+    fn peek(&mut self) -> Option<&[u8]> {
+        EventRing::peek(self)
+    }
+    fn consume(&mut self) {
+        EventRing::consume(self)
+    }
 }
 
 /// How long the reader sleeps between drains when nothing forces a wakeup. Each drain
@@ -90,11 +98,12 @@ pub type ExtraFd<L> = Option<(L, Box<dyn FnMut(&mut L) + Send>)>;
 /// Runs until `stop` is set; drains once more before returning so nothing already
 /// submitted is lost. `extra` is another fd to wake on (the aya-log buffer) and its handler.
 pub fn drain_loop<S: RecordSink, L: AsFd>(
-    mut rings: Vec<RingBuf<MapData>>,
+    mut rings: Vec<EventRing>,
     sink: &mut S,
     stop: &Arc<AtomicBool>,
     mut extra: ExtraFd<L>,
 ) {
+    // The rings' fds first, then the extra one.
     let mut fds: Vec<libc::pollfd> = rings
         .iter()
         .map(|r| r.as_raw_fd())
@@ -105,12 +114,17 @@ pub fn drain_loop<S: RecordSink, L: AsFd>(
             revents: 0,
         })
         .collect();
-    let mut merge = Merge::default();
+    let mut merger = Merger::default();
     let mut timeout = POLL_MIN;
     let mut last_drain = Instant::now();
+    let mut held = false;
     loop {
         let stopping = stop.load(Ordering::Acquire);
         if !stopping {
+            // Records left in a ring make it readable at once: while some are held for
+            // the next drain, wait on the timer (and the extra fd) only.
+            let watched = if held { rings.len() } else { 0 };
+            let fds = &mut fds[watched..];
             // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
             unsafe {
                 libc::poll(
@@ -121,12 +135,25 @@ pub fn drain_loop<S: RecordSink, L: AsFd>(
                 )
             };
         }
-        let drained = match rings.as_mut_slice() {
-            [ring] => drain_one(ring, sink),
-            rings => drain_merged(rings, &mut merge, sink, stopping),
+        for ring in &mut rings {
+            ring.refresh();
+        }
+        // One ring is in order as it is; several are merged up to SLACK_NS before now.
+        let upto = if stopping || rings.len() == 1 {
+            u64::MAX
+        } else {
+            clock::monotonic_now_ns().saturating_sub(SLACK_NS)
         };
+        let merged = merger.drain(&mut rings, upto, |r| sink.on_record(r));
+        for ring in &mut rings {
+            ring.publish();
+        }
+        if merged.out_of_order > 0 {
+            sink.on_out_of_order(merged.out_of_order);
+        }
+        held = merged.held;
         let now = Instant::now();
-        timeout = next_poll(timeout, now - last_drain, drained);
+        timeout = next_poll(timeout, now - last_drain, merged.records);
         last_drain = now;
         if let Some((l, flush)) = &mut extra {
             flush(l);
@@ -134,57 +161,6 @@ pub fn drain_loop<S: RecordSink, L: AsFd>(
         sink.on_idle();
         if stopping {
             return;
-        }
-    }
-}
-
-/// A single ring is already in order: its records go straight from the ring.
-fn drain_one<S: RecordSink>(ring: &mut RingBuf<MapData>, sink: &mut S) -> u32 {
-    let mut drained: u32 = 0;
-    while let Some(item) = ring.next() {
-        sink.on_record(&item);
-        drained = drained.saturating_add(1);
-    }
-    drained
-}
-
-/// Drains every ring into `merge` and passes on what is safe to order: everything
-/// stamped `SLACK_NS` before the drain began, or before the last record read from a ring
-/// that still had more (what is left in it is newer). `last` passes on everything.
-fn drain_merged<S: RecordSink>(
-    rings: &mut [RingBuf<MapData>],
-    merge: &mut Merge,
-    sink: &mut S,
-    last: bool,
-) -> u32 {
-    let mut drained: u32 = 0;
-    loop {
-        let began = clock::monotonic_now_ns();
-        let mut upto = began.saturating_sub(SLACK_NS);
-        let mut more = false;
-        for ring in rings.iter_mut() {
-            let mut bytes = 0;
-            let mut newest = None;
-            while bytes < RING_BATCH_BYTES {
-                let Some(item) = ring.next() else { break };
-                bytes += item.len();
-                newest = Some(merge.push(&item));
-                drained = drained.saturating_add(1);
-            }
-            if bytes >= RING_BATCH_BYTES {
-                more = true;
-                upto = upto.min(newest.unwrap_or(0).saturating_sub(SLACK_NS));
-            }
-        }
-        if last && !more {
-            upto = u64::MAX;
-        }
-        let late = merge.release(upto, |r| sink.on_record(r));
-        if late > 0 {
-            sink.on_out_of_order(late);
-        }
-        if !more {
-            return drained;
         }
     }
 }

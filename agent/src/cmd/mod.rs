@@ -275,7 +275,7 @@ type Logger = aya_log::EbpfLogger<&'static dyn log::Log>;
 type LogFlush = Box<dyn FnMut(&mut Logger) + Send>;
 
 /// The rings of kernel events, taken out of the loaded object.
-pub fn take_rings(attached: &mut Attached) -> Result<Vec<aya::maps::RingBuf<aya::maps::MapData>>> {
+pub fn take_rings(attached: &mut Attached) -> Result<Vec<tapir::capture::ring::EventRing>> {
     let used = attached.rings_used;
     Ok(tapir::capture::reader::take_rings(
         &mut attached.ebpf,
