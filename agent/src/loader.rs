@@ -184,8 +184,8 @@ pub fn kernel_offsets() -> Result<KernelOffsets, LoadError> {
     // The parsed BTF (tens of MB) is dropped here, before anything else is allocated.
 }
 
-/// Bytes each CPU writes to the ring buffer before it wakes the reader: all CPUs together
-/// stay well inside the ring (a quarter of it), between 64 KiB and 1 MiB each.
+/// Bytes each CPU writes to its ring before it wakes the reader: all CPUs together stay
+/// well inside the rings (a quarter of them), between 64 KiB and 1 MiB each.
 fn wakeup_bytes(ringbuf_bytes: u32) -> u64 {
     wakeup_bytes_for(ringbuf_bytes, aya::util::nr_cpus().unwrap_or(64))
 }
@@ -204,11 +204,7 @@ pub fn event_rings(ringbuf_bytes: u32) -> (usize, u32) {
 fn event_rings_for(ringbuf_bytes: u32, cpus: usize) -> (usize, u32) {
     let used = cpus.clamp(1, EVENT_RINGS);
     let share = ringbuf_bytes / used as u32;
-    let size = if share == 0 {
-        0
-    } else {
-        1u32 << (31 - share.leading_zeros())
-    };
+    let size = share.checked_ilog2().map_or(0, |bit| 1 << bit);
     (used, size.max(PAGE_BYTES))
 }
 

@@ -123,8 +123,7 @@ pub fn drain_loop<S: RecordSink, L: AsFd>(
         if !stopping {
             // Records left in a ring make it readable at once: while some are held for
             // the next drain, wait on the timer (and the extra fd) only.
-            let watched = if held { rings.len() } else { 0 };
-            let fds = &mut fds[watched..];
+            let fds = &mut fds[if held { rings.len() } else { 0 }..];
             // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
             unsafe {
                 libc::poll(
@@ -135,15 +134,16 @@ pub fn drain_loop<S: RecordSink, L: AsFd>(
                 )
             };
         }
-        for ring in &mut rings {
-            ring.refresh();
-        }
-        // One ring is in order as it is; several are merged up to SLACK_NS before now.
+        // One ring is in order as it is; several are merged up to SLACK_NS before now,
+        // read before the rings are (see merge.rs).
         let upto = if stopping || rings.len() == 1 {
             u64::MAX
         } else {
             clock::monotonic_now_ns().saturating_sub(SLACK_NS)
         };
+        for ring in &mut rings {
+            ring.refresh();
+        }
         let merged = merger.drain(&mut rings, upto, |r| sink.on_record(r));
         for ring in &mut rings {
             ring.publish();
