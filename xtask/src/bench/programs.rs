@@ -216,7 +216,7 @@ pub fn table(md: &mut String, b: &ProgramBench) {
         "\n### 7) What the kernel programs spend per keep-alive request, as the kernel measures it (`--ebpf-stats`, capture only; {} runs each)\n\n",
         b.runs.len() / 2
     ));
-    md.push_str("nginx reads with `recvfrom` and writes with `writev`; wrk writes with `write` and reads with `read`. Both ends observed (the agent as configured), then nginx alone (`--exe nginx`: wrk's calls stop at the process check, and only nginx's CPU writes to the ring buffer). Median (min … max) over runs. The statistics themselves add a little to each run.\n\n| program | runs per request | ns per run, both ends | ns per request, both ends | ns per run, nginx alone |\n|---|---|---|---|---|\n");
+    md.push_str("nginx reads with `recvfrom` and writes with `writev`; wrk writes with `write` and reads with `read`. Both ends observed (the agent as configured), then nginx alone (`--exe nginx`: wrk's calls stop at the process check, and only nginx's CPU writes records). Median (min … max) over runs. The statistics themselves add a little to each run.\n\n| program | runs per request | ns per run, both ends | ns per request, both ends | ns per run, nginx alone |\n|---|---|---|---|---|\n");
     let names = distinct(
         b.both_ends
             .rows
