@@ -209,11 +209,7 @@ pub fn emit_conn(kind: EventKind, fd: u32, sock_id: u64, role: Role, with_tuple:
         ev.comm[0] = 0;
     }
     // Connection events are rare and userspace wants them promptly.
-    if ring_output(
-        ev as *const ConnEvent as *const u8,
-        size_of::<ConnEvent>() as u64,
-    ) == 0
-    {
+    if ring_output(ev, size_of::<ConnEvent>() as u64) == 0 {
         count(counter::CONN_EVENTS);
     } else {
         count(counter::RINGBUF_FULL);

@@ -345,7 +345,7 @@ fn emit_data<const SHAPE: u8>(
     let size = core::mem::size_of::<agent_common::DataEventHeader>() as u64
         + (core::hint::black_box(captured.min(MAX_CAPTURE as u64)) & (2 * MAX_CAPTURE as u64 - 1));
     // `size` never exceeds the scratch record.
-    let rc = ring_output(scratch as *const DataScratch as *const u8, size);
+    let rc = ring_output(scratch, size);
     if rc == 0 {
         count(counter::DATA_EVENTS);
     } else {

@@ -295,7 +295,7 @@ pub fn tapir_sched_exit(_ctx: TracePointContext) -> u32 {
     bump_gen(tgid);
     let hdr = header(EventKind::ProcExit, 0);
     let size = core::mem::size_of::<agent_common::EventHeader>() as u64;
-    if ring_output(&hdr as *const agent_common::EventHeader as *const u8, size) != 0 {
+    if ring_output(&hdr, size) != 0 {
         count(agent_common::counter::RINGBUF_FULL);
     }
     0

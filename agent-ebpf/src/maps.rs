@@ -183,16 +183,18 @@ macro_rules! event_rings {
             pub static $ring: RingBuf = RingBuf::with_byte_size(4096, 0);
         )*
 
-        /// Sends `size` bytes at `data` to this CPU's ring (`bpf_ringbuf_output`'s result).
-        /// One call per ring: the verifier needs each call's map to be a constant.
+        /// Sends the first `size` bytes of `record` (at most its size) to this CPU's ring
+        /// (`bpf_ringbuf_output`'s result). One call per ring: the verifier needs each
+        /// call's map to be a constant.
         #[inline(always)]
-        pub fn ring_output(data: *const u8, size: u64) -> i64 {
+        pub fn ring_output<T>(record: &T, size: u64) -> i64 {
+            let data = record as *const T;
             let flags = ringbuf_flags(size);
             // SAFETY: helper without preconditions.
             let cpu = unsafe { bpf_get_smp_processor_id() } as usize & (EVENT_RINGS - 1);
             match cpu {
                 $(
-                    // SAFETY: `data` holds `size` readable bytes (the callers' records).
+                    // SAFETY: `record` holds `size` readable bytes (the callers' contract).
                     $cpu => unsafe {
                         bpf_ringbuf_output(
                             core::ptr::addr_of!($ring) as *mut _,

@@ -197,7 +197,7 @@ fn wakeup_bytes_for(ringbuf_bytes: u32, cpus: usize) -> u64 {
 /// The event rings the CPUs write to (CPU `c` to ring `c % EVENT_RINGS`) and each one's
 /// size: `ringbuf_bytes` shared out evenly, as a power of two of at least a page (the
 /// kernel's rule).
-pub fn event_rings(ringbuf_bytes: u32) -> (usize, u32) {
+fn event_rings(ringbuf_bytes: u32) -> (usize, u32) {
     event_rings_for(ringbuf_bytes, aya::util::nr_cpus().unwrap_or(EVENT_RINGS))
 }
 
@@ -211,10 +211,20 @@ fn event_rings_for(ringbuf_bytes: u32, cpus: usize) -> (usize, u32) {
 /// The smallest ring the kernel accepts (x86_64's page).
 const PAGE_BYTES: u32 = 4096;
 
-/// The embedded object with its globals set for `opts` and its maps created; no program
-/// is loaded yet. Also returns the kernel's struct offsets and the fork hook's field
-/// offset (without it the fork hook would read garbage, and is not attached).
-fn open_object(opts: &LoadOptions) -> Result<(Ebpf, KernelOffsets, Option<u32>), LoadError> {
+/// The embedded object with its globals set and its maps created; no program is loaded
+/// yet.
+struct Opened {
+    ebpf: Ebpf,
+    /// The kernel's struct offsets.
+    offsets: KernelOffsets,
+    /// The fork hook's field offset (without it the hook would read garbage, and is not
+    /// attached).
+    fork_child_pid: Option<u32>,
+    /// How many event rings the CPUs write to ([`event_rings`]).
+    rings_used: usize,
+}
+
+fn open_object(opts: &LoadOptions) -> Result<Opened, LoadError> {
     if !has_embedded_object() {
         return Err(LoadError::NoObject);
     }
@@ -270,7 +280,12 @@ fn open_object(opts: &LoadOptions) -> Result<(Ebpf, KernelOffsets, Option<u32>),
         .map_max_entries(names::CONNS, opts.max_connections)
         .load(Programs::for_this_kernel().object())
         .map_err(|e| LoadError::Load(Box::new(e)))?;
-    Ok((ebpf, offsets, fork_child_pid))
+    Ok(Opened {
+        ebpf,
+        offsets,
+        fork_child_pid,
+        rings_used,
+    })
 }
 
 /// Passes every program of the embedded object through this kernel's verifier (loads,
@@ -287,7 +302,7 @@ pub fn verify_programs() -> Result<usize, String> {
         },
         ..LoadOptions::default()
     };
-    let (mut ebpf, _, _) = open_object(&opts).map_err(|e| e.to_string())?;
+    let mut ebpf = open_object(&opts).map_err(|e| e.to_string())?.ebpf;
     let refused =
         |name: &str, e: aya::programs::ProgramError| format!("program {name} refused: {e:#}");
     for probe in PROBES {
@@ -317,7 +332,12 @@ where
 
 pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
     let tracefs = tracefs::ensure_mounted()?;
-    let (mut ebpf, offsets, fork_child_pid) = open_object(opts)?;
+    let Opened {
+        mut ebpf,
+        offsets,
+        fork_child_pid,
+        rings_used,
+    } = open_object(opts)?;
     let choosing = !opts.selection.is_everything();
     let seeded = if choosing {
         seed_selection(&mut ebpf, &opts.selection, None)?
@@ -360,7 +380,7 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
         offsets,
         injection,
         selection: opts.selection.clone(),
-        rings_used: event_rings(opts.ringbuf_bytes).0,
+        rings_used,
     })
 }
 

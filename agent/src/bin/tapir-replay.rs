@@ -654,8 +654,7 @@ type NoExtra = Option<(OwnedFd, Box<dyn FnMut(&mut OwnedFd) + Send>)>;
 fn record(out: &Path, seconds: f64, max_records: u64) -> Result<()> {
     let mut attached = tapir::loader::load_and_attach(&tapir::loader::LoadOptions::default())
         .context("loading the eBPF programs (run as root; `tapir doctor` tells what is missing)")?;
-    let used = attached.rings_used;
-    let rings = tapir::capture::reader::take_rings(&mut attached.ebpf, used)?;
+    let rings = tapir::capture::reader::take_rings(&mut attached)?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut rec = Recorder {
         w: RecordWriter::create(out)?,

@@ -14,13 +14,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::Ebpf;
-
 use super::{
-    merge::{Merger, Source, SLACK_NS},
+    merge::{Merger, SLACK_NS},
     ring::{EventRing, RingError},
 };
-use crate::clock;
+use crate::{clock, loader::Attached};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RingsError {
@@ -34,28 +32,19 @@ pub enum RingsError {
     },
 }
 
-/// The first `used` event rings (those CPUs write to), taken out of the loaded object.
-pub fn take_rings(ebpf: &mut Ebpf, used: usize) -> Result<Vec<EventRing>, RingsError> {
+/// The event rings CPUs write to, taken out of the loaded object.
+pub fn take_rings(attached: &mut Attached) -> Result<Vec<EventRing>, RingsError> {
     agent_common::names::EVENT_RINGS
         .iter()
-        .take(used.max(1))
+        .take(attached.rings_used.max(1))
         .map(|&name| {
-            let map = match ebpf.take_map(name) {
+            let map = match attached.ebpf.take_map(name) {
                 Some(aya::maps::Map::RingBuf(data)) => data,
                 _ => return Err(RingsError::Missing(name)),
             };
             EventRing::new(map).map_err(|source| RingsError::Open { name, source })
         })
         .collect()
-}
-
-impl Source for EventRing {
-    fn peek(&mut self) -> Option<&[u8]> {
-        EventRing::peek(self)
-    }
-    fn consume(&mut self) {
-        EventRing::consume(self)
-    }
 }
 
 /// How long the reader sleeps between drains when nothing forces a wakeup. Each drain

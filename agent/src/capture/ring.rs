@@ -17,6 +17,8 @@ use std::{
 
 use aya::maps::{MapData, MapError};
 
+use super::merge::Source;
+
 const BUSY_BIT: u32 = 1 << 31;
 const DISCARD_BIT: u32 = 1 << 30;
 const HEADER_BYTES: u64 = 8;
@@ -135,10 +137,20 @@ impl EventRing {
         self.end = self.producer_pos().load(Ordering::Acquire);
     }
 
+    /// Tells the kernel how far this ring has been read: the room before it is free again.
+    pub fn publish(&mut self) {
+        if self.published != self.pos {
+            self.consumer_pos().store(self.pos, Ordering::Release);
+            self.published = self.pos;
+        }
+    }
+}
+
+impl Source for EventRing {
     /// The oldest record not yet consumed, among those committed before the last
-    /// [`refresh`](Self::refresh); `None` when there is none, or when the oldest is still
-    /// being written.
-    pub fn peek(&mut self) -> Option<&[u8]> {
+    /// [`refresh`](EventRing::refresh); `None` when there is none, or when the oldest is
+    /// still being written.
+    fn peek(&mut self) -> Option<&[u8]> {
         // Positions only grow (a u64 does not wrap); the data offset is masked.
         while self.pos < self.end {
             let offset = (self.pos & self.mask) as usize;
@@ -174,19 +186,11 @@ impl EventRing {
         None
     }
 
-    /// Consumes the record [`peek`](Self::peek) just returned.
-    pub fn consume(&mut self) {
+    /// Consumes the record `peek` just returned.
+    fn consume(&mut self) {
         self.pos = self.pos.max(self.next);
         if self.pos - self.published >= PUBLISH_BYTES {
             self.publish();
-        }
-    }
-
-    /// Tells the kernel how far this ring has been read: the room before it is free again.
-    pub fn publish(&mut self) {
-        if self.published != self.pos {
-            self.consumer_pos().store(self.pos, Ordering::Release);
-            self.published = self.pos;
         }
     }
 }

@@ -274,15 +274,6 @@ impl RescanThread {
 type Logger = aya_log::EbpfLogger<&'static dyn log::Log>;
 type LogFlush = Box<dyn FnMut(&mut Logger) + Send>;
 
-/// The rings of kernel events, taken out of the loaded object.
-pub fn take_rings(attached: &mut Attached) -> Result<Vec<tapir::capture::ring::EventRing>> {
-    let used = attached.rings_used;
-    Ok(tapir::capture::reader::take_rings(
-        &mut attached.ebpf,
-        used,
-    )?)
-}
-
 /// eBPF-side logs (aya-log), forwarded to our log at their level (debug).
 pub fn take_logger(attached: &mut Attached) -> Option<(Logger, LogFlush)> {
     match aya_log::EbpfLogger::init(&mut attached.ebpf) {

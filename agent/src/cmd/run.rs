@@ -231,7 +231,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             Err(e) => eprintln!("tapir: warning: --ebpf-stats: {e}"),
         }
     }
-    let rings = super::take_rings(&mut attached)?;
+    let rings = tapir::capture::reader::take_rings(&mut attached)?;
     let logger = super::take_logger(&mut attached);
     let maps = super::PipelineMaps::take(&mut attached);
     let rescan = super::RescanThread::spawn(&mut attached)?;

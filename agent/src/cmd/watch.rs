@@ -74,7 +74,7 @@ fn human_line(ex: &CapturedExchange) -> String {
 
 pub fn run(args: WatchArgs) -> Result<ExitCode> {
     let mut attached = attach(&args.capture, &args.inject, &args.ports)?;
-    let rings = super::take_rings(&mut attached)?;
+    let rings = tapir::capture::reader::take_rings(&mut attached)?;
     let rescan = super::RescanThread::spawn(&mut attached)?;
     let logger = super::take_logger(&mut attached);
     let maps = super::PipelineMaps::take(&mut attached);
