@@ -25,6 +25,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    tapir::heap::configure();
     let cli = Cli::parse();
     cmd::init_logging();
     let result = match cli.command {

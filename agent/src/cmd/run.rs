@@ -198,7 +198,7 @@ impl RecordSink for Gauged {
 pub fn run(args: RunArgs) -> Result<ExitCode> {
     // One worker: exports are serialized anyway, and with two the export task and its
     // HTTP/2 connection task woke each other across threads (~10 % more export CPU).
-    // Metrics collection runs on the blocking pool. The capture thread is separate.
+    // The capture thread is separate.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("tapir-export")

@@ -341,12 +341,10 @@ pub async fn metrics_loop(
         }
         next = Instant::now() + interval;
         let deadline = *stop.borrow();
-        let reg = registry.clone();
-        let req = tokio::task::spawn_blocking(move || reg.collect())
-            .await
-            .ok()
-            .flatten();
-        if let Some(req) = req {
+        // Collected on this thread, not the blocking pool: the burst of small allocations
+        // (thousands of exited processes' last points) then lands in this thread's arena,
+        // which `heap::trim` below can shrink; a pool thread's arena kept it for good.
+        if let Some(req) = registry.collect() {
             let mut delivered = 0;
             for (resources, body) in super::metrics::encode_requests(req, MAX_METRICS_REQUEST) {
                 let fut = client.export(body);

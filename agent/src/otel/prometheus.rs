@@ -270,9 +270,15 @@ pub async fn serve(listener: TcpListener, registry: Arc<Registry>) {
             let (status, ctype, body) =
                 if (method == "GET" || method == "HEAD") && path == "/metrics" {
                     let reg = registry.clone();
-                    let text = tokio::task::spawn_blocking(move || render(&reg.peek()))
-                        .await
-                        .unwrap_or_default();
+                    let text = tokio::task::spawn_blocking(move || {
+                        let text = render(&reg.peek());
+                        // The snapshot (thousands of small blocks after a burst of
+                        // processes) was freed into this pool thread's arena.
+                        crate::heap::trim();
+                        text
+                    })
+                    .await
+                    .unwrap_or_default();
                     ("200 OK", "text/plain; version=0.0.4; charset=utf-8", text)
                 } else {
                     (
