@@ -82,7 +82,7 @@ pub const MAX_IOVECS: usize = 8;
 /// the verifier walks step by step) scan for a `traceparent` and for the head's end.
 pub const COMPAT_SCAN_BYTES: u64 = 2048;
 /// Request bytes the compat programs scan for the head's end before injecting (a step per
-/// 8 bytes; the verifier follows at most 8192 jumps along one path). A longer head is left
+/// 32 bytes; the verifier follows at most 8192 jumps along one path). A longer head is left
 /// as it is (counted in `tapir.inject.head_split`).
 pub const COMPAT_INJECT_SCAN_BYTES: u64 = 1024;
 

@@ -32,8 +32,11 @@ use aya_ebpf::{
 
 use crate::{
     looping::repeat,
-    maps::{agent_tgid, choosing, observed, sockops_pid, SCRATCH, SCRATCH_BYTES},
-    trace::{find_traceparent, is_request_start, new_span_id, thread_parent, OUT_CTX},
+    maps::{agent_tgid, choosing, observed, sockops_pid, SCRATCH},
+    trace::{
+        byte_at, each_newline, empty_line_at, find_traceparent, is_request_start, new_span_id,
+        step_inputs, thread_parent, OUT_CTX, SCAN_STEP,
+    },
 };
 
 #[map(name = "TAPIR_INJ_SOCKS")]
@@ -237,52 +240,29 @@ pub fn tapir_sock_ops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-#[inline(always)]
-fn byte(data: &[u8; SCRATCH_BYTES], i: u64) -> u8 {
-    let i = (i & (2 * MAX_CAPTURE as u64 - 1)) as usize;
-    // SAFETY: masked index inside the array.
-    unsafe { *data.as_ptr().add(i) }
-}
-
-/// One bpf_loop step over 8 bytes: records the end of the request line and of the head.
+/// One bpf_loop step over bytes `[32w, 32w + 32)`: records where the request line ends
+/// and where the head ends (just past its empty line).
 extern "C" fn scan_lines(w: u64, ctx: *mut core::ffi::c_void) -> i64 {
-    // SAFETY: `repeat!` hands back a pointer to one u64 on a stack: the byte count.
-    let n = unsafe { *(ctx as *const u64) };
-    let base = w * 8;
-    if base >= n {
-        return 1;
-    }
-    let Some(scratch) = SCRATCH.get_ptr(0) else {
+    let Some((n, scratch)) = step_inputs(ctx) else {
         return 1;
     };
     let Some(res) = INJ_SCAN.get_ptr_mut(0) else {
         return 1;
     };
-    // SAFETY: this CPU's scratch slots.
-    let (data, res) = unsafe { (&(*scratch).data, &mut *res) };
-    let i = (base & (2 * MAX_CAPTURE as u64 - 1)) as usize;
-    // SAFETY: i + 8 stays inside the array (SCRATCH_BYTES = 3×MAX).
-    let word = unsafe { core::ptr::read_unaligned(data.as_ptr().add(i) as *const u64) };
-    let x = word ^ 0x0a0a_0a0a_0a0a_0a0a;
-    if (x.wrapping_sub(0x0101_0101_0101_0101) & !x & 0x8080_8080_8080_8080) == 0 {
-        return 0;
-    }
-    for j in 0..8u64 {
-        let p = base + j;
-        if p < n && byte(data, p) == b'\n' {
-            if res[0] == 0 {
-                res[0] = p + 1;
-            } else {
-                let b1 = byte(data, p.wrapping_sub(1));
-                let b2 = byte(data, p.wrapping_sub(2));
-                if b1 == b'\n' || (b1 == b'\r' && b2 == b'\n') {
-                    res[1] = p + 1;
-                    return 1;
-                }
-            }
+    let data = &scratch.data;
+    // SAFETY: this CPU's slot.
+    let res = unsafe { &mut *res };
+    each_newline(data, w, n, |nl| {
+        if res[0] == 0 {
+            res[0] = nl + 1;
         }
-    }
-    0
+        if empty_line_at(data, nl + 1, n) {
+            // `\n` or `\r\n`: the head ends after it.
+            res[1] = nl + if byte_at(data, nl + 1) == b'\n' { 2 } else { 3 };
+            return true;
+        }
+        false
+    })
 }
 
 #[sk_msg]
@@ -375,8 +355,8 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Option<()> {
     repeat!(
         tapir_compat_inject_scan,
         scan_lines,
-        agent_common::COMPAT_INJECT_SCAN_BYTES / 8,
-        n.div_ceil(8),
+        agent_common::COMPAT_INJECT_SCAN_BYTES / SCAN_STEP,
+        n.div_ceil(SCAN_STEP as u32),
         n as u64
     );
     // SAFETY: as above.

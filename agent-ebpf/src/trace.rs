@@ -181,7 +181,7 @@ fn traceparent_name_at(data: &[u8; SCRATCH_BYTES], i: u64) -> bool {
 
 /// Is the line starting at `i` (of `n` captured bytes) the empty line that ends a head?
 #[inline(always)]
-fn empty_line_at(data: &[u8; SCRATCH_BYTES], i: u64, n: u64) -> bool {
+pub fn empty_line_at(data: &[u8; SCRATCH_BYTES], i: u64, n: u64) -> bool {
     let c = byte_at(data, i);
     i < n && (c == b'\n' || (c == b'\r' && i + 1 < n && byte_at(data, i + 1) == b'\n'))
 }
@@ -194,7 +194,7 @@ pub fn span_head(span_id: &[u8; 8]) -> [u8; 4] {
 
 /// Bytes looked at per bpf_loop step: a callback call costs about as much as the checks of
 /// a few words, so each step takes four.
-const SCAN_STEP: u64 = 32;
+pub const SCAN_STEP: u64 = 32;
 
 /// One bpf_loop step: looks at bytes `[32w, 32w + 32)` for a line starting with
 /// "traceparent:" (any case), or for the empty line that ends the head (the scan stops
@@ -228,7 +228,7 @@ extern "C" fn scan_step(w: u64, ctx: *mut core::ffi::c_void) -> i64 {
 /// in order, until it returns true. Returns bpf_loop's verdict: 1 (stop) when `found` did
 /// or the bytes ran out, else 0. Words without a `\n` are skipped in a few instructions.
 #[inline(always)]
-fn each_newline(
+pub fn each_newline(
     data: &[u8; SCRATCH_BYTES],
     w: u64,
     n: u64,
@@ -255,7 +255,7 @@ fn each_newline(
 
 /// A scan step's inputs: the byte count in its context, and this CPU's scratch record.
 #[inline(always)]
-fn step_inputs(ctx: *mut core::ffi::c_void) -> Option<(u64, &'static mut DataScratch)> {
+pub fn step_inputs(ctx: *mut core::ffi::c_void) -> Option<(u64, &'static mut DataScratch)> {
     // SAFETY: `repeat!` passes a pointer to one u64 on its caller's stack (or, in the
     // compat build, on its loop function's): the byte count.
     let n = unsafe { *(ctx as *const u64) };
