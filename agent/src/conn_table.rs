@@ -18,7 +18,7 @@ pub struct ConnTable<V> {
 impl<V> ConnTable<V> {
     pub fn new(capacity: NonZeroUsize) -> Self {
         // Bounded, but sized by what is tracked: `LruCache::new` would allocate the table
-        // for `capacity` at once (2.2 MiB for the default 100,000), and every page that a
+        // for `capacity` at once (2.2 MiB for the default 65,536), and every page that a
         // connection ever touched would stay in RSS.
         let mut lru = LruCache::unbounded();
         lru.resize(capacity);
