@@ -34,8 +34,8 @@ use crate::{
     looping::repeat,
     maps::{agent_tgid, choosing, observed, sockops_pid, SCRATCH},
     trace::{
-        byte_at, each_newline, empty_line_at, find_traceparent, is_request_start, new_span_id,
-        step_inputs, thread_parent, OUT_CTX, SCAN_STEP,
+        each_newline, empty_line_at, find_traceparent, is_request_start, new_span_id,
+        past_empty_line, step_inputs, thread_parent, OUT_CTX, SCAN_STEP,
     },
 };
 
@@ -257,8 +257,7 @@ extern "C" fn scan_lines(w: u64, ctx: *mut core::ffi::c_void) -> i64 {
             res[0] = nl + 1;
         }
         if empty_line_at(data, nl + 1, n) {
-            // `\n` or `\r\n`: the head ends after it.
-            res[1] = nl + if byte_at(data, nl + 1) == b'\n' { 2 } else { 3 };
+            res[1] = past_empty_line(data, nl);
             return true;
         }
         false

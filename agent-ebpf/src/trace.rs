@@ -186,6 +186,13 @@ pub fn empty_line_at(data: &[u8; SCRATCH_BYTES], i: u64, n: u64) -> bool {
     i < n && (c == b'\n' || (c == b'\r' && i + 1 < n && byte_at(data, i + 1) == b'\n'))
 }
 
+/// Just past the empty line that starts at `nl + 1` (`\n` or `\r\n`, as
+/// [`empty_line_at`] found it): where a body starts.
+#[inline(always)]
+pub fn past_empty_line(data: &[u8; SCRATCH_BYTES], nl: u64) -> u64 {
+    nl + if byte_at(data, nl + 1) == b'\n' { 2 } else { 3 }
+}
+
 /// The first four bytes of a span id: how a followed request head names its span.
 #[inline(always)]
 pub fn span_head(span_id: &[u8; 8]) -> [u8; 4] {
@@ -288,8 +295,7 @@ extern "C" fn body_step(w: u64, ctx: *mut core::ffi::c_void) -> i64 {
     let body_at = &mut scratch.body_at;
     each_newline(data, w, n, |nl| {
         if empty_line_at(data, nl + 1, n) {
-            // `\n` or `\r\n`: the body starts after it.
-            *body_at = nl + if byte_at(data, nl + 1) == b'\n' { 2 } else { 3 };
+            *body_at = past_empty_line(data, nl);
             return true;
         }
         false
