@@ -148,6 +148,22 @@ class Agent(Proc):
         self.wait_for(lambda l: "ready" in l, what="the agent's ready line", timeout=120)
 
 
+    def stop(self, sig=signal.SIGINT, timeout=30.0):
+        """Also records `usage_at_stop` (CPU seconds, resident bytes, from /proc, just before
+        the signal) and `cpu_at_exit` (CPU seconds once it has exited, read off the zombie
+        before it is reaped): brackets for what the agent reports of itself."""
+        if self.p.poll() is None:
+            self.usage_at_stop = proc_usage(self.pid)
+            self.p.send_signal(sig)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                st = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                if st is not None:
+                    self.cpu_at_exit = proc_usage(self.pid)[0]
+                    break
+                time.sleep(0.02)
+        return super().stop(sig, timeout)
+
     def exchanges(self):
         """Parsed `watch --json` records printed so far."""
         out = []
@@ -172,6 +188,17 @@ class Agent(Proc):
             with self._cv:
                 self._cv.wait(0.2)
         return self.exchanges()
+
+
+def proc_usage(pid):
+    """(CPU seconds, resident bytes) of a process from /proc (CPU in clock ticks of 10 ms;
+    a zombie keeps its CPU times and has no memory)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    with open(f"/proc/{pid}/statm") as f:
+        resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return cpu, resident
 
 
 def watch(*ports, pids=(), exe=(), exclude=(), inject=False):

@@ -21,7 +21,7 @@ import urllib.request
 
 import pytest
 
-from conftest import TESTS, Agent, cgroup2_mount, curl, free_port, span_path, wait_port
+from conftest import TESTS, Agent, cgroup2_mount, curl, free_port, proc_usage, span_path, wait_port
 from otlp_receiver import OtlpReceiver
 
 PY = sys.executable
@@ -348,8 +348,34 @@ def test_server_duration_histogram_counts_equal_request_counts(otlp, py_server):
     assert {m["resource"].get("service.name") for m in own} == {"tapir"}
     exchanges = otlp.latest_points("tapir.exchanges")
     assert exchanges and max(p["value"] for p in exchanges) >= len(sent)
+    assert_own_usage(otlp, agent)
     assert not otlp.metrics(lambda m: m["resource"].get("service.name") == "tapir" and m["name"].startswith("http."))
     assert otlp.errors == []
+
+
+def assert_own_usage(otlp, agent):
+    """The agent's process.* metrics (semantic conventions) under its own resource, against
+    what /proc said of it: its last export (at shutdown) comes after the signal and before
+    it exits."""
+    cpu = {p["attributes"].get("cpu.mode"): p for p in otlp.latest_points("process.cpu.time")}
+    assert set(cpu) == {"user", "system"}, cpu
+    for p in cpu.values():
+        assert p["resource"].get("service.name") == "tapir", p
+        assert p["unit"] == "s" and p["is_monotonic"] and type(p["value"]) is float, p
+    reported = cpu["user"]["value"] + cpu["system"]["value"]
+    # /proc counts in 10 ms ticks.
+    low, high = agent.usage_at_stop[0] - 0.02, agent.cpu_at_exit + 0.02
+    assert 0 < reported and low <= reported <= high, (reported, low, high)
+    for name, unit in [("process.memory.usage", "By"), ("process.memory.virtual", "By"),
+                       ("process.thread.count", "{thread}")]:
+        (p,) = otlp.latest_points(name)
+        assert p["resource"].get("service.name") == "tapir", p
+        assert p["unit"] == unit and p["is_monotonic"] is False, p
+        assert p["temporality"] == "CUMULATIVE", p
+    rss = otlp.latest_points("process.memory.usage")[0]["value"]
+    # The ring buffers alone are several MiB; RSS moves by little once the agent runs.
+    assert 4 << 20 < rss < 2 * agent.usage_at_stop[1] + (16 << 20), (rss, agent.usage_at_stop)
+    assert otlp.latest_points("process.thread.count")[0]["value"] >= 2
 
 
 # (d) -------------------------------------------------------------------------------------
@@ -678,6 +704,19 @@ def test_prometheus_endpoint(py_server):
     # Self metrics are exposed too; the kernel programs' costs only with --ebpf-stats.
     assert any(name.startswith("tapir_exchanges") and v >= len(sent) for name, _, v in samples), text
     assert "tapir_ebpf_program" not in text, text
+    # The agent's own usage, by the OpenTelemetry-to-Prometheus naming rules.
+    before = proc_usage(agent.pid)[0]
+    samples = parse_prometheus(scrape(prom)[1])
+    cpu, rss = proc_usage(agent.pid)
+    own = {(name, labels.get("cpu_mode")): v for name, labels, v in samples
+           if labels.get("service_name") == "tapir" and name.startswith("process_")}
+    reported = sum(own[("process_cpu_time_seconds_total", mode)] for mode in ("user", "system"))
+    # Read at the scrape, between two readings of /proc (10 ms ticks).
+    assert before - 0.02 <= reported <= cpu + 0.02, (reported, before, cpu)
+    assert own[("process_cpu_time_seconds_total", "user")] > 0, own
+    assert "# TYPE process_memory_usage_bytes gauge" in text, text
+    assert 4 << 20 < own[("process_memory_usage_bytes", None)] < 2 * rss + (16 << 20), (own, rss)
+    assert own[("process_thread_count", None)] >= 2, own
     finish(agent)
 
 

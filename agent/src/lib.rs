@@ -23,6 +23,7 @@ pub mod process;
 pub mod program_stats;
 pub mod rearm;
 pub mod select;
+pub mod self_usage;
 pub mod stats;
 #[cfg(test)]
 mod test_alloc;

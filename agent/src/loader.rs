@@ -292,7 +292,6 @@ fn open_object(opts: &LoadOptions) -> Result<Opened, LoadError> {
 /// attaches nothing): what `tapir run` loads, so a kernel that refuses one is found
 /// before a run. Returns how many loaded; the error names the first one refused.
 pub fn verify_programs() -> Result<usize, String> {
-    use aya::programs::{SkMsg, SockOps};
     // With the switchable paths on: a switch frozen off lets the verifier skip what it
     // guards (here the listen program's body, with no --open-port).
     let opts = LoadOptions {
@@ -303,20 +302,78 @@ pub fn verify_programs() -> Result<usize, String> {
         ..LoadOptions::default()
     };
     let mut ebpf = open_object(&opts).map_err(|e| e.to_string())?.ebpf;
-    let refused =
-        |name: &str, e: aya::programs::ProgramError| format!("program {name} refused: {e:#}");
-    for probe in PROBES {
-        program::<TracePoint>(&mut ebpf, probe.program)?
-            .load()
-            .map_err(|e| refused(probe.program, e))?;
+    let names: Vec<&str> = PROBES
+        .iter()
+        .map(|p| p.program)
+        .chain([SK_MSG_PROGRAM, SOCK_OPS_PROGRAM])
+        .collect();
+    let refused = load_programs(&mut ebpf, &names);
+    // The first refused in the probes' order, as a sequential load would have said.
+    if let Some((name, e)) = names.iter().find_map(|n| refused.get(*n).map(|e| (n, e))) {
+        return Err(format!("program {name} refused: {e}"));
     }
-    program::<SkMsg>(&mut ebpf, SK_MSG_PROGRAM)?
-        .load()
-        .map_err(|e| refused(SK_MSG_PROGRAM, e))?;
-    program::<SockOps>(&mut ebpf, SOCK_OPS_PROGRAM)?
-        .load()
-        .map_err(|e| refused(SOCK_OPS_PROGRAM, e))?;
     Ok(program_names().count())
+}
+
+/// Loads the programs `names` of `ebpf` (the kernel verifies each as it is loaded), a few
+/// at a time on as many threads as there are CPUs: the verifier runs in the loading
+/// thread, and it is most of the agent's start-up (seconds on a small VM), during which
+/// nothing is observed yet. Returns the errors, by program; a name missing from the
+/// object is one. Attaching stays sequential, in the probes' order.
+fn load_programs(ebpf: &mut Ebpf, names: &[&str]) -> std::collections::HashMap<String, String> {
+    use aya::programs::Program;
+    use std::sync::Mutex;
+    let mut errors = std::collections::HashMap::new();
+    let mut queue: Vec<(String, &mut Program)> = Vec::new();
+    for (name, prog) in ebpf.programs_mut() {
+        if names.contains(&name) {
+            queue.push((name.to_string(), prog));
+        }
+    }
+    for name in names {
+        if !queue.iter().any(|(n, _)| n == name) {
+            errors.insert(name.to_string(), "missing from the eBPF object".to_string());
+        }
+    }
+    // Popped from the end: the probes' order, roughly (the data programs come first).
+    queue.reverse();
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4)
+        .min(queue.len().max(1));
+    let queue = Mutex::new(queue);
+    let errors_found = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                let Some((name, prog)) = next else {
+                    break;
+                };
+                let loaded = match prog {
+                    Program::TracePoint(p) => p.load(),
+                    Program::SkMsg(p) => p.load(),
+                    Program::SockOps(p) => p.load(),
+                    other => {
+                        let kind = format!("{:?}", other.prog_type());
+                        errors_found
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((name, format!("unexpected program type {kind}")));
+                        continue;
+                    }
+                };
+                if let Err(e) = loaded {
+                    errors_found
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((name, format!("{e:#}")));
+                }
+            });
+        }
+    });
+    errors.extend(errors_found.into_inner().unwrap_or_else(|e| e.into_inner()));
+    errors
 }
 
 /// Program `name` of the object, as its type `P`.
@@ -344,11 +401,23 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
     } else {
         Vec::new()
     };
+    let mut names: Vec<&str> = PROBES
+        .iter()
+        .map(|p| p.program)
+        .filter(|&p| p != "tapir_sched_fork" || fork_child_pid.is_some())
+        .collect();
+    if opts.inject {
+        names.extend([SK_MSG_PROGRAM, SOCK_OPS_PROGRAM]);
+    }
+    let refused = load_programs(&mut ebpf, &names);
     let mut failures = Vec::new();
     for probe in PROBES {
         let attached = match (probe.program, fork_child_pid) {
             ("tapir_sched_fork", None) => Err("its format file has no child_pid field".to_string()),
-            _ => attach(&mut ebpf, probe),
+            _ => match refused.get(probe.program) {
+                Some(e) => Err(e.clone()),
+                None => attach(&mut ebpf, probe),
+            },
         };
         if let Err(error) = attached {
             if probe.required {
@@ -369,7 +438,13 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
         seed_selection(&mut ebpf, &opts.selection, Some(&seeded))?;
     }
     let injection = if opts.inject {
-        attach_injection(&mut ebpf, &opts.inject_ports)
+        match [SK_MSG_PROGRAM, SOCK_OPS_PROGRAM]
+            .iter()
+            .find_map(|p| refused.get(*p).map(|e| (p, e)))
+        {
+            Some((p, e)) => Err(format!("loading {p}: {e}")),
+            None => attach_injection(&mut ebpf, &opts.inject_ports),
+        }
     } else {
         Err("switched off".into())
     };
@@ -413,12 +488,16 @@ fn attach_injection(ebpf: &mut Ebpf, ports: &[u16]) -> Result<(), String> {
     let socks: SockHash<_, [u32; 12]> = SockHash::try_from(socks).map_err(|e| e.to_string())?;
     let socks_fd = socks.fd().try_clone().map_err(|e| e.to_string())?;
     let msg = program::<SkMsg>(ebpf, SK_MSG_PROGRAM)?;
-    msg.load().map_err(|e| format!("loading sk_msg: {e}"))?;
+    if msg.fd().is_err() {
+        msg.load().map_err(|e| format!("loading sk_msg: {e}"))?;
+    }
     msg.attach(&socks_fd)
         .map_err(|e| format!("attaching sk_msg: {e}"))?;
     let cgroup = std::fs::File::open(&root).map_err(|e| format!("opening {root}: {e}"))?;
     let ops = program::<SockOps>(ebpf, SOCK_OPS_PROGRAM)?;
-    ops.load().map_err(|e| format!("loading sock_ops: {e}"))?;
+    if ops.fd().is_err() {
+        ops.load().map_err(|e| format!("loading sock_ops: {e}"))?;
+    }
     ops.attach(&cgroup, CgroupAttachMode::Single)
         .map_err(|e| format!("attaching sock_ops to {root} (another agent attached?): {e}"))?;
     Ok(())
@@ -787,7 +866,10 @@ fn attach(ebpf: &mut Ebpf, probe: &Probe) -> Result<(), String> {
     match probe.hook {
         Hook::TracePoint(category, name) => {
             let tp = program::<TracePoint>(ebpf, probe.program)?;
-            tp.load().map_err(|e| format!("{e:#}"))?;
+            // Loaded with the others by `load_programs`.
+            if tp.fd().is_err() {
+                tp.load().map_err(|e| format!("{e:#}"))?;
+            }
             tp.attach(category, name).map_err(|e| format!("{e:#}"))?;
         }
     }

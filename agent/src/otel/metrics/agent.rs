@@ -18,6 +18,7 @@ use crate::{
         counters::{OtelStats, SpanDrop},
         resource::agent_resource,
     },
+    self_usage::Usage,
     stats::Stats,
 };
 
@@ -31,6 +32,8 @@ struct CounterPoint {
     unit: &'static str,
     attr: Option<(&'static str, &'static str)>,
     value: u64,
+    /// `value` is microseconds, exported as a double of seconds.
+    micros_as_seconds: bool,
 }
 
 /// Delta bookkeeping of the agent's counters: values at the last acknowledged export, and
@@ -98,13 +101,14 @@ impl AgentMetrics {
         }
     }
 
-    fn counters(&self) -> Vec<CounterPoint> {
+    fn counters(&self, usage: &Usage) -> Vec<CounterPoint> {
         let point = |name, description, attr, value| CounterPoint {
             name,
             description,
             unit: "",
             attr,
             value,
+            micros_as_seconds: false,
         };
         let mut v: Vec<CounterPoint> = self
             .capture
@@ -179,6 +183,19 @@ impl AgentMetrics {
         ] {
             v.push(point(name, description, None, OtelStats::get(c)));
         }
+        // The semantic conventions' process.cpu.time, by cpu.mode.
+        for (mode, us) in [("user", usage.user_us), ("system", usage.system_us)] {
+            v.push(CounterPoint {
+                unit: "s",
+                micros_as_seconds: true,
+                ..point(
+                    "process.cpu.time",
+                    "CPU time the agent has used, by mode (its kernel programs' time is the observed processes')",
+                    Some(("cpu.mode", mode)),
+                    us,
+                )
+            });
+        }
         if let Some(programs) = self.capture.programs.get() {
             let costs = programs.read();
             for c in &costs {
@@ -210,7 +227,8 @@ impl AgentMetrics {
     /// `delta`: report counters as deltas since the last acknowledged collection (and
     /// remember these values for `acknowledged`).
     pub(super) fn resource_metrics(&self, now_ns: u64, delta: bool) -> ResourceMetrics {
-        let points = self.counters();
+        let usage = Usage::read();
+        let points = self.counters(&usage);
         let (start_ns, values): (u64, Vec<u64>) = if delta {
             let mut d = lock(&self.delta);
             let values = points
@@ -225,20 +243,25 @@ impl AgentMetrics {
             (self.start_ns, points.iter().map(|p| p.value).collect())
         };
         let temporality = aggregation(delta);
-        let number = |attr: Option<(&str, &str)>, start: u64, v: u64| NumberDataPoint {
+        let point = |attr: Option<(&str, &str)>, start: u64, value| NumberDataPoint {
             attributes: attr
                 .map(|(k, v)| vec![kv(k, any_value::Value::StringValue(v.to_string()))])
                 .unwrap_or_default(),
             start_time_unix_nano: start,
             time_unix_nano: now_ns,
-            value: Some(number_data_point::Value::AsInt(
-                i64::try_from(v).unwrap_or(i64::MAX),
-            )),
+            value: Some(value),
             ..Default::default()
         };
+        let int = |v: u64| number_data_point::Value::AsInt(i64::try_from(v).unwrap_or(i64::MAX));
+        let number = |attr, start, v| point(attr, start, int(v));
         let mut metrics: Vec<Metric> = Vec::new();
         for (p, v) in points.iter().zip(values) {
-            let dp = number(p.attr, start_ns, v);
+            let value = if p.micros_as_seconds {
+                number_data_point::Value::AsDouble(v as f64 / 1e6)
+            } else {
+                int(v)
+            };
+            let dp = point(p.attr, start_ns, value);
             // Points of one counter are adjacent.
             if let Some(Metric {
                 name,
@@ -284,6 +307,40 @@ impl AgentMetrics {
                 ..Default::default()
             });
         }
+        // The conventions' process.* up-down counters: cumulative whatever the temporality
+        // (as the SDKs' delta preference leaves up-down counters), since the agent started.
+        for (name, description, unit, v) in [
+            (
+                "process.memory.usage",
+                "The agent's resident memory (its kernel ring buffers included)",
+                "By",
+                usage.resident_bytes,
+            ),
+            (
+                "process.memory.virtual",
+                "The agent's virtual memory",
+                "By",
+                usage.virtual_bytes,
+            ),
+            (
+                "process.thread.count",
+                "The agent's threads",
+                "{thread}",
+                usage.threads,
+            ),
+        ] {
+            metrics.push(Metric {
+                name: name.to_string(),
+                description: description.to_string(),
+                unit: unit.to_string(),
+                data: Some(metric::Data::Sum(Sum {
+                    data_points: vec![number(None, self.start_ns, v)],
+                    aggregation_temporality: aggregation(false),
+                    is_monotonic: false,
+                })),
+                ..Default::default()
+            });
+        }
         self.resource.with(metrics)
     }
 
@@ -298,7 +355,9 @@ impl AgentMetrics {
 
 #[cfg(test)]
 mod tests {
-    use opentelemetry_proto::tonic::metrics::v1::AggregationTemporality;
+    use opentelemetry_proto::tonic::{
+        collector::metrics::v1::ExportMetricsServiceRequest, metrics::v1::AggregationTemporality,
+    };
 
     use super::*;
     use crate::otel::metrics::{testutil::*, Registry, RegistryConfig, Temporality};
@@ -346,6 +405,88 @@ mod tests {
             })
             .collect();
         assert_eq!(temporality, [AggregationTemporality::Delta as i32]);
+    }
+
+    /// The `process.*` metrics of the conventions, read off the agent itself.
+    #[test]
+    fn the_agents_own_cpu_memory_and_threads() {
+        let sum = |req: &ExportMetricsServiceRequest, name: &str| match &metrics(req, name)
+            .next()
+            .unwrap_or_else(|| panic!("{name} missing"))
+            .1
+        {
+            Metric {
+                unit,
+                data: Some(metric::Data::Sum(s)),
+                ..
+            } => (unit.clone(), s.clone()),
+            other => panic!("{other:?}"),
+        };
+        let cpu_seconds = |s: &Sum, mode: &str| {
+            let p = s
+                .data_points
+                .iter()
+                .find(|p| attr(&p.attributes, "cpu.mode") == string(mode).as_ref())
+                .unwrap_or_else(|| panic!("no cpu.mode={mode}"));
+            match p.value {
+                Some(number_data_point::Value::AsDouble(d)) => d,
+                other => panic!("{other:?}"),
+            }
+        };
+        for t in [Temporality::Cumulative, Temporality::Delta] {
+            let r = Registry::new(RegistryConfig::for_tests(2, t), AgentSources::default());
+            let first = r.collect().unwrap();
+            assert!(metrics(&first, "process.cpu.time")
+                .all(|(rm, _)| { resource_attr(rm, "service.name") == string("tapir") }));
+            let (unit, cpu) = sum(&first, "process.cpu.time");
+            assert_eq!(unit, "s");
+            assert!(cpu.is_monotonic);
+            assert_eq!(
+                cpu.aggregation_temporality,
+                aggregation(t == Temporality::Delta)
+            );
+            assert_eq!(cpu.data_points.len(), 2);
+            let usage = Usage::read();
+            let total = cpu_seconds(&cpu, "user") + cpu_seconds(&cpu, "system");
+            // Read a moment before `usage`, and whole-process (this test's threads too).
+            assert!(total > 0.0, "{total}");
+            assert!(
+                total <= (usage.user_us + usage.system_us) as f64 / 1e6,
+                "{total}"
+            );
+            for (name, unit, least) in [
+                ("process.memory.usage", "By", 1 << 20),
+                ("process.memory.virtual", "By", 1 << 20),
+                ("process.thread.count", "{thread}", 1),
+            ] {
+                let (u, s) = sum(&first, name);
+                assert_eq!(u, unit, "{name}");
+                assert!(!s.is_monotonic, "{name}");
+                assert_eq!(
+                    s.aggregation_temporality,
+                    AggregationTemporality::Cumulative as i32,
+                    "{name}: an up-down counter stays cumulative"
+                );
+                assert!(counter_value(&first, name, None) >= least, "{name}");
+            }
+            // Delta: the next point counts only the CPU used since the acknowledged one.
+            r.acknowledge(usize::MAX);
+            let busy: u64 = (0..3_000_000u64).map(|i| i.wrapping_mul(i) >> 7).sum();
+            assert!(busy > 0);
+            let secs = |u: Usage| (u.user_us + u.system_us) as f64 / 1e6;
+            let before = secs(Usage::read());
+            let (_, next) = sum(&r.collect().unwrap(), "process.cpu.time");
+            let after = secs(Usage::read());
+            let later = cpu_seconds(&next, "user") + cpu_seconds(&next, "system");
+            let since_start = match t {
+                Temporality::Delta => total + later,
+                _ => later,
+            };
+            assert!(
+                before - 1e-6 <= since_start && since_start <= after + 1e-6,
+                "{t:?}: {since_start} not within [{before}, {after}]"
+            );
+        }
     }
 
     #[test]
