@@ -350,6 +350,7 @@ fn load_programs(ebpf: &mut Ebpf, names: &[&str]) -> std::collections::HashMap<S
                 let Some((name, prog)) = next else {
                     break;
                 };
+                let started = Instant::now();
                 let loaded = match prog {
                     Program::TracePoint(p) => p.load(),
                     Program::SkMsg(p) => p.load(),
@@ -363,6 +364,11 @@ fn load_programs(ebpf: &mut Ebpf, names: &[&str]) -> std::collections::HashMap<S
                         continue;
                     }
                 };
+                tracing::debug!(
+                    program = name.as_str(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "verified and loaded"
+                );
                 if let Err(e) = loaded {
                     errors_found
                         .lock()
