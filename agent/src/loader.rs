@@ -367,7 +367,8 @@ fn load_programs(ebpf: &mut Ebpf, names: &[&str]) -> std::collections::HashMap<S
                 tracing::debug!(
                     program = name.as_str(),
                     ms = started.elapsed().as_millis() as u64,
-                    "verified and loaded"
+                    accepted = loaded.is_ok(),
+                    "verifier"
                 );
                 if let Err(e) = loaded {
                     errors_found
