@@ -312,7 +312,7 @@ impl AgentMetrics {
         for (name, description, unit, v) in [
             (
                 "process.memory.usage",
-                "The agent's resident memory (its kernel ring buffers included)",
+                "The agent's resident memory (its kernel ring buffers count twice: each is mapped twice, for wrap-around)",
                 "By",
                 usage.resident_bytes,
             ),
