@@ -324,25 +324,23 @@ fn load_programs(ebpf: &mut Ebpf, names: &[&str]) -> std::collections::HashMap<S
     use aya::programs::Program;
     use std::sync::Mutex;
     let mut errors = std::collections::HashMap::new();
+    let mut by_name: std::collections::HashMap<&str, &mut Program> = ebpf.programs_mut().collect();
+    // In `names`' order (the probes', the nine heavy data programs early), popped from the end.
     let mut queue: Vec<(String, &mut Program)> = Vec::new();
-    for (name, prog) in ebpf.programs_mut() {
-        if names.contains(&name) {
-            queue.push((name.to_string(), prog));
+    for name in names.iter().rev() {
+        match by_name.remove(name) {
+            Some(prog) => queue.push((name.to_string(), prog)),
+            None => {
+                errors.insert(name.to_string(), "missing from the eBPF object".to_string());
+            }
         }
     }
-    for name in names {
-        if !queue.iter().any(|(n, _)| n == name) {
-            errors.insert(name.to_string(), "missing from the eBPF object".to_string());
-        }
-    }
-    // Popped from the end: the probes' order, roughly (the data programs come first).
-    queue.reverse();
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, 4)
         .min(queue.len().max(1));
     let queue = Mutex::new(queue);
-    let errors_found = Mutex::new(Vec::new());
+    let refused = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| loop {
@@ -351,18 +349,12 @@ fn load_programs(ebpf: &mut Ebpf, names: &[&str]) -> std::collections::HashMap<S
                     break;
                 };
                 let started = Instant::now();
+                let refusal = |e: aya::programs::ProgramError| format!("{e:#}");
                 let loaded = match prog {
-                    Program::TracePoint(p) => p.load(),
-                    Program::SkMsg(p) => p.load(),
-                    Program::SockOps(p) => p.load(),
-                    other => {
-                        let kind = format!("{:?}", other.prog_type());
-                        errors_found
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .push((name, format!("unexpected program type {kind}")));
-                        continue;
-                    }
+                    Program::TracePoint(p) => p.load().map_err(refusal),
+                    Program::SkMsg(p) => p.load().map_err(refusal),
+                    Program::SockOps(p) => p.load().map_err(refusal),
+                    other => Err(format!("unexpected program type {:?}", other.prog_type())),
                 };
                 tracing::debug!(
                     program = name.as_str(),
@@ -371,15 +363,15 @@ fn load_programs(ebpf: &mut Ebpf, names: &[&str]) -> std::collections::HashMap<S
                     "verifier"
                 );
                 if let Err(e) = loaded {
-                    errors_found
+                    refused
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .push((name, format!("{e:#}")));
+                        .push((name, e));
                 }
             });
         }
     });
-    errors.extend(errors_found.into_inner().unwrap_or_else(|e| e.into_inner()));
+    errors.extend(refused.into_inner().unwrap_or_else(|e| e.into_inner()));
     errors
 }
 
@@ -495,16 +487,10 @@ fn attach_injection(ebpf: &mut Ebpf, ports: &[u16]) -> Result<(), String> {
     let socks: SockHash<_, [u32; 12]> = SockHash::try_from(socks).map_err(|e| e.to_string())?;
     let socks_fd = socks.fd().try_clone().map_err(|e| e.to_string())?;
     let msg = program::<SkMsg>(ebpf, SK_MSG_PROGRAM)?;
-    if msg.fd().is_err() {
-        msg.load().map_err(|e| format!("loading sk_msg: {e}"))?;
-    }
     msg.attach(&socks_fd)
         .map_err(|e| format!("attaching sk_msg: {e}"))?;
     let cgroup = std::fs::File::open(&root).map_err(|e| format!("opening {root}: {e}"))?;
     let ops = program::<SockOps>(ebpf, SOCK_OPS_PROGRAM)?;
-    if ops.fd().is_err() {
-        ops.load().map_err(|e| format!("loading sock_ops: {e}"))?;
-    }
     ops.attach(&cgroup, CgroupAttachMode::Single)
         .map_err(|e| format!("attaching sock_ops to {root} (another agent attached?): {e}"))?;
     Ok(())
@@ -873,10 +859,7 @@ fn attach(ebpf: &mut Ebpf, probe: &Probe) -> Result<(), String> {
     match probe.hook {
         Hook::TracePoint(category, name) => {
             let tp = program::<TracePoint>(ebpf, probe.program)?;
-            // Loaded with the others by `load_programs`.
-            if tp.fd().is_err() {
-                tp.load().map_err(|e| format!("{e:#}"))?;
-            }
+            // Loaded beforehand, with the others, by `load_programs`.
             tp.attach(category, name).map_err(|e| format!("{e:#}"))?;
         }
     }
