@@ -1,17 +1,21 @@
 """Issue: capture. Every HTTP/1.x exchange of real, unmodified programs is seen exactly
 once, with the right process, addresses, status and timing."""
+import json
 import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from conftest import TESTS, curl, finish, free_port, have, nginx, watch
+from conftest import TAPIR, TESTS, curl, finish, free_port, have, nginx, watch
 
 PY = sys.executable
 CLIENT = str(TESTS / "servers/http_client.py")
 HOPPER = str(TESTS / "servers/cpu_hopper.py")
+# Records the live ring buffer (`cargo xtask build` builds it beside tapir).
+REPLAY = str(Path(TAPIR).with_name("tapir-replay"))
 
 
 def servers_of(exchanges, kind="server"):
@@ -93,6 +97,34 @@ def test_nginx_static_files_writev_and_sendfile(procs, tmp_path):
         assert e["process.executable.name"] == "nginx"
     # sendfile: the body is counted although it never passes through user memory.
     assert got[3]["http.response.body.size"] == 300_000
+
+
+def test_sendfile_records_carry_only_a_byte_count(procs, tmp_path):
+    """The kernel programs report a sendfile() by its byte count alone: nothing is copied
+    from the process's memory (the bytes are in a file). Read off the live ring buffer
+    with `tapir-replay record`; until session 20 these records carried a second copy of
+    the head nginx had just written with writev()."""
+    port = free_port()
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "small.txt").write_text("hello\n")
+    (root / "big.bin").write_bytes(os.urandom(300_000))
+    master = nginx(procs, tmp_path, port, f"root {root};", "sendfile on;")
+    record = procs([REPLAY, "record", "--out", tmp_path / "rec.bin", "--seconds", 120])
+    record.wait_for(lambda l: "recording to" in l, timeout=60, what="recording")
+    for path in ["/big.bin", "/small.txt"] * 2:
+        curl("-o", "/dev/null", f"http://127.0.0.1:{port}{path}")
+    assert record.stop(signal.SIGINT) == 0, record.err
+    dump = procs([REPLAY, "dump", tmp_path / "rec.bin"])
+    assert dump.wait_exit() == 0, dump.err
+    workers = {int(p) for p in open(f"/proc/{master.pid}/task/{master.pid}/children").read().split()}
+    calls = [r for r in map(json.loads, dump.out) if r["pid"] in workers]
+    heads = [r for r in calls if r["syscall"] == "writev"]
+    files = [r for r in calls if r["syscall"] == "sendfile"]
+    assert [r["total"] for r in files] == [300_000, 6] * 2, calls
+    assert all(r["captured"] == 0 and r["tail"] == 0 and r["direction"] == "egress" for r in files), files
+    # The heads went out with writev and were copied whole.
+    assert len(heads) == 4 and all(0 < r["captured"] == r["total"] < 400 for r in heads), heads
 
 
 def test_vectored_calls_sendmsg_writev_recvmsg_readv(py_server, procs):

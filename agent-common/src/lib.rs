@@ -198,6 +198,22 @@ pub mod syscall {
     pub const SENDTO: u8 = 7;
     pub const SENDMSG: u8 = 8;
     pub const SENDFILE: u8 = 9;
+
+    /// The syscall's name (`"?"` for a value no program sends).
+    pub fn name(call: u8) -> &'static str {
+        match call {
+            READ => "read",
+            READV => "readv",
+            RECVFROM => "recvfrom",
+            RECVMSG => "recvmsg",
+            WRITE => "write",
+            WRITEV => "writev",
+            SENDTO => "sendto",
+            SENDMSG => "sendmsg",
+            SENDFILE => "sendfile",
+            _ => "?",
+        }
+    }
 }
 
 /// [`EventKind::Data`]: fixed part; `captured` payload bytes follow it in the record.
@@ -482,6 +498,19 @@ mod pod {
 mod tests {
     use super::*;
     use core::mem::{align_of, offset_of, size_of};
+
+    #[test]
+    fn every_syscall_has_its_own_name() {
+        let names = [
+            "read", "readv", "recvfrom", "recvmsg", "write", "writev", "sendto", "sendmsg",
+            "sendfile",
+        ];
+        for (call, name) in (syscall::READ..=syscall::SENDFILE).zip(names) {
+            assert_eq!(syscall::name(call), name);
+        }
+        assert_eq!(syscall::name(0), "?");
+        assert_eq!(syscall::name(10), "?");
+    }
 
     #[test]
     fn layouts_are_padding_free_and_stable() {

@@ -236,6 +236,13 @@ fn emit_data<const SHAPE: u8>(
     let scratch = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: per-CPU scratch slot; nothing else on this CPU uses it during this program.
     let scratch = unsafe { &mut *scratch };
+    if SHAPE == SHAPE_NONE {
+        // The bytes are in a file, not in user memory: only their count is reported. The
+        // scratch still holds the last vectored call's iovecs (of any process on this
+        // CPU), which a copy would read again.
+        emit_count_only(scratch, p, total);
+        return Some(());
+    }
     let want = (capture_bytes() as u64).min(total);
     let body_flag = if p.direction == DIR_INGRESS {
         CONN_BODY_IN
@@ -345,13 +352,37 @@ fn emit_data<const SHAPE: u8>(
     let size = core::mem::size_of::<agent_common::DataEventHeader>() as u64
         + (core::hint::black_box(captured.min(MAX_CAPTURE as u64)) & (2 * MAX_CAPTURE as u64 - 1));
     // `size` never exceeds the scratch record.
-    let rc = ring_output(scratch, size);
-    if rc == 0 {
+    submit(scratch, size);
+    Some(())
+}
+
+/// A data record without payload: `total` bytes moved, none of them copied, no trace ids,
+/// and the connection's head/body state left as it is (a file's bytes are always body).
+#[inline(always)]
+fn emit_count_only(scratch: &mut DataScratch, p: &PendingIo, total: u64) {
+    let hdr = &mut scratch.hdr;
+    hdr.captured = 0;
+    hdr.tail_len = 0;
+    clear_ids(&mut hdr.trace);
+    hdr.header = header_of(p.pid_tgid, EventKind::Data, p.fd);
+    hdr.sock_id = p.sock_id;
+    hdr.total = total.min(u32::MAX as u64) as u32;
+    hdr.direction = p.direction;
+    hdr.syscall = p.syscall;
+    submit(
+        scratch,
+        core::mem::size_of::<agent_common::DataEventHeader>() as u64,
+    );
+}
+
+/// Sends this CPU's data record (its first `size` bytes) and counts the outcome.
+#[inline(always)]
+fn submit(scratch: &DataScratch, size: u64) {
+    if ring_output(scratch, size) == 0 {
         count(counter::DATA_EVENTS);
     } else {
         count(counter::RINGBUF_FULL);
     }
-    Some(())
 }
 
 /// Bytes first copied of every call; a call this short is kept whole. Most heads end

@@ -38,7 +38,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use tapir::{
-    capture::reader::{drain_loop, RecordSink},
+    capture::{
+        events::{decode, KernelEvent},
+        reader::{drain_loop, RecordSink},
+    },
     exchange::CapturedExchange,
     otel::{OtelSink, OtelStats, QueuedSpan, SharedQueue},
     pipeline::{ExchangeSink, Filter, Pipeline},
@@ -66,7 +69,8 @@ enum Cmd {
         #[arg(long)]
         save: Option<PathBuf>,
     },
-    /// Record this host's live ring-buffer records to a file (needs root).
+    /// Record this host's live ring-buffer records to a file (needs root), until the time
+    /// or record limit, or SIGINT/SIGTERM. Says `recording` on stderr once attached.
     Record {
         #[arg(long)]
         out: PathBuf,
@@ -77,6 +81,9 @@ enum Cmd {
         #[arg(long, default_value_t = 2_000_000)]
         max_records: u64,
     },
+    /// Print a record file's data records, one JSON object per line, without their
+    /// bytes: pid, tid, fd, syscall, direction, bytes moved, bytes copied, tail bytes.
+    Dump { file: PathBuf },
     /// Replay a file written by `record` or `synth --save`.
     Replay {
         file: PathBuf,
@@ -152,6 +159,7 @@ fn main() -> Result<()> {
             seconds,
             max_records,
         } => record(&out, seconds, max_records)?,
+        Cmd::Dump { file } => dump(&Records::load(&file)?)?,
     }
     Ok(())
 }
@@ -651,6 +659,52 @@ impl RecordSink for Recorder {
 
 type NoExtra = Option<(OwnedFd, Box<dyn FnMut(&mut OwnedFd) + Send>)>;
 
+/// Set by SIGINT/SIGTERM during `record`.
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    SIGNALLED.store(true, Ordering::Release);
+}
+
+/// SIGINT and SIGTERM end a recording (the file is then finished as usual).
+fn stop_on_signal() -> Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe).
+        let prev = unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+        if prev == libc::SIG_ERR {
+            bail!("installing a handler for signal {sig} failed");
+        }
+    }
+    Ok(())
+}
+
+/// `dump`: what each data record says, without its bytes.
+fn dump(recs: &Records) -> Result<()> {
+    let mut out = BufWriter::new(std::io::stdout().lock());
+    for r in recs.iter() {
+        let Ok(KernelEvent::Data(d)) = decode(r) else {
+            continue;
+        };
+        let h = &d.header;
+        writeln!(
+            out,
+            "{}",
+            json!({
+                "pid": h.header.tgid,
+                "tid": h.header.tid,
+                "fd": h.header.fd,
+                "syscall": syscall::name(h.syscall),
+                "direction": if h.direction == DIR_INGRESS { "ingress" } else { "egress" },
+                "total": h.total,
+                "captured": h.captured,
+                "tail": h.tail_len,
+            })
+        )?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
 fn record(out: &Path, seconds: f64, max_records: u64) -> Result<()> {
     let mut attached = tapir::loader::load_and_attach(&tapir::loader::LoadOptions::default())
         .context("loading the eBPF programs (run as root; `tapir doctor` tells what is missing)")?;
@@ -662,11 +716,15 @@ fn record(out: &Path, seconds: f64, max_records: u64) -> Result<()> {
         stop: stop.clone(),
         error: None,
     };
+    stop_on_signal()?;
     let timer = {
         let stop = stop.clone();
         std::thread::spawn(move || {
             let end = Instant::now() + Duration::from_secs_f64(seconds.max(0.0));
-            while Instant::now() < end && !stop.load(Ordering::Acquire) {
+            while Instant::now() < end
+                && !stop.load(Ordering::Acquire)
+                && !SIGNALLED.load(Ordering::Acquire)
+            {
                 std::thread::sleep(Duration::from_millis(20));
             }
             stop.store(true, Ordering::Release);
