@@ -733,20 +733,20 @@ def program_costs(samples):
 def test_ebpf_stats_report_what_each_kernel_program_costs(py_server):
     """--ebpf-stats: every loaded program's runs and time, as the kernel counts them, on
     /metrics and in the exit log. The Python server reads each request with recvfrom and
-    writes its head and body with two sendto calls, so those programs ran at least that
-    often (other processes' calls only add to it)."""
+    writes its head and body with two sendto calls, so those programs (shared with read
+    and write) ran at least that often (other processes' calls only add to it)."""
     server, port = py_server()
     prom = free_port()
     agent = Agent("run", "--exporter", "none", "--ebpf-stats", "--prometheus-port", str(prom), "--port", str(port))
     wait_port(prom)
     before = program_costs(parse_prometheus(scrape(prom)[1]))
-    assert {"tapir_exit_recvfrom", "tapir_exit_sendto", "tapir_sched_exec", "tapir_sock_ops"} <= before.keys(), before
+    assert {"tapir_exit_read_buf", "tapir_exit_write_buf", "tapir_sched_exec", "tapir_sock_ops"} <= before.keys(), before
     n = 20
     for i in range(n):
         get(port, f"/items/{i}", expect=200)
     after = program_costs(parse_prometheus(scrape(prom)[1]))
     assert after.keys() == before.keys()
-    for program, calls in [("tapir_exit_recvfrom", n), ("tapir_exit_sendto", 2 * n)]:
+    for program, calls in [("tapir_exit_read_buf", n), ("tapir_exit_write_buf", 2 * n)]:
         runs = after[program][0] - before[program][0]
         ns = after[program][1] - before[program][1]
         assert runs >= calls, (program, runs, after[program])
@@ -755,10 +755,10 @@ def test_ebpf_stats_report_what_each_kernel_program_costs(py_server):
     for program, (runs, ns) in after.items():
         assert runs >= before[program][0] and ns >= before[program][1], program
     finish(agent)
-    logged = [l for l in agent.err if "kernel program cost" in l and 'program="tapir_exit_recvfrom"' in l]
+    logged = [l for l in agent.err if "kernel program cost" in l and 'program="tapir_exit_read_buf"' in l]
     assert len(logged) == 1, agent.err[-30:]
     runs = int(logged[0].split(" runs=")[1].split()[0])
-    assert runs >= after["tapir_exit_recvfrom"][0], logged
+    assert runs >= after["tapir_exit_read_buf"][0], logged
 
 
 # Standard OTEL_* configuration of the agent itself -------------------------------------

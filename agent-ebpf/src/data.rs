@@ -20,7 +20,7 @@ use crate::{
     looping::repeat,
     maps::{
         agent_tgid, capture_bytes, count, ring_output, DataScratch, Gather, PendingIo, SCRATCH,
-        SCRATCH_BYTES, SHAPE_BUF, SHAPE_IOVEC, SHAPE_MSGHDR, SHAPE_NONE,
+        SCRATCH_BYTES, SHAPE_BUF, SHAPE_IOVEC, SHAPE_NONE,
     },
     trace::{
         body_start, byte_at, ends_with_empty_line, is_method_prefix, is_request_start,
@@ -64,7 +64,6 @@ fn syscall_args(_ctx: &TracePointContext) -> Option<(u64, u64, u64)> {
 }
 
 /// `__syscall_nr` of a syscall tracepoint's record (an int at offset 8).
-#[cfg(feature = "compat")]
 #[inline(always)]
 fn syscall_nr(ctx: &TracePointContext) -> u64 {
     // SAFETY: every syscall tracepoint record has the field.
@@ -106,8 +105,17 @@ fn syscall_args(ctx: &TracePointContext) -> Option<(u64, u64, u64)> {
     None
 }
 
+/// x86_64 numbers of the syscalls whose exits share a program with another's.
+const NR_RECVFROM: u64 = 45;
+const NR_SENDTO: u64 = 44;
+const NR_RECVMSG: u64 = 47;
+const NR_SENDMSG: u64 = 46;
+
+/// The exit of a data syscall. `msghdr`: the second argument is a `struct user_msghdr`
+/// (recvmsg/sendmsg), whose iovec array is then handled as readv's/writev's (`SHAPE` is
+/// [`SHAPE_IOVEC`]).
 #[inline(always)]
-fn exit<const SHAPE: u8>(ctx: &TracePointContext, call: u8, direction: u8) -> u32 {
+fn exit<const SHAPE: u8>(ctx: &TracePointContext, call: u8, direction: u8, msghdr: bool) -> u32 {
     let ret = arg(ctx, 0) as i64;
     if ret <= 0 {
         return 0;
@@ -131,10 +139,18 @@ fn exit<const SHAPE: u8>(ctx: &TracePointContext, call: u8, direction: u8) -> u3
     };
     // SAFETY: pointer from a successful map lookup.
     let state = unsafe { &mut *state };
+    let (buf, vlen) = match SHAPE {
+        SHAPE_IOVEC if msghdr => match msghdr_iov(buf) {
+            Some(iov) => iov,
+            None => return 0,
+        },
+        SHAPE_IOVEC => (buf, third),
+        _ => (buf, 0),
+    };
     let p = PendingIo {
         pid_tgid,
         buf,
-        vlen: if SHAPE == SHAPE_IOVEC { third } else { 0 },
+        vlen,
         sock_id: state.sock_id,
         fd,
         flags: 0,
@@ -153,10 +169,6 @@ fn first_segment<const SHAPE: u8>(p: &PendingIo, total: u64) -> Option<(u64, u64
     match SHAPE {
         SHAPE_BUF => Some((p.buf, total)),
         SHAPE_IOVEC => read_iovec(p.buf, 0),
-        SHAPE_MSGHDR => {
-            let (iov, _) = msghdr_iov(p.buf)?;
-            read_iovec(iov, 0)
-        }
         _ => None,
     }
 }
@@ -250,13 +262,8 @@ fn emit_data<const SHAPE: u8>(
         CONN_BODY_OUT
     };
     let in_body = state.flags & body_flag != 0;
-    if SHAPE == SHAPE_IOVEC || SHAPE == SHAPE_MSGHDR {
-        let (iov, vlen) = if SHAPE == SHAPE_IOVEC {
-            (p.buf, p.vlen)
-        } else {
-            msghdr_iov(p.buf)?
-        };
-        let read = read_iovecs(&mut scratch.iovecs, iov, vlen);
+    if SHAPE == SHAPE_IOVEC {
+        let read = read_iovecs(&mut scratch.iovecs, p.buf, p.vlen);
         Gather::store(
             &mut scratch.gather,
             Gather {
@@ -608,46 +615,70 @@ fn copy_user(dst: &mut [u8; SCRATCH_BYTES], off: u64, src: u64, len: u64) -> u64
     }
 }
 
-macro_rules! io_exit {
-    ($name:ident, $call:expr, $dir:expr, $shape:expr) => {
-        #[tracepoint]
-        pub fn $name(ctx: TracePointContext) -> u32 {
-            exit::<$shape>(&ctx, $call, $dir)
-        }
-    };
+// Syscalls of the same shape and direction share a program, told apart by the syscall
+// number in the tracepoint's record: the kernel verifies each program at start-up (most of
+// the agent's start-up time), and a shared program is verified once for both. Their costs
+// (`--ebpf-stats`) are then reported together.
+
+/// A value LLVM may not specialize the program on: it would otherwise inline the whole
+/// exit path once per syscall, and the verifier would walk both copies.
+#[inline(always)]
+fn opaque<T>(v: T) -> T {
+    core::hint::black_box(v)
 }
 
-io_exit!(tapir_exit_read, syscall::READ, DIR_INGRESS, SHAPE_BUF);
-io_exit!(tapir_exit_readv, syscall::READV, DIR_INGRESS, SHAPE_IOVEC);
-io_exit!(
-    tapir_exit_recvfrom,
-    syscall::RECVFROM,
-    DIR_INGRESS,
-    SHAPE_BUF
-);
-io_exit!(
-    tapir_exit_recvmsg,
-    syscall::RECVMSG,
-    DIR_INGRESS,
-    SHAPE_MSGHDR
-);
-io_exit!(tapir_exit_write, syscall::WRITE, DIR_EGRESS, SHAPE_BUF);
-io_exit!(tapir_exit_writev, syscall::WRITEV, DIR_EGRESS, SHAPE_IOVEC);
-io_exit!(tapir_exit_sendto, syscall::SENDTO, DIR_EGRESS, SHAPE_BUF);
-io_exit!(
-    tapir_exit_sendmsg,
-    syscall::SENDMSG,
-    DIR_EGRESS,
-    SHAPE_MSGHDR
-);
-// sendfile64(out_fd, in_fd, offset, count): the socket is `out_fd`; only the byte count is
-// reported (the payload is in a file, not in user memory).
-io_exit!(
-    tapir_exit_sendfile,
-    syscall::SENDFILE,
-    DIR_EGRESS,
-    SHAPE_NONE
-);
+/// `read` and `recvfrom`: one buffer in.
+#[tracepoint]
+pub fn tapir_exit_read_buf(ctx: TracePointContext) -> u32 {
+    let call = if syscall_nr(&ctx) == NR_RECVFROM {
+        syscall::RECVFROM
+    } else {
+        syscall::READ
+    };
+    exit::<SHAPE_BUF>(&ctx, opaque(call), DIR_INGRESS, false)
+}
+
+/// `write` and `sendto`: one buffer out.
+#[tracepoint]
+pub fn tapir_exit_write_buf(ctx: TracePointContext) -> u32 {
+    let call = if syscall_nr(&ctx) == NR_SENDTO {
+        syscall::SENDTO
+    } else {
+        syscall::WRITE
+    };
+    exit::<SHAPE_BUF>(&ctx, opaque(call), DIR_EGRESS, false)
+}
+
+/// `readv` and `recvmsg`: an iovec array in.
+#[tracepoint]
+pub fn tapir_exit_read_vec(ctx: TracePointContext) -> u32 {
+    let msghdr = syscall_nr(&ctx) == NR_RECVMSG;
+    let call = if msghdr {
+        syscall::RECVMSG
+    } else {
+        syscall::READV
+    };
+    exit::<SHAPE_IOVEC>(&ctx, opaque(call), DIR_INGRESS, opaque(msghdr))
+}
+
+/// `writev` and `sendmsg`: an iovec array out.
+#[tracepoint]
+pub fn tapir_exit_write_vec(ctx: TracePointContext) -> u32 {
+    let msghdr = syscall_nr(&ctx) == NR_SENDMSG;
+    let call = if msghdr {
+        syscall::SENDMSG
+    } else {
+        syscall::WRITEV
+    };
+    exit::<SHAPE_IOVEC>(&ctx, opaque(call), DIR_EGRESS, opaque(msghdr))
+}
+
+/// sendfile64(out_fd, in_fd, offset, count): the socket is `out_fd`; only the byte count is
+/// reported (the payload is in a file, not in user memory).
+#[tracepoint]
+pub fn tapir_exit_sendfile(ctx: TracePointContext) -> u32 {
+    exit::<SHAPE_NONE>(&ctx, syscall::SENDFILE, DIR_EGRESS, false)
+}
 
 /// The first argument (an fd) of the current syscall, at its exit.
 #[inline(always)]

@@ -253,15 +253,15 @@ pub struct PendingIo {
     pub flags: u32,
     pub syscall: u8,
     pub direction: u8,
-    /// How `buf` is to be read: plain buffer, iovec array, or msghdr.
+    /// How `buf` is to be read: plain buffer or iovec array (a msghdr's is read out
+    /// first), or not at all (sendfile).
     pub shape: u8,
     pub _pad: [u8; 5],
 }
 
 pub const SHAPE_BUF: u8 = 0;
 pub const SHAPE_IOVEC: u8 = 1;
-pub const SHAPE_MSGHDR: u8 = 2;
-pub const SHAPE_NONE: u8 = 3;
+pub const SHAPE_NONE: u8 = 2;
 
 /// Room for a copy at a masked offset (< MAX) with a masked length (< 2×MAX).
 pub const SCRATCH_BYTES: usize = 3 * MAX_CAPTURE;

@@ -16,7 +16,9 @@ use thiserror::Error;
 
 use crate::{
     btf::{self, Btf},
-    probes::{program_names, Hook, Probe, PROBES, SK_MSG_PROGRAM, SOCK_OPS_PROGRAM},
+    probes::{
+        program_names, unique_programs, Hook, Probe, PROBES, SK_MSG_PROGRAM, SOCK_OPS_PROGRAM,
+    },
     select::{children, read_proc, scan_proc, ProcEntry, Selection},
     tracefs::{self, TracefsState},
 };
@@ -302,17 +304,13 @@ pub fn verify_programs() -> Result<usize, String> {
         ..LoadOptions::default()
     };
     let mut ebpf = open_object(&opts).map_err(|e| e.to_string())?.ebpf;
-    let names: Vec<&str> = PROBES
-        .iter()
-        .map(|p| p.program)
-        .chain([SK_MSG_PROGRAM, SOCK_OPS_PROGRAM])
-        .collect();
+    let names = program_names();
     let refused = load_programs(&mut ebpf, &names);
     // The first refused in the probes' order, as a sequential load would have said.
     if let Some((name, e)) = names.iter().find_map(|n| refused.get(*n).map(|e| (n, e))) {
         return Err(format!("program {name} refused: {e}"));
     }
-    Ok(program_names().count())
+    Ok(names.len())
 }
 
 /// Loads the programs `names` of `ebpf` (the kernel verifies each as it is loaded), a few
@@ -400,11 +398,8 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
     } else {
         Vec::new()
     };
-    let mut names: Vec<&str> = PROBES
-        .iter()
-        .map(|p| p.program)
-        .filter(|&p| p != "tapir_sched_fork" || fork_child_pid.is_some())
-        .collect();
+    let mut names: Vec<&str> = unique_programs(PROBES);
+    names.retain(|&p| p != "tapir_sched_fork" || fork_child_pid.is_some());
     if opts.inject {
         names.extend([SK_MSG_PROGRAM, SOCK_OPS_PROGRAM]);
     }

@@ -13,12 +13,24 @@ pub enum Hook {
 pub const SK_MSG_PROGRAM: &str = "tapir_sk_msg";
 pub const SOCK_OPS_PROGRAM: &str = "tapir_sock_ops";
 
-/// Every program of the eBPF object: [`PROBES`]' and the injection ones.
-pub fn program_names() -> impl Iterator<Item = &'static str> {
-    PROBES
-        .iter()
-        .map(|p| p.program)
+/// Every program of the eBPF object, once each: [`PROBES`]' (in their order; syscalls of
+/// one shape share a program) and the injection ones.
+pub fn program_names() -> Vec<&'static str> {
+    unique_programs(PROBES)
+        .into_iter()
         .chain([SOCK_OPS_PROGRAM, SK_MSG_PROGRAM])
+        .collect()
+}
+
+/// The programs of `probes`, in their order, each once.
+pub fn unique_programs<'a>(probes: impl IntoIterator<Item = &'a Probe>) -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = Vec::new();
+    for p in probes {
+        if !names.contains(&p.program) {
+            names.push(p.program);
+        }
+    }
+    names
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -75,49 +87,49 @@ pub const PROBES: &[Probe] = &[
         "outgoing connections are not known to be client-side",
     ),
     tp(
-        "tapir_exit_read",
+        "tapir_exit_read_buf",
         "sys_exit_read",
         true,
         "requests and responses read with read() are missed",
     ),
     tp(
-        "tapir_exit_readv",
+        "tapir_exit_read_vec",
         "sys_exit_readv",
         false,
         "data read with readv() is missed",
     ),
     tp(
-        "tapir_exit_recvfrom",
+        "tapir_exit_read_buf",
         "sys_exit_recvfrom",
         false,
         "data read with recv()/recvfrom() is missed",
     ),
     tp(
-        "tapir_exit_recvmsg",
+        "tapir_exit_read_vec",
         "sys_exit_recvmsg",
         false,
         "data read with recvmsg() is missed",
     ),
     tp(
-        "tapir_exit_write",
+        "tapir_exit_write_buf",
         "sys_exit_write",
         true,
         "requests and responses sent with write() are missed",
     ),
     tp(
-        "tapir_exit_writev",
+        "tapir_exit_write_vec",
         "sys_exit_writev",
         false,
         "data sent with writev() (nginx) is missed",
     ),
     tp(
-        "tapir_exit_sendto",
+        "tapir_exit_write_buf",
         "sys_exit_sendto",
         false,
         "data sent with send()/sendto() is missed",
     ),
     tp(
-        "tapir_exit_sendmsg",
+        "tapir_exit_write_vec",
         "sys_exit_sendmsg",
         false,
         "data sent with sendmsg() is missed",
@@ -180,11 +192,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn program_names_are_unique() {
-        let mut names: Vec<_> = PROBES.iter().map(|p| p.program).collect();
-        names.sort_unstable();
-        names.dedup();
-        assert_eq!(names.len(), PROBES.len());
+    fn hooks_are_unique_and_only_data_syscalls_share_a_program() {
+        for (i, p) in PROBES.iter().enumerate() {
+            assert!(PROBES[i + 1..].iter().all(|q| q.hook != p.hook), "{p:?}");
+        }
+        let names = program_names();
+        assert_eq!(names.len(), 18);
+        for name in &names {
+            let hooks: Vec<_> = PROBES
+                .iter()
+                .filter(|p| p.program == *name)
+                .map(|p| match p.hook {
+                    Hook::TracePoint(_, tp) => tp,
+                })
+                .collect();
+            let expected: &[&str] = match *name {
+                "tapir_exit_read_buf" => &["sys_exit_read", "sys_exit_recvfrom"],
+                "tapir_exit_write_buf" => &["sys_exit_write", "sys_exit_sendto"],
+                "tapir_exit_read_vec" => &["sys_exit_readv", "sys_exit_recvmsg"],
+                "tapir_exit_write_vec" => &["sys_exit_writev", "sys_exit_sendmsg"],
+                SK_MSG_PROGRAM | SOCK_OPS_PROGRAM => &[],
+                _ => {
+                    assert_eq!(hooks.len(), 1, "{name}");
+                    continue;
+                }
+            };
+            assert_eq!(hooks, expected, "{name}");
+        }
     }
 
     #[test]

@@ -66,6 +66,7 @@ impl ProgramStats {
             Err(e) => return Err(ProgramStatsError::Enable(e.to_string())),
         };
         let programs = program_names()
+            .into_iter()
             .filter_map(|name| {
                 let fd = ebpf.program(name)?.fd().ok()?.try_clone().ok()?;
                 Some((name, fd))
@@ -171,7 +172,7 @@ mod tests {
 
     #[test]
     fn every_program_name_is_known_once() {
-        let mut names: Vec<&str> = program_names().collect();
+        let mut names: Vec<&str> = program_names();
         let n = names.len();
         names.sort();
         names.dedup();

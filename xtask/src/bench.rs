@@ -1504,7 +1504,7 @@ fn render(r: &Results) -> String {
             programs::server_share(p, own)
         });
     target(
-        "… of which the kernel programs on nginx's own calls (7: `recvfrom` + `writev`, counted by the kernel)",
+        "… of which the kernel programs on nginx's own calls (7: the `recvfrom` and `writev` programs, counted by the kernel)",
         share,
         kernel_pct.map(|v| v <= TARGET_ADDED_CPU_PCT),
         false,

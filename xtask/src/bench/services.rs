@@ -484,9 +484,9 @@ Transfer/sec:      2.48MB
             &log,
             "2026 INFO tapir: final count counter=\"tapir.exchanges\" value=42\n\
              2026 INFO tapir: final count counter=tapir.events.received value=7\n\
-             2026 INFO tapir::cmd: kernel program cost program=\"tapir_exit_writev\" runs=453011 \
+             2026 INFO tapir::cmd: kernel program cost program=\"tapir_exit_write_vec\" runs=453011 \
              run_time_ns=216801716 mean_ns=478\n\
-             2026 INFO tapir::cmd: kernel program cost program=\"tapir_exit_read\" runs=0 \
+             2026 INFO tapir::cmd: kernel program cost program=\"tapir_exit_read_buf\" runs=0 \
              run_time_ns=0 mean_ns=0\n\
              2026 INFO tapir::cmd: kernel program cost program=\"broken\" runs=x run_time_ns=1\n",
         )
@@ -515,8 +515,8 @@ Transfer/sec:      2.48MB
         assert_eq!(
             program_costs(&log),
             vec![
-                cost("tapir_exit_writev", 453011, 216801716),
-                cost("tapir_exit_read", 0, 0)
+                cost("tapir_exit_write_vec", 453011, 216801716),
+                cost("tapir_exit_read_buf", 0, 0)
             ]
         );
         let _ = fs::remove_dir_all(dir);
