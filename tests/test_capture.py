@@ -75,12 +75,23 @@ def test_node_http_server(procs):
         assert e["process.executable.name"] == "node"
 
 
-def test_nginx_static_files_writev_and_sendfile(procs, tmp_path):
-    port = free_port()
+def document_root(tmp_path, files):
+    """tmp_path/www holding `files` ({name: bytes})."""
     root = tmp_path / "www"
     root.mkdir()
-    (root / "index.html").write_text("hello from nginx\n")
-    (root / "big.bin").write_bytes(os.urandom(300_000))
+    for name, content in files.items():
+        (root / name).write_bytes(content)
+    return root
+
+
+def workers_of(master):
+    """The pids of an nginx master's worker processes."""
+    return {int(p) for p in open(f"/proc/{master.pid}/task/{master.pid}/children").read().split()}
+
+
+def test_nginx_static_files_writev_and_sendfile(procs, tmp_path):
+    port = free_port()
+    root = document_root(tmp_path, {"index.html": b"hello from nginx\n", "big.bin": os.urandom(300_000)})
     master = nginx(procs, tmp_path, port, f"root {root}; location = /boom {{ return 500; }}", "sendfile on;")
     agent = watch(port)
     t0 = time.time_ns()
@@ -90,7 +101,7 @@ def test_nginx_static_files_writev_and_sendfile(procs, tmp_path):
         assert int(r.stdout) == status
     got = servers_of(finish(agent))
     assert [(e["url.path"], e["http.response.status_code"]) for e in got] == expected
-    workers = {int(p) for p in open(f"/proc/{master.pid}/task/{master.pid}/children").read().split()}
+    workers = workers_of(master)
     for e in got:
         assert e["process.pid"] in workers, (e["process.pid"], workers)
         check_common(e, pid=e["process.pid"], port=port, t0=t0)
@@ -105,10 +116,7 @@ def test_sendfile_records_carry_only_a_byte_count(procs, tmp_path):
     with `tapir-replay record`; until session 20 these records carried a second copy of
     the head nginx had just written with writev()."""
     port = free_port()
-    root = tmp_path / "www"
-    root.mkdir()
-    (root / "small.txt").write_text("hello\n")
-    (root / "big.bin").write_bytes(os.urandom(300_000))
+    root = document_root(tmp_path, {"small.txt": b"hello\n", "big.bin": os.urandom(300_000)})
     master = nginx(procs, tmp_path, port, f"root {root};", "sendfile on;")
     record = procs([REPLAY, "record", "--out", tmp_path / "rec.bin", "--seconds", 120])
     record.wait_for(lambda l: "recording to" in l, timeout=60, what="recording")
@@ -117,7 +125,7 @@ def test_sendfile_records_carry_only_a_byte_count(procs, tmp_path):
     assert record.stop(signal.SIGINT) == 0, record.err
     dump = procs([REPLAY, "dump", tmp_path / "rec.bin"])
     assert dump.wait_exit() == 0, dump.err
-    workers = {int(p) for p in open(f"/proc/{master.pid}/task/{master.pid}/children").read().split()}
+    workers = workers_of(master)
     calls = [r for r in map(json.loads, dump.out) if r["pid"] in workers]
     heads = [r for r in calls if r["syscall"] == "writev"]
     files = [r for r in calls if r["syscall"] == "sendfile"]

@@ -620,57 +620,43 @@ fn copy_user(dst: &mut [u8; SCRATCH_BYTES], off: u64, src: u64, len: u64) -> u64
 // the agent's start-up time), and a shared program is verified once for both. Their costs
 // (`--ebpf-stats`) are then reported together.
 
-/// A value LLVM may not specialize the program on: it would otherwise inline the whole
-/// exit path once per syscall, and the verifier would walk both copies.
+/// Which of a shared program's two syscalls this is: `(other, true)` when the record's
+/// syscall number is `other_nr`, else `(first, false)`. Both values pass through
+/// `black_box`: LLVM would otherwise inline the whole exit path once per syscall, and the
+/// verifier would walk both copies.
 #[inline(always)]
-fn opaque<T>(v: T) -> T {
-    core::hint::black_box(v)
+fn which_call(ctx: &TracePointContext, other_nr: u64, other: u8, first: u8) -> (u8, bool) {
+    let is_other = syscall_nr(ctx) == other_nr;
+    let call = if is_other { other } else { first };
+    (core::hint::black_box(call), core::hint::black_box(is_other))
 }
 
 /// `read` and `recvfrom`: one buffer in.
 #[tracepoint]
 pub fn tapir_exit_read_buf(ctx: TracePointContext) -> u32 {
-    let call = if syscall_nr(&ctx) == NR_RECVFROM {
-        syscall::RECVFROM
-    } else {
-        syscall::READ
-    };
-    exit::<SHAPE_BUF>(&ctx, opaque(call), DIR_INGRESS, false)
+    let (call, _) = which_call(&ctx, NR_RECVFROM, syscall::RECVFROM, syscall::READ);
+    exit::<SHAPE_BUF>(&ctx, call, DIR_INGRESS, false)
 }
 
 /// `write` and `sendto`: one buffer out.
 #[tracepoint]
 pub fn tapir_exit_write_buf(ctx: TracePointContext) -> u32 {
-    let call = if syscall_nr(&ctx) == NR_SENDTO {
-        syscall::SENDTO
-    } else {
-        syscall::WRITE
-    };
-    exit::<SHAPE_BUF>(&ctx, opaque(call), DIR_EGRESS, false)
+    let (call, _) = which_call(&ctx, NR_SENDTO, syscall::SENDTO, syscall::WRITE);
+    exit::<SHAPE_BUF>(&ctx, call, DIR_EGRESS, false)
 }
 
-/// `readv` and `recvmsg`: an iovec array in.
+/// `readv` and `recvmsg` (its msghdr's iovec array): iovecs in.
 #[tracepoint]
 pub fn tapir_exit_read_vec(ctx: TracePointContext) -> u32 {
-    let msghdr = syscall_nr(&ctx) == NR_RECVMSG;
-    let call = if msghdr {
-        syscall::RECVMSG
-    } else {
-        syscall::READV
-    };
-    exit::<SHAPE_IOVEC>(&ctx, opaque(call), DIR_INGRESS, opaque(msghdr))
+    let (call, msghdr) = which_call(&ctx, NR_RECVMSG, syscall::RECVMSG, syscall::READV);
+    exit::<SHAPE_IOVEC>(&ctx, call, DIR_INGRESS, msghdr)
 }
 
-/// `writev` and `sendmsg`: an iovec array out.
+/// `writev` and `sendmsg` (its msghdr's iovec array): iovecs out.
 #[tracepoint]
 pub fn tapir_exit_write_vec(ctx: TracePointContext) -> u32 {
-    let msghdr = syscall_nr(&ctx) == NR_SENDMSG;
-    let call = if msghdr {
-        syscall::SENDMSG
-    } else {
-        syscall::WRITEV
-    };
-    exit::<SHAPE_IOVEC>(&ctx, opaque(call), DIR_EGRESS, opaque(msghdr))
+    let (call, msghdr) = which_call(&ctx, NR_SENDMSG, syscall::SENDMSG, syscall::WRITEV);
+    exit::<SHAPE_IOVEC>(&ctx, call, DIR_EGRESS, msghdr)
 }
 
 /// sendfile64(out_fd, in_fd, offset, count): the socket is `out_fd`; only the byte count is
