@@ -204,29 +204,67 @@ impl Records {
     }
 
     fn load(path: &Path) -> Result<Self> {
-        let mut r = BufReader::new(
-            File::open(path).with_context(|| format!("opening {}", path.display()))?,
-        );
+        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let (recs, cut) = Self::read_from(BufReader::new(file))
+            .with_context(|| format!("reading {}", path.display()))?;
+        if cut {
+            eprintln!(
+                "tapir-replay: {} ends in a cut-off record (the recording was interrupted); \
+                 using the {} whole records before it",
+                path.display(),
+                recs.len()
+            );
+        }
+        Ok(recs)
+    }
+
+    /// The records of a record file, and whether it ends in a cut-off one (left out).
+    fn read_from(mut r: impl Read) -> Result<(Self, bool)> {
         let mut magic = [0u8; FILE_MAGIC.len()];
-        r.read_exact(&mut magic)?;
-        if &magic != FILE_MAGIC {
-            bail!("{} is not a tapir-replay record file", path.display());
+        if r.read_exact(&mut magic).is_err() || &magic != FILE_MAGIC {
+            bail!("not a tapir-replay record file (written by `record` or `synth --save`)");
         }
         let mut recs = Records::default();
         let mut len = [0u8; 4];
         let mut rec = Vec::new();
         loop {
-            match r.read_exact(&mut len) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-                Err(e) => return Err(e.into()),
+            // A clean end falls between records: no byte of the next length.
+            match read_full(&mut r, &mut len)? {
+                0 => return Ok((recs, false)),
+                n if n < len.len() => return Ok((recs, true)),
+                _ => {}
             }
-            rec.resize(u32::from_le_bytes(len) as usize, 0);
-            r.read_exact(&mut rec)?;
+            let n = u32::from_le_bytes(len) as usize;
+            if n > MAX_RECORD_BYTES {
+                bail!(
+                    "record {} claims {n} bytes, more than any ring-buffer record",
+                    recs.len()
+                );
+            }
+            rec.resize(n, 0);
+            if read_full(&mut r, &mut rec)? < n {
+                return Ok((recs, true));
+            }
             recs.push(&rec);
         }
-        Ok(recs)
     }
+}
+
+/// Larger than any record the kernel programs submit (a data header and its capture).
+const MAX_RECORD_BYTES: usize = 1 << 16;
+
+/// Reads until `buf` is full or the input ends; returns the bytes read.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
 }
 
 struct RecordWriter {
@@ -747,4 +785,54 @@ fn record(out: &Path, seconds: f64, max_records: u64) -> Result<()> {
         json!({"mode": "record", "file": out.display().to_string(), "records": records, "bytes": bytes})
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(records: &[&[u8]]) -> Vec<u8> {
+        let mut out = FILE_MAGIC.to_vec();
+        for r in records {
+            out.extend((r.len() as u32).to_le_bytes());
+            out.extend_from_slice(r);
+        }
+        out
+    }
+
+    #[test]
+    fn reads_whole_files_and_keeps_what_precedes_a_cut() {
+        let whole = file(&[b"abc", b"", b"defgh"]);
+        let (recs, cut) = Records::read_from(&whole[..]).unwrap();
+        assert!(!cut);
+        assert_eq!(
+            recs.iter().collect::<Vec<_>>(),
+            [&b"abc"[..], b"", b"defgh"]
+        );
+        // Cut inside the last record, then inside its length.
+        for end in [whole.len() - 1, whole.len() - 7] {
+            let (recs, cut) = Records::read_from(&whole[..end]).unwrap();
+            assert!(cut, "{end}");
+            assert_eq!(recs.len(), 2, "{end}");
+        }
+        assert!(Records::read_from(&FILE_MAGIC[..]).is_ok_and(|(r, cut)| r.len() == 0 && !cut));
+    }
+
+    #[test]
+    fn refuses_other_files_and_absurd_lengths() {
+        for bad in [&b""[..], b"TAPIR", b"hostname\n and more text"] {
+            let err = Records::read_from(bad).err().unwrap();
+            assert!(
+                err.to_string().contains("not a tapir-replay record file"),
+                "{err}"
+            );
+        }
+        let mut huge = FILE_MAGIC.to_vec();
+        huge.extend(u32::MAX.to_le_bytes());
+        let err = Records::read_from(&huge[..]).err().unwrap();
+        assert!(
+            err.to_string().contains("more than any ring-buffer record"),
+            "{err}"
+        );
+    }
 }
