@@ -351,15 +351,7 @@ fn emit_data<const SHAPE: u8>(
         &mut hdr.trace,
         state,
     );
-    hdr.header = header_of(p.pid_tgid, EventKind::Data, p.fd);
-    hdr.sock_id = p.sock_id;
-    hdr.total = total.min(u32::MAX as u64) as u32;
-    hdr.direction = p.direction;
-    hdr.syscall = p.syscall;
-    let size = core::mem::size_of::<agent_common::DataEventHeader>() as u64
-        + (core::hint::black_box(captured.min(MAX_CAPTURE as u64)) & (2 * MAX_CAPTURE as u64 - 1));
-    // `size` never exceeds the scratch record.
-    submit(scratch, size);
+    submit(scratch, p, total, captured);
     Some(())
 }
 
@@ -371,20 +363,22 @@ fn emit_count_only(scratch: &mut DataScratch, p: &PendingIo, total: u64) {
     hdr.captured = 0;
     hdr.tail_len = 0;
     clear_ids(&mut hdr.trace);
+    submit(scratch, p, total, 0);
+}
+
+/// Stamps this CPU's data record with the call (`total` bytes moved), sends its header and
+/// the first `captured` bytes of its payload, and counts the outcome.
+#[inline(always)]
+fn submit(scratch: &mut DataScratch, p: &PendingIo, total: u64, captured: u64) {
+    let hdr = &mut scratch.hdr;
     hdr.header = header_of(p.pid_tgid, EventKind::Data, p.fd);
     hdr.sock_id = p.sock_id;
     hdr.total = total.min(u32::MAX as u64) as u32;
     hdr.direction = p.direction;
     hdr.syscall = p.syscall;
-    submit(
-        scratch,
-        core::mem::size_of::<agent_common::DataEventHeader>() as u64,
-    );
-}
-
-/// Sends this CPU's data record (its first `size` bytes) and counts the outcome.
-#[inline(always)]
-fn submit(scratch: &DataScratch, size: u64) {
+    // Masked so that the verifier sees `size` never exceed the scratch record.
+    let size = core::mem::size_of::<agent_common::DataEventHeader>() as u64
+        + (core::hint::black_box(captured.min(MAX_CAPTURE as u64)) & (2 * MAX_CAPTURE as u64 - 1));
     if ring_output(scratch, size) == 0 {
         count(counter::DATA_EVENTS);
     } else {

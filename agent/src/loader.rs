@@ -323,7 +323,7 @@ fn load_programs(ebpf: &mut Ebpf, names: &[&str]) -> std::collections::HashMap<S
     use std::sync::Mutex;
     let mut errors = std::collections::HashMap::new();
     let mut by_name: std::collections::HashMap<&str, &mut Program> = ebpf.programs_mut().collect();
-    // In `names`' order (the probes', the nine heavy data programs early), popped from the end.
+    // In `names`' order (the probes', the heavy data programs early), popped from the end.
     let mut queue: Vec<(String, &mut Program)> = Vec::new();
     for name in names.iter().rev() {
         match by_name.remove(name) {
