@@ -11,7 +11,11 @@ use agent_common::{
     select::{BY_PORT, EXCLUDED},
     KernelOffsets, EVENT_RINGS, MAX_CAPTURE,
 };
-use aya::{maps::MapData, programs::TracePoint, Ebpf, EbpfLoader};
+use aya::{
+    maps::MapData,
+    programs::{trace_point::TracePointLinkId, TracePoint},
+    Ebpf, EbpfLoader,
+};
 use thiserror::Error;
 
 use crate::{
@@ -168,6 +172,39 @@ pub struct Attached {
     pub selection: Selection,
     /// How many of the event rings the CPUs write to ([`event_rings`]).
     pub rings_used: usize,
+    /// The tracepoint attachments, by program: detached together on drop.
+    links: Vec<(&'static str, TracePointLinkId)>,
+}
+
+impl Drop for Attached {
+    /// Detaches the tracepoints all at once, then the rest with `ebpf`. Each detach waits
+    /// for the kernel's RCU grace periods (~90 ms on a small VM): one after the other, 20
+    /// of them held shutdown for ~1.8 s; side by side they share the grace periods.
+    fn drop(&mut self) {
+        let started = Instant::now();
+        let mut links = Vec::new();
+        for (name, id) in self.links.drain(..) {
+            if let Ok(tp) = program::<TracePoint>(&mut self.ebpf, name) {
+                if let Ok(link) = tp.take_link(id) {
+                    links.push(link);
+                }
+            }
+        }
+        let n = links.len();
+        std::thread::scope(|scope| {
+            for link in links {
+                // A thread that cannot start leaves its link to be dropped here.
+                let _ = std::thread::Builder::new()
+                    .name("tapir-detach".into())
+                    .spawn_scoped(scope, move || drop(link));
+            }
+        });
+        tracing::debug!(
+            links = n,
+            ms = started.elapsed().as_millis() as u64,
+            "tracepoints detached"
+        );
+    }
 }
 
 pub fn has_embedded_object() -> bool {
@@ -405,6 +442,7 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
     }
     let refused = load_programs(&mut ebpf, &names);
     let mut failures = Vec::new();
+    let mut links = Vec::new();
     for probe in PROBES {
         let attached = match (probe.program, fork_child_pid) {
             ("tapir_sched_fork", None) => Err("its format file has no child_pid field".to_string()),
@@ -413,18 +451,19 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
                 None => attach(&mut ebpf, probe),
             },
         };
-        if let Err(error) = attached {
-            if probe.required {
+        match attached {
+            Ok(id) => links.push((probe.program, id)),
+            Err(error) if probe.required => {
                 return Err(LoadError::RequiredProbe {
                     program: probe.program,
                     hook: hook_name(&probe.hook),
                     error,
                 });
             }
-            failures.push(ProbeFailure {
+            Err(error) => failures.push(ProbeFailure {
                 probe: *probe,
                 error,
-            });
+            }),
         }
     }
     if choosing {
@@ -450,6 +489,7 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
         injection,
         selection: opts.selection.clone(),
         rings_used,
+        links,
     })
 }
 
@@ -850,15 +890,14 @@ pub(crate) fn kernel_at_least(release: &str, want: (u32, u32)) -> bool {
     }
 }
 
-fn attach(ebpf: &mut Ebpf, probe: &Probe) -> Result<(), String> {
+fn attach(ebpf: &mut Ebpf, probe: &Probe) -> Result<TracePointLinkId, String> {
     match probe.hook {
         Hook::TracePoint(category, name) => {
             let tp = program::<TracePoint>(ebpf, probe.program)?;
             // Loaded beforehand, with the others, by `load_programs`.
-            tp.attach(category, name).map_err(|e| format!("{e:#}"))?;
+            tp.attach(category, name).map_err(|e| format!("{e:#}"))
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
