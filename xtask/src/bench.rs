@@ -61,6 +61,8 @@ struct Config {
     ka_pairs: usize,
     ka_secs: u32,
     ka_conns: u32,
+    /// Unrecorded load before each load benchmark (nginx, the page cache, the TCP stack).
+    warmup_secs: u32,
     /// Connection: close.
     close_pairs: usize,
     close_secs: u32,
@@ -104,31 +106,35 @@ impl Config {
             .map(|v| v != "0")
             .unwrap_or(!quick);
         if quick {
+            // A smoke run of every benchmark in about two minutes: one group each, the
+            // variants that take other code paths (export over gRPC and over HTTP, nginx
+            // alone), none of the repeats that make the figures steady.
             Self {
                 quick,
-                ka_pairs: 2,
-                ka_secs: 3,
+                ka_pairs: 1,
+                ka_secs: 2,
                 ka_conns: 16,
-                close_pairs: 2,
+                warmup_secs: 1,
+                close_pairs: 1,
                 close_secs: 2,
                 close_conns: 16,
                 replay_conns: 256,
                 replay_requests: 100,
-                replay_rounds: 3,
+                replay_rounds: 1,
                 record_secs: 1,
                 idle_conns: 10_000,
-                churn_procs: 300,
+                churn_procs: 100,
                 churn_parallel: 4,
                 churn_settle_s: 2,
-                quiet_wait_s: 1.0,
+                quiet_wait_s: 0.5,
                 profile,
-                capture_only: true,
-                sampled: true,
+                capture_only: false,
+                sampled: false,
                 nginx_only: true,
                 otlp_http: true,
-                rate_pairs: 2,
-                rate_secs: 3,
-                syscall_groups: 2,
+                rate_pairs: 1,
+                rate_secs: 2,
+                syscall_groups: 1,
                 syscall_bytes: 300_000,
                 program_runs: 1,
             }
@@ -138,6 +144,7 @@ impl Config {
                 ka_pairs: 5,
                 ka_secs: 10,
                 ka_conns: 16,
+                warmup_secs: 2,
                 close_pairs: 3,
                 close_secs: 6,
                 close_conns: 16,
@@ -708,7 +715,7 @@ fn load_bench(ctx: &mut Ctx, close: bool) -> Result<LoadBench> {
     } else {
         ctx.cfg.ka_conns
     };
-    wrk(&ctx.nginx.url(), conns, 2, close)?;
+    wrk(&ctx.nginx.url(), conns, ctx.cfg.warmup_secs, close)?;
     let mut runs = Vec::new();
     for pair in 0..pairs {
         // Rotate the order so that no variant always runs first or last.
@@ -1486,6 +1493,9 @@ fn render(r: &Results) -> String {
     };
     let ka = r.keepalive.as_ref();
     let fin = |s: &Summary| (s.n > 0).then_some(s.median);
+    // A p99 from one group says little: one stall on a shared host moves it by
+    // milliseconds either way. Judged only over repeats (not in a quick run).
+    let repeated = |s: &Summary| (s.n > 1).then_some(s.median);
     target(
         "added CPU per request ≤ 10 % of nginx's own (keep-alive)",
         ka.map_or("n/a".into(), |b| {
@@ -1523,7 +1533,7 @@ fn render(r: &Results) -> String {
         ka.map_or("n/a".into(), |b| {
             with_variants(b, |v| &v.p99_added_us, |c| c.show(0) + " µs")
         }),
-        ka.and_then(|b| fin(&b.agent.p99_added_us))
+        ka.and_then(|b| repeated(&b.agent.p99_added_us))
             .map(|v| v <= TARGET_ADDED_P99_US),
         ka.is_some_and(|b| straddles(&b.agent.p99_added_us, TARGET_ADDED_P99_US)),
     );
@@ -1541,7 +1551,7 @@ fn render(r: &Results) -> String {
             }
             s
         }),
-        fr.and_then(|b| fin(&b.agent.p99_added_us))
+        fr.and_then(|b| repeated(&b.agent.p99_added_us))
             .map(|v| v <= TARGET_ADDED_P99_US),
         fr.is_some_and(|b| straddles(&b.agent.p99_added_us, TARGET_ADDED_P99_US)),
     );
@@ -1579,6 +1589,11 @@ fn render(r: &Results) -> String {
         mem.map(|m| m.churn_growth_kib <= CHURN_SLACK_KIB as i64),
         false,
     );
+    if r.config["quick"].as_bool() == Some(true) {
+        md.push_str(
+            "\nA quick run is a smoke test: one group per benchmark, 2-second runs, no capture-only or sampled variant, 100 short-lived processes instead of 1,000. Its figures move with the host; p99 latency is not judged from one group. `cargo xtask bench` gives the figures of record.\n",
+        );
+    }
 
     if let Some(b) = &r.keepalive {
         load_table(
