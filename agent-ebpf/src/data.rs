@@ -153,11 +153,8 @@ fn exit<const SHAPE: u8>(ctx: &TracePointContext, call: u8, direction: u8, msghd
         vlen,
         sock_id: state.sock_id,
         fd,
-        flags: 0,
         syscall: call,
         direction,
-        shape: SHAPE,
-        _pad: [0; 5],
     };
     let _ = emit_data::<SHAPE>(&p, ret as u64, state);
     0

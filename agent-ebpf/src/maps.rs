@@ -250,15 +250,12 @@ pub struct PendingIo {
     pub vlen: u64,
     pub sock_id: u64,
     pub fd: u32,
-    pub flags: u32,
     pub syscall: u8,
     pub direction: u8,
-    /// How `buf` is to be read: plain buffer or iovec array (a msghdr's is read out
-    /// first), or not at all (sendfile).
-    pub shape: u8,
-    pub _pad: [u8; 5],
 }
 
+/// How a data call's `buf` is read (the `SHAPE` of `data::exit`): a plain buffer, an
+/// iovec array (a msghdr's is read out first), or not at all (sendfile).
 pub const SHAPE_BUF: u8 = 0;
 pub const SHAPE_IOVEC: u8 = 1;
 pub const SHAPE_NONE: u8 = 2;
