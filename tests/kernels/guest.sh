@@ -3,30 +3,62 @@
 T=/usr/bin/tapir
 W=/tmp/w
 mkdir -p $W
+
+# Waits up to $2 seconds for child $1 to exit and returns its status. One that is still
+# running is shown ("=== $3 still running": each thread's kernel stack, and the kernel's
+# list of blocked tasks on the console), then killed: a hang fails the test with where it
+# hung instead of running into boot.sh's timeout.
+wait_bounded() {
+    n=0
+    while kill -0 "$1" 2>/dev/null && [ $n -lt $(($2 * 10)) ]; do
+        sleep 0.1
+        n=$((n + 1))
+    done
+    if kill -0 "$1" 2>/dev/null; then
+        echo "=== $3 still running after $2 s"
+        for t in /proc/"$1"/task/*; do
+            echo "--- thread $(cat "$t"/comm) state $(awk '/^State/{print $2}' "$t"/status)"
+            cat "$t"/stack
+        done
+        echo w >/proc/sysrq-trigger
+        kill -9 "$1"
+    fi
+    wait "$1"
+}
+
 echo "=== kernel $(uname -r)"
 echo "=== doctor"
-$T doctor
+$T doctor &
+wait_bounded $! 120 doctor
 echo "=== doctor exit $?"
 python3 -m http.server 18080 --bind 127.0.0.1 --directory /etc >$W/http.log 2>&1 &
+# Listening before the agent starts (port 18080 is 46A0, state 0A is LISTEN), so that
+# the first curl finds the server however fast the agent gets ready.
+i=0
+while [ $i -lt 600 ] && ! grep -q ':46A0 00000000:0000 0A' /proc/net/tcp; do
+    sleep 0.1
+    i=$((i + 1))
+done
 # The agent as the README runs it (traceparent injection on), spans on stdout.
 $T run --exporter console --port 18080 >$W/run.out 2>$W/run.err &
 AGENT=$!
-# Under emulation the verifier takes tens of seconds; wait for the ready line (or exit).
+# Under emulation loading takes seconds (3-10 s here); wait up to 120 s for the ready line
+# (or the agent's exit).
 i=0
-while [ $i -lt 3000 ] && kill -0 $AGENT 2>/dev/null && ! grep -q ready $W/run.err; do
+while [ $i -lt 1200 ] && kill -0 $AGENT 2>/dev/null && ! grep -q ready $W/run.err; do
     sleep 0.1
     i=$((i + 1))
 done
 if grep -q ready $W/run.err; then
     echo "=== ready after $((i / 10)) s"
-    curl -s -o /dev/null -w '=== curl %{http_code}\n' http://127.0.0.1:18080/hostname
-    curl -s -o /dev/null -w '=== curl %{http_code}\n' http://127.0.0.1:18080/missing
-    curl -s -o /dev/null -w '=== curl %{http_code}\n' \
+    curl -s -m 30 -o /dev/null -w '=== curl %{http_code}\n' http://127.0.0.1:18080/hostname
+    curl -s -m 30 -o /dev/null -w '=== curl %{http_code}\n' http://127.0.0.1:18080/missing
+    curl -s -m 30 -o /dev/null -w '=== curl %{http_code}\n' \
         -H 'traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01' \
         http://127.0.0.1:18080/hosts
 fi
 kill -INT $AGENT
-wait $AGENT
+wait_bounded $AGENT 60 agent
 echo "=== agent exit $?"
 echo "=== spans"
 cat $W/run.out
