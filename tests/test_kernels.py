@@ -54,7 +54,8 @@ def test_agent_runs_on_an_older_kernel(package):
     agent_log = "\n".join(s.get("agent log", []))
     assert any(h.startswith("ready after") for h in heads), stuck + agent_log[-4000:]
     curls = [h for h in heads if h.startswith("curl ")]
-    assert curls == ["curl 200", "curl 404", "curl 200"], stuck + agent_log[-4000:]
+    failed = "".join(f"{h}\n" + "\n".join(s[h]) + "\n" for h in curls if h == "curl 000")
+    assert curls == ["curl 200", "curl 404", "curl 200"], failed + stuck + agent_log[-4000:]
     assert "agent exit 0" in heads, stuck + agent_log[-4000:]
     # Kernels before 5.17 get the compat build of the programs, and are told so.
     compat = tuple(int(x) for x in re.findall(r"\d+", kernel)[:2]) < (5, 17)

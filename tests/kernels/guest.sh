@@ -26,6 +26,14 @@ wait_bounded() {
     wait "$1"
 }
 
+# One request with curl's arguments "$@", printed as "=== curl STATUS"; one that got no
+# response (000) is followed by the VM's TCP sockets, to show where it stopped.
+get() {
+    code=$(curl -s -m 30 -o /dev/null -w '%{http_code}' "$@")
+    echo "=== curl $code"
+    [ "$code" != 000 ] || netstat -tn
+}
+
 echo "=== kernel $(uname -r)"
 echo "=== doctor"
 $T doctor &
@@ -42,19 +50,18 @@ done
 # The agent as the README runs it (traceparent injection on), spans on stdout.
 $T run --exporter console --port 18080 >$W/run.out 2>$W/run.err &
 AGENT=$!
-# Under emulation loading takes seconds (3-10 s here); wait up to 120 s for the ready line
+# Under emulation loading takes seconds (7-18 s here); wait up to 120 s for the ready line
 # (or the agent's exit).
 i=0
-while [ $i -lt 1200 ] && kill -0 $AGENT 2>/dev/null && ! grep -q ready $W/run.err; do
+while [ $i -lt 1200 ] && kill -0 $AGENT 2>/dev/null && ! grep -q ' ready: ' $W/run.err; do
     sleep 0.1
     i=$((i + 1))
 done
-if grep -q ready $W/run.err; then
+if grep -q ' ready: ' $W/run.err; then
     echo "=== ready after $((i / 10)) s"
-    curl -s -m 30 -o /dev/null -w '=== curl %{http_code}\n' http://127.0.0.1:18080/hostname
-    curl -s -m 30 -o /dev/null -w '=== curl %{http_code}\n' http://127.0.0.1:18080/missing
-    curl -s -m 30 -o /dev/null -w '=== curl %{http_code}\n' \
-        -H 'traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01' \
+    get http://127.0.0.1:18080/hostname
+    get http://127.0.0.1:18080/missing
+    get -H 'traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01' \
         http://127.0.0.1:18080/hosts
 fi
 kill -INT $AGENT
