@@ -34,6 +34,11 @@ def sections(log):
     return out
 
 
+def shown(secs, keep):
+    """The sections whose name `keep` accepts, as guest.sh printed them."""
+    return "".join(f"=== {h}\n" + "".join(l + "\n" for l in ls) for h, ls in secs.items() if keep(h))
+
+
 @pytest.mark.parametrize("package", KERNELS)
 def test_agent_runs_on_an_older_kernel(package):
     out = ROOT / "target/kernels" / package
@@ -46,7 +51,7 @@ def test_agent_runs_on_an_older_kernel(package):
     s = sections(log)
     heads = [l[4:] for l in log.splitlines() if l.startswith("=== ")]
     # guest.sh's bounded waits: where a process that did not finish was stuck.
-    stuck = "".join(f"{h}\n" + "\n".join(ls) + "\n" for h, ls in s.items() if "still running" in h)
+    stuck = shown(s, lambda h: "still running" in h)
     kernel = next(h for h in heads if h.startswith("kernel "))
     assert not kernel.endswith(".18"), kernel  # really the older kernel
     assert "doctor exit 0" in heads, stuck + "\n".join(s.get("doctor", []))
@@ -54,7 +59,7 @@ def test_agent_runs_on_an_older_kernel(package):
     agent_log = "\n".join(s.get("agent log", []))
     assert any(h.startswith("ready after") for h in heads), stuck + agent_log[-4000:]
     curls = [h for h in heads if h.startswith("curl ")]
-    failed = "".join(f"{h}\n" + "\n".join(s[h]) + "\n" for h in curls if h == "curl 000")
+    failed = shown(s, lambda h: h == "curl 000")
     assert curls == ["curl 200", "curl 404", "curl 200"], failed + stuck + agent_log[-4000:]
     assert "agent exit 0" in heads, stuck + agent_log[-4000:]
     # Kernels before 5.17 get the compat build of the programs, and are told so.

@@ -144,15 +144,16 @@ chmod +x "$ROOT/init"
 rm -rf "$ROOT"
 
 if [ "${TAPIR_VM_ACCEL:-tcg}" = kvm ]; then accel=(-enable-kvm -cpu host); else accel=(-accel tcg,thread=single -cpu max); fi
+VM_TIMEOUT=${TAPIR_VM_TIMEOUT:-600}
 rm -f "$OUT/guest.log" "$OUT/console.log"
 rc=0
-timeout "${TAPIR_VM_TIMEOUT:-600}" qemu-system-x86_64 "${accel[@]}" -m 2048 -smp 2 \
+timeout "$VM_TIMEOUT" qemu-system-x86_64 "${accel[@]}" -m 2048 -smp 2 \
     -nographic -no-reboot -nic none -monitor none \
     -kernel "$VMLINUZ" -initrd "$OUT/initramfs.gz" \
     -append "console=ttyS0 panic=-1 rdinit=/init" \
     -serial "file:$OUT/console.log" -serial "file:$OUT/guest.log" </dev/null || rc=$?
 if [ $rc -ne 0 ]; then
-    echo "boot.sh: qemu exited with $rc ($([ $rc -eq 124 ] && echo "timed out after ${TAPIR_VM_TIMEOUT:-600} s" || echo failed))" >&2
+    echo "boot.sh: qemu exited with $rc ($([ $rc -eq 124 ] && echo "timed out after $VM_TIMEOUT s" || echo failed))" >&2
     # What the VM got to: the kernel's complaints, the end of its console, then of guest.sh's.
     echo "--- console.log, lockups, stalls and oopses" >&2
     grep -aE 'soft lockup|hung_task|stall|BUG:|Oops|Kernel panic|WARNING:' "$OUT/console.log" | head -n 20 >&2 || true
