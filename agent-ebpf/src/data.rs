@@ -444,12 +444,14 @@ fn copy_upto<const SHAPE: u8>(
         },
     );
     // A bpf_loop callback is verified once, however many segments there are: an unrolled
-    // loop left the vectored reads at the verifier's 1M-instruction limit.
+    // loop left the vectored reads at the verifier's 1M-instruction limit. One step per
+    // iovec read and no more: each step is a call, and a step that only says "stop" costs
+    // as much as one that copies (a return is a mispredicted branch under SRSO's Safe RET).
     repeat!(
         tapir_compat_gather,
         gather_segment,
         MAX_IOVECS,
-        MAX_IOVECS as u32,
+        g.read.min(MAX_IOVECS as u64) as u32,
         0
     );
     scratch.gather.captured
