@@ -2,7 +2,9 @@
 once, with the right process, addresses, status and timing."""
 import json
 import os
+import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -308,6 +310,48 @@ def test_ipv6_loopback(py_server):
     assert s["url.path"] == "/v6"
     (c,) = servers_of(got, "client")
     assert c["server.address"] == "::1" and c["server.port"] == port
+
+
+def test_tls_and_http2_are_counted_and_named_not_captured(py_server, tmp_path):
+    """HTTPS and HTTP/2 without TLS cannot be read as HTTP/1.x: each such connection is
+    counted at both ends, each program and port is named once in a warning, and none of it
+    becomes an exchange, while plain HTTP beside them still does."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+         "-days", "1", "-keyout", key, "-out", cert],
+        check=True, capture_output=True, timeout=60,
+    )
+    pem = tmp_path / "tls.pem"
+    pem.write_bytes(key.read_bytes() + cert.read_bytes())
+    tls_server, tls_port = py_server("--tls", pem)
+    h2_server, h2_port = py_server()
+    _, plain_port = py_server()
+    agent = watch(tls_port, h2_port, plain_port)
+    for i in range(3):
+        r = curl("-k", "-o", "/dev/null", "-w", "%{http_code}", f"https://127.0.0.1:{tls_port}/secret/{i}")
+        assert r.stdout == "200"
+    # http.server answers the HTTP/2 preface with an HTTP/1.1 505, which curl then rejects.
+    curl("--http2-prior-knowledge", f"http://127.0.0.1:{h2_port}/h2", check=False)
+    assert curl(f"http://127.0.0.1:{plain_port}/plain").stdout.strip() == "ok"
+    got = finish(agent)
+    assert sorted((e["kind"], e["url.path"], e["server.port"]) for e in got) == [
+        ("client", "/plain", plain_port),
+        ("server", "/plain", plain_port),
+    ]
+    # Both ends of each connection: three HTTPS connections, one HTTP/2 connection.
+    assert agent.final_count("tapir.connections.unreadable.tls") == 6, agent.err[-30:]
+    assert agent.final_count("tapir.connections.unreadable.http2") == 2, agent.err[-30:]
+    said = [l.split("not captured: ", 1)[1] for l in agent.err if "not captured: " in l]
+    expected = [
+        rf"python[\d.]* \(pid {tls_server.pid}\) serves TLS on port {tls_port};",
+        rf"curl \(pid \d+\) talks TLS to 127\.0\.0\.1:{tls_port};",
+        rf"python[\d.]* \(pid {h2_server.pid}\) serves HTTP/2 without TLS \(h2c, gRPC\) on port {h2_port};",
+        rf"curl \(pid \d+\) talks HTTP/2 without TLS \(h2c, gRPC\) to 127\.0\.0\.1:{h2_port};",
+    ]
+    # Each once: three curl processes to one port are one program and port.
+    assert sorted(p for p in expected if any(re.match(p, l) for l in said)) == sorted(expected), said
+    assert len(said) == len(expected), said
 
 
 def test_plain_file_io_is_never_captured(py_server, procs, tmp_path):

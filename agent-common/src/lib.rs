@@ -98,6 +98,10 @@ pub enum EventKind {
     Data = 3,
     /// A process exited ([`EventHeader`] only).
     ProcExit = 4,
+    /// A tracked TCP connection started with bytes Tapir cannot read as HTTP/1.x: a TLS
+    /// handshake or an HTTP/2 preface ([`ConnEvent`], its `protocol`). Sent once; the
+    /// connection's later calls are not looked at.
+    ConnOpaque = 5,
 }
 
 impl EventKind {
@@ -107,6 +111,7 @@ impl EventKind {
             2 => Some(Self::ConnClose),
             3 => Some(Self::Data),
             4 => Some(Self::ProcExit),
+            5 => Some(Self::ConnOpaque),
             _ => None,
         }
     }
@@ -178,7 +183,10 @@ pub struct ConnEvent {
     pub tuple: ConnTuple,
     /// A [`Role`].
     pub role: u8,
-    pub _pad: [u8; 7],
+    /// [`ConnOpaque`](EventKind::ConnOpaque) events: what the connection speaks
+    /// ([`OPAQUE_TLS`], [`OPAQUE_HTTP2`]); 0 otherwise.
+    pub protocol: u8,
+    pub _pad: [u8; 6],
     /// The thread's command name: identifies processes that exit before /proc is read.
     pub comm: [u8; 16],
 }
@@ -308,6 +316,15 @@ pub const CONN_HEAD_AT_LINE: u16 = 16;
 pub const CONN_BODY_IN: u16 = 32;
 /// The same for what the connection writes.
 pub const CONN_BODY_OUT: u16 = 64;
+/// The connection started with a TLS handshake or an HTTP/2 preface: reported once
+/// ([`EventKind::ConnOpaque`]), then its calls stop at the flag check.
+pub const CONN_OPAQUE: u16 = 128;
+
+/// [`ConnEvent::protocol`]: a TLS handshake record (content type 22, version 3.x).
+pub const OPAQUE_TLS: u8 = 1;
+/// [`ConnEvent::protocol`]: the HTTP/2 connection preface (`PRI * HTTP/2.0`), i.e. HTTP/2
+/// or gRPC without TLS.
+pub const OPAQUE_HTTP2: u8 = 2;
 
 /// 24 bytes: the connection map preallocates 65,536 of them.
 #[repr(C)]
@@ -520,6 +537,7 @@ mod tests {
         assert_eq!(offset_of!(ConnEvent, comm), 80);
         assert_eq!(offset_of!(ConnEvent, tuple), 32);
         assert_eq!(offset_of!(ConnEvent, role), 72);
+        assert_eq!(offset_of!(ConnEvent, protocol), 73);
         assert_eq!(size_of::<TraceIds>(), 40);
         assert_eq!(align_of::<TraceIds>(), 8);
         assert_eq!(offset_of!(EventHeader, tgid), 4);

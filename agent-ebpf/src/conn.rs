@@ -103,7 +103,7 @@ pub fn lookup_tcp(tgid: u32, fd: u32) -> Option<*mut ConnState> {
                 count(counter::CONN_TABLE_FULL);
                 return None;
             }
-            emit_conn(EventKind::ConnOpen, fd, sock_id, Role::Unknown, true);
+            emit_conn(EventKind::ConnOpen, fd, sock_id, Role::Unknown, true, 0);
             CONNS.get_ptr_mut(key)
         }
         FdKind::Other => {
@@ -148,7 +148,7 @@ pub fn track_new(tgid: u32, fd: u32, role: Role) -> bool {
                 count(counter::CONN_TABLE_FULL);
                 return false;
             }
-            emit_conn(EventKind::ConnOpen, fd, sock_id, role, true);
+            emit_conn(EventKind::ConnOpen, fd, sock_id, role, true, 0);
             true
         }
         FdKind::Other => false,
@@ -182,7 +182,15 @@ pub fn header_of(pid_tgid: u64, kind: EventKind, fd: u32) -> EventHeader {
 /// Sends a connection event from this CPU's `CONN_SCRATCH` slot: with the 4-tuple the fd
 /// walk left there (`with_tuple`), else with none (a close).
 #[inline(always)]
-pub fn emit_conn(kind: EventKind, fd: u32, sock_id: u64, role: Role, with_tuple: bool) {
+/// `protocol`: what a [`EventKind::ConnOpaque`] connection speaks (0 for other events).
+pub fn emit_conn(
+    kind: EventKind,
+    fd: u32,
+    sock_id: u64,
+    role: Role,
+    with_tuple: bool,
+    protocol: u8,
+) {
     let Some(ev) = CONN_SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -198,6 +206,7 @@ pub fn emit_conn(kind: EventKind, fd: u32, sock_id: u64, role: Role, with_tuple:
     ev.header = header(kind, fd);
     ev.sock_id = sock_id;
     ev.role = role as u8;
+    ev.protocol = protocol;
     // SAFETY: the helper writes at most 16 bytes, the size of `comm`.
     let rc = unsafe {
         aya_ebpf::helpers::generated::bpf_get_current_comm(

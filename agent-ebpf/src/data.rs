@@ -1,9 +1,9 @@
 //! read/write-family syscalls on tracked TCP connections: at exit, when the bytes are or
 //! follow HTTP/1.x, copy a call's head (or, of a body, a few bytes) and its last bytes.
 use agent_common::{
-    counter, syscall, EventKind, TraceIds, CONN_BODY_IN, CONN_BODY_OUT, CONN_HEAD_AT_LINE,
-    CONN_HEAD_OPEN, CONN_HTTP, CONN_PORT_LEARNED, DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE, MAX_IOVECS,
-    TAIL_BYTES,
+    counter, syscall, EventKind, Role, TraceIds, CONN_BODY_IN, CONN_BODY_OUT, CONN_HEAD_AT_LINE,
+    CONN_HEAD_OPEN, CONN_HTTP, CONN_OPAQUE, CONN_PORT_LEARNED, DIR_EGRESS, DIR_INGRESS,
+    MAX_CAPTURE, MAX_IOVECS, OPAQUE_HTTP2, OPAQUE_TLS, TAIL_BYTES,
 };
 #[cfg(not(feature = "compat"))]
 use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs};
@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    conn::{current_gen, header_of, lookup_tcp},
+    conn::{current_gen, emit_conn, header_of, lookup_tcp},
     inject::learn_http_port,
     looping::repeat,
     maps::{
@@ -214,17 +214,36 @@ fn msghdr_iov(msg: u64) -> Option<(u64, u64)> {
     Some((v[0], v[1]))
 }
 
-/// Does this look like the start of an HTTP/1.x request or response?
+/// What the first bytes of a connection's call say it carries.
+enum FirstBytes {
+    /// The start of an HTTP/1.x request or response.
+    Http,
+    /// A protocol Tapir cannot read ([`OPAQUE_TLS`], [`OPAQUE_HTTP2`]).
+    Opaque(u8),
+    /// Anything else (not HTTP, or HTTP seen from the middle of a message).
+    Other,
+}
+
 #[inline(always)]
-fn looks_like_http(addr: u64, len: u64) -> bool {
+fn first_bytes(addr: u64, len: u64) -> FirstBytes {
     if len < 4 {
-        return false;
+        return FirstBytes::Other;
     }
     // SAFETY: bpf_probe_read_user tolerates any address.
     let Ok(b) = (unsafe { bpf_probe_read_user(addr as *const [u8; 4]) }) else {
-        return false;
+        return FirstBytes::Other;
     };
-    is_method_prefix(&b) || &b == b"HTTP"
+    if is_method_prefix(&b) || &b == b"HTTP" {
+        FirstBytes::Http
+    } else if b[0] == 0x16 && b[1] == 3 && b[2] <= 4 {
+        // A TLS handshake record (ClientHello or ServerHello): content type 22, version 3.x.
+        FirstBytes::Opaque(OPAQUE_TLS)
+    } else if &b == b"PRI " {
+        // The HTTP/2 preface, "PRI * HTTP/2.0": h2c, gRPC without TLS.
+        FirstBytes::Opaque(OPAQUE_HTTP2)
+    } else {
+        FirstBytes::Other
+    }
 }
 
 #[inline(always)]
@@ -235,12 +254,30 @@ fn emit_data<const SHAPE: u8>(
 ) -> Option<()> {
     if state.flags & CONN_HTTP == 0 {
         // Only connections that have carried HTTP/1.x are reported; everything else costs
-        // one lookup and this check.
-        let (addr, len) = first_segment::<SHAPE>(p, total)?;
-        if !looks_like_http(addr, len.min(total)) {
+        // one lookup and this check (and a look at its first bytes until it is known
+        // to be TLS or HTTP/2: those are reported once, so that users learn what is not
+        // seen, and then skipped).
+        if state.flags & CONN_OPAQUE != 0 {
             return None;
         }
-        state.flags |= CONN_HTTP;
+        let (addr, len) = first_segment::<SHAPE>(p, total)?;
+        match first_bytes(addr, len.min(total)) {
+            FirstBytes::Http => state.flags |= CONN_HTTP,
+            FirstBytes::Opaque(protocol) => {
+                state.flags |= CONN_OPAQUE;
+                let role = Role::from_u8(state.role);
+                emit_conn(
+                    EventKind::ConnOpaque,
+                    p.fd,
+                    state.sock_id,
+                    role,
+                    false,
+                    protocol,
+                );
+                return None;
+            }
+            FirstBytes::Other => return None,
+        }
     }
     let scratch = SCRATCH.get_ptr_mut(0)?;
     // SAFETY: per-CPU scratch slot; nothing else on this CPU uses it during this program.

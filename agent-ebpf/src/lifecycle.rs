@@ -99,6 +99,7 @@ fn forget_fd(tgid: u32, fd: u32) {
             state.sock_id,
             Role::from_u8(state.role),
             false,
+            0,
         );
     }
 }

@@ -66,7 +66,7 @@ const KERNEL_FEATURES: &[(&str, Probe, bool, &str)] = &[
         "program type: kprobe/uprobe",
         Probe::Program(ProgramType::KProbe),
         false,
-        "TLS capture (uprobes on libssl) is unavailable",
+        "nothing today (reserved for reading TLS inside libssl; TLS connections are counted, not read)",
     ),
     (
         "program type: sock_ops",
@@ -268,7 +268,7 @@ pub fn check_host() -> Vec<Check> {
         } else {
             "no uprobe_events (CONFIG_UPROBE_EVENTS)".into()
         },
-        without: "TLS capture (uprobes on libssl) is unavailable",
+        without: "nothing today (reserved for reading TLS inside libssl; TLS connections are counted, not read)",
         core: false,
     });
     let (status, detail) = match crate::rearm::pidfd_getfd_works() {

@@ -28,3 +28,4 @@ pub mod stats;
 #[cfg(test)]
 mod test_alloc;
 pub mod tracefs;
+pub mod unreadable;

@@ -21,6 +21,7 @@ use crate::{
     conn_table::ConnTable,
     process::{ProcessCache, ProcessInfo},
     stats::Stats,
+    unreadable::{Sighting, Unreadable},
 };
 
 /// Which connections to follow (`--port`); an empty list follows everything. Processes
@@ -114,6 +115,8 @@ pub struct Pipeline<S: ExchangeSink> {
     rearm: Option<crate::rearm::Rearm>,
     /// What the current record completed (reused).
     completed: crate::assemble::Completed,
+    /// TLS and HTTP/2 connections already said.
+    unreadable: crate::unreadable::Notices,
 }
 
 impl<S: ExchangeSink> Pipeline<S> {
@@ -132,6 +135,7 @@ impl<S: ExchangeSink> Pipeline<S> {
             inject_counters: None,
             rearm: None,
             completed: Default::default(),
+            unreadable: Default::default(),
         }
     }
 
@@ -226,6 +230,36 @@ impl<S: ExchangeSink> Pipeline<S> {
             Stats::inc(&self.stats.conns_closed);
             tracing::debug!(pid = key.0, fd = key.1, "tcp connection closed");
             self.finish(&mut conn, ev.header.ts_ns);
+        }
+    }
+
+    /// The kernel found a connection speaking TLS or HTTP/2: count it, say it once.
+    fn on_opaque(&mut self, ev: &ConnEvent) {
+        let Some(what) = Unreadable::from_protocol(ev.protocol) else {
+            Stats::inc(&self.stats.records_malformed);
+            return;
+        };
+        let key = (ev.header.tgid, ev.header.fd);
+        let Some(conn) = self.conns.get_mut(&key).filter(|c| c.sock_id == ev.sock_id) else {
+            Stats::inc(&self.stats.data_unknown_conn);
+            return;
+        };
+        if !conn.wanted {
+            return;
+        }
+        Stats::inc(match what {
+            Unreadable::Tls => &self.stats.conns_unreadable_tls,
+            Unreadable::Http2 => &self.stats.conns_unreadable_http2,
+        });
+        let seen = Sighting {
+            exe: &conn.process.exe_name,
+            pid: ev.header.tgid,
+            role: conn.role,
+            endpoints: conn.endpoints,
+            what,
+        };
+        if let Some(line) = self.unreadable.notice(&seen) {
+            tracing::warn!("{line}");
         }
     }
 
@@ -343,6 +377,7 @@ impl<S: ExchangeSink> RecordSink for Pipeline<S> {
         match decode(bytes) {
             Ok(KernelEvent::ConnOpen(ev)) => self.on_open(&ev),
             Ok(KernelEvent::ConnClose(ev)) => self.on_close(&ev),
+            Ok(KernelEvent::ConnOpaque(ev)) => self.on_opaque(&ev),
             Ok(KernelEvent::Data(d)) => {
                 let copied = d.payload.len() + usize::from(d.header.tail_len);
                 Stats::add(&self.stats.payload_bytes, copied as u64);

@@ -66,6 +66,12 @@ counters! {
     conns_closed => "tapir.connections.closed",
     /// Connections evicted from the agent's table because it was full.
     conns_evicted => "tapir.connections.evicted",
+    /// Connections that started with a TLS handshake: encrypted before the socket, so
+    /// Tapir reads no HTTP from them.
+    conns_unreadable_tls => "tapir.connections.unreadable.tls",
+    /// Connections that started with the HTTP/2 preface (h2c, gRPC without TLS): Tapir
+    /// reads HTTP/1.x only.
+    conns_unreadable_http2 => "tapir.connections.unreadable.http2",
     /// Data records for a connection the agent did not know (fd reused, table evicted).
     data_unknown_conn => "tapir.events.unknown_connection",
     /// HTTP exchanges completed.

@@ -7,11 +7,13 @@ Routes:
   /echo-headers           body = the request headers it received (for injection tests)
   /anything-else          200 "ok"
 Usage: pyserver.py PORT [--bind ADDR] [--http10] [--threading] [--chunk-delay SECONDS]
+                   [--tls PEM]   (HTTPS with the key and certificate in PEM)
 Prints "listening" on stdout once the socket accepts connections.
 """
 import argparse
 import http.server
 import socket
+import ssl
 import sys
 import time
 
@@ -81,6 +83,7 @@ def main():
     ap.add_argument("--http10", action="store_true")
     ap.add_argument("--threading", action="store_true")
     ap.add_argument("--chunk-delay", type=float, default=0.0)
+    ap.add_argument("--tls", metavar="PEM")
     a = ap.parse_args()
     if a.http10:
         Handler.protocol_version = "HTTP/1.0"
@@ -89,6 +92,10 @@ def main():
     if ":" in a.bind:
         cls.address_family = socket.AF_INET6
     srv = cls((a.bind, a.port), Handler)
+    if a.tls:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(a.tls)
+        srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
     print("listening", flush=True)
     try:
         srv.serve_forever()

@@ -109,6 +109,7 @@ fn install_bpf_linker(root: &Path, sysroot: &Path) -> Result<()> {
 /// qemu, busybox, cpio, xz and Debian's python3 boot older kernels (tests/kernels/boot.sh).
 const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("curl", "curl"),
+    ("openssl", "openssl"),
     ("nginx", "nginx"),
     ("ip", "iproute2"),
     ("qemu-system-x86_64", "qemu-system-x86"),

@@ -6,6 +6,8 @@ use thiserror::Error;
 pub enum KernelEvent<'a> {
     ConnOpen(ConnEvent),
     ConnClose(ConnEvent),
+    /// A connection that speaks TLS or HTTP/2 (`ConnEvent::protocol`): never read.
+    ConnOpaque(ConnEvent),
     Data(DataEvent<'a>),
     ProcExit(EventHeader),
 }
@@ -54,6 +56,7 @@ pub fn decode(bytes: &[u8]) -> Result<KernelEvent<'_>, DecodeError> {
     Ok(match kind {
         EventKind::ConnOpen => KernelEvent::ConnOpen(read(bytes, kind)?),
         EventKind::ConnClose => KernelEvent::ConnClose(read(bytes, kind)?),
+        EventKind::ConnOpaque => KernelEvent::ConnOpaque(read(bytes, kind)?),
         EventKind::ProcExit => KernelEvent::ProcExit(read(bytes, kind)?),
         EventKind::Data => {
             let header: DataEventHeader = read(bytes, kind)?;
@@ -140,6 +143,25 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(decode(&as_bytes(&ev)), Ok(KernelEvent::ConnOpen(ev)));
+        let opaque = ConnEvent {
+            header: EventHeader {
+                kind: EventKind::ConnOpaque as u8,
+                fd: 7,
+                ..Default::default()
+            },
+            protocol: agent_common::OPAQUE_TLS,
+            ..ev
+        };
+        assert_eq!(
+            decode(&as_bytes(&opaque)),
+            Ok(KernelEvent::ConnOpaque(opaque))
+        );
+        // Cut short: a counted malformed record, not a read past the end.
+        let bytes = as_bytes(&opaque);
+        assert!(matches!(
+            decode(&bytes[..bytes.len() - 1]),
+            Err(DecodeError::Short { .. })
+        ));
     }
 
     #[test]

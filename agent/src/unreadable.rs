@@ -1,0 +1,202 @@
+//! Connections Tapir sees but cannot read: TLS (encrypted inside the process, before the
+//! socket) and HTTP/2 (binary frames). The kernel reports each one once, from its first
+//! bytes; they are counted, and said once per program, role and port, so that spans missing
+//! for them have a stated reason instead of silence.
+use std::collections::HashSet;
+
+use agent_common::{Role, OPAQUE_HTTP2, OPAQUE_TLS};
+
+use crate::pipeline::{fmt_addr, Endpoints};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Unreadable {
+    Tls,
+    Http2,
+}
+
+impl Unreadable {
+    /// From `ConnEvent::protocol`; `None` for a value this agent does not know.
+    pub fn from_protocol(protocol: u8) -> Option<Self> {
+        match protocol {
+            OPAQUE_TLS => Some(Self::Tls),
+            OPAQUE_HTTP2 => Some(Self::Http2),
+            _ => None,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Tls => "TLS",
+            Self::Http2 => "HTTP/2 without TLS (h2c, gRPC)",
+        }
+    }
+
+    /// The counter that counts these connections.
+    pub fn metric(self) -> &'static str {
+        match self {
+            Self::Tls => "tapir.connections.unreadable.tls",
+            Self::Http2 => "tapir.connections.unreadable.http2",
+        }
+    }
+}
+
+/// Distinct notices kept (program, role, port, protocol): past this many, connections are
+/// still counted but no longer said.
+const MAX_NOTICES: usize = 256;
+
+/// What has been said already.
+#[derive(Debug, Default)]
+pub struct Notices {
+    said: HashSet<(String, u8, u16, Unreadable)>,
+}
+
+/// One unreadable connection, as the pipeline knows it.
+pub struct Sighting<'a> {
+    pub exe: &'a str,
+    pub pid: u32,
+    pub role: Role,
+    pub endpoints: Endpoints,
+    pub what: Unreadable,
+}
+
+impl Notices {
+    /// The line to log for `s`, the first time its program, role, port and protocol come
+    /// up; `None` after (or once [`MAX_NOTICES`] different ones were said).
+    pub fn notice(&mut self, s: &Sighting<'_>) -> Option<String> {
+        // A server is known by its port; a client by the port it connects to.
+        let port = match s.role {
+            Role::Client => s.endpoints.remote.1,
+            Role::Server | Role::Unknown => s.endpoints.local.1,
+        };
+        if self.said.len() >= MAX_NOTICES
+            || !self
+                .said
+                .insert((s.exe.to_string(), s.role as u8, port, s.what))
+        {
+            return None;
+        }
+        let (exe, pid, what) = (s.exe, s.pid, s.what.describe());
+        let whose = match s.role {
+            Role::Server => format!("{exe} (pid {pid}) serves {what} on port {port}"),
+            Role::Client => format!(
+                "{exe} (pid {pid}) talks {what} to {}",
+                fmt_addr(s.endpoints.remote)
+            ),
+            Role::Unknown => format!(
+                "{exe} (pid {pid}) has a {what} connection {} <-> {}",
+                fmt_addr(s.endpoints.local),
+                fmt_addr(s.endpoints.remote)
+            ),
+        };
+        Some(format!(
+            "not captured: {whose}; Tapir reads plaintext HTTP/1.x only, so these \
+             connections give no spans or metrics (counted in {}; said once per program \
+             and port)",
+            s.what.metric()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+
+    fn sighting(exe: &str, role: Role, local: u16, remote: u16, what: Unreadable) -> Sighting<'_> {
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        Sighting {
+            exe,
+            pid: 42,
+            role,
+            endpoints: Endpoints {
+                local: (ip, local),
+                remote: (ip, remote),
+            },
+            what,
+        }
+    }
+
+    #[test]
+    fn protocols_from_the_kernel() {
+        assert_eq!(Unreadable::from_protocol(OPAQUE_TLS), Some(Unreadable::Tls));
+        assert_eq!(
+            Unreadable::from_protocol(OPAQUE_HTTP2),
+            Some(Unreadable::Http2)
+        );
+        assert_eq!(Unreadable::from_protocol(0), None);
+        assert_eq!(Unreadable::from_protocol(200), None);
+    }
+
+    #[test]
+    fn says_it_once_per_program_role_and_port() {
+        let mut n = Notices::default();
+        let first = n.notice(&sighting(
+            "nginx",
+            Role::Server,
+            8443,
+            50000,
+            Unreadable::Tls,
+        ));
+        assert_eq!(
+            first.as_deref(),
+            Some(
+                "not captured: nginx (pid 42) serves TLS on port 8443; Tapir reads plaintext \
+                 HTTP/1.x only, so these connections give no spans or metrics (counted in \
+                 tapir.connections.unreadable.tls; said once per program and port)"
+            )
+        );
+        // Another client of the same port: already said.
+        assert_eq!(
+            n.notice(&sighting(
+                "nginx",
+                Role::Server,
+                8443,
+                50001,
+                Unreadable::Tls
+            )),
+            None
+        );
+        // Another port, another program, another protocol: said.
+        assert!(n
+            .notice(&sighting(
+                "nginx",
+                Role::Server,
+                9443,
+                50000,
+                Unreadable::Tls
+            ))
+            .is_some());
+        let client = n.notice(&sighting(
+            "curl",
+            Role::Client,
+            50002,
+            8443,
+            Unreadable::Http2,
+        ));
+        assert!(client
+            .is_some_and(|c| c
+                .contains("curl (pid 42) talks HTTP/2 without TLS (h2c, gRPC) to 127.0.0.1:8443")));
+        let unknown = n.notice(&sighting(
+            "java",
+            Role::Unknown,
+            8080,
+            40000,
+            Unreadable::Tls,
+        ));
+        assert!(unknown.is_some_and(|c| c.contains("127.0.0.1:8080 <-> 127.0.0.1:40000")));
+    }
+
+    #[test]
+    fn notices_are_bounded() {
+        let mut n = Notices::default();
+        for port in 0..(MAX_NOTICES as u16 + 50) {
+            let _ = n.notice(&sighting("svc", Role::Server, port, 1, Unreadable::Tls));
+        }
+        assert_eq!(n.said.len(), MAX_NOTICES);
+        assert_eq!(
+            n.notice(&sighting("other", Role::Server, 1, 1, Unreadable::Tls)),
+            None
+        );
+    }
+}
