@@ -180,9 +180,9 @@ pub fn header_of(pid_tgid: u64, kind: EventKind, fd: u32) -> EventHeader {
 }
 
 /// Sends a connection event from this CPU's `CONN_SCRATCH` slot: with the 4-tuple the fd
-/// walk left there (`with_tuple`), else with none (a close).
+/// walk left there (`with_tuple`), else with none (a close). `protocol`: what a
+/// [`EventKind::ConnOpaque`] connection speaks (0 for other events).
 #[inline(always)]
-/// `protocol`: what a [`EventKind::ConnOpaque`] connection speaks (0 for other events).
 pub fn emit_conn(
     kind: EventKind,
     fd: u32,
