@@ -354,6 +354,39 @@ def test_tls_and_http2_are_counted_and_named_not_captured(py_server, tmp_path):
     assert len(said) == len(expected), said
 
 
+PEER = str(TESTS / "servers/raw_peer.py")
+
+
+def test_other_protocols_are_skipped_from_their_first_bytes(procs):
+    """A connection seen from its start whose first bytes no HTTP/1.x message starts with
+    (a binary, length-prefixed protocol) is counted once at each end and skipped after;
+    one that starts with a method Tapir does not know is not: its next request is seen."""
+    port = free_port()
+    peer = procs([PY, PEER, "binary", port], stdin=True)
+    peer.wait_for(lambda l: "listening" in l, stream="out", what="the peer listening")
+    agent = watch(port)
+    peer.send_line()
+    assert peer.wait_exit() == 0
+    got = finish(agent)
+    assert got == []
+    assert agent.final_count("tapir.connections.other_protocol") == 2, agent.err[-30:]
+    assert agent.final_count("tapir.connections.opened") == 2, agent.err[-30:]
+
+    port = free_port()
+    peer = procs([PY, PEER, "methods", port], stdin=True)
+    peer.wait_for(lambda l: "listening" in l, stream="out", what="the peer listening")
+    agent = watch(port)
+    peer.send_line()
+    assert peer.wait_exit() == 0
+    got = finish(agent)
+    # The REPORT (unknown to the kernel's first look) is not captured; the GET after it is.
+    assert sorted((e["kind"], e["url.path"]) for e in got) == [
+        ("client", "/after-report"),
+        ("server", "/after-report"),
+    ]
+    assert agent.final_count("tapir.connections.other_protocol") == 0, agent.err[-30:]
+
+
 def test_plain_file_io_is_never_captured(py_server, procs, tmp_path):
     server, port = py_server()
     worker = procs([PY, TESTS / "servers/file_io.py", tmp_path, f"http://127.0.0.1:{port}/real"], stdin=True)

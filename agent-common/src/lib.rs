@@ -316,8 +316,10 @@ pub const CONN_HEAD_AT_LINE: u16 = 16;
 pub const CONN_BODY_IN: u16 = 32;
 /// The same for what the connection writes.
 pub const CONN_BODY_OUT: u16 = 64;
-/// The connection started with a TLS handshake or an HTTP/2 preface: reported once
-/// ([`EventKind::ConnOpaque`]), then its calls stop at the flag check.
+/// The connection carries something Tapir does not read: it started with a TLS handshake
+/// or an HTTP/2 preface (reported once, [`EventKind::ConnOpaque`]) or, seen from its
+/// start, with bytes no HTTP/1.x message starts with ([`counter::OTHER_PROTOCOL`]). Its
+/// calls stop at the flag check.
 pub const CONN_OPAQUE: u16 = 128;
 
 /// [`ConnEvent::protocol`]: a TLS handshake record (content type 22, version 3.x).
@@ -395,7 +397,10 @@ pub mod counter {
     pub const REGS_NOT_FOUND: u32 = 7;
     /// A process started listening on a port given with `--open-port` and became observed.
     pub const SELECTED_BY_PORT: u32 = 8;
-    pub const COUNT: u32 = 9;
+    /// A connection seen from its start began with bytes no HTTP/1.x message starts with
+    /// (a database, cache or queue protocol): its later calls are skipped.
+    pub const OTHER_PROTOCOL: u32 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 /// Key of the injection sockhash and its state map (`TAPIR_INJ_SOCKS`, `TAPIR_INJ_STATE`),

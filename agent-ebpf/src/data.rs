@@ -220,18 +220,22 @@ enum FirstBytes {
     Http,
     /// A protocol Tapir cannot read ([`OPAQUE_TLS`], [`OPAQUE_HTTP2`]).
     Opaque(u8),
-    /// Anything else (not HTTP, or HTTP seen from the middle of a message).
-    Other,
+    /// Bytes no HTTP/1.x message starts with: not an uppercase letter (a method or
+    /// `HTTP/`), not a line end (an empty line may precede a request).
+    NotHttp,
+    /// Too few bytes to tell, unreadable, or what may be a method Tapir does not know (or
+    /// a PROXY protocol line before a request).
+    Undecided,
 }
 
 #[inline(always)]
 fn first_bytes(addr: u64, len: u64) -> FirstBytes {
     if len < 4 {
-        return FirstBytes::Other;
+        return FirstBytes::Undecided;
     }
     // SAFETY: bpf_probe_read_user tolerates any address.
     let Ok(b) = (unsafe { bpf_probe_read_user(addr as *const [u8; 4]) }) else {
-        return FirstBytes::Other;
+        return FirstBytes::Undecided;
     };
     if is_method_prefix(&b) || &b == b"HTTP" {
         FirstBytes::Http
@@ -241,8 +245,10 @@ fn first_bytes(addr: u64, len: u64) -> FirstBytes {
     } else if &b == b"PRI " {
         // The HTTP/2 preface, "PRI * HTTP/2.0": h2c, gRPC without TLS.
         FirstBytes::Opaque(OPAQUE_HTTP2)
+    } else if b[0].is_ascii_uppercase() || b[0] == b'\r' || b[0] == b'\n' {
+        FirstBytes::Undecided
     } else {
-        FirstBytes::Other
+        FirstBytes::NotHttp
     }
 }
 
@@ -254,9 +260,9 @@ fn emit_data<const SHAPE: u8>(
 ) -> Option<()> {
     if state.flags & CONN_HTTP == 0 {
         // Only connections that have carried HTTP/1.x are reported; everything else costs
-        // one lookup and this check (and a look at its first bytes until it is known
-        // to be TLS or HTTP/2: those are reported once, so that users learn what is not
-        // seen, and then skipped).
+        // one lookup and this check, and a look at its first bytes until they tell: TLS
+        // and HTTP/2 are reported once (so that users learn what is not seen), then they
+        // and other protocols are skipped.
         if state.flags & CONN_OPAQUE != 0 {
             return None;
         }
@@ -276,7 +282,14 @@ fn emit_data<const SHAPE: u8>(
                 );
                 return None;
             }
-            FirstBytes::Other => return None,
+            // Seen from its start (accepted or connected while Tapir runs), the connection
+            // speaks another protocol; first seen in use, it may be in the middle of a body.
+            FirstBytes::NotHttp if state.role != Role::Unknown as u8 => {
+                state.flags |= CONN_OPAQUE;
+                count(counter::OTHER_PROTOCOL);
+                return None;
+            }
+            FirstBytes::NotHttp | FirstBytes::Undecided => return None,
         }
     }
     let scratch = SCRATCH.get_ptr_mut(0)?;

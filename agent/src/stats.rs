@@ -94,6 +94,9 @@ counters! {
     /// Kernel: processes that started listening on an `--open-port` port and became
     /// observed.
     kernel_selected_by_port => "tapir.kernel.selected_by_open_port",
+    /// Kernel: connections seen from their start whose first bytes were not HTTP/1.x (nor
+    /// TLS or HTTP/2): another protocol, skipped from then on.
+    kernel_other_protocol => "tapir.connections.other_protocol",
     /// Kept-alive client sockets put back for injection into their next request.
     rearm_done => "tapir.inject.rearm.done",
     /// Re-arming skipped: the process had already moved on (bytes unread, unacknowledged
@@ -136,6 +139,8 @@ impl Stats {
             .store(get(counter::REGS_NOT_FOUND), Ordering::Relaxed);
         self.kernel_selected_by_port
             .store(get(counter::SELECTED_BY_PORT), Ordering::Relaxed);
+        self.kernel_other_protocol
+            .store(get(counter::OTHER_PROTOCOL), Ordering::Relaxed);
     }
 
     /// Stores the kernel's cumulative injection counters (summed over CPUs).
