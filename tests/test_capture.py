@@ -357,34 +357,45 @@ def test_tls_and_http2_are_counted_and_named_not_captured(py_server, tmp_path):
 PEER = str(TESTS / "servers/raw_peer.py")
 
 
+def run_peer(procs, *args):
+    """tests/servers/raw_peer.py ARGS under `tapir watch` of its port: the agent, stopped."""
+    port = free_port()
+    peer = procs([PY, PEER, args[0], port, *args[1:]], stdin=True)
+    peer.wait_for(lambda l: "listening" in l, stream="out", what="the peer listening")
+    agent = watch(port)
+    peer.send_line()
+    assert peer.wait_exit() == 0
+    return agent, finish(agent)
+
+
 def test_other_protocols_are_skipped_from_their_first_bytes(procs):
     """A connection seen from its start whose first bytes no HTTP/1.x message starts with
     (a binary, length-prefixed protocol) is counted once at each end and skipped after;
     one that starts with a method Tapir does not know is not: its next request is seen."""
-    port = free_port()
-    peer = procs([PY, PEER, "binary", port], stdin=True)
-    peer.wait_for(lambda l: "listening" in l, stream="out", what="the peer listening")
-    agent = watch(port)
-    peer.send_line()
-    assert peer.wait_exit() == 0
-    got = finish(agent)
+    agent, got = run_peer(procs, "binary")
     assert got == []
     assert agent.final_count("tapir.connections.other_protocol") == 2, agent.err[-30:]
     assert agent.final_count("tapir.connections.opened") == 2, agent.err[-30:]
 
-    port = free_port()
-    peer = procs([PY, PEER, "methods", port], stdin=True)
-    peer.wait_for(lambda l: "listening" in l, stream="out", what="the peer listening")
-    agent = watch(port)
-    peer.send_line()
-    assert peer.wait_exit() == 0
-    got = finish(agent)
-    # The REPORT (unknown to the kernel's first look) is not captured; the GET after it is.
+    agent, got = run_peer(procs, "methods", "FROB", "GET")
+    # FROB (registered nowhere) is not captured; the GET after it is.
     assert sorted((e["kind"], e["url.path"]) for e in got) == [
-        ("client", "/after-report"),
-        ("server", "/after-report"),
+        ("client", "/get"),
+        ("server", "/get"),
     ]
     assert agent.final_count("tapir.connections.other_protocol") == 0, agent.err[-30:]
+
+
+def test_registered_methods_are_captured_from_the_first_request(procs):
+    """Methods of IANA's registry beyond the standard ones (CalDAV's REPORT, QUERY, UPnP's
+    SUBSCRIBE) are recognised when they open a connection's traffic."""
+    agent, got = run_peer(procs, "methods", "REPORT", "QUERY", "MKCALENDAR", "SUBSCRIBE")
+    paths = ["/report", "/query", "/mkcalendar", "/subscribe"]
+    for kind in ("server", "client"):
+        mine = [e for e in got if e["kind"] == kind]
+        assert [e["url.path"] for e in mine] == paths, got
+        assert [e["http.request.method"] for e in mine] == ["REPORT", "QUERY", "MKCALENDAR", "SUBSCRIBE"], got
+        assert all(e["http.response.status_code"] == 200 for e in mine), got
 
 
 def test_plain_file_io_is_never_captured(py_server, procs, tmp_path):

@@ -70,8 +70,11 @@ fn new_trace_id() -> [u8; 16] {
     t
 }
 
-/// The first four bytes of a request line: the standard methods, WebDAV's (PROPFIND,
-/// PROPPATCH, MKCOL, COPY, MOVE, LOCK, UNLOCK) and the caches' PURGE.
+/// The first four bytes of a request line: every method in IANA's HTTP method registry
+/// (the standard ones, QUERY, WebDAV's, CalDAV's REPORT and MKCALENDAR, DeltaV's, …), the
+/// caches' PURGE and UPnP's NOTIFY, SUBSCRIBE and UNSUBSCRIBE. A method not listed here
+/// is missed when it starts a connection's traffic, and gets no kernel span ids or
+/// injection (the agent still parses it on a connection that already carried HTTP).
 #[inline(always)]
 pub fn is_method_prefix(b: &[u8; 4]) -> bool {
     matches!(
@@ -85,13 +88,37 @@ pub fn is_method_prefix(b: &[u8; 4]) -> bool {
             | b"OPTI"
             | b"CONN"
             | b"TRAC"
+            | b"QUER"
             | b"PROP"
             | b"MKCO"
             | b"COPY"
             | b"MOVE"
             | b"LOCK"
             | b"UNLO"
+            | b"REPO"
+            | b"SEAR"
+            | b"MKCA"
+            | b"ACL "
+            | b"BIND"
+            | b"REBI"
+            | b"UNBI"
+            | b"LINK"
+            | b"UNLI"
+            | b"ORDE"
+            | b"MKRE"
+            | b"UPDA"
+            | b"LABE"
+            | b"MERG"
+            | b"MKAC"
+            | b"MKWO"
+            | b"BASE"
+            | b"CHEC"
+            | b"UNCH"
+            | b"VERS"
             | b"PURG"
+            | b"NOTI"
+            | b"SUBS"
+            | b"UNSU"
     )
 }
 

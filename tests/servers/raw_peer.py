@@ -1,10 +1,10 @@
 """A server and its client in one process, over one loopback TCP connection.
 
-Usage: raw_peer.py MODE PORT
+Usage: raw_peer.py MODE PORT [METHOD...]
   binary   a length-prefixed binary protocol (as databases and caches speak): 20 frames
            each way
-  methods  HTTP/1.1 on one kept-alive connection: a REPORT (a method Tapir does not know)
-           then GET /after-report; the server answers any method with 200 "ok"
+  methods  HTTP/1.1 on one kept-alive connection: a request with each METHOD in turn, to
+           /<method in lowercase>; the server answers any method with 200 "ok"
 Waits for a line on stdin after listening (so that the agent can start first), then runs
 the exchange and prints "done".
 """
@@ -47,7 +47,7 @@ def serve(listener, mode):
 
 
 def main():
-    mode, port = sys.argv[1], int(sys.argv[2])
+    mode, port, methods = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     listener = socket.create_server(("127.0.0.1", port))
     server = threading.Thread(target=serve, args=(listener, mode))
     server.start()
@@ -61,8 +61,8 @@ def main():
                 (n,) = struct.unpack(">I", read_exact(c, 4))
                 assert read_exact(c, n) == payload
         else:
-            for method, path in (("REPORT", "/report"), ("GET", "/after-report")):
-                c.sendall(f"{method} {path} HTTP/1.1\r\nHost: peer\r\n\r\n".encode())
+            for method in methods:
+                c.sendall(f"{method} /{method.lower()} HTTP/1.1\r\nHost: peer\r\n\r\n".encode())
                 response = b""
                 while not response.endswith(b"\r\n\r\nok"):
                     chunk = c.recv(4096)
