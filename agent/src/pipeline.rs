@@ -247,10 +247,7 @@ impl<S: ExchangeSink> Pipeline<S> {
         if !conn.wanted {
             return;
         }
-        Stats::inc(match what {
-            Unreadable::Tls => &self.stats.conns_unreadable_tls,
-            Unreadable::Http2 => &self.stats.conns_unreadable_http2,
-        });
+        Stats::inc(what.counter(&self.stats));
         let seen = Sighting {
             exe: &conn.process.exe_name,
             pid: ev.header.tgid,

@@ -72,7 +72,8 @@ counters! {
     /// Connections that started with the HTTP/2 preface (h2c, gRPC without TLS): Tapir
     /// reads HTTP/1.x only.
     conns_unreadable_http2 => "tapir.connections.unreadable.http2",
-    /// Data records for a connection the agent did not know (fd reused, table evicted).
+    /// Data (or TLS/HTTP/2 notice) records for a connection the agent did not know (fd
+    /// reused, table evicted).
     data_unknown_conn => "tapir.events.unknown_connection",
     /// HTTP exchanges completed.
     exchanges => "tapir.exchanges",

@@ -2,11 +2,14 @@
 //! socket) and HTTP/2 (binary frames). The kernel reports each one once, from its first
 //! bytes; they are counted, and said once per program, role and port, so that spans missing
 //! for them have a stated reason instead of silence.
-use std::collections::HashSet;
+use std::{collections::HashSet, sync::atomic::AtomicU64};
 
 use agent_common::{Role, OPAQUE_HTTP2, OPAQUE_TLS};
 
-use crate::pipeline::{fmt_addr, Endpoints};
+use crate::{
+    pipeline::{fmt_addr, Endpoints},
+    stats::Stats,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Unreadable {
@@ -32,7 +35,15 @@ impl Unreadable {
     }
 
     /// The counter that counts these connections.
-    pub fn metric(self) -> &'static str {
+    pub fn counter(self, stats: &Stats) -> &AtomicU64 {
+        match self {
+            Self::Tls => &stats.conns_unreadable_tls,
+            Self::Http2 => &stats.conns_unreadable_http2,
+        }
+    }
+
+    /// That counter's metric name (the notices name it; a test holds it to `Stats`'s).
+    fn metric(self) -> &'static str {
         match self {
             Self::Tls => "tapir.connections.unreadable.tls",
             Self::Http2 => "tapir.connections.unreadable.http2",
@@ -126,6 +137,22 @@ mod tests {
         );
         assert_eq!(Unreadable::from_protocol(0), None);
         assert_eq!(Unreadable::from_protocol(200), None);
+    }
+
+    #[test]
+    fn notices_name_the_metric_their_counter_is_exported_as() {
+        let stats = Stats::default();
+        for what in [Unreadable::Tls, Unreadable::Http2] {
+            Stats::inc(what.counter(&stats));
+            let exported: Vec<_> = stats
+                .snapshot()
+                .into_iter()
+                .filter(|(_, v)| *v == 1)
+                .collect();
+            assert_eq!(exported, [(what.metric(), 1)]);
+            what.counter(&stats)
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     #[test]
