@@ -12,6 +12,7 @@
 //!   Prometheus /metrics: read the same series on scrape
 //! ```
 pub mod client;
+mod coalesce;
 pub mod conn_attrs;
 pub mod counters;
 pub mod export;
