@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""What a busy server pays for eBPF programs on its syscalls before they do anything.
+
+Attaches a program to the exit tracepoints of the syscalls nginx makes per keep-alive
+request (`recvfrom`, `writev`), as Tapir does, and holds it until stdin closes or SIGINT:
+
+  empty      `r0 = 0; exit`: the tracepoint's own cost of calling a program
+  calls N    N calls of bpf_get_current_pid_tgid first (the cheapest helper): what one
+             call and return costs on this CPU (its mitigations make every return dear)
+
+Context for BENCHMARKS.md (session 24), not part of `cargo xtask bench`. Needs root.
+Usage: bench/program-floor.py empty | calls N   [--syscalls recvfrom,writev]
+"""
+import argparse
+import ctypes
+import os
+import signal
+import struct
+import sys
+
+libc = ctypes.CDLL(None, use_errno=True)
+NR_BPF, NR_PERF_EVENT_OPEN = 321, 298  # x86_64
+BPF_PROG_LOAD, BPF_PROG_TYPE_TRACEPOINT = 5, 5
+PERF_TYPE_TRACEPOINT = 2
+PERF_EVENT_IOC_ENABLE, PERF_EVENT_IOC_SET_BPF = 0x2400, 0x40042408
+HELPER_GET_CURRENT_PID_TGID = 14
+
+
+def insn(code, dst=0, src=0, off=0, imm=0):
+    return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
+
+
+def program(calls):
+    body = b"".join(insn(0x85, imm=HELPER_GET_CURRENT_PID_TGID) for _ in range(calls))
+    return body + insn(0xB7) + insn(0x95)  # r0 = 0; exit
+
+
+def load(code):
+    insns = ctypes.create_string_buffer(code, len(code))
+    license = ctypes.create_string_buffer(b"GPL")
+    log = ctypes.create_string_buffer(1 << 16)
+    attr = struct.pack("<IIQQIIQ", BPF_PROG_TYPE_TRACEPOINT, len(code) // 8,
+                       ctypes.addressof(insns), ctypes.addressof(license),
+                       1, len(log), ctypes.addressof(log))
+    buf = ctypes.create_string_buffer(attr, 128)
+    fd = libc.syscall(NR_BPF, BPF_PROG_LOAD, buf, 128)
+    if fd < 0:
+        sys.exit(f"BPF_PROG_LOAD: {os.strerror(ctypes.get_errno())}\n{log.value.decode()}")
+    return fd
+
+
+def tracepoint_id(name):
+    for root in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
+        path = f"{root}/events/syscalls/{name}/id"
+        if os.path.exists(path):
+            return int(open(path).read())
+    sys.exit(f"no tracepoint {name}: is tracefs mounted?")
+
+
+def attach(prog_fd, name):
+    # struct perf_event_attr: type, size, config, sample_period, ... (128 bytes zeroed).
+    attr = ctypes.create_string_buffer(struct.pack("<IIQQ", PERF_TYPE_TRACEPOINT, 128,
+                                                   tracepoint_id(name), 1), 128)
+    fd = libc.syscall(NR_PERF_EVENT_OPEN, attr, -1, 0, -1, 0)
+    if fd < 0:
+        sys.exit(f"perf_event_open({name}): {os.strerror(ctypes.get_errno())}")
+    for req, arg in ((PERF_EVENT_IOC_SET_BPF, prog_fd), (PERF_EVENT_IOC_ENABLE, 0)):
+        if libc.ioctl(fd, req, arg) < 0:
+            sys.exit(f"ioctl({name}): {os.strerror(ctypes.get_errno())}")
+    return fd
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("kind", choices=["empty", "calls"])
+    ap.add_argument("n", nargs="?", type=int, default=0)
+    ap.add_argument("--syscalls", default="recvfrom,writev")
+    a = ap.parse_args()
+    prog = load(program(a.n if a.kind == "calls" else 0))
+    held = [attach(prog, f"sys_exit_{s}") for s in a.syscalls.split(",")]
+    print(f"attached: {a.kind} {a.n} on {a.syscalls}", flush=True)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
+    sys.stdin.read()
+    del held
+
+
+if __name__ == "__main__":
+    main()
