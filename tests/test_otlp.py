@@ -21,7 +21,7 @@ import urllib.request
 
 import pytest
 
-from conftest import TESTS, Agent, cgroup2_mount, curl, free_port, proc_usage, span_path, wait_port
+from conftest import TESTS, Agent, cgroup2_mount, curl, free_port, nginx, proc_usage, span_path, wait_port
 from otlp_receiver import OtlpReceiver
 
 PY = sys.executable
@@ -778,6 +778,36 @@ def test_standard_env_configures_endpoint_and_protocol(otlp, py_server):
     assert {s["protocol"] for s in otlp.spans()} == {"http"}
     assert otlp.requests["grpc"] == 0
     assert otlp.http_headers and all(h.get("content-type") == "application/x-protobuf" for h in otlp.http_headers)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_batch_larger_than_the_collectors_frames_arrives_whole(otlp, procs, tmp_path, protocol):
+    """1,000 keep-alive requests to nginx, held back (a 10-minute schedule delay, batches
+    of 4,096), go out at shutdown as one request of 2,000 spans, ~0.7 MB: over gRPC that
+    is dozens of 16 KiB HTTP/2 frames through the collector's flow-control window, which
+    the exporter's connection gathers into a few writes. Every span arrives, once."""
+    port = free_port()
+    nginx(procs, tmp_path, port, "location / { return 200 'ok'; }", "keepalive_requests 10000;")
+    agent = otel_agent(otlp, port, protocol=protocol, env={
+        "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "4096",
+        "OTEL_BSP_MAX_QUEUE_SIZE": "4096",
+        "OTEL_BSP_SCHEDULE_DELAY": "600000",
+    })
+    client = procs([PY, CLIENT, "keepalive", "127.0.0.1", port, 1000])
+    assert client.wait_exit() == 0
+    assert client.out.count("200") == 1000
+    finish(agent)
+    # The collector answered every export: bytes that only went out when the connection
+    # closed would arrive too, but their exports would have timed out.
+    assert any("telemetry flushed: 2000 spans exported, 0 dropped" in l for l in agent.err), agent.err[-10:]
+    failed = [l for l in agent.err if "tapir::otel::export" in l and "failed" in l]
+    assert failed == []
+    assert otlp.requests_by_signal.get((WIRE[protocol], "traces")) == 1, otlp.summary()
+    expected = [f"/ka/{i}" for i in range(1000)]
+    servers = otlp.spans(lambda s: s["kind"] == "SERVER")
+    for spans in (servers, otlp.spans(is_client_of(client.pid))):
+        assert [span_path(s) for s in by_start(spans)] == expected
+    assert len(otlp.spans()) == 2000, otlp.summary()
 
 
 def test_batch_span_processor_variables_set_batch_size_and_delay(otlp, py_server):
