@@ -7,6 +7,11 @@ request (`recvfrom`, `writev`), as Tapir does, and holds it until stdin closes o
   empty      `r0 = 0; exit`: the tracepoint's own cost of calling a program
   calls N    N calls of bpf_get_current_pid_tgid first (the cheapest helper): what one
              call and return costs on this CPU (its mitigations make every return dear)
+  regs       finds the syscall's buffer argument (bpf_task_pt_regs), as Tapir does
+  ktime      … and reads the clock (bpf_ktime_get_ns)
+  stack N    … and copies N bytes of it with bpf_probe_read_user onto the BPF stack
+  lookup     … and looks up a per-CPU array map value (Tapir's scratch space)
+  map N      … and copies N bytes of the buffer into that map value
 
 Context for BENCHMARKS.md (session 24), not part of `cargo xtask bench`. Needs root.
 Usage: bench/program-floor.py empty | calls N   [--syscalls recvfrom,writev]
@@ -30,9 +35,50 @@ def insn(code, dst=0, src=0, off=0, imm=0):
     return struct.pack("<BBhi", code, (src << 4) | dst, off, imm)
 
 
+HELPER_MAP_LOOKUP, HELPER_KTIME_GET_NS, HELPER_PROBE_READ_USER = 1, 5, 112
+HELPER_GET_CURRENT_TASK_BTF, HELPER_TASK_PT_REGS = 158, 175
+BPF_MAP_CREATE, BPF_MAP_TYPE_PERCPU_ARRAY = 0, 6
+EXIT = insn(0xB7) + insn(0x95)  # r0 = 0; exit
+
+
 def program(calls):
     body = b"".join(insn(0x85, imm=HELPER_GET_CURRENT_PID_TGID) for _ in range(calls))
-    return body + insn(0xB7) + insn(0x95)  # r0 = 0; exit
+    return body + EXIT
+
+
+def map_create(value_size):
+    attr = ctypes.create_string_buffer(struct.pack("<IIIII", BPF_MAP_TYPE_PERCPU_ARRAY, 4,
+                                                   value_size, 1, 0), 128)
+    fd = libc.syscall(NR_BPF, BPF_MAP_CREATE, attr, 128)
+    if fd < 0:
+        sys.exit(f"BPF_MAP_CREATE: {os.strerror(ctypes.get_errno())}")
+    return fd
+
+
+def copy_program(kind, n, map_fd):
+    """r9 = the syscall's second argument (the buffer; pt_regs.si at 104), then the kind's
+    work. x86_64 only, as Tapir's own programs."""
+    code = insn(0x85, imm=HELPER_GET_CURRENT_TASK_BTF)
+    code += insn(0xBF, dst=1, src=0)                      # r1 = r0
+    code += insn(0x85, imm=HELPER_TASK_PT_REGS)
+    code += insn(0x79, dst=9, src=0, off=104)             # r9 = regs->si
+    if kind == "ktime":
+        code += insn(0x85, imm=HELPER_KTIME_GET_NS)
+    elif kind == "stack":
+        code += insn(0xBF, dst=1, src=10) + insn(0x07, dst=1, imm=-n)  # r1 = fp - n
+        code += insn(0xB7, dst=2, imm=n) + insn(0xBF, dst=3, src=9)
+        code += insn(0x85, imm=HELPER_PROBE_READ_USER)
+    elif kind in ("lookup", "map"):
+        code += insn(0x62, dst=10, off=-4, imm=0)         # *(u32 *)(fp - 4) = 0
+        code += insn(0x18, dst=1, src=1, imm=map_fd) + insn(0)  # r1 = map (ld_imm64)
+        code += insn(0xBF, dst=2, src=10) + insn(0x07, dst=2, imm=-4)
+        code += insn(0x85, imm=HELPER_MAP_LOOKUP)
+        if kind == "map":
+            code += insn(0x15, dst=0, off=4)              # if r0 == 0 goto exit
+            code += insn(0xBF, dst=1, src=0)
+            code += insn(0xB7, dst=2, imm=n) + insn(0xBF, dst=3, src=9)
+            code += insn(0x85, imm=HELPER_PROBE_READ_USER)
+    return code + EXIT
 
 
 def load(code):
@@ -72,11 +118,16 @@ def attach(prog_fd, name):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kind", choices=["empty", "calls"])
+    ap.add_argument("kind", choices=["empty", "calls", "regs", "ktime", "stack", "lookup", "map"])
     ap.add_argument("n", nargs="?", type=int, default=0)
     ap.add_argument("--syscalls", default="recvfrom,writev")
     a = ap.parse_args()
-    prog = load(program(a.n if a.kind == "calls" else 0))
+    if a.kind in ("empty", "calls"):
+        prog = load(program(a.n if a.kind == "calls" else 0))
+    else:
+        if a.kind in ("stack", "map") and not 0 < a.n <= 256:
+            sys.exit(f"{a.kind} needs a byte count from 1 to 256")
+        prog = load(copy_program(a.kind, a.n, map_create(256)))
     held = [attach(prog, f"sys_exit_{s}") for s in a.syscalls.split(",")]
     print(f"attached: {a.kind} {a.n} on {a.syscalls}", flush=True)
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
