@@ -176,6 +176,19 @@ pub fn check_host() -> Vec<Check> {
         without: "",
         core: false,
     });
+    let vulnerability = |name: &str| {
+        fs::read_to_string(format!("/sys/devices/system/cpu/vulnerabilities/{name}")).ok()
+    };
+    checks.push(Check {
+        feature: "CPU return mitigations".into(),
+        status: Status::Ok,
+        detail: return_mitigations(
+            vulnerability("spec_rstack_overflow").as_deref(),
+            vulnerability("retbleed").as_deref(),
+        ),
+        without: "",
+        core: false,
+    });
     let sockops_pid = loader::sockops_knows_pid();
     checks.push(Check {
         feature: "sock_ops knows the connecting process".into(),
@@ -408,6 +421,31 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     parts.join(": ")
 }
 
+/// What the CPU's return-stack mitigations mean for Tapir's cost. Under AMD's SRSO "Safe
+/// RET" or a retbleed return thunk every kernel return takes a detour: the kernel programs
+/// cost about twice what they do on an unmitigated host (BENCHMARKS.md, finding 24).
+fn return_mitigations(srso: Option<&str>, retbleed: Option<&str>) -> String {
+    let (srso, retbleed) = (srso.map(str::trim), retbleed.map(str::trim));
+    let costly = [("SRSO", srso), ("retbleed", retbleed)]
+        .into_iter()
+        .find_map(|(name, state)| {
+            let state = state?;
+            let thunked = ["Safe RET", "return thunk"]
+                .iter()
+                .any(|m| state.contains(m));
+            thunked.then(|| format!("{name}: {state}"))
+        });
+    match (costly, srso.or(retbleed)) {
+        (Some(found), _) => format!(
+            "{found}: every kernel return takes a detour, so the kernel programs cost about \
+             twice as much (~0.2 µs per hooked syscall before they run, ~0.15 µs per read of \
+             the process's memory); --ebpf-stats shows what they cost here"
+        ),
+        (None, Some(_)) => "no return-thunk mitigation: kernel programs run at full speed".into(),
+        (None, None) => "not reported by this kernel".into(),
+    }
+}
+
 /// The running kernel's release ("6.18.44-…"), or "unknown".
 pub(crate) fn kernel_release() -> String {
     fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -511,6 +549,31 @@ mod tests {
         ];
         assert!(core_ok(&checks));
         assert!(render(&checks).contains("without it (optional)"));
+    }
+
+    #[test]
+    fn return_mitigations_say_what_they_cost() {
+        let safe_ret = return_mitigations(
+            Some("Vulnerable: Safe RET, no microcode\n"),
+            Some("Not affected\n"),
+        );
+        assert!(
+            safe_ret.starts_with("SRSO: Vulnerable: Safe RET, no microcode: every kernel return"),
+            "{safe_ret}"
+        );
+        let thunk = return_mitigations(None, Some("Mitigation: untrained return thunk; SMT off"));
+        assert!(
+            thunk.starts_with("retbleed: Mitigation: untrained return thunk"),
+            "{thunk}"
+        );
+        assert_eq!(
+            return_mitigations(Some("Not affected"), Some("Not affected")),
+            "no return-thunk mitigation: kernel programs run at full speed"
+        );
+        assert_eq!(
+            return_mitigations(None, None),
+            "not reported by this kernel"
+        );
     }
 
     #[test]
