@@ -20,7 +20,6 @@ use super::{
     coalesce::CoalescingConnector,
     export::{OtlpProtocol, Signal, Target},
 };
-use hyper_util::client::legacy::connect::HttpConnector;
 
 /// Default time one export call may take (`OTEL_EXPORTER_OTLP_TIMEOUT`).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -315,8 +314,6 @@ impl OtlpClient {
                         format!("{:?} is not a valid gRPC endpoint URL", settings.url)
                     })?
                     .connect_timeout(Duration::from_secs(5));
-                let mut http = HttpConnector::new();
-                http.set_nodelay(true);
                 if settings.url.starts_with("https://") {
                     let mut tls = ClientTlsConfig::new().with_enabled_roots();
                     if let Some(pem) = &ca {
@@ -339,7 +336,7 @@ impl OtlpClient {
                     metadata.push((key, val));
                 }
                 Transport::Grpc {
-                    channel: ep.connect_with_connector_lazy(CoalescingConnector::new(http)),
+                    channel: ep.connect_with_connector_lazy(CoalescingConnector::new()),
                     path: PathAndQuery::from_static(signal.grpc_path()),
                     metadata,
                 }

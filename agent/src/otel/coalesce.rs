@@ -106,13 +106,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CoalescingStream<S> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let me = self.get_mut();
-        if !ready!(me.poll_make_room(cx, data.len()))? {
-            return Pin::new(&mut me.inner).poll_write(cx, data);
-        }
-        me.buf.extend_from_slice(data);
-        me.written_since_flush = true;
-        Poll::Ready(Ok(data.len()))
+        self.poll_write_vectored(cx, &[io::IoSlice::new(data)])
     }
 
     fn poll_write_vectored(
@@ -155,15 +149,18 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CoalescingStream<S> {
     }
 }
 
-/// A TCP connector (hyper's, with its DNS resolution, connect timeout and `TCP_NODELAY`)
-/// whose connections are [`CoalescingStream`]s. tonic puts TLS on top for `https://`.
+/// A TCP connector (hyper's, with its DNS resolution, and `TCP_NODELAY`) whose
+/// connections are [`CoalescingStream`]s. tonic puts TLS on top for `https://` and applies
+/// the endpoint's connect timeout.
 #[derive(Clone)]
 pub struct CoalescingConnector {
     http: HttpConnector,
 }
 
 impl CoalescingConnector {
-    pub fn new(mut http: HttpConnector) -> Self {
+    pub fn new() -> Self {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
         // The scheme is tonic's business (it adds TLS); this only opens the TCP connection.
         http.enforce_http(false);
         Self { http }
