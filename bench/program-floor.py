@@ -12,9 +12,12 @@ request (`recvfrom`, `writev`), as Tapir does, and holds it until stdin closes o
   stack N    … and copies N bytes of it with bpf_probe_read_user onto the BPF stack
   lookup     … and looks up a per-CPU array map value (Tapir's scratch space)
   map N      … and copies N bytes of the buffer into that map value
+  raw        an empty raw tracepoint program on `sys_exit`, which every syscall calls
+             (--syscalls does not apply)
 
-Context for BENCHMARKS.md (session 24), not part of `cargo xtask bench`. Needs root.
-Usage: bench/program-floor.py empty | calls N   [--syscalls recvfrom,writev]
+`bench/tracepoint-floor.sh` times `dd` with each of these attached. Context for
+BENCHMARKS.md (sessions 15 and 24), not part of `cargo xtask bench`. Needs root.
+Usage: bench/program-floor.py KIND [N] [--syscalls recvfrom,writev]
 """
 import argparse
 import ctypes
@@ -25,7 +28,8 @@ import sys
 
 libc = ctypes.CDLL(None, use_errno=True)
 NR_BPF, NR_PERF_EVENT_OPEN = 321, 298  # x86_64
-BPF_PROG_LOAD, BPF_PROG_TYPE_TRACEPOINT = 5, 5
+BPF_PROG_LOAD, BPF_RAW_TRACEPOINT_OPEN = 5, 17
+BPF_PROG_TYPE_TRACEPOINT, BPF_PROG_TYPE_RAW_TRACEPOINT = 5, 17
 PERF_TYPE_TRACEPOINT = 2
 PERF_EVENT_IOC_ENABLE, PERF_EVENT_IOC_SET_BPF = 0x2400, 0x40042408
 HELPER_GET_CURRENT_PID_TGID = 14
@@ -81,11 +85,11 @@ def copy_program(kind, n, map_fd):
     return code + EXIT
 
 
-def load(code):
+def load(code, prog_type=BPF_PROG_TYPE_TRACEPOINT):
     insns = ctypes.create_string_buffer(code, len(code))
     license = ctypes.create_string_buffer(b"GPL")
     log = ctypes.create_string_buffer(1 << 16)
-    attr = struct.pack("<IIQQIIQ", BPF_PROG_TYPE_TRACEPOINT, len(code) // 8,
+    attr = struct.pack("<IIQQIIQ", prog_type, len(code) // 8,
                        ctypes.addressof(insns), ctypes.addressof(license),
                        1, len(log), ctypes.addressof(log))
     buf = ctypes.create_string_buffer(attr, 128)
@@ -116,20 +120,34 @@ def attach(prog_fd, name):
     return fd
 
 
+def attach_raw(prog_fd, name):
+    tp = ctypes.create_string_buffer(name.encode())
+    attr = ctypes.create_string_buffer(struct.pack("<QI", ctypes.addressof(tp), prog_fd), 128)
+    fd = libc.syscall(NR_BPF, BPF_RAW_TRACEPOINT_OPEN, attr, 128)
+    if fd < 0:
+        sys.exit(f"BPF_RAW_TRACEPOINT_OPEN({name}): {os.strerror(ctypes.get_errno())}")
+    return fd
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kind", choices=["empty", "calls", "regs", "ktime", "stack", "lookup", "map"])
+    ap.add_argument("kind", choices=["empty", "calls", "regs", "ktime", "stack", "lookup", "map", "raw"])
     ap.add_argument("n", nargs="?", type=int, default=0)
     ap.add_argument("--syscalls", default="recvfrom,writev")
     a = ap.parse_args()
-    if a.kind in ("empty", "calls"):
-        prog = load(program(a.n if a.kind == "calls" else 0))
+    if a.kind == "raw":
+        held = [attach_raw(load(EXIT, BPF_PROG_TYPE_RAW_TRACEPOINT), "sys_exit")]
+        where = "every syscall (raw sys_exit)"
     else:
         if a.kind in ("stack", "map") and not 0 < a.n <= 256:
             sys.exit(f"{a.kind} needs a byte count from 1 to 256")
-        prog = load(copy_program(a.kind, a.n, map_create(256)))
-    held = [attach(prog, f"sys_exit_{s}") for s in a.syscalls.split(",")]
-    print(f"attached: {a.kind} {a.n} on {a.syscalls}", flush=True)
+        if a.kind in ("empty", "calls"):
+            prog = load(program(a.n if a.kind == "calls" else 0))
+        else:
+            prog = load(copy_program(a.kind, a.n, map_create(256)))
+        held = [attach(prog, f"sys_exit_{s}") for s in a.syscalls.split(",")]
+        where = a.syscalls
+    print(f"attached: {a.kind} {a.n} on {where}", flush=True)
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     sys.stdin.read()
     del held
