@@ -201,9 +201,9 @@ def proc_usage(pid):
     return cpu, resident
 
 
-def watch(*ports, pids=(), exe=(), exclude=(), inject=False):
+def watch(*ports, pids=(), exe=(), exclude=(), inject=False, extra=()):
     """`tapir watch --json` limited to these ports/pids (tests never see each other)."""
-    args = ["watch", "--json"] + (["--inject"] if inject else [])
+    args = ["watch", "--json"] + (["--inject"] if inject else []) + list(extra)
     for p in ports:
         args += ["--port", str(p)]
     for p in pids:
@@ -257,9 +257,10 @@ def py_server(procs):
     return start
 
 
-def nginx(procs, tmp_path, port, server_body, http_extra=""):
+def nginx(procs, tmp_path, port, server_body, http_extra="", listen_extra=""):
     """Start an unmodified nginx (one worker, running as root so it can read tmp_path) with
-    one server block listening on 127.0.0.1:port; returns the master process."""
+    one server block listening on 127.0.0.1:port (`listen_extra`: e.g. `ssl`); returns the
+    master process."""
     conf = tmp_path / "nginx.conf"
     conf.write_text(textwrap.dedent(f"""
         user root;
@@ -276,12 +277,23 @@ def nginx(procs, tmp_path, port, server_body, http_extra=""):
             uwsgi_temp_path {tmp_path}/uwsgi;
             scgi_temp_path {tmp_path}/scgi;
             server {{
-                listen 127.0.0.1:{port};
+                listen 127.0.0.1:{port} {listen_extra};
                 {server_body}
             }}
         }}
     """))
     return procs(["nginx", "-c", conf, "-g", "daemon off;"], ready_port=port)
+
+
+def self_signed(tmp_path):
+    """A self-signed key and certificate for localhost (openssl): (key path, cert path)."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+         "-days", "1", "-keyout", key, "-out", cert],
+        check=True, capture_output=True, timeout=60,
+    )
+    return key, cert
 
 
 def cgroup2_mount():

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TAPIR, TESTS, curl, finish, free_port, have, nginx, watch
+from conftest import TAPIR, TESTS, curl, finish, free_port, have, nginx, self_signed, watch
 
 PY = sys.executable
 CLIENT = str(TESTS / "servers/http_client.py")
@@ -312,22 +312,63 @@ def test_ipv6_loopback(py_server):
     assert c["server.address"] == "::1" and c["server.port"] == port
 
 
-def test_tls_and_http2_are_counted_and_named_not_captured(py_server, tmp_path):
-    """HTTPS and HTTP/2 without TLS cannot be read as HTTP/1.x: each such connection is
-    counted at both ends, each program and port is named once in a warning, and none of it
-    becomes an exchange, while plain HTTP beside them still does."""
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-         "-days", "1", "-keyout", key, "-out", cert],
-        check=True, capture_output=True, timeout=60,
+def test_https_is_read_through_openssl(py_server, procs, tmp_path):
+    """HTTPS served and called with the system's OpenSSL is read as plaintext through the
+    libssl probes: Python's ssl module (SSL_read_ex/SSL_write_ex), nginx and curl
+    (SSL_read/SSL_write). Each exchange shows once at each end with url.scheme https, on a
+    kept-alive connection too (its bodies framed right), and no TLS connection is reported
+    unreadable."""
+    key, cert = self_signed(tmp_path)
+    pem = tmp_path / "tls.pem"
+    pem.write_bytes(key.read_bytes() + cert.read_bytes())
+    py, py_port = py_server("--tls", pem)
+    ng_port = free_port()
+    nginx(procs, tmp_path, ng_port,
+          f"ssl_certificate {cert}; ssl_certificate_key {key}; "
+          "location / { return 200 'ok'; } location = /missing { return 404; }",
+          listen_extra="ssl")
+    agent = watch(py_port, ng_port)
+    for i in range(2):
+        r = curl("-k", "-o", "/dev/null", "-w", "%{http_code}", f"https://127.0.0.1:{py_port}/secret/{i}")
+        assert r.stdout == "200"
+    # Three requests on one connection: curl keeps it for URLs of the same host.
+    urls = [f"https://127.0.0.1:{ng_port}{p}" for p in ("/a", "/missing", "/c")]
+    r = curl("-k", *(["-o", "/dev/null"] * 3), "-w", "%{http_code} %{num_connects}\n", *urls)
+    assert r.stdout.split() == ["200", "1", "404", "0", "200", "0"]
+    got = finish(agent)
+    rows = sorted(
+        (e["kind"], e["server.port"], e["url.path"], e["http.response.status_code"], e["url.scheme"])
+        for e in got
     )
+    expected = [(k, py_port, f"/secret/{i}", 200, "https") for k in ("client", "server") for i in range(2)]
+    expected += [
+        (k, ng_port, p, s, "https")
+        for k in ("client", "server")
+        for p, s in (("/a", 200), ("/missing", 404), ("/c", 200))
+    ]
+    assert rows == sorted(expected), agent.err[-30:]
+    assert {e["process.pid"] for e in servers_of(got) if e["server.port"] == py_port} == {py.pid}
+    for e in got:
+        if e["url.path"] in ("/a", "/c"):
+            assert e["http.response.body.size"] == 2, e
+    # 3 connections, both ends.
+    assert agent.final_count("tapir.connections.tls") == 6, agent.err[-30:]
+    assert agent.final_count("tapir.connections.unreadable.tls") == 0
+    assert not [l for l in agent.err if "not captured: " in l], agent.err[-30:]
+
+
+def test_tls_and_http2_are_counted_and_named_not_captured(py_server, tmp_path):
+    """HTTPS with the TLS probes off (--no-tls), and HTTP/2 without TLS, cannot be read as
+    HTTP/1.x: each such connection is counted at both ends, each program and port is named
+    once in a warning, and none of it becomes an exchange, while plain HTTP beside them
+    still does."""
+    key, cert = self_signed(tmp_path)
     pem = tmp_path / "tls.pem"
     pem.write_bytes(key.read_bytes() + cert.read_bytes())
     tls_server, tls_port = py_server("--tls", pem)
     h2_server, h2_port = py_server()
     _, plain_port = py_server()
-    agent = watch(tls_port, h2_port, plain_port)
+    agent = watch(tls_port, h2_port, plain_port, extra=["--no-tls"])
     for i in range(3):
         r = curl("-k", "-o", "/dev/null", "-w", "%{http_code}", f"https://127.0.0.1:{tls_port}/secret/{i}")
         assert r.stdout == "200"

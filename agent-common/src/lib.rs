@@ -206,6 +206,15 @@ pub mod syscall {
     pub const SENDTO: u8 = 7;
     pub const SENDMSG: u8 = 8;
     pub const SENDFILE: u8 = 9;
+    /// Plaintext that OpenSSL's `SSL_read`/`SSL_read_ex` returned (a uprobe, not a syscall).
+    pub const SSL_READ: u8 = 10;
+    /// Plaintext handed to `SSL_write`/`SSL_write_ex`.
+    pub const SSL_WRITE: u8 = 11;
+
+    /// Whether the bytes were decrypted by a TLS library rather than read from the socket.
+    pub fn is_tls(call: u8) -> bool {
+        matches!(call, SSL_READ | SSL_WRITE)
+    }
 
     /// The syscall's name (`"?"` for a value no program sends).
     pub fn name(call: u8) -> &'static str {
@@ -219,6 +228,8 @@ pub mod syscall {
             SENDTO => "sendto",
             SENDMSG => "sendmsg",
             SENDFILE => "sendfile",
+            SSL_READ => "SSL_read",
+            SSL_WRITE => "SSL_write",
             _ => "?",
         }
     }
@@ -322,6 +333,13 @@ pub const CONN_BODY_OUT: u16 = 64;
 /// calls stop at the flag check.
 pub const CONN_OPAQUE: u16 = 128;
 
+/// The connection is TLS (it started with a handshake, or a thread inside `SSL_read` or
+/// `SSL_write` moved its bytes): its calls only tell which `SSL*` uses the fd.
+pub const CONN_TLS: u16 = 256;
+/// The plaintext of the TLS connection, seen through libssl, has carried HTTP/1.x (what
+/// [`CONN_HTTP`] is for the bytes on the socket).
+pub const CONN_TLS_HTTP: u16 = 512;
+
 /// [`ConnEvent::protocol`]: a TLS handshake record (content type 22, version 3.x).
 pub const OPAQUE_TLS: u8 = 1;
 /// [`ConnEvent::protocol`]: the HTTP/2 connection preface (`PRI * HTTP/2.0`), i.e. HTTP/2
@@ -400,7 +418,11 @@ pub mod counter {
     /// A connection seen from its start began with bytes no HTTP/1.x message starts with
     /// (a database, cache or queue protocol): its later calls are skipped.
     pub const OTHER_PROTOCOL: u32 = 9;
-    pub const COUNT: u32 = 10;
+    /// Plaintext passed through `SSL_read`/`SSL_write` before Tapir learnt which socket its
+    /// `SSL*` uses (a call served from OpenSSL's buffer on a connection whose calls it has
+    /// not seen touch the socket yet): not reported.
+    pub const TLS_SOCKET_UNKNOWN: u32 = 10;
+    pub const COUNT: u32 = 11;
 }
 
 /// Key of the injection sockhash and its state map (`TAPIR_INJ_SOCKS`, `TAPIR_INJ_STATE`),
@@ -524,14 +546,24 @@ mod tests {
     #[test]
     fn every_syscall_has_its_own_name() {
         let names = [
-            "read", "readv", "recvfrom", "recvmsg", "write", "writev", "sendto", "sendmsg",
+            "read",
+            "readv",
+            "recvfrom",
+            "recvmsg",
+            "write",
+            "writev",
+            "sendto",
+            "sendmsg",
             "sendfile",
+            "SSL_read",
+            "SSL_write",
         ];
-        for (call, name) in (syscall::READ..=syscall::SENDFILE).zip(names) {
+        for (call, name) in (syscall::READ..=syscall::SSL_WRITE).zip(names) {
             assert_eq!(syscall::name(call), name);
+            assert_eq!(syscall::is_tls(call), name.starts_with("SSL_"));
         }
         assert_eq!(syscall::name(0), "?");
-        assert_eq!(syscall::name(10), "?");
+        assert_eq!(syscall::name(12), "?");
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! follow HTTP/1.x, copy a call's head (or, of a body, a few bytes) and its last bytes.
 use agent_common::{
     counter, syscall, EventKind, Role, TraceIds, CONN_BODY_IN, CONN_BODY_OUT, CONN_HEAD_AT_LINE,
-    CONN_HEAD_OPEN, CONN_HTTP, CONN_OPAQUE, CONN_PORT_LEARNED, DIR_EGRESS, DIR_INGRESS,
-    MAX_CAPTURE, MAX_IOVECS, OPAQUE_HTTP2, OPAQUE_TLS, TAIL_BYTES,
+    CONN_HEAD_OPEN, CONN_HTTP, CONN_OPAQUE, CONN_PORT_LEARNED, CONN_TLS, CONN_TLS_HTTP, DIR_EGRESS,
+    DIR_INGRESS, MAX_CAPTURE, MAX_IOVECS, OPAQUE_HTTP2, OPAQUE_TLS, TAIL_BYTES,
 };
 #[cfg(not(feature = "compat"))]
 use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs};
@@ -19,9 +19,10 @@ use crate::{
     inject::learn_http_port,
     looping::repeat,
     maps::{
-        agent_tgid, capture_bytes, count, ring_output, DataScratch, Gather, PendingIo, SCRATCH,
-        SCRATCH_BYTES, SHAPE_BUF, SHAPE_IOVEC, SHAPE_NONE,
+        agent_tgid, capture_bytes, count, ring_output, tls_on, DataScratch, Gather, PendingIo,
+        SCRATCH, SCRATCH_BYTES, SHAPE_BUF, SHAPE_IOVEC, SHAPE_NONE,
     },
+    tls::note_tls_fd,
     trace::{
         body_start, byte_at, ends_with_empty_line, is_method_prefix, is_request_start,
         is_response_start, on_client_request, on_server_head_continued, on_server_request,
@@ -139,6 +140,13 @@ fn exit<const SHAPE: u8>(ctx: &TracePointContext, call: u8, direction: u8, msghd
     };
     // SAFETY: pointer from a successful map lookup.
     let state = unsafe { &mut *state };
+    if state.flags & CONN_TLS != 0 {
+        // Its bytes are ciphertext; the plaintext comes from the SSL call around this one.
+        if tls_on() {
+            note_tls_fd(pid_tgid, fd);
+        }
+        return 0;
+    }
     let (buf, vlen) = match SHAPE {
         SHAPE_IOVEC if msghdr => match msghdr_iov(buf) {
             Some(iov) => iov,
@@ -156,8 +164,34 @@ fn exit<const SHAPE: u8>(ctx: &TracePointContext, call: u8, direction: u8, msghd
         syscall: call,
         direction,
     };
-    let _ = emit_data::<SHAPE>(&p, ret as u64, state);
+    let _ = emit_data::<SHAPE>(&p, ret as u64, state, false);
     0
+}
+
+/// Plaintext that a TLS library read from or wrote to connection `fd` (`tls.rs`), reported
+/// as that connection's bytes.
+#[inline(always)]
+pub fn emit_tls_plaintext(
+    pid_tgid: u64,
+    buf: u64,
+    moved: u64,
+    fd: u32,
+    call: u8,
+    direction: u8,
+    state: *mut agent_common::ConnState,
+) {
+    // SAFETY: pointer from a successful map lookup.
+    let state = unsafe { &mut *state };
+    let p = PendingIo {
+        pid_tgid,
+        buf,
+        vlen: 0,
+        sock_id: state.sock_id,
+        fd,
+        syscall: call,
+        direction,
+    };
+    let _ = emit_data::<SHAPE_BUF>(&p, moved, state, true);
 }
 
 /// The first buffer of the call: (address, length).
@@ -257,8 +291,18 @@ fn emit_data<const SHAPE: u8>(
     p: &PendingIo,
     total: u64,
     state: &mut agent_common::ConnState,
+    tls_plaintext: bool,
 ) -> Option<()> {
-    if state.flags & CONN_HTTP == 0 {
+    if tls_plaintext {
+        // What a TLS library decrypted: looked at until it starts like HTTP/1.x (HTTP/2
+        // over TLS never does).
+        if state.flags & CONN_TLS_HTTP == 0 {
+            let FirstBytes::Http = first_bytes(p.buf, total) else {
+                return None;
+            };
+            state.flags |= CONN_TLS_HTTP;
+        }
+    } else if state.flags & CONN_HTTP == 0 {
         // Only connections that have carried HTTP/1.x are reported; everything else costs
         // one lookup and this check, and a look at its first bytes until they tell: TLS
         // and HTTP/2 are reported once (so that users learn what is not seen), then they
@@ -271,6 +315,12 @@ fn emit_data<const SHAPE: u8>(
             FirstBytes::Http => state.flags |= CONN_HTTP,
             FirstBytes::Opaque(protocol) => {
                 state.flags |= CONN_OPAQUE;
+                if protocol == OPAQUE_TLS {
+                    state.flags |= CONN_TLS;
+                    if tls_on() {
+                        note_tls_fd(p.pid_tgid, p.fd);
+                    }
+                }
                 let role = Role::from_u8(state.role);
                 emit_conn(
                     EventKind::ConnOpaque,
@@ -289,7 +339,14 @@ fn emit_data<const SHAPE: u8>(
                 count(counter::OTHER_PROTOCOL);
                 return None;
             }
-            FirstBytes::NotHttp | FirstBytes::Undecided => return None,
+            FirstBytes::NotHttp | FirstBytes::Undecided => {
+                // A TLS connection first seen in use (no handshake): its bytes say nothing
+                // Tapir can read, but a thread inside an SSL call moved them.
+                if tls_on() && note_tls_fd(p.pid_tgid, p.fd) {
+                    state.flags |= CONN_OPAQUE | CONN_TLS;
+                }
+                return None;
+            }
         }
     }
     let scratch = SCRATCH.get_ptr_mut(0)?;

@@ -11,6 +11,7 @@ mod lifecycle;
 mod looping;
 mod maps;
 mod sock;
+mod tls;
 mod trace;
 
 #[cfg(not(test))]

@@ -99,6 +99,17 @@ pub fn open_ports_on() -> bool {
     unsafe { core::ptr::read_volatile(&TAPIR_OPEN_PORTS_ON) != 0 }
 }
 
+/// 1 when the TLS library probes are attached (`tls.rs`): TLS connections' calls then
+/// look for an SSL call around them.
+#[unsafe(no_mangle)]
+pub static TAPIR_TLS_ON: u32 = 0;
+
+#[inline(always)]
+pub fn tls_on() -> bool {
+    // SAFETY: reading a static; volatile so the loader's value is used.
+    unsafe { core::ptr::read_volatile(&TAPIR_TLS_ON) != 0 }
+}
+
 /// Whether `port` was given with `--open-port`.
 #[inline(always)]
 pub fn open_port(port: u16) -> bool {

@@ -20,6 +20,8 @@ pub struct CapturedExchange {
     /// Ids the kernel chose when it saw the request start (and, for CLIENT spans, put on
     /// the wire): exporters must use these so that traces link up.
     pub trace: Option<agent_common::TraceIds>,
+    /// Read through a TLS library's probes: the URL scheme is `https`.
+    pub tls: bool,
 }
 
 impl CapturedExchange {
@@ -36,6 +38,16 @@ impl CapturedExchange {
             process,
             endpoints,
             trace: None,
+            tls: false,
+        }
+    }
+
+    /// `url.scheme`.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
         }
     }
 
@@ -72,6 +84,7 @@ impl CapturedExchange {
             "process.executable.name": self.process.exe_name,
             "http.request.method": self.http.method,
             "url.path": self.http.path,
+            "url.scheme": self.scheme(),
             "http.response.status_code": self.http.status,
             "server.address": server.0.to_string(),
             "server.port": server.1,

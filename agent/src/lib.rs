@@ -27,5 +27,6 @@ pub mod self_usage;
 pub mod stats;
 #[cfg(test)]
 mod test_alloc;
+pub mod tls_libs;
 pub mod tracefs;
 pub mod unreadable;

@@ -116,6 +116,8 @@ pub struct LoadOptions {
     pub inject_learn: bool,
     /// The processes observed (`--pid`, `--exe`); empty: all of them.
     pub selection: Selection,
+    /// Read TLS plaintext through uprobes on OpenSSL's libssl.
+    pub tls: bool,
 }
 
 impl Default for LoadOptions {
@@ -128,6 +130,7 @@ impl Default for LoadOptions {
             inject_ports: Vec::new(),
             inject_learn: true,
             selection: Selection::default(),
+            tls: true,
         }
     }
 }
@@ -172,6 +175,8 @@ pub struct Attached {
     pub selection: Selection,
     /// How many of the event rings the CPUs write to ([`event_rings`]).
     pub rings_used: usize,
+    /// The libssl files whose SSL_read/SSL_write are probed, or why none are.
+    pub tls: Result<Vec<std::path::PathBuf>, String>,
     /// The tracepoint attachments, by program: detached together on drop.
     links: Vec<(&'static str, TracePointLinkId)>,
 }
@@ -312,6 +317,7 @@ fn open_object(opts: &LoadOptions) -> Result<Opened, LoadError> {
             true,
         )
         .override_global("TAPIR_SOCKOPS_PID", &u32::from(sockops_knows_pid()), true)
+        .override_global("TAPIR_TLS_ON", &u32::from(opts.tls), true)
         .override_global(
             "TAPIR_EXEC_QUEUE",
             &u32::from(opts.selection.needs_rescan()),
@@ -390,6 +396,7 @@ fn load_programs(ebpf: &mut Ebpf, names: &[&str]) -> std::collections::HashMap<S
                     Program::TracePoint(p) => p.load().map_err(refusal),
                     Program::SkMsg(p) => p.load().map_err(refusal),
                     Program::SockOps(p) => p.load().map_err(refusal),
+                    Program::UProbe(p) => p.load().map_err(refusal),
                     other => Err(format!("unexpected program type {:?}", other.prog_type())),
                 };
                 tracing::debug!(
@@ -441,6 +448,9 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
     if opts.inject {
         names.extend([SK_MSG_PROGRAM, SOCK_OPS_PROGRAM]);
     }
+    if opts.tls {
+        names.extend(tls_programs());
+    }
     let refused = load_programs(&mut ebpf, &names);
     let mut failures = Vec::new();
     let mut links = Vec::new();
@@ -482,6 +492,14 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
     } else {
         Err("switched off".into())
     };
+    let tls = if opts.tls {
+        match tls_programs().find_map(|p| refused.get(p).map(|e| (p, e))) {
+            Some((p, e)) => Err(format!("loading {p}: {e}")),
+            None => attach_tls(&mut ebpf, &crate::tls_libs::find()),
+        }
+    } else {
+        Err("switched off (--no-tls)".into())
+    };
     Ok(Attached {
         ebpf,
         failures,
@@ -491,7 +509,59 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
         selection: opts.selection.clone(),
         rings_used,
         links,
+        tls,
     })
+}
+
+/// The TLS programs: the shared entry, then one return program per SSL function.
+pub fn tls_programs() -> impl Iterator<Item = &'static str> {
+    use crate::tls_libs::{SSL_ENTER_PROGRAM, SSL_FUNCTIONS};
+    std::iter::once(SSL_ENTER_PROGRAM).chain(SSL_FUNCTIONS.iter().map(|(_, ret)| *ret))
+}
+
+/// Uprobes on the entry and return of SSL_read/SSL_write(_ex) in each of `libs`, for every
+/// process (the programs check the selection). A library without some of the functions
+/// (OpenSSL before 1.1.1 has no `_ex` forms) is probed on those it has. Returns the
+/// libraries probed; failing here only loses TLS, never capture.
+fn attach_tls(
+    ebpf: &mut Ebpf,
+    libs: &[std::path::PathBuf],
+) -> Result<Vec<std::path::PathBuf>, String> {
+    use crate::tls_libs::{SSL_ENTER_PROGRAM, SSL_FUNCTIONS};
+    use aya::programs::{uprobe::UProbeScope, UProbe};
+    if libs.is_empty() {
+        return Err("no libssl found on this host".into());
+    }
+    let mut probed = Vec::new();
+    let mut errors = Vec::new();
+    for lib in libs {
+        let mut attached = 0;
+        for (function, ret_program) in SSL_FUNCTIONS {
+            // The return first: an entry without its return would leave calls behind.
+            let ret = program::<UProbe>(ebpf, ret_program)?
+                .attach(function, lib, UProbeScope::AllProcesses)
+                .map_err(|e| format!("{function} in {}: {e:#}", lib.display()));
+            let entered = ret.and_then(|_| {
+                program::<UProbe>(ebpf, SSL_ENTER_PROGRAM)?
+                    .attach(function, lib, UProbeScope::AllProcesses)
+                    .map_err(|e| format!("{function} in {}: {e:#}", lib.display()))
+            });
+            match entered {
+                Ok(_) => attached += 1,
+                Err(e) => errors.push(e),
+            }
+        }
+        if attached > 0 {
+            probed.push(lib.clone());
+        }
+    }
+    for e in &errors {
+        tracing::debug!("TLS probe not attached: {e}");
+    }
+    if probed.is_empty() {
+        return Err(errors.join("; "));
+    }
+    Ok(probed)
 }
 
 /// sock_ops on the cgroup v2 root claims client sockets; sk_msg on their sockhash inserts

@@ -21,7 +21,7 @@ use crate::{
     conn_table::ConnTable,
     process::{ProcessCache, ProcessInfo},
     stats::Stats,
-    unreadable::{Sighting, Unreadable},
+    unreadable::{Notices, Sighting, Unreadable},
 };
 
 /// Which connections to follow (`--port`); an empty list follows everything. Processes
@@ -86,6 +86,11 @@ pub struct Conn {
     pub sent: u64,
     pub received: u64,
     pub rearm: crate::rearm::Backoff,
+    /// Its bytes come from a TLS library's probes (plaintext), not the socket.
+    pub tls: bool,
+    /// It started with a TLS handshake and no plaintext has come through the probes yet:
+    /// if none comes before it ends, it is reported unreadable then.
+    pub tls_unconfirmed: bool,
 }
 
 /// Receives what the pipeline produces.
@@ -117,6 +122,9 @@ pub struct Pipeline<S: ExchangeSink> {
     completed: crate::assemble::Completed,
     /// TLS and HTTP/2 connections already said.
     unreadable: crate::unreadable::Notices,
+    /// The TLS library probes are attached: a TLS connection is unreadable only if it
+    /// ends without plaintext through them.
+    tls_probes: bool,
 }
 
 impl<S: ExchangeSink> Pipeline<S> {
@@ -136,7 +144,13 @@ impl<S: ExchangeSink> Pipeline<S> {
             rearm: None,
             completed: Default::default(),
             unreadable: Default::default(),
+            tls_probes: false,
         }
+    }
+
+    /// Whether the TLS library probes are attached.
+    pub fn set_tls_probes(&mut self, on: bool) {
+        self.tls_probes = on;
     }
 
     /// Re-arms traceparent injection on kept-alive client connections (injection on).
@@ -215,6 +229,8 @@ impl<S: ExchangeSink> Pipeline<S> {
             sent: 0,
             received: 0,
             rearm: Default::default(),
+            tls: false,
+            tls_unconfirmed: false,
         };
         if let Some((k, mut evicted)) = self.conns.push(key, conn) {
             if k != key {
@@ -247,15 +263,30 @@ impl<S: ExchangeSink> Pipeline<S> {
         if !conn.wanted {
             return;
         }
-        Stats::inc(what.counter(&self.stats));
+        if what == Unreadable::Tls && self.tls_probes {
+            // Its plaintext may come through the probes (when the process uses the probed
+            // libssl): judged when it does, or when the connection ends without any.
+            if conn.tls {
+                Stats::inc(&self.stats.conns_tls_read);
+            } else {
+                conn.tls_unconfirmed = true;
+            }
+            return;
+        }
+        Self::unreadable(&mut self.unreadable, &self.stats, conn, what);
+    }
+
+    /// Counts and (once per program and port) says a connection Tapir cannot read.
+    fn unreadable(notices: &mut Notices, stats: &Stats, conn: &Conn, what: Unreadable) {
+        Stats::inc(what.counter(stats));
         let seen = Sighting {
             exe: &conn.process.exe_name,
-            pid: ev.header.tgid,
+            pid: conn.process.pid,
             role: conn.role,
             endpoints: conn.endpoints,
             what,
         };
-        if let Some(line) = self.unreadable.notice(&seen) {
+        if let Some(line) = notices.notice(&seen) {
             tracing::warn!("{line}");
         }
     }
@@ -275,6 +306,12 @@ impl<S: ExchangeSink> Pipeline<S> {
         }
         conn.active = true;
         let h = &d.header;
+        if agent_common::syscall::is_tls(h.syscall) && !conn.tls {
+            conn.tls = true;
+            if std::mem::take(&mut conn.tls_unconfirmed) {
+                Stats::inc(&self.stats.conns_tls_read);
+            }
+        }
         if h.direction == DIR_EGRESS {
             let injected = h.trace.kind == TRACE_CLIENT && h.trace.injected != 0;
             conn.sent += u64::from(h.total)
@@ -292,7 +329,9 @@ impl<S: ExchangeSink> Pipeline<S> {
         // next request's header.
         // Before the exchange is passed on, so that whoever sees it sees the attempt made.
         let reused = done.last().is_some_and(|ex| ex.keep_alive);
-        if reused && h.direction == DIR_INGRESS && conn.role == Role::Client {
+        // Not over TLS: the byte counts compared are the socket's, and injection writes
+        // plaintext headers.
+        if reused && h.direction == DIR_INGRESS && conn.role == Role::Client && !conn.tls {
             if let Some(rearm) = &mut self.rearm {
                 let c = crate::rearm::Candidate {
                     tgid: h.header.tgid,
@@ -337,6 +376,9 @@ impl<S: ExchangeSink> Pipeline<S> {
         if !conn.wanted {
             return;
         }
+        if std::mem::take(&mut conn.tls_unconfirmed) {
+            Self::unreadable(&mut self.unreadable, &self.stats, conn, Unreadable::Tls);
+        }
         conn.http.on_close(ts_ns, &mut self.completed, &self.stats);
         Self::emit(
             &mut self.sink,
@@ -363,6 +405,7 @@ impl<S: ExchangeSink> Pipeline<S> {
                 clock,
             );
             ex.trace = trace;
+            ex.tls = conn.tls;
             sink.on_exchange(&ex);
         }
     }

@@ -14,11 +14,12 @@ pub const SK_MSG_PROGRAM: &str = "tapir_sk_msg";
 pub const SOCK_OPS_PROGRAM: &str = "tapir_sock_ops";
 
 /// Every program of the eBPF object, once each: [`PROBES`]' (in their order; syscalls of
-/// one shape share a program) and the injection ones.
+/// one shape share a program), the injection ones and the TLS uprobes.
 pub fn program_names() -> Vec<&'static str> {
     unique_programs(PROBES)
         .into_iter()
         .chain([SOCK_OPS_PROGRAM, SK_MSG_PROGRAM])
+        .chain(crate::loader::tls_programs())
         .collect()
 }
 
@@ -197,7 +198,7 @@ mod tests {
             assert!(PROBES[i + 1..].iter().all(|q| q.hook != p.hook), "{p:?}");
         }
         let names = program_names();
-        assert_eq!(names.len(), 18);
+        assert_eq!(names.len(), 23);
         for name in &names {
             let hooks: Vec<_> = PROBES
                 .iter()
@@ -212,6 +213,7 @@ mod tests {
                 "tapir_exit_read_vec" => &["sys_exit_readv", "sys_exit_recvmsg"],
                 "tapir_exit_write_vec" => &["sys_exit_writev", "sys_exit_sendmsg"],
                 SK_MSG_PROGRAM | SOCK_OPS_PROGRAM => &[],
+                n if crate::loader::tls_programs().any(|t| t == n) => &[],
                 _ => {
                     assert_eq!(hooks.len(), 1, "{name}");
                     continue;

@@ -66,9 +66,13 @@ counters! {
     conns_closed => "tapir.connections.closed",
     /// Connections evicted from the agent's table because it was full.
     conns_evicted => "tapir.connections.evicted",
-    /// Connections that started with a TLS handshake: encrypted before the socket, so
-    /// Tapir reads no HTTP from them.
+    /// Connections that started with a TLS handshake and ended without plaintext through
+    /// the libssl probes (a TLS library of its own, or --no-tls: then counted at once):
+    /// encrypted before the socket, so Tapir reads no HTTP from them.
     conns_unreadable_tls => "tapir.connections.unreadable.tls",
+    /// TLS connections (counted at each end seen) whose plaintext is read through the
+    /// libssl probes.
+    conns_tls_read => "tapir.connections.tls",
     /// Connections that started with the HTTP/2 preface (h2c, gRPC without TLS): Tapir
     /// reads HTTP/1.x only.
     conns_unreadable_http2 => "tapir.connections.unreadable.http2",
@@ -98,6 +102,9 @@ counters! {
     /// Kernel: connections seen from their start whose first bytes were not HTTP/1.x (nor
     /// TLS or HTTP/2): another protocol, skipped from then on.
     kernel_other_protocol => "tapir.connections.other_protocol",
+    /// Kernel: TLS plaintext (SSL_read/SSL_write) not reported because the socket of its
+    /// `SSL*` was not known yet.
+    kernel_tls_socket_unknown => "tapir.kernel.tls_socket_unknown",
     /// Kept-alive client sockets put back for injection into their next request.
     rearm_done => "tapir.inject.rearm.done",
     /// Re-arming skipped: the process had already moved on (bytes unread, unacknowledged
@@ -142,6 +149,8 @@ impl Stats {
             .store(get(counter::SELECTED_BY_PORT), Ordering::Relaxed);
         self.kernel_other_protocol
             .store(get(counter::OTHER_PROTOCOL), Ordering::Relaxed);
+        self.kernel_tls_socket_unknown
+            .store(get(counter::TLS_SOCKET_UNKNOWN), Ordering::Relaxed);
     }
 
     /// Stores the kernel's cumulative injection counters (summed over CPUs).

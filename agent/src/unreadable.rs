@@ -1,7 +1,8 @@
 //! Connections Tapir sees but cannot read: TLS (encrypted inside the process, before the
-//! socket) and HTTP/2 (binary frames). The kernel reports each one once, from its first
-//! bytes; they are counted, and said once per program, role and port, so that spans missing
-//! for them have a stated reason instead of silence.
+//! socket) whose plaintext does not come through the libssl probes, and HTTP/2 (binary
+//! frames). The kernel reports each one once, from its first bytes (a TLS one is judged
+//! when it ends, if the probes are on); they are counted, and said once per program, role
+//! and port, so that spans missing for them have a stated reason instead of silence.
 use std::{collections::HashSet, sync::atomic::AtomicU64};
 
 use agent_common::{Role, OPAQUE_HTTP2, OPAQUE_TLS};
@@ -31,6 +32,17 @@ impl Unreadable {
         match self {
             Self::Tls => "TLS",
             Self::Http2 => "HTTP/2 without TLS (h2c, gRPC)",
+        }
+    }
+
+    /// Why Tapir cannot read them.
+    fn why(self) -> &'static str {
+        match self {
+            Self::Tls => {
+                "Tapir reads TLS only through the OpenSSL library (libssl) a program links, \
+                 which this one does not use, or not with --no-tls"
+            }
+            Self::Http2 => "Tapir reads HTTP/1.x only",
         }
     }
 
@@ -100,9 +112,9 @@ impl Notices {
             ),
         };
         Some(format!(
-            "not captured: {whose}; Tapir reads plaintext HTTP/1.x only, so these \
-             connections give no spans or metrics (counted in {}; said once per program \
-             and port)",
+            "not captured: {whose}; {}, so these connections give no spans or metrics \
+             (counted in {}; said once per program and port)",
+            s.what.why(),
             s.what.metric()
         ))
     }
@@ -168,9 +180,11 @@ mod tests {
         assert_eq!(
             first.as_deref(),
             Some(
-                "not captured: nginx (pid 42) serves TLS on port 8443; Tapir reads plaintext \
-                 HTTP/1.x only, so these connections give no spans or metrics (counted in \
-                 tapir.connections.unreadable.tls; said once per program and port)"
+                "not captured: nginx (pid 42) serves TLS on port 8443; Tapir reads TLS only \
+                 through the OpenSSL library (libssl) a program links, which this one does \
+                 not use, or not with --no-tls, so these connections give no spans or \
+                 metrics (counted in tapir.connections.unreadable.tls; said once per program \
+                 and port)"
             )
         );
         // Another client of the same port: already said.
@@ -201,9 +215,10 @@ mod tests {
             8443,
             Unreadable::Http2,
         ));
-        assert!(client
-            .is_some_and(|c| c
-                .contains("curl (pid 42) talks HTTP/2 without TLS (h2c, gRPC) to 127.0.0.1:8443")));
+        assert!(client.is_some_and(|c| c.contains(
+            "curl (pid 42) talks HTTP/2 without TLS (h2c, gRPC) to 127.0.0.1:8443; Tapir reads \
+             HTTP/1.x only, so"
+        )));
         let unknown = n.notice(&sighting(
             "java",
             Role::Unknown,

@@ -95,6 +95,13 @@ pub struct CaptureArgs {
         value_delimiter = ','
     )]
     pub open_ports: Vec<String>,
+    /// Do not read HTTPS through OpenSSL: by default uprobes on libssl's SSL_read and
+    /// SSL_write (every libssl.so that a running process maps, and the usual system paths)
+    /// see the plaintext of processes that use the system's OpenSSL (nginx, Python, curl,
+    /// Ruby, PHP). Each call then costs the process a few microseconds. Programs that
+    /// bring their own TLS (Go, Java, Node.js, rustls) stay unread.
+    #[arg(long, env = "TAPIR_NO_TLS")]
+    pub no_tls: bool,
 }
 
 impl CaptureArgs {
@@ -114,6 +121,7 @@ impl CaptureArgs {
             inject_ports,
             inject_learn: ports.is_empty(),
             selection,
+            tls: !self.no_tls,
         })
     }
 }
@@ -159,6 +167,20 @@ pub fn attach(args: &CaptureArgs, inject: &InjectArgs, ports: &[u16]) -> Result<
              only join traces when the caller already sends a traceparent"
         ),
         (Err(_), false) => {}
+    }
+    match &attached.tls {
+        Ok(libs) => tracing::info!(
+            "reading TLS through OpenSSL: SSL_read/SSL_write probed in {}",
+            libs.iter()
+                .map(|l| l.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Err(why) if !args.no_tls => eprintln!(
+            "tapir: warning: TLS is not read ({why}); HTTPS connections are counted \
+             (tapir.connections.unreadable.tls), not captured"
+        ),
+        Err(_) => {}
     }
     let programs = loader::Programs::for_this_kernel();
     if programs != loader::Programs::Standard {
@@ -293,6 +315,8 @@ pub struct PipelineMaps {
     counters: Option<aya::maps::PerCpuArray<aya::maps::MapData, u64>>,
     inject_counters: Option<aya::maps::PerCpuArray<aya::maps::MapData, u64>>,
     rearm: Option<tapir::rearm::InjectionMaps>,
+    /// The TLS library probes are attached.
+    tls_probes: bool,
 }
 
 impl PipelineMaps {
@@ -313,6 +337,7 @@ impl PipelineMaps {
             counters,
             inject_counters,
             rearm: Self::take_rearm(attached),
+            tls_probes: attached.tls.is_ok(),
         }
     }
 
@@ -336,6 +361,7 @@ impl PipelineMaps {
         if let Some(c) = self.inject_counters {
             pipeline.set_inject_counters(c);
         }
+        pipeline.set_tls_probes(self.tls_probes);
         let Some(maps) = self.rearm else { return };
         match tapir::rearm::Rearm::new(maps, stats) {
             Ok(r) => pipeline.set_rearm(r),

@@ -23,7 +23,8 @@ const SLOTS: usize = 1024;
 struct Slot {
     /// Asked for since the last idle sweep.
     used: bool,
-    key: Option<(Endpoints, bool)>,
+    /// The connection's ends, whether it is a SERVER's, whether it is TLS.
+    key: Option<(Endpoints, bool, bool)>,
     host: Option<CompactString>,
     user_agent: Option<CompactString>,
     version: Option<HttpVersion>,
@@ -31,14 +32,14 @@ struct Slot {
 }
 
 impl Slot {
-    fn holds(&self, key: &(Endpoints, bool), ex: &CapturedExchange) -> bool {
+    fn holds(&self, key: &(Endpoints, bool, bool), ex: &CapturedExchange) -> bool {
         self.key.as_ref() == Some(key)
             && self.version == Some(ex.http.version)
             && self.host == ex.http.host
             && self.user_agent == ex.http.user_agent
     }
 
-    fn fill(&mut self, key: (Endpoints, bool), ex: &CapturedExchange) {
+    fn fill(&mut self, key: (Endpoints, bool, bool), ex: &CapturedExchange) {
         self.key = Some(key);
         self.host.clone_from(&ex.http.host);
         self.user_agent.clone_from(&ex.http.user_agent);
@@ -64,7 +65,7 @@ impl Default for ConnAttrCache {
 impl ConnAttrCache {
     /// `ConnAttrs::of(ex)`, built once per connection while its fields stay the same.
     pub fn get(&mut self, ex: &CapturedExchange) -> &ConnAttrs {
-        let key = (ex.endpoints, ex.is_server());
+        let key = (ex.endpoints, ex.is_server(), ex.tls);
         // In range: the table always has SLOTS slots.
         let slot = &mut self.slots[self.hasher.hash_one(key) as usize & (SLOTS - 1)];
         if !slot.holds(&key, ex) {

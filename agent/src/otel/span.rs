@@ -324,14 +324,16 @@ pub fn server_address_in<'a>(ex: &'a CapturedExchange, buf: &'a mut StackText) -
 /// Appends the start of a CLIENT span's `url.full` (required by the HTTP client
 /// conventions) to `url`: `http://`, server.address (bracketed when it is an IPv6
 /// literal), then `:port` unless it is 80. [`url_full_path`] follows it.
-pub fn url_full_prefix(url: &mut String, addr: &str, port: u16) {
+pub fn url_full_prefix(url: &mut String, scheme: &str, addr: &str, port: u16) {
     let v6 = addr.contains(':');
-    url.push_str(if v6 { "http://[" } else { "http://" });
+    url.push_str(scheme);
+    url.push_str(if v6 { "://[" } else { "://" });
     url.push_str(addr);
     if v6 {
         url.push(']');
     }
-    if port != 80 {
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    if port != default_port {
         url.push(':');
         url.push_str(StackText::decimal(port).as_str());
     }
@@ -377,10 +379,10 @@ pub fn build_span(
     // path, scheme, its client and the user agent; a CLIENT the full URL.
     if server {
         attrs.push(KeyValue::new(sc::URL_PATH, http.path.to_string()));
-        attrs.push(KeyValue::new(sc::URL_SCHEME, "http"));
+        attrs.push(KeyValue::new(sc::URL_SCHEME, ex.scheme()));
     } else {
         let mut full = String::new();
-        url_full_prefix(&mut full, &srv_addr, srv_port);
+        url_full_prefix(&mut full, ex.scheme(), &srv_addr, srv_port);
         full.push_str(url_full_path(&http.path));
         attrs.push(KeyValue::new(sc::URL_FULL, full));
     }
@@ -516,6 +518,7 @@ pub(crate) mod tests {
             }),
             endpoints: Endpoints { local, remote },
             trace: None,
+            tls: false,
             start_unix_ns: 1_700_000_000_000_000_000,
             end_unix_ns: 1_700_000_000_250_000_000,
         }
@@ -621,9 +624,21 @@ pub(crate) mod tests {
         // No usable Host: the peer's address; `*` is no path.
         assert_eq!(full(None, "/x"), "http://10.0.0.1:8080/x");
         assert_eq!(full(Some("h"), "*"), "http://h:8080");
-        // Servers do not carry it.
-        let server = exchange(ExchangeRole::Server, "GET", "/a", 200);
+        // Over TLS the scheme is https, whose default port is 443.
+        ex.tls = true;
+        ex.http.path = "/a/b".into();
+        let mut full = |host: &str| {
+            ex.http.host = Some(host.into());
+            attrs(&build(&ex, None))["url.full"].as_str().into_owned()
+        };
+        assert_eq!(full("example.com:443"), "https://example.com/a/b");
+        assert_eq!(full("example.com:80"), "https://example.com:80/a/b");
+        // Servers do not carry it, but their url.scheme.
+        let mut server = exchange(ExchangeRole::Server, "GET", "/a", 200);
         assert!(!attrs(&build(&server, None)).contains_key("url.full"));
+        assert_eq!(attrs(&build(&server, None))["url.scheme"].as_str(), "http");
+        server.tls = true;
+        assert_eq!(attrs(&build(&server, None))["url.scheme"].as_str(), "https");
     }
 
     #[test]

@@ -428,7 +428,7 @@ impl ConnAttrs {
         self.server_name.clear();
         self.server_port = 0;
         if !server {
-            url_full_prefix(&mut self.url_prefix, srv_addr, srv_port);
+            url_full_prefix(&mut self.url_prefix, ex.scheme(), srv_addr, srv_port);
             self.server_name.push_str(srv_addr);
             self.server_port = srv_port;
         }
@@ -504,7 +504,7 @@ fn encode_span_to(
     // The conventions' defaults: a SERVER reports path and scheme, a CLIENT the full URL.
     if server {
         put_attr_str(out, a, sc::URL_PATH, http.path.as_bytes());
-        put_attr_str(out, a, sc::URL_SCHEME, b"http");
+        put_attr_str(out, a, sc::URL_SCHEME, ex.scheme().as_bytes());
     } else {
         let path = url_full_path(&http.path);
         put_attr_parts(out, a, sc::URL_FULL, &[&conn.url_prefix, path]);
@@ -830,6 +830,18 @@ mod tests {
                 ),
             ] {
                 let ex = exchange(role, "GET", "/ip", 200);
+                all.push(with_endpoints(ex, local, remote));
+            }
+            // Over TLS: https, and 443 is the default port left out of url.full.
+            for port in [443, 8443] {
+                let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+                let mut ex = exchange(role, "GET", "/tls", 200);
+                ex.tls = true;
+                ex.http.host = None;
+                let (local, remote) = match role {
+                    ExchangeRole::Server => ((ip, port), (ip, 40000)),
+                    ExchangeRole::Client => ((ip, 40000), (ip, port)),
+                };
                 all.push(with_endpoints(ex, local, remote));
             }
             for (start, end) in [

@@ -167,7 +167,7 @@ fn attributes(key: &SeriesKey) -> Vec<KeyValue> {
     if let Some(r) = &key.route {
         a.push(kv(sc::HTTP_ROUTE, s(r)));
     }
-    a.push(kv(sc::URL_SCHEME, s("http")));
+    a.push(kv(sc::URL_SCHEME, s(key.scheme)));
     a.push(kv(sc::NETWORK_PROTOCOL_VERSION, s(key.version)));
     if is_error(key.server, key.status) {
         a.push(kv(

@@ -387,6 +387,7 @@ impl Registry {
             method: normalize_method(&ex.http.method).0,
             status: ex.http.status,
             version: ex.http.version.as_str(),
+            scheme: ex.scheme(),
             route,
             server_address,
         };

@@ -74,6 +74,7 @@ pub(super) struct KeyView<'a> {
     pub(super) method: &'static str,
     pub(super) status: u16,
     pub(super) version: &'static str,
+    pub(super) scheme: &'static str,
     pub(super) route: Option<&'a str>,
     pub(super) server_address: Option<(&'a str, u16)>,
 }
@@ -86,6 +87,7 @@ impl KeyView<'static> {
             method: "",
             status: 0,
             version: "",
+            scheme: "",
             route: None,
             server_address: None,
         }
@@ -101,6 +103,7 @@ pub(super) struct SeriesKey {
     pub(super) method: &'static str,
     pub(super) status: u16,
     pub(super) version: &'static str,
+    pub(super) scheme: &'static str,
     pub(super) route: Option<Arc<str>>,
     pub(super) server_address: Option<(Arc<str>, u16)>,
 }
@@ -113,6 +116,7 @@ impl SeriesKey {
             method: self.method,
             status: self.status,
             version: self.version,
+            scheme: self.scheme,
             route: self.route.as_deref(),
             server_address: self.server_address.as_ref().map(|(a, p)| (&**a, *p)),
         }
@@ -125,6 +129,7 @@ impl SeriesKey {
             method: v.method,
             status: v.status,
             version: v.version,
+            scheme: v.scheme,
             route: v.route.map(Arc::from),
             server_address: v.server_address.map(|(a, p)| (Arc::from(a), p)),
         }
