@@ -243,9 +243,9 @@ def procs():
 def py_server(procs):
     """Start tests/servers/pyserver.py on a fresh port: returns (proc, port)."""
 
-    def start(*extra, bind="127.0.0.1", env=None):
+    def start(*extra, bind="127.0.0.1", env=None, port=None):
         family = socket.AF_INET6 if ":" in bind else socket.AF_INET
-        port = free_port(family, bind)
+        port = port or free_port(family, bind)
         p = procs(
             [sys.executable, TESTS / "servers/pyserver.py", port, "--bind", bind, *extra],
             ready_port=port,

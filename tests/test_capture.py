@@ -357,6 +357,44 @@ def test_https_is_read_through_openssl(py_server, procs, tmp_path):
     assert not [l for l in agent.err if "not captured: " in l], agent.err[-30:]
 
 
+def test_https_bodies_posts_and_trace_context(py_server, tmp_path):
+    """Through the libssl probes, in a server started after the agent (the probes are on
+    the library file, so later processes are covered): bodies larger than a TLS record
+    (16 KiB) keep their sizes, Content-Length and chunked; a POST's body is counted; and an
+    incoming traceparent read from the plaintext becomes the server span's parent."""
+    key, cert = self_signed(tmp_path)
+    pem = tmp_path / "tls.pem"
+    pem.write_bytes(key.read_bytes() + cert.read_bytes())
+    port = free_port()
+    agent = watch(port)
+    server, port = py_server("--tls", pem, port=port)
+    base = f"https://127.0.0.1:{port}"
+    assert len(curl("-k", f"{base}/bytes/100000").stdout) == 100000
+    assert len(curl("-k", f"{base}/chunked/50000/5").stdout) == 50000
+    post = tmp_path / "post.bin"
+    post.write_bytes(b"p" * 40000)
+    assert curl("-k", "-o", "/dev/null", "-w", "%{http_code}", "--data-binary", f"@{post}",
+                f"{base}/upload").stdout == "201"
+    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    curl("-k", "-o", "/dev/null", "-H", f"traceparent: 00-{trace_id}-{parent}-01", f"{base}/traced")
+    got = finish(agent)
+    by = {(e["kind"], e["url.path"]): e for e in got}
+    assert sorted(by) == sorted(
+        (k, p) for k in ("client", "server") for p in ("/bytes/100000", "/chunked/50000/5", "/upload", "/traced")
+    ), agent.err[-30:]
+    for k in ("client", "server"):
+        assert by[(k, "/bytes/100000")]["http.response.body.size"] == 100000
+        assert by[(k, "/chunked/50000/5")]["http.response.body.size"] == 50000
+        assert by[(k, "/upload")]["http.request.body.size"] == 40000
+        assert by[(k, "/upload")]["http.response.status_code"] == 201
+        assert all(e["url.scheme"] == "https" for e in got)
+    traced = by[("server", "/traced")]
+    assert (traced["trace_id"], traced["parent_span_id"]) == (trace_id, parent)
+    assert by[("server", "/bytes/100000")]["process.pid"] == server.pid
+    assert agent.final_count("tapir.connections.tls") == 8  # 4 connections, both ends
+    assert agent.final_count("tapir.connections.unreadable.tls") == 0
+
+
 def test_tls_and_http2_are_counted_and_named_not_captured(py_server, tmp_path):
     """HTTPS with the TLS probes off (--no-tls), and HTTP/2 without TLS, cannot be read as
     HTTP/1.x: each such connection is counted at both ends, each program and port is named

@@ -454,6 +454,7 @@ fn emit_data<const SHAPE: u8>(
         captured == total,
         &mut hdr.trace,
         state,
+        !tls_plaintext,
     );
     submit(scratch, p, total, captured);
     Some(())
@@ -623,11 +624,13 @@ fn trace_ids(
     whole: bool,
     ids: &mut TraceIds,
     conn: &mut agent_common::ConnState,
+    learn_port: bool,
 ) {
     if is_request_start(data, n) {
         // This port serves HTTP: later connections to it get a traceparent. Once per
-        // connection, not once per request.
-        if conn.flags & CONN_PORT_LEARNED == 0 {
+        // connection, not once per request; never from TLS plaintext (injection writes
+        // into the socket's bytes, which are ciphertext there).
+        if learn_port && conn.flags & CONN_PORT_LEARNED == 0 {
             conn.flags |= CONN_PORT_LEARNED;
             learn_http_port(if direction == DIR_INGRESS {
                 conn.local_port
