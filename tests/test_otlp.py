@@ -21,7 +21,7 @@ import urllib.request
 
 import pytest
 
-from conftest import TESTS, Agent, cgroup2_mount, curl, free_port, nginx, proc_usage, span_path, wait_port
+from conftest import TESTS, Agent, cgroup2_mount, curl, free_port, nginx, proc_usage, self_signed, span_path, wait_port
 from otlp_receiver import OtlpReceiver
 
 PY = sys.executable
@@ -1038,3 +1038,43 @@ def test_gzip_compressed_export(otlp, py_server, protocol):
     assert otlp.errors == []
     if protocol == "http/protobuf":
         assert otlp.http_headers and all(h.get("content-encoding") == "gzip" for h in otlp.http_headers), otlp.http_headers
+
+
+def test_https_read_through_openssl_is_exported_as_https(otlp, py_server, tmp_path):
+    """HTTPS read through the libssl probes reaches the collector with the scheme the
+    conventions ask for: SERVER spans url.scheme https, CLIENT spans url.full https://…,
+    both duration histograms url.scheme https; each TLS connection is counted
+    (tapir.connections.tls) and none unreadable."""
+    key, cert = self_signed(tmp_path)
+    pem = tmp_path / "tls.pem"
+    pem.write_bytes(key.read_bytes() + cert.read_bytes())
+    server, port = py_server("--tls", pem)
+    agent = otel_agent(otlp, port)
+    sent = [("/users/1", 200), ("/status/404", 404)]
+    for path, status in sent:
+        r = curl("-k", "-o", "/dev/null", "-w", "%{http_code}", f"https://127.0.0.1:{port}{path}")
+        assert int(r.stdout) == status
+    otlp.wait_spans(is_server_of(server.pid), n=len(sent), timeout=TIMEOUT)
+    mine = lambda res: res.get("process.pid") == server.pid  # noqa: E731
+    wait_histogram(otlp, "http.server.request.duration", mine, route_status,
+                   {("/users/*", 200): 1, ("/status/*", 404): 1})
+    finish(agent)
+
+    servers = by_start(otlp.spans(is_server_of(server.pid)))
+    clients = by_start(otlp.spans(lambda s: s["kind"] == "CLIENT"))
+    assert [(s["attributes"]["url.path"], s["attributes"]["url.scheme"],
+             s["attributes"]["http.response.status_code"]) for s in servers] == [
+        (p, "https", st) for p, st in sent
+    ]
+    assert [(c["attributes"]["url.full"], c["attributes"]["http.response.status_code"]) for c in clients] == [
+        (f"https://127.0.0.1:{port}{p}", st) for p, st in sent
+    ]
+    check_parents(servers, clients)
+    for name in ("http.server.request.duration", "http.client.request.duration"):
+        points = otlp.latest_points(name)
+        assert points and {p["attributes"]["url.scheme"] for p in points} == {"https"}, (name, points)
+    tls = otlp.latest_points("tapir.connections.tls")
+    assert tls and max(p["value"] for p in tls) == 2 * len(sent), tls
+    unreadable = otlp.latest_points("tapir.connections.unreadable.tls")
+    assert all(p["value"] == 0 for p in unreadable), unreadable
+    assert otlp.errors == []
