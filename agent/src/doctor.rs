@@ -281,7 +281,26 @@ pub fn check_host() -> Vec<Check> {
         } else {
             "no uprobe_events (CONFIG_UPROBE_EVENTS)".into()
         },
-        without: "nothing today (reserved for reading TLS inside libssl; TLS connections are counted, not read)",
+        without: "HTTPS is not read (TLS connections are counted, not read)",
+        core: false,
+    });
+    let libs = crate::tls_libs::find();
+    checks.push(Check {
+        feature: "libssl (OpenSSL) to probe".into(),
+        status: if libs.is_empty() {
+            Status::Missing
+        } else {
+            Status::Ok
+        },
+        detail: if libs.is_empty() {
+            "no libssl.so mapped by a process or at the usual paths".into()
+        } else {
+            libs.iter()
+                .map(|l| l.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        },
+        without: "HTTPS is not read until a libssl is there when Tapir starts",
         core: false,
     });
     let (status, detail) = match crate::rearm::pidfd_getfd_works() {
