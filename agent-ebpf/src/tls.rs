@@ -1,6 +1,8 @@
-//! TLS through OpenSSL's libssl: uprobes on `SSL_read`/`SSL_write` (and their `_ex`
-//! forms) see the plaintext the process reads and writes, which then goes through the same
-//! path as a socket's bytes (`data::emit_data`).
+//! TLS through OpenSSL's libssl: uprobes on its internal read and write (which `SSL_read`,
+//! `SSL_write` and their `_ex` forms call; the agent finds them, `tls_libs.rs`) see the
+//! plaintext the process reads and writes, which then goes through the same path as a
+//! socket's bytes (`data::emit_data`). Both take `(SSL *, buf, num, size_t *done)` and
+//! return 1 with `*done` set (the write from OpenSSL 3.2: `(…, num, flags, done)`).
 //!
 //! A call's `SSL*` does not say which socket it uses, so the socket is learnt from the
 //! calls themselves: while a thread is inside an SSL call, its read or write on a TLS
@@ -29,7 +31,7 @@ const NO_FD: u32 = u32::MAX;
 pub struct TlsCall {
     ssl: u64,
     buf: u64,
-    /// `SSL_read_ex`/`SSL_write_ex`: where the byte count is written.
+    /// Where the call writes its byte count (`done`).
     out_len: u64,
     /// The socket the call touched, or the one its `SSL*` was last seen with.
     fd: u32,
@@ -70,74 +72,67 @@ pub fn note_tls_fd(pid_tgid: u64, fd: u32) -> bool {
     }
 }
 
-/// Entry of `SSL_read`, `SSL_write` (ssl, buf, num) and of their `_ex` forms (ssl, buf,
-/// num, size_t *out): remembers the call for its return.
+/// Entry of the internal read or write: remembers the call for its return.
 #[uprobe]
 pub fn tapir_ssl_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, 3);
+    0
+}
+
+/// The same for a write whose `done` pointer is the fifth argument (OpenSSL ≥ 3.2).
+#[uprobe]
+pub fn tapir_ssl_enter_out5(ctx: ProbeContext) -> u32 {
+    enter(&ctx, 4);
+    0
+}
+
+#[inline(always)]
+fn enter(ctx: &ProbeContext, done_arg: usize) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     if tgid == agent_tgid() || !current_gen(tgid).1 {
-        return 0;
+        return;
     }
     let (Some(ssl), Some(buf)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
-        return 0;
+        return;
     };
     let call = TlsCall {
         ssl,
         buf,
-        out_len: ctx.arg::<u64>(3).unwrap_or(0),
+        out_len: ctx.arg::<u64>(done_arg).unwrap_or(0),
         fd: NO_FD,
         fd_seen: 0,
     };
     let _ = TLS_CALLS.insert(&pid_tgid, &call, 0);
-    0
 }
 
 #[uretprobe]
 pub fn tapir_ssl_read_exit(ctx: RetProbeContext) -> u32 {
-    on_return(&ctx, DIR_INGRESS, false)
-}
-
-#[uretprobe]
-pub fn tapir_ssl_read_ex_exit(ctx: RetProbeContext) -> u32 {
-    on_return(&ctx, DIR_INGRESS, true)
+    on_return(&ctx, DIR_INGRESS)
 }
 
 #[uretprobe]
 pub fn tapir_ssl_write_exit(ctx: RetProbeContext) -> u32 {
-    on_return(&ctx, DIR_EGRESS, false)
-}
-
-#[uretprobe]
-pub fn tapir_ssl_write_ex_exit(ctx: RetProbeContext) -> u32 {
-    on_return(&ctx, DIR_EGRESS, true)
+    on_return(&ctx, DIR_EGRESS)
 }
 
 /// The return of an SSL call: its plaintext, when it moved some, on the socket its `SSL*`
 /// uses.
 #[inline(always)]
-fn on_return(ctx: &RetProbeContext, direction: u8, ex: bool) -> u32 {
+fn on_return(ctx: &RetProbeContext, direction: u8) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: a plain value copied out of the map.
     let Some(call) = (unsafe { TLS_CALLS.get(&pid_tgid) }).copied() else {
         return 0;
     };
     let _ = TLS_CALLS.remove(&pid_tgid);
-    // Both forms return an int: the byte count, or (the `_ex` forms) 1 on success with
-    // the count stored through `out`.
+    // 1 on success, with the count stored through `done`.
     let rc = ctx.ret::<u64>() as i32;
-    let moved = if ex {
-        if rc != 1 || call.out_len == 0 {
-            return 0;
-        }
-        // SAFETY: bpf_probe_read_user tolerates any address.
-        match unsafe { bpf_probe_read_user(call.out_len as *const u64) } {
-            Ok(n) => n,
-            Err(_) => return 0,
-        }
-    } else if rc > 0 {
-        rc as u64
-    } else {
+    if rc != 1 || call.out_len == 0 {
+        return 0;
+    }
+    // SAFETY: bpf_probe_read_user tolerates any address.
+    let Ok(moved) = (unsafe { bpf_probe_read_user(call.out_len as *const u64) }) else {
         return 0;
     };
     if moved == 0 {

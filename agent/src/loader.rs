@@ -513,50 +513,79 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
     })
 }
 
-/// The TLS programs: the shared entry, then one return program per SSL function.
+/// The TLS programs: the entries, then the returns.
 pub fn tls_programs() -> impl Iterator<Item = &'static str> {
-    use crate::tls_libs::{SSL_ENTER_PROGRAM, SSL_FUNCTIONS};
-    std::iter::once(SSL_ENTER_PROGRAM).chain(SSL_FUNCTIONS.iter().map(|(_, ret)| *ret))
+    use crate::tls_libs::*;
+    [
+        SSL_ENTER_PROGRAM,
+        SSL_ENTER_OUT5_PROGRAM,
+        SSL_READ_EXIT_PROGRAM,
+        SSL_WRITE_EXIT_PROGRAM,
+    ]
+    .into_iter()
 }
 
-/// Uprobes on the entry and return of SSL_read/SSL_write(_ex) in each of `libs`, for every
-/// process (the programs check the selection). A library without some of the functions
-/// (OpenSSL before 1.1.1 has no `_ex` forms) is probed on those it has. Returns the
+/// Uprobes on the entry and return of OpenSSL's internal read and write in each of `libs`
+/// (`tls_libs::probe_points`), for every process (the programs check the selection). A
+/// library whose code Tapir does not recognise is left alone (logged). Returns the
 /// libraries probed; failing here only loses TLS, never capture.
 fn attach_tls(
     ebpf: &mut Ebpf,
     libs: &[std::path::PathBuf],
 ) -> Result<Vec<std::path::PathBuf>, String> {
-    use crate::tls_libs::{SSL_ENTER_PROGRAM, SSL_FUNCTIONS};
-    use aya::programs::{uprobe::UProbeScope, UProbe};
+    use crate::tls_libs::*;
+    use aya::programs::{
+        uprobe::{UProbeAttachLocation, UProbeScope},
+        UProbe,
+    };
     if libs.is_empty() {
         return Err("no libssl found on this host".into());
     }
     let mut probed = Vec::new();
     let mut errors = Vec::new();
     for lib in libs {
-        let mut attached = 0;
-        for (function, ret_program) in SSL_FUNCTIONS {
-            // The return first: an entry without its return would leave calls behind.
-            let ret = program::<UProbe>(ebpf, ret_program)?
-                .attach(function, lib, UProbeScope::AllProcesses)
-                .map_err(|e| format!("{function} in {}: {e:#}", lib.display()));
-            let entered = ret.and_then(|_| {
-                program::<UProbe>(ebpf, SSL_ENTER_PROGRAM)?
-                    .attach(function, lib, UProbeScope::AllProcesses)
-                    .map_err(|e| format!("{function} in {}: {e:#}", lib.display()))
-            });
-            match entered {
-                Ok(_) => attached += 1,
-                Err(e) => errors.push(e),
+        let points = match probe_points(lib) {
+            Ok(p) => p,
+            Err(e) => {
+                errors.push(e);
+                continue;
             }
+        };
+        if !points.cheap {
+            tracing::warn!(
+                "TLS probes in {}: OpenSSL's internal read/write start with an instruction \
+                 the kernel single-steps; each SSL call will cost the process several µs \
+                 more (much more on a VM)",
+                lib.display()
+            );
         }
-        if attached > 0 {
-            probed.push(lib.clone());
+        let write_enter = if points.write_done_fifth {
+            SSL_ENTER_OUT5_PROGRAM
+        } else {
+            SSL_ENTER_PROGRAM
+        };
+        let mut attach = |name: &str, offset: u64| -> Result<(), String> {
+            program::<UProbe>(ebpf, name)?
+                .attach(
+                    UProbeAttachLocation::AbsoluteOffset(offset),
+                    lib,
+                    UProbeScope::AllProcesses,
+                )
+                .map(drop)
+                .map_err(|e| format!("{name} at {offset:#x} of {}: {e:#}", lib.display()))
+        };
+        // Returns first: an entry without its return would leave calls behind.
+        let attached = attach(SSL_READ_EXIT_PROGRAM, points.read)
+            .and_then(|()| attach(SSL_WRITE_EXIT_PROGRAM, points.write))
+            .and_then(|()| attach(SSL_ENTER_PROGRAM, points.read))
+            .and_then(|()| attach(write_enter, points.write));
+        match attached {
+            Ok(()) => probed.push(lib.clone()),
+            Err(e) => errors.push(e),
         }
     }
     for e in &errors {
-        tracing::debug!("TLS probe not attached: {e}");
+        tracing::info!("TLS not read through {e}");
     }
     if probed.is_empty() {
         return Err(errors.join("; "));

@@ -216,6 +216,7 @@ pub fn run(root: &Path, bin: &Path, quick: bool) -> Result<()> {
         ("nginx", "nginx"),
         ("wrk", "wrk"),
         ("curl", "curl"),
+        ("openssl", "openssl"),
         ("taskset", "util-linux"),
     ])?;
     let started = Instant::now();
@@ -252,7 +253,12 @@ pub fn run(root: &Path, bin: &Path, quick: bool) -> Result<()> {
         None
     };
     let nginx = Nginx::start(root, &work.join("nginx"))?;
-    let mut agent_args = vec!["--port".to_string(), nginx.port.to_string()];
+    let mut agent_args = vec![
+        "--port".to_string(),
+        nginx.port.to_string(),
+        "--port".to_string(),
+        nginx.tls_port.to_string(),
+    ];
     if let Some(r) = &receiver {
         agent_args.extend(exporter_args("grpc", r.grpc_port));
     }
@@ -310,6 +316,7 @@ struct Results {
     config: Value,
     keepalive: Option<LoadBench>,
     large_body: Option<LoadBench>,
+    https: Option<LoadBench>,
     fixed_rate: Option<rate::RateBench>,
     close: Option<LoadBench>,
     pipeline: Vec<Value>,
@@ -358,6 +365,16 @@ fn run_all(ctx: &mut Ctx, tools: &BenchTools) -> Result<Results> {
         let b = load_bench(ctx, false);
         (ctx.cfg.ka_pairs, ctx.cfg.ka_secs, ctx.nginx.path) = (pairs, secs, "/");
         r.large_body = Some(b?);
+        Ok(())
+    });
+    attempt("1d) keep-alive over HTTPS", &mut res, &mut |r| {
+        let (pairs, secs) = (ctx.cfg.ka_pairs, ctx.cfg.ka_secs);
+        ctx.cfg.ka_pairs = pairs.min(3);
+        ctx.cfg.ka_secs = secs.min(6);
+        ctx.nginx.tls = true;
+        let b = load_bench(ctx, false);
+        (ctx.cfg.ka_pairs, ctx.cfg.ka_secs, ctx.nginx.tls) = (pairs, secs, false);
+        r.https = Some(b?);
         Ok(())
     });
     attempt("2) Connection: close", &mut res, &mut |r| {
@@ -1608,6 +1625,14 @@ fn render(r: &Results) -> String {
             &mut md,
             b,
             "1c) nginx keep-alive, 16 KiB responses (written, not sendfile'd)",
+            "request",
+        );
+    }
+    if let Some(b) = &r.https {
+        load_table(
+            &mut md,
+            b,
+            "1d) nginx keep-alive over HTTPS (TLS read through the libssl probes)",
             "request",
         );
     }

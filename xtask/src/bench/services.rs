@@ -22,9 +22,13 @@ pub const CLIENT_CPU: &str = "1";
 pub struct Nginx {
     child: Child,
     pub port: u16,
+    /// The HTTPS listener's port (the same responses, over TLS).
+    pub tls_port: u16,
     pub worker: u32,
     /// The path wrk asks for: `/` (17-byte body) or [`BODY16K`].
     pub path: &'static str,
+    /// wrk asks over HTTPS.
+    pub tls: bool,
 }
 
 /// A 16 KiB response body, read from a file and written by nginx (no sendfile).
@@ -35,8 +39,29 @@ impl Nginx {
     /// [`SERVER_CPU`].
     pub fn start(root: &Path, dir: &Path) -> Result<Self> {
         let port = sys::free_port()?;
+        let tls_port = sys::free_port()?;
         for sub in ["body", "proxy", "fastcgi", "uwsgi", "scgi"] {
             fs::create_dir_all(dir.join("tmp").join(sub))?;
+        }
+        let cert = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-subj", "/CN=127.0.0.1", "-days", "2", "-keyout"])
+            .arg(dir.join("tls-key.pem"))
+            .arg("-out")
+            .arg(dir.join("tls-cert.pem"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .context("running openssl for the HTTPS benchmark's certificate")?;
+        if !cert.success() {
+            bail!("openssl req (the HTTPS benchmark's certificate) failed: {cert}");
         }
         let tpl = fs::read_to_string(root.join("bench/nginx.conf.in"))
             .context("reading bench/nginx.conf.in")?;
@@ -45,7 +70,8 @@ impl Nginx {
         fs::write(
             &conf,
             tpl.replace("@DIR@", &dir.display().to_string())
-                .replace("@PORT@", &port.to_string()),
+                .replace("@PORT@", &port.to_string())
+                .replace("@TLS_PORT@", &tls_port.to_string()),
         )?;
         let child = Command::new("taskset")
             .args(["-c", SERVER_CPU, "nginx", "-c"])
@@ -61,7 +87,9 @@ impl Nginx {
             worker: 0,
             child,
             port,
+            tls_port,
             path: "/",
+            tls: false,
         };
         if let Err(e) = sys::wait_port(port, Duration::from_secs(15)) {
             bail!(
@@ -74,7 +102,11 @@ impl Nginx {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}{}", self.port, self.path)
+        if self.tls {
+            format!("https://127.0.0.1:{}{}", self.tls_port, self.path)
+        } else {
+            format!("http://127.0.0.1:{}{}", self.port, self.path)
+        }
     }
 
     pub fn cpu_s(&self) -> f64 {
