@@ -339,6 +339,9 @@ pub const CONN_TLS: u16 = 256;
 /// The plaintext of the TLS connection, seen through libssl, has carried HTTP/1.x (what
 /// [`CONN_HTTP`] is for the bytes on the socket).
 pub const CONN_TLS_HTTP: u16 = 512;
+/// The plaintext of the TLS connection started with the HTTP/2 preface (ALPN h2): reported
+/// once ([`EventKind::ConnOpaque`]), then its SSL calls are skipped.
+pub const CONN_TLS_OPAQUE: u16 = 1024;
 
 /// [`ConnEvent::protocol`]: a TLS handshake record (content type 22, version 3.x).
 pub const OPAQUE_TLS: u8 = 1;

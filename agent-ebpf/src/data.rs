@@ -2,8 +2,9 @@
 //! follow HTTP/1.x, copy a call's head (or, of a body, a few bytes) and its last bytes.
 use agent_common::{
     counter, syscall, EventKind, Role, TraceIds, CONN_BODY_IN, CONN_BODY_OUT, CONN_HEAD_AT_LINE,
-    CONN_HEAD_OPEN, CONN_HTTP, CONN_OPAQUE, CONN_PORT_LEARNED, CONN_TLS, CONN_TLS_HTTP, DIR_EGRESS,
-    DIR_INGRESS, MAX_CAPTURE, MAX_IOVECS, OPAQUE_HTTP2, OPAQUE_TLS, TAIL_BYTES,
+    CONN_HEAD_OPEN, CONN_HTTP, CONN_OPAQUE, CONN_PORT_LEARNED, CONN_TLS, CONN_TLS_HTTP,
+    CONN_TLS_OPAQUE, DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE, MAX_IOVECS, OPAQUE_HTTP2, OPAQUE_TLS,
+    TAIL_BYTES,
 };
 #[cfg(not(feature = "compat"))]
 use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs};
@@ -297,10 +298,27 @@ fn emit_data<const SHAPE: u8>(
         // What a TLS library decrypted: looked at until it starts like HTTP/1.x (HTTP/2
         // over TLS never does).
         if state.flags & CONN_TLS_HTTP == 0 {
-            let FirstBytes::Http = first_bytes(p.buf, total) else {
+            if state.flags & CONN_TLS_OPAQUE != 0 {
                 return None;
-            };
-            state.flags |= CONN_TLS_HTTP;
+            }
+            match first_bytes(p.buf, total) {
+                FirstBytes::Http => state.flags |= CONN_TLS_HTTP,
+                FirstBytes::Opaque(protocol) => {
+                    // HTTP/2 inside TLS: said once, like h2c.
+                    state.flags |= CONN_TLS_OPAQUE;
+                    let role = Role::from_u8(state.role);
+                    emit_conn(
+                        EventKind::ConnOpaque,
+                        p.fd,
+                        state.sock_id,
+                        role,
+                        false,
+                        protocol,
+                    );
+                    return None;
+                }
+                FirstBytes::NotHttp | FirstBytes::Undecided => return None,
+            }
         }
     } else if state.flags & CONN_HTTP == 0 {
         // Only connections that have carried HTTP/1.x are reported; everything else costs

@@ -263,6 +263,16 @@ impl<S: ExchangeSink> Pipeline<S> {
         if !conn.wanted {
             return;
         }
+        let what = if what == Unreadable::Http2 && (conn.tls || conn.tls_unconfirmed) {
+            // Inside TLS, through the probes: the TLS was read, what it carries is not.
+            conn.tls = true;
+            if std::mem::take(&mut conn.tls_unconfirmed) {
+                Stats::inc(&self.stats.conns_tls_read);
+            }
+            Unreadable::Http2OverTls
+        } else {
+            what
+        };
         if what == Unreadable::Tls && self.tls_probes {
             // Its plaintext may come through the probes (when the process uses the probed
             // libssl): judged when it does, or when the connection ends without any.

@@ -16,6 +16,9 @@ use crate::{
 pub enum Unreadable {
     Tls,
     Http2,
+    /// HTTP/2 inside TLS read through the libssl probes (ALPN h2): the kernel reports it as
+    /// HTTP/2; the pipeline knows the connection is TLS.
+    Http2OverTls,
 }
 
 impl Unreadable {
@@ -32,6 +35,7 @@ impl Unreadable {
         match self {
             Self::Tls => "TLS",
             Self::Http2 => "HTTP/2 without TLS (h2c, gRPC)",
+            Self::Http2OverTls => "HTTP/2 over TLS (h2, gRPC)",
         }
     }
 
@@ -42,7 +46,7 @@ impl Unreadable {
                 "Tapir reads TLS only through the OpenSSL library (libssl) a program links, \
                  which this one does not use, or not with --no-tls"
             }
-            Self::Http2 => "Tapir reads HTTP/1.x only",
+            Self::Http2 | Self::Http2OverTls => "Tapir reads HTTP/1.x only",
         }
     }
 
@@ -50,7 +54,7 @@ impl Unreadable {
     pub fn counter(self, stats: &Stats) -> &AtomicU64 {
         match self {
             Self::Tls => &stats.conns_unreadable_tls,
-            Self::Http2 => &stats.conns_unreadable_http2,
+            Self::Http2 | Self::Http2OverTls => &stats.conns_unreadable_http2,
         }
     }
 
@@ -58,7 +62,7 @@ impl Unreadable {
     fn metric(self) -> &'static str {
         match self {
             Self::Tls => "tapir.connections.unreadable.tls",
-            Self::Http2 => "tapir.connections.unreadable.http2",
+            Self::Http2 | Self::Http2OverTls => "tapir.connections.unreadable.http2",
         }
     }
 }
@@ -154,7 +158,7 @@ mod tests {
     #[test]
     fn notices_name_the_metric_their_counter_is_exported_as() {
         let stats = Stats::default();
-        for what in [Unreadable::Tls, Unreadable::Http2] {
+        for what in [Unreadable::Tls, Unreadable::Http2, Unreadable::Http2OverTls] {
             Stats::inc(what.counter(&stats));
             let exported: Vec<_> = stats
                 .snapshot()
