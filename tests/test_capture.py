@@ -3,6 +3,7 @@ once, with the right process, addresses, status and timing."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TAPIR, TESTS, curl, finish, free_port, have, nginx, self_signed, watch
+from conftest import TAPIR, TESTS, Agent, curl, finish, free_port, have, nginx, self_signed, watch
 
 PY = sys.executable
 CLIENT = str(TESTS / "servers/http_client.py")
@@ -392,6 +393,34 @@ def test_https_bodies_posts_and_trace_context(py_server, tmp_path):
     assert (traced["trace_id"], traced["parent_span_id"]) == (trace_id, parent)
     assert by[("server", "/bytes/100000")]["process.pid"] == server.pid
     assert agent.final_count("tapir.connections.tls") == 8  # 4 connections, both ends
+    assert agent.final_count("tapir.connections.unreadable.tls") == 0
+
+
+def test_a_libssl_that_appears_later_is_probed(py_server, tmp_path):
+    """A libssl file no process mapped when the agent started (a new container's own copy;
+    here a copy loaded through LD_LIBRARY_PATH) is found by the periodic rescan and probed:
+    the server using it is then read, as curl on the system's libssl is."""
+    key, cert = self_signed(tmp_path)
+    pem = tmp_path / "tls.pem"
+    pem.write_bytes(key.read_bytes() + cert.read_bytes())
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    system = next(p for p in ("/usr/lib/x86_64-linux-gnu/libssl.so.3", "/lib/x86_64-linux-gnu/libssl.so.3")
+                  if os.path.exists(p))
+    shutil.copy(system, lib / "libssl.so.3")  # another file: another inode
+    port = free_port()
+    agent = Agent("watch", "--json", "--port", str(port), env={"TAPIR_TLS_RESCAN_SECS": "1"})
+    server, port = py_server("--tls", pem, port=port, env={**os.environ, "LD_LIBRARY_PATH": str(lib)})
+    with open(f"/proc/{server.pid}/maps") as f:
+        assert str(lib / "libssl.so.3") in f.read()
+    agent.wait_for(lambda l: "reading TLS through OpenSSL in" in l and "/libssl.so.3 too" in l,
+                   what="the rescan probing the copied libssl", timeout=30)
+    r = curl("-k", "-o", "/dev/null", "-w", "%{http_code}", f"https://127.0.0.1:{port}/later")
+    assert r.stdout == "200"
+    got = finish(agent)
+    assert sorted((e["kind"], e["url.path"], e["url.scheme"]) for e in got) == [
+        ("client", "/later", "https"), ("server", "/later", "https"),
+    ], agent.err[-30:]
     assert agent.final_count("tapir.connections.unreadable.tls") == 0
 
 

@@ -177,6 +177,11 @@ pub struct Attached {
     pub rings_used: usize,
     /// The libssl files whose SSL_read/SSL_write are probed, or why none are.
     pub tls: Result<Vec<std::path::PathBuf>, String>,
+    /// Every libssl file looked at (device, inode), probed or not: [`rescan_tls`] skips
+    /// them.
+    tls_seen: HashSet<(u64, u64)>,
+    /// The TLS probes are wanted (no --no-tls).
+    tls_wanted: bool,
     /// The tracepoint attachments, by program: detached together on drop.
     links: Vec<(&'static str, TracePointLinkId)>,
 }
@@ -492,10 +497,11 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
     } else {
         Err("switched off".into())
     };
+    let mut tls_seen = HashSet::new();
     let tls = if opts.tls {
         match tls_programs().find_map(|p| refused.get(p).map(|e| (p, e))) {
             Some((p, e)) => Err(format!("loading {p}: {e}")),
-            None => attach_tls(&mut ebpf, &crate::tls_libs::find()),
+            None => attach_tls(&mut ebpf, &crate::tls_libs::find(), &mut tls_seen),
         }
     } else {
         Err("switched off (--no-tls)".into())
@@ -510,7 +516,43 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
         rings_used,
         links,
         tls,
+        tls_seen,
+        tls_wanted: opts.tls,
     })
+}
+
+impl Attached {
+    /// Whether the TLS probes are, or may later be, attached.
+    pub fn tls_wanted(&self) -> bool {
+        self.tls_wanted && !matches!(&self.tls, Err(e) if e.starts_with("loading"))
+    }
+}
+
+/// Probes the libssl files that appeared since start-up (a new container's own copy, a
+/// process that loaded one from elsewhere). Returns those newly probed.
+pub fn rescan_tls(attached: &mut Attached) -> Vec<std::path::PathBuf> {
+    if !attached.tls_wanted() {
+        return Vec::new();
+    }
+    let new: Vec<_> = crate::tls_libs::find()
+        .into_iter()
+        .filter(|lib| {
+            !crate::tls_libs::file_id(lib).is_some_and(|id| attached.tls_seen.contains(&id))
+        })
+        .collect();
+    if new.is_empty() {
+        return Vec::new();
+    }
+    match attach_tls(&mut attached.ebpf, &new, &mut attached.tls_seen) {
+        Ok(probed) => {
+            match &mut attached.tls {
+                Ok(all) => all.extend(probed.iter().cloned()),
+                Err(_) => attached.tls = Ok(probed.clone()),
+            }
+            probed
+        }
+        Err(_) => Vec::new(),
+    }
 }
 
 /// The TLS programs: the entries, then the returns.
@@ -532,6 +574,7 @@ pub fn tls_programs() -> impl Iterator<Item = &'static str> {
 fn attach_tls(
     ebpf: &mut Ebpf,
     libs: &[std::path::PathBuf],
+    seen: &mut HashSet<(u64, u64)>,
 ) -> Result<Vec<std::path::PathBuf>, String> {
     use crate::tls_libs::*;
     use aya::programs::{
@@ -544,6 +587,9 @@ fn attach_tls(
     let mut probed = Vec::new();
     let mut errors = Vec::new();
     for lib in libs {
+        if let Some(id) = file_id(lib) {
+            seen.insert(id);
+        }
         let points = match probe_points(lib) {
             Ok(p) => p,
             Err(e) => {

@@ -93,6 +93,16 @@ pub struct Conn {
     pub tls_unconfirmed: bool,
 }
 
+impl Conn {
+    /// Its plaintext came through the TLS probes: a TLS connection read, counted once.
+    fn tls_read(&mut self, stats: &Stats) {
+        self.tls = true;
+        if std::mem::take(&mut self.tls_unconfirmed) {
+            Stats::inc(&stats.conns_tls_read);
+        }
+    }
+}
+
 /// Receives what the pipeline produces.
 pub trait ExchangeSink {
     /// By reference: an exchange is a few hundred bytes, and no sink keeps it.
@@ -265,10 +275,7 @@ impl<S: ExchangeSink> Pipeline<S> {
         }
         let what = if what == Unreadable::Http2 && (conn.tls || conn.tls_unconfirmed) {
             // Inside TLS, through the probes: the TLS was read, what it carries is not.
-            conn.tls = true;
-            if std::mem::take(&mut conn.tls_unconfirmed) {
-                Stats::inc(&self.stats.conns_tls_read);
-            }
+            conn.tls_read(&self.stats);
             Unreadable::Http2OverTls
         } else {
             what
@@ -317,10 +324,7 @@ impl<S: ExchangeSink> Pipeline<S> {
         conn.active = true;
         let h = &d.header;
         if agent_common::syscall::is_tls(h.syscall) && !conn.tls {
-            conn.tls = true;
-            if std::mem::take(&mut conn.tls_unconfirmed) {
-                Stats::inc(&self.stats.conns_tls_read);
-            }
+            conn.tls_read(&self.stats);
         }
         if h.direction == DIR_EGRESS {
             let injected = h.trace.kind == TRACE_CLIENT && h.trace.injected != 0;
@@ -464,5 +468,165 @@ pub fn fmt_addr((ip, port): (IpAddr, u16)) -> String {
     match ip {
         IpAddr::V4(v4) => format!("{v4}:{port}"),
         IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{atomic::Ordering, Arc};
+
+    use agent_common::{
+        syscall, ConnEvent, ConnTuple, DataEventHeader, EventHeader, EventKind, AF_INET,
+        OPAQUE_HTTP2, OPAQUE_TLS,
+    };
+
+    use super::*;
+    use crate::{capture::reader::RecordSink, exchange::CapturedExchange};
+
+    #[derive(Default)]
+    struct Collect(Vec<(String, &'static str)>);
+
+    impl ExchangeSink for Collect {
+        fn on_exchange(&mut self, ex: &CapturedExchange) {
+            self.0.push((ex.http.path.to_string(), ex.scheme()));
+        }
+    }
+
+    fn bytes<T>(v: &T) -> Vec<u8> {
+        // SAFETY: test-only view of a repr(C) POD value.
+        unsafe {
+            std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>())
+        }
+        .to_vec()
+    }
+
+    const FD: u32 = 5;
+
+    fn conn(kind: EventKind, protocol: u8) -> Vec<u8> {
+        bytes(&ConnEvent {
+            header: EventHeader {
+                kind: kind as u8,
+                tgid: std::process::id(),
+                fd: FD,
+                ts_ns: 1,
+                ..Default::default()
+            },
+            sock_id: 77,
+            tuple: ConnTuple {
+                family: AF_INET,
+                local_port: 443,
+                remote_port: 50000,
+                ..Default::default()
+            },
+            role: Role::Server as u8,
+            protocol,
+            ..Default::default()
+        })
+    }
+
+    fn data(call: u8, direction: u8, payload: &[u8], ts_ns: u64) -> Vec<u8> {
+        let mut v = bytes(&DataEventHeader {
+            header: EventHeader {
+                kind: EventKind::Data as u8,
+                tgid: std::process::id(),
+                fd: FD,
+                ts_ns,
+                ..Default::default()
+            },
+            sock_id: 77,
+            total: payload.len() as u32,
+            captured: payload.len() as u32,
+            direction,
+            syscall: call,
+            ..Default::default()
+        });
+        v.extend_from_slice(payload);
+        v
+    }
+
+    fn pipeline(tls_probes: bool) -> (Pipeline<Collect>, Arc<Stats>) {
+        let stats = Arc::new(Stats::default());
+        let mut p = Pipeline::new(
+            16,
+            Filter { ports: vec![] },
+            stats.clone(),
+            Collect::default(),
+        );
+        p.set_tls_probes(tls_probes);
+        (p, stats)
+    }
+
+    fn counts(s: &Stats) -> [u64; 3] {
+        [
+            s.conns_tls_read.load(Ordering::Relaxed),
+            s.conns_unreadable_tls.load(Ordering::Relaxed),
+            s.conns_unreadable_http2.load(Ordering::Relaxed),
+        ]
+    }
+
+    const REQUEST: &[u8] = b"GET /secure HTTP/1.1\r\nHost: x\r\n\r\n";
+    const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+    #[test]
+    fn tls_read_through_the_probes_is_https_and_counted_once() {
+        let (mut p, stats) = pipeline(true);
+        p.on_record(&conn(EventKind::ConnOpen, 0));
+        p.on_record(&conn(EventKind::ConnOpaque, OPAQUE_TLS));
+        assert_eq!(
+            counts(&stats),
+            [0, 0, 0],
+            "judged when plaintext comes or the connection ends"
+        );
+        for i in 0..2 {
+            p.on_record(&data(syscall::SSL_READ, DIR_INGRESS, REQUEST, 10 + i * 10));
+            p.on_record(&data(syscall::SSL_WRITE, DIR_EGRESS, RESPONSE, 15 + i * 10));
+        }
+        p.on_record(&conn(EventKind::ConnClose, 0));
+        assert_eq!(
+            p.sink.0,
+            [("/secure".into(), "https"), ("/secure".into(), "https")]
+        );
+        assert_eq!(counts(&stats), [1, 0, 0]);
+    }
+
+    #[test]
+    fn tls_that_ends_without_plaintext_is_unreadable_then() {
+        let (mut p, stats) = pipeline(true);
+        p.on_record(&conn(EventKind::ConnOpen, 0));
+        p.on_record(&conn(EventKind::ConnOpaque, OPAQUE_TLS));
+        p.on_record(&conn(EventKind::ConnClose, 0));
+        assert_eq!(counts(&stats), [0, 1, 0]);
+        assert!(p.sink.0.is_empty());
+    }
+
+    #[test]
+    fn without_the_probes_tls_is_unreadable_at_once() {
+        let (mut p, stats) = pipeline(false);
+        p.on_record(&conn(EventKind::ConnOpen, 0));
+        p.on_record(&conn(EventKind::ConnOpaque, OPAQUE_TLS));
+        assert_eq!(counts(&stats), [0, 1, 0]);
+        p.on_record(&conn(EventKind::ConnClose, 0));
+        assert_eq!(counts(&stats), [0, 1, 0], "not counted twice");
+    }
+
+    #[test]
+    fn http2_inside_tls_counts_the_tls_as_read() {
+        let (mut p, stats) = pipeline(true);
+        p.on_record(&conn(EventKind::ConnOpen, 0));
+        p.on_record(&conn(EventKind::ConnOpaque, OPAQUE_TLS));
+        p.on_record(&conn(EventKind::ConnOpaque, OPAQUE_HTTP2));
+        p.on_record(&conn(EventKind::ConnClose, 0));
+        assert_eq!(counts(&stats), [1, 0, 1]);
+    }
+
+    #[test]
+    fn plain_http_stays_http() {
+        let (mut p, stats) = pipeline(true);
+        p.on_record(&conn(EventKind::ConnOpen, 0));
+        p.on_record(&data(syscall::READ, DIR_INGRESS, REQUEST, 10));
+        p.on_record(&data(syscall::WRITE, DIR_EGRESS, RESPONSE, 15));
+        p.on_record(&conn(EventKind::ConnClose, 0));
+        assert_eq!(p.sink.0, [("/secure".into(), "http")]);
+        assert_eq!(counts(&stats), [0, 0, 0]);
     }
 }

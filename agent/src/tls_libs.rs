@@ -142,6 +142,11 @@ fn emulated_first_instruction(code: &[u8]) -> bool {
     matches!(code, [0x50..=0x57, ..] | [0x41, 0x50..=0x57, ..])
 }
 
+/// (device, inode) of a file: one probe per file, whatever the path.
+pub fn file_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
 /// Whether a mapped file's name is OpenSSL's libssl (`libssl.so`, `libssl.so.3`, …).
 pub fn is_libssl(path: &str) -> bool {
     let name = path.rsplit('/').next().unwrap_or(path);
@@ -155,8 +160,8 @@ pub fn find() -> Vec<PathBuf> {
     let mut found = Vec::new();
     let mut seen = HashSet::new();
     let mut add = |path: PathBuf| {
-        if let Ok(meta) = std::fs::metadata(&path) {
-            if meta.is_file() && seen.insert((meta.dev(), meta.ino())) {
+        if let Some(id) = file_id(&path).filter(|_| path.is_file()) {
+            if seen.insert(id) {
                 found.push(path);
             }
         }

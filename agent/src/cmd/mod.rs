@@ -95,11 +95,12 @@ pub struct CaptureArgs {
         value_delimiter = ','
     )]
     pub open_ports: Vec<String>,
-    /// Do not read HTTPS through OpenSSL: by default uprobes on libssl's SSL_read and
-    /// SSL_write (every libssl.so that a running process maps, and the usual system paths)
-    /// see the plaintext of processes that use the system's OpenSSL (nginx, Python, curl,
-    /// Ruby, PHP). Each call then costs the process a few microseconds. Programs that
-    /// bring their own TLS (Go, Java, Node.js, rustls) stay unread.
+    /// Do not read HTTPS through OpenSSL. By default uprobes on OpenSSL's read and write
+    /// (in every libssl.so that a running process maps, and at the usual system paths)
+    /// see the plaintext of processes that use the system's OpenSSL (nginx, Apache,
+    /// Python, curl, Ruby, PHP); each SSL call then costs the calling process a uprobe
+    /// round trip (about 2 µs on a small VM), observed or not. Programs with a TLS stack
+    /// of their own (Go, Java, Node.js, rustls) stay unread either way.
     #[arg(long, env = "TAPIR_NO_TLS")]
     pub no_tls: bool,
 }
@@ -170,11 +171,15 @@ pub fn attach(args: &CaptureArgs, inject: &InjectArgs, ports: &[u16]) -> Result<
     }
     match &attached.tls {
         Ok(libs) => tracing::info!(
-            "reading TLS through OpenSSL: SSL_read/SSL_write probed in {}",
+            "reading TLS through OpenSSL: its read and write probed in {}",
             libs.iter()
                 .map(|l| l.display().to_string())
                 .collect::<Vec<_>>()
                 .join(", ")
+        ),
+        Err(why) if attached.tls_wanted() => tracing::info!(
+            "TLS is not read yet ({why}); libssl files that appear are probed within {} s",
+            tls_rescan_every().as_secs()
         ),
         Err(why) if !args.no_tls => eprintln!(
             "tapir: warning: TLS is not read ({why}); HTTPS connections are counted \
@@ -233,6 +238,39 @@ impl ShutdownSignals {
             _ = self.term.recv() => {},
         }
     }
+
+    /// Waits for SIGINT/SIGTERM, meanwhile putting the TLS probes on libssl files that
+    /// appear (new containers) every [`tls_rescan_every`].
+    pub fn wait_rescanning_tls(self, rt: &tokio::runtime::Runtime, attached: &mut Attached) {
+        let wait = self.wait();
+        tokio::pin!(wait);
+        rt.block_on(async {
+            let mut tick = tokio::time::interval(tls_rescan_every());
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = &mut wait => return,
+                    _ = tick.tick() => {
+                        for lib in loader::rescan_tls(attached) {
+                            tracing::info!("reading TLS through OpenSSL in {} too", lib.display());
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// How often libssl files that appeared since start-up are looked for (the scan reads
+/// every process's /proc/PID/maps: ~0.1 ms per process). `TAPIR_TLS_RESCAN_SECS` sets it.
+fn tls_rescan_every() -> Duration {
+    let secs = std::env::var("TAPIR_TLS_RESCAN_SECS")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .unwrap_or(30);
+    Duration::from_secs(secs)
 }
 
 /// The capture thread plus the flag that stops it.
@@ -337,7 +375,7 @@ impl PipelineMaps {
             counters,
             inject_counters,
             rearm: Self::take_rearm(attached),
-            tls_probes: attached.tls.is_ok(),
+            tls_probes: attached.tls_wanted(),
         }
     }
 

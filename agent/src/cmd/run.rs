@@ -260,7 +260,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         exporting = telemetry.as_ref().map_or("nothing", |t| t.summary.as_str()),
         "ready: all probes attached"
     );
-    rt.block_on(signals.wait());
+    signals.wait_rescanning_tls(&rt, &mut attached);
     tracing::info!("shutting down: detaching probes");
     // Stops capture after a last drain of the ring buffer.
     capture.stop();

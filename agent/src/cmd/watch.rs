@@ -107,7 +107,7 @@ pub fn run(args: WatchArgs) -> Result<ExitCode> {
     // The heap used while loading (BTF, programs) is all freed by now.
     tapir::heap::trim();
     tracing::info!("ready: watching HTTP exchanges (Ctrl-C to stop)");
-    rt.block_on(signals.wait());
+    signals.wait_rescanning_tls(&rt, &mut attached);
     capture.stop();
     if let Some(r) = rescan {
         r.stop();
