@@ -189,6 +189,8 @@ struct Ctx {
     nginx: Nginx,
     receiver: Option<Receiver>,
     agent_args: Vec<String>,
+    /// The start of `agent_args` that picks nginx's ports (variants replace the rest).
+    port_args: Vec<String>,
     /// Agents started so far (log file numbering, and telling ours from foreign ones).
     agents_started: usize,
     mine: Vec<u32>,
@@ -253,12 +255,13 @@ pub fn run(root: &Path, bin: &Path, quick: bool) -> Result<()> {
         None
     };
     let nginx = Nginx::start(root, &work.join("nginx"))?;
-    let mut agent_args = vec![
+    let port_args = vec![
         "--port".to_string(),
         nginx.port.to_string(),
         "--port".to_string(),
         nginx.tls_port.to_string(),
     ];
+    let mut agent_args = port_args.clone();
     if let Some(r) = &receiver {
         agent_args.extend(exporter_args("grpc", r.grpc_port));
     }
@@ -278,6 +281,7 @@ pub fn run(root: &Path, bin: &Path, quick: bool) -> Result<()> {
         nginx,
         receiver,
         agent_args,
+        port_args,
         agents_started: 0,
         mine,
     };
@@ -585,14 +589,14 @@ fn one_run(ctx: &mut Ctx, close: bool, variant: Variant, pair: usize) -> Result<
         );
         let mut args = ctx.agent_args.clone();
         if capture_only {
-            args.truncate(2); // --port P
+            args.clone_from(&ctx.port_args);
             args.extend(["--exporter".into(), "none".into()]);
         }
         if nginx_only {
             args.extend(["--exe".into(), "nginx".into()]);
         }
         if let (true, Some(port)) = (otlp_http, ctx.receiver.as_ref().and_then(|r| r.http_port)) {
-            args.truncate(2); // --port P
+            args.clone_from(&ctx.port_args);
             args.extend(exporter_args("http/protobuf", port));
         }
         let envs: &[(&str, &str)] = if sampled { &SAMPLED_ENV } else { &[] };

@@ -92,8 +92,7 @@ impl ProgramBench {
 
 fn one_run(ctx: &mut Ctx, nginx_only: bool) -> Result<ProgramRun> {
     wait_quiet(ctx.cfg.quiet_wait_s);
-    let mut args = ctx.agent_args.clone();
-    args.truncate(2); // --port P
+    let mut args = ctx.port_args.clone();
     args.extend(["--exporter", "none", "--ebpf-stats"].map(String::from));
     if nginx_only {
         args.extend(["--exe", "nginx"].map(String::from));
