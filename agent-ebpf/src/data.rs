@@ -169,6 +169,20 @@ fn exit<const SHAPE: u8>(ctx: &TracePointContext, call: u8, direction: u8, msghd
     0
 }
 
+/// Tells the agent, once, that the connection carries `protocol`, which Tapir cannot read.
+#[inline(always)]
+fn report_opaque(p: &PendingIo, state: &agent_common::ConnState, protocol: u8) {
+    let role = Role::from_u8(state.role);
+    emit_conn(
+        EventKind::ConnOpaque,
+        p.fd,
+        state.sock_id,
+        role,
+        false,
+        protocol,
+    );
+}
+
 /// Plaintext that a TLS library read from or wrote to connection `fd` (`tls.rs`), reported
 /// as that connection's bytes.
 #[inline(always)]
@@ -306,15 +320,7 @@ fn emit_data<const SHAPE: u8>(
                 FirstBytes::Opaque(protocol) => {
                     // HTTP/2 inside TLS: said once, like h2c.
                     state.flags |= CONN_TLS_OPAQUE;
-                    let role = Role::from_u8(state.role);
-                    emit_conn(
-                        EventKind::ConnOpaque,
-                        p.fd,
-                        state.sock_id,
-                        role,
-                        false,
-                        protocol,
-                    );
+                    report_opaque(p, state, protocol);
                     return None;
                 }
                 FirstBytes::NotHttp | FirstBytes::Undecided => return None,
@@ -339,15 +345,7 @@ fn emit_data<const SHAPE: u8>(
                         note_tls_fd(p.pid_tgid, p.fd);
                     }
                 }
-                let role = Role::from_u8(state.role);
-                emit_conn(
-                    EventKind::ConnOpaque,
-                    p.fd,
-                    state.sock_id,
-                    role,
-                    false,
-                    protocol,
-                );
+                report_opaque(p, state, protocol);
                 return None;
             }
             // Seen from its start (accepted or connected while Tapir runs), the connection
