@@ -358,6 +358,41 @@ def test_https_is_read_through_openssl(py_server, procs, tmp_path):
     assert not [l for l in agent.err if "not captured: " in l], agent.err[-30:]
 
 
+def test_https_through_a_memory_bio_is_read(procs, tmp_path):
+    """asyncio's TLS (as uvicorn and aiohttp serve HTTPS) reads and writes the socket
+    itself and has OpenSSL decrypt through a memory BIO, so no socket call happens inside
+    an SSL call: the socket a thread read just before its SSL_read names the connection,
+    and the SSL*'s writes go where it read. Every exchange on two connections (one kept
+    alive for three requests) shows at both ends with its status and body size, and no
+    SSL call is left without its socket."""
+    key, cert = self_signed(tmp_path)
+    pem = tmp_path / "tls.pem"
+    pem.write_bytes(key.read_bytes() + cert.read_bytes())
+    port = free_port()
+    server = procs([sys.executable, TESTS / "servers/asyncio_server.py", port, "--tls", pem],
+                   ready_port=port)
+    agent = watch(port)
+    base = f"https://127.0.0.1:{port}"
+    urls = [f"{base}{p}" for p in ("/a", "/status/404", "/bytes/3000")]
+    r = curl("-k", *(["-o", "/dev/null"] * 3), "-w", "%{http_code} %{num_connects}\n", *urls)
+    assert r.stdout.split() == ["200", "1", "404", "0", "200", "0"]
+    assert curl("-k", f"{base}/b").stdout == "ok"
+    got = finish(agent)
+    rows = sorted(
+        (e["kind"], e["url.path"], e["http.response.status_code"], e["http.response.body.size"],
+         e["url.scheme"])
+        for e in got
+    )
+    expected = [(k, p, s, n, "https") for k in ("client", "server")
+                for p, s, n in (("/a", 200, 2), ("/status/404", 404, 11), ("/bytes/3000", 200, 3000),
+                                ("/b", 200, 2))]
+    assert rows == sorted(expected), agent.err[-30:]
+    assert {e["process.pid"] for e in servers_of(got)} == {server.pid}
+    assert agent.final_count("tapir.kernel.tls_socket_unknown") == 0, agent.err[-30:]
+    assert agent.final_count("tapir.connections.tls") == 4, agent.err[-30:]
+    assert agent.final_count("tapir.connections.unreadable.tls") == 0
+
+
 def test_https_bodies_posts_and_trace_context(py_server, tmp_path):
     """Through the libssl probes, in a server started after the agent (the probes are on
     the library file, so later processes are covered): bodies larger than a TLS record

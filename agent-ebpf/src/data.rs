@@ -144,7 +144,7 @@ fn exit<const SHAPE: u8>(ctx: &TracePointContext, call: u8, direction: u8, msghd
     if state.flags & CONN_TLS != 0 {
         // Its bytes are ciphertext; the plaintext comes from the SSL call around this one.
         if tls_on() {
-            note_tls_fd(pid_tgid, fd);
+            note_tls_fd(pid_tgid, fd, direction == DIR_INGRESS);
         }
         return 0;
     }
@@ -342,7 +342,7 @@ fn emit_data<const SHAPE: u8>(
                 if protocol == OPAQUE_TLS {
                     state.flags |= CONN_TLS;
                     if tls_on() {
-                        note_tls_fd(p.pid_tgid, p.fd);
+                        note_tls_fd(p.pid_tgid, p.fd, p.direction == DIR_INGRESS);
                     }
                 }
                 report_opaque(p, state, protocol);
@@ -358,7 +358,7 @@ fn emit_data<const SHAPE: u8>(
             FirstBytes::NotHttp | FirstBytes::Undecided => {
                 // A TLS connection first seen in use (no handshake): its bytes say nothing
                 // Tapir can read, but a thread inside an SSL call moved them.
-                if tls_on() && note_tls_fd(p.pid_tgid, p.fd) {
+                if tls_on() && note_tls_fd(p.pid_tgid, p.fd, false) {
                     state.flags |= CONN_OPAQUE | CONN_TLS;
                 }
                 return None;

@@ -7,8 +7,11 @@
 //! A call's `SSL*` does not say which socket it uses, so the socket is learnt from the
 //! calls themselves: while a thread is inside an SSL call, its read or write on a TLS
 //! connection (`data::exit`) names the fd ([`note_tls_fd`]), which is then remembered per
-//! `SSL*` for calls served from OpenSSL's buffer without touching the socket.
-use agent_common::{counter, syscall, DIR_EGRESS, DIR_INGRESS};
+//! `SSL*` for calls served from OpenSSL's buffer without touching the socket. A library
+//! reading through a memory BIO (Python's asyncio, Node) reads the socket itself first,
+//! outside any SSL call, then decrypts with `SSL_read`: that read names the socket of the
+//! thread's next `SSL_read`, and its `SSL_write`s use the socket their `SSL*` read from.
+use agent_common::{counter, syscall, CONN_TLS, DIR_EGRESS, DIR_INGRESS};
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
     macros::{map, uprobe, uretprobe},
@@ -25,24 +28,29 @@ use crate::{
 /// No socket known yet.
 const NO_FD: u32 = u32::MAX;
 
-/// An SSL call in progress on a thread.
+/// A thread's SSL calls: the one in progress, and the TLS socket it last read outside any.
+/// Kept between calls (updated in place: cheaper than an LRU insert and delete per call).
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct TlsCall {
+pub struct TlsThread {
     ssl: u64,
     buf: u64,
     /// Where the call writes its byte count (`done`).
     out_len: u64,
-    /// The socket the call touched, or the one its `SSL*` was last seen with.
+    /// The socket the call touched, or [`NO_FD`].
     fd: u32,
-    /// `fd` was seen during this call (and is worth remembering for the `SSL*`).
-    fd_seen: u32,
+    /// The thread is inside an SSL call (between the entry and return probes).
+    in_call: u32,
+    /// The TLS socket the thread last read outside an SSL call, or [`NO_FD`]: where a
+    /// library reading through a memory BIO (Python's asyncio, Node) got the ciphertext
+    /// that its next `SSL_read` decrypts.
+    last_read_fd: u32,
+    _pad: u32,
 }
 
-/// pid_tgid → the SSL call it is inside. LRU: a thread killed inside a call never removes
-/// its entry.
-#[map(name = "TAPIR_TLS_CALLS")]
-pub static TLS_CALLS: LruHashMap<u64, TlsCall> = LruHashMap::with_max_entries(16384, 0);
+/// pid_tgid → its SSL calls. LRU: threads come and go without telling.
+#[map(name = "TAPIR_TLS_THREADS")]
+pub static TLS_THREADS: LruHashMap<u64, TlsThread> = LruHashMap::with_max_entries(16384, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -57,18 +65,39 @@ pub struct SslKey {
 pub static TLS_FDS: LruHashMap<SslKey, u32> = LruHashMap::with_max_entries(65536, 0);
 
 /// Called by the socket programs for a TLS connection's call: if the thread is inside an
-/// SSL call, that call uses `fd`. Returns whether it was.
+/// SSL call, that call uses `fd`; a read outside one (`read`: the call is a read of a
+/// connection known to be TLS) is remembered for the thread's next `SSL_read`, which
+/// decrypts it from a memory BIO. Returns whether the thread was inside an SSL call.
 #[inline(always)]
-pub fn note_tls_fd(pid_tgid: u64, fd: u32) -> bool {
-    match TLS_CALLS.get_ptr_mut(&pid_tgid) {
-        Some(call) => {
+pub fn note_tls_fd(pid_tgid: u64, fd: u32, read: bool) -> bool {
+    match TLS_THREADS.get_ptr_mut(&pid_tgid) {
+        Some(t) => {
             // SAFETY: pointer from a successful lookup.
-            let call = unsafe { &mut *call };
-            call.fd = fd;
-            call.fd_seen = 1;
-            true
+            let t = unsafe { &mut *t };
+            if t.in_call != 0 {
+                t.fd = fd;
+                return true;
+            }
+            if read {
+                t.last_read_fd = fd;
+            }
+            false
         }
-        None => false,
+        None => {
+            if read {
+                let t = TlsThread {
+                    ssl: 0,
+                    buf: 0,
+                    out_len: 0,
+                    fd: NO_FD,
+                    in_call: 0,
+                    last_read_fd: fd,
+                    _pad: 0,
+                };
+                let _ = TLS_THREADS.insert(&pid_tgid, &t, 0);
+            }
+            false
+        }
     }
 }
 
@@ -96,14 +125,30 @@ fn enter(ctx: &ProbeContext, done_arg: usize) {
     let (Some(ssl), Some(buf)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
         return;
     };
-    let call = TlsCall {
-        ssl,
-        buf,
-        out_len: ctx.arg::<u64>(done_arg).unwrap_or(0),
-        fd: NO_FD,
-        fd_seen: 0,
-    };
-    let _ = TLS_CALLS.insert(&pid_tgid, &call, 0);
+    let out_len = ctx.arg::<u64>(done_arg).unwrap_or(0);
+    match TLS_THREADS.get_ptr_mut(&pid_tgid) {
+        Some(t) => {
+            // SAFETY: pointer from a successful lookup.
+            let t = unsafe { &mut *t };
+            t.ssl = ssl;
+            t.buf = buf;
+            t.out_len = out_len;
+            t.fd = NO_FD;
+            t.in_call = 1;
+        }
+        None => {
+            let t = TlsThread {
+                ssl,
+                buf,
+                out_len,
+                fd: NO_FD,
+                in_call: 1,
+                last_read_fd: NO_FD,
+                _pad: 0,
+            };
+            let _ = TLS_THREADS.insert(&pid_tgid, &t, 0);
+        }
+    }
 }
 
 #[uretprobe]
@@ -121,11 +166,21 @@ pub fn tapir_ssl_write_exit(ctx: RetProbeContext) -> u32 {
 #[inline(always)]
 fn on_return(ctx: &RetProbeContext, direction: u8) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: a plain value copied out of the map.
-    let Some(call) = (unsafe { TLS_CALLS.get(&pid_tgid) }).copied() else {
+    let Some(t) = TLS_THREADS.get_ptr_mut(&pid_tgid) else {
         return 0;
     };
-    let _ = TLS_CALLS.remove(&pid_tgid);
+    // SAFETY: pointer from a successful lookup.
+    let t = unsafe { &mut *t };
+    if t.in_call == 0 {
+        // Entered before the probes were attached.
+        return 0;
+    }
+    t.in_call = 0;
+    let call = *t;
+    if direction == DIR_INGRESS {
+        // One socket read outside SSL calls names the socket of one SSL_read at most.
+        t.last_read_fd = NO_FD;
+    }
     // 1 on success, with the count stored through `done`.
     let rc = ctx.ret::<u64>() as i32;
     if rc != 1 || call.out_len == 0 {
@@ -144,12 +199,22 @@ fn on_return(ctx: &RetProbeContext, direction: u8) -> u32 {
         tgid,
         _pad: 0,
     };
-    let fd = if call.fd_seen != 0 {
-        // SAFETY: a plain value read from the map.
-        if unsafe { TLS_FDS.get(&key) }.copied() != Some(call.fd) {
-            let _ = TLS_FDS.insert(&key, &call.fd, 0);
-        }
+    // The socket, by what says it best: one the call touched (a socket BIO); for a read
+    // that touched none, the TLS socket the thread read just before (a memory BIO, filled
+    // from it by the program); else the one this `SSL*` used last.
+    let seen = if call.fd != NO_FD {
         call.fd
+    } else if direction == DIR_INGRESS {
+        call.last_read_fd
+    } else {
+        NO_FD
+    };
+    let fd = if seen != NO_FD {
+        // SAFETY: a plain value read from the map.
+        if unsafe { TLS_FDS.get(&key) }.copied() != Some(seen) {
+            let _ = TLS_FDS.insert(&key, &seen, 0);
+        }
+        seen
     } else {
         // SAFETY: as above.
         match unsafe { TLS_FDS.get(&key) } {
@@ -163,6 +228,11 @@ fn on_return(ctx: &RetProbeContext, direction: u8) -> u32 {
     let Some(state) = lookup_tcp(tgid, fd) else {
         return 0;
     };
+    // SAFETY: pointer from a successful map lookup.
+    if unsafe { (*state).flags } & CONN_TLS == 0 {
+        // The fd was closed and reused for a connection that is not TLS.
+        return 0;
+    }
     let call_kind = if direction == DIR_INGRESS {
         syscall::SSL_READ
     } else {
