@@ -358,25 +358,33 @@ def test_https_is_read_through_openssl(py_server, procs, tmp_path):
     assert not [l for l in agent.err if "not captured: " in l], agent.err[-30:]
 
 
-def test_https_through_a_memory_bio_is_read(procs, tmp_path):
-    """asyncio's TLS (as uvicorn and aiohttp serve HTTPS) reads and writes the socket
-    itself and has OpenSSL decrypt through a memory BIO, so no socket call happens inside
-    an SSL call: the socket a thread read just before its SSL_read names the connection,
-    and the SSL*'s writes go where it read. Every exchange on two connections (one kept
-    alive for three requests) shows at both ends with its status and body size, and no
-    SSL call is left without its socket."""
+@pytest.mark.parametrize("server_kind", ["asyncio", "node"])
+def test_https_through_a_memory_bio_is_read(procs, tmp_path, server_kind):
+    """Servers whose OpenSSL decrypts through a memory BIO read and write the socket
+    themselves, so no socket call happens inside an SSL call: asyncio's TLS (as uvicorn and
+    aiohttp serve HTTPS; the system's libssl) and Node.js's `https` (the official builds
+    carry OpenSSL inside the `node` binary, with OpenSSL's internal read and write inlined
+    into SSL_read/SSL_write, which are probed instead). The socket a thread read just
+    before its SSL_read names the connection, and the SSL*'s writes go where it read. Every
+    exchange on two connections (one kept alive for three requests) shows at both ends with
+    its status and body size, and no SSL call is left without its socket."""
     key, cert = self_signed(tmp_path)
     pem = tmp_path / "tls.pem"
     pem.write_bytes(key.read_bytes() + cert.read_bytes())
     port = free_port()
-    server = procs([sys.executable, TESTS / "servers/asyncio_server.py", port, "--tls", pem],
-                   ready_port=port)
+    if server_kind == "node":
+        if not have("node"):
+            pytest.fail("node is not installed (it is part of this machine image)")
+        argv = ["node", TESTS / "servers/node_server.js", port, "--tls", pem]
+    else:
+        argv = [sys.executable, TESTS / "servers/asyncio_server.py", port, "--tls", pem]
+    server = procs(argv, ready_port=port)
     agent = watch(port)
     base = f"https://127.0.0.1:{port}"
     urls = [f"{base}{p}" for p in ("/a", "/status/404", "/bytes/3000")]
     r = curl("-k", *(["-o", "/dev/null"] * 3), "-w", "%{http_code} %{num_connects}\n", *urls)
     assert r.stdout.split() == ["200", "1", "404", "0", "200", "0"]
-    assert curl("-k", f"{base}/b").stdout == "ok"
+    assert curl("-k", f"{base}/b").stdout == "ok\n"
     got = finish(agent)
     rows = sorted(
         (e["kind"], e["url.path"], e["http.response.status_code"], e["http.response.body.size"],
@@ -384,8 +392,8 @@ def test_https_through_a_memory_bio_is_read(procs, tmp_path):
         for e in got
     )
     expected = [(k, p, s, n, "https") for k in ("client", "server")
-                for p, s, n in (("/a", 200, 2), ("/status/404", 404, 11), ("/bytes/3000", 200, 3000),
-                                ("/b", 200, 2))]
+                for p, s, n in (("/a", 200, 3), ("/status/404", 404, 11), ("/bytes/3000", 200, 3000),
+                                ("/b", 200, 3))]
     assert rows == sorted(expected), agent.err[-30:]
     assert {e["process.pid"] for e in servers_of(got)} == {server.pid}
     assert agent.final_count("tapir.kernel.tls_socket_unknown") == 0, agent.err[-30:]

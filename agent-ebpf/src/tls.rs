@@ -39,7 +39,8 @@ pub struct TlsThread {
     out_len: u64,
     /// The socket the call touched, or [`NO_FD`].
     fd: u32,
-    /// The thread is inside an SSL call (between the entry and return probes).
+    /// The thread is inside an SSL call (between the entry and return probes): 1, or
+    /// [`IN_CALL_RETURNS_COUNT`] for a call that returns its byte count.
     in_call: u32,
     /// The TLS socket the thread last read outside an SSL call, or [`NO_FD`]: where a
     /// library reading through a memory BIO (Python's asyncio, Node) got the ciphertext
@@ -115,6 +116,19 @@ pub fn tapir_ssl_enter_out5(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// The entry of `SSL_read` or `SSL_write`, which return the bytes moved (probed where a
+/// build inlined the internal functions into them).
+#[uprobe]
+pub fn tapir_ssl_enter_ret(ctx: ProbeContext) -> u32 {
+    enter(&ctx, COUNT_RETURNED);
+    0
+}
+
+/// `enter`'s `done_arg` for functions that return their count.
+const COUNT_RETURNED: usize = usize::MAX;
+/// `TlsThread::in_call` of a call that returns its count (else 1).
+const IN_CALL_RETURNS_COUNT: u32 = 2;
+
 #[inline(always)]
 fn enter(ctx: &ProbeContext, done_arg: usize) {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -125,7 +139,11 @@ fn enter(ctx: &ProbeContext, done_arg: usize) {
     let (Some(ssl), Some(buf)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1)) else {
         return;
     };
-    let out_len = ctx.arg::<u64>(done_arg).unwrap_or(0);
+    let (out_len, in_call) = if done_arg == COUNT_RETURNED {
+        (0, IN_CALL_RETURNS_COUNT)
+    } else {
+        (ctx.arg::<u64>(done_arg).unwrap_or(0), 1)
+    };
     match TLS_THREADS.get_ptr_mut(&pid_tgid) {
         Some(t) => {
             // SAFETY: pointer from a successful lookup.
@@ -134,7 +152,7 @@ fn enter(ctx: &ProbeContext, done_arg: usize) {
             t.buf = buf;
             t.out_len = out_len;
             t.fd = NO_FD;
-            t.in_call = 1;
+            t.in_call = in_call;
         }
         None => {
             let t = TlsThread {
@@ -142,7 +160,7 @@ fn enter(ctx: &ProbeContext, done_arg: usize) {
                 buf,
                 out_len,
                 fd: NO_FD,
-                in_call: 1,
+                in_call,
                 last_read_fd: NO_FD,
                 _pad: 0,
             };
@@ -175,24 +193,29 @@ fn on_return(ctx: &RetProbeContext, direction: u8) -> u32 {
         // Entered before the probes were attached.
         return 0;
     }
-    t.in_call = 0;
     let call = *t;
+    t.in_call = 0;
     if direction == DIR_INGRESS {
         // One socket read outside SSL calls names the socket of one SSL_read at most.
         t.last_read_fd = NO_FD;
     }
-    // 1 on success, with the count stored through `done`.
     let rc = ctx.ret::<u64>() as i32;
-    if rc != 1 || call.out_len == 0 {
-        return 0;
-    }
-    // SAFETY: bpf_probe_read_user tolerates any address.
-    let Ok(moved) = (unsafe { bpf_probe_read_user(call.out_len as *const u64) }) else {
-        return 0;
+    let moved = if call.in_call == IN_CALL_RETURNS_COUNT {
+        if rc <= 0 {
+            return 0;
+        }
+        rc as u64
+    } else {
+        // 1 on success, with the count stored through `done`.
+        if rc != 1 || call.out_len == 0 {
+            return 0;
+        }
+        // SAFETY: bpf_probe_read_user tolerates any address.
+        match unsafe { bpf_probe_read_user(call.out_len as *const u64) } {
+            Ok(n) if n > 0 => n,
+            _ => return 0,
+        }
     };
-    if moved == 0 {
-        return 0;
-    }
     let tgid = (pid_tgid >> 32) as u32;
     let key = SslKey {
         ssl: call.ssl,

@@ -284,16 +284,17 @@ pub fn check_host() -> Vec<Check> {
         without: "HTTPS is not read (TLS connections are counted, not read)",
         core: false,
     });
-    let libs = crate::tls_libs::find();
+    let libs = crate::tls_libs::find(&mut std::collections::HashSet::new());
     checks.push(Check {
-        feature: "libssl (OpenSSL) to probe".into(),
+        feature: "OpenSSL to probe (libssl, Node.js)".into(),
         status: if libs.is_empty() {
             Status::Missing
         } else {
             Status::Ok
         },
         detail: if libs.is_empty() {
-            "no libssl.so mapped by a process or at the usual paths".into()
+            "no libssl.so mapped by a process or at the usual paths, no program exporting OpenSSL"
+                .into()
         } else {
             libs.iter()
                 .map(|l| l.display().to_string())

@@ -175,12 +175,13 @@ pub struct Attached {
     pub selection: Selection,
     /// How many of the event rings the CPUs write to ([`event_rings`]).
     pub rings_used: usize,
-    /// The libssl files whose SSL_read/SSL_write are probed, or why none are.
+    /// The files (libssl, programs carrying OpenSSL) whose read and write are probed, or
+    /// why none are.
     pub tls: Result<Vec<std::path::PathBuf>, String>,
-    /// Every libssl file looked at (device, inode), probed or not: [`rescan_tls`] skips
-    /// them.
+    /// Every file looked at for OpenSSL (device, inode), probed or not: [`rescan_tls`]
+    /// skips them.
     tls_seen: HashSet<(u64, u64)>,
-    /// The TLS probes are wanted (no --no-tls).
+    /// The TLS probes are wanted (no --no-tls) and their programs loaded.
     tls_wanted: bool,
     /// The tracepoint attachments, by program: detached together on drop.
     links: Vec<(&'static str, TracePointLinkId)>,
@@ -498,13 +499,14 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
         Err("switched off".into())
     };
     let mut tls_seen = HashSet::new();
-    let tls = if opts.tls {
-        match tls_programs().find_map(|p| refused.get(p).map(|e| (p, e))) {
-            Some((p, e)) => Err(format!("loading {p}: {e}")),
-            None => attach_tls(&mut ebpf, &crate::tls_libs::find(), &mut tls_seen),
-        }
-    } else {
+    let tls_refused = tls_programs().find_map(|p| refused.get(p).map(|e| (p, e)));
+    let tls = if !opts.tls {
         Err("switched off (--no-tls)".into())
+    } else if let Some((p, e)) = tls_refused {
+        Err(format!("loading {p}: {e}"))
+    } else {
+        let libs = crate::tls_libs::find(&mut tls_seen);
+        attach_tls(&mut ebpf, &libs, &mut tls_seen)
     };
     Ok(Attached {
         ebpf,
@@ -517,14 +519,14 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
         links,
         tls,
         tls_seen,
-        tls_wanted: opts.tls,
+        tls_wanted: opts.tls && tls_refused.is_none(),
     })
 }
 
 impl Attached {
     /// Whether the TLS probes are, or may later be, attached.
     pub fn tls_wanted(&self) -> bool {
-        self.tls_wanted && !matches!(&self.tls, Err(e) if e.starts_with("loading"))
+        self.tls_wanted
     }
 }
 
@@ -534,12 +536,7 @@ pub fn rescan_tls(attached: &mut Attached) -> Vec<std::path::PathBuf> {
     if !attached.tls_wanted() {
         return Vec::new();
     }
-    let new: Vec<_> = crate::tls_libs::find()
-        .into_iter()
-        .filter(|lib| {
-            !crate::tls_libs::file_id(lib).is_some_and(|id| attached.tls_seen.contains(&id))
-        })
-        .collect();
+    let new = crate::tls_libs::find(&mut attached.tls_seen);
     if new.is_empty() {
         return Vec::new();
     }
@@ -561,6 +558,7 @@ pub fn tls_programs() -> impl Iterator<Item = &'static str> {
     [
         SSL_ENTER_PROGRAM,
         SSL_ENTER_OUT5_PROGRAM,
+        SSL_ENTER_RET_PROGRAM,
         SSL_READ_EXIT_PROGRAM,
         SSL_WRITE_EXIT_PROGRAM,
     ]
@@ -593,7 +591,7 @@ fn attach_tls(
         let points = match probe_points(lib) {
             Ok(p) => p,
             Err(e) => {
-                errors.push(e);
+                errors.push(e.to_string());
                 continue;
             }
         };
@@ -605,11 +603,12 @@ fn attach_tls(
                 lib.display()
             );
         }
-        let write_enter = if points.write_done_fifth {
-            SSL_ENTER_OUT5_PROGRAM
-        } else {
-            SSL_ENTER_PROGRAM
-        };
+        if points.read_count == SslCount::Returned {
+            tracing::debug!(
+                "{}: OpenSSL's internal read/write are inlined; probing SSL_read/SSL_write",
+                lib.display()
+            );
+        }
         let mut attach = |name: &str, offset: u64| -> Result<(), String> {
             program::<UProbe>(ebpf, name)?
                 .attach(
@@ -623,8 +622,8 @@ fn attach_tls(
         // Returns first: an entry without its return would leave calls behind.
         let attached = attach(SSL_READ_EXIT_PROGRAM, points.read)
             .and_then(|()| attach(SSL_WRITE_EXIT_PROGRAM, points.write))
-            .and_then(|()| attach(SSL_ENTER_PROGRAM, points.read))
-            .and_then(|()| attach(write_enter, points.write));
+            .and_then(|()| attach(points.read_count.entry_program(), points.read))
+            .and_then(|()| attach(points.write_count.entry_program(), points.write));
         match attached {
             Ok(()) => probed.push(lib.clone()),
             Err(e) => errors.push(e),

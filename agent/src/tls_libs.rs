@@ -1,12 +1,15 @@
-//! Where OpenSSL's libssl lives on this host, for the TLS uprobes (`agent-ebpf/src/tls.rs`):
-//! every `libssl.so*` that a running process maps, plus the distributions' usual paths (a
-//! process started later loads one of those). Each file is probed once, however many
-//! paths lead to it.
+//! Where OpenSSL lives on this host, for the TLS uprobes (`agent-ebpf/src/tls.rs`): every
+//! `libssl.so*` that a running process maps, every running executable that carries OpenSSL
+//! itself and exports it (the official Node.js builds), plus the usual paths of both (a
+//! process started later loads or runs one of those). Each file is probed once, however
+//! many paths lead to it.
 use std::{
     collections::HashSet,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
 };
+
+use object::{read::ReadCache, Object, ObjectSection, ObjectSymbol, ReadRef};
 
 /// Where distributions install libssl (Debian/Ubuntu, Fedora/RHEL, Alpine, Arch).
 const USUAL_PATHS: &[&str] = &[
@@ -19,88 +22,165 @@ const USUAL_PATHS: &[&str] = &[
     "/lib/libssl.so.3",
 ];
 
-/// The programs: the entry of a read or write (two forms: where the call's byte count
-/// pointer is), and the returns.
+/// Where programs that carry their own OpenSSL are installed (Node.js from nodejs.org or
+/// NodeSource), probed when they export it.
+const USUAL_EXES: &[&str] = &["/usr/bin/node", "/usr/local/bin/node"];
+
+/// The programs: the entry of a read or write (three forms: where the call's byte count
+/// is), and the returns.
 pub const SSL_ENTER_PROGRAM: &str = "tapir_ssl_enter";
 pub const SSL_ENTER_OUT5_PROGRAM: &str = "tapir_ssl_enter_out5";
+pub const SSL_ENTER_RET_PROGRAM: &str = "tapir_ssl_enter_ret";
 pub const SSL_READ_EXIT_PROGRAM: &str = "tapir_ssl_read_exit";
 pub const SSL_WRITE_EXIT_PROGRAM: &str = "tapir_ssl_write_exit";
 
-/// Where in a libssl file the TLS probes go: OpenSSL's internal read and write
-/// (`ssl_read_internal`, `ssl_write_internal`), which `SSL_read`/`SSL_read_ex` and
-/// `SSL_write`/`SSL_write_ex` all call, found from the public functions' code.
+/// Where a probed function gives the number of bytes it moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslCount {
+    /// Through its fourth argument, `size_t *done`, returning 1 (`ssl_read_internal`,
+    /// `ssl_write_internal` before OpenSSL 3.2).
+    DoneFourth,
+    /// Through its fifth (`ssl_write_internal` from OpenSSL 3.2, after `flags`).
+    DoneFifth,
+    /// As its return value, when positive (`SSL_read`, `SSL_write`).
+    Returned,
+}
+
+impl SslCount {
+    /// The entry program for functions of this form.
+    pub fn entry_program(self) -> &'static str {
+        match self {
+            SslCount::DoneFourth => SSL_ENTER_PROGRAM,
+            SslCount::DoneFifth => SSL_ENTER_OUT5_PROGRAM,
+            SslCount::Returned => SSL_ENTER_RET_PROGRAM,
+        }
+    }
+}
+
+/// Where in a libssl (or a program carrying OpenSSL) the TLS probes go: OpenSSL's internal
+/// read and write (`ssl_read_internal`, `ssl_write_internal`), which `SSL_read`/`SSL_read_ex`
+/// and `SSL_write`/`SSL_write_ex` all call, found from the public functions' code; where a
+/// build inlined them (Node.js), `SSL_read` and `SSL_write` themselves.
 ///
-/// Why not the public functions: a uprobe on an instruction the kernel cannot emulate
-/// (their first, `sub $n,%rsp`) single-steps it, and on a VM each single step is a trap to
-/// the hypervisor: ~16 µs per probe hit here (5 SSL calls per HTTPS request made nginx 5×
-/// slower). The internal functions start with `push`es, which the kernel emulates: ~0.4 µs.
-/// They also take one signature for both forms: `(SSL *, buf, num, size_t *done)` returning
-/// 1 with `*done` set (from OpenSSL 3.2 the write takes `flags` before `done`).
+/// Why not the public functions first: a uprobe on an instruction the kernel cannot
+/// emulate (Debian's `SSL_read` starts with `sub $n,%rsp`) single-steps it, and on a VM
+/// each single step is a trap to the hypervisor: ~16 µs per probe hit here (5 SSL calls
+/// per HTTPS request made nginx 5× slower). The internal functions start with `push`es,
+/// which the kernel emulates: ~0.4 µs. They also take one signature for both forms:
+/// `(SSL *, buf, num, size_t *done)` returning 1 with `*done` set (from OpenSSL 3.2 the
+/// write takes `flags` before `done`). Public functions are probed only when they too
+/// start with an instruction the kernel emulates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SslProbePoints {
     /// File offsets (what the kernel attaches uprobes by).
     pub read: u64,
     pub write: u64,
-    /// The write's `done` pointer is its fifth argument (OpenSSL ≥ 3.2, `SSL_write_ex2`).
-    pub write_done_fifth: bool,
-    /// The internal functions start with an instruction the kernel emulates.
+    pub read_count: SslCount,
+    pub write_count: SslCount,
+    /// The probed functions start with an instruction the kernel emulates.
     pub cheap: bool,
 }
 
 /// Bytes of a public function looked at for its call of the internal one.
 const PROLOGUE_BYTES: usize = 64;
 
-/// Finds the probe points of the libssl at `path`.
-pub fn probe_points(path: &Path) -> Result<SslProbePoints, String> {
-    use object::{Object, ObjectSection, ObjectSymbol};
-    let data = std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    let elf = object::File::parse(&*data).map_err(|e| format!("{}: {e}", path.display()))?;
-    if elf.architecture() != object::Architecture::X86_64 {
-        return Err(format!("{}: not an x86_64 library", path.display()));
-    }
+/// Why a file gets no probes.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbePointsError {
+    /// It does not define OpenSSL's read and write functions.
+    #[error("{0}")]
+    NotOpenSsl(String),
+    /// It does, but its code is not what Tapir can probe cheaply and safely.
+    #[error("{0}")]
+    Unrecognised(String),
+}
+
+/// Finds the probe points of the libssl or program at `path`.
+pub fn probe_points(path: &Path) -> Result<SslProbePoints, ProbePointsError> {
+    use ProbePointsError::*;
+    let file = std::fs::File::open(path)
+        .map_err(|e| NotOpenSsl(format!("opening {}: {e}", path.display())))?;
+    // Read on demand: a program carrying OpenSSL can be 100 MB, of which a few pages are
+    // looked at.
+    let data = ReadCache::new(file);
+    let elf =
+        object::File::parse(&data).map_err(|e| NotOpenSsl(format!("{}: {e}", path.display())))?;
     let symbol = |name: &str| {
         elf.dynamic_symbols()
             .find(|s| s.name() == Ok(name) && s.is_definition())
             .map(|s| s.address())
     };
-    // (virtual address, file offset, bytes) of the code at `va`.
+    let missing = |f: &str| NotOpenSsl(format!("{} has no {f}", path.display()));
+    let [read_ex, read, write_ex, write] = ["SSL_read_ex", "SSL_read", "SSL_write_ex", "SSL_write"]
+        .map(|name| symbol(name).ok_or_else(|| missing(name)));
+    let (read_ex, read, write_ex, write) = (read_ex?, read?, write_ex?, write?);
+    if elf.architecture() != object::Architecture::X86_64 {
+        return Err(Unrecognised(format!("{}: not x86_64 code", path.display())));
+    }
+    // (file offset, bytes) of the code at `va`.
     let code_at = |va: u64, len: usize| -> Option<(u64, &[u8])> {
         let section = elf.sections().find(|s| {
             s.kind() == object::SectionKind::Text
                 && (s.address()..s.address() + s.size()).contains(&va)
         })?;
         let (file_start, _) = section.file_range()?;
-        let bytes = section.data().ok()?;
-        let at = usize::try_from(va - section.address()).ok()?;
-        let end = (at + len).min(bytes.len());
-        Some((file_start + va - section.address(), bytes.get(at..end)?))
+        let offset = file_start + (va - section.address());
+        let left = section.address() + section.size() - va;
+        let bytes = data.read_bytes_at(offset, (len as u64).min(left)).ok()?;
+        Some((offset, bytes))
     };
-    let internal = |ex: &str, plain: &str| -> Result<(u64, bool), String> {
-        let missing = |f: &str| format!("{} has no {f}", path.display());
-        let ex_va = symbol(ex).ok_or_else(|| missing(ex))?;
-        let plain_va = symbol(plain).ok_or_else(|| missing(plain))?;
-        let (_, ex_code) = code_at(ex_va, PROLOGUE_BYTES).ok_or_else(|| missing(ex))?;
-        let target = prologue_call(ex_code, ex_va)
-            .ok_or_else(|| format!("{ex} in {} does not start as Tapir expects", path.display()))?;
-        let (_, plain_code) = code_at(plain_va, PROLOGUE_BYTES).ok_or_else(|| missing(plain))?;
-        if !calls(plain_code, plain_va, target) {
-            return Err(format!(
-                "{plain} and {ex} in {} do not call the same function first",
-                path.display()
-            ));
+    // The internal function that both forms call first.
+    let internal =
+        |ex_va: u64, ex: &str, plain_va: u64, plain: &str| -> Result<(u64, bool), String> {
+            let (_, ex_code) = code_at(ex_va, PROLOGUE_BYTES)
+                .ok_or_else(|| format!("{ex} is outside the code"))?;
+            let target = prologue_call(ex_code, ex_va)
+                .ok_or_else(|| format!("{ex} does not start with a call"))?;
+            let (_, plain_code) = code_at(plain_va, PROLOGUE_BYTES)
+                .ok_or_else(|| format!("{plain} is outside the code"))?;
+            if !calls(plain_code, plain_va, target) {
+                return Err(format!(
+                    "{plain} and {ex} do not call the same function first"
+                ));
+            }
+            let (offset, first) =
+                code_at(target, 2).ok_or_else(|| format!("{ex}'s callee is outside the code"))?;
+            Ok((offset, emulated_first_instruction(first)))
+        };
+    let inner = internal(read_ex, "SSL_read_ex", read, "SSL_read")
+        .and_then(|r| Ok((r, internal(write_ex, "SSL_write_ex", write, "SSL_write")?)));
+    match inner {
+        Ok(((read, read_cheap), (write, write_cheap))) => Ok(SslProbePoints {
+            read,
+            write,
+            read_count: SslCount::DoneFourth,
+            write_count: if symbol("SSL_write_ex2").is_some() {
+                SslCount::DoneFifth
+            } else {
+                SslCount::DoneFourth
+            },
+            cheap: read_cheap && write_cheap,
+        }),
+        Err(why) => {
+            // Inlined: the public functions, if the kernel emulates their first instruction.
+            let public =
+                |va: u64| code_at(va, 2).filter(|(_, first)| emulated_first_instruction(first));
+            match (public(read), public(write)) {
+                (Some((read, _)), Some((write, _))) => Ok(SslProbePoints {
+                    read,
+                    write,
+                    read_count: SslCount::Returned,
+                    write_count: SslCount::Returned,
+                    cheap: true,
+                }),
+                _ => Err(Unrecognised(format!(
+                    "{}: {why}, and SSL_read/SSL_write start with an instruction the kernel \
+                     single-steps (several µs per call; on a VM ~16)",
+                    path.display()
+                ))),
+            }
         }
-        let (offset, first) = code_at(target, 2)
-            .ok_or_else(|| format!("{ex}'s callee in {} is outside its code", path.display()))?;
-        Ok((offset, emulated_first_instruction(first)))
-    };
-    let (read, read_cheap) = internal("SSL_read_ex", "SSL_read")?;
-    let (write, write_cheap) = internal("SSL_write_ex", "SSL_write")?;
-    Ok(SslProbePoints {
-        read,
-        write,
-        write_done_fifth: symbol("SSL_write_ex2").is_some(),
-        cheap: read_cheap && write_cheap,
-    })
+    }
 }
 
 /// The target of the call (or tail jump) that ends a function's prologue, if the prologue
@@ -153,21 +233,26 @@ pub fn is_libssl(path: &str) -> bool {
     name == "libssl.so" || name.starts_with("libssl.so.")
 }
 
-/// The libssl files of this host: those mapped by running processes (as `/proc/PID/root`
-/// sees them, so containers' own copies are found too) and those at the usual paths,
-/// one path per file.
-pub fn find() -> Vec<PathBuf> {
+/// The files to probe on this host that are not in `checked` (which then holds them and
+/// every other file looked at): the libssl files mapped by running processes (as
+/// `/proc/PID/root` sees them, so containers' own copies are found too) and at the usual
+/// paths, and the programs that export OpenSSL's read and write (running ones, and those at
+/// the usual paths), one path per file.
+pub fn find(checked: &mut HashSet<(u64, u64)>) -> Vec<PathBuf> {
     let mut found = Vec::new();
-    let mut seen = HashSet::new();
-    let mut add = |path: PathBuf| {
-        if let Some(id) = file_id(&path).filter(|_| path.is_file()) {
-            if seen.insert(id) {
-                found.push(path);
-            }
+    let mut add = |path: PathBuf, exe: bool| {
+        let Some(id) = file_id(&path).filter(|_| path.is_file()) else {
+            return;
+        };
+        if checked.insert(id) && (!exe || exports_openssl(&path)) {
+            found.push(path);
         }
     };
     for p in USUAL_PATHS {
-        add(PathBuf::from(p));
+        add(PathBuf::from(p), false);
+    }
+    for p in USUAL_EXES {
+        add(PathBuf::from(p), true);
     }
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return found;
@@ -180,14 +265,35 @@ pub fn find() -> Vec<PathBuf> {
         else {
             continue;
         };
+        let root = PathBuf::from(format!("/proc/{pid}/root"));
+        if let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) {
+            add(root.join(exe.strip_prefix("/").unwrap_or(&exe)), true);
+        }
         let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else {
             continue;
         };
         for lib in mapped_libssl(&maps) {
-            add(Path::new(&format!("/proc/{pid}/root")).join(lib.trim_start_matches('/')));
+            add(root.join(lib.trim_start_matches('/')), false);
         }
     }
     found
+}
+
+/// Whether the program at `path` defines (and exports) OpenSSL's `SSL_read` and
+/// `SSL_write`: it carries OpenSSL itself. Only its dynamic symbols are read.
+fn exports_openssl(path: &Path) -> bool {
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let data = ReadCache::new(file);
+    let Ok(elf) = object::File::parse(&data) else {
+        return false;
+    };
+    let defines = |name: &str| {
+        elf.dynamic_symbols()
+            .any(|s| s.name() == Ok(name) && s.is_definition())
+    };
+    defines("SSL_read") && defines("SSL_write")
 }
 
 /// The distinct libssl paths in a `/proc/PID/maps` text.
@@ -272,11 +378,35 @@ mod tests {
 
     #[test]
     fn this_hosts_libssl_has_probe_points() {
-        for lib in find() {
+        for lib in find(&mut HashSet::new()) {
             let p = probe_points(&lib).unwrap_or_else(|e| panic!("{e}"));
             assert!(p.cheap, "{p:?}");
             assert!(p.read != p.write && p.read > 0 && p.write > 0, "{p:?}");
+            let internal = p.read_count != SslCount::Returned;
+            assert_eq!(
+                internal,
+                is_libssl(&lib.to_string_lossy()),
+                "{lib:?}: {p:?}"
+            );
         }
+    }
+
+    #[test]
+    fn a_program_carrying_openssl_is_found_and_others_are_not() {
+        // This machine's Node.js (NodeSource's build) carries OpenSSL and exports it.
+        let node = Path::new("/usr/bin/node");
+        if node.exists() {
+            assert!(exports_openssl(node));
+            let id = file_id(node);
+            assert!(find(&mut HashSet::new()).iter().any(|p| file_id(p) == id));
+        }
+        let own = std::env::current_exe().expect("the test binary's path");
+        assert!(!exports_openssl(&own));
+        assert!(!exports_openssl(Path::new("/nonexistent")));
+        assert!(matches!(
+            probe_points(&own),
+            Err(ProbePointsError::NotOpenSsl(_))
+        ));
     }
 
     #[test]
@@ -310,7 +440,9 @@ garbage
 
     #[test]
     fn finds_this_hosts_libssl_once() {
-        let found = find();
+        let mut checked = HashSet::new();
+        let found = find(&mut checked);
+        assert!(find(&mut checked).is_empty(), "found again");
         let mut ids: Vec<_> = found
             .iter()
             .filter_map(|p| std::fs::metadata(p).ok())

@@ -3,7 +3,7 @@ asyncio's SSL transport reads the socket itself and decrypts through a memory BI
 OpenSSL never touches the socket.
 
 Routes: /status/<code> (a short body with that status), /bytes/<n> (n bytes), else 200
-"ok". Keep-alive; requests without bodies only.
+"ok\n" (as node_server.js). Keep-alive; requests without bodies only.
 Usage: asyncio_server.py PORT --tls PEM. Prints "listening" once the socket accepts.
 """
 import argparse
@@ -13,7 +13,7 @@ import ssl
 
 def response(path):
     parts = [p for p in path.split("?")[0].split("/") if p]
-    code, body = 200, b"ok"
+    code, body = 200, b"ok\n"
     if len(parts) == 2 and parts[0] == "status" and parts[1].isdigit():
         code, body = int(parts[1]), b"status %s\n" % parts[1].encode()
     elif len(parts) == 2 and parts[0] == "bytes" and parts[1].isdigit():

@@ -1,10 +1,12 @@
-// An unmodified Node.js `http` server used as an observed service.
-// Usage: node node_server.js PORT [BIND]. Routes: /status/<code>, /bytes/<n>, else 200 "ok".
-// Prints "listening" once the socket accepts connections.
-const http = require("http");
-const port = Number(process.argv[2]);
-const bind = process.argv[3] || "127.0.0.1";
-const server = http.createServer((req, res) => {
+// An unmodified Node.js `http` (or, with --tls PEM, `https`) server used as an observed
+// service. Usage: node node_server.js PORT [BIND] [--tls PEM]. Routes: /status/<code>,
+// /bytes/<n>, else 200 "ok". Prints "listening" once the socket accepts connections.
+const args = process.argv.slice(2);
+const tlsAt = args.indexOf("--tls");
+const pem = tlsAt >= 0 ? require("fs").readFileSync(args.splice(tlsAt, 2)[1]) : null;
+const port = Number(args[0]);
+const bind = args[1] || "127.0.0.1";
+const handler = (req, res) => {
   const parts = req.url.split("?")[0].split("/").filter(Boolean);
   if (parts[0] === "status" && parts[1]) {
     res.writeHead(Number(parts[1]), { "Content-Type": "text/plain" });
@@ -17,6 +19,9 @@ const server = http.createServer((req, res) => {
   }
   res.writeHead(200, { "Content-Type": "text/plain" });
   res.end("ok\n");
-});
+};
+const server = pem
+  ? require("https").createServer({ key: pem, cert: pem }, handler)
+  : require("http").createServer(handler);
 server.listen(port, bind, () => console.log("listening"));
 process.on("SIGTERM", () => server.close(() => process.exit(0)));
