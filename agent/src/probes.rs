@@ -198,7 +198,7 @@ mod tests {
             assert!(PROBES[i + 1..].iter().all(|q| q.hook != p.hook), "{p:?}");
         }
         let names = program_names();
-        assert_eq!(names.len(), 22);
+        assert_eq!(names.len(), 23);
         for name in &names {
             let hooks: Vec<_> = PROBES
                 .iter()
