@@ -43,8 +43,9 @@ impl Unreadable {
     fn why(self) -> &'static str {
         match self {
             Self::Tls => {
-                "Tapir reads TLS only through the OpenSSL library (libssl) a program links, \
-                 which this one does not use, or not with --no-tls"
+                "Tapir reads TLS only through OpenSSL (a libssl the program links, or an \
+                 OpenSSL it carries and exports, as Node.js does), which this one does not \
+                 use, or not with --no-tls"
             }
             Self::Http2 | Self::Http2OverTls => "Tapir reads HTTP/1.x only",
         }
@@ -185,9 +186,9 @@ mod tests {
             first.as_deref(),
             Some(
                 "not captured: nginx (pid 42) serves TLS on port 8443; Tapir reads TLS only \
-                 through the OpenSSL library (libssl) a program links, which this one does \
-                 not use, or not with --no-tls, so these connections give no spans or \
-                 metrics (counted in tapir.connections.unreadable.tls; said once per program \
+                 through OpenSSL (a libssl the program links, or an OpenSSL it carries and \
+                 exports, as Node.js does), which this one does not use, or not with \
+                 --no-tls, so these connections give no spans or metrics (counted in tapir.connections.unreadable.tls; said once per program \
                  and port)"
             )
         );
