@@ -222,39 +222,38 @@ fn on_return(ctx: &RetProbeContext, direction: u8) -> u32 {
         tgid,
         _pad: 0,
     };
-    // The socket, by what says it best: one the call touched (a socket BIO); for a read
-    // that touched none, the TLS socket the thread read just before (a memory BIO, filled
-    // from it by the program); else the one this `SSL*` used last.
-    let seen = if call.fd != NO_FD {
-        call.fd
-    } else if direction == DIR_INGRESS {
-        call.last_read_fd
-    } else {
-        NO_FD
-    };
-    let fd = if seen != NO_FD {
-        // SAFETY: a plain value read from the map.
-        if unsafe { TLS_FDS.get(&key) }.copied() != Some(seen) {
-            let _ = TLS_FDS.insert(&key, &seen, 0);
+    // The socket, by what says it best: one the call touched (a socket BIO); else the one
+    // this `SSL*` used last, while it is still an open TLS connection (a socket BIO's call
+    // served from OpenSSL's buffer); else, for a read, the TLS socket the thread read just
+    // before (a memory BIO, filled from it by the program). That last is not taken first:
+    // a server thread that read another connection's handshake would mislead it.
+    // SAFETY: a plain value read from the map.
+    let remembered = unsafe { TLS_FDS.get(&key) }.copied();
+    let mut fd = call.fd;
+    if fd == NO_FD {
+        if let Some(known) = remembered {
+            fd = known;
         }
-        seen
+    }
+    let mut state = if fd == NO_FD {
+        None
     } else {
-        // SAFETY: as above.
-        match unsafe { TLS_FDS.get(&key) } {
-            Some(fd) => *fd,
-            None => {
-                count(counter::TLS_SOCKET_UNKNOWN);
-                return 0;
-            }
-        }
+        tls_conn(tgid, fd)
     };
-    let Some(state) = lookup_tcp(tgid, fd) else {
+    if state.is_none() && call.fd == NO_FD && direction == DIR_INGRESS {
+        fd = call.last_read_fd;
+        if fd != NO_FD {
+            state = tls_conn(tgid, fd);
+        }
+    }
+    let Some(state) = state else {
+        if fd == NO_FD {
+            count(counter::TLS_SOCKET_UNKNOWN);
+        }
         return 0;
     };
-    // SAFETY: pointer from a successful map lookup.
-    if unsafe { (*state).flags } & CONN_TLS == 0 {
-        // The fd was closed and reused for a connection that is not TLS.
-        return 0;
+    if remembered != Some(fd) {
+        let _ = TLS_FDS.insert(&key, &fd, 0);
     }
     let call_kind = if direction == DIR_INGRESS {
         syscall::SSL_READ
@@ -263,4 +262,12 @@ fn on_return(ctx: &RetProbeContext, direction: u8) -> u32 {
     };
     emit_tls_plaintext(pid_tgid, call.buf, moved, fd, call_kind, direction, state);
     0
+}
+
+/// Process `tgid`'s connection on `fd`, if it is a TLS one (not an fd closed and reused).
+#[inline(always)]
+fn tls_conn(tgid: u32, fd: u32) -> Option<*mut agent_common::ConnState> {
+    let state = lookup_tcp(tgid, fd)?;
+    // SAFETY: pointer from a successful map lookup.
+    (unsafe { (*state).flags } & CONN_TLS != 0).then_some(state)
 }
