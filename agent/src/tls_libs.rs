@@ -105,15 +105,14 @@ pub fn probe_points(path: &Path) -> Result<SslProbePoints, ProbePointsError> {
     let data = ReadCache::new(file);
     let elf =
         object::File::parse(&data).map_err(|e| NotOpenSsl(format!("{}: {e}", path.display())))?;
-    let symbol = |name: &str| {
-        elf.dynamic_symbols()
-            .find(|s| s.name() == Ok(name) && s.is_definition())
-            .map(|s| s.address())
-    };
-    let missing = |f: &str| NotOpenSsl(format!("{} has no {f}", path.display()));
-    let [read_ex, read, write_ex, write] = ["SSL_read_ex", "SSL_read", "SSL_write_ex", "SSL_write"]
-        .map(|name| symbol(name).ok_or_else(|| missing(name)));
-    let (read_ex, read, write_ex, write) = (read_ex?, read?, write_ex?, write?);
+    let found = openssl_symbols(&elf);
+    let missing =
+        |i: usize| NotOpenSsl(format!("{} has no {}", path.display(), OPENSSL_SYMBOLS[i]));
+    let [read, write, read_ex, write_ex, write_ex2] = found;
+    let read = read.ok_or_else(|| missing(0))?;
+    let write = write.ok_or_else(|| missing(1))?;
+    let read_ex = read_ex.ok_or_else(|| missing(2))?;
+    let write_ex = write_ex.ok_or_else(|| missing(3))?;
     if elf.architecture() != object::Architecture::X86_64 {
         return Err(Unrecognised(format!("{}: not x86_64 code", path.display())));
     }
@@ -154,7 +153,7 @@ pub fn probe_points(path: &Path) -> Result<SslProbePoints, ProbePointsError> {
             read,
             write,
             read_count: SslCount::DoneFourth,
-            write_count: if symbol("SSL_write_ex2").is_some() {
+            write_count: if write_ex2.is_some() {
                 SslCount::DoneFifth
             } else {
                 SslCount::DoneFourth
@@ -289,11 +288,33 @@ fn exports_openssl(path: &Path) -> bool {
     let Ok(elf) = object::File::parse(&data) else {
         return false;
     };
-    let defines = |name: &str| {
-        elf.dynamic_symbols()
-            .any(|s| s.name() == Ok(name) && s.is_definition())
-    };
-    defines("SSL_read") && defines("SSL_write")
+    let [read, write, ..] = openssl_symbols(&elf);
+    read.is_some() && write.is_some()
+}
+
+/// The OpenSSL functions whose addresses [`openssl_symbols`] looks up.
+const OPENSSL_SYMBOLS: [&str; 5] = [
+    "SSL_read",
+    "SSL_write",
+    "SSL_read_ex",
+    "SSL_write_ex",
+    "SSL_write_ex2",
+];
+
+/// The addresses of [`OPENSSL_SYMBOLS`] that `elf` defines, in one pass over its dynamic
+/// symbols (tens of thousands in `node`).
+fn openssl_symbols<'a, R: ReadRef<'a>>(elf: &object::File<'a, R>) -> [Option<u64>; 5] {
+    let mut found = [None; 5];
+    for s in elf.dynamic_symbols().filter(|s| s.is_definition()) {
+        if let Some(i) = s
+            .name()
+            .ok()
+            .and_then(|n| OPENSSL_SYMBOLS.iter().position(|w| *w == n))
+        {
+            found[i] = Some(s.address());
+        }
+    }
+    found
 }
 
 /// The distinct libssl paths in a `/proc/PID/maps` text.
