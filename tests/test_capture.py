@@ -401,6 +401,50 @@ def test_https_through_a_memory_bio_is_read(procs, tmp_path, server_kind):
     assert agent.final_count("tapir.connections.unreadable.tls") == 0
 
 
+@pytest.mark.parametrize("client_kind", ["node", "asyncio"])
+def test_https_clients_through_a_memory_bio_are_read_from_their_first_request(
+        py_server, procs, tmp_path, client_kind):
+    """A client whose OpenSSL encrypts into a memory BIO (Node's `https`, asyncio's TLS as
+    aiohttp uses it) writes its first request on a new connection before it has read
+    anything there, so the SSL_write names no socket: its plaintext is held in the kernel
+    until the thread's next write to a TLS socket (the request's ciphertext) names it. Every
+    request shows as a CLIENT span, the first on each connection included, with its status
+    and body size, and no SSL call is left without its socket."""
+    key, cert = self_signed(tmp_path)
+    pem = tmp_path / "tls.pem"
+    pem.write_bytes(key.read_bytes() + cert.read_bytes())
+    port = free_port()
+    server, port = py_server("--tls", pem, port=port)
+    agent = watch(port)
+    if client_kind == "node":
+        if not have("node"):
+            pytest.fail("node is not installed (it is part of this machine image)")
+        fetch = TESTS / "servers/node_fetch.js"
+        url = f"https://127.0.0.1:{port}/bytes/5"
+        # Three connections of one request each, then one connection of three requests.
+        runs = [(["node", fetch, url, 3, 5], ["ok 3"]),
+                (["node", fetch, url, 3, 5, "keepalive"], ["ok 3"])]
+        paths, size = ["/bytes/5"] * 6, 5
+    else:
+        client = [sys.executable, TESTS / "servers/http_client.py", "asyncio-tls", "127.0.0.1", port]
+        runs = [(client + [n], ["200"] * n) for n in (1, 1, 3)]
+        paths, size = ["/tls/0", "/tls/0", "/tls/0", "/tls/1", "/tls/2"], 3
+    pids = set()
+    for argv, out in runs:
+        client = procs(argv)
+        assert client.wait_exit() == 0, client.err[-10:]
+        assert client.out == out, client.err[-10:]
+        pids.add(client.pid)
+    got = finish(agent)
+    rows = sorted((e["kind"], e["url.path"], e["http.response.status_code"],
+                   e["http.response.body.size"], e["url.scheme"]) for e in got)
+    expected = sorted((k, p, 200, size, "https") for k in ("client", "server") for p in paths)
+    assert rows == expected, agent.err[-30:]
+    assert {e["process.pid"] for e in servers_of(got, "client")} == pids
+    assert {e["process.pid"] for e in servers_of(got)} == {server.pid}
+    assert agent.final_count("tapir.kernel.tls_socket_unknown") == 0, agent.err[-30:]
+
+
 def test_https_bodies_posts_and_trace_context(py_server, tmp_path):
     """Through the libssl probes, in a server started after the agent (the probes are on
     the library file, so later processes are covered): bodies larger than a TLS record

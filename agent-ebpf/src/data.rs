@@ -23,7 +23,7 @@ use crate::{
         agent_tgid, capture_bytes, count, ring_output, tls_on, DataScratch, Gather, PendingIo,
         SCRATCH, SCRATCH_BYTES, SHAPE_BUF, SHAPE_IOVEC, SHAPE_NONE,
     },
-    tls::note_tls_fd,
+    tls::{hold_record, note_tls_fd, NO_FD},
     trace::{
         body_start, byte_at, ends_with_empty_line, is_method_prefix, is_request_start,
         is_response_start, on_client_request, on_server_head_continued, on_server_request,
@@ -144,7 +144,7 @@ fn exit<const SHAPE: u8>(ctx: &TracePointContext, call: u8, direction: u8, msghd
     if state.flags & CONN_TLS != 0 {
         // Its bytes are ciphertext; the plaintext comes from the SSL call around this one.
         if tls_on() {
-            note_tls_fd(pid_tgid, fd, direction == DIR_INGRESS);
+            note_tls_fd(pid_tgid, fd, direction == DIR_INGRESS, Some(state));
         }
         return 0;
     }
@@ -318,9 +318,12 @@ fn emit_data<const SHAPE: u8>(
             match first_bytes(p.buf, total) {
                 FirstBytes::Http => state.flags |= CONN_TLS_HTTP,
                 FirstBytes::Opaque(protocol) => {
-                    // HTTP/2 inside TLS: said once, like h2c.
+                    // HTTP/2 inside TLS: said once, like h2c (not for a write whose socket
+                    // is not known yet).
                     state.flags |= CONN_TLS_OPAQUE;
-                    report_opaque(p, state, protocol);
+                    if p.fd != NO_FD {
+                        report_opaque(p, state, protocol);
+                    }
                     return None;
                 }
                 FirstBytes::NotHttp | FirstBytes::Undecided => return None,
@@ -342,7 +345,7 @@ fn emit_data<const SHAPE: u8>(
                 if protocol == OPAQUE_TLS {
                     state.flags |= CONN_TLS;
                     if tls_on() {
-                        note_tls_fd(p.pid_tgid, p.fd, p.direction == DIR_INGRESS);
+                        note_tls_fd(p.pid_tgid, p.fd, p.direction == DIR_INGRESS, None);
                     }
                 }
                 report_opaque(p, state, protocol);
@@ -358,7 +361,7 @@ fn emit_data<const SHAPE: u8>(
             FirstBytes::NotHttp | FirstBytes::Undecided => {
                 // A TLS connection first seen in use (no handshake): its bytes say nothing
                 // Tapir can read, but a thread inside an SSL call moved them.
-                if tls_on() && note_tls_fd(p.pid_tgid, p.fd, false) {
+                if tls_on() && note_tls_fd(p.pid_tgid, p.fd, false, None) {
                     state.flags |= CONN_OPAQUE | CONN_TLS;
                 }
                 return None;
@@ -472,7 +475,8 @@ fn emit_data<const SHAPE: u8>(
         state,
         !tls_plaintext,
     );
-    submit(scratch, p, total, captured);
+    // TLS plaintext whose socket is not known yet waits for it (tls.rs).
+    submit(scratch, p, total, captured, tls_plaintext && p.fd == NO_FD);
     Some(())
 }
 
@@ -484,19 +488,24 @@ fn emit_count_only(scratch: &mut DataScratch, p: &PendingIo, total: u64) {
     hdr.captured = 0;
     hdr.tail_len = 0;
     clear_ids(&mut hdr.trace);
-    submit(scratch, p, total, 0);
+    submit(scratch, p, total, 0, false);
 }
 
 /// Stamps this CPU's data record with the call (`total` bytes moved), sends its header and
-/// the first `captured` bytes of its payload, and counts the outcome.
+/// the first `captured` bytes of its payload, and counts the outcome; or, `hold`, keeps it
+/// for the thread's write that names its socket.
 #[inline(always)]
-fn submit(scratch: &mut DataScratch, p: &PendingIo, total: u64, captured: u64) {
+fn submit(scratch: &mut DataScratch, p: &PendingIo, total: u64, captured: u64, hold: bool) {
     let hdr = &mut scratch.hdr;
     hdr.header = header_of(p.pid_tgid, EventKind::Data, p.fd);
     hdr.sock_id = p.sock_id;
     hdr.total = total.min(u32::MAX as u64) as u32;
     hdr.direction = p.direction;
     hdr.syscall = p.syscall;
+    if hold {
+        hold_record(p.pid_tgid, hdr);
+        return;
+    }
     // Masked so that the verifier sees `size` never exceed the scratch record.
     let size = core::mem::size_of::<agent_common::DataEventHeader>() as u64
         + (core::hint::black_box(captured.min(MAX_CAPTURE as u64)) & (2 * MAX_CAPTURE as u64 - 1));

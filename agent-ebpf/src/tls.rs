@@ -11,9 +11,16 @@
 //! reading through a memory BIO (Python's asyncio, Node) reads the socket itself first,
 //! outside any SSL call, then decrypts with `SSL_read`: that read names the socket of the
 //! thread's next `SSL_read`, and its `SSL_write`s use the socket their `SSL*` read from.
-use agent_common::{counter, syscall, CONN_TLS, DIR_EGRESS, DIR_INGRESS};
+//! Such a client's first request on a new connection is written before anything is read
+//! there: its plaintext record waits in the kernel ([`TLS_PENDING`]) until the thread's
+//! next write to a TLS socket that has carried no plaintext yet, the request's ciphertext,
+//! names the socket ([`release_pending`]).
+use agent_common::{
+    counter, syscall, ConnState, DataEventHeader, CONN_BODY_OUT, CONN_TLS, CONN_TLS_HTTP,
+    CONN_TLS_OPAQUE, DIR_EGRESS, DIR_INGRESS,
+};
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
     macros::{map, uprobe, uretprobe},
     maps::LruHashMap,
     programs::{ProbeContext, RetProbeContext},
@@ -22,11 +29,11 @@ use aya_ebpf::{
 use crate::{
     conn::{current_gen, lookup_tcp},
     data::emit_tls_plaintext,
-    maps::{agent_tgid, count},
+    maps::{agent_tgid, count, ring_output, SCRATCH_BYTES},
 };
 
 /// No socket known yet.
-const NO_FD: u32 = u32::MAX;
+pub const NO_FD: u32 = u32::MAX;
 
 /// A thread's SSL calls: the one in progress, and the TLS socket it last read outside any.
 /// Kept between calls (updated in place: cheaper than an LRU insert and delete per call).
@@ -47,7 +54,39 @@ pub struct TlsThread {
     /// that its next `SSL_read` decrypts.
     last_read_fd: u32,
     _pad: u32,
+    /// A write that named no socket (a memory BIO's first request on a new connection):
+    /// its `SSL*` (0: none), when it returned, and the connection flags its plaintext set
+    /// (HTTP seen, a body follows); its record waits in [`TLS_PENDING`].
+    pending_ssl: u64,
+    pending_ts: u64,
+    pending: ConnState,
 }
+
+/// A thread between no SSL calls.
+const IDLE: TlsThread = TlsThread {
+    ssl: 0,
+    buf: 0,
+    out_len: 0,
+    fd: NO_FD,
+    in_call: 0,
+    last_read_fd: NO_FD,
+    _pad: 0,
+    pending_ssl: 0,
+    pending_ts: 0,
+    pending: NO_CONN,
+};
+
+/// The connection state a held write is looked at with until its socket is known.
+const NO_CONN: ConnState = ConnState {
+    sock_id: 0,
+    flags: 0,
+    role: 0,
+    _pad: 0,
+    gen: 0,
+    local_port: 0,
+    remote_port: 0,
+    head_span: [0; 4],
+};
 
 /// pid_tgid → its SSL calls. LRU: threads come and go without telling.
 #[map(name = "TAPIR_TLS_THREADS")]
@@ -65,12 +104,35 @@ pub struct SslKey {
 #[map(name = "TAPIR_TLS_FDS")]
 pub static TLS_FDS: LruHashMap<SslKey, u32> = LruHashMap::with_max_entries(65536, 0);
 
+/// Payload bytes a held write keeps: a request head (a longer one is cut).
+pub const PENDING_BYTES: usize = 2048;
+
+/// A data record waiting for its socket: the first bytes of the per-CPU scratch record
+/// (`DataScratch` starts with the header and the payload).
+#[repr(C)]
+pub struct PendingRecord {
+    pub hdr: DataEventHeader,
+    pub data: [u8; PENDING_BYTES],
+}
+
+const _: () = assert!(PENDING_BYTES <= SCRATCH_BYTES);
+
+/// pid_tgid → the plaintext record of its write that named no socket yet.
+#[map(name = "TAPIR_TLS_PENDING")]
+pub static TLS_PENDING: LruHashMap<u64, PendingRecord> = LruHashMap::with_max_entries(256, 0);
+
+/// A held write is sent only if its socket is named this soon after it (the library
+/// writes the ciphertext in the same call chain; later, the thread's next write may be
+/// another connection's).
+const PENDING_TTL_NS: u64 = 10_000_000;
+
 /// Called by the socket programs for a TLS connection's call: if the thread is inside an
 /// SSL call, that call uses `fd`; a read outside one (`read`: the call is a read of a
 /// connection known to be TLS) is remembered for the thread's next `SSL_read`, which
-/// decrypts it from a memory BIO. Returns whether the thread was inside an SSL call.
+/// decrypts it from a memory BIO; a write outside one (`conn`: the connection written)
+/// releases the thread's held write. Returns whether the thread was inside an SSL call.
 #[inline(always)]
-pub fn note_tls_fd(pid_tgid: u64, fd: u32, read: bool) -> bool {
+pub fn note_tls_fd(pid_tgid: u64, fd: u32, read: bool, conn: Option<&mut ConnState>) -> bool {
     match TLS_THREADS.get_ptr_mut(&pid_tgid) {
         Some(t) => {
             // SAFETY: pointer from a successful lookup.
@@ -81,25 +143,86 @@ pub fn note_tls_fd(pid_tgid: u64, fd: u32, read: bool) -> bool {
             }
             if read {
                 t.last_read_fd = fd;
+            } else if t.pending_ssl != 0 {
+                if let Some(conn) = conn {
+                    release_pending(pid_tgid, t, fd, conn);
+                }
             }
             false
         }
         None => {
             if read {
                 let t = TlsThread {
-                    ssl: 0,
-                    buf: 0,
-                    out_len: 0,
-                    fd: NO_FD,
-                    in_call: 0,
                     last_read_fd: fd,
-                    _pad: 0,
+                    ..IDLE
                 };
                 let _ = TLS_THREADS.insert(&pid_tgid, &t, 0);
             }
             false
         }
     }
+}
+
+/// The thread's write to TLS connection `fd` outside an SSL call, while a write that named
+/// no socket is held: that write's ciphertext, if the connection has carried no plaintext
+/// yet (a connection that has is known to its `SSL*`) and the write is recent. Its record
+/// goes out as the connection's, stamped now (records enter the rings in stamp order), and
+/// its `SSL*` uses `fd` from now on.
+#[inline(always)]
+fn release_pending(pid_tgid: u64, t: &mut TlsThread, fd: u32, conn: &mut ConnState) {
+    if conn.flags & (CONN_TLS_HTTP | CONN_TLS_OPAQUE) != 0 {
+        return;
+    }
+    let ssl = t.pending_ssl;
+    t.pending_ssl = 0;
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let fresh = now.wrapping_sub(t.pending_ts) < PENDING_TTL_NS;
+    if fresh {
+        let key = SslKey {
+            ssl,
+            tgid: (pid_tgid >> 32) as u32,
+            _pad: 0,
+        };
+        let _ = TLS_FDS.insert(&key, &fd, 0);
+        conn.flags |= t.pending.flags & (CONN_TLS_HTTP | CONN_TLS_OPAQUE | CONN_BODY_OUT);
+    }
+    let Some(rec) = TLS_PENDING.get_ptr_mut(&pid_tgid) else {
+        if !fresh {
+            count(counter::TLS_SOCKET_UNKNOWN);
+        }
+        return;
+    };
+    if fresh {
+        // SAFETY: pointer from a successful lookup.
+        let rec = unsafe { &mut *rec };
+        rec.hdr.header.fd = fd;
+        rec.hdr.header.ts_ns = now;
+        rec.hdr.sock_id = conn.sock_id;
+        let captured = (rec.hdr.captured as usize).min(PENDING_BYTES);
+        // Masked so that the verifier sees `size` never exceed the record.
+        let size = core::mem::size_of::<DataEventHeader>()
+            + (core::hint::black_box(captured) & (2 * PENDING_BYTES - 1)).min(PENDING_BYTES);
+        if ring_output(rec, size as u64) == 0 {
+            count(counter::DATA_EVENTS);
+        } else {
+            count(counter::RINGBUF_FULL);
+        }
+    } else {
+        count(counter::TLS_SOCKET_UNKNOWN);
+    }
+    let _ = TLS_PENDING.remove(&pid_tgid);
+}
+
+/// Holds the data record in this CPU's scratch (`hdr`, the start of a `DataScratch`) for
+/// the thread's write that names its socket ([`release_pending`]).
+#[inline(always)]
+pub fn hold_record(pid_tgid: u64, hdr: &mut DataEventHeader) {
+    hdr.captured = hdr.captured.min(PENDING_BYTES as u32);
+    // SAFETY: `hdr` heads a `DataScratch`, whose payload follows the header and is longer
+    // than PENDING_BYTES (checked above): a `PendingRecord`'s bytes.
+    let rec = unsafe { &*(hdr as *const DataEventHeader as *const PendingRecord) };
+    let _ = TLS_PENDING.insert(&pid_tgid, rec, 0);
 }
 
 /// Entry of the internal read or write: remembers the call for its return.
@@ -159,10 +282,8 @@ fn enter(ctx: &ProbeContext, done_arg: usize) {
                 ssl,
                 buf,
                 out_len,
-                fd: NO_FD,
                 in_call,
-                last_read_fd: NO_FD,
-                _pad: 0,
+                ..IDLE
             };
             let _ = TLS_THREADS.insert(&pid_tgid, &t, 0);
         }
@@ -246,15 +367,36 @@ fn on_return(ctx: &RetProbeContext, direction: u8) -> u32 {
             state = tls_conn(tgid, fd);
         }
     }
-    let Some(state) = state else {
-        if fd == NO_FD {
-            count(counter::TLS_SOCKET_UNKNOWN);
+    let state = match state {
+        Some(state) => {
+            if remembered != Some(fd) {
+                let _ = TLS_FDS.insert(&key, &fd, 0);
+            }
+            state
         }
-        return 0;
+        // A write that touched no socket on an `SSL*` with no open connection yet: a memory
+        // BIO client's first request on a new connection, which it writes before reading
+        // anything there. Its record is held until the socket is named.
+        None if call.fd == NO_FD && direction == DIR_EGRESS => {
+            if t.pending_ssl != 0 {
+                // The one held before never met its socket.
+                count(counter::TLS_SOCKET_UNKNOWN);
+                let _ = TLS_PENDING.remove(&pid_tgid);
+            }
+            t.pending_ssl = call.ssl;
+            // SAFETY: helper without preconditions.
+            t.pending_ts = unsafe { bpf_ktime_get_ns() };
+            t.pending = NO_CONN;
+            fd = NO_FD;
+            &mut t.pending as *mut ConnState
+        }
+        None => {
+            if fd == NO_FD {
+                count(counter::TLS_SOCKET_UNKNOWN);
+            }
+            return 0;
+        }
     };
-    if remembered != Some(fd) {
-        let _ = TLS_FDS.insert(&key, &fd, 0);
-    }
     let call_kind = if direction == DIR_INGRESS {
         syscall::SSL_READ
     } else {

@@ -11,11 +11,16 @@ Usage:
                                           writev (odd i), the response read by recvmsg_into
                                           (even) or readv (odd) into a 7-byte and a larger
                                           buffer
+  http_client.py asyncio-tls HOST PORT N  N GETs /tls/<i> on one HTTPS connection opened by
+                                          asyncio (its TLS is OpenSSL through a memory BIO,
+                                          as aiohttp's); any certificate is accepted
 Prints one "status" per response.
 """
+import asyncio
 import http.client
 import os
 import socket
+import ssl
 import sys
 import urllib.request
 
@@ -99,6 +104,28 @@ def main():
                     break
             print(int(data.split()[1]), flush=True)
         s.close()
+    elif mode == "asyncio-tls":
+        asyncio.run(asyncio_tls(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+
+
+async def asyncio_tls(host, port, n):
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    reader, writer = await asyncio.open_connection(host, port, ssl=ctx)
+    for i in range(n):
+        writer.write(f"GET /tls/{i} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        await writer.drain()
+        status = int((await reader.readline()).split()[1])
+        length = 0
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        await reader.readexactly(length)
+        print(status, flush=True)
+    writer.close()
+    await writer.wait_closed()
 
 
 if __name__ == "__main__":
