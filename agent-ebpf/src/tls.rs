@@ -14,7 +14,7 @@
 //! Such a client's first request on a new connection is written before anything is read
 //! there: its plaintext record waits in the kernel ([`TLS_PENDING`]) until the thread's
 //! next write to a TLS socket that has carried no plaintext yet, the request's ciphertext,
-//! names the socket ([`release_pending`]).
+//! names the socket ([`release_pending`]); its response's read then binds the `SSL*`.
 use agent_common::{
     counter, syscall, ConnState, DataEventHeader, CONN_BODY_OUT, CONN_TLS, CONN_TLS_HTTP,
     CONN_TLS_OPAQUE, DIR_EGRESS, DIR_INGRESS,
@@ -166,25 +166,19 @@ pub fn note_tls_fd(pid_tgid: u64, fd: u32, read: bool, conn: Option<&mut ConnSta
 /// The thread's write to TLS connection `fd` outside an SSL call, while a write that named
 /// no socket is held: that write's ciphertext, if the connection has carried no plaintext
 /// yet (a connection that has is known to its `SSL*`) and the write is recent. Its record
-/// goes out as the connection's, stamped now (records enter the rings in stamp order), and
-/// its `SSL*` uses `fd` from now on.
+/// goes out as the connection's, stamped now (records enter the rings in stamp order). The
+/// `SSL*` is not bound to `fd` here: its response's read names the socket surely, and a
+/// wrong guess then costs one record, not the connection's every call.
 #[inline(always)]
 fn release_pending(pid_tgid: u64, t: &mut TlsThread, fd: u32, conn: &mut ConnState) {
     if conn.flags & (CONN_TLS_HTTP | CONN_TLS_OPAQUE) != 0 {
         return;
     }
-    let ssl = t.pending_ssl;
     t.pending_ssl = 0;
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let fresh = now.wrapping_sub(t.pending_ts) < PENDING_TTL_NS;
     if fresh {
-        let key = SslKey {
-            ssl,
-            tgid: (pid_tgid >> 32) as u32,
-            _pad: 0,
-        };
-        let _ = TLS_FDS.insert(&key, &fd, 0);
         conn.flags |= t.pending.flags & (CONN_TLS_HTTP | CONN_TLS_OPAQUE | CONN_BODY_OUT);
     }
     let Some(rec) = TLS_PENDING.get_ptr_mut(&pid_tgid) else {
