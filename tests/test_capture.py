@@ -511,28 +511,38 @@ def test_a_libssl_that_appears_later_is_probed(py_server, tmp_path):
     assert agent.final_count("tapir.connections.unreadable.tls") == 0
 
 
-def test_http2_over_tls_is_named_as_such(procs, tmp_path):
-    """HTTP/2 inside TLS (nginx with http2, curl picking h2 by ALPN) is read through the
-    libssl probes far enough to tell it is HTTP/2: counted as TLS read and as HTTP/2
-    unreadable, said as "HTTP/2 over TLS" (not blamed on the TLS library), no exchange."""
+@pytest.mark.parametrize("client", ["curl", "node"])
+def test_http2_over_tls_is_named_as_such(procs, tmp_path, client):
+    """HTTP/2 inside TLS (nginx with http2; curl picking h2 by ALPN, or Node's http2 client,
+    whose OpenSSL writes the preface through a memory BIO before it reads anything) is read
+    through the TLS probes far enough to tell it is HTTP/2: counted as TLS read and as
+    HTTP/2 unreadable, said as "HTTP/2 over TLS" (not blamed on the TLS library), no
+    exchange."""
     key, cert = self_signed(tmp_path)
     port = free_port()
     nginx(procs, tmp_path, port,
           f"ssl_certificate {cert}; ssl_certificate_key {key}; location / {{ return 200 'ok'; }}",
           listen_extra="ssl http2")
     agent = watch(port)
-    r = curl("-k", "--http2", "-o", "/dev/null", "-w", "%{http_version}", f"https://127.0.0.1:{port}/h2")
-    assert r.stdout == "2"
+    if client == "curl":
+        r = curl("-k", "--http2", "-o", "/dev/null", "-w", "%{http_version}", f"https://127.0.0.1:{port}/h2")
+        assert r.stdout == "2"
+    else:
+        if not have("node"):
+            pytest.fail("node is not installed (it is part of this machine image)")
+        node = procs(["node", TESTS / "servers/node_h2_client.js", f"https://127.0.0.1:{port}/h2"])
+        assert node.wait_exit() == 0, node.err[-10:]
+        assert node.out == ["200"]
     got = finish(agent)
     assert got == []
     assert agent.final_count("tapir.connections.tls") == 2, agent.err[-30:]
     assert agent.final_count("tapir.connections.unreadable.http2") == 2, agent.err[-30:]
     assert agent.final_count("tapir.connections.unreadable.tls") == 0, agent.err[-30:]
     said = sorted(l.split("not captured: ", 1)[1].split(";")[0] for l in agent.err if "not captured: " in l)
-    assert [re.sub(r"pid \d+", "pid N", l) for l in said] == [
-        f"curl (pid N) talks HTTP/2 over TLS (h2, gRPC) to 127.0.0.1:{port}",
+    assert [re.sub(r"pid \d+", "pid N", l) for l in said] == sorted([
+        f"{client} (pid N) talks HTTP/2 over TLS (h2, gRPC) to 127.0.0.1:{port}",
         f"nginx (pid N) serves HTTP/2 over TLS (h2, gRPC) on port {port}",
-    ], said
+    ]), said
 
 
 def test_tls_and_http2_are_counted_and_named_not_captured(py_server, tmp_path):

@@ -16,8 +16,8 @@
 //! next write to a TLS socket that has carried no plaintext yet, the request's ciphertext,
 //! names the socket ([`release_pending`]); its response's read then binds the `SSL*`.
 use agent_common::{
-    counter, syscall, ConnState, DataEventHeader, CONN_BODY_OUT, CONN_TLS, CONN_TLS_HTTP,
-    CONN_TLS_OPAQUE, DIR_EGRESS, DIR_INGRESS,
+    counter, syscall, ConnState, DataEventHeader, EventKind, Role, CONN_BODY_OUT, CONN_TLS,
+    CONN_TLS_HTTP, CONN_TLS_OPAQUE, DIR_EGRESS, DIR_INGRESS, OPAQUE_HTTP2,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
@@ -27,7 +27,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    conn::{current_gen, lookup_tcp},
+    conn::{current_gen, emit_conn, lookup_tcp},
     data::emit_tls_plaintext,
     maps::{agent_tgid, count, ring_output, SCRATCH_BYTES},
 };
@@ -180,6 +180,19 @@ fn release_pending(pid_tgid: u64, t: &mut TlsThread, fd: u32, conn: &mut ConnSta
     let fresh = now.wrapping_sub(t.pending_ts) < PENDING_TTL_NS;
     if fresh {
         conn.flags |= t.pending.flags & (CONN_TLS_HTTP | CONN_TLS_OPAQUE | CONN_BODY_OUT);
+        if t.pending.flags & CONN_TLS_OPAQUE != 0 {
+            // HTTP/2 inside TLS (a Node gRPC client): said once, as for a known socket (the
+            // other opaque start, a TLS record, does not come out of a TLS library).
+            let role = Role::from_u8(conn.role);
+            emit_conn(
+                EventKind::ConnOpaque,
+                fd,
+                conn.sock_id,
+                role,
+                false,
+                OPAQUE_HTTP2,
+            );
+        }
     }
     let Some(rec) = TLS_PENDING.get_ptr_mut(&pid_tgid) else {
         if !fresh {
