@@ -55,9 +55,8 @@ pub struct TlsThread {
     last_read_fd: u32,
     _pad: u32,
     /// A write that named no socket (a memory BIO's first request on a new connection):
-    /// its `SSL*` (0: none), when it returned, and the connection flags its plaintext set
-    /// (HTTP seen, a body follows); its record waits in [`TLS_PENDING`].
-    pending_ssl: u64,
+    /// when it returned (0: none held), and the connection flags its plaintext set (HTTP
+    /// seen, a body follows); its record waits in [`TLS_PENDING`].
     pending_ts: u64,
     pending: ConnState,
 }
@@ -71,7 +70,6 @@ const IDLE: TlsThread = TlsThread {
     in_call: 0,
     last_read_fd: NO_FD,
     _pad: 0,
-    pending_ssl: 0,
     pending_ts: 0,
     pending: NO_CONN,
 };
@@ -143,7 +141,7 @@ pub fn note_tls_fd(pid_tgid: u64, fd: u32, read: bool, conn: Option<&mut ConnSta
             }
             if read {
                 t.last_read_fd = fd;
-            } else if t.pending_ssl != 0 {
+            } else if t.pending_ts != 0 {
                 if let Some(conn) = conn {
                     release_pending(pid_tgid, t, fd, conn);
                 }
@@ -174,49 +172,45 @@ fn release_pending(pid_tgid: u64, t: &mut TlsThread, fd: u32, conn: &mut ConnSta
     if conn.flags & (CONN_TLS_HTTP | CONN_TLS_OPAQUE) != 0 {
         return;
     }
-    t.pending_ssl = 0;
+    let held_at = t.pending_ts;
+    t.pending_ts = 0;
     // SAFETY: helper without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    let fresh = now.wrapping_sub(t.pending_ts) < PENDING_TTL_NS;
-    if fresh {
-        conn.flags |= t.pending.flags & (CONN_TLS_HTTP | CONN_TLS_OPAQUE | CONN_BODY_OUT);
-        if t.pending.flags & CONN_TLS_OPAQUE != 0 {
-            // HTTP/2 inside TLS (a Node gRPC client): said once, as for a known socket (the
-            // other opaque start, a TLS record, does not come out of a TLS library).
-            let role = Role::from_u8(conn.role);
-            emit_conn(
-                EventKind::ConnOpaque,
-                fd,
-                conn.sock_id,
-                role,
-                false,
-                OPAQUE_HTTP2,
-            );
-        }
+    if now.wrapping_sub(held_at) >= PENDING_TTL_NS {
+        count(counter::TLS_SOCKET_UNKNOWN);
+        let _ = TLS_PENDING.remove(&pid_tgid);
+        return;
+    }
+    conn.flags |= t.pending.flags & (CONN_TLS_HTTP | CONN_TLS_OPAQUE | CONN_BODY_OUT);
+    if t.pending.flags & CONN_TLS_OPAQUE != 0 {
+        // HTTP/2 inside TLS (a Node gRPC client): said once, as for a known socket (the
+        // other opaque start, a TLS record, does not come out of a TLS library).
+        let role = Role::from_u8(conn.role);
+        emit_conn(
+            EventKind::ConnOpaque,
+            fd,
+            conn.sock_id,
+            role,
+            false,
+            OPAQUE_HTTP2,
+        );
     }
     let Some(rec) = TLS_PENDING.get_ptr_mut(&pid_tgid) else {
-        if !fresh {
-            count(counter::TLS_SOCKET_UNKNOWN);
-        }
         return;
     };
-    if fresh {
-        // SAFETY: pointer from a successful lookup.
-        let rec = unsafe { &mut *rec };
-        rec.hdr.header.fd = fd;
-        rec.hdr.header.ts_ns = now;
-        rec.hdr.sock_id = conn.sock_id;
-        let captured = (rec.hdr.captured as usize).min(PENDING_BYTES);
-        // Masked so that the verifier sees `size` never exceed the record.
-        let size = core::mem::size_of::<DataEventHeader>()
-            + (core::hint::black_box(captured) & (2 * PENDING_BYTES - 1)).min(PENDING_BYTES);
-        if ring_output(rec, size as u64) == 0 {
-            count(counter::DATA_EVENTS);
-        } else {
-            count(counter::RINGBUF_FULL);
-        }
+    // SAFETY: pointer from a successful lookup.
+    let rec = unsafe { &mut *rec };
+    rec.hdr.header.fd = fd;
+    rec.hdr.header.ts_ns = now;
+    rec.hdr.sock_id = conn.sock_id;
+    let captured = (rec.hdr.captured as usize).min(PENDING_BYTES);
+    // Masked so that the verifier sees `size` never exceed the record.
+    let size = core::mem::size_of::<DataEventHeader>()
+        + (core::hint::black_box(captured) & (2 * PENDING_BYTES - 1)).min(PENDING_BYTES);
+    if ring_output(rec, size as u64) == 0 {
+        count(counter::DATA_EVENTS);
     } else {
-        count(counter::TLS_SOCKET_UNKNOWN);
+        count(counter::RINGBUF_FULL);
     }
     let _ = TLS_PENDING.remove(&pid_tgid);
 }
@@ -385,12 +379,11 @@ fn on_return(ctx: &RetProbeContext, direction: u8) -> u32 {
         // BIO client's first request on a new connection, which it writes before reading
         // anything there. Its record is held until the socket is named.
         None if call.fd == NO_FD && direction == DIR_EGRESS => {
-            if t.pending_ssl != 0 {
+            if t.pending_ts != 0 {
                 // The one held before never met its socket.
                 count(counter::TLS_SOCKET_UNKNOWN);
                 let _ = TLS_PENDING.remove(&pid_tgid);
             }
-            t.pending_ssl = call.ssl;
             // SAFETY: helper without preconditions.
             t.pending_ts = unsafe { bpf_ktime_get_ns() };
             t.pending = NO_CONN;
