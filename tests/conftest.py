@@ -296,6 +296,14 @@ def self_signed(tmp_path):
     return key, cert
 
 
+def self_signed_pem(tmp_path):
+    """The same key and certificate in one PEM file, as Python's and Node's servers take it."""
+    key, cert = self_signed(tmp_path)
+    pem = tmp_path / "tls.pem"
+    pem.write_bytes(key.read_bytes() + cert.read_bytes())
+    return pem
+
+
 def cgroup2_mount():
     """Where the cgroup v2 hierarchy is mounted (skips the test without one)."""
     for line in open("/proc/self/mountinfo"):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TAPIR, TESTS, Agent, curl, finish, free_port, have, nginx, self_signed, watch
+from conftest import TAPIR, TESTS, Agent, curl, finish, free_port, have, nginx, self_signed, self_signed_pem, watch
 
 PY = sys.executable
 CLIENT = str(TESTS / "servers/http_client.py")
@@ -368,9 +368,7 @@ def test_https_through_a_memory_bio_is_read(procs, tmp_path, server_kind):
     before its SSL_read names the connection, and the SSL*'s writes go where it read. Every
     exchange on two connections (one kept alive for three requests) shows at both ends with
     its status and body size, and no SSL call is left without its socket."""
-    key, cert = self_signed(tmp_path)
-    pem = tmp_path / "tls.pem"
-    pem.write_bytes(key.read_bytes() + cert.read_bytes())
+    pem = self_signed_pem(tmp_path)
     port = free_port()
     if server_kind == "node":
         if not have("node"):
@@ -410,11 +408,8 @@ def test_https_clients_through_a_memory_bio_are_read_from_their_first_request(
     until the thread's next write to a TLS socket (the request's ciphertext) names it. Every
     request shows as a CLIENT span, the first on each connection included, with its status
     and body size, and no SSL call is left without its socket."""
-    key, cert = self_signed(tmp_path)
-    pem = tmp_path / "tls.pem"
-    pem.write_bytes(key.read_bytes() + cert.read_bytes())
-    port = free_port()
-    server, port = py_server("--tls", pem, port=port)
+    pem = self_signed_pem(tmp_path)
+    server, port = py_server("--tls", pem)
     agent = watch(port)
     if client_kind == "node":
         if not have("node"):
@@ -426,8 +421,8 @@ def test_https_clients_through_a_memory_bio_are_read_from_their_first_request(
                 (["node", fetch, url, 3, 5, "keepalive"], ["ok 3"])]
         paths, size = ["/bytes/5"] * 6, 5
     else:
-        client = [sys.executable, TESTS / "servers/http_client.py", "asyncio-tls", "127.0.0.1", port]
-        runs = [(client + [n], ["200"] * n) for n in (1, 1, 3)]
+        asyncio_client = [sys.executable, TESTS / "servers/http_client.py", "asyncio-tls", "127.0.0.1", port]
+        runs = [(asyncio_client + [n], ["200"] * n) for n in (1, 1, 3)]
         paths, size = ["/tls/0", "/tls/0", "/tls/0", "/tls/1", "/tls/2"], 3
     pids = set()
     for argv, out in runs:
@@ -450,9 +445,7 @@ def test_https_bodies_posts_and_trace_context(py_server, tmp_path):
     the library file, so later processes are covered): bodies larger than a TLS record
     (16 KiB) keep their sizes, Content-Length and chunked; a POST's body is counted; and an
     incoming traceparent read from the plaintext becomes the server span's parent."""
-    key, cert = self_signed(tmp_path)
-    pem = tmp_path / "tls.pem"
-    pem.write_bytes(key.read_bytes() + cert.read_bytes())
+    pem = self_signed_pem(tmp_path)
     port = free_port()
     agent = watch(port)
     server, port = py_server("--tls", pem, port=port)
@@ -487,9 +480,7 @@ def test_a_libssl_that_appears_later_is_probed(py_server, tmp_path):
     """A libssl file no process mapped when the agent started (a new container's own copy;
     here a copy loaded through LD_LIBRARY_PATH) is found by the periodic rescan and probed:
     the server using it is then read, as curl on the system's libssl is."""
-    key, cert = self_signed(tmp_path)
-    pem = tmp_path / "tls.pem"
-    pem.write_bytes(key.read_bytes() + cert.read_bytes())
+    pem = self_signed_pem(tmp_path)
     lib = tmp_path / "lib"
     lib.mkdir()
     system = next(p for p in ("/usr/lib/x86_64-linux-gnu/libssl.so.3", "/lib/x86_64-linux-gnu/libssl.so.3")
@@ -550,9 +541,7 @@ def test_tls_and_http2_are_counted_and_named_not_captured(py_server, tmp_path):
     HTTP/1.x: each such connection is counted at both ends, each program and port is named
     once in a warning, and none of it becomes an exchange, while plain HTTP beside them
     still does."""
-    key, cert = self_signed(tmp_path)
-    pem = tmp_path / "tls.pem"
-    pem.write_bytes(key.read_bytes() + cert.read_bytes())
+    pem = self_signed_pem(tmp_path)
     tls_server, tls_port = py_server("--tls", pem)
     h2_server, h2_port = py_server()
     _, plain_port = py_server()

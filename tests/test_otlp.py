@@ -21,7 +21,7 @@ import urllib.request
 
 import pytest
 
-from conftest import TESTS, Agent, cgroup2_mount, curl, free_port, nginx, proc_usage, self_signed, span_path, wait_port
+from conftest import TESTS, Agent, cgroup2_mount, curl, free_port, nginx, proc_usage, self_signed_pem, span_path, wait_port
 from otlp_receiver import OtlpReceiver
 
 PY = sys.executable
@@ -1045,9 +1045,7 @@ def test_https_read_through_openssl_is_exported_as_https(otlp, py_server, tmp_pa
     conventions ask for: SERVER spans url.scheme https, CLIENT spans url.full https://…,
     both duration histograms url.scheme https; each TLS connection is counted
     (tapir.connections.tls) and none unreadable."""
-    key, cert = self_signed(tmp_path)
-    pem = tmp_path / "tls.pem"
-    pem.write_bytes(key.read_bytes() + cert.read_bytes())
+    pem = self_signed_pem(tmp_path)
     server, port = py_server("--tls", pem)
     agent = otel_agent(otlp, port)
     sent = [("/users/1", 200), ("/status/404", 404)]
