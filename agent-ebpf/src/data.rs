@@ -458,12 +458,17 @@ fn emit_data<const SHAPE: u8>(
             hdr.tail_len = TAIL_BYTES as u8;
         }
     }
-    // Read back from map memory, whose values the verifier does not track: the copy above
-    // ends in several states (copy outcomes), and the trace logic below is then verified
-    // once instead of once per state.
+    // Both counts read back from map memory, whose values the verifier does not track: the
+    // copy above ends in several states (its outcomes, and the comparisons that chose them
+    // narrowed `total` each its own way), and the trace logic below is then verified once
+    // instead of once per state. `total` too: 1.85 M → 0.65 M instructions walked over the
+    // data programs, start-up CPU 2.4 → 1.0 s (session 28).
     hdr.captured = captured as u32;
+    hdr.total = total.min(u32::MAX as u64) as u32;
     // SAFETY: a field of this CPU's scratch record.
     let captured = unsafe { core::ptr::read_volatile(&hdr.captured) } as u64;
+    // SAFETY: as above.
+    let total = unsafe { core::ptr::read_volatile(&hdr.total) } as u64;
     clear_ids(&mut hdr.trace);
     trace_ids(
         p.pid_tgid,

@@ -398,17 +398,24 @@ fn load_programs(ebpf: &mut Ebpf, names: &[&str]) -> std::collections::HashMap<S
                 };
                 let started = Instant::now();
                 let refusal = |e: aya::programs::ProgramError| format!("{e:#}");
-                let loaded = match prog {
+                let loaded = match &mut *prog {
                     Program::TracePoint(p) => p.load().map_err(refusal),
                     Program::SkMsg(p) => p.load().map_err(refusal),
                     Program::SockOps(p) => p.load().map_err(refusal),
                     Program::UProbe(p) => p.load().map_err(refusal),
                     other => Err(format!("unexpected program type {:?}", other.prog_type())),
                 };
+                // What start-up costs: the verifier's time and the instructions it walked
+                // (paths through branches and loop steps, not the program's size).
+                let walked = loaded
+                    .as_ref()
+                    .ok()
+                    .and_then(|()| prog.info().ok()?.verified_instruction_count());
                 tracing::debug!(
                     program = name.as_str(),
                     ms = started.elapsed().as_millis() as u64,
                     accepted = loaded.is_ok(),
+                    walked,
                     "verifier"
                 );
                 if let Err(e) = loaded {
