@@ -297,7 +297,10 @@ pub fn check_host() -> Vec<Check> {
                 .into()
         } else {
             libs.iter()
-                .map(|l| l.display().to_string())
+                .map(|l| match &l.points {
+                    Ok(_) => l.path.display().to_string(),
+                    Err(e) => format!("{} (not probed: {e})", l.path.display()),
+                })
                 .collect::<Vec<_>>()
                 .join(", ")
         },

@@ -513,7 +513,7 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
         Err(format!("loading {p}: {e}"))
     } else {
         let libs = crate::tls_libs::find(&mut tls_seen);
-        attach_tls(&mut ebpf, &libs, &mut tls_seen)
+        attach_tls(&mut ebpf, libs, &mut tls_seen)
     };
     Ok(Attached {
         ebpf,
@@ -547,7 +547,7 @@ pub fn rescan_tls(attached: &mut Attached) -> Vec<std::path::PathBuf> {
     if new.is_empty() {
         return Vec::new();
     }
-    match attach_tls(&mut attached.ebpf, &new, &mut attached.tls_seen) {
+    match attach_tls(&mut attached.ebpf, new, &mut attached.tls_seen) {
         Ok(probed) => {
             match &mut attached.tls {
                 Ok(all) => all.extend(probed.iter().cloned()),
@@ -573,12 +573,12 @@ pub fn tls_programs() -> impl Iterator<Item = &'static str> {
 }
 
 /// Uprobes on the entry and return of OpenSSL's internal read and write in each of `libs`
-/// (`tls_libs::probe_points`), for every process (the programs check the selection). A
+/// (at their `tls_libs::probe_points`), for every process (the programs check the selection). A
 /// library whose code Tapir does not recognise is left alone (logged). Returns the
 /// libraries probed; failing here only loses TLS, never capture.
 fn attach_tls(
     ebpf: &mut Ebpf,
-    libs: &[std::path::PathBuf],
+    libs: Vec<crate::tls_libs::Found>,
     seen: &mut HashSet<(u64, u64)>,
 ) -> Result<Vec<std::path::PathBuf>, String> {
     use crate::tls_libs::*;
@@ -591,11 +591,11 @@ fn attach_tls(
     }
     let mut probed = Vec::new();
     let mut errors = Vec::new();
-    for lib in libs {
-        if let Some(id) = file_id(lib) {
+    for Found { path: lib, points } in libs {
+        if let Some(id) = file_id(&lib) {
             seen.insert(id);
         }
-        let points = match probe_points(lib) {
+        let points = match points {
             Ok(p) => p,
             Err(e) => {
                 errors.push(e.to_string());
@@ -620,7 +620,7 @@ fn attach_tls(
             program::<UProbe>(ebpf, name)?
                 .attach(
                     UProbeAttachLocation::AbsoluteOffset(offset),
-                    lib,
+                    &lib,
                     UProbeScope::AllProcesses,
                 )
                 .map(drop)
@@ -632,7 +632,7 @@ fn attach_tls(
             .and_then(|()| attach(points.read_count.entry_program(), points.read))
             .and_then(|()| attach(points.write_count.entry_program(), points.write));
         match attached {
-            Ok(()) => probed.push(lib.clone()),
+            Ok(()) => probed.push(lib),
             Err(e) => errors.push(e),
         }
     }

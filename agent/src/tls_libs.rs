@@ -87,7 +87,7 @@ const PROLOGUE_BYTES: usize = 64;
 /// Why a file gets no probes.
 #[derive(Debug, thiserror::Error)]
 pub enum ProbePointsError {
-    /// It does not define OpenSSL's read and write functions.
+    /// It does not define OpenSSL's `SSL_read` and `SSL_write` (or cannot be read).
     #[error("{0}")]
     NotOpenSsl(String),
     /// It does, but its code is not what Tapir can probe cheaply and safely.
@@ -106,13 +106,13 @@ pub fn probe_points(path: &Path) -> Result<SslProbePoints, ProbePointsError> {
     let elf =
         object::File::parse(&data).map_err(|e| NotOpenSsl(format!("{}: {e}", path.display())))?;
     let found = openssl_symbols(&elf);
-    let missing =
-        |i: usize| NotOpenSsl(format!("{} has no {}", path.display(), OPENSSL_SYMBOLS[i]));
+    let missing = |i: usize| format!("{} has no {}", path.display(), OPENSSL_SYMBOLS[i]);
     let [read, write, read_ex, write_ex, write_ex2] = found;
-    let read = read.ok_or_else(|| missing(0))?;
-    let write = write.ok_or_else(|| missing(1))?;
-    let read_ex = read_ex.ok_or_else(|| missing(2))?;
-    let write_ex = write_ex.ok_or_else(|| missing(3))?;
+    let read = read.ok_or_else(|| NotOpenSsl(missing(0)))?;
+    let write = write.ok_or_else(|| NotOpenSsl(missing(1)))?;
+    // OpenSSL before 1.1.1.
+    let read_ex = read_ex.ok_or_else(|| Unrecognised(missing(2)))?;
+    let write_ex = write_ex.ok_or_else(|| Unrecognised(missing(3)))?;
     if elf.architecture() != object::Architecture::X86_64 {
         return Err(Unrecognised(format!("{}: not x86_64 code", path.display())));
     }
@@ -232,19 +232,32 @@ pub fn is_libssl(path: &str) -> bool {
     name == "libssl.so" || name.starts_with("libssl.so.")
 }
 
+/// A file that carries OpenSSL, and where its probes go (or why they cannot).
+#[derive(Debug)]
+pub struct Found {
+    pub path: PathBuf,
+    pub points: Result<SslProbePoints, ProbePointsError>,
+}
+
 /// The files to probe on this host that are not in `checked` (which then holds them and
 /// every other file looked at): the libssl files mapped by running processes (as
 /// `/proc/PID/root` sees them, so containers' own copies are found too) and at the usual
 /// paths, and the programs that export OpenSSL's read and write (running ones, and those at
-/// the usual paths), one path per file.
-pub fn find(checked: &mut HashSet<(u64, u64)>) -> Vec<PathBuf> {
+/// the usual paths), one path per file. Each is read once, for its probe points (a program
+/// carrying OpenSSL is ~100 MB, of which a few pages are read).
+pub fn find(checked: &mut HashSet<(u64, u64)>) -> Vec<Found> {
     let mut found = Vec::new();
     let mut add = |path: PathBuf, exe: bool| {
         let Some(id) = file_id(&path).filter(|_| path.is_file()) else {
             return;
         };
-        if checked.insert(id) && (!exe || exports_openssl(&path)) {
-            found.push(path);
+        if !checked.insert(id) {
+            return;
+        }
+        let points = probe_points(&path);
+        // A program is a candidate only if it exports OpenSSL; a libssl always is.
+        if !(exe && matches!(points, Err(ProbePointsError::NotOpenSsl(_)))) {
+            found.push(Found { path, points });
         }
     };
     for p in USUAL_PATHS {
@@ -276,20 +289,6 @@ pub fn find(checked: &mut HashSet<(u64, u64)>) -> Vec<PathBuf> {
         }
     }
     found
-}
-
-/// Whether the program at `path` defines (and exports) OpenSSL's `SSL_read` and
-/// `SSL_write`: it carries OpenSSL itself. Only its dynamic symbols are read.
-fn exports_openssl(path: &Path) -> bool {
-    let Ok(file) = std::fs::File::open(path) else {
-        return false;
-    };
-    let data = ReadCache::new(file);
-    let Ok(elf) = object::File::parse(&data) else {
-        return false;
-    };
-    let [read, write, ..] = openssl_symbols(&elf);
-    read.is_some() && write.is_some()
 }
 
 /// The OpenSSL functions whose addresses [`openssl_symbols`] looks up.
@@ -399,15 +398,18 @@ mod tests {
 
     #[test]
     fn this_hosts_libssl_has_probe_points() {
-        for lib in find(&mut HashSet::new()) {
-            let p = probe_points(&lib).unwrap_or_else(|e| panic!("{e}"));
+        let found = find(&mut HashSet::new());
+        assert!(!found.is_empty(), "no libssl found");
+        for Found { path, points } in found {
+            let p = points.unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(probe_points(&path).ok(), Some(p), "{path:?}");
             assert!(p.cheap, "{p:?}");
             assert!(p.read != p.write && p.read > 0 && p.write > 0, "{p:?}");
             let internal = p.read_count != SslCount::Returned;
             assert_eq!(
                 internal,
-                is_libssl(&lib.to_string_lossy()),
-                "{lib:?}: {p:?}"
+                is_libssl(&path.to_string_lossy()),
+                "{path:?}: {p:?}"
             );
         }
     }
@@ -417,15 +419,23 @@ mod tests {
         // This machine's Node.js (NodeSource's build) carries OpenSSL and exports it.
         let node = Path::new("/usr/bin/node");
         if node.exists() {
-            assert!(exports_openssl(node));
             let id = file_id(node);
-            assert!(find(&mut HashSet::new()).iter().any(|p| file_id(p) == id));
+            assert!(find(&mut HashSet::new())
+                .iter()
+                .any(|f| file_id(&f.path) == id && f.points.is_ok()));
         }
+        // This test binary runs, and does not carry OpenSSL.
         let own = std::env::current_exe().expect("the test binary's path");
-        assert!(!exports_openssl(&own));
-        assert!(!exports_openssl(Path::new("/nonexistent")));
+        let own_id = file_id(&own);
+        assert!(!find(&mut HashSet::new())
+            .iter()
+            .any(|f| file_id(&f.path) == own_id));
         assert!(matches!(
             probe_points(&own),
+            Err(ProbePointsError::NotOpenSsl(_))
+        ));
+        assert!(matches!(
+            probe_points(Path::new("/nonexistent")),
             Err(ProbePointsError::NotOpenSsl(_))
         ));
     }
@@ -466,7 +476,7 @@ garbage
         assert!(find(&mut checked).is_empty(), "found again");
         let mut ids: Vec<_> = found
             .iter()
-            .filter_map(|p| std::fs::metadata(p).ok())
+            .filter_map(|f| std::fs::metadata(&f.path).ok())
             .map(|m| (m.dev(), m.ino()))
             .collect();
         let n = ids.len();
