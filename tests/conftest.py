@@ -334,6 +334,13 @@ def have(cmd):
     return shutil.which(cmd) is not None
 
 
+def require(cmd):
+    """Fails (not skips) the test without `cmd`: the machine image or `cargo xtask test`
+    provides every program the tests run, so a missing one is a broken set-up."""
+    if not have(cmd):
+        pytest.fail(f"{cmd} is not installed (it is part of this machine image)")
+
+
 @pytest.fixture
 def otlp():
     """A real OTLP receiver (tests/otlp_receiver.py) on free gRPC and HTTP ports."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TAPIR, TESTS, Agent, curl, finish, free_port, have, nginx, self_signed, self_signed_pem, watch
+from conftest import TAPIR, TESTS, Agent, curl, finish, free_port, nginx, require, self_signed, self_signed_pem, watch
 
 PY = sys.executable
 CLIENT = str(TESTS / "servers/http_client.py")
@@ -70,8 +70,7 @@ def test_python_http_server_each_request_exactly_once(py_server):
 
 
 def test_node_http_server(procs):
-    if not have("node"):
-        pytest.fail("node is not installed (it is part of this machine image)")
+    require("node")
     port = free_port()
     server = procs(["node", TESTS / "servers/node_server.js", port], ready_port=port)
     for e in request_each_once(port, server.pid):
@@ -319,13 +318,12 @@ def test_https_is_read_through_openssl(py_server, procs, tmp_path):
     (SSL_read/SSL_write). Each exchange shows once at each end with url.scheme https, on a
     kept-alive connection too (its bodies framed right), and no TLS connection is reported
     unreadable."""
-    key, cert = self_signed(tmp_path)
-    pem = tmp_path / "tls.pem"
-    pem.write_bytes(key.read_bytes() + cert.read_bytes())
+    pem = self_signed_pem(tmp_path)
     py, py_port = py_server("--tls", pem)
     ng_port = free_port()
+    # nginx, like Python, takes the key and certificate from one file.
     nginx(procs, tmp_path, ng_port,
-          f"ssl_certificate {cert}; ssl_certificate_key {key}; "
+          f"ssl_certificate {pem}; ssl_certificate_key {pem}; "
           "location / { return 200 'ok'; } location = /missing { return 404; }",
           listen_extra="ssl")
     agent = watch(py_port, ng_port)
@@ -371,8 +369,7 @@ def test_https_through_a_memory_bio_is_read(procs, tmp_path, server_kind):
     pem = self_signed_pem(tmp_path)
     port = free_port()
     if server_kind == "node":
-        if not have("node"):
-            pytest.fail("node is not installed (it is part of this machine image)")
+        require("node")
         argv = ["node", TESTS / "servers/node_server.js", port, "--tls", pem]
     else:
         argv = [sys.executable, TESTS / "servers/asyncio_server.py", port, "--tls", pem]
@@ -412,8 +409,7 @@ def test_https_clients_through_a_memory_bio_are_read_from_their_first_request(
     server, port = py_server("--tls", pem)
     agent = watch(port)
     if client_kind == "node":
-        if not have("node"):
-            pytest.fail("node is not installed (it is part of this machine image)")
+        require("node")
         fetch = TESTS / "servers/node_fetch.js"
         url = f"https://127.0.0.1:{port}/bytes/5"
         # Three connections of one request each, then one connection of three requests.
@@ -519,8 +515,7 @@ def test_http2_over_tls_is_named_as_such(procs, tmp_path, client):
         r = curl("-k", "--http2", "-o", "/dev/null", "-w", "%{http_version}", f"https://127.0.0.1:{port}/h2")
         assert r.stdout == "2"
     else:
-        if not have("node"):
-            pytest.fail("node is not installed (it is part of this machine image)")
+        require("node")
         node = procs(["node", TESTS / "servers/node_h2_client.js", f"https://127.0.0.1:{port}/h2"])
         assert node.wait_exit() == 0, node.err[-10:]
         assert node.out == ["200"]
