@@ -777,7 +777,7 @@ fn record(out: &Path, seconds: f64, max_records: u64) -> Result<()> {
         "tapir-replay: recording to {} for {seconds} s",
         out.display()
     );
-    drain_loop(rings, &mut rec, &stop, NoExtra::None);
+    drain_loop(rings, &mut rec, &stop, NoExtra::None, None);
     let _ = timer.join();
     drop(attached);
     if let Some(e) = rec.error {

@@ -4,3 +4,4 @@ pub mod events;
 pub mod merge;
 pub mod reader;
 pub mod ring;
+pub mod yielding;

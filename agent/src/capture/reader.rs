@@ -17,6 +17,7 @@ use std::{
 use super::{
     merge::{Merger, SLACK_NS},
     ring::{EventRing, RingError},
+    yielding::CpuYield,
 };
 use crate::{clock, loader::Attached};
 
@@ -86,11 +87,13 @@ pub type ExtraFd<L> = Option<(L, Box<dyn FnMut(&mut L) + Send>)>;
 
 /// Runs until `stop` is set; drains once more before returning so nothing already
 /// submitted is lost. `extra` is another fd to wake on (the aya-log buffer) and its handler.
+/// `yielding`: the thread is idle-class while it keeps up (see `yielding.rs`).
 pub fn drain_loop<S: RecordSink, L: AsFd>(
     mut rings: Vec<EventRing>,
     sink: &mut S,
     stop: &Arc<AtomicBool>,
     mut extra: ExtraFd<L>,
+    yielding: Option<&CpuYield>,
 ) {
     // The rings' fds first, then the extra one.
     let mut fds: Vec<libc::pollfd> = rings
@@ -148,6 +151,9 @@ pub fn drain_loop<S: RecordSink, L: AsFd>(
             flush(l);
         }
         sink.on_idle();
+        if let Some(y) = yielding {
+            y.drained(merged.records);
+        }
         if stopping {
             return;
         }

@@ -146,6 +146,54 @@ impl EventRing {
     }
 }
 
+impl EventRing {
+    /// A view of how full this ring is, for another thread: its own copy of the fd (to
+    /// wait on) and its own read-only mappings of the two position pages.
+    pub fn level(&self) -> Result<RingLevel, RingError> {
+        let fd = self
+            .map
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(RingError::Map)?;
+        let raw = fd.as_raw_fd();
+        Ok(RingLevel {
+            consumer: Mapping::new(raw, self.page, libc::PROT_READ, 0)?,
+            producer: Mapping::new(raw, self.page, libc::PROT_READ, self.page)?,
+            size: self.mask + 1,
+            fd,
+        })
+    }
+}
+
+/// How full an event ring is (see [`EventRing::level`]).
+pub struct RingLevel {
+    consumer: Mapping,
+    producer: Mapping,
+    size: u64,
+    fd: std::os::fd::OwnedFd,
+}
+
+impl RingLevel {
+    /// The share of the ring written and not yet consumed (published), 0 to 1.
+    pub fn fill(&self) -> f64 {
+        // SAFETY: the first 8 bytes of each page-aligned position page.
+        let (consumer, producer) = unsafe {
+            (
+                (*self.consumer.ptr.as_ptr().cast::<AtomicU64>()).load(Ordering::Acquire),
+                (*self.producer.ptr.as_ptr().cast::<AtomicU64>()).load(Ordering::Acquire),
+            )
+        };
+        producer.saturating_sub(consumer) as f64 / self.size as f64
+    }
+}
+
+impl AsRawFd for RingLevel {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
 impl Source for EventRing {
     /// The oldest record not yet consumed, among those committed before the last
     /// [`refresh`](EventRing::refresh); `None` when there is none, or when the oldest is

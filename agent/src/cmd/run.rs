@@ -103,6 +103,12 @@ pub struct RunArgs {
     /// run of every BPF program on the host, which adds tens of nanoseconds to each.
     #[arg(long, env = "TAPIR_EBPF_STATS")]
     pub ebpf_stats: bool,
+    /// Keep the capture thread at normal scheduling priority. By default it runs as
+    /// SCHED_IDLE while it keeps up, so that its bursts of work never hold a CPU that an
+    /// observed service wakes up to use (latency), and goes back to normal priority when
+    /// busy CPUs leave it behind (a ring 1/8 full), so that nothing is lost.
+    #[arg(long, env = "TAPIR_NORMAL_PRIORITY")]
+    pub normal_priority: bool,
 }
 
 fn parse_protocol(s: &str) -> Result<OtlpProtocol, String> {
@@ -241,11 +247,35 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let max_conns = args.capture.max_connections as usize;
     let st = stats.clone();
     let os = otel_stats.clone();
+    let yielding = if args.normal_priority {
+        None
+    } else {
+        let levels = rings
+            .iter()
+            .map(|r| r.level())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| std::io::Error::other(format!("{e:#}")));
+        match levels.and_then(tapir::capture::yielding::CpuYield::new) {
+            Ok(y) => Some(y),
+            Err(e) => {
+                tracing::warn!("capture stays at normal priority: starting its rescuer: {e}");
+                None
+            }
+        }
+    };
+    let (cpu_yield, yield_watchdog) = yielding.unzip();
     let capture = CaptureThread::spawn(move |stop| {
+        let cpu_yield = cpu_yield.filter(|y| match y.start() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!("capture stays at normal priority: setting SCHED_IDLE: {e}");
+                false
+            }
+        });
         let mut pipeline = Pipeline::new(max_conns, filter, st.clone(), sink);
         maps.install(&mut pipeline, st);
         let mut sink = Gauged { pipeline, otel: os };
-        drain_loop(rings, &mut sink, &stop, logger);
+        drain_loop(rings, &mut sink, &stop, logger, cpu_yield.as_ref());
         sink.pipeline.read_kernel_counters();
         // The OTLP sink goes with the pipeline; `Telemetry::shutdown` flushes the queue.
     })?;
@@ -264,6 +294,12 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     tracing::info!("shutting down: detaching probes");
     // Stops capture after a last drain of the ring buffer.
     capture.stop();
+    if let Some(r) = yield_watchdog {
+        tracing::debug!(
+            rescues = r.rescues(),
+            "capture thread put back to normal priority when busy CPUs left it behind"
+        );
+    }
     if let Some(r) = rescan {
         r.stop();
     }

@@ -92,7 +92,7 @@ pub fn run(args: WatchArgs) -> Result<ExitCode> {
         };
         let mut pipeline = Pipeline::new(max_conns, filter, pipeline_stats.clone(), printer);
         maps.install(&mut pipeline, pipeline_stats);
-        drain_loop(rings, &mut pipeline, &stop, logger);
+        drain_loop(rings, &mut pipeline, &stop, logger, None);
         pipeline.read_kernel_counters();
         pipeline.sink_mut().flush();
     })?;
