@@ -263,7 +263,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             }
         }
     };
-    let (cpu_yield, yield_watchdog) = yielding.unzip();
+    let (cpu_yield, rescuer) = yielding.unzip();
     let capture = CaptureThread::spawn(move |stop| {
         let cpu_yield = cpu_yield.filter(|y| match y.start() {
             Ok(()) => true,
@@ -294,7 +294,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     tracing::info!("shutting down: detaching probes");
     // Stops capture after a last drain of the ring buffer.
     capture.stop();
-    if let Some(r) = yield_watchdog {
+    if let Some(r) = rescuer {
         tracing::debug!(
             rescues = r.rescues(),
             "capture thread put back to normal priority when busy CPUs left it behind"
