@@ -513,7 +513,7 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
         Err(format!("loading {p}: {e}"))
     } else {
         let libs = crate::tls_libs::find(&mut tls_seen);
-        attach_tls(&mut ebpf, libs, &mut tls_seen)
+        attach_tls(&mut ebpf, libs)
     };
     Ok(Attached {
         ebpf,
@@ -547,7 +547,7 @@ pub fn rescan_tls(attached: &mut Attached) -> Vec<std::path::PathBuf> {
     if new.is_empty() {
         return Vec::new();
     }
-    match attach_tls(&mut attached.ebpf, new, &mut attached.tls_seen) {
+    match attach_tls(&mut attached.ebpf, new) {
         Ok(probed) => {
             match &mut attached.tls {
                 Ok(all) => all.extend(probed.iter().cloned()),
@@ -579,7 +579,6 @@ pub fn tls_programs() -> impl Iterator<Item = &'static str> {
 fn attach_tls(
     ebpf: &mut Ebpf,
     libs: Vec<crate::tls_libs::Found>,
-    seen: &mut HashSet<(u64, u64)>,
 ) -> Result<Vec<std::path::PathBuf>, String> {
     use crate::tls_libs::*;
     use aya::programs::{
@@ -592,9 +591,6 @@ fn attach_tls(
     let mut probed = Vec::new();
     let mut errors = Vec::new();
     for Found { path: lib, points } in libs {
-        if let Some(id) = file_id(&lib) {
-            seen.insert(id);
-        }
         let points = match points {
             Ok(p) => p,
             Err(e) => {

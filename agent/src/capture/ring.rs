@@ -64,6 +64,14 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    /// The position the kernel keeps in the first 8 bytes of a position page.
+    fn position(&self) -> &AtomicU64 {
+        // SAFETY: the first 8 bytes of a page-aligned mapping, which lives as long as `self`.
+        unsafe { &*self.ptr.as_ptr().cast::<AtomicU64>() }
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly what `new` mapped; no reference into it outlives `self`
@@ -123,13 +131,11 @@ impl EventRing {
     }
 
     fn consumer_pos(&self) -> &AtomicU64 {
-        // SAFETY: the first 8 bytes of the consumer page, 8-aligned (page-aligned mapping).
-        unsafe { &*self.consumer.ptr.as_ptr().cast::<AtomicU64>() }
+        self.consumer.position()
     }
 
     fn producer_pos(&self) -> &AtomicU64 {
-        // SAFETY: as above, on the producer page.
-        unsafe { &*self.producer.ptr.as_ptr().cast::<AtomicU64>() }
+        self.producer.position()
     }
 
     /// Takes in the records producers have committed so far.
@@ -177,13 +183,8 @@ pub struct RingLevel {
 impl RingLevel {
     /// The share of the ring written and not yet consumed (published), 0 to 1.
     pub fn fill(&self) -> f64 {
-        // SAFETY: the first 8 bytes of each page-aligned position page.
-        let (consumer, producer) = unsafe {
-            (
-                (*self.consumer.ptr.as_ptr().cast::<AtomicU64>()).load(Ordering::Acquire),
-                (*self.producer.ptr.as_ptr().cast::<AtomicU64>()).load(Ordering::Acquire),
-            )
-        };
+        let consumer = self.consumer.position().load(Ordering::Acquire);
+        let producer = self.producer.position().load(Ordering::Acquire);
         producer.saturating_sub(consumer) as f64 / self.size as f64
     }
 }
