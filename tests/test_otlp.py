@@ -608,6 +608,89 @@ def test_collector_started_five_seconds_after_the_requests(py_server, protocol):
         late.stop()
 
 
+SCHED_OTHER, SCHED_IDLE = 0, 5
+
+
+def thread_policies(pid):
+    """{thread name: [scheduling policy of each thread so named]} of a process (field 41 of
+    /proc/PID/task/TID/stat). The export runtime's helper threads share its worker's name."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread just ended
+            continue
+        out.setdefault(name, []).append(int(fields[38]))
+    return out
+
+
+def wait_policy(agent, name, policy, timeout=TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if policy in thread_policies(agent.pid).get(name, []):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{name} never had policy {policy}: {thread_policies(agent.pid)}")
+
+
+@pytest.mark.parametrize("normal", [False, True], ids=["yielding", "normal-priority"])
+def test_capture_and_export_threads_run_idle_class_unless_told_not_to(otlp, py_server, normal):
+    server, port = py_server()
+    agent = otel_agent(otlp, port, args=["--normal-priority"] if normal else [])
+    get(port, "/", 200)
+    otlp.wait_spans(is_server_of(server.pid), n=1, timeout=TIMEOUT)  # both threads at work
+    p = thread_policies(agent.pid)
+    finish(agent)
+    if normal:
+        assert p["tapir-capture"] == [SCHED_OTHER] and set(p["tapir-export"]) == {SCHED_OTHER}, p
+        assert "tapir-rescue" not in p, p
+    else:
+        assert p["tapir-capture"] == [SCHED_IDLE] and SCHED_IDLE in p["tapir-export"], p
+        assert p["tapir-rescue"] == [SCHED_OTHER], p
+
+
+def test_export_thread_back_to_normal_priority_while_the_collector_is_down(py_server):
+    """Batches of 3: four batches queued (12 spans) put the idle-class export thread back to
+    normal priority; once the collector is up and the queue drained, it yields again."""
+    server, port = py_server()
+    collector_port = free_port()  # nothing listens there yet
+    agent = otel_agent(
+        f"http://127.0.0.1:{collector_port}",
+        port,
+        env={
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "3",
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "RUST_LOG": "info,tapir::otel=debug",
+        },
+    )
+    wait_policy(agent, "tapir-export", SCHED_IDLE)
+    for i in range(8):  # 16 spans: curl's and the server's
+        get(port, f"/down/{i}", 200)
+    agent.wait_for(lambda l: "export thread back to normal priority" in l, what="the export thread's rescue")
+    assert set(thread_policies(agent.pid)["tapir-export"]) == {SCHED_OTHER}
+    late = OtlpReceiver(grpc_port=collector_port, http_port=None).start()
+    try:
+        late.wait_spans(lambda s: span_path(s).startswith("/down/"), n=16, timeout=90)
+        # Each request's two spans leave in a send of their own; the first send at least a
+        # second after the rescue puts the thread back to idle.
+        for i in range(30):
+            get(port, f"/up/{i}", 200)
+            late.wait_spans(lambda s: span_path(s).startswith("/up/"), n=2 * (i + 1), timeout=TIMEOUT)
+            if SCHED_IDLE in thread_policies(agent.pid)["tapir-export"]:
+                break
+        else:
+            raise AssertionError(f"the export thread stayed at normal priority: {thread_policies(agent.pid)}")
+        finish(agent)
+        down = late.spans(lambda s: span_path(s).startswith("/down/"))
+        assert sorted(span_path(s) for s in down) == sorted(f"/down/{i}" for i in range(8) for _ in "ab")
+        assert late.errors == []
+    finally:
+        late.stop()
+
+
 # (g) -------------------------------------------------------------------------------------
 
 

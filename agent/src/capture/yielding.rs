@@ -29,7 +29,10 @@ use std::{
 };
 
 use super::ring::RingLevel;
-use crate::clock;
+use crate::{
+    clock,
+    sched::{can_come_back, set_class, this_thread, Class},
+};
 
 /// A ring this full (written, not yet consumed) means the capture thread is left behind.
 pub const RESCUE_FILL: f64 = 0.125;
@@ -39,15 +42,6 @@ pub const KEEP_NORMAL: Duration = Duration::from_secs(1);
 pub const SMALL_DRAIN: u32 = 2 * super::reader::DRAIN_TARGET;
 /// The rescuer also looks this often without a wakeup (and sees that it should stop).
 const LOOK_EVERY_MS: i32 = 100;
-
-/// The capture thread's scheduling class.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Class {
-    /// `SCHED_IDLE`: runs on CPUs nothing else wants.
-    Idle,
-    /// `SCHED_OTHER`, nice 0: competes like the services.
-    Normal,
-}
 
 /// What the capture thread does after a drain of `drained` records, in class `now_in`,
 /// `since_rescue` after it was last put back to normal.
@@ -175,8 +169,7 @@ impl CpuYield {
     /// On the capture thread: registers it and makes it idle-class. An error (a
     /// container without the right to change it) leaves it at normal priority.
     pub fn start(&self) -> std::io::Result<()> {
-        // SAFETY: gettid has no preconditions.
-        let tid = unsafe { libc::gettid() };
+        let tid = this_thread();
         set_class(tid, Class::Idle)?;
         self.shared.idle.store(true, Ordering::Release);
         self.shared.tid.store(tid, Ordering::Release);
@@ -212,42 +205,6 @@ impl Drop for Rescuer {
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
-    }
-}
-
-/// Whether a thread that went idle-class may go back to normal: without CAP_SYS_NICE (and
-/// an RLIMIT_NICE of 20) it may not, and a capture thread stuck idle-class would lose data
-/// on busy CPUs. Tried on a thread of its own.
-fn can_come_back() -> std::io::Result<()> {
-    thread::Builder::new()
-        .name("tapir-sched-probe".into())
-        .spawn(|| {
-            // SAFETY: gettid has no preconditions.
-            let tid = unsafe { libc::gettid() };
-            set_class(tid, Class::Idle)?;
-            set_class(tid, Class::Normal).map_err(|e| {
-                std::io::Error::other(format!(
-                    "an idle-class thread cannot go back to normal priority \
-                     (CAP_SYS_NICE missing?): {e}"
-                ))
-            })
-        })?
-        .join()
-        .map_err(|_| std::io::Error::other("the scheduling probe thread panicked"))?
-}
-
-/// Sets thread `tid`'s scheduling class.
-fn set_class(tid: i32, class: Class) -> std::io::Result<()> {
-    let policy = match class {
-        Class::Idle => libc::SCHED_IDLE,
-        Class::Normal => libc::SCHED_OTHER,
-    };
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: a plain syscall on a thread id with a valid parameter struct.
-    if unsafe { libc::sched_setscheduler(tid, policy, &param) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 

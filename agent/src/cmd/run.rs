@@ -103,10 +103,11 @@ pub struct RunArgs {
     /// run of every BPF program on the host, which adds tens of nanoseconds to each.
     #[arg(long, env = "TAPIR_EBPF_STATS")]
     pub ebpf_stats: bool,
-    /// Keep the capture thread at normal scheduling priority. By default it runs as
-    /// SCHED_IDLE while it keeps up, so that its bursts of work never hold a CPU that an
-    /// observed service wakes up to use (latency), and goes back to normal priority when
-    /// busy CPUs leave it behind (a ring 1/8 full), so that nothing is lost.
+    /// Keep the capture and export threads at normal scheduling priority. By default they
+    /// run as SCHED_IDLE while they keep up, so that their bursts of work never hold a CPU
+    /// that an observed service wakes up to use (latency), and go back to normal priority
+    /// when busy CPUs leave them behind (a ring 1/8 full, four batches of spans queued),
+    /// so that nothing is lost.
     #[arg(long, env = "TAPIR_NORMAL_PRIORITY")]
     pub normal_priority: bool,
 }
@@ -128,6 +129,7 @@ impl RunArgs {
             max_routes_per_service: self.max_routes_per_service.max(1),
             export_queue_spans: self.export_queue_spans.map(|n| n.max(1)),
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
+            yield_cpu: !self.normal_priority,
             ..OtelConfig::default()
         }
     }

@@ -26,6 +26,7 @@ pub mod span;
 pub mod text;
 pub mod tracecontext;
 pub mod wire;
+pub mod yielding;
 
 use std::{io::Write, sync::Arc, time::Duration};
 
@@ -46,6 +47,7 @@ use metrics::{AgentSources, EntryCache, Registry, RegistryConfig, Temporality};
 use queue::LoopConfig;
 pub use queue::SharedQueue;
 use wire::ConnAttrs;
+use yielding::ExportYield;
 
 /// The standard variables `tapir run` honours (for `--help`).
 pub const ENV_HELP: &str = "\
@@ -99,6 +101,8 @@ pub struct OtelConfig {
     /// Bound of the per-process resource/metrics table.
     pub max_services: usize,
     pub shutdown_timeout: Duration,
+    /// The export thread runs idle-class while it keeps up (`yielding.rs`).
+    pub yield_cpu: bool,
 }
 
 impl Default for OtelConfig {
@@ -114,6 +118,7 @@ impl Default for OtelConfig {
             export_queue_spans: None,
             max_services: 256,
             shutdown_timeout: Duration::from_secs(10),
+            yield_cpu: false,
         }
     }
 }
@@ -558,11 +563,17 @@ impl Telemetry {
             ..LoopConfig::default()
         };
         let queue = span_exporter.as_ref().map(|_| {
-            Arc::new(SharedQueue::new(
-                queue_spans,
-                loop_config.max_batch,
-                stats.clone(),
-            ))
+            let q = SharedQueue::new(queue_spans, loop_config.max_batch, stats.clone());
+            if !cfg.yield_cpu {
+                return Arc::new(q);
+            }
+            match ExportYield::new(loop_config.max_batch, queue_spans) {
+                Ok(y) => Arc::new(q.with_yielding(y)),
+                Err(e) => {
+                    tracing::warn!("the export thread stays at normal priority: {e}");
+                    Arc::new(q)
+                }
+            }
         });
         let q = queue.clone();
         let queue_len: metrics::QueueLen =
@@ -655,6 +666,12 @@ impl Telemetry {
         } = self;
         rt.block_on(async move {
             let deadline = Instant::now() + shutdown_timeout;
+            if let Some(q) = &queue {
+                tracing::debug!(
+                    rescues = q.rescues(),
+                    "export thread put back to normal priority when spans piled up"
+                );
+            }
             let pending = queue.as_ref().map_or(0, |q| q.len());
             if pending > 0 {
                 tracing::info!("flushing {pending} pending spans (at most {} s)", shutdown_timeout.as_secs());

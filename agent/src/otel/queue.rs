@@ -12,7 +12,10 @@ use std::{
 
 use tokio::{sync::Notify, time::Instant};
 
-use super::counters::{OtelStats, SpanDrop};
+use super::{
+    counters::{OtelStats, SpanDrop},
+    yielding::ExportYield,
+};
 
 /// A bounded FIFO that drops its oldest items to make room.
 #[derive(Debug)]
@@ -150,6 +153,8 @@ pub struct SharedQueue<T> {
     max_batch: usize,
     /// Items ever pushed.
     pushed: AtomicU64,
+    /// The export thread's scheduling class, when it yields the CPU.
+    yielding: Option<ExportYield>,
 }
 
 impl<T> SharedQueue<T> {
@@ -160,7 +165,27 @@ impl<T> SharedQueue<T> {
             stats,
             max_batch,
             pushed: AtomicU64::new(0),
+            yielding: None,
         }
+    }
+
+    /// The export loop makes its thread idle-class while it keeps up; pushers put it back
+    /// to normal priority when spans pile up (see `yielding.rs`).
+    pub fn with_yielding(mut self, yielding: ExportYield) -> Self {
+        self.yielding = Some(yielding);
+        self
+    }
+
+    /// On the export thread after a send (a failed batch back in the queue).
+    fn sent(&self) {
+        if let Some(y) = &self.yielding {
+            y.sent(self.len());
+        }
+    }
+
+    /// Times the export thread was put back to normal priority.
+    pub fn rescues(&self) -> u64 {
+        self.yielding.as_ref().map_or(0, ExportYield::rescues)
     }
 
     /// Items ever pushed (dropped ones included).
@@ -179,12 +204,7 @@ impl<T> SharedQueue<T> {
             let mut q = self.lock();
             (q.push(item), q.len())
         };
-        if dropped > 0 {
-            self.stats.dropped(SpanDrop::ExportQueueFull, dropped);
-        }
-        if len >= self.max_batch {
-            self.notify.notify_one();
-        }
+        self.pushed_to(len, dropped);
     }
 
     /// [`SharedQueue::push`] for each of `items` (emptied), under one lock.
@@ -197,8 +217,16 @@ impl<T> SharedQueue<T> {
             let mut q = self.lock();
             (q.extend(items.drain(..)), q.len())
         };
+        self.pushed_to(len, dropped);
+    }
+
+    /// After a push left `len` items, `dropped` of the oldest having made room.
+    fn pushed_to(&self, len: usize, dropped: u64) {
         if dropped > 0 {
             self.stats.dropped(SpanDrop::ExportQueueFull, dropped);
+        }
+        if let Some(y) = &self.yielding {
+            y.queued(len);
         }
         if len >= self.max_batch {
             self.notify.notify_one();
@@ -232,10 +260,18 @@ pub async fn export_loop<T, S: BatchSender<T>>(
     let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
     let mut linger_until = Instant::now() + cfg.linger;
     let mut retrying = false;
+    if let Some(y) = &queue.yielding {
+        if let Err(e) = y.start() {
+            tracing::warn!("the export thread stays at normal priority: setting SCHED_IDLE: {e}");
+        }
+    }
     loop {
         let deadline = *closing.borrow();
         let len = queue.len();
         if let Some(d) = deadline {
+            if let Some(y) = &queue.yielding {
+                y.finish();
+            }
             if len == 0 {
                 return 0;
             }
@@ -274,6 +310,7 @@ pub async fn export_loop<T, S: BatchSender<T>>(
                     backoff.reset();
                     retrying = false;
                     linger_until = Instant::now() + cfg.linger;
+                    queue.sent();
                 }
                 Err(failed) => {
                     OtelStats::add(&stats.trace_export_failures, 1);
@@ -282,6 +319,7 @@ pub async fn export_loop<T, S: BatchSender<T>>(
                     if dropped > 0 {
                         stats.dropped(SpanDrop::ExportQueueFull, dropped);
                     }
+                    queue.sent();
                     retrying = true;
                     let wait = backoff.next_delay();
                     let until = Instant::now() + wait;
@@ -404,6 +442,51 @@ mod tests {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
         }
+    }
+
+    /// Records the sending thread's scheduling policy at each send.
+    struct PolicyProbe(std::sync::mpsc::Sender<i32>);
+
+    impl BatchSender<u32> for PolicyProbe {
+        async fn send(&mut self, _batch: Vec<u32>) -> Result<u64, Vec<u32>> {
+            // SAFETY: reads this thread's policy.
+            let _ = self.0.send(unsafe { libc::sched_getscheduler(0) });
+            Ok(0)
+        }
+    }
+
+    #[test]
+    fn the_export_loop_runs_idle_class_until_spans_pile_up() {
+        let yielding = ExportYield::new(4, 100).expect("root may change classes");
+        let q = Arc::new(SharedQueue::new(100, 4, Arc::default()).with_yielding(yielding));
+        let (sent_tx, sent) = std::sync::mpsc::channel();
+        let (close, closing) = tokio::sync::watch::channel(None);
+        let q2 = q.clone();
+        let exporter = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(export_loop(q2, PolicyProbe(sent_tx), cfg(), closing))
+        });
+        let recv = || {
+            sent.recv_timeout(Duration::from_secs(10))
+                .expect("a batch was sent")
+        };
+        for i in 0..4 {
+            q.push(i);
+        }
+        assert_eq!(recv(), libc::SCHED_IDLE, "a batch now and then: idle-class");
+        // Four batches at once: the pusher puts the export thread back to normal.
+        q.push_all(&mut (4..20).collect());
+        assert_eq!(q.rescues(), 1);
+        for _ in 0..4 {
+            assert_eq!(recv(), libc::SCHED_OTHER);
+        }
+        close
+            .send(Some(Instant::now() + Duration::from_secs(10)))
+            .expect("loop alive");
+        assert_eq!(exporter.join().expect("exporter"), 0);
     }
 
     #[tokio::test(start_paused = true)]
