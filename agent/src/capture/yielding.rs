@@ -4,7 +4,7 @@
 //! same priority as the service, a burst that starts while the service's CPU is idle holds
 //! it when the next request arrives: the scheduler favours a thread that slept, and the
 //! request waits the burst out (nginx at a fixed 49,000 requests/s, the agent capturing:
-//! p99 +90 µs, finding 25 in BENCHMARKS.md). As `SCHED_IDLE` the thread runs only on a
+//! p99 +90 µs, finding 26 in BENCHMARKS.md). As `SCHED_IDLE` the thread runs only on a
 //! CPU nothing else wants, and a thread that wakes there takes the CPU at once.
 //!
 //! An idle-class thread gets almost no CPU while the CPUs are busy, and a busy nginx fills
