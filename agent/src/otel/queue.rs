@@ -467,7 +467,12 @@ mod tests {
                 .enable_all()
                 .build()
                 .expect("runtime");
-            rt.block_on(export_loop(q2, PolicyProbe(sent_tx), cfg(), closing))
+            // Batches leave when full only (no partial batch from a slow test thread).
+            let cfg = LoopConfig {
+                linger: Duration::from_secs(600),
+                ..cfg()
+            };
+            rt.block_on(export_loop(q2, PolicyProbe(sent_tx), cfg, closing))
         });
         let recv = || {
             sent.recv_timeout(Duration::from_secs(10))
