@@ -2,7 +2,13 @@
 //! they keep up, so that the services they observe get the CPU first, and back to normal
 //! priority when they fall behind. The decisions live with each thread
 //! ([`crate::capture::yielding`], [`crate::otel::yielding`]); this is the mechanism.
-use std::thread;
+use std::{
+    sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering},
+    thread,
+    time::Duration,
+};
+
+use crate::clock;
 
 /// A thread's scheduling class.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,4 +58,104 @@ pub fn can_come_back() -> std::io::Result<()> {
         })?
         .join()
         .map_err(|_| std::io::Error::other("the scheduling probe thread panicked"))?
+}
+
+/// A busy thread that runs idle-class while it keeps up: what it and whoever rescues it
+/// share. The thread calls [`YieldingThread::start`], then [`YieldingThread::go_idle`]
+/// when its own rule says it keeps up again; another thread calls
+/// [`YieldingThread::rescue`] when its rule says the thread is left behind.
+#[derive(Debug, Default)]
+pub struct YieldingThread {
+    /// The thread's id (0 until `start` succeeded, and again after `finish`).
+    tid: AtomicI32,
+    idle: AtomicBool,
+    /// Monotonic ns when it was last put back to normal.
+    rescued_ns: AtomicU64,
+    /// Times it was put back to normal.
+    rescues: AtomicU64,
+}
+
+impl YieldingThread {
+    /// On the thread: registers it and makes it idle-class. An error (a container without
+    /// the right to change it) leaves it at normal priority, and the rest does nothing.
+    pub fn start(&self) -> std::io::Result<()> {
+        let tid = this_thread();
+        set_class(tid, Class::Idle)?;
+        self.idle.store(true, Ordering::Release);
+        self.tid.store(tid, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether `start` succeeded (and `finish` was not called).
+    pub fn started(&self) -> bool {
+        self.tid.load(Ordering::Acquire) != 0
+    }
+
+    pub fn class(&self) -> Class {
+        if self.idle.load(Ordering::Acquire) {
+            Class::Idle
+        } else {
+            Class::Normal
+        }
+    }
+
+    /// From another thread: puts it back to normal priority, once per idle spell. Returns
+    /// whether this call did.
+    pub fn rescue(&self) -> bool {
+        let tid = self.tid.load(Ordering::Acquire);
+        if tid == 0 {
+            return false;
+        }
+        // The time first, so that the thread never sees normal with an old one.
+        self.rescued_ns
+            .store(clock::monotonic_now_ns(), Ordering::Release);
+        if self
+            .idle
+            .compare_exchange(true, false, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        if set_class(tid, Class::Normal).is_err() {
+            self.idle.store(true, Ordering::Release);
+            return false;
+        }
+        self.rescues.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Time since it was last put back to normal.
+    pub fn since_rescue(&self) -> Duration {
+        Duration::from_nanos(
+            clock::monotonic_now_ns().saturating_sub(self.rescued_ns.load(Ordering::Acquire)),
+        )
+    }
+
+    /// On the thread: idle-class again.
+    pub fn go_idle(&self) {
+        let tid = self.tid.load(Ordering::Acquire);
+        if tid != 0 && set_class(tid, Class::Idle).is_ok() {
+            self.idle.store(true, Ordering::Release);
+        }
+    }
+
+    /// On the thread: normal priority from now on (nothing puts it back to idle).
+    pub fn finish(&self) {
+        let tid = self.tid.swap(0, Ordering::AcqRel);
+        if tid != 0 && self.class() == Class::Idle {
+            let _ = set_class(tid, Class::Normal);
+        }
+        self.idle.store(false, Ordering::Release);
+    }
+
+    /// Times it was put back to normal priority.
+    pub fn rescues(&self) -> u64 {
+        self.rescues.load(Ordering::Relaxed)
+    }
+
+    /// For tests: as if the last rescue were long ago.
+    #[cfg(test)]
+    pub(crate) fn rescued_long_ago(&self) {
+        self.rescued_ns.store(0, Ordering::Release);
+    }
 }

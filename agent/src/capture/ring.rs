@@ -62,9 +62,7 @@ impl Mapping {
             .ok_or_else(|| RingError::Map(std::io::Error::other("mmap returned a null pointer")))?;
         Ok(Self { ptr, len })
     }
-}
 
-impl Mapping {
     /// The position the kernel keeps in the first 8 bytes of a position page.
     fn position(&self) -> &AtomicU64 {
         // SAFETY: the first 8 bytes of a page-aligned mapping, which lives as long as `self`.

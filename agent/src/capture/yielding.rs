@@ -21,7 +21,7 @@
 use std::{
     os::fd::AsRawFd,
     sync::{
-        atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
         Arc,
     },
     thread,
@@ -29,10 +29,7 @@ use std::{
 };
 
 use super::ring::RingLevel;
-use crate::{
-    clock,
-    sched::{can_come_back, set_class, this_thread, Class},
-};
+use crate::sched::{can_come_back, Class, YieldingThread};
 
 /// A ring this full (written, not yet consumed) means the capture thread is left behind.
 pub const RESCUE_FILL: f64 = 0.125;
@@ -58,24 +55,8 @@ pub fn rescue(now_in: Class, fill: f64) -> Option<Class> {
 /// Shared between the capture thread and its rescuer.
 #[derive(Debug, Default)]
 struct Shared {
-    /// The capture thread's id (0 until it starts).
-    tid: AtomicI32,
-    /// Monotonic ns when it was last put back to normal.
-    rescued_ns: AtomicU64,
-    idle: AtomicBool,
-    /// Times it was put back to normal.
-    rescues: AtomicU64,
+    thread: YieldingThread,
     stop: AtomicBool,
-}
-
-impl Shared {
-    fn class(&self) -> Class {
-        if self.idle.load(Ordering::Acquire) {
-            Class::Idle
-        } else {
-            Class::Normal
-        }
-    }
 }
 
 /// The capture thread's side: [`CpuYield::start`] on the thread, then
@@ -136,18 +117,11 @@ impl CpuYield {
                             LOOK_EVERY_MS,
                         )
                     };
-                    let tid = s.tid.load(Ordering::Acquire);
-                    if tid == 0 {
+                    if !s.thread.started() {
                         continue;
                     }
                     let fill = rings.iter().map(RingLevel::fill).fold(0.0, f64::max);
-                    if rescue(s.class(), fill) == Some(Class::Normal)
-                        && set_class(tid, Class::Normal).is_ok()
-                    {
-                        s.rescued_ns
-                            .store(clock::monotonic_now_ns(), Ordering::Release);
-                        s.idle.store(false, Ordering::Release);
-                        s.rescues.fetch_add(1, Ordering::Relaxed);
+                    if rescue(s.thread.class(), fill) == Some(Class::Normal) && s.thread.rescue() {
                         tracing::debug!(
                             fill,
                             "capture thread back to normal priority: busy CPUs left it behind"
@@ -169,25 +143,17 @@ impl CpuYield {
     /// On the capture thread: registers it and makes it idle-class. An error (a
     /// container without the right to change it) leaves it at normal priority.
     pub fn start(&self) -> std::io::Result<()> {
-        let tid = this_thread();
-        set_class(tid, Class::Idle)?;
-        self.shared.idle.store(true, Ordering::Release);
-        self.shared.tid.store(tid, Ordering::Release);
-        Ok(())
+        self.shared.thread.start()
     }
 
     /// On the capture thread, after a drain of `drained` records.
     pub fn drained(&self, drained: u32) {
-        let s = &self.shared;
-        let tid = s.tid.load(Ordering::Acquire);
-        if tid == 0 || s.class() == Class::Idle {
+        let t = &self.shared.thread;
+        if !t.started() || t.class() == Class::Idle {
             return;
         }
-        let since = clock::monotonic_now_ns().saturating_sub(s.rescued_ns.load(Ordering::Acquire));
-        if after_drain(Class::Normal, drained, Duration::from_nanos(since)) == Some(Class::Idle)
-            && set_class(tid, Class::Idle).is_ok()
-        {
-            s.idle.store(true, Ordering::Release);
+        if after_drain(Class::Normal, drained, t.since_rescue()) == Some(Class::Idle) {
+            t.go_idle();
         }
     }
 }
@@ -195,7 +161,7 @@ impl CpuYield {
 impl Rescuer {
     /// Times the capture thread was put back to normal priority.
     pub fn rescues(&self) -> u64 {
-        self.shared.rescues.load(Ordering::Relaxed)
+        self.shared.thread.rescues()
     }
 }
 

@@ -8,15 +8,9 @@
 //! (the capture thread) knows the queue's length under the push's lock, so it puts the
 //! export thread back to normal priority once [`rescue_at`] spans wait; the export thread
 //! goes back to idle after [`KEEP_NORMAL`] once a send leaves less than a batch queued.
-use std::{
-    sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering},
-    time::Duration,
-};
+use std::time::Duration;
 
-use crate::{
-    clock,
-    sched::{can_come_back, set_class, this_thread, Class},
-};
+use crate::sched::{can_come_back, Class, YieldingThread};
 
 /// Least time at normal priority after a rescue.
 pub const KEEP_NORMAL: Duration = Duration::from_secs(1);
@@ -51,12 +45,7 @@ pub fn after_send(
 /// Shared by the export thread and the span queue's pushers.
 #[derive(Debug)]
 pub struct ExportYield {
-    /// The export thread's id (0 until [`ExportYield::start`] succeeded).
-    tid: AtomicI32,
-    idle: AtomicBool,
-    /// Monotonic ns when it was last put back to normal.
-    rescued_ns: AtomicU64,
-    rescues: AtomicU64,
+    thread: YieldingThread,
     rescue_at: usize,
     max_batch: usize,
 }
@@ -67,10 +56,7 @@ impl ExportYield {
     pub fn new(max_batch: usize, queue_cap: usize) -> std::io::Result<Self> {
         can_come_back()?;
         Ok(Self {
-            tid: AtomicI32::new(0),
-            idle: AtomicBool::new(false),
-            rescued_ns: AtomicU64::new(0),
-            rescues: AtomicU64::new(0),
+            thread: YieldingThread::default(),
             rescue_at: rescue_at(max_batch, queue_cap),
             max_batch: max_batch.max(1),
         })
@@ -78,80 +64,37 @@ impl ExportYield {
 
     /// On the export thread: registers it and makes it idle-class.
     pub fn start(&self) -> std::io::Result<()> {
-        let tid = this_thread();
-        set_class(tid, Class::Idle)?;
-        self.idle.store(true, Ordering::Release);
-        self.tid.store(tid, Ordering::Release);
-        Ok(())
-    }
-
-    fn class(&self) -> Class {
-        if self.idle.load(Ordering::Acquire) {
-            Class::Idle
-        } else {
-            Class::Normal
-        }
+        self.thread.start()
     }
 
     /// By a pusher, with the queue's length after its push.
     pub fn queued(&self, queued: usize) {
-        if rescue(self.class(), queued, self.rescue_at).is_none() {
-            return;
-        }
-        let tid = self.tid.load(Ordering::Acquire);
-        if tid == 0 {
-            return;
-        }
-        // The time first, so that the export thread never sees normal with an old one.
-        self.rescued_ns
-            .store(clock::monotonic_now_ns(), Ordering::Release);
-        if self
-            .idle
-            .compare_exchange(true, false, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            if set_class(tid, Class::Normal).is_ok() {
-                self.rescues.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(queued, "export thread back to normal priority: spans wait");
-            } else {
-                self.idle.store(true, Ordering::Release);
-            }
+        if rescue(self.thread.class(), queued, self.rescue_at).is_some() && self.thread.rescue() {
+            tracing::debug!(queued, "export thread back to normal priority: spans wait");
         }
     }
 
     /// On the export thread, after a send that left `queued` spans.
     pub fn sent(&self, queued: usize) {
-        let tid = self.tid.load(Ordering::Acquire);
-        if tid == 0 || self.class() == Class::Idle {
+        let t = &self.thread;
+        if !t.started() || t.class() == Class::Idle {
             return;
         }
-        let since =
-            clock::monotonic_now_ns().saturating_sub(self.rescued_ns.load(Ordering::Acquire));
-        if after_send(
-            Class::Normal,
-            queued,
-            self.max_batch,
-            Duration::from_nanos(since),
-        ) == Some(Class::Idle)
-            && set_class(tid, Class::Idle).is_ok()
+        if after_send(Class::Normal, queued, self.max_batch, t.since_rescue()) == Some(Class::Idle)
         {
-            self.idle.store(true, Ordering::Release);
+            t.go_idle();
         }
     }
 
     /// On the export thread when it flushes at shutdown: normal priority from now on, so
     /// that busy CPUs do not hold up the last spans.
     pub fn finish(&self) {
-        let tid = self.tid.swap(0, Ordering::AcqRel);
-        if tid != 0 && self.class() == Class::Idle {
-            let _ = set_class(tid, Class::Normal);
-        }
-        self.idle.store(false, Ordering::Release);
+        self.thread.finish();
     }
 
     /// Times the export thread was put back to normal priority.
     pub fn rescues(&self) -> u64 {
-        self.rescues.load(Ordering::Relaxed)
+        self.thread.rescues()
     }
 }
 
@@ -225,7 +168,7 @@ mod tests {
         y.queued(16); // four batches wait: back to normal
         assert_eq!(y.rescues(), 1);
         step(0); // sent, but less than a second after the rescue: stays normal
-        y.rescued_ns.store(0, Ordering::Release); // as if the rescue were long ago
+        y.thread.rescued_long_ago();
         step(4); // a batch still waits: stays normal
         step(3); // less than a batch left: idle again
         drop(exporter.0);
