@@ -639,11 +639,16 @@ def wait_policy(agent, name, policy, timeout=TIMEOUT):
 @pytest.mark.parametrize("normal", [False, True], ids=["yielding", "normal-priority"])
 def test_capture_and_export_threads_run_idle_class_unless_told_not_to(otlp, py_server, normal):
     server, port = py_server()
-    agent = otel_agent(otlp, port, args=["--normal-priority"] if normal else [])
+    prom = free_port()
+    args = ["--prometheus-port", str(prom)] + (["--normal-priority"] if normal else [])
+    agent = otel_agent(otlp, port, args=args)
     get(port, "/", 200)
     otlp.wait_spans(is_server_of(server.pid), n=1, timeout=TIMEOUT)  # both threads at work
+    assert "http_server_request_duration_seconds_count{" in scrape(prom)[1]
     p = thread_policies(agent.pid)
     finish(agent)
+    # Scrapes never wait behind the services: the endpoint has a normal thread of its own.
+    assert p["tapir-metrics"] == [SCHED_OTHER], p
     if normal:
         assert p["tapir-capture"] == [SCHED_OTHER] and set(p["tapir-export"]) == {SCHED_OTHER}, p
         assert "tapir-rescue" not in p, p

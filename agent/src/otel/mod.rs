@@ -448,7 +448,7 @@ impl Ingest {
 pub struct Telemetry {
     span_loop: Option<JoinHandle<u64>>,
     metrics_loop: Option<JoinHandle<()>>,
-    prometheus: Option<JoinHandle<()>>,
+    prometheus: Option<prometheus::Server>,
     close_spans: watch::Sender<Option<Instant>>,
     stop_metrics: watch::Sender<Option<Instant>>,
     queue: Option<Arc<SharedQueue<QueuedSpan>>>,
@@ -537,9 +537,7 @@ impl Telemetry {
         }
         let prometheus_listener = match cfg.prometheus_port {
             Some(port) => {
-                let l = rt
-                    .block_on(tokio::net::TcpListener::bind(("::", port)))
-                    .or_else(|_| rt.block_on(tokio::net::TcpListener::bind(("0.0.0.0", port))))
+                let l = prometheus::Server::bind(port)
                     .with_context(|| format!("listening on --prometheus-port {port}"))?;
                 parts.push(format!("metrics → http://0.0.0.0:{port}/metrics"));
                 Some(l)
@@ -631,8 +629,10 @@ impl Telemetry {
                 stop_rx,
             ))
         });
-        let prometheus =
-            prometheus_listener.map(|l| rt.spawn(prometheus::serve(l, registry.clone())));
+        let prometheus = prometheus_listener
+            .map(|l| prometheus::Server::start(l, registry.clone()))
+            .transpose()
+            .context("starting the Prometheus endpoint's thread")?;
         let summary = format!("sampler {}; {}", env.sampler.describe(), parts.join("; "));
         Ok(Some((
             Self {
@@ -688,9 +688,6 @@ impl Telemetry {
             if let Some(h) = metrics_loop {
                 let _ = h.await;
             }
-            if let Some(h) = prometheus {
-                h.abort();
-            }
             let exported = OtelStats::get(&stats.spans_exported);
             let dropped: u64 = SpanDrop::ALL.iter().map(|d| stats.dropped_count(*d)).sum();
             if lost > 0 {
@@ -702,6 +699,10 @@ impl Telemetry {
                 tracing::info!("telemetry flushed: {exported} spans exported, {dropped} dropped in total");
             }
         });
+        // Scrapes are answered until everything else has been flushed.
+        if let Some(server) = prometheus {
+            server.stop();
+        }
     }
 }
 
