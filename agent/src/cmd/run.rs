@@ -204,6 +204,9 @@ impl RecordSink for Gauged {
 }
 
 pub fn run(args: RunArgs) -> Result<ExitCode> {
+    let env = EnvSettings::from_env();
+    // Before the runtime's threads exist (mallopt is not thread-safe).
+    tapir::heap::fit_export_batches(env.span_batch);
     // One worker: exports are serialized anyway, and with two the export task and its
     // HTTP/2 connection task woke each other across threads (~10 % more export CPU).
     // The capture thread is separate.
@@ -218,7 +221,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let telemetry = Telemetry::start(
         rt.handle(),
         args.otel_config(),
-        EnvSettings::from_env(),
+        env,
         stats.clone(),
         otel_stats.clone(),
     )?;
