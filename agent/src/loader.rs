@@ -13,7 +13,7 @@ use agent_common::{
 };
 use aya::{
     maps::MapData,
-    programs::{trace_point::TracePointLinkId, TracePoint},
+    programs::{trace_point::TracePointLinkId, uprobe::UProbeLinkId, TracePoint, UProbe},
     Ebpf, EbpfLoader,
 };
 use thiserror::Error;
@@ -183,25 +183,47 @@ pub struct Attached {
     tls_seen: HashSet<(u64, u64)>,
     /// The TLS probes are wanted (no --no-tls) and their programs loaded.
     tls_wanted: bool,
-    /// The tracepoint attachments, by program: detached together on drop.
-    links: Vec<(&'static str, TracePointLinkId)>,
+    /// The tracepoint and uprobe attachments, by program: detached together on drop.
+    links: Vec<LinkId>,
+}
+
+/// One attachment of a program, to be taken back from it and detached.
+enum LinkId {
+    TracePoint(&'static str, TracePointLinkId),
+    UProbe(&'static str, UProbeLinkId),
+}
+
+impl LinkId {
+    /// The link itself, taken from its program (dropping it detaches).
+    fn take(self, ebpf: &mut Ebpf) -> Option<Box<dyn Send>> {
+        match self {
+            LinkId::TracePoint(name, id) => program::<TracePoint>(ebpf, name)
+                .ok()?
+                .take_link(id)
+                .ok()
+                .map(|l| Box::new(l) as Box<dyn Send>),
+            LinkId::UProbe(name, id) => program::<UProbe>(ebpf, name)
+                .ok()?
+                .take_link(id)
+                .ok()
+                .map(|l| Box::new(l) as Box<dyn Send>),
+        }
+    }
 }
 
 impl Drop for Attached {
-    /// Detaches the tracepoints all at once, then the rest with `ebpf`. Each detach waits
-    /// for the kernel's RCU grace periods (~90 ms on a small VM): one after the other, 20
-    /// of them held shutdown for ~1.8 s. Side by side it is ~0.9 s: the kernel still takes
-    /// them one at a time under its event mutex, but the rest of each detach overlaps.
+    /// Detaches the tracepoints and uprobes all at once, then the rest with `ebpf`. Each
+    /// detach waits for the kernel's RCU grace periods (~90 ms on a small VM): one after
+    /// the other, 20 tracepoints held shutdown for ~1.8 s and 8 uprobes (two libssl files)
+    /// ~0.9 s more. Side by side the tracepoints take ~0.9 s: the kernel still takes them
+    /// one at a time under its event mutex, but the rest of each detach overlaps.
     fn drop(&mut self) {
         let started = Instant::now();
-        let mut links = Vec::new();
-        for (name, id) in self.links.drain(..) {
-            if let Ok(tp) = program::<TracePoint>(&mut self.ebpf, name) {
-                if let Ok(link) = tp.take_link(id) {
-                    links.push(link);
-                }
-            }
-        }
+        let ids: Vec<LinkId> = self.links.drain(..).collect();
+        let links: Vec<_> = ids
+            .into_iter()
+            .filter_map(|id| id.take(&mut self.ebpf))
+            .collect();
         let n = links.len();
         std::thread::scope(|scope| {
             for link in links {
@@ -214,7 +236,7 @@ impl Drop for Attached {
         tracing::debug!(
             links = n,
             ms = started.elapsed().as_millis() as u64,
-            "tracepoints detached"
+            "tracepoints and uprobes detached"
         );
     }
 }
@@ -476,7 +498,7 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
             },
         };
         match attached {
-            Ok(id) => links.push((probe.program, id)),
+            Ok(id) => links.push(LinkId::TracePoint(probe.program, id)),
             Err(error) if probe.required => {
                 return Err(LoadError::RequiredProbe {
                     program: probe.program,
@@ -513,7 +535,7 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
         Err(format!("loading {p}: {e}"))
     } else {
         let libs = crate::tls_libs::find(&mut tls_seen);
-        attach_tls(&mut ebpf, libs)
+        attach_tls(&mut ebpf, libs, &mut links)
     };
     Ok(Attached {
         ebpf,
@@ -547,7 +569,7 @@ pub fn rescan_tls(attached: &mut Attached) -> Vec<std::path::PathBuf> {
     if new.is_empty() {
         return Vec::new();
     }
-    match attach_tls(&mut attached.ebpf, new) {
+    match attach_tls(&mut attached.ebpf, new, &mut attached.links) {
         Ok(probed) => {
             match &mut attached.tls {
                 Ok(all) => all.extend(probed.iter().cloned()),
@@ -579,12 +601,10 @@ pub fn tls_programs() -> impl Iterator<Item = &'static str> {
 fn attach_tls(
     ebpf: &mut Ebpf,
     libs: Vec<crate::tls_libs::Found>,
+    links: &mut Vec<LinkId>,
 ) -> Result<Vec<std::path::PathBuf>, String> {
     use crate::tls_libs::*;
-    use aya::programs::{
-        uprobe::{UProbeAttachLocation, UProbeScope},
-        UProbe,
-    };
+    use aya::programs::uprobe::{UProbeAttachLocation, UProbeScope};
     if libs.is_empty() {
         return Err("no libssl found on this host".into());
     }
@@ -612,14 +632,14 @@ fn attach_tls(
                 lib.display()
             );
         }
-        let mut attach = |name: &str, offset: u64| -> Result<(), String> {
+        let mut attach = |name: &'static str, offset: u64| -> Result<(), String> {
             program::<UProbe>(ebpf, name)?
                 .attach(
                     UProbeAttachLocation::AbsoluteOffset(offset),
                     &lib,
                     UProbeScope::AllProcesses,
                 )
-                .map(drop)
+                .map(|id| links.push(LinkId::UProbe(name, id)))
                 .map_err(|e| format!("{name} at {offset:#x} of {}: {e:#}", lib.display()))
         };
         // Returns first: an entry without its return would leave calls behind.
