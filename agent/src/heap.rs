@@ -38,7 +38,7 @@ const MMAP_THRESHOLD_MAX: usize = 32 << 20;
 /// framed copy come from the arena and go back to it, instead of each being mapped,
 /// faulted in page by page and unmapped again for every request. With 2,048-span batches
 /// (~760 KB bodies) under the 512 KiB default, the export thread spent twice the CPU of
-/// 512-span batches, mostly in page faults; with room for them, ~15 % less.
+/// 512-span batches, mostly in page faults; with room for them, 10–20 % less.
 pub fn thresholds_for(batch_spans: usize) -> (usize, usize) {
     let mmap = batch_spans
         .saturating_mul(BODY_BYTES_PER_SPAN)

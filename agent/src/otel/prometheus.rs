@@ -304,10 +304,14 @@ impl Drop for Server {
 /// Serves `GET /metrics` on `listener`, each connection a task of the calling runtime.
 async fn serve(listener: TcpListener, registry: Arc<Registry>) {
     loop {
-        let Ok((sock, _)) = listener.accept().await else {
-            continue;
-        };
-        tokio::spawn(answer(sock, registry.clone()));
+        match listener.accept().await {
+            Ok((sock, _)) => {
+                tokio::spawn(answer(sock, registry.clone()));
+            }
+            // Out of file descriptors, most likely: wait for some to close rather than
+            // spin on a normal-priority thread.
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
     }
 }
 
