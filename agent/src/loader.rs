@@ -486,19 +486,7 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
     if opts.tls {
         names.extend(tls_programs());
     }
-    // The libssl files are looked for (every process's maps, their ELF symbols) while the
-    // verifier checks the programs.
-    let (refused, tls_found) = std::thread::scope(|scope| {
-        let finding = opts.tls.then(|| {
-            scope.spawn(|| {
-                let mut seen = HashSet::new();
-                let found = crate::tls_libs::find(&mut seen);
-                (found, seen)
-            })
-        });
-        let refused = load_programs(&mut ebpf, &names);
-        (refused, finding.and_then(|f| f.join().ok()))
-    });
+    let refused = load_programs(&mut ebpf, &names);
     let mut failures = Vec::new();
     let mut links = Vec::new();
     for probe in PROBES {
@@ -539,14 +527,15 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, LoadError> {
     } else {
         Err("switched off".into())
     };
-    let (tls_libs, tls_seen) = tls_found.unwrap_or_default();
+    let mut tls_seen = HashSet::new();
     let tls_refused = tls_programs().find_map(|p| refused.get(p).map(|e| (p, e)));
     let tls = if !opts.tls {
         Err("switched off (--no-tls)".into())
     } else if let Some((p, e)) = tls_refused {
         Err(format!("loading {p}: {e}"))
     } else {
-        attach_tls(&mut ebpf, tls_libs, &mut links)
+        let libs = crate::tls_libs::find(&mut tls_seen);
+        attach_tls(&mut ebpf, libs, &mut links)
     };
     Ok(Attached {
         ebpf,
