@@ -219,8 +219,7 @@ impl Drop for Attached {
     /// one at a time under its event mutex, but the rest of each detach overlaps.
     fn drop(&mut self) {
         let started = Instant::now();
-        let ids: Vec<LinkId> = self.links.drain(..).collect();
-        let links: Vec<_> = ids
+        let links: Vec<_> = std::mem::take(&mut self.links)
             .into_iter()
             .filter_map(|id| id.take(&mut self.ebpf))
             .collect();

@@ -205,8 +205,9 @@ impl RecordSink for Gauged {
 
 pub fn run(args: RunArgs) -> Result<ExitCode> {
     let env = EnvSettings::from_env();
-    // Before the runtime's threads exist (mallopt is not thread-safe).
-    tapir::heap::fit_export_batches(env.span_batch);
+    // Before the runtime's threads exist (mallopt is not thread-safe); for the batches
+    // actually sent, which never exceed MAX_EXPORT_BATCH whatever the variable says.
+    tapir::heap::fit_export_batches(env.span_batch.min(tapir::otel::MAX_EXPORT_BATCH));
     // One worker: exports are serialized anyway, and with two the export task and its
     // HTTP/2 connection task woke each other across threads (~10 % more export CPU).
     // The capture thread is separate.
