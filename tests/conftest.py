@@ -137,13 +137,14 @@ _LIVE_AGENTS = []
 class Agent(Proc):
     """`tapir <args>`, started and waited for until it logs that it is ready."""
 
-    def __init__(self, *args, env=None, wrap=()):
-        """`wrap`: a command that runs the agent (its last arguments), e.g. in namespaces."""
+    def __init__(self, *args, env=None, wrap=(), bin=TAPIR):
+        """`wrap`: a command that runs the agent (its last arguments), e.g. in namespaces;
+        `bin`: the agent's path as `wrap` sees it (inside a container's root, say)."""
         e = dict(os.environ)
         e.setdefault("RUST_LOG", "info")
         if env:
             e.update(env)
-        super().__init__([*wrap, TAPIR, *args], env=e)
+        super().__init__([*wrap, bin, *args], env=e)
         _LIVE_AGENTS.append(self)
         self.wait_for(lambda l: "ready" in l, what="the agent's ready line", timeout=120)
 

@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod image;
 mod setup;
 
 #[derive(Parser)]
@@ -36,6 +37,17 @@ enum Cmd {
         /// Skip the unit tests.
         #[arg(long)]
         e2e_only: bool,
+    },
+    /// Build, then write the agent's container image as a `docker save` archive (for
+    /// `docker load`, `podman load`, `kind load image-archive`, `ctr images import`), as
+    /// deploy/kubernetes/tapir.yaml runs it. Needs no container engine.
+    Image {
+        /// The image's name and tag.
+        #[arg(long, default_value_t = image::default_tag())]
+        tag: String,
+        /// Where to write the archive (default: target/tapir-image.tar).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Benchmarks: overhead on observed services and the agent's own cost.
     Bench {
@@ -65,6 +77,11 @@ fn run() -> Result<()> {
             run_tapir(&bin, &args)
         }
         Cmd::Test { filter, e2e_only } => test(&root, filter.as_deref(), e2e_only),
+        Cmd::Image { tag, out } => {
+            let bin = build(&root)?;
+            let out = out.unwrap_or_else(|| image::default_archive(&root));
+            image::write(&root, &bin, &tag, &out)
+        }
         Cmd::Bench { quick } => {
             let bin = build(&root)?;
             bench::run(&root, &bin, quick)
@@ -168,6 +185,13 @@ fn test(root: &Path, filter: Option<&str>, e2e_only: bool) -> Result<()> {
             "unit tests",
         )?;
     }
+    // The deployment tests (tests/test_deploy.py) run the agent from its image.
+    image::write(
+        root,
+        &bin,
+        &image::default_tag(),
+        &image::default_archive(root),
+    )?;
     let python = setup::ensure_test_deps(root)?;
     if !is_root() {
         if env::var("CI").is_ok_and(|v| v == "true") {
@@ -179,6 +203,7 @@ fn test(root: &Path, filter: Option<&str>, e2e_only: bool) -> Result<()> {
     let mut cmd = Command::new(python);
     cmd.args(["-m", "pytest", "-v", "-p", "no:cacheprovider", "tests"])
         .env("TAPIR_BIN", &bin)
+        .env("TAPIR_IMAGE", image::default_archive(root))
         .current_dir(root);
     if let Some(k) = filter {
         cmd.args(["-k", k]);
