@@ -78,3 +78,25 @@ def test_run_sees_a_real_tcp_connection_and_stops_cleanly():
         code = agent.stop()
     assert code == 0, "\n".join(agent.err[-20:])
     assert any("shutting down" in l for l in agent.err)
+
+
+def test_a_second_agent_on_the_host_is_told_and_doctor_says_so():
+    """Two agents (a DaemonSet rollout with maxSurge, a `tapir run` by hand next to the
+    DaemonSet's) would each report every exchange: the second one says so, `doctor` too,
+    and neither says it when it runs alone."""
+    port = free_port()
+    warning = "another Tapir agent is running on this host"
+    first = Agent("run", "--exporter", "none", "--port", str(port))
+    try:
+        assert not any(warning in l for l in first.err), first.err
+        doctor = subprocess.run([TAPIR, "doctor"], capture_output=True, text=True, timeout=120).stdout
+        n = int(re.search(r"^no other Tapir agent running\s+missing\s+(\d+) kernel programs", doctor, re.M).group(1))
+        assert n >= 20, doctor
+        second = Agent("watch", "--port", str(port))
+        line = next(l for l in second.err if warning in l)
+        assert f"({n} Tapir kernel programs not this agent's are loaded)" in line, line
+        assert second.stop() == 0
+    finally:
+        assert first.stop() == 0
+    doctor = subprocess.run([TAPIR, "doctor"], capture_output=True, text=True, timeout=120).stdout
+    assert re.search(r"^no other Tapir agent running\s+ok", doctor, re.M), doctor

@@ -352,6 +352,24 @@ pub fn check_host() -> Vec<Check> {
         without: "--ebpf-stats (what each kernel program costs) needs `sysctl -w kernel.bpf_stats_enabled=1`",
         core: false,
     });
+    // Before the verification below loads Tapir's programs in this process.
+    let others = crate::other_agents::foreign_programs(&Default::default());
+    checks.push(Check {
+        feature: "no other Tapir agent running".into(),
+        status: match others {
+            Ok(0) => Status::Ok,
+            Ok(_) => Status::Missing,
+            Err(_) => Status::Unknown,
+        },
+        detail: match others {
+            Ok(0) => "no other agent's kernel programs are loaded".into(),
+            Ok(n) => format!("{n} kernel programs of other Tapir agents are loaded"),
+            Err(e) => e,
+        },
+        without: "with two agents, each reports every exchange it observes (duplicates), and \
+                  only the first to claim a connection injects into it",
+        core: false,
+    });
     // The test programs above are small; the real ones can still be refused (stack size,
     // verifier complexity): load them all, as `tapir run` does, and attach none.
     let verified = if loader::has_embedded_object() {

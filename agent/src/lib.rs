@@ -17,6 +17,7 @@ pub mod http;
 pub mod listen;
 pub mod loader;
 pub mod otel;
+pub mod other_agents;
 pub mod pipeline;
 pub mod probes;
 pub mod process;
