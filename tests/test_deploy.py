@@ -12,12 +12,14 @@ mounts is visible to the agent.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 from urllib.parse import urlparse
 
+import pytest
 import yaml
 
 from conftest import ROOT, TAPIR, TESTS, Agent, Proc, cgroup2_mount, curl, span_path
@@ -140,6 +142,8 @@ def test_the_daemonset_asks_for_what_the_agent_needs():
 
 def test_the_image_runs_the_daemonset_and_exports_to_the_nodes_collector(py_server, tmp_path):
     pod, c = daemonset_container()
+    if not IMAGE.exists():
+        pytest.fail(f"no image at {IMAGE}: `cargo xtask test` writes it (or `cargo xtask image`)")
     tag, config = unpack_image(IMAGE, tmp_path / "rootfs")
     assert c["image"] == tag, "the manifest must name the image `cargo xtask image` builds"
     assert c.get("imagePullPolicy") == "IfNotPresent", "a loaded image must not be pulled"
@@ -170,7 +174,7 @@ def test_the_image_runs_the_daemonset_and_exports_to_the_nodes_collector(py_serv
         args = c.get("args") or config.get("Cmd", [])
         # Only this test's server and clients (tests never see each other's traffic).
         wrap = ["sh", script, rootfs, netns, cg, sub, mounts,
-                "env", "-i", *[f"{k}={v}" for k, v in env.items()], "/usr/sbin/chroot", rootfs, *entry[:-1]]
+                "env", "-i", *[f"{k}={v}" for k, v in env.items()], shutil.which("chroot"), rootfs, *entry[:-1]]
         agent = Agent(*args, "--port", str(port), wrap=wrap, bin=entry[-1])
         # It is the image's binary that runs, rooted in the image.
         assert os.readlink(f"/proc/{agent.pid}/root") == str(rootfs)
