@@ -620,3 +620,34 @@ def test_plain_file_io_is_never_captured(py_server, procs, tmp_path):
     got = finish(agent)
     # Only the one real request: none of the HTTP-looking file or pipe traffic.
     assert [(e["kind"], e["url.path"]) for e in got] == [("client", "/real")]
+
+
+def test_records_lost_to_a_full_ring_never_pair_a_request_with_another_response(procs, tmp_path):
+    """A starved agent (here: stopped) loses records when its rings fill. A kept-alive
+    connection that lost a response must not pair each later request with the response
+    after its own, for the rest of its life: it resumes at its next message."""
+    port = free_port()
+    codes = (200, 201, 202, 203, 400, 404, 410, 418, 500, 503)  # http_client.py's
+    nginx(procs, tmp_path, port, "".join(f'location /status/{c}/ {{ return {c} "status {c}\\n"; }}\n' for c in codes))
+    agent = Agent("watch", "--json", "--port", str(port), "--ringbuf-bytes", "65536")
+    n = 3000
+    client = procs([PY, CLIENT, "statuses", "127.0.0.1", port, n])
+    client.wait_for(lambda l: l.startswith("200 "), stream="out", what="200 requests done")
+    os.kill(agent.pid, signal.SIGSTOP)
+    try:
+        # A 32 KiB ring per CPU holds ~150 records: 1,000 requests overflow it.
+        client.wait_for(lambda l: l.startswith("1200 "), stream="out", what="1200 requests done")
+    finally:
+        os.kill(agent.pid, signal.SIGCONT)
+    assert client.wait_exit() == 0
+    got = finish(agent)
+    lost = agent.final_count("tapir.kernel.ringbuf_full")
+    assert lost and lost > 0, "the stop did not overflow the ring: the test shows nothing"
+    ours = [e for e in got if e["url.path"].startswith("/status/")]
+    wrong = [e for e in ours if e["http.response.status_code"] != int(e["url.path"].split("/")[2])]
+    assert not wrong, wrong[:5]
+    # Capture went on after the loss, at both ends, and what was lost is counted.
+    after = {e["kind"] for e in ours if int(e["url.path"].split("/")[3]) > 1200}
+    assert after == {"server", "client"}, after
+    gap = [l for l in agent.err if 'counter="tapir.http.dropped"' in l and 'reason="capture_gap"' in l]
+    assert gap and int(gap[0].rsplit("value=", 1)[1].split()[0]) > 0, gap

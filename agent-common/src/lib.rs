@@ -249,13 +249,20 @@ pub struct DataEventHeader {
     pub syscall: u8,
     /// Valid bytes in `tail` (0 when the whole payload was captured).
     pub tail_len: u8,
-    pub _pad: [u8; 5],
+    /// [`DATA_AFTER_GAP`].
+    pub flags: u8,
+    pub _pad: [u8; 4],
     /// The last bytes moved when they were not captured: enough to see the end of a
     /// chunked body (`0\r\n\r\n`) that lies beyond the captured prefix.
     pub tail: [u8; TAIL_BYTES],
     /// Trace ids born in the kernel for a request start (`trace.kind != TRACE_NONE`).
     pub trace: TraceIds,
 }
+
+/// [`DataEventHeader::flags`]: a record of this connection before this one was lost (the
+/// ring was full): the agent cannot pair what was in flight, and resumes at the next
+/// message start.
+pub const DATA_AFTER_GAP: u8 = 1;
 
 /// [`TraceIds::kind`]: no ids (not a request start).
 pub const TRACE_NONE: u8 = 0;
@@ -342,6 +349,9 @@ pub const CONN_TLS_HTTP: u16 = 512;
 /// The plaintext of the TLS connection started with the HTTP/2 preface (ALPN h2): reported
 /// once ([`EventKind::ConnOpaque`]), then its SSL calls are skipped.
 pub const CONN_TLS_OPAQUE: u16 = 1024;
+/// A data record of the connection could not be queued (its ring was full): the next one
+/// that is carries [`DATA_AFTER_GAP`].
+pub const CONN_GAP: u16 = 2048;
 
 /// [`ConnEvent::protocol`]: a TLS handshake record (content type 22, version 3.x).
 pub const OPAQUE_TLS: u8 = 1;
@@ -586,6 +596,7 @@ mod tests {
         assert_eq!(offset_of!(DataEventHeader, tail), 48);
         assert_eq!(offset_of!(DataEventHeader, total), 32);
         assert_eq!(offset_of!(DataEventHeader, direction), 40);
+        assert_eq!(offset_of!(DataEventHeader, flags), 43);
         assert_eq!(size_of::<ConnKey>(), 8);
         assert_eq!(size_of::<ConnState>(), 24);
         assert_eq!(offset_of!(ConnState, gen), 12);

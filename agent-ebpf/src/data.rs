@@ -1,10 +1,10 @@
 //! read/write-family syscalls on tracked TCP connections: at exit, when the bytes are or
 //! follow HTTP/1.x, copy a call's head (or, of a body, a few bytes) and its last bytes.
 use agent_common::{
-    counter, syscall, EventKind, Role, TraceIds, CONN_BODY_IN, CONN_BODY_OUT, CONN_HEAD_AT_LINE,
-    CONN_HEAD_OPEN, CONN_HTTP, CONN_OPAQUE, CONN_PORT_LEARNED, CONN_TLS, CONN_TLS_HTTP,
-    CONN_TLS_OPAQUE, DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE, MAX_IOVECS, OPAQUE_HTTP2, OPAQUE_TLS,
-    TAIL_BYTES,
+    counter, syscall, EventKind, Role, TraceIds, CONN_BODY_IN, CONN_BODY_OUT, CONN_GAP,
+    CONN_HEAD_AT_LINE, CONN_HEAD_OPEN, CONN_HTTP, CONN_OPAQUE, CONN_PORT_LEARNED, CONN_TLS,
+    CONN_TLS_HTTP, CONN_TLS_OPAQUE, DATA_AFTER_GAP, DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE,
+    MAX_IOVECS, OPAQUE_HTTP2, OPAQUE_TLS, TAIL_BYTES,
 };
 #[cfg(not(feature = "compat"))]
 use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs};
@@ -375,7 +375,7 @@ fn emit_data<const SHAPE: u8>(
         // The bytes are in a file, not in user memory: only their count is reported. The
         // scratch still holds the last vectored call's iovecs (of any process on this
         // CPU), which a copy would read again.
-        emit_count_only(scratch, p, total);
+        emit_count_only(scratch, p, total, &mut state.flags);
         return Some(());
     }
     let want = (capture_bytes() as u64).min(total);
@@ -481,26 +481,40 @@ fn emit_data<const SHAPE: u8>(
         !tls_plaintext,
     );
     // TLS plaintext whose socket is not known yet waits for it (tls.rs).
-    submit(scratch, p, total, captured, tls_plaintext && p.fd == NO_FD);
+    submit(
+        scratch,
+        p,
+        total,
+        captured,
+        &mut state.flags,
+        tls_plaintext && p.fd == NO_FD,
+    );
     Some(())
 }
 
 /// A data record without payload: `total` bytes moved, none of them copied, no trace ids,
 /// and the connection's head/body state left as it is (a file's bytes are always body).
 #[inline(always)]
-fn emit_count_only(scratch: &mut DataScratch, p: &PendingIo, total: u64) {
+fn emit_count_only(scratch: &mut DataScratch, p: &PendingIo, total: u64, conn_flags: &mut u16) {
     let hdr = &mut scratch.hdr;
     hdr.captured = 0;
     hdr.tail_len = 0;
     clear_ids(&mut hdr.trace);
-    submit(scratch, p, total, 0, false);
+    submit(scratch, p, total, 0, conn_flags, false);
 }
 
 /// Stamps this CPU's data record with the call (`total` bytes moved), sends its header and
 /// the first `captured` bytes of its payload, and counts the outcome; or, `hold`, keeps it
 /// for the thread's write that names its socket.
 #[inline(always)]
-fn submit(scratch: &mut DataScratch, p: &PendingIo, total: u64, captured: u64, hold: bool) {
+fn submit(
+    scratch: &mut DataScratch,
+    p: &PendingIo,
+    total: u64,
+    captured: u64,
+    conn_flags: &mut u16,
+    hold: bool,
+) {
     let hdr = &mut scratch.hdr;
     hdr.header = header_of(p.pid_tgid, EventKind::Data, p.fd);
     hdr.sock_id = p.sock_id;
@@ -511,13 +525,35 @@ fn submit(scratch: &mut DataScratch, p: &PendingIo, total: u64, captured: u64, h
         hold_record(p.pid_tgid, hdr);
         return;
     }
+    hdr.flags = gap_flag(*conn_flags);
     // Masked so that the verifier sees `size` never exceed the scratch record.
     let size = core::mem::size_of::<agent_common::DataEventHeader>() as u64
         + (core::hint::black_box(captured.min(MAX_CAPTURE as u64)) & (2 * MAX_CAPTURE as u64 - 1));
-    if ring_output(scratch, size) == 0 {
+    note_output(ring_output(scratch, size), conn_flags);
+}
+
+/// [`DATA_AFTER_GAP`] when a record of the connection was lost since the last one sent.
+#[inline(always)]
+pub fn gap_flag(conn_flags: u16) -> u8 {
+    if conn_flags & CONN_GAP != 0 {
+        DATA_AFTER_GAP
+    } else {
+        0
+    }
+}
+
+/// Counts a data record's fate (`rc` of the ring output) and keeps the connection's
+/// [`CONN_GAP`]: set while its records are lost, cleared once one is sent (carrying it).
+#[inline(always)]
+pub fn note_output(rc: i64, conn_flags: &mut u16) {
+    if rc == 0 {
         count(counter::DATA_EVENTS);
+        if *conn_flags & CONN_GAP != 0 {
+            *conn_flags &= !CONN_GAP;
+        }
     } else {
         count(counter::RINGBUF_FULL);
+        *conn_flags |= CONN_GAP;
     }
 }
 

@@ -207,11 +207,8 @@ fn release_pending(pid_tgid: u64, t: &mut TlsThread, fd: u32, conn: &mut ConnSta
     // Masked so that the verifier sees `size` never exceed the record.
     let size = core::mem::size_of::<DataEventHeader>()
         + (core::hint::black_box(captured) & (2 * PENDING_BYTES - 1)).min(PENDING_BYTES);
-    if ring_output(rec, size as u64) == 0 {
-        count(counter::DATA_EVENTS);
-    } else {
-        count(counter::RINGBUF_FULL);
-    }
+    rec.hdr.flags = crate::data::gap_flag(conn.flags);
+    crate::data::note_output(ring_output(rec, size as u64), &mut conn.flags);
     let _ = TLS_PENDING.remove(&pid_tgid);
 }
 

@@ -1,7 +1,9 @@
 //! Adapts kernel data events to the HTTP/1.x stream parser of one connection.
 use std::collections::VecDeque;
 
-use agent_common::{TraceIds, DIR_INGRESS, TRACE_NONE, TRACE_SERVER, TRACE_SERVER_PARENT};
+use agent_common::{
+    TraceIds, DATA_AFTER_GAP, DIR_INGRESS, TRACE_NONE, TRACE_SERVER, TRACE_SERVER_PARENT,
+};
 
 use crate::{
     capture::events::DataEvent,
@@ -97,6 +99,11 @@ impl ConnAssembler {
 
     /// Feeds one data event; drop counts go to `stats`.
     pub fn on_data(&mut self, d: &DataEvent<'_>, out: &mut Completed, stats: &Stats) {
+        if d.header.flags & DATA_AFTER_GAP != 0 {
+            // The ids of requests that will not be paired go with them.
+            self.pending_ids.clear();
+            self.stream.on_gap();
+        }
         let trace = &d.header.trace;
         if trace.kind == TRACE_SERVER_PARENT {
             self.adopt_late_parent(trace);
@@ -263,6 +270,100 @@ mod tests {
             .map(|(e, ids)| (e.path.clone(), ids.map(|i| i.span_id[0])))
             .collect();
         assert_eq!(got, vec![("/a".into(), Some(1)), ("/b".into(), Some(2))]);
+    }
+
+    /// A client connection's records: per exchange `i`, the request `GET /i` (egress),
+    /// then the response (ingress) with status `200 + i`, its head and its 40-byte body
+    /// in two records. `keep[r]`: record `r` reaches the agent; the next one that does
+    /// carries the kernel's gap flag. Returns (path, status) of every exchange made, and
+    /// the exchanges dropped for the gap.
+    fn client_records_with_losses(n: usize, keep: &[bool]) -> (Vec<(String, u16)>, u64) {
+        let mut a = ConnAssembler::new();
+        let mut out = Completed::default();
+        let stats = Stats::default();
+        let mut records = Vec::new();
+        for i in 0..n {
+            records.push((DIR_EGRESS, format!("GET /{i} HTTP/1.1\r\nHost: x\r\n\r\n")));
+            let status = 200 + i;
+            records.push((
+                DIR_INGRESS,
+                format!("HTTP/1.1 {status} X\r\nContent-Length: 40\r\n\r\n"),
+            ));
+            records.push((DIR_INGRESS, "b".repeat(40)));
+        }
+        let mut gap = false;
+        for (r, (dir, payload)) in records.iter().enumerate() {
+            if !keep.get(r).copied().unwrap_or(true) {
+                gap = true;
+                continue;
+            }
+            let mut header = chunk_header(*dir, 10 + r as u64, payload.as_bytes());
+            if std::mem::take(&mut gap) {
+                header.flags = DATA_AFTER_GAP;
+            }
+            let payload = payload.as_bytes();
+            a.on_data(&DataEvent { header, payload }, &mut out, &stats);
+        }
+        let made = out
+            .drain()
+            .map(|(e, _)| (e.path.to_string(), e.status))
+            .collect();
+        let gaps = stats
+            .http_drops()
+            .iter()
+            .find(|(r, _)| *r == "capture_gap")
+            .map_or(0, |(_, n)| *n);
+        (made, gaps)
+    }
+
+    #[test]
+    fn a_lost_response_does_not_shift_the_pairing_of_later_exchanges() {
+        // Exchange 1's response head is lost: without the gap flag, /1 would take /2's
+        // response, /2 /3's, and so on for the connection's life.
+        let mut keep = vec![true; 12];
+        keep[4] = false;
+        let (made, gaps) = client_records_with_losses(4, &keep);
+        assert_eq!(
+            made,
+            [("/0", 200), ("/2", 202), ("/3", 203)].map(|(p, s)| (p.to_string(), s))
+        );
+        assert_eq!(gaps, 1, "/1 was in flight");
+    }
+
+    #[test]
+    fn a_gap_inside_a_body_resumes_at_the_next_message() {
+        // Exchange 0's response head arrives, its body is lost: /0 is dropped, not
+        // finished by the next response's bytes.
+        let mut keep = vec![true; 9];
+        keep[2] = false;
+        let (made, gaps) = client_records_with_losses(3, &keep);
+        assert_eq!(
+            made,
+            [("/1", 201), ("/2", 202)].map(|(p, s)| (p.to_string(), s))
+        );
+        assert_eq!(gaps, 1);
+    }
+
+    proptest::proptest! {
+        /// Whatever records are lost, every exchange made pairs a request with its own
+        /// response, and exchanges whose records all arrived are all made.
+        #[test]
+        fn losses_never_pair_a_request_with_another_response(
+            keep in proptest::collection::vec(proptest::bool::weighted(0.8), 60)
+        ) {
+            let (made, _) = client_records_with_losses(20, &keep);
+            for (path, status) in &made {
+                proptest::prop_assert_eq!(format!("/{}", status - 200), path.clone());
+            }
+            // ... and every exchange whose own records all arrived is made (a loss just
+            // before its request flags the request, which starts afresh).
+            for i in 0..20 {
+                let r = 3 * i;
+                if keep[r..r + 3].iter().all(|k| *k) {
+                    proptest::prop_assert!(made.iter().any(|(p, _)| *p == format!("/{i}")), "/{} missing", i);
+                }
+            }
+        }
     }
 
     #[test]

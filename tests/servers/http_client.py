@@ -3,6 +3,8 @@
 Usage:
   http_client.py urllib URL...            one urllib request per URL (new connection each)
   http_client.py keepalive HOST PORT N    N GETs /ka/<i> on one http.client connection
+  http_client.py statuses HOST PORT N     N GETs /status/<code>/<i> on one connection, the
+                                          codes cycling through 200..503; prints "<i> <status>"
   http_client.py pipeline HOST PORT P...  all request lines written in one send(), then read
   http_client.py preopened HOST PORT      GET /before, print "first-done", wait for a line on
                                           stdin, then GET /after on the same connection
@@ -44,6 +46,16 @@ def main():
             r = c.getresponse()
             r.read()
             print(r.status, flush=True)
+        c.close()
+    elif mode == "statuses":
+        host, port, n = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+        codes = [200, 201, 202, 203, 400, 404, 410, 418, 500, 503]
+        c = http.client.HTTPConnection(host, port)
+        for i in range(n):
+            c.request("GET", f"/status/{codes[i % len(codes)]}/{i}")
+            r = c.getresponse()
+            r.read()
+            print(i, r.status, flush=True)
         c.close()
     elif mode == "pipeline":
         host, port, paths = sys.argv[2], int(sys.argv[3]), sys.argv[4:]

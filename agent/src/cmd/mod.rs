@@ -423,6 +423,9 @@ pub fn log_final_counts(stats: &tapir::stats::Stats) {
     for (name, value) in stats.snapshot() {
         tracing::info!(counter = name, value, "final count");
     }
+    for (reason, value) in stats.http_drops() {
+        tracing::info!(counter = "tapir.http.dropped", reason, value, "final count");
+    }
     for c in stats.programs.get().map(|p| p.read()).unwrap_or_default() {
         let mean_ns = c.run_time_ns.checked_div(c.runs).unwrap_or(0);
         tracing::info!(

@@ -156,9 +156,16 @@ impl Pairing {
 
     /// No waiting request will be answered.
     pub(super) fn abandon_all(&mut self) {
+        self.abandon_all_for(DropReason::NoResponse);
+    }
+
+    /// The same, counted as `reason`.
+    pub(super) fn abandon_all_for(&mut self, reason: DropReason) {
         self.responding = None;
         for (_, pending) in std::mem::take(&mut self.pending) {
-            self.count_abandoned(&pending);
+            if pending.exchange.is_some() {
+                self.stats.record(reason);
+            }
         }
     }
 

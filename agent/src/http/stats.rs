@@ -21,10 +21,13 @@ pub enum DropReason {
     NoResponse = 5,
     /// Too many pipelined requests waited for responses; the oldest was dropped.
     PipelineOverflow = 6,
+    /// The kernel lost records of the connection (its ring was full): a request in flight
+    /// then could not be paired with its response, which may have been lost.
+    CaptureGap = 7,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 7;
+    pub const COUNT: usize = 8;
     pub const ALL: [DropReason; Self::COUNT] = [
         Self::Malformed,
         Self::TooManyHeaders,
@@ -33,6 +36,7 @@ impl DropReason {
         Self::UnmatchedResponse,
         Self::NoResponse,
         Self::PipelineOverflow,
+        Self::CaptureGap,
     ];
 
     /// Stable snake_case name, for metric attributes.
@@ -45,6 +49,7 @@ impl DropReason {
             Self::UnmatchedResponse => "unmatched_response",
             Self::NoResponse => "no_response",
             Self::PipelineOverflow => "pipeline_overflow",
+            Self::CaptureGap => "capture_gap",
         }
     }
 }

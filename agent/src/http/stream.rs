@@ -133,6 +133,17 @@ impl Http1Stream {
         self.pairing.stats = stats;
     }
 
+    /// Records of the connection were lost before the next chunk (the kernel's ring was
+    /// full): whatever was in flight in either direction cannot be followed or paired any
+    /// more (a lost response would pair its request with the next one's, and every later
+    /// one after it). The requests waiting are dropped (counted as `capture_gap`), and
+    /// parsing resumes at the next chunk that starts like a message, as on a connection
+    /// first seen in use. The role and the counters stay.
+    pub fn on_gap(&mut self) {
+        self.pairing.abandon_all_for(DropReason::CaptureGap);
+        self.sides = Default::default();
+    }
+
     /// Frees the queue and head buffers kept from earlier messages where they are empty.
     pub fn release_idle_buffers(&mut self) {
         self.pairing.release_idle_buffers();
