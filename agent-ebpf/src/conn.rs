@@ -103,7 +103,9 @@ pub fn lookup_tcp(tgid: u32, fd: u32) -> Option<*mut ConnState> {
                 count(counter::CONN_TABLE_FULL);
                 return None;
             }
-            emit_conn(EventKind::ConnOpen, fd, sock_id, Role::Unknown, true, 0);
+            if !announce(&key, sock_id, Role::Unknown) {
+                return None;
+            }
             CONNS.get_ptr_mut(key)
         }
         FdKind::Other => {
@@ -144,12 +146,12 @@ pub fn track_new(tgid: u32, fd: u32, role: Role) -> bool {
                 remote_port,
                 ..ConnState::default()
             };
-            if CONNS.insert(ConnKey { tgid, fd }, state, 0).is_err() {
+            let key = ConnKey { tgid, fd };
+            if CONNS.insert(key, state, 0).is_err() {
                 count(counter::CONN_TABLE_FULL);
                 return false;
             }
-            emit_conn(EventKind::ConnOpen, fd, sock_id, role, true, 0);
-            true
+            announce(&key, sock_id, role)
         }
         FdKind::Other => false,
         FdKind::Unknown => {
@@ -157,6 +159,19 @@ pub fn track_new(tgid: u32, fd: u32, role: Role) -> bool {
             false
         }
     }
+}
+
+/// Tells the agent of the connection just cached under `key`. When the event cannot be
+/// queued (the ring is full), the agent would never learn of the connection and drop all
+/// its data as unknown: the entry is forgotten instead, so that the fd's next call finds
+/// it anew and announces it again (as first seen in use).
+#[inline(always)]
+fn announce(key: &ConnKey, sock_id: u64, role: Role) -> bool {
+    if emit_conn(EventKind::ConnOpen, key.fd, sock_id, role, true, 0) {
+        return true;
+    }
+    let _ = CONNS.remove(key);
+    false
 }
 
 #[inline(always)]
@@ -181,7 +196,8 @@ pub fn header_of(pid_tgid: u64, kind: EventKind, fd: u32) -> EventHeader {
 
 /// Sends a connection event from this CPU's `CONN_SCRATCH` slot: with the 4-tuple the fd
 /// walk left there (`with_tuple`), else with none (a close). `protocol`: what a
-/// [`EventKind::ConnOpaque`] connection speaks (0 for other events).
+/// [`EventKind::ConnOpaque`] connection speaks (0 for other events). Returns whether it was
+/// queued.
 #[inline(always)]
 pub fn emit_conn(
     kind: EventKind,
@@ -190,9 +206,9 @@ pub fn emit_conn(
     role: Role,
     with_tuple: bool,
     protocol: u8,
-) {
+) -> bool {
     let Some(ev) = CONN_SCRATCH.get_ptr_mut(0) else {
-        return;
+        return false;
     };
     // SAFETY: this CPU's slot; nothing else on this CPU uses it during this program.
     let ev = unsafe { &mut *ev };
@@ -220,7 +236,9 @@ pub fn emit_conn(
     // Connection events are rare and userspace wants them promptly.
     if ring_output(ev, size_of::<ConnEvent>() as u64) == 0 {
         count(counter::CONN_EVENTS);
+        true
     } else {
         count(counter::RINGBUF_FULL);
+        false
     }
 }

@@ -3,8 +3,11 @@
 Usage:
   http_client.py urllib URL...            one urllib request per URL (new connection each)
   http_client.py keepalive HOST PORT N    N GETs /ka/<i> on one http.client connection
-  http_client.py statuses HOST PORT N     N GETs /status/<code>/<i> on one connection, the
-                                          codes cycling through 200..503; prints "<i> <status>"
+  http_client.py statuses HOST PORT N [F] N GETs /status/<code>/<i> on one connection, i from
+                                          F (0), the codes cycling through 200..503; prints
+                                          "<i> <status>", then "paused"; then, per line K read
+                                          on stdin, K more on the same connection (an empty
+                                          line ends)
   http_client.py pipeline HOST PORT P...  all request lines written in one send(), then read
   http_client.py preopened HOST PORT      GET /before, print "first-done", wait for a line on
                                           stdin, then GET /after on the same connection
@@ -51,11 +54,23 @@ def main():
         host, port, n = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
         codes = [200, 201, 202, 203, 400, 404, 410, 418, 500, 503]
         c = http.client.HTTPConnection(host, port)
-        for i in range(n):
-            c.request("GET", f"/status/{codes[i % len(codes)]}/{i}")
-            r = c.getresponse()
-            r.read()
-            print(i, r.status, flush=True)
+        i = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+
+        def send(k):
+            nonlocal i
+            for _ in range(k):
+                c.request("GET", f"/status/{codes[i % len(codes)]}/{i}")
+                r = c.getresponse()
+                r.read()
+                print(i, r.status, flush=True)
+                i += 1
+
+        send(n)
+        print("paused", flush=True)
+        for line in sys.stdin:
+            if not line.strip():
+                break
+            send(int(line))
         c.close()
     elif mode == "pipeline":
         host, port, paths = sys.argv[2], int(sys.argv[3]), sys.argv[4:]
