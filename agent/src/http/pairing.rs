@@ -149,7 +149,7 @@ impl Pairing {
         self.responding = None;
         while self.pending.len() > 1 {
             if let Some((_, missed)) = self.pending.pop_front() {
-                self.count_abandoned(&missed);
+                self.count_abandoned(&missed, DropReason::NoResponse);
             }
         }
     }
@@ -163,9 +163,7 @@ impl Pairing {
     pub(super) fn abandon_all_for(&mut self, reason: DropReason) {
         self.responding = None;
         for (_, pending) in std::mem::take(&mut self.pending) {
-            if pending.exchange.is_some() {
-                self.stats.record(reason);
-            }
+            self.count_abandoned(&pending, reason);
         }
     }
 
@@ -175,9 +173,9 @@ impl Pairing {
         self.abandon_all();
     }
 
-    fn count_abandoned(&mut self, pending: &Pending) {
+    fn count_abandoned(&mut self, pending: &Pending, reason: DropReason) {
         if pending.exchange.is_some() {
-            self.stats.record(DropReason::NoResponse);
+            self.stats.record(reason);
         }
     }
 
