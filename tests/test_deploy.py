@@ -9,6 +9,7 @@ OTLP receiver at the endpoint the manifest names, inside the pod's network names
 "node IP" there is loopback). Nothing of the host's file system but what the manifest
 mounts is visible to the agent.
 """
+import hashlib
 import json
 import os
 import re
@@ -73,8 +74,6 @@ def member(t, name):
 def unpack_image(archive, rootfs):
     """Unpacks a `docker save` archive's layers into `rootfs`; returns (tag, config),
     checking each layer against its digest in the config, as `docker load` does."""
-    import hashlib
-
     with tarfile.open(archive) as t:
         manifest, = json.load(member(t, "manifest.json"))
         config = json.load(member(t, manifest["Config"]))
@@ -115,7 +114,7 @@ exec nsenter --net="/run/netns/$netns" unshare --mount --propagation private --c
 
 
 def help_env_names():
-    """The environment variables `tapir run --help` documents."""
+    """(the environment variables `tapir run --help` documents, the help text)."""
     text = subprocess.run([TAPIR, "run", "--help"], capture_output=True, text=True, check=True).stdout
     return set(re.findall(r"\[env: ([A-Z0-9_]+)=", text)) | set(re.findall(r"^\s+(OTEL_[A-Z_]+)", text, re.M)), text
 

@@ -49,7 +49,7 @@ fn is_foreign(name: Option<&str>, id: u32, own: &HashSet<u32>) -> bool {
     name.is_some_and(|n| n.starts_with(PREFIX)) && !own.contains(&id)
 }
 
-/// The warning `run` and `watch` print (and `tapir doctor`'s detail) when `n` > 0.
+/// The warning `run` and `watch` print when `n` > 0.
 pub fn describe(n: usize) -> String {
     format!(
         "another Tapir agent is running on this host ({n} Tapir kernel programs not this \

@@ -185,13 +185,6 @@ fn test(root: &Path, filter: Option<&str>, e2e_only: bool) -> Result<()> {
             "unit tests",
         )?;
     }
-    // The deployment tests (tests/test_deploy.py) run the agent from its image.
-    image::write(
-        root,
-        &bin,
-        &image::default_tag(),
-        &image::default_archive(root),
-    )?;
     let python = setup::ensure_test_deps(root)?;
     if !is_root() {
         if env::var("CI").is_ok_and(|v| v == "true") {
@@ -200,10 +193,13 @@ fn test(root: &Path, filter: Option<&str>, e2e_only: bool) -> Result<()> {
         eprintln!("xtask: not root: skipping the end-to-end tests (they load eBPF programs)");
         return Ok(());
     }
+    // The deployment tests (tests/test_deploy.py) run the agent from its image.
+    let image = image::default_archive(root);
+    image::write(root, &bin, &image::default_tag(), &image)?;
     let mut cmd = Command::new(python);
     cmd.args(["-m", "pytest", "-v", "-p", "no:cacheprovider", "tests"])
         .env("TAPIR_BIN", &bin)
-        .env("TAPIR_IMAGE", image::default_archive(root))
+        .env("TAPIR_IMAGE", &image)
         .current_dir(root);
     if let Some(k) = filter {
         cmd.args(["-k", k]);
