@@ -46,9 +46,15 @@ impl Completed {
 }
 
 impl ConnAssembler {
-    pub fn new() -> Self {
+    /// `from_first_byte`: the connection was accepted or connected while the agent ran,
+    /// so its first captured bytes are its first (see [`Http1Stream::from_first_byte`]).
+    pub fn new(from_first_byte: bool) -> Self {
         Self {
-            stream: Http1Stream::new(),
+            stream: if from_first_byte {
+                Http1Stream::from_first_byte()
+            } else {
+                Http1Stream::new()
+            },
             pending_ids: VecDeque::new(),
         }
     }
@@ -151,7 +157,7 @@ impl ConnAssembler {
 
 impl Default for ConnAssembler {
     fn default() -> Self {
-        Self::new()
+        Self::new(false)
     }
 }
 
@@ -196,7 +202,7 @@ mod tests {
     /// read carries a late `traceparent` naming span `[late_span; 8]`; then the response.
     /// Returns the exchange's ids.
     fn split_head_exchange(rest: &[u8], late_span: u8) -> (String, TraceIds) {
-        let mut a = ConnAssembler::new();
+        let mut a = ConnAssembler::new(false);
         let mut out = Completed::default();
         feed(
             &mut a,
@@ -247,7 +253,7 @@ mod tests {
 
     #[test]
     fn kernel_ids_follow_their_exchange_through_pipelining() {
-        let mut a = ConnAssembler::new();
+        let mut a = ConnAssembler::new(false);
         let mut out = Completed::default();
         for (i, path) in ["/a", "/b"].iter().enumerate() {
             let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
@@ -278,7 +284,7 @@ mod tests {
     /// carries the kernel's gap flag. Returns (path, status) of every exchange made, and
     /// the exchanges dropped for the gap.
     fn client_records_with_losses(n: usize, keep: &[bool]) -> (Vec<(String, u16)>, u64) {
-        let mut a = ConnAssembler::new();
+        let mut a = ConnAssembler::new(false);
         let mut out = Completed::default();
         let stats = Stats::default();
         let mut records = Vec::new();
@@ -361,7 +367,7 @@ mod tests {
 
     #[test]
     fn exchange_without_kernel_ids_gets_none() {
-        let mut a = ConnAssembler::new();
+        let mut a = ConnAssembler::new(false);
         let mut out = Completed::default();
         feed(
             &mut a,

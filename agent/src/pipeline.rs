@@ -234,7 +234,7 @@ impl<S: ExchangeSink> Pipeline<S> {
             role,
             wanted,
             process,
-            http: crate::assemble::ConnAssembler::new(),
+            http: crate::assemble::ConnAssembler::new(role != Role::Unknown),
             active: true,
             sent: 0,
             received: 0,

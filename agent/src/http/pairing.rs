@@ -20,6 +20,10 @@ pub(super) struct Pairing {
     pending: VecDeque<(u32, Pending)>,
     /// `seq` of the oldest request when its response is being read.
     responding: Option<u32>,
+    /// A request was dropped without a place in line (not even its request line could
+    /// be read): the peer may still answer it (a 400), and that answer, arriving with
+    /// nothing waiting, is not counted a second time.
+    pub(super) unreadable_request_dropped: bool,
 }
 
 /// A request waiting for its response.
@@ -85,6 +89,7 @@ impl Pairing {
                 }
             }
         }
+        self.unreadable_request_dropped = false;
         let seq = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1);
         self.pending.push_back((seq, pending));

@@ -16,8 +16,8 @@ pub enum DropReason {
     HeadTruncated = 3,
     /// A response arrived with no request waiting for it (the request was missed).
     UnmatchedResponse = 4,
-    /// A request whose response was never (completely) seen: the connection closed or
-    /// switched protocols first.
+    /// A request whose response was never (completely) seen: the connection closed (or
+    /// its sender died, even in the middle of the request) or switched protocols first.
     NoResponse = 5,
     /// Too many pipelined requests waited for responses; the oldest was dropped.
     PipelineOverflow = 6,

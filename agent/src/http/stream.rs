@@ -69,6 +69,17 @@ impl Http1Stream {
         }
     }
 
+    /// A stream of a connection seen from its first byte (accepted or connected while the
+    /// agent runs): its first bytes start a message, so bytes that cannot are counted as
+    /// malformed rather than skipped as the middle of a message seen late.
+    pub fn from_first_byte() -> Self {
+        let mut stream = Self::new();
+        for side in &mut stream.sides {
+            side.phase = Phase::Idle;
+        }
+        stream
+    }
+
     /// Applies one syscall's chunk; finished exchanges are appended to `out`.
     pub fn on_chunk(
         &mut self,
@@ -118,6 +129,16 @@ impl Http1Stream {
     pub fn on_close(&mut self, ts_ns: u64, out: &mut Vec<Exchange>) {
         let pairing = &mut self.pairing;
         for side in &self.sides {
+            if let Phase::Head {
+                kind: Some(MessageKind::Request),
+                tentative: false,
+                ..
+            } = side.phase
+            {
+                // The sender stopped (or died) in the middle of a request's head: it will
+                // not be answered.
+                pairing.stats.record(DropReason::NoResponse);
+            }
             let ends_at_close = match side.phase {
                 Phase::Body(Framing::UntilClose) => true,
                 Phase::Body(Framing::Chunked(decoder)) => !decoder.is_synced(),
@@ -267,6 +288,17 @@ enum Framing {
     Chunked(ChunkedDecoder),
     /// A response without length: ends when the connection closes.
     UntilClose,
+}
+
+/// Where a head that was not kept whole ends, as far as the current chunk tells.
+#[derive(Clone, Copy, Debug)]
+enum HeadEnd {
+    /// At `at` in the syscall's tail; `after` bytes of the syscall follow it.
+    InTail { at: usize, after: u64 },
+    /// At `at` in the captured bytes; `after` bytes of the syscall follow it.
+    Visible { at: usize, after: u64 },
+    /// Beyond this chunk: the scan goes on in the next ones.
+    Later(HeadEndScanner),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -605,7 +637,7 @@ impl Run<'_> {
         } else if let Some(end) = scan.scan(visible) {
             // The head that started earlier ends in this chunk.
             if self.side.head.len() + end > max {
-                return self.drop_head(cursor, Some(kind), DropReason::HeadTooLarge);
+                return self.oversized_head(cursor, kind, start_ns, Some(end), scan);
             }
             self.side
                 .head
@@ -622,7 +654,7 @@ impl Run<'_> {
             };
         }
         if self.side.head.len() + visible.len() > max {
-            return self.drop_head(cursor, Some(kind), DropReason::HeadTooLarge);
+            return self.oversized_head(cursor, kind, start_ns, None, scan);
         }
         self.side.head.extend_from_slice(visible);
         cursor.consume_visible(visible.len());
@@ -642,23 +674,71 @@ impl Run<'_> {
     fn cut_head(&mut self, cursor: &mut Cursor<'_>, kind: MessageKind, start_ns: u64) {
         let tail = cursor.tail();
         let mut scan = HeadEndScanner::default();
-        let end_in_tail = scan.scan(tail);
-        let blind = cursor.remaining();
-        let before_end = match end_in_tail {
-            Some(end) => blind - (tail.len() - end) as u64,
-            None => blind,
+        let end = match scan.scan(tail) {
+            Some(at) => HeadEnd::InTail {
+                at,
+                after: (tail.len() - at) as u64,
+            },
+            None => HeadEnd::Later(scan),
         };
-        let head_len = (self.side.head.len() as u64).saturating_add(before_end);
-        if head_len > self.pairing.config.max_head_bytes as u64 {
+        self.start_partial_head(cursor, kind, start_ns, end, DropReason::HeadTruncated);
+    }
+
+    /// The head being read outgrew `max_head_bytes`: its first part (in `Side::head`, up to
+    /// the limit) stands for it, as for a head the capture cut. `visible` was all captured;
+    /// `end`: where the head ends in it, if it does.
+    fn oversized_head(
+        &mut self,
+        cursor: &mut Cursor<'_>,
+        kind: MessageKind,
+        start_ns: u64,
+        end: Option<usize>,
+        scan: HeadEndScanner,
+    ) {
+        let visible = cursor.visible();
+        let room = self
+            .pairing
+            .config
+            .max_head_bytes
+            .saturating_sub(self.side.head.len());
+        let kept = visible
+            .get(..end.unwrap_or(visible.len()).min(room))
+            .unwrap_or_default();
+        if !self.side.head.contains(&b'\n') && !kept.contains(&b'\n') {
+            // Not even the start line fits.
             return self.drop_head(cursor, Some(kind), DropReason::HeadTooLarge);
         }
+        self.side.head.extend_from_slice(kept);
+        let end = match end {
+            Some(at) => HeadEnd::Visible {
+                at,
+                after: (visible.len() - at) as u64 + cursor.unseen(),
+            },
+            None => HeadEnd::Later(scan),
+        };
+        self.start_partial_head(cursor, kind, start_ns, end, DropReason::HeadTooLarge);
+    }
+
+    /// Starts the message whose head was not kept whole from its complete lines in
+    /// `Side::head` (counted as `reason`, the exchange still reported), then goes on where
+    /// the head ends, if that is known; a message without even its start line is dropped.
+    /// A head too large for the agent is still an exchange the peer answered (often with
+    /// 431 or 400, which users need to see), and only its first part is kept in memory.
+    fn start_partial_head(
+        &mut self,
+        cursor: &mut Cursor<'_>,
+        kind: MessageKind,
+        start_ns: u64,
+        end: HeadEnd,
+        reason: DropReason,
+    ) {
         let Some(lines) = head::complete_lines_len(&self.side.head) else {
-            // Not even the start line was captured. In sync, a request is still answered;
+            // Not even the start line was kept. In sync, a request is still answered;
             // while resyncing this was likely never a head.
             if self.is_tentative() {
                 self.pairing.stats.skipped_chunks += 1;
             } else {
-                self.drop_message(kind, DropReason::HeadTruncated, true);
+                self.drop_message(kind, reason, true);
             }
             return self.resync_after_drop(cursor);
         };
@@ -669,12 +749,14 @@ impl Run<'_> {
             Ok(None) => return self.drop_head(cursor, Some(kind), DropReason::Malformed),
             Err(e) => return self.drop_head(cursor, Some(kind), head_error_reason(e)),
         };
-        self.pairing.stats.record(DropReason::HeadTruncated);
+        self.pairing.stats.record(reason);
         self.side.clear_head();
         self.start_message(parsed, start_ns);
-        // Bytes after the blank line found in the tail, if it was the head's end.
-        let after_end = end_in_tail.map(|end| (end, (tail.len() - end) as u64));
-        match (self.side.phase, after_end) {
+        match (self.side.phase, end) {
+            // The head's end is known exactly in captured bytes: the body follows it.
+            (Phase::Body(Framing::Chunked(_)), HeadEnd::Visible { at, .. }) => {
+                cursor.consume_visible(at)
+            }
             // A chunked body's last chunk ends in a blank line too: where the head ended is
             // ambiguous. Follow the body blind and watch syscall ends for the last chunk.
             (Phase::Body(Framing::Chunked(_)), _) => {
@@ -682,10 +764,15 @@ impl Run<'_> {
             }
             // Ends at close anyway; the rest of the head counts as body.
             (Phase::Body(Framing::UntilClose), _) => {}
-            (Phase::Body(Framing::Length { remaining }), Some((end, after)))
+            (Phase::Body(Framing::Length { remaining }), HeadEnd::InTail { at, after })
                 if after <= remaining =>
             {
-                cursor.resume_in_tail(end);
+                cursor.resume_in_tail(at);
+            }
+            (Phase::Body(Framing::Length { remaining }), HeadEnd::Visible { at, after })
+                if after <= remaining =>
+            {
+                cursor.consume_visible(at);
             }
             // A length counted from an unknown start cannot be followed.
             (Phase::Body(Framing::Length { .. }), _) => {
@@ -694,15 +781,17 @@ impl Run<'_> {
                 cursor.skip_to_end();
             }
             // No body, and the head ends the syscall.
-            (Phase::Idle, Some((end, 0))) => cursor.resume_in_tail(end),
-            // Bytes after a head without body: a framing header was beyond the capture.
-            (Phase::Idle, Some(_)) => {
-                self.side.lose_sync();
+            (Phase::Idle, HeadEnd::InTail { at, after: 0 }) => cursor.resume_in_tail(at),
+            (Phase::Idle, HeadEnd::Visible { at, after: 0 }) => cursor.consume_visible(at),
+            // No body, and the rest of the head is still to come.
+            (Phase::Idle, HeadEnd::Later(scan)) => {
+                self.side.phase = Phase::HeadRest { scan };
                 cursor.skip_to_end();
             }
-            // No body, and the rest of the head is still to come.
-            (Phase::Idle, None) => {
-                self.side.phase = Phase::HeadRest { scan };
+            // Bytes after a head without body: a framing header may have been beyond what
+            // was kept.
+            (Phase::Idle, _) => {
+                self.side.lose_sync();
                 cursor.skip_to_end();
             }
             _ => {
@@ -886,7 +975,10 @@ impl Run<'_> {
             self.pairing.abandon_all_but_newest();
         }
         let Some(answered) = self.pairing.answer_oldest() else {
-            self.pairing.stats.record(DropReason::UnmatchedResponse);
+            // The answer to an unreadable request was counted with it.
+            if !std::mem::take(&mut self.pairing.unreadable_request_dropped) {
+                self.pairing.stats.record(DropReason::UnmatchedResponse);
+            }
             return self.start_response_body(status, body, false, false);
         };
         self.start_response_body(status, body, answered.head_request, answered.connect);
@@ -940,7 +1032,11 @@ impl Run<'_> {
         // Garbage where a response was due most likely is that response.
         match kind.or(self.expected_kind()) {
             Some(kind) => self.drop_message(kind, reason, answerable),
-            None => self.pairing.stats.record(reason),
+            None => {
+                self.pairing.stats.record(reason);
+                // Bytes that opened a connection: a client's, as a rule.
+                self.pairing.unreadable_request_dropped = true;
+            }
         }
         self.resync_after_drop(cursor);
     }
@@ -958,7 +1054,7 @@ impl Run<'_> {
                     exchange: None,
                 });
             }
-            MessageKind::Request => {}
+            MessageKind::Request => self.pairing.unreadable_request_dropped = true,
             MessageKind::Response => self.pairing.drop_oldest(),
         }
     }

@@ -577,6 +577,57 @@ fn garbage_is_skipped_until_http_starts() {
     c.assert_round_trip("/finally", 10);
 }
 
+/// A connection seen from its first byte: bytes that cannot start a request are counted
+/// once (malformed), and the server's refusal is not counted again as a response without
+/// request. (Seen late, the same bytes could be the middle of a body: skipped, as in
+/// `garbage_is_skipped_until_http_starts`.)
+#[test]
+fn unreadable_first_request_is_counted_once_on_a_connection_seen_from_its_start() {
+    let garbage: [&[u8]; 4] = [
+        b"GET /g HTTP/12.x\r\nHost: h\r\n\r\n",
+        b"POST \x80\x81\xfe\xff\r\n\r\n",
+        b"GET /g HTTP/1.1\r\nX-\x00: v\r\n\r\n",
+        b"\x01\x02 binary\r\n\r\n",
+    ];
+    for bytes in garbage {
+        let mut c = Conn {
+            stream: Http1Stream::from_first_byte(),
+            out: Vec::new(),
+        };
+        c.send(Ingress, bytes, 1);
+        c.send(Egress, &response(400, b""), 2);
+        assert!(c.take().is_empty(), "{bytes:?}");
+        assert_eq!(
+            (c.drops(DropReason::Malformed), c.total_drops()),
+            (1, 1),
+            "{bytes:?}"
+        );
+    }
+    // Only the one answer is absorbed: a later response without request still counts.
+    let mut c = Conn {
+        stream: Http1Stream::from_first_byte(),
+        out: Vec::new(),
+    };
+    c.send(Ingress, garbage[0], 1);
+    c.assert_round_trip("/next", 5);
+    c.send(Egress, &response(400, b""), 20);
+    assert_eq!(c.drops(DropReason::UnmatchedResponse), 1);
+}
+
+#[test]
+fn request_cut_short_by_a_close_is_counted_as_never_answered() {
+    let mut c = Conn::new();
+    c.assert_round_trip("/first", 1);
+    c.send(Ingress, b"GET /half HTTP/1.1\r\nHo", 5);
+    c.close(6);
+    assert!(c.take().is_empty());
+    assert_eq!((c.drops(DropReason::NoResponse), c.total_drops()), (1, 1));
+    // A few bytes that did not even show a method are not counted.
+    c.send(Ingress, b"GE", 7);
+    c.close(8);
+    assert_eq!(c.total_drops(), 1);
+}
+
 #[test]
 fn malformed_head_in_sync_is_counted_then_resyncs() {
     let mut c = Conn::new();
@@ -627,35 +678,80 @@ fn too_many_headers_are_counted() {
     assert_eq!(c.total_drops(), 1);
 }
 
-#[test]
-fn mebibyte_header_in_captured_pieces_is_too_large_then_resyncs() {
-    let mut c = Conn::new();
+/// A request with a 1 MiB header, as a sender may write it and a receiver may read it.
+fn mebibyte_header_request() -> Vec<u8> {
     let mut req = b"GET /huge HTTP/1.1\r\nHost: h\r\nx-pad: ".to_vec();
     req.extend(std::iter::repeat_n(b'a', 1 << 20));
     req.extend(b"\r\n\r\n");
-    for piece in req.chunks(CAPTURE) {
-        c.send(Ingress, piece, 1);
+    req
+}
+
+/// However the head of a request too large for the agent arrives, the exchange is reported
+/// (the server's refusal is what users need to see), counted, and the next one is intact.
+#[test]
+fn mebibyte_header_is_reported_with_its_first_lines_however_it_is_read() {
+    let req = mebibyte_header_request();
+    type Send = fn(&mut Conn, &[u8]);
+    let ways: [(&str, Send, DropReason); 3] = [
+        // Small reads, each captured whole: buffered up to the agent's limit.
+        (
+            "captured pieces",
+            |c, req| req.chunks(CAPTURE).for_each(|p| c.send(Ingress, p, 1)),
+            DropReason::HeadTooLarge,
+        ),
+        // One write, cut by the capture limit.
+        (
+            "one cut syscall",
+            |c, req| c.send_captured(Ingress, req, 1),
+            DropReason::HeadTruncated,
+        ),
+        // A server's 64 KiB reads, each cut: the first is no larger than the limit.
+        (
+            "64 KiB reads",
+            |c, req| {
+                req.chunks(64 << 10)
+                    .for_each(|p| c.send_captured(Ingress, p, 1))
+            },
+            DropReason::HeadTruncated,
+        ),
+    ];
+    for (how, send, reason) in ways {
+        let mut c = Conn::new();
+        send(&mut c, &req);
+        c.send(Egress, &response(431, b""), 2);
+        let e = c.take_one();
+        assert_eq!(
+            (e.path.as_str(), e.status, e.request_head_truncated),
+            ("/huge", 431, true),
+            "{how}"
+        );
+        assert_eq!(e.host.as_deref(), Some("h"), "{how}");
+        assert_eq!((c.drops(reason), c.total_drops()), (1, 1), "{how}");
+        c.assert_round_trip("/good", 10);
+        assert_eq!(c.total_drops(), 1, "{how}");
     }
-    assert_eq!(c.drops(DropReason::HeadTooLarge), 1);
-    assert_eq!(c.total_drops(), 1);
-    // The server refuses it; that answer pairs with the dropped request, silently.
-    c.send(Egress, &response(431, b""), 2);
-    assert!(c.take().is_empty());
-    c.assert_round_trip("/good", 10);
-    assert_eq!(c.total_drops(), 1);
 }
 
 #[test]
-fn mebibyte_header_in_one_cut_syscall_is_too_large_then_resyncs() {
-    let mut c = Conn::new();
-    let mut req = b"GET /huge HTTP/1.1\r\nHost: h\r\nx-pad: ".to_vec();
-    req.extend(std::iter::repeat_n(b'a', 1 << 20));
-    req.extend(b"\r\n\r\n");
-    c.send_captured(Ingress, &req, 1);
-    assert_eq!(c.drops(DropReason::HeadTooLarge), 1);
-    c.send(Egress, &response(431, b""), 2);
-    c.assert_round_trip("/good", 10);
-    assert_eq!(c.total_drops(), 1);
+fn mebibyte_response_header_is_reported_and_the_next_exchange_is_intact() {
+    let mut resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nx-pad: ".to_vec();
+    resp.extend(std::iter::repeat_n(b'b', 1 << 20));
+    resp.extend(b"\r\n\r\nok");
+    for pieces in [CAPTURE, 64 << 10, resp.len()] {
+        let mut c = Conn::new();
+        c.send(Ingress, &get("/big"), 1);
+        for p in resp.chunks(pieces) {
+            c.send_captured(Egress, p, 2);
+        }
+        let e = c.take_one();
+        assert_eq!(
+            (e.path.as_str(), e.status),
+            ("/big", 200),
+            "{pieces}-byte writes"
+        );
+        c.assert_round_trip("/next", 10);
+        assert_eq!(c.total_drops(), 1, "{pieces}-byte writes");
+    }
 }
 
 #[test]
