@@ -1,0 +1,111 @@
+"""Bad input on observed connections: garbage, a 1 MiB header, a peer that dies in the
+middle of an exchange. The agent counts each case once, under its reason, at both ends
+alike; never stalls or stops; goes on capturing; and the service answers exactly as it
+does without the agent."""
+import sys
+
+import pytest
+
+from conftest import TESTS, finish, free_port, watch
+
+PY = sys.executable
+PEER = TESTS / "servers/bad_peer.py"
+REASONS = ("malformed", "too_many_headers", "head_too_large", "head_truncated",
+           "unmatched_response", "no_response", "pipeline_overflow", "capture_gap")
+
+
+def run_peer(procs, mode, *args, agent_args=None, port=None, agent=None):
+    """tests/servers/bad_peer.py MODE under `tapir watch --json` of its port with
+    `agent_args` (None: no agent), or under `agent`, which is left running. Returns (the
+    peer's lines, the agent, the exchanges of the agent it stopped)."""
+    port = port or free_port()
+    peer = procs([PY, PEER, mode, port, *args], stdin=True)
+    peer.wait_for(lambda line: line == "listening", stream="out", what="the peer listening")
+    stop = agent is None and agent_args is not None
+    if stop:
+        agent = watch(port, extra=agent_args)
+    peer.send_line()
+    assert peer.wait_exit() == 0, peer.err
+    assert peer.out[-1] == "done", peer.out
+    return peer.out[1:-1], agent, (finish(agent) if stop else [])
+
+
+def drops(agent):
+    """The agent's final `tapir.http.dropped` counts, by reason (zeros left out)."""
+    counts = {}
+    for reason in REASONS:
+        for line in reversed(agent.err):
+            if "final count" in line and f'reason="{reason}"' in line:
+                value = int(line.rsplit("value=", 1)[1].split()[0])
+                if value:
+                    counts[reason] = value
+                break
+    return counts
+
+
+def seen(got):
+    return sorted((e["kind"], e["url.path"], e["http.response.status_code"]) for e in got)
+
+
+def test_garbage_is_counted_once_at_each_end_and_capture_goes_on(procs):
+    n = 40
+    baseline, _, _ = run_peer(procs, "garbage", 7, n)
+    out, agent, got = run_peer(procs, "garbage", 7, n, agent_args=[])
+    # The server refused every connection's bytes, with the agent as without it.
+    assert out == baseline
+    kinds = [line.split()[0] for line in out[:n]]
+    assert [line.split()[1] for line in out[:n]] == ["400"] * n, out
+    assert out[n:] == ["200 /after"]
+    # Heads a lenient parser still reads (a line without colon is skipped, as many servers
+    # do) are exchanges like any other: the 400 is what the client got.
+    lenient = kinds.count("field_without_colon")
+    assert seen(got) == sorted(
+        [("client", "/g", 400), ("server", "/g", 400)] * lenient
+        + [("client", "/after", 200), ("server", "/after", 200)]
+    ), got
+    # Everything else is malformed at both ends, counted once: the server's refusal is
+    # not counted again as a response without request.
+    assert drops(agent) == {"malformed": 2 * (n - lenient)}, agent.err[-40:]
+    assert agent.final_count("tapir.connections.opened") == 2 * (n + 1)
+
+
+@pytest.mark.parametrize("inject", [False, True], ids=["observed", "injecting"])
+def test_a_mebibyte_header_is_reported_at_both_ends_and_arrives_intact(procs, inject):
+    size = 1 << 20
+    port = free_port()
+    agent_args = ["--inject", "--inject-port", str(port)] if inject else []
+    out, agent, got = run_peer(procs, "bighead", size, agent_args=agent_args, port=port)
+    # The server got the head that was sent, byte for byte, plus the traceparent line the
+    # agent inserts when it injects.
+    assert out == [f"200 /bigrequest intact traceparents={int(inject)}", "200 /small1",
+                   "200 /bigresponse", "200 /small2", "200 /after"]
+    paths = ["/bigrequest", "/small1", "/bigresponse", "/small2", "/after"]
+    assert seen(got) == sorted((kind, p, 200) for p in paths for kind in ("client", "server")), got
+    # Each of the two long heads was kept only in part, at each end.
+    assert drops(agent) == {"head_truncated": 4}, agent.err[-40:]
+    if inject:
+        # The server's span of the long request continues the client's.
+        client, server = (next(e for e in got if e["kind"] == k and e["url.path"] == "/bigrequest")
+                          for k in ("client", "server"))
+        assert (server["trace_id"], server["parent_span_id"]) == (client["trace_id"], client["span_id"])
+
+
+@pytest.mark.parametrize("role, unanswered", [
+    # Only the server's end counts the half head: the client's end is a child that shares
+    # the socket, and the agent met that process's copy of it in use, mid-message.
+    ("client", 1),
+    ("server", 2),
+    ("server_mid_body", 2),
+])
+def test_a_peer_that_dies_mid_exchange_is_counted_and_capture_goes_on(procs, role, unanswered):
+    port = free_port()
+    agent = watch(port)
+    out, _, _ = run_peer(procs, "dies", role, port=port, agent=agent)
+    assert out[0] == "200 /before"
+    assert out[1:] == ([] if role == "client" else ["closed"]), out
+    # A new server on the same port, and a request to it.
+    out, _, _ = run_peer(procs, "garbage", 7, 0, port=port, agent=agent)
+    assert out == ["200 /after"]
+    got = finish(agent)
+    assert seen(got) == sorted((kind, p, 200) for p in ("/before", "/after") for kind in ("client", "server")), got
+    assert drops(agent) == {"no_response": unanswered}, agent.err[-40:]
