@@ -8,7 +8,9 @@ pub enum DropReason {
     Malformed = 0,
     /// A head with more header fields than [`super::head::MAX_HEADERS`].
     TooManyHeaders = 1,
-    /// A head longer than the stream's `max_head_bytes`.
+    /// A head longer than the stream's `max_head_bytes`. Counted even when the exchange
+    /// survives (its first `max_head_bytes` stand for the head); the message is dropped
+    /// when its start line alone is longer.
     HeadTooLarge = 2,
     /// The capture limit cut a head. Counted even when the exchange survives (then flagged
     /// `request_head_truncated` for requests); the message is dropped when not even its
