@@ -353,7 +353,7 @@ pub fn check_host() -> Vec<Check> {
         core: false,
     });
     // Before the verification below loads Tapir's programs in this process.
-    let others = crate::other_agents::foreign_programs(&Default::default());
+    let others = crate::other_agents::foreign_programs(&Default::default(), true);
     checks.push(Check {
         feature: "no other Tapir agent running".into(),
         status: match others {

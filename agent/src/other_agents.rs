@@ -21,11 +21,13 @@ pub fn own_programs(ebpf: &Ebpf) -> HashSet<u32> {
 
 /// Tapir programs loaded on this host that are not among `own`: their count. An agent that
 /// has just exited can leave some for a moment (the kernel frees its maps, and the
-/// programs they hold, from a work queue): counted again a few times before answering.
-pub fn foreign_programs(own: &HashSet<u32>) -> Result<usize, String> {
+/// programs they hold, from a work queue): with `settle` (`tapir doctor`, often run right
+/// after an agent stops), counted again a few times before answering. An agent checking
+/// once its own programs are loaded does not wait: a stopped agent is gone by then.
+pub fn foreign_programs(own: &HashSet<u32>, settle: bool) -> Result<usize, String> {
     let mut n = count_foreign(own)?;
     for _ in 0..3 {
-        if n == 0 {
+        if n == 0 || !settle {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));

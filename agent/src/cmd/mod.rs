@@ -188,8 +188,10 @@ pub fn attach(args: &CaptureArgs, inject: &InjectArgs, ports: &[u16]) -> Result<
         Err(_) => {}
     }
     // Checked once ours are loaded: an agent that has just stopped is gone by then.
-    match tapir::other_agents::foreign_programs(&tapir::other_agents::own_programs(&attached.ebpf))
-    {
+    match tapir::other_agents::foreign_programs(
+        &tapir::other_agents::own_programs(&attached.ebpf),
+        false,
+    ) {
         Ok(0) => {}
         Ok(n) => eprintln!("tapir: warning: {}", tapir::other_agents::describe(n)),
         Err(e) => tracing::debug!("not looking for other agents: {e}"),
