@@ -96,11 +96,12 @@ pub struct CaptureArgs {
     )]
     pub open_ports: Vec<String>,
     /// Do not read HTTPS through OpenSSL. By default uprobes on OpenSSL's read and write
-    /// (in every libssl.so that a running process maps, and at the usual system paths)
-    /// see the plaintext of processes that use the system's OpenSSL (nginx, Apache,
-    /// Python, curl, Ruby, PHP); each SSL call then costs the calling process a uprobe
-    /// round trip (about 2 µs on a small VM), observed or not. Programs with a TLS stack
-    /// of their own (Go, Java, Node.js, rustls) stay unread either way.
+    /// (in every libssl.so that a running process maps, at the usual system paths, and in
+    /// programs that carry OpenSSL and export it, as Node.js does) see the plaintext of
+    /// processes that use OpenSSL (nginx, Apache, Python, curl, Ruby, PHP, Node.js); each
+    /// SSL call then costs the calling process a uprobe round trip (about 1.5 µs on a
+    /// small VM), observed or not. Programs with a TLS stack of their own (Go, Java,
+    /// rustls, BoringSSL) stay unread either way.
     #[arg(long, env = "TAPIR_NO_TLS")]
     pub no_tls: bool,
 }

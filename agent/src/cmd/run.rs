@@ -294,7 +294,12 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     tracing::info!(
         probes = tapir::probes::PROBES.len() - attached.failures.len(),
         exporting = telemetry.as_ref().map_or("nothing", |t| t.summary.as_str()),
-        "ready: all probes attached"
+        "{}",
+        if attached.failures.is_empty() {
+            "ready: all probes attached"
+        } else {
+            "ready: probes attached, some optional ones missing (warned above)"
+        }
     );
     signals.wait_rescanning_tls(&rt, &mut attached);
     tracing::info!("shutting down: detaching probes");

@@ -51,7 +51,9 @@ use yielding::ExportYield;
 
 /// The standard variables `tapir run` honours (for `--help`).
 pub const ENV_HELP: &str = "\
-OpenTelemetry environment variables honoured (Tapir's flags win over them):
+OpenTelemetry environment variables honoured (Tapir's flags win over them, except that
+OTEL_SDK_DISABLED=true, and OTEL_{TRACES,METRICS}_EXPORTER=none for its signal, turn
+export off whatever the flags say):
   OTEL_SDK_DISABLED=true              export nothing at all (capture still runs)
   OTEL_EXPORTER_OTLP_ENDPOINT         base URL (http/protobuf: /v1/traces, /v1/metrics appended)
   OTEL_EXPORTER_OTLP_TRACES_ENDPOINT  full URL for spans (used as is)
@@ -81,7 +83,12 @@ OpenTelemetry environment variables honoured (Tapir's flags win over them):
   OTEL_INSTRUMENTATION_HTTP_KNOWN_METHODS  comma-separated HTTP methods reported as they are
                                       (replaces GET,HEAD,POST,PUT,DELETE,CONNECT,OPTIONS,
                                       TRACE,PATCH; others are http.request.method=_OTHER)
-An observed process's own OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES name its telemetry.";
+An observed process's own OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES name its telemetry.
+
+Tapir's own, besides each flag's TAPIR_* variable above:
+  RUST_LOG                            log filter (info; e.g. info,tapir=debug)
+  TAPIR_TLS_RESCAN_SECS               seconds between looks for new OpenSSL copies to probe (30)
+  TAPIR_EBPF_COMPAT=1                 load the programs built for kernels without bpf_loop";
 
 /// Where spans and metrics go, and how much the agent may hold.
 #[derive(Debug, Clone)]
