@@ -138,8 +138,15 @@ impl ConnAssembler {
         self.flush_stats(stats);
     }
 
-    pub fn on_close(&mut self, ts_ns: u64, out: &mut Completed, stats: &Stats) {
-        self.stream.on_close(ts_ns, &mut out.exchanges);
+    /// The connection ended at `ts_ns`: `seen_closing` when its close (or its process's
+    /// exit) was seen, so that requests left without response failed then; else the agent
+    /// only lets go of it (see [`Http1Stream::on_forget`]).
+    pub fn on_close(&mut self, ts_ns: u64, seen_closing: bool, out: &mut Completed, stats: &Stats) {
+        if seen_closing {
+            self.stream.on_close(ts_ns, &mut out.exchanges);
+        } else {
+            self.stream.on_forget(ts_ns, &mut out.exchanges);
+        }
         self.attach_ids(out);
         self.flush_stats(stats);
     }

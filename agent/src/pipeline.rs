@@ -223,7 +223,7 @@ impl<S: ExchangeSink> Pipeline<S> {
         );
         // A new connection on a known fd number: the old one ended unseen.
         if let Some(mut old) = self.conns.pop(&key) {
-            self.finish(&mut old, ev.header.ts_ns);
+            self.finish(&mut old, ev.header.ts_ns, false);
         }
         // Read /proc now, while the process surely exists (a short-lived client may be
         // gone by the time its exchange completes).
@@ -245,7 +245,7 @@ impl<S: ExchangeSink> Pipeline<S> {
         if let Some((k, mut evicted)) = self.conns.push(key, conn) {
             if k != key {
                 Stats::inc(&self.stats.conns_evicted);
-                self.finish(&mut evicted, ev.header.ts_ns);
+                self.finish(&mut evicted, ev.header.ts_ns, false);
             }
         }
     }
@@ -255,7 +255,7 @@ impl<S: ExchangeSink> Pipeline<S> {
         if let Some(mut conn) = self.conns.pop(&key) {
             Stats::inc(&self.stats.conns_closed);
             tracing::debug!(pid = key.0, fd = key.1, "tcp connection closed");
-            self.finish(&mut conn, ev.header.ts_ns);
+            self.finish(&mut conn, ev.header.ts_ns, true);
         }
     }
 
@@ -376,7 +376,7 @@ impl<S: ExchangeSink> Pipeline<S> {
     fn on_exit(&mut self, tgid: u32, ts_ns: u64) {
         Stats::inc(&self.stats.process_exits);
         for (_, mut conn) in self.conns.pop_process(tgid) {
-            self.finish(&mut conn, ts_ns);
+            self.finish(&mut conn, ts_ns, true);
         }
         self.procs.forget(tgid);
         if let Some(r) = &mut self.rearm {
@@ -385,15 +385,17 @@ impl<S: ExchangeSink> Pipeline<S> {
         self.sink.on_process_exit(tgid);
     }
 
-    /// Ends a connection's tracking: close-delimited responses complete here.
-    fn finish(&mut self, conn: &mut Conn, ts_ns: u64) {
+    /// Ends a connection's tracking: close-delimited responses complete here, and, when
+    /// its end was `seen` (its close, or its process's exit), unanswered requests fail.
+    fn finish(&mut self, conn: &mut Conn, ts_ns: u64, seen: bool) {
         if !conn.wanted {
             return;
         }
         if std::mem::take(&mut conn.tls_unconfirmed) {
             Self::unreadable(&mut self.unreadable, &self.stats, conn, Unreadable::Tls);
         }
-        conn.http.on_close(ts_ns, &mut self.completed, &self.stats);
+        conn.http
+            .on_close(ts_ns, seen, &mut self.completed, &self.stats);
         Self::emit(
             &mut self.sink,
             &self.stats,

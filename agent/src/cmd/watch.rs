@@ -66,7 +66,12 @@ fn human_line(ex: &CapturedExchange) -> String {
         kind = if ex.is_server() { "server" } else { "client" },
         method = ex.http.method,
         path = ex.http.path,
-        status = ex.http.status,
+        status = match ex.http.failure {
+            // The status seen, if any, then why the exchange ended early.
+            Some(f) if ex.http.status != 0 => format!("{} {}", ex.http.status, f.as_str()),
+            Some(f) => f.as_str().to_string(),
+            None => ex.http.status.to_string(),
+        },
         dur = ex.duration_ns() as f64 / 1e6,
         peer = fmt_addr(peer),
     )

@@ -27,6 +27,27 @@ impl HttpVersion {
     }
 }
 
+/// How an exchange whose connection ended before its response did failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Failure {
+    /// The connection closed (or a process at one of its ends exited) before any
+    /// response: the server crashed or gave up, or the client did.
+    NoResponse,
+    /// The connection closed in the middle of the response.
+    ResponseCutShort,
+}
+
+impl Failure {
+    /// The `error.type` attribute value (low-cardinality identifiers, as the HTTP
+    /// conventions ask for failures without a status code to tell them).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NoResponse => "connection_closed",
+            Self::ResponseCutShort => "response_incomplete",
+        }
+    }
+}
+
 /// One HTTP/1.x request and its final response.
 ///
 /// Only the fields below are kept from the traffic; every other header is never copied.
@@ -40,7 +61,8 @@ pub struct Exchange {
     pub query: Option<CompactString>,
     /// Version of the request.
     pub version: HttpVersion,
-    /// Status of the final response (or 101 for an upgrade).
+    /// Status of the final response (or 101 for an upgrade); 0 when none was seen
+    /// (`failure` says why).
     pub status: u16,
     pub host: Option<CompactString>,
     pub user_agent: Option<CompactString>,
@@ -64,4 +86,6 @@ pub struct Exchange {
     /// The response left the connection open for another request (HTTP/1.1 without
     /// `Connection: close`, or HTTP/1.0 with `keep-alive`).
     pub keep_alive: bool,
+    /// The connection ended before the response did.
+    pub failure: Option<Failure>,
 }

@@ -38,6 +38,6 @@ mod proptests;
 mod tests;
 
 pub use chunk::{Chunk, Direction};
-pub use exchange::{Exchange, ExchangeRole, HttpVersion};
+pub use exchange::{Exchange, ExchangeRole, Failure, HttpVersion};
 pub use stats::{DropReason, StreamStats};
 pub use stream::{Http1Stream, StreamConfig, StreamError};

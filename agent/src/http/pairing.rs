@@ -3,7 +3,7 @@
 
 use std::collections::VecDeque;
 
-use super::exchange::{Exchange, ExchangeRole};
+use super::exchange::{Exchange, ExchangeRole, Failure};
 use super::stats::{DropReason, StreamStats};
 use super::stream::StreamConfig;
 
@@ -159,6 +159,19 @@ impl Pairing {
         }
     }
 
+    /// No waiting request will be answered: the connection ended at `end_ns`. Each is
+    /// emitted as a failed exchange (a placeholder of one already counted is not).
+    pub(super) fn fail_all(&mut self, end_ns: u64, out: &mut Vec<Exchange>) {
+        self.responding = None;
+        for (_, pending) in std::mem::take(&mut self.pending) {
+            if let Some(mut exchange) = pending.exchange {
+                exchange.end_ns = end_ns;
+                exchange.failure = Some(Failure::NoResponse);
+                out.push(exchange);
+            }
+        }
+    }
+
     /// No waiting request will be answered.
     pub(super) fn abandon_all(&mut self) {
         self.abandon_all_for(DropReason::NoResponse);
@@ -232,6 +245,7 @@ mod tests {
                 response_body_bytes: 0,
                 request_head_truncated: false,
                 keep_alive: false,
+                failure: None,
             }),
         }
     }

@@ -18,8 +18,11 @@ pub enum DropReason {
     HeadTruncated = 3,
     /// A response arrived with no request waiting for it (the request was missed).
     UnmatchedResponse = 4,
-    /// A request whose response was never (completely) seen: the connection closed (or
-    /// its sender died, even in the middle of the request) or switched protocols first.
+    /// A request whose response was never (completely) seen and that is not reported as
+    /// a failed exchange: the agent let go of its connection without seeing it end
+    /// (evicted, its fd reused unseen), the connection switched protocols, a later
+    /// response showed it would not be answered, or its sender stopped in the middle of
+    /// its head (which no span can stand for).
     NoResponse = 5,
     /// Too many pipelined requests waited for responses; the oldest was dropped.
     PipelineOverflow = 6,

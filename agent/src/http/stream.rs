@@ -14,7 +14,7 @@ use compact_str::CompactString;
 use super::chunk::{Chunk, Direction};
 use super::chunked::{ChunkedDecoder, ChunkedProgress};
 use super::cursor::Cursor;
-use super::exchange::{Exchange, ExchangeRole, HttpVersion};
+use super::exchange::{Exchange, ExchangeRole, Failure, HttpVersion};
 use super::head::{
     self, ConnectionOption, HeadEndScanner, HeadError, HeadFields, MessageKind, MessageStart,
     RequestHead, ResponseHead,
@@ -124,9 +124,22 @@ impl Http1Stream {
         Ok(())
     }
 
-    /// The connection closed: emits a response that ends at close, counts requests left
-    /// without response, and resets the stream (its stats are kept).
+    /// The connection closed, or a process at its end exited, at `ts_ns`: emits a
+    /// response that ends at close, and every request left without a whole response as
+    /// a failed exchange (a crashed server or a client that gave up is what users need to
+    /// see); then resets the stream (its stats are kept).
     pub fn on_close(&mut self, ts_ns: u64, out: &mut Vec<Exchange>) {
+        self.end(ts_ns, true, out);
+    }
+
+    /// The agent stops following the connection without having seen it end (evicted, or
+    /// its fd reused by a connection whose close was not seen): as [`Self::on_close`],
+    /// but the requests left are only counted (`no_response`), their end unknown.
+    pub fn on_forget(&mut self, ts_ns: u64, out: &mut Vec<Exchange>) {
+        self.end(ts_ns, false, out);
+    }
+
+    fn end(&mut self, ts_ns: u64, seen_closing: bool, out: &mut Vec<Exchange>) {
         let pairing = &mut self.pairing;
         for side in &self.sides {
             if let Phase::Head {
@@ -139,16 +152,30 @@ impl Http1Stream {
                 // not be answered.
                 pairing.stats.record(DropReason::NoResponse);
             }
+            if side.message.kind != MessageKind::Response {
+                continue;
+            }
             let ends_at_close = match side.phase {
                 Phase::Body(Framing::UntilClose) => true,
                 Phase::Body(Framing::Chunked(decoder)) => !decoder.is_synced(),
                 _ => false,
             };
-            if side.message.kind == MessageKind::Response && ends_at_close {
+            let cut_short = seen_closing && matches!(side.phase, Phase::Body(_));
+            if ends_at_close || cut_short {
+                let before = out.len();
                 pairing.finish_response(side.message.finished(ts_ns), out);
+                if !ends_at_close && out.len() > before {
+                    if let Some(exchange) = out.last_mut() {
+                        exchange.failure = Some(Failure::ResponseCutShort);
+                    }
+                }
             }
         }
-        pairing.abandon_all();
+        if seen_closing {
+            pairing.fail_all(ts_ns, out);
+        } else {
+            pairing.abandon_all();
+        }
         let (config, stats) = (pairing.config, pairing.stats);
         *self = Self::with_config(config);
         self.pairing.stats = stats;
@@ -417,6 +444,7 @@ fn parsed_request(
         response_body_bytes: 0,
         request_head_truncated: truncated,
         keep_alive: false,
+        failure: None,
     };
     // A request body is chunked or has a length; anything else means no body.
     let body = match (

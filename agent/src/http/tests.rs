@@ -159,6 +159,7 @@ fn a_request_and_its_response_make_one_exchange() {
             response_body_bytes: 5,
             request_head_truncated: false,
             keep_alive: true,
+            failure: None,
         }
     );
     assert_eq!(c.stream.role(), Some(ExchangeRole::Server));
@@ -954,23 +955,55 @@ fn sendfile_body_is_counted_without_bytes() {
     c.assert_round_trip("/next", 10);
 }
 
-#[test]
-fn close_counts_requests_left_without_response() {
-    let mut c = Conn::new();
+/// Three pipelined requests; the second response is cut short by the connection's end.
+fn three_requests_and_a_half(c: &mut Conn) {
     c.send(Ingress, &get("/1"), 1);
     c.send(Ingress, &get("/2"), 1);
     c.send(Ingress, &get("/3"), 1);
     c.send(Egress, &ok(b"one"), 2);
-    // The second response is cut short by the close.
     c.send(
         Egress,
         b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial",
         3,
     );
+}
+
+#[test]
+fn close_fails_the_requests_left_without_a_whole_response() {
+    let mut c = Conn::new();
+    three_requests_and_a_half(&mut c);
     c.close(4);
-    let out = c.take();
-    assert_eq!(out.len(), 1);
-    assert_eq!(out[0].path, "/1");
+    let got: Vec<_> = c
+        .take()
+        .into_iter()
+        .map(|e| {
+            (
+                e.path.to_string(),
+                e.status,
+                e.failure,
+                e.response_body_bytes,
+                e.end_ns,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("/1".into(), 200, None, 3, 2),
+            ("/2".into(), 200, Some(Failure::ResponseCutShort), 7, 4),
+            ("/3".into(), 0, Some(Failure::NoResponse), 0, 4),
+        ]
+    );
+    assert_eq!(c.total_drops(), 0);
+    assert_eq!(c.stream.pending_requests(), 0);
+}
+
+#[test]
+fn forgetting_a_connection_counts_the_requests_left() {
+    let mut c = Conn::new();
+    three_requests_and_a_half(&mut c);
+    c.stream.on_forget(4, &mut c.out);
+    assert_eq!(c.take_one().path, "/1");
     assert_eq!(c.drops(DropReason::NoResponse), 2);
     assert_eq!(c.stream.pending_requests(), 0);
 }

@@ -16,6 +16,7 @@ use opentelemetry_semantic_conventions::attribute as sc;
 
 use super::{text::StackText, tracecontext::parse_traceparent};
 use crate::exchange::CapturedExchange;
+use crate::http::Failure;
 
 /// Methods the semantic conventions know by default; others are reported as `_OTHER`.
 const DEFAULT_KNOWN_METHODS: [&str; 9] = [
@@ -89,6 +90,33 @@ pub fn is_error(server: bool, status: u16) -> bool {
         status >= 500
     } else {
         status >= 400
+    }
+}
+
+/// What `error.type` says of a failed exchange.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorType {
+    /// An error status (the conventions' value: the code as text).
+    Status(u16),
+    /// The connection ended before the response did.
+    Failure(Failure),
+}
+
+/// The exchange's `error.type`, if it failed: the connection ended before the response
+/// did, or its status is an error for its end.
+pub fn error_type(server: bool, status: u16, failure: Option<Failure>) -> Option<ErrorType> {
+    match failure {
+        Some(f) => Some(ErrorType::Failure(f)),
+        None => is_error(server, status).then_some(ErrorType::Status(status)),
+    }
+}
+
+impl std::fmt::Display for ErrorType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Status(code) => write!(f, "{code}"),
+            Self::Failure(failure) => f.write_str(failure.as_str()),
+        }
     }
 }
 
@@ -386,10 +414,12 @@ pub fn build_span(
         full.push_str(url_full_path(&http.path));
         attrs.push(KeyValue::new(sc::URL_FULL, full));
     }
-    attrs.push(KeyValue::new(
-        sc::HTTP_RESPONSE_STATUS_CODE,
-        i64::from(http.status),
-    ));
+    if http.status != 0 {
+        attrs.push(KeyValue::new(
+            sc::HTTP_RESPONSE_STATUS_CODE,
+            i64::from(http.status),
+        ));
+    }
     if let Some(r) = route {
         attrs.push(KeyValue::new(sc::HTTP_ROUTE, r.to_string()));
     }
@@ -407,9 +437,10 @@ pub fn build_span(
     if let Some(ua) = http.user_agent.as_ref().filter(|_| server) {
         attrs.push(KeyValue::new(sc::USER_AGENT_ORIGINAL, ua.to_string()));
     }
-    let error = is_error(server, http.status);
-    if error {
-        attrs.push(KeyValue::new(sc::ERROR_TYPE, http.status.to_string()));
+    let error_type = error_type(server, http.status, http.failure);
+    let error = error_type.is_some();
+    if let Some(e) = error_type {
+        attrs.push(KeyValue::new(sc::ERROR_TYPE, e.to_string()));
     }
 
     // The conventions name spans of unknown methods "HTTP".
@@ -510,6 +541,7 @@ pub(crate) mod tests {
                 response_body_bytes: 20,
                 request_head_truncated: false,
                 keep_alive: true,
+                failure: None,
             },
             process: Arc::new(ProcessInfo {
                 pid: 77,

@@ -15,7 +15,8 @@ use prost::encoding::encoded_len_varint;
 
 use super::{
     span::{
-        is_error, normalize_method, server_address_in, url_full_path, url_full_prefix, SpanIds,
+        error_type, normalize_method, server_address_in, url_full_path, url_full_prefix, ErrorType,
+        SpanIds,
     },
     text::StackText,
 };
@@ -461,7 +462,8 @@ fn encode_span_to(
     let server = ex.is_server();
     let http = &ex.http;
     let (method, original) = normalize_method(&http.method);
-    let error = is_error(server, http.status);
+    let error_type = error_type(server, http.status, http.failure);
+    let error = error_type.is_some();
 
     // Ids are copied even when zero, as the transform does.
     put_bytes(out, SPAN_TRACE_ID, &ids.trace_id.to_bytes());
@@ -509,15 +511,24 @@ fn encode_span_to(
         let path = url_full_path(&http.path);
         put_attr_parts(out, a, sc::URL_FULL, &[&conn.url_prefix, path]);
     }
-    let status = i64::from(http.status);
-    put_attr_int(out, a, sc::HTTP_RESPONSE_STATUS_CODE, status);
+    if http.status != 0 {
+        put_attr_int(
+            out,
+            a,
+            sc::HTTP_RESPONSE_STATUS_CODE,
+            i64::from(http.status),
+        );
+    }
     if let Some(r) = route {
         put_attr_str(out, a, sc::HTTP_ROUTE, r.as_bytes());
     }
     out.bytes(&conn.encoded);
-    if error {
-        let code = StackText::decimal(http.status);
-        put_attr_str(out, a, sc::ERROR_TYPE, code.as_bytes());
+    match error_type {
+        Some(ErrorType::Status(code)) => {
+            put_attr_str(out, a, sc::ERROR_TYPE, StackText::decimal(code).as_bytes())
+        }
+        Some(ErrorType::Failure(f)) => put_attr_str(out, a, sc::ERROR_TYPE, f.as_str().as_bytes()),
+        None => {}
     }
 
     // The transform always sets a status, so it is present even when UNSET (empty);
@@ -970,6 +981,57 @@ mod tests {
         let span = pt::Span::decode(encoded(&ok, &ids, None).as_slice()).expect("decodes");
         assert_eq!(span.status, Some(pt::Status::default()));
         assert_eq!(span.kind, pt::span::SpanKind::Server as i32);
+    }
+
+    /// An exchange whose connection ended before its response did: no status code when
+    /// none was seen, `error.type` saying what happened, an error status; the same as
+    /// the SDK path's span.
+    #[test]
+    fn failed_exchanges_on_the_wire() {
+        use crate::http::Failure;
+        for (role, status, failure, error_type) in [
+            (
+                ExchangeRole::Client,
+                0,
+                Failure::NoResponse,
+                "connection_closed",
+            ),
+            (
+                ExchangeRole::Server,
+                0,
+                Failure::NoResponse,
+                "connection_closed",
+            ),
+            (
+                ExchangeRole::Client,
+                200,
+                Failure::ResponseCutShort,
+                "response_incomplete",
+            ),
+        ] {
+            let mut ex = exchange(role, "GET", "/", status);
+            ex.http.failure = Some(failure);
+            let ids = span_context_for(&ex, None);
+            let bytes = encoded(&ex, &ids, Some("/"));
+            let span = pt::Span::decode(bytes.as_slice()).expect("decodes");
+            assert_eq!(span, oracle(&ex, &ids, Some("/")), "{role:?} {failure:?}");
+            let attr = |key: &str| {
+                span.attributes
+                    .iter()
+                    .find(|kv| kv.key == key)
+                    .and_then(|kv| kv.value.clone())
+            };
+            let text = |v: &str| {
+                Some(pc::AnyValue {
+                    value: Some(pc::any_value::Value::StringValue(v.into())),
+                })
+            };
+            assert_eq!(attr("error.type"), text(error_type), "{role:?}");
+            let code = attr("http.response.status_code");
+            assert_eq!(code.is_some(), status != 0, "{role:?} {failure:?}");
+            let status = span.status.expect("status is always set");
+            assert_eq!(status.code, pt::status::StatusCode::Error as i32);
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use opentelemetry_semantic_conventions::{attribute as sc, metric as sm};
 use prost::Message as _;
 
 use super::series::{Hist, SeriesKey, Snap, BOUNDS};
-use crate::otel::span::{is_error, scope};
+use crate::otel::span::{error_type, scope};
 
 /// `otel.metric.overflow`: the one attribute of an overflow series.
 pub const OVERFLOW_ATTRIBUTE: &str = "otel.metric.overflow";
@@ -160,19 +160,21 @@ fn attributes(key: &SeriesKey) -> Vec<KeyValue> {
     let s = |v: &str| any_value::Value::StringValue(v.to_string());
     let mut a = Vec::with_capacity(8);
     a.push(kv(sc::HTTP_REQUEST_METHOD, s(key.method)));
-    a.push(kv(
-        sc::HTTP_RESPONSE_STATUS_CODE,
-        any_value::Value::IntValue(i64::from(key.status)),
-    ));
+    if key.status != 0 {
+        a.push(kv(
+            sc::HTTP_RESPONSE_STATUS_CODE,
+            any_value::Value::IntValue(i64::from(key.status)),
+        ));
+    }
     if let Some(r) = &key.route {
         a.push(kv(sc::HTTP_ROUTE, s(r)));
     }
     a.push(kv(sc::URL_SCHEME, s(key.scheme)));
     a.push(kv(sc::NETWORK_PROTOCOL_VERSION, s(key.version)));
-    if is_error(key.server, key.status) {
+    if let Some(e) = error_type(key.server, key.status, key.failure) {
         a.push(kv(
             sc::ERROR_TYPE,
-            any_value::Value::StringValue(key.status.to_string()),
+            any_value::Value::StringValue(e.to_string()),
         ));
     }
     if let Some((addr, port)) = &key.server_address {
@@ -283,6 +285,46 @@ mod tests {
             span::tests::exchange,
         },
     };
+
+    /// Exchanges whose connection ended first are their own series: no status code when
+    /// none came, `error.type` saying why; an answered one is not merged into them.
+    #[test]
+    fn failed_exchanges_count_as_errors_of_their_own() {
+        let r = registry(4);
+        let ok = exchange(ExchangeRole::Server, "GET", "/", 200);
+        let mut closed = exchange(ExchangeRole::Server, "GET", "/", 0);
+        closed.http.failure = Some(crate::http::Failure::NoResponse);
+        let mut cut = exchange(ExchangeRole::Server, "GET", "/", 200);
+        cut.http.failure = Some(crate::http::Failure::ResponseCutShort);
+        let e = r.entry(&ok.process);
+        for ex in [&ok, &closed, &closed, &cut] {
+            r.record(&e, ex, Some("/"));
+        }
+        let req = r.collect().unwrap();
+        let mut series: Vec<_> = hist_points(&req, "http.server.request.duration")
+            .iter()
+            .map(|p| {
+                let status = match attr(&p.attributes, "http.response.status_code") {
+                    Some(any_value::Value::IntValue(code)) => *code,
+                    _ => 0,
+                };
+                let error = match attr(&p.attributes, "error.type") {
+                    Some(any_value::Value::StringValue(e)) => e.clone(),
+                    _ => String::new(),
+                };
+                (status, error, p.count)
+            })
+            .collect();
+        series.sort();
+        assert_eq!(
+            series,
+            [
+                (0, "connection_closed".to_string(), 2),
+                (200, String::new(), 1),
+                (200, "response_incomplete".to_string(), 1),
+            ]
+        );
+    }
 
     #[test]
     fn records_red_metrics_with_bounded_attributes() {

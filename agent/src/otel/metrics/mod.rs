@@ -386,6 +386,7 @@ impl Registry {
             overflow: false,
             method: normalize_method(&ex.http.method).0,
             status: ex.http.status,
+            failure: ex.http.failure,
             version: ex.http.version.as_str(),
             scheme: ex.scheme(),
             route,

@@ -4,6 +4,8 @@ use std::sync::Arc;
 
 use hashbrown::HashTable;
 
+use crate::http::Failure;
+
 /// Duration buckets (seconds) of the stable HTTP semantic conventions.
 pub const DURATION_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -73,6 +75,8 @@ pub(super) struct KeyView<'a> {
     pub(super) overflow: bool,
     pub(super) method: &'static str,
     pub(super) status: u16,
+    /// The connection ended before the response did (`status` is 0 when none began).
+    pub(super) failure: Option<Failure>,
     pub(super) version: &'static str,
     pub(super) scheme: &'static str,
     pub(super) route: Option<&'a str>,
@@ -86,6 +90,7 @@ impl KeyView<'static> {
             overflow: true,
             method: "",
             status: 0,
+            failure: None,
             version: "",
             scheme: "",
             route: None,
@@ -102,6 +107,8 @@ pub(super) struct SeriesKey {
     pub(super) overflow: bool,
     pub(super) method: &'static str,
     pub(super) status: u16,
+    /// The connection ended before the response did (`status` is 0 when none began).
+    pub(super) failure: Option<Failure>,
     pub(super) version: &'static str,
     pub(super) scheme: &'static str,
     pub(super) route: Option<Arc<str>>,
@@ -115,6 +122,7 @@ impl SeriesKey {
             overflow: self.overflow,
             method: self.method,
             status: self.status,
+            failure: self.failure,
             version: self.version,
             scheme: self.scheme,
             route: self.route.as_deref(),
@@ -128,6 +136,7 @@ impl SeriesKey {
             overflow: v.overflow,
             method: v.method,
             status: v.status,
+            failure: v.failure,
             version: v.version,
             scheme: v.scheme,
             route: v.route.map(Arc::from),
