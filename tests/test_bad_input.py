@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import TESTS, finish, free_port, watch
+from conftest import TESTS, Agent, finish, free_port, watch
 
 PY = sys.executable
 PEER = TESTS / "servers/bad_peer.py"
@@ -113,3 +113,33 @@ def test_a_peer_that_dies_mid_exchange_is_reported_and_capture_goes_on(procs, ro
     want += [(kind, *f) for f in failed for kind in ("client", "server")]
     assert outcomes == sorted(want, key=str), got
     assert drops(agent) == ({"no_response": unanswered} if unanswered else {}), agent.err[-40:]
+
+
+def test_a_request_a_server_died_on_reaches_the_collector_as_an_error(procs, otlp):
+    """The same failed exchange over OTLP: both ends' spans with error.type and an error
+    status, and the RED histograms counting it as an error without a status code."""
+    port = free_port()
+    argv = ["run", "--exporter", "otlp", "--otlp-protocol", "grpc",
+            "--otlp-endpoint", otlp.endpoint("grpc"), "--port", str(port)]
+    agent = Agent(*argv, env={"OTEL_METRIC_EXPORT_INTERVAL": "500"})
+    out, _, _ = run_peer(procs, "dies", "server", port=port, agent=agent)
+    assert out == ["200 /before", "closed"]
+    assert agent.stop() == 0, agent.err[-30:]
+
+    def outcome(s):
+        a = s["attributes"]
+        path = a.get("url.path") or a.get("url.full", "").split(f":{port}", 1)[-1]
+        return (s["kind"], path, a.get("http.response.status_code"), a.get("error.type"), s["status_code"])
+
+    spans = sorted(outcome(s) for s in otlp.spans(lambda s: s["attributes"].get("server.port") == port))
+    assert spans == sorted([
+        (kind, "/before", 200, None, "UNSET") for kind in ("CLIENT", "SERVER")
+    ] + [(kind, "/die", None, "connection_closed", "ERROR") for kind in ("CLIENT", "SERVER")]), spans
+    # This receiver is the test's own: every histogram point is this agent's.
+    for name in ("http.server.request.duration", "http.client.request.duration"):
+        counts = sorted(
+            ((p["attributes"].get("http.route"), p["attributes"].get("http.response.status_code"),
+              p["attributes"].get("error.type"), p["count"]) for p in otlp.latest_points(name)),
+            key=str,
+        )
+        assert counts == [("/before", 200, None, 1), ("/die", None, "connection_closed", 1)], (name, counts)
