@@ -159,15 +159,20 @@ impl Pairing {
         }
     }
 
-    /// No waiting request will be answered: the connection ended at `end_ns`. Each is
-    /// emitted as a failed exchange (a placeholder of one already counted is not).
-    pub(super) fn fail_all(&mut self, end_ns: u64, out: &mut Vec<Exchange>) {
+    /// No waiting request will be answered: the connection ended at `end_ns`. Each one
+    /// sent after `after_ns` is emitted as a failed exchange; an earlier one (whose answer
+    /// may have been missed) is counted (a placeholder of one already counted is neither).
+    pub(super) fn fail_all(&mut self, end_ns: u64, after_ns: u64, out: &mut Vec<Exchange>) {
         self.responding = None;
         for (_, pending) in std::mem::take(&mut self.pending) {
-            if let Some(mut exchange) = pending.exchange {
-                exchange.end_ns = end_ns;
-                exchange.failure = Some(Failure::NoResponse);
-                out.push(exchange);
+            match pending.exchange {
+                Some(mut exchange) if exchange.start_ns > after_ns => {
+                    exchange.end_ns = end_ns;
+                    exchange.failure = Some(Failure::NoResponse);
+                    out.push(exchange);
+                }
+                Some(_) => self.stats.record(DropReason::NoResponse),
+                None => {}
             }
         }
     }

@@ -104,6 +104,9 @@ impl Http1Stream {
             Direction::Ingress => (ingress, egress),
             Direction::Egress => (egress, ingress),
         };
+        if chunk.data.len() < chunk.total {
+            side.last_cut_ns = chunk.ts_ns;
+        }
         let mut run = Run {
             side,
             other,
@@ -113,12 +116,21 @@ impl Http1Stream {
             total: chunk.total as u64,
             out,
         };
+        // Steps in a row that consumed nothing (each changed the phase).
+        let mut idle_steps = 0;
         while !cursor.is_empty() && !run.pairing.upgraded {
             let before = (cursor.remaining(), discriminant(&run.side.phase));
             run.step(&mut cursor);
-            // Every step consumes bytes or changes phase; never spin if one does neither.
-            if before == (cursor.remaining(), discriminant(&run.side.phase)) {
-                cursor.skip_to_end();
+            // Every step consumes bytes or changes phase; never spin if one does neither,
+            // nor if phases go round without consuming anything.
+            if cursor.remaining() == before.0 {
+                idle_steps += 1;
+                if before.1 == discriminant(&run.side.phase) || idle_steps > MAX_IDLE_STEPS {
+                    run.side.lose_sync();
+                    cursor.skip_to_end();
+                }
+            } else {
+                idle_steps = 0;
             }
         }
         Ok(())
@@ -171,10 +183,25 @@ impl Http1Stream {
                 }
             }
         }
-        if seen_closing {
-            pairing.fail_all(ts_ns, out);
-        } else {
-            pairing.abandon_all();
+        // Requests fail only when every response sent was followed: a response side that
+        // lost track, or followed a chunked body blind, may have missed their answers.
+        // Of those, only requests sent after the last response bytes the capture left out:
+        // an earlier one's answer may be among them.
+        let responses_followed_after = pairing.role.and_then(|role| {
+            let side = match kind_for(role, Direction::Egress) {
+                MessageKind::Response => &self.sides[1],
+                MessageKind::Request => &self.sides[0],
+            };
+            let in_step = match side.phase {
+                Phase::Resync => false,
+                Phase::Body(Framing::Chunked(decoder)) => decoder.is_synced(),
+                _ => true,
+            };
+            (in_step && !side.lost_sync && !side.blind).then_some(side.last_cut_ns)
+        });
+        match responses_followed_after {
+            Some(after_ns) if seen_closing => pairing.fail_all(ts_ns, after_ns, out),
+            _ => pairing.abandon_all(),
         }
         let (config, stats) = (pairing.config, pairing.stats);
         *self = Self::with_config(config);
@@ -189,6 +216,7 @@ impl Http1Stream {
     /// first seen in use. The role and the counters stay.
     pub fn on_gap(&mut self) {
         self.pairing.abandon_all_for(DropReason::CaptureGap);
+        self.pairing.unreadable_request_dropped = false;
         self.sides = Default::default();
     }
 
@@ -266,6 +294,11 @@ struct Side {
     message: Message,
     /// Resyncing after losing track of messages (not merely joining the connection late).
     lost_sync: bool,
+    /// A body's end was guessed, not seen (followed blind): messages may have hidden in
+    /// what was skipped, so requests left at the close are counted, not failed.
+    blind: bool,
+    /// Timestamp of the latest chunk the capture cut (a message may hide in its bytes).
+    last_cut_ns: u64,
 }
 
 impl Side {
@@ -317,6 +350,10 @@ enum Framing {
     UntilClose,
 }
 
+/// Phase changes in a row without a byte consumed before a chunk's rest is given up (a
+/// message start takes at most Idle → Head → Body without consuming).
+const MAX_IDLE_STEPS: u32 = 4;
+
 /// Where a head that was not kept whole ends, as far as the current chunk tells.
 #[derive(Clone, Copy, Debug)]
 enum HeadEnd {
@@ -326,6 +363,19 @@ enum HeadEnd {
     Visible { at: usize, after: u64 },
     /// Beyond this chunk: the scan goes on in the next ones.
     Later(HeadEndScanner),
+}
+
+/// Where a head whose captured part ran out ends: in the syscall's tail, or later.
+fn end_in_tail(cursor: &Cursor<'_>) -> HeadEnd {
+    let tail = cursor.tail();
+    let mut scan = HeadEndScanner::default();
+    match scan.scan(tail) {
+        Some(at) => HeadEnd::InTail {
+            at,
+            after: (tail.len() - at) as u64,
+        },
+        None => HeadEnd::Later(scan),
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -700,15 +750,7 @@ impl Run<'_> {
     /// The capture limit cut the head being read (`Side::head` holds its captured part).
     /// Keep what was captured; look for the head's end in the syscall's tail.
     fn cut_head(&mut self, cursor: &mut Cursor<'_>, kind: MessageKind, start_ns: u64) {
-        let tail = cursor.tail();
-        let mut scan = HeadEndScanner::default();
-        let end = match scan.scan(tail) {
-            Some(at) => HeadEnd::InTail {
-                at,
-                after: (tail.len() - at) as u64,
-            },
-            None => HeadEnd::Later(scan),
-        };
+        let end = end_in_tail(cursor);
         self.start_partial_head(cursor, kind, start_ns, end, DropReason::HeadTruncated);
     }
 
@@ -742,7 +784,15 @@ impl Run<'_> {
                 at,
                 after: (visible.len() - at) as u64 + cursor.unseen(),
             },
-            None => HeadEnd::Later(scan),
+            None => {
+                // All of it is head; a cut chunk's end may be in its tail.
+                cursor.consume_visible(visible.len());
+                if cursor.is_lost() {
+                    end_in_tail(cursor)
+                } else {
+                    HeadEnd::Later(scan)
+                }
+            }
         };
         self.start_partial_head(cursor, kind, start_ns, end, DropReason::HeadTooLarge);
     }
@@ -781,26 +831,19 @@ impl Run<'_> {
         self.side.clear_head();
         self.start_message(parsed, start_ns);
         match (self.side.phase, end) {
-            // The head's end is known exactly in captured bytes: the body follows it.
-            (Phase::Body(Framing::Chunked(_)), HeadEnd::Visible { at, .. }) => {
-                cursor.consume_visible(at)
-            }
             // A chunked body's last chunk ends in a blank line too: where the head ended is
             // ambiguous. Follow the body blind and watch syscall ends for the last chunk.
             (Phase::Body(Framing::Chunked(_)), _) => {
                 self.side.phase = Phase::Body(Framing::Chunked(ChunkedDecoder::unsynced()));
             }
+            // Where the head ends is known exactly: the body follows it.
+            (Phase::Body(_), HeadEnd::Visible { at, .. }) => cursor.consume_visible(at),
             // Ends at close anyway; the rest of the head counts as body.
             (Phase::Body(Framing::UntilClose), _) => {}
             (Phase::Body(Framing::Length { remaining }), HeadEnd::InTail { at, after })
                 if after <= remaining =>
             {
                 cursor.resume_in_tail(at);
-            }
-            (Phase::Body(Framing::Length { remaining }), HeadEnd::Visible { at, after })
-                if after <= remaining =>
-            {
-                cursor.consume_visible(at);
             }
             // A length counted from an unknown start cannot be followed.
             (Phase::Body(Framing::Length { .. }), _) => {
@@ -811,11 +854,9 @@ impl Run<'_> {
             // No body, and the head ends the syscall.
             (Phase::Idle, HeadEnd::InTail { at, after: 0 }) => cursor.resume_in_tail(at),
             (Phase::Idle, HeadEnd::Visible { at, after: 0 }) => cursor.consume_visible(at),
-            // No body, and the rest of the head is still to come.
-            (Phase::Idle, HeadEnd::Later(scan)) => {
-                self.side.phase = Phase::HeadRest { scan };
-                cursor.skip_to_end();
-            }
+            // No body, and the rest of the head is still to come (in what is left of the
+            // chunk, if anything, or in later ones).
+            (Phase::Idle, HeadEnd::Later(scan)) => self.side.phase = Phase::HeadRest { scan },
             // Bytes after a head without body: a framing header may have been beyond what
             // was kept.
             (Phase::Idle, _) => {
@@ -872,6 +913,7 @@ impl Run<'_> {
         };
         if at_start && end_is_blind && self.classify(cursor.visible()) == MessageStart::Is(kind) {
             // A body whose end we cannot see gives way to the next message.
+            self.side.blind = true;
             self.finish_message(self.side.message.last_ns);
             return self.begin_head(false);
         }
@@ -891,10 +933,15 @@ impl Run<'_> {
             }
             Framing::Chunked(mut decoder) => {
                 let before = decoder.body_bytes();
+                // Bytes the capture left out are followed by count where the decoder can,
+                // else by a guess at the syscall's end.
+                let guessing = !decoder.is_synced() || cursor.unseen() > 0;
                 let progress = decoder.advance(cursor);
                 self.add_body(decoder.body_bytes().saturating_sub(before));
                 match progress {
                     Ok(ChunkedProgress::Done) => {
+                        // An end found at a syscall's end while following blind is a guess.
+                        self.side.blind |= guessing;
                         self.finish_message(self.ts);
                         self.side.phase = Phase::Idle;
                     }

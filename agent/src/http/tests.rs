@@ -998,6 +998,136 @@ fn close_fails_the_requests_left_without_a_whole_response() {
     assert_eq!(c.stream.pending_requests(), 0);
 }
 
+/// Two pipelined responses in one write cut by the capture: the second was sent, not
+/// seen. The close must not make its request a failure, only count it.
+#[test]
+fn close_after_responses_not_followed_counts_instead_of_failing() {
+    let mut c = Conn::new();
+    c.send(Ingress, &[get("/a"), get("/b")].concat(), 1);
+    let both = [ok(&[b'x'; 20_000]), ok(b"bb")].concat();
+    c.send_captured(Egress, &both, 2);
+    c.close(3);
+    let got: Vec<_> = c
+        .take()
+        .into_iter()
+        .map(|e| (e.path.to_string(), e.failure))
+        .collect();
+    assert_eq!(got, [("/a".to_string(), None)]);
+    assert_eq!(c.drops(DropReason::NoResponse), 1);
+}
+
+/// Heads longer than a (small) limit, in every framing, in fully captured pieces: each
+/// exchange comes out with its status (and, where the head's end is in the piece that
+/// outgrew the limit, its body size and the next exchange intact), and no chunk spins (a
+/// response head cut at the limit used to flip Body and Head forever).
+#[test]
+fn oversized_heads_keep_the_body_and_what_follows() {
+    let pad = "p".repeat(300);
+    let cases: [(&str, Vec<u8>, u64); 3] = [
+        ("close-delimited", format!("HTTP/1.1 200 OK\r\nConnection: close\r\nX-Pad: {pad}\r\n\r\nok").into_bytes(), 2),
+        ("length", format!("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Pad: {pad}\r\n\r\nok").into_bytes(), 2),
+        ("chunked", format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Pad: {pad}\r\n\r\n2\r\nok\r\n0\r\n\r\n").into_bytes(), 2),
+    ];
+    for (what, resp, body) in cases {
+        for piece in [7, 64, 100, resp.len()] {
+            let mut c = Conn::with_config(StreamConfig {
+                max_head_bytes: 40,
+                ..StreamConfig::default()
+            });
+            c.send(Ingress, &get("/big"), 1);
+            for p in resp.chunks(piece) {
+                c.send(Egress, p, 2);
+            }
+            let mut got = c.take();
+            if piece == resp.len() && what != "close-delimited" {
+                c.assert_round_trip("/next", 10);
+            }
+            // A body followed from an unknown start may end only at the close.
+            c.close(30);
+            got.extend(c.take());
+            assert_eq!(got.len(), 1, "{what} in {piece}-byte pieces: {got:?}");
+            let e = &got[0];
+            assert_eq!(
+                (e.path.as_str(), e.status, e.failure),
+                ("/big", 200, None),
+                "{what} in {piece}-byte pieces"
+            );
+            // The body is measured exactly where the head's end is in the piece that
+            // outgrew the limit (else it is followed from an unknown start).
+            if piece == resp.len() {
+                assert_eq!(e.response_body_bytes, body, "{what}");
+            }
+        }
+    }
+    // A request body and a pipelined request after a long head whose end is in the piece
+    // that outgrew the limit.
+    let mut c = Conn::with_config(StreamConfig {
+        max_head_bytes: 40,
+        ..StreamConfig::default()
+    });
+    let reqs = [
+        format!("POST /p HTTP/1.1\r\nContent-Length: 5\r\nX-Pad: {pad}\r\n\r\nhello").into_bytes(),
+        get("/next"),
+    ]
+    .concat();
+    let (first, rest) = reqs.split_at(10);
+    c.send(Ingress, first, 1);
+    c.send(Ingress, rest, 1);
+    c.send(Egress, &[ok(b"1"), ok(b"2")].concat(), 2);
+    let got: Vec<_> = c
+        .take()
+        .into_iter()
+        .map(|e| (e.path.to_string(), e.request_body_bytes))
+        .collect();
+    assert_eq!(got, [("/p".to_string(), 5), ("/next".to_string(), 0)]);
+    assert_eq!(c.drops(DropReason::UnmatchedResponse), 0);
+}
+
+/// An unfinished response head longer than the limit in one piece (the review's hang).
+#[test]
+fn unfinished_oversized_head_in_one_piece_does_not_spin() {
+    let mut c = Conn::with_config(StreamConfig {
+        max_head_bytes: 40,
+        ..StreamConfig::default()
+    });
+    c.send(Ingress, &get("/"), 1);
+    let head = format!("HTTP/1.1 200 OK\r\nServer: x\r\nX-Pad: {}", "p".repeat(100));
+    c.send(Egress, head.as_bytes(), 2);
+    c.send(Egress, b"\r\n\r\n", 3);
+    c.close(4);
+    assert_eq!(c.take_one().status, 200);
+}
+
+/// The rest of a long head arrives in a write cut by the capture: its end is in the tail.
+#[test]
+fn oversized_head_ending_in_a_cut_write_keeps_its_body() {
+    let mut c = Conn::new();
+    c.send(Ingress, &get("/big"), 1);
+    let mut resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Pad: ".to_vec();
+    resp.extend(std::iter::repeat_n(b'p', 70_000));
+    resp.extend(b"\r\n\r\nok");
+    let (first, rest) = resp.split_at(60_000);
+    for p in first.chunks(CAPTURE) {
+        c.send(Egress, p, 2);
+    }
+    c.send_captured(Egress, rest, 3);
+    let e = c.take_one();
+    assert_eq!((e.status, e.response_body_bytes, e.end_ns), (200, 2, 3));
+    c.assert_round_trip("/next", 10);
+}
+
+#[test]
+fn a_gap_forgets_an_unreadable_request() {
+    let mut c = Conn {
+        stream: Http1Stream::from_first_byte(),
+        out: Vec::new(),
+    };
+    c.send(Ingress, b"GET /g HTTP/12.x\r\n\r\n", 1);
+    c.stream.on_gap();
+    c.send(Egress, &response(400, b""), 2);
+    assert_eq!(c.drops(DropReason::UnmatchedResponse), 1);
+}
+
 #[test]
 fn forgetting_a_connection_counts_the_requests_left() {
     let mut c = Conn::new();
