@@ -831,13 +831,13 @@ impl Run<'_> {
         self.side.clear_head();
         self.start_message(parsed, start_ns);
         match (self.side.phase, end) {
+            // Where the head ends is known exactly: the body follows it.
+            (Phase::Body(_), HeadEnd::Visible { at, .. }) => cursor.consume_visible(at),
             // A chunked body's last chunk ends in a blank line too: where the head ended is
             // ambiguous. Follow the body blind and watch syscall ends for the last chunk.
             (Phase::Body(Framing::Chunked(_)), _) => {
                 self.side.phase = Phase::Body(Framing::Chunked(ChunkedDecoder::unsynced()));
             }
-            // Where the head ends is known exactly: the body follows it.
-            (Phase::Body(_), HeadEnd::Visible { at, .. }) => cursor.consume_visible(at),
             // Ends at close anyway; the rest of the head counts as body.
             (Phase::Body(Framing::UntilClose), _) => {}
             (Phase::Body(Framing::Length { remaining }), HeadEnd::InTail { at, after })
