@@ -423,7 +423,7 @@ proptest! {
         // every response was sent, so none failed (one not followed is counted, not failed).
         let mut remaining = plans.iter();
         for exchange in &out {
-            prop_assert_eq!(exchange.failure, None);
+            prop_assert_eq!(exchange.failure, None, "{:?} of {:?}", exchange, out);
             let found = remaining.any(|p| {
                 p.path == exchange.path && p.method == exchange.method && p.status == exchange.status
             });

@@ -152,6 +152,25 @@ impl Http1Stream {
     }
 
     fn end(&mut self, ts_ns: u64, seen_closing: bool, out: &mut Vec<Exchange>) {
+        // What was left unanswered failed only where every response sent was followed: a
+        // response side that lost track, or followed a body blind, may have missed answers.
+        let responses_followed = seen_closing
+            && self.pairing.role.is_some_and(|role| {
+                let side = match kind_for(role, Direction::Egress) {
+                    MessageKind::Response => &self.sides[1],
+                    MessageKind::Request => &self.sides[0],
+                };
+                let in_step = match side.phase {
+                    Phase::Resync => false,
+                    Phase::Body(Framing::Chunked(decoder)) => decoder.is_synced(),
+                    _ => true,
+                };
+                in_step && !side.lost_sync && !side.blind
+            });
+        // And of the requests waiting, only those sent after the last bytes the capture
+        // left out, either way: an earlier one's answer may be among them, or it may not be
+        // what it seems.
+        let last_cut_ns = self.sides[0].last_cut_ns.max(self.sides[1].last_cut_ns);
         let pairing = &mut self.pairing;
         for side in &self.sides {
             if let Phase::Head {
@@ -172,7 +191,7 @@ impl Http1Stream {
                 Phase::Body(Framing::Chunked(decoder)) => !decoder.is_synced(),
                 _ => false,
             };
-            let cut_short = seen_closing && matches!(side.phase, Phase::Body(_));
+            let cut_short = responses_followed && matches!(side.phase, Phase::Body(_));
             if ends_at_close || cut_short {
                 let before = out.len();
                 pairing.finish_response(side.message.finished(ts_ns), out);
@@ -183,25 +202,10 @@ impl Http1Stream {
                 }
             }
         }
-        // Requests fail only when every response sent was followed: a response side that
-        // lost track, or followed a chunked body blind, may have missed their answers.
-        // Of those, only requests sent after the last response bytes the capture left out:
-        // an earlier one's answer may be among them.
-        let responses_followed_after = pairing.role.and_then(|role| {
-            let side = match kind_for(role, Direction::Egress) {
-                MessageKind::Response => &self.sides[1],
-                MessageKind::Request => &self.sides[0],
-            };
-            let in_step = match side.phase {
-                Phase::Resync => false,
-                Phase::Body(Framing::Chunked(decoder)) => decoder.is_synced(),
-                _ => true,
-            };
-            (in_step && !side.lost_sync && !side.blind).then_some(side.last_cut_ns)
-        });
-        match responses_followed_after {
-            Some(after_ns) if seen_closing => pairing.fail_all(ts_ns, after_ns, out),
-            _ => pairing.abandon_all(),
+        if responses_followed {
+            pairing.fail_all(ts_ns, last_cut_ns, out);
+        } else {
+            pairing.abandon_all();
         }
         let (config, stats) = (pairing.config, pairing.stats);
         *self = Self::with_config(config);
@@ -297,7 +301,8 @@ struct Side {
     /// A body's end was guessed, not seen (followed blind): messages may have hidden in
     /// what was skipped, so requests left at the close are counted, not failed.
     blind: bool,
-    /// Timestamp of the latest chunk the capture cut (a message may hide in its bytes).
+    /// Timestamp of the latest chunk the capture cut (a message may hide in its bytes, or
+    /// one seen there may not be what it seems).
     last_cut_ns: u64,
 }
 
@@ -843,6 +848,8 @@ impl Run<'_> {
             (Phase::Body(Framing::Length { remaining }), HeadEnd::InTail { at, after })
                 if after <= remaining =>
             {
+                // A blank line in the tail may end a later message: the body is a guess.
+                self.side.blind = true;
                 cursor.resume_in_tail(at);
             }
             // A length counted from an unknown start cannot be followed.
@@ -851,8 +858,11 @@ impl Run<'_> {
                 self.side.lose_sync();
                 cursor.skip_to_end();
             }
-            // No body, and the head ends the syscall.
-            (Phase::Idle, HeadEnd::InTail { at, after: 0 }) => cursor.resume_in_tail(at),
+            // No body, and the head ends the syscall (or a later message in it does).
+            (Phase::Idle, HeadEnd::InTail { at, after: 0 }) => {
+                self.side.blind = true;
+                cursor.resume_in_tail(at);
+            }
             (Phase::Idle, HeadEnd::Visible { at, after: 0 }) => cursor.consume_visible(at),
             // No body, and the rest of the head is still to come (in what is left of the
             // chunk, if anything, or in later ones).
