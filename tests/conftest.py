@@ -174,10 +174,13 @@ class Agent(Proc):
                 out.append(json.loads(line))
         return out
 
-    def final_count(self, name):
-        """A counter from the agent's "final count" lines on exit (None if not printed)."""
+    def final_count(self, name, reason=None):
+        """A counter from the agent's "final count" lines on exit (None if not printed);
+        `reason`: the count of that reason of a counter kept by reason."""
         for line in reversed(self.err):
-            if "final count" in line and f'counter="{name}"' in line:
+            if "final count" in line and f'counter="{name}"' in line and (
+                reason is None or f'reason="{reason}"' in line
+            ):
                 return int(line.rsplit("value=", 1)[1].split()[0])
         return None
 

@@ -32,15 +32,8 @@ def run_peer(procs, mode, *args, agent_args=None, port=None, agent=None):
 
 def drops(agent):
     """The agent's final `tapir.http.dropped` counts, by reason (zeros left out)."""
-    counts = {}
-    for reason in REASONS:
-        for line in reversed(agent.err):
-            if "final count" in line and f'reason="{reason}"' in line:
-                value = int(line.rsplit("value=", 1)[1].split()[0])
-                if value:
-                    counts[reason] = value
-                break
-    return counts
+    counts = {reason: agent.final_count("tapir.http.dropped", reason) for reason in REASONS}
+    return {reason: n for reason, n in counts.items() if n}
 
 
 def seen(got):

@@ -162,12 +162,6 @@ impl ConnAssembler {
     }
 }
 
-impl Default for ConnAssembler {
-    fn default() -> Self {
-        Self::new(false)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

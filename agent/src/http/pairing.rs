@@ -164,15 +164,14 @@ impl Pairing {
     /// may have been missed) is counted (a placeholder of one already counted is neither).
     pub(super) fn fail_all(&mut self, end_ns: u64, after_ns: u64, out: &mut Vec<Exchange>) {
         self.responding = None;
-        for (_, pending) in std::mem::take(&mut self.pending) {
-            match pending.exchange {
-                Some(mut exchange) if exchange.start_ns > after_ns => {
+        for (_, mut pending) in std::mem::take(&mut self.pending) {
+            match pending.exchange.take_if(|e| e.start_ns > after_ns) {
+                Some(mut exchange) => {
                     exchange.end_ns = end_ns;
                     exchange.failure = Some(Failure::NoResponse);
                     out.push(exchange);
                 }
-                Some(_) => self.stats.record(DropReason::NoResponse),
-                None => {}
+                None => self.count_abandoned(&pending, DropReason::NoResponse),
             }
         }
     }

@@ -85,7 +85,7 @@ pub fn parse_known_methods(value: &str) -> (Option<Vec<String>>, Vec<String>) {
 
 /// Whether the status makes the exchange an error: 5xx for a server, 4xx and 5xx for a
 /// client (the semantic conventions' rule).
-pub fn is_error(server: bool, status: u16) -> bool {
+fn is_error(server: bool, status: u16) -> bool {
     if server {
         status >= 500
     } else {
