@@ -313,6 +313,48 @@ def test_node_keepalive_pool_continues_every_callers_trace(py_server, procs):
     assert agent.final_count("tapir.inject.rearm.done") >= n - 1, agent.err[-40:]
 
 
+def test_node_pool_reused_10ms_after_each_response_carries_every_callers_trace(py_server, procs):
+    """A pooled connection reused soon after its response (here 10 ms, 100 requests/s) is
+    injected again: the agent re-arms it between the two, so it must have seen the response
+    by then (at its idle 16-ms drain pace, 3 in 4 of these requests went without)."""
+    import http.client
+    import secrets
+    import time
+
+    backend, bport = py_server()
+    nport = free_port()
+    node = procs(["node", TESTS / "servers/node_frontend.js", nport, f"http://127.0.0.1:{bport}", "keepalive"],
+                 ready_port=nport)
+    agent = watch(nport, bport, inject=True)
+    n = 40
+    callers = {}
+    conn = http.client.HTTPConnection("127.0.0.1", nport, timeout=10)
+    for i in range(n):
+        trace = secrets.token_hex(16)
+        callers[f"/r/{i}"] = trace
+        conn.request("GET", f"/r/{i}", headers={"traceparent": f"00-{trace}-{PARENT}-01"})
+        assert conn.getresponse().read() is not None
+        time.sleep(0.010)  # the traffic's pace, not a wait for the agent
+    conn.close()
+    got = finish(agent)
+    n_cli = {e["url.path"]: e for e in of(got, "client", bport) if e["process.pid"] == node.pid}
+    b_srv = {e["url.path"]: e for e in of(got, "server", bport)}
+    assert sorted(n_cli) == sorted(b_srv) == sorted(callers)
+    assert len({e["client.port"] for e in b_srv.values()}) == 1, "Node reused one pooled connection"
+    joined = 0
+    for path, trace in callers.items():
+        c, b = n_cli[path], b_srv[path]
+        assert c["trace_id"] == trace, path
+        if b["trace_id"] == trace:
+            assert b["parent_span_id"] == c["span_id"], path
+            joined += 1
+        else:
+            # Not injected: the backend starts a trace of its own, never joins another.
+            assert "parent_span_id" not in b or not b["parent_span_id"], (path, b)
+    assert joined == agent.final_count("tapir.inject.injected"), agent.err[-40:]
+    assert joined >= n - 4, (joined, agent.final_count("tapir.inject.rearm.busy"))
+
+
 def test_no_stall_through_rearmed_nginx_upstream_keepalive_4mib(py_server, procs, tmp_path):
     """nginx reads upstream responses with FIONREAD, which a socket in the sockhash answers
     with 0: a re-armed socket must be out of the sockhash before its response arrives."""

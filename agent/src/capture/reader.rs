@@ -58,6 +58,8 @@ pub const POLL_MIN: Duration = Duration::from_millis(1);
 pub const POLL_MAX: Duration = Duration::from_millis(16);
 /// Records per drain aimed at: ~0.2–0.5 ms of pipeline work.
 pub const DRAIN_TARGET: u32 = 512;
+/// The longest sleep while the sink asks for prompt drains ([`RecordSink::prompt`]).
+pub const POLL_PROMPT: Duration = POLL_MIN;
 
 /// The next poll timeout, after a drain that found `drained` records `since` the previous
 /// one.
@@ -80,6 +82,13 @@ pub trait RecordSink {
     /// `n` records came out of the merge older than one already passed on (written to
     /// their ring more than `merge::SLACK_NS` after their stamp).
     fn on_out_of_order(&mut self, _n: u64) {}
+    /// Whether records should reach the sink within [`POLL_PROMPT`] of being written,
+    /// whatever their rate: the agent re-arms traceparent injection on a kept-alive
+    /// connection between the response the pipeline sees read and the next request, which
+    /// a pooled client may send a few milliseconds later.
+    fn prompt(&self) -> bool {
+        false
+    }
 }
 
 /// A second fd to wake on (the aya-log buffer) and what to do when it is readable.
@@ -151,6 +160,9 @@ pub fn drain_loop<S: RecordSink, L: AsFd>(
             flush(l);
         }
         sink.on_idle();
+        if sink.prompt() {
+            timeout = timeout.min(POLL_PROMPT);
+        }
         if let Some(y) = yielding {
             y.drained(merged.records);
         }
