@@ -313,6 +313,48 @@ def test_node_keepalive_pool_continues_every_callers_trace(py_server, procs):
     assert agent.final_count("tapir.inject.rearm.done") >= n - 1, agent.err[-40:]
 
 
+@pytest.mark.parametrize("inject", [False, True], ids=["observed", "injected"])
+def test_node_opening_a_connection_per_call_keeps_concurrent_traces_apart(py_server, procs, inject):
+    """An event loop opens the downstream connection in the turn that read the incoming
+    request but writes on it turns later, after reading others: 8 requests at a time
+    through Node (`agent: false`). Each CLIENT span is the child of its own request's
+    SERVER span, and the backend continues that trace, never a concurrent request's (the
+    thread's last request read was the wrong parent for about half of them)."""
+    import concurrent.futures
+    import http.client
+    import secrets
+
+    backend, bport = py_server("--threading")
+    nport = free_port()
+    node = procs(["node", TESTS / "servers/node_frontend.js", nport, f"http://127.0.0.1:{bport}"], ready_port=nport)
+    agent = watch(nport, bport, inject=inject)
+    callers = {f"/c/{i}": secrets.token_hex(16) for i in range(80)}
+
+    def call(path):
+        conn = http.client.HTTPConnection("127.0.0.1", nport, timeout=10)
+        conn.request("GET", path, headers={"traceparent": f"00-{callers[path]}-{PARENT}-01"})
+        status = conn.getresponse().status
+        conn.close()
+        return status
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(call, callers)) == {200}
+    got = finish(agent)
+    n_srv = {e["url.path"]: e for e in of(got, "server", nport)}
+    n_cli = {e["url.path"]: e for e in of(got, "client", bport) if e["process.pid"] == node.pid}
+    b_srv = {e["url.path"]: e for e in of(got, "server", bport)}
+    assert sorted(n_srv) == sorted(n_cli) == sorted(b_srv) == sorted(callers)
+    wrong = [p for p in callers if n_cli[p]["parent_span_id"] != n_srv[p]["span_id"]]
+    assert not wrong, f"{len(wrong)} of {len(callers)} CLIENT spans under another request"
+    for path, trace in callers.items():
+        assert n_srv[path]["trace_id"] == n_cli[path]["trace_id"] == trace, path
+        if inject:
+            b = b_srv[path]
+            assert (b["trace_id"], b["parent_span_id"]) == (trace, n_cli[path]["span_id"]), path
+    if inject:
+        assert agent.final_count("tapir.inject.injected") == len(callers)
+
+
 def test_node_pool_reused_10ms_after_each_response_carries_every_callers_trace(py_server, procs):
     """A pooled connection reused soon after its response (here 10 ms, 100 requests/s) is
     injected again: the agent re-arms it between the two, so it must have seen the response

@@ -352,6 +352,9 @@ pub const CONN_TLS_OPAQUE: u16 = 1024;
 /// A data record of the connection could not be queued (its ring was full): the next one
 /// that is carries [`DATA_AFTER_GAP`].
 pub const CONN_GAP: u16 = 2048;
+/// A client connection opened while its thread handled a request: the kernel's
+/// `TAPIR_BIRTH_CTX` holds that SERVER span for the connection's first request.
+pub const CONN_BORN: u16 = 4096;
 
 /// [`ConnEvent::protocol`]: a TLS handshake record (content type 22, version 3.x).
 pub const OPAQUE_TLS: u8 = 1;

@@ -709,7 +709,7 @@ fn trace_ids(
             conn.head_span = span_head(&ids.span_id);
             follow_head(conn, scan, whole, data, n);
         } else {
-            on_client_request(pid_tgid, data, n, ids);
+            on_client_request(pid_tgid, data, n, ids, conn);
         }
     } else if direction == DIR_INGRESS {
         if conn.flags & CONN_HEAD_OPEN != 0 {

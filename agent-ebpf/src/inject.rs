@@ -34,8 +34,9 @@ use crate::{
     looping::repeat,
     maps::{agent_tgid, choosing, observed, sockops_pid, SCRATCH},
     trace::{
-        each_newline, empty_line_at, find_traceparent, is_request_start, new_span_id,
-        past_empty_line, step_inputs, thread_parent, OUT_CTX, SCAN_STEP,
+        birth_key, connection_parent, each_newline, empty_line_at, find_traceparent,
+        is_request_start, new_span_id, past_empty_line, step_inputs, thread_parent, OUT_CTX,
+        SCAN_STEP,
     },
 };
 
@@ -308,10 +309,12 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Option<()> {
     // SAFETY: map value pointer.
     let st = unsafe { &mut *st };
     // SAFETY: plain lookup.
+    let mut first = true;
     if st.done == INJ_RELEASED && unsafe { INJ_REARM.get(&key) } == Some(&INJ_REARM_ARMED) {
         // Put back by the agent: this is the next request of a kept-alive connection.
         let _ = INJ_REARM.remove(&key);
         st.done = INJ_PENDING;
+        first = false;
     }
     if st.done != INJ_PENDING {
         count(c::KEEPALIVE_LATER);
@@ -389,7 +392,14 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Option<()> {
         injected: 1,
         ..TraceIds::default()
     };
-    thread_parent(pid_tgid, &mut ids);
+    if first {
+        // Host-order ports, as the tracepoints keep them.
+        let rport = (u32::from_be(key.rport) & 0xffff) as u16;
+        let opened = birth_key(pid_tgid, key.lport as u16, rport);
+        connection_parent(pid_tgid, opened, &mut ids);
+    } else {
+        thread_parent(pid_tgid, &mut ids);
+    }
     // The header line, built in scratch after the copied window.
     let h = &mut data[2 * MAX_CAPTURE..2 * MAX_CAPTURE + HDR_LEN as usize];
     h[..16].copy_from_slice(b"traceparent: 00-");

@@ -1,6 +1,6 @@
 //! Connection and process lifecycle: accept/connect start tracking with a known role,
 //! close/dup2 end it, exec/close_range/exit invalidate a process's cached fds.
-use agent_common::{counter, select, ConnKey, EventKind, Role, CONN_TCP};
+use agent_common::{counter, select, ConnKey, EventKind, Role, CONN_BORN, CONN_TCP};
 use aya_ebpf::{
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid},
     macros::tracepoint,
@@ -16,6 +16,7 @@ use crate::{
         EXECS, LISTENERS, SELECTED, SELECT_NAMES,
     },
     sock::stream_local_port,
+    trace::{birth_key, on_connect, BIRTH_CTX},
 };
 
 const EINPROGRESS: i64 = -115;
@@ -66,7 +67,7 @@ pub fn tapir_exit_accept(ctx: TracePointContext) -> u32 {
 /// connect(fd, …): the fd is read back from the saved registers at exit (see data.rs).
 #[tracepoint]
 pub fn tapir_exit_connect(ctx: TracePointContext) -> u32 {
-    let (_, tgid) = current();
+    let (pid_tgid, tgid) = current();
     if tgid == agent_tgid() {
         return 0;
     }
@@ -77,21 +78,47 @@ pub fn tapir_exit_connect(ctx: TracePointContext) -> u32 {
     let Some(fd) = crate::data::syscall_fd(&ctx) else {
         return 0;
     };
-    if track_new(tgid, fd, Role::Client) && debug_on() {
+    if !track_new(tgid, fd, Role::Client) {
+        return 0;
+    }
+    remember_opener(pid_tgid, ConnKey { tgid, fd });
+    if debug_on() {
         debug!(&ctx, "tapir: pid {} connected tcp fd {}", tgid, fd);
     }
     0
 }
 
+/// The SERVER span the thread is handling, if any, is the parent of the first request of
+/// the connection it just opened (see `trace::BIRTH_CTX`).
+#[inline(always)]
+fn remember_opener(pid_tgid: u64, key: ConnKey) {
+    let Some(state) = CONNS.get_ptr_mut(key) else {
+        return;
+    };
+    // SAFETY: pointer from a successful lookup.
+    let state = unsafe { &mut *state };
+    if on_connect(
+        pid_tgid,
+        birth_key(pid_tgid, state.local_port, state.remote_port),
+    ) {
+        state.flags |= CONN_BORN;
+    }
+}
+
 /// Forgets `fd` of the current process, reporting the close of a tracked connection.
 #[inline(always)]
-fn forget_fd(tgid: u32, fd: u32) {
+fn forget_fd(pid_tgid: u64, fd: u32) {
+    let tgid = (pid_tgid >> 32) as u32;
     let key = ConnKey { tgid, fd };
     // SAFETY: value copied out before the entry is removed.
     let Some(state) = (unsafe { CONNS.get(key).copied() }) else {
         return;
     };
     let _ = CONNS.remove(key);
+    if state.flags & CONN_BORN != 0 {
+        // Closed before its first request.
+        let _ = BIRTH_CTX.remove(&birth_key(pid_tgid, state.local_port, state.remote_port));
+    }
     if state.flags & CONN_TCP != 0 {
         emit_conn(
             EventKind::ConnClose,
@@ -106,23 +133,23 @@ fn forget_fd(tgid: u32, fd: u32) {
 
 #[tracepoint]
 pub fn tapir_enter_close(ctx: TracePointContext) -> u32 {
-    let (_, tgid) = current();
-    forget_fd(tgid, arg(&ctx, 0) as u32);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    forget_fd(pid_tgid, arg(&ctx, 0) as u32);
     0
 }
 
 /// dup2/dup3 silently close `newfd` first.
 #[tracepoint]
 pub fn tapir_enter_dup2(ctx: TracePointContext) -> u32 {
-    let (_, tgid) = current();
-    forget_fd(tgid, arg(&ctx, 1) as u32);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    forget_fd(pid_tgid, arg(&ctx, 1) as u32);
     0
 }
 
 #[tracepoint]
 pub fn tapir_enter_dup3(ctx: TracePointContext) -> u32 {
-    let (_, tgid) = current();
-    forget_fd(tgid, arg(&ctx, 1) as u32);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    forget_fd(pid_tgid, arg(&ctx, 1) as u32);
     0
 }
 

@@ -3,7 +3,7 @@
 //! while that context is open becomes its CLIENT child. The ids travel to userspace in the
 //! data event and (see `inject.rs`) onto the wire, so both always agree.
 use agent_common::{
-    counter, TraceIds, COMPAT_SCAN_BYTES, MAX_CAPTURE, ORIGIN_HEADER, ORIGIN_NEW, ORIGIN_THREAD,
+    counter, ConnState, TraceIds, COMPAT_SCAN_BYTES, CONN_BORN, MAX_CAPTURE, ORIGIN_HEADER, ORIGIN_NEW, ORIGIN_THREAD,
     TRACE_CLIENT, TRACE_SERVER, TRACE_SERVER_PARENT,
 };
 use aya_ebpf::{helpers::bpf_get_prandom_u32, macros::map, maps::LruHashMap};
@@ -17,6 +17,23 @@ use crate::{
 /// written).
 #[map(name = "TAPIR_THREAD_CTX")]
 pub static THREAD_CTX: LruHashMap<u64, TraceIds> = LruHashMap::with_max_entries(65536, 0);
+
+/// [`birth_key`] of a client connection → the SERVER span its thread was handling when it
+/// connected: the parent of the connection's first request. An event loop opens the
+/// connection in the turn that read the incoming request (Node.js: `agent: false`, a pool
+/// that grows) but writes the request turns later, when the thread may have read another.
+#[map(name = "TAPIR_BIRTH_CTX")]
+pub static BIRTH_CTX: LruHashMap<u64, TraceIds> = LruHashMap::with_max_entries(16384, 0);
+
+/// A client connection by the thread that opened it and its host-order ports (what both the
+/// tracepoints' connection state and sk_msg's context carry). Only that thread's first
+/// request on it finds the entry: a connection another thread uses first (a shared pool)
+/// takes that thread's context. Two live connections of one thread that differ only in
+/// their remote address share a key; the later one's entry wins.
+#[inline(always)]
+pub fn birth_key(pid_tgid: u64, local_port: u16, remote_port: u16) -> u64 {
+    ((pid_tgid as u32 as u64) << 32) | ((local_port as u64) << 16) | remote_port as u64
+}
 
 /// pid_tgid → ids the sk_msg program just put on the wire for the request being written;
 /// consumed by the write's exit tracepoint.
@@ -593,10 +610,52 @@ fn open_server(pid_tgid: u64) -> Option<&'static TraceIds> {
     (ids.kind == TRACE_SERVER).then_some(ids)
 }
 
-/// Ids for a request the thread writes: those an sk_msg program just put on the wire, else
-/// the request's own `traceparent`, else a child of the thread's SERVER span, else new.
+/// The thread just opened a client connection: if it is handling a
+/// request, that SERVER span becomes the parent of the connection's first request.
+/// Returns whether it was remembered.
 #[inline(always)]
-pub fn on_client_request(pid_tgid: u64, data: &[u8; SCRATCH_BYTES], n: u64, ids: &mut TraceIds) {
+pub fn on_connect(pid_tgid: u64, key: u64) -> bool {
+    match open_server(pid_tgid) {
+        Some(server) => BIRTH_CTX.insert(&key, server, 0).is_ok(),
+        None => false,
+    }
+}
+
+/// Ids for a request the thread writes: those an sk_msg program just put on the wire, else
+/// the request's own `traceparent`, else a child of the SERVER span the connection was
+/// opened in (its first request) or of the thread's, else new.
+#[inline(always)]
+pub fn on_client_request(
+    pid_tgid: u64,
+    data: &[u8; SCRATCH_BYTES],
+    n: u64,
+    ids: &mut TraceIds,
+    conn: &mut ConnState,
+) {
+    // Only the connection's first request is its opener's; sk_msg reads the entry, this
+    // (which runs after it for the same write) removes it.
+    let born = conn.flags & CONN_BORN != 0;
+    let key = birth_key(pid_tgid, conn.local_port, conn.remote_port);
+    let birth = if born {
+        conn.flags &= !CONN_BORN;
+        BIRTH_CTX.get_ptr(&key)
+    } else {
+        None
+    };
+    on_client_request_from(pid_tgid, data, n, ids, birth);
+    if born {
+        let _ = BIRTH_CTX.remove(&key);
+    }
+}
+
+#[inline(always)]
+fn on_client_request_from(
+    pid_tgid: u64,
+    data: &[u8; SCRATCH_BYTES],
+    n: u64,
+    ids: &mut TraceIds,
+    birth: Option<*const TraceIds>,
+) {
     if let Some(out) = OUT_CTX.get_ptr(pid_tgid) {
         // SAFETY: pointer from a successful lookup, read before the entry is removed.
         unsafe { core::ptr::copy_nonoverlapping(out, ids as *mut TraceIds, 1) };
@@ -605,11 +664,13 @@ pub fn on_client_request(pid_tgid: u64, data: &[u8; SCRATCH_BYTES], n: u64, ids:
     }
     ids.kind = TRACE_CLIENT;
     let found = find_traceparent(data, n, &mut ids.trace_id, &mut ids.span_id, &mut ids.flags);
+    // SAFETY: pointer from a successful lookup, used before the entry is removed.
+    let parent = birth.map(|b| unsafe { &*b }).or_else(|| open_server(pid_tgid));
     if found.is_some() {
         // The caller chose this hop's ids itself: the downstream server's parent is exactly
         // this span id.
         ids.origin = ORIGIN_HEADER;
-        if let Some(server) = open_server(pid_tgid) {
+        if let Some(server) = parent {
             if server.trace_id == ids.trace_id {
                 ids.parent_span_id = server.span_id;
                 ids.has_parent = 1;
@@ -618,13 +679,30 @@ pub fn on_client_request(pid_tgid: u64, data: &[u8; SCRATCH_BYTES], n: u64, ids:
         return;
     }
     ids.span_id = new_span_id();
-    thread_parent(pid_tgid, ids);
+    child_of(parent, ids);
 }
 
 /// Makes `ids` a child of the thread's open SERVER span, or the root of a new trace.
 #[inline(always)]
 pub fn thread_parent(pid_tgid: u64, ids: &mut TraceIds) {
-    match open_server(pid_tgid) {
+    child_of(open_server(pid_tgid), ids);
+}
+
+/// Makes `ids` a child of the SERVER span the connection `key` was opened in, else of the
+/// thread's open one, else the root of a new trace (sk_msg, for a connection's first
+/// request).
+#[inline(always)]
+pub fn connection_parent(pid_tgid: u64, key: u64, ids: &mut TraceIds) {
+    // SAFETY: pointer from a successful lookup.
+    let birth = BIRTH_CTX.get_ptr(&key).map(|b| unsafe { &*b });
+    child_of(birth.or_else(|| open_server(pid_tgid)), ids);
+}
+
+/// Makes `ids` a child of `server` (a SERVER span of this process), or the root of a new
+/// trace.
+#[inline(always)]
+fn child_of(server: Option<&TraceIds>, ids: &mut TraceIds) {
+    match server {
         Some(server) => {
             // SAFETY: distinct map values (a plain assignment became a memmove call).
             unsafe { core::ptr::copy_nonoverlapping(&server.trace_id, &mut ids.trace_id, 1) };
