@@ -3,8 +3,8 @@
 //! while that context is open becomes its CLIENT child. The ids travel to userspace in the
 //! data event and (see `inject.rs`) onto the wire, so both always agree.
 use agent_common::{
-    counter, ConnState, TraceIds, COMPAT_SCAN_BYTES, CONN_BORN, MAX_CAPTURE, ORIGIN_HEADER, ORIGIN_NEW, ORIGIN_THREAD,
-    TRACE_CLIENT, TRACE_SERVER, TRACE_SERVER_PARENT,
+    counter, ConnState, TraceIds, COMPAT_SCAN_BYTES, CONN_BORN, MAX_CAPTURE, ORIGIN_HEADER,
+    ORIGIN_NEW, ORIGIN_THREAD, TRACE_CLIENT, TRACE_SERVER, TRACE_SERVER_PARENT,
 };
 use aya_ebpf::{helpers::bpf_get_prandom_u32, macros::map, maps::LruHashMap};
 
@@ -665,7 +665,9 @@ fn on_client_request_from(
     ids.kind = TRACE_CLIENT;
     let found = find_traceparent(data, n, &mut ids.trace_id, &mut ids.span_id, &mut ids.flags);
     // SAFETY: pointer from a successful lookup, used before the entry is removed.
-    let parent = birth.map(|b| unsafe { &*b }).or_else(|| open_server(pid_tgid));
+    let parent = birth
+        .map(|b| unsafe { &*b })
+        .or_else(|| open_server(pid_tgid));
     if found.is_some() {
         // The caller chose this hop's ids itself: the downstream server's parent is exactly
         // this span id.
