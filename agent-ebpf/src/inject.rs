@@ -308,8 +308,8 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Option<()> {
     let st = INJ_STATE.get_ptr_mut(&key)?;
     // SAFETY: map value pointer.
     let st = unsafe { &mut *st };
-    // SAFETY: plain lookup.
     let mut first = true;
+    // SAFETY: plain lookup.
     if st.done == INJ_RELEASED && unsafe { INJ_REARM.get(&key) } == Some(&INJ_REARM_ARMED) {
         // Put back by the agent: this is the next request of a kept-alive connection.
         let _ = INJ_REARM.remove(&key);

@@ -23,16 +23,32 @@ pub static THREAD_CTX: LruHashMap<u64, TraceIds> = LruHashMap::with_max_entries(
 /// connection in the turn that read the incoming request (Node.js: `agent: false`, a pool
 /// that grows) but writes the request turns later, when the thread may have read another.
 #[map(name = "TAPIR_BIRTH_CTX")]
-pub static BIRTH_CTX: LruHashMap<u64, TraceIds> = LruHashMap::with_max_entries(16384, 0);
+pub static BIRTH_CTX: LruHashMap<u64, Opener> = LruHashMap::with_max_entries(16384, 0);
 
-/// A client connection by the thread that opened it and its host-order ports (what both the
-/// tracepoints' connection state and sk_msg's context carry). Only that thread's first
-/// request on it finds the entry: a connection another thread uses first (a shared pool)
-/// takes that thread's context. Two live connections of one thread that differ only in
-/// their remote address share a key; the later one's entry wins.
+/// The SERVER span a thread was handling when it opened a connection, and that thread.
+#[repr(C)]
+pub struct Opener {
+    ids: TraceIds,
+    tid: u32,
+    _pad: u32,
+}
+
+/// A process's client connection by its host-order ports (what both the tracepoints'
+/// connection state and sk_msg's context carry). Two live connections of one process that
+/// differ only in their remote address share it; the later one's entry wins.
 #[inline(always)]
 pub fn birth_key(pid_tgid: u64, local_port: u16, remote_port: u16) -> u64 {
-    ((pid_tgid as u32 as u64) << 32) | ((local_port as u64) << 16) | remote_port as u64
+    ((pid_tgid >> 32) << 32) | ((local_port as u64) << 16) | remote_port as u64
+}
+
+/// The span the connection `key` was opened in, if this thread opened it: a connection
+/// another thread writes first (a shared pool) takes that thread's context.
+#[inline(always)]
+fn opener(pid_tgid: u64, key: u64) -> Option<&'static TraceIds> {
+    let p = BIRTH_CTX.get_ptr(&key)?;
+    // SAFETY: pointer from a successful lookup.
+    let o = unsafe { &*p };
+    (o.tid == pid_tgid as u32).then_some(&o.ids)
 }
 
 /// pid_tgid → ids the sk_msg program just put on the wire for the request being written;
@@ -615,10 +631,18 @@ fn open_server(pid_tgid: u64) -> Option<&'static TraceIds> {
 /// Returns whether it was remembered.
 #[inline(always)]
 pub fn on_connect(pid_tgid: u64, key: u64) -> bool {
-    match open_server(pid_tgid) {
-        Some(server) => BIRTH_CTX.insert(&key, server, 0).is_ok(),
-        None => false,
-    }
+    let Some(server) = open_server(pid_tgid) else {
+        return false;
+    };
+    let mut opener = Opener {
+        ids: TraceIds::default(),
+        tid: pid_tgid as u32,
+        _pad: 0,
+    };
+    // SAFETY: a map value and a stack value never overlap (an assignment became a memmove
+    // call).
+    unsafe { core::ptr::copy_nonoverlapping(server, &mut opener.ids, 1) };
+    BIRTH_CTX.insert(&key, &opener, 0).is_ok()
 }
 
 /// Ids for a request the thread writes: those an sk_msg program just put on the wire, else
@@ -638,7 +662,7 @@ pub fn on_client_request(
     let key = birth_key(pid_tgid, conn.local_port, conn.remote_port);
     let birth = if born {
         conn.flags &= !CONN_BORN;
-        BIRTH_CTX.get_ptr(&key)
+        opener(pid_tgid, key)
     } else {
         None
     };
@@ -654,7 +678,7 @@ fn on_client_request_from(
     data: &[u8; SCRATCH_BYTES],
     n: u64,
     ids: &mut TraceIds,
-    birth: Option<*const TraceIds>,
+    birth: Option<&TraceIds>,
 ) {
     if let Some(out) = OUT_CTX.get_ptr(pid_tgid) {
         // SAFETY: pointer from a successful lookup, read before the entry is removed.
@@ -664,10 +688,7 @@ fn on_client_request_from(
     }
     ids.kind = TRACE_CLIENT;
     let found = find_traceparent(data, n, &mut ids.trace_id, &mut ids.span_id, &mut ids.flags);
-    // SAFETY: pointer from a successful lookup, used before the entry is removed.
-    let parent = birth
-        .map(|b| unsafe { &*b })
-        .or_else(|| open_server(pid_tgid));
+    let parent = birth.or_else(|| open_server(pid_tgid));
     if found.is_some() {
         // The caller chose this hop's ids itself: the downstream server's parent is exactly
         // this span id.
@@ -695,9 +716,7 @@ pub fn thread_parent(pid_tgid: u64, ids: &mut TraceIds) {
 /// request).
 #[inline(always)]
 pub fn connection_parent(pid_tgid: u64, key: u64, ids: &mut TraceIds) {
-    // SAFETY: pointer from a successful lookup.
-    let birth = BIRTH_CTX.get_ptr(&key).map(|b| unsafe { &*b });
-    child_of(birth.or_else(|| open_server(pid_tgid)), ids);
+    child_of(opener(pid_tgid, key).or_else(|| open_server(pid_tgid)), ids);
 }
 
 /// Makes `ids` a child of `server` (a SERVER span of this process), or the root of a new
