@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import TESTS, Agent, curl, finish, free_port, watch
+from conftest import TESTS, Agent, curl, finish, free_port, nginx, watch
 
 PY = sys.executable
 TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -83,6 +83,30 @@ def test_incoming_traceparent_is_continued(py_server, procs):
     assert (curl_span["trace_id"], curl_span["span_id"]) == (TRACE, PARENT)
     assert (server["trace_id"], server["parent_span_id"]) == (TRACE, PARENT)
     assert (child["trace_id"], child["parent_span_id"]) == (TRACE, server["span_id"])
+
+
+def test_a_proxy_passing_the_callers_traceparent_on_gets_a_client_span_of_its_own(py_server, procs, tmp_path):
+    """nginx forwards the caller's `traceparent` unchanged: that span id is the caller's
+    CLIENT span, not nginx's. nginx's CLIENT span gets its own id under nginx's SERVER span
+    (it used to repeat the caller's id: two spans with one id in the trace), and the
+    backend stays the child the header names."""
+    backend, bport = py_server()
+    nport = free_port()
+    nginx(procs, tmp_path, nport, f"location / {{ proxy_pass http://127.0.0.1:{bport}; }}")
+    agent = watch(nport, bport)
+    curl("-o", "/dev/null", "-H", f"traceparent: 00-{TRACE}-{PARENT}-01", f"http://127.0.0.1:{nport}/fwd")
+    got = [e for e in finish(agent) if e["url.path"] == "/fwd"]
+    (caller,) = of(got, "client", nport)
+    (proxy_in,) = of(got, "server", nport)
+    (proxy_out,) = of(got, "client", bport)
+    (back,) = of(got, "server", bport)
+    assert proxy_out["process.executable.name"] == "nginx"
+    assert (caller["trace_id"], caller["span_id"]) == (TRACE, PARENT)
+    assert (proxy_in["trace_id"], proxy_in["parent_span_id"]) == (TRACE, PARENT)
+    assert (proxy_out["trace_id"], proxy_out["parent_span_id"]) == (TRACE, proxy_in["span_id"])
+    assert (back["trace_id"], back["parent_span_id"]) == (TRACE, PARENT)
+    span_ids = [e["span_id"] for e in got]
+    assert len(set(span_ids)) == 4, span_ids
 
 
 def test_traceparent_after_3kib_of_headers_and_any_case(py_server):

@@ -697,6 +697,13 @@ fn on_client_request_from(
             if server.trace_id == ids.trace_id {
                 ids.parent_span_id = server.span_id;
                 ids.has_parent = 1;
+                if server.has_parent != 0 && server.parent_span_id == ids.span_id {
+                    // The incoming `traceparent` passed on unchanged (a proxy forwarding
+                    // headers): its span id is the caller's span, not this hop's, which
+                    // gets its own (the downstream server stays the caller's child).
+                    ids.span_id = new_span_id();
+                    ids.origin = ORIGIN_THREAD;
+                }
             }
         }
         return;
