@@ -20,6 +20,15 @@ def frontend(procs, downstream, *extra):
     return p, port
 
 
+def node_frontend(procs, bport, *mode):
+    """tests/servers/node_frontend.js calling the backend on `bport` (`keepalive`: through a
+    one-socket pool); returns the process and its port."""
+    port = free_port()
+    p = procs(["node", TESTS / "servers/node_frontend.js", port, f"http://127.0.0.1:{bport}", *mode],
+              ready_port=port)
+    return p, port
+
+
 def warm(port):
     """A first request teaches the kernel that `port` serves HTTP: connections made to it
     from then on are injected (the very first one is not)."""
@@ -168,8 +177,7 @@ def test_no_stall_nginx_proxy_and_node_fetch_4mib_through_injected_connections(p
 
 def test_node_service_to_python_backend_continues_the_callers_trace(py_server, procs):
     backend, bport = py_server()
-    nport = free_port()
-    node = procs(["node", TESTS / "servers/node_frontend.js", nport, f"http://127.0.0.1:{bport}"], ready_port=nport)
+    node, nport = node_frontend(procs, bport)
     agent = watch(nport, bport, inject=True)
     for i in range(5):
         curl("-o", "/dev/null", "-H", f"traceparent: 00-{TRACE}-{PARENT}-01", f"http://127.0.0.1:{nport}/n/{i}")
@@ -289,9 +297,7 @@ def test_every_request_of_a_kept_alive_connection_is_injected(py_server, client_
 
 def test_node_keepalive_pool_continues_every_callers_trace(py_server, procs):
     backend, bport = py_server()
-    nport = free_port()
-    node = procs(["node", TESTS / "servers/node_frontend.js", nport, f"http://127.0.0.1:{bport}", "keepalive"],
-                 ready_port=nport)
+    node, nport = node_frontend(procs, bport, "keepalive")
     agent = watch(nport, bport, inject=True)
     n = 5
     for i in range(n):
@@ -325,8 +331,7 @@ def test_node_opening_a_connection_per_call_keeps_concurrent_traces_apart(py_ser
     import secrets
 
     backend, bport = py_server("--threading")
-    nport = free_port()
-    node = procs(["node", TESTS / "servers/node_frontend.js", nport, f"http://127.0.0.1:{bport}"], ready_port=nport)
+    node, nport = node_frontend(procs, bport)
     agent = watch(nport, bport, inject=inject)
     callers = {f"/c/{i}": secrets.token_hex(16) for i in range(80)}
 
@@ -364,9 +369,7 @@ def test_node_pool_reused_10ms_after_each_response_carries_every_callers_trace(p
     import time
 
     backend, bport = py_server()
-    nport = free_port()
-    node = procs(["node", TESTS / "servers/node_frontend.js", nport, f"http://127.0.0.1:{bport}", "keepalive"],
-                 ready_port=nport)
+    node, nport = node_frontend(procs, bport, "keepalive")
     agent = watch(nport, bport, inject=True)
     n = 40
     callers = {}
@@ -416,11 +419,22 @@ def test_no_stall_through_rearmed_nginx_upstream_keepalive_4mib(py_server, procs
         want = 4 * (i + 1)  # curl's, nginx's two, the backend's
         assert len(agent.wait_exchanges(want)) >= want, agent.err[-10:]
     got = finish(agent)
-    n_cli = [e for e in of(got, "client", bport) if e["process.executable.name"] == "nginx"]
+
+    def by_trace(spans):
+        return {e["trace_id"]: e for e in spans}
+
+    c_cli = by_trace(e for e in of(got, "client", nport) if e["process.executable.name"] == "curl")
+    n_srv = by_trace(of(got, "server", nport))
+    n_cli = by_trace(e for e in of(got, "client", bport) if e["process.executable.name"] == "nginx")
     b_srv = of(got, "server", bport)
-    assert len(n_cli) == len(b_srv) == n
+    assert len(b_srv) == n and sorted(n_cli) == sorted(n_srv) == sorted(c_cli) == sorted(by_trace(b_srv))
     assert len({e["client.port"] for e in b_srv}) < n, "nginx reused its upstream connections"
-    for c, b in zip(n_cli, b_srv):
-        assert b["parent_span_id"] == c["span_id"] and b["trace_id"] == c["trace_id"]
+    # curl's requests are injected; nginx passes each one's traceparent on, so the backend is
+    # curl's child, and nginx's CLIENT span its SERVER span's.
+    for b in b_srv:
+        t = b["trace_id"]
+        assert b["parent_span_id"] == c_cli[t]["span_id"]
+        assert n_srv[t]["parent_span_id"] == c_cli[t]["span_id"]
+        assert n_cli[t]["parent_span_id"] == n_srv[t]["span_id"]
     assert agent.final_count("tapir.inject.injected") == n
     assert agent.final_count("tapir.inject.rearm.done") >= n - 4, agent.err[-40:]
