@@ -135,17 +135,17 @@ pub struct Pipeline<S: ExchangeSink> {
     /// The TLS library probes are attached: a TLS connection is unreadable only if it
     /// ends without plaintext through them.
     tls_probes: bool,
-    /// When the kernel last injected a `traceparent` (monotonic ns; 0: never).
-    injected_ns: u64,
+    /// The last re-arm attempt (the record's monotonic ns; 0: none yet).
+    rearm_tried_ns: u64,
 }
 
-/// How long after an injected request records are drained promptly (see [`Pipeline::prompt`]):
-/// long enough for its response to come back.
-const PROMPT_AFTER_INJECTION_NS: u64 = 1_000_000_000;
+/// How long after a re-arm attempt records are drained promptly (see [`Pipeline::prompt`]):
+/// long enough for the connection's next response to come back.
+const PROMPT_AFTER_REARM_NS: u64 = 1_000_000_000;
 
-/// Whether a request injected at `injected_ns` (0: none yet) is recent at `now_ns`.
-fn injected_lately(injected_ns: u64, now_ns: u64) -> bool {
-    injected_ns != 0 && now_ns.saturating_sub(injected_ns) < PROMPT_AFTER_INJECTION_NS
+/// Whether a re-arm tried at `tried_ns` (0: none yet) is recent at `now_ns`.
+fn rearmed_lately(tried_ns: u64, now_ns: u64) -> bool {
+    tried_ns != 0 && now_ns.saturating_sub(tried_ns) < PROMPT_AFTER_REARM_NS
 }
 
 impl<S: ExchangeSink> Pipeline<S> {
@@ -166,18 +166,19 @@ impl<S: ExchangeSink> Pipeline<S> {
             completed: Default::default(),
             unreadable: Default::default(),
             tls_probes: false,
-            injected_ns: 0,
+            rearm_tried_ns: 0,
         }
     }
 
     /// Whether records should be drained within a millisecond rather than at a pace set by
-    /// their rate: while injection is re-armed on kept-alive connections and a request was
-    /// injected lately. A re-arm needs the pipeline to have seen the whole response read,
-    /// and a pooled client reuses the connection soon after (at a 16-ms pace, three in
-    /// four requests of a Node.js pool reused every few milliseconds went without a
-    /// `traceparent`).
+    /// their rate: for a second after a re-arm was tried on a kept-alive connection. A
+    /// re-arm needs the pipeline to have seen the whole response read, and a pooled client
+    /// reuses the connection soon after (at a 16-ms pace, three in four requests of a
+    /// Node.js pool reused every 10 ms went without a `traceparent`). Not after every
+    /// injection: a client opening a connection per request (`Connection: close`) is never
+    /// re-armed, and should not make the agent wake a thousand times a second.
     pub fn prompt(&self) -> bool {
-        self.rearm.is_some() && injected_lately(self.injected_ns, crate::clock::monotonic_now_ns())
+        rearmed_lately(self.rearm_tried_ns, crate::clock::monotonic_now_ns())
     }
 
     /// Whether the TLS library probes are attached.
@@ -350,9 +351,6 @@ impl<S: ExchangeSink> Pipeline<S> {
         }
         if h.direction == DIR_EGRESS {
             let injected = h.trace.kind == TRACE_CLIENT && h.trace.injected != 0;
-            if injected {
-                self.injected_ns = h.header.ts_ns;
-            }
             conn.sent += u64::from(h.total)
                 + if injected {
                     u64::from(TRACEPARENT_HEADER_LEN)
@@ -379,7 +377,9 @@ impl<S: ExchangeSink> Pipeline<S> {
                     sent: conn.sent,
                     received: conn.received,
                 };
-                rearm.try_rearm(&c, &mut conn.rearm);
+                if rearm.try_rearm(&c, &mut conn.rearm).is_some() {
+                    self.rearm_tried_ns = h.header.ts_ns;
+                }
             }
         }
         Self::emit(&mut self.sink, &self.stats, &self.clock, conn, done);
@@ -532,14 +532,14 @@ mod tests {
     }
 
     #[test]
-    fn records_are_drained_promptly_for_a_second_after_an_injected_request() {
+    fn records_are_drained_promptly_for_a_second_after_a_rearm_attempt() {
         let s = 1_000_000_000;
-        assert!(!injected_lately(0, 5 * s), "nothing injected yet");
-        assert!(injected_lately(5 * s, 5 * s));
-        assert!(injected_lately(5 * s, 6 * s - 1));
-        assert!(!injected_lately(5 * s, 6 * s));
+        assert!(!rearmed_lately(0, 5 * s), "nothing tried yet");
+        assert!(rearmed_lately(5 * s, 5 * s));
+        assert!(rearmed_lately(5 * s, 6 * s - 1));
+        assert!(!rearmed_lately(5 * s, 6 * s));
         // A record stamped after the drain began (another CPU's) is recent too.
-        assert!(injected_lately(5 * s + 10, 5 * s));
+        assert!(rearmed_lately(5 * s + 10, 5 * s));
     }
 
     const FD: u32 = 5;
