@@ -355,6 +355,10 @@ pub const CONN_GAP: u16 = 2048;
 /// A client connection opened while its thread handled a request: the kernel's
 /// `TAPIR_BIRTH_CTX` holds that SERVER span for the connection's first request.
 pub const CONN_BORN: u16 = 4096;
+/// An injected request was written on this client connection: the record of the next read
+/// wakes the agent at once, so that it can re-arm injection between the reply and the
+/// connection's next request.
+pub const CONN_WAKE_ON_REPLY: u16 = 8192;
 
 /// [`ConnEvent::protocol`]: a TLS handshake record (content type 22, version 3.x).
 pub const OPAQUE_TLS: u8 = 1;

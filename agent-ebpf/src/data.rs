@@ -3,8 +3,8 @@
 use agent_common::{
     counter, syscall, EventKind, Role, TraceIds, CONN_BODY_IN, CONN_BODY_OUT, CONN_GAP,
     CONN_HEAD_AT_LINE, CONN_HEAD_OPEN, CONN_HTTP, CONN_OPAQUE, CONN_PORT_LEARNED, CONN_TLS,
-    CONN_TLS_HTTP, CONN_TLS_OPAQUE, DATA_AFTER_GAP, DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE,
-    MAX_IOVECS, OPAQUE_HTTP2, OPAQUE_TLS, TAIL_BYTES,
+    CONN_TLS_HTTP, CONN_TLS_OPAQUE, CONN_WAKE_ON_REPLY, DATA_AFTER_GAP, DIR_EGRESS, DIR_INGRESS,
+    MAX_CAPTURE, MAX_IOVECS, OPAQUE_HTTP2, OPAQUE_TLS, TAIL_BYTES,
 };
 #[cfg(not(feature = "compat"))]
 use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs};
@@ -20,8 +20,8 @@ use crate::{
     inject::learn_http_port,
     looping::repeat,
     maps::{
-        agent_tgid, capture_bytes, count, ring_output, tls_on, DataScratch, Gather, PendingIo,
-        SCRATCH, SCRATCH_BYTES, SHAPE_BUF, SHAPE_IOVEC, SHAPE_NONE,
+        agent_tgid, capture_bytes, count, ring_output_waking, tls_on, DataScratch, Gather,
+        PendingIo, SCRATCH, SCRATCH_BYTES, SHAPE_BUF, SHAPE_IOVEC, SHAPE_NONE,
     },
     tls::{hold_record, note_tls_fd, NO_FD},
     trace::{
@@ -529,7 +529,12 @@ fn submit(
     // Masked so that the verifier sees `size` never exceed the scratch record.
     let size = core::mem::size_of::<agent_common::DataEventHeader>() as u64
         + (core::hint::black_box(captured.min(MAX_CAPTURE as u64)) & (2 * MAX_CAPTURE as u64 - 1));
-    note_output(ring_output(scratch, size), conn_flags);
+    // The reply to an injected request: the agent re-arms injection once it has seen it.
+    let wake = p.direction == DIR_INGRESS && *conn_flags & CONN_WAKE_ON_REPLY != 0;
+    if wake {
+        *conn_flags &= !CONN_WAKE_ON_REPLY;
+    }
+    note_output(ring_output_waking(scratch, size, wake), conn_flags);
 }
 
 /// [`DATA_AFTER_GAP`] when a record of the connection was lost since the last one sent.

@@ -199,8 +199,14 @@ macro_rules! event_rings {
         /// call's map to be a constant.
         #[inline(always)]
         pub fn ring_output<T>(record: &T, size: u64) -> i64 {
+            ring_output_waking(record, size, false)
+        }
+
+        /// [`ring_output`], waking the agent at once with `wake`.
+        #[inline(always)]
+        pub fn ring_output_waking<T>(record: &T, size: u64, wake: bool) -> i64 {
             let data = record as *const T;
-            let flags = ringbuf_flags(size);
+            let flags = ringbuf_flags(size, wake);
             // SAFETY: helper without preconditions.
             let cpu = unsafe { bpf_get_smp_processor_id() } as usize & (EVENT_RINGS - 1);
             match cpu {
@@ -386,9 +392,10 @@ pub static CPU_STATE: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0
 #[unsafe(no_mangle)]
 pub static TAPIR_WAKEUP_BYTES: u64 = 128 * 1024;
 
-/// The flags for a ring-buffer output of `size` bytes.
+/// The flags for a ring-buffer output of `size` bytes (`wake`: wake the reader whatever
+/// is pending).
 #[inline(always)]
-pub fn ringbuf_flags(size: u64) -> u64 {
+pub fn ringbuf_flags(size: u64, wake: bool) -> u64 {
     let Some(state) = CPU_STATE.get_ptr_mut(0) else {
         return BPF_RB_NO_WAKEUP;
     };
@@ -396,7 +403,7 @@ pub fn ringbuf_flags(size: u64) -> u64 {
     let state = unsafe { &mut *state };
     let pending = state.unwoken_bytes + size;
     // SAFETY: reading a static; volatile so the loader's value is used.
-    if pending >= unsafe { core::ptr::read_volatile(&TAPIR_WAKEUP_BYTES) } {
+    if wake || pending >= unsafe { core::ptr::read_volatile(&TAPIR_WAKEUP_BYTES) } {
         state.unwoken_bytes = 0;
         BPF_RB_FORCE_WAKEUP
     } else {

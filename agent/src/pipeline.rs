@@ -135,17 +135,6 @@ pub struct Pipeline<S: ExchangeSink> {
     /// The TLS library probes are attached: a TLS connection is unreadable only if it
     /// ends without plaintext through them.
     tls_probes: bool,
-    /// The last re-arm attempt (the record's monotonic ns; 0: none yet).
-    rearm_tried_ns: u64,
-}
-
-/// How long after a re-arm attempt records are drained promptly (see [`Pipeline::prompt`]):
-/// long enough for the connection's next response to come back.
-const PROMPT_AFTER_REARM_NS: u64 = 1_000_000_000;
-
-/// Whether a re-arm tried at `tried_ns` (0: none yet) is recent at `now_ns`.
-fn rearmed_lately(tried_ns: u64, now_ns: u64) -> bool {
-    tried_ns != 0 && now_ns.saturating_sub(tried_ns) < PROMPT_AFTER_REARM_NS
 }
 
 impl<S: ExchangeSink> Pipeline<S> {
@@ -166,19 +155,7 @@ impl<S: ExchangeSink> Pipeline<S> {
             completed: Default::default(),
             unreadable: Default::default(),
             tls_probes: false,
-            rearm_tried_ns: 0,
         }
-    }
-
-    /// Whether records should be drained within a millisecond rather than at a pace set by
-    /// their rate: for a second after a re-arm was tried on a kept-alive connection. A
-    /// re-arm needs the pipeline to have seen the whole response read, and a pooled client
-    /// reuses the connection soon after (at a 16-ms pace, three in four requests of a
-    /// Node.js pool reused every 10 ms went without a `traceparent`). Not after every
-    /// injection: a client opening a connection per request (`Connection: close`) is never
-    /// re-armed, and should not make the agent wake a thousand times a second.
-    pub fn prompt(&self) -> bool {
-        rearmed_lately(self.rearm_tried_ns, crate::clock::monotonic_now_ns())
     }
 
     /// Whether the TLS library probes are attached.
@@ -377,9 +354,7 @@ impl<S: ExchangeSink> Pipeline<S> {
                     sent: conn.sent,
                     received: conn.received,
                 };
-                if rearm.try_rearm(&c, &mut conn.rearm).is_some() {
-                    self.rearm_tried_ns = h.header.ts_ns;
-                }
+                rearm.try_rearm(&c, &mut conn.rearm);
             }
         }
         Self::emit(&mut self.sink, &self.stats, &self.clock, conn, done);
@@ -472,10 +447,6 @@ impl<S: ExchangeSink> RecordSink for Pipeline<S> {
         }
     }
 
-    fn prompt(&self) -> bool {
-        Pipeline::prompt(self)
-    }
-
     fn on_out_of_order(&mut self, n: u64) {
         Stats::add(&self.stats.records_out_of_order, n);
     }
@@ -529,17 +500,6 @@ mod tests {
             std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>())
         }
         .to_vec()
-    }
-
-    #[test]
-    fn records_are_drained_promptly_for_a_second_after_a_rearm_attempt() {
-        let s = 1_000_000_000;
-        assert!(!rearmed_lately(0, 5 * s), "nothing tried yet");
-        assert!(rearmed_lately(5 * s, 5 * s));
-        assert!(rearmed_lately(5 * s, 6 * s - 1));
-        assert!(!rearmed_lately(5 * s, 6 * s));
-        // A record stamped after the drain began (another CPU's) is recent too.
-        assert!(rearmed_lately(5 * s + 10, 5 * s));
     }
 
     const FD: u32 = 5;

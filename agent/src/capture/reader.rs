@@ -58,8 +58,6 @@ pub const POLL_MIN: Duration = Duration::from_millis(1);
 pub const POLL_MAX: Duration = Duration::from_millis(16);
 /// Records per drain aimed at: ~0.2–0.5 ms of pipeline work.
 pub const DRAIN_TARGET: u32 = 512;
-/// The longest sleep while the sink asks for prompt drains ([`RecordSink::prompt`]).
-pub const POLL_PROMPT: Duration = POLL_MIN;
 
 /// The next poll timeout, after a drain that found `drained` records `since` the previous
 /// one.
@@ -82,13 +80,6 @@ pub trait RecordSink {
     /// `n` records came out of the merge older than one already passed on (written to
     /// their ring more than `merge::SLACK_NS` after their stamp).
     fn on_out_of_order(&mut self, _n: u64) {}
-    /// Whether records should reach the sink within [`POLL_PROMPT`] of being written,
-    /// whatever their rate: the agent re-arms traceparent injection on a kept-alive
-    /// connection between the response the pipeline sees read and the next request, which
-    /// a pooled client may send a few milliseconds later.
-    fn prompt(&self) -> bool {
-        false
-    }
 }
 
 /// A second fd to wake on (the aya-log buffer) and what to do when it is readable.
@@ -121,6 +112,7 @@ pub fn drain_loop<S: RecordSink, L: AsFd>(
     let mut held = false;
     loop {
         let stopping = stop.load(Ordering::Acquire);
+        let mut woken = false;
         if !stopping {
             // Records left in a ring make it readable at once: while some are held for
             // the next drain, wait on the timer (and the extra fd) only.
@@ -134,6 +126,10 @@ pub fn drain_loop<S: RecordSink, L: AsFd>(
                     (timeout.as_micros() as u64).div_ceil(1000).max(1) as libc::c_int,
                 )
             };
+            woken = !held
+                && fds[..rings.len()]
+                    .iter()
+                    .any(|f| f.revents & libc::POLLIN != 0);
         }
         // One ring is in order as it is; several are merged up to SLACK_NS before now,
         // read before the rings are (see merge.rs).
@@ -155,14 +151,18 @@ pub fn drain_loop<S: RecordSink, L: AsFd>(
         held = merged.held;
         let now = Instant::now();
         timeout = next_poll(timeout, now - last_drain, merged.records);
+        if woken && held {
+            // A forced wakeup (the reply to an injected request, whose re-arm cannot wait
+            // for the next request; a ring filling) whose newest records are held back for
+            // the merge: they are passed on a millisecond later, not at the record rate's
+            // pace.
+            timeout = POLL_MIN;
+        }
         last_drain = now;
         if let Some((l, flush)) = &mut extra {
             flush(l);
         }
         sink.on_idle();
-        if sink.prompt() {
-            timeout = timeout.min(POLL_PROMPT);
-        }
         if let Some(y) = yielding {
             y.drained(merged.records);
         }

@@ -194,10 +194,6 @@ impl RecordSink for Gauged {
         self.pipeline.on_out_of_order(n);
     }
 
-    fn prompt(&self) -> bool {
-        self.pipeline.prompt()
-    }
-
     fn on_idle(&mut self) {
         self.pipeline.on_idle();
         self.otel.connections_tracked.store(
