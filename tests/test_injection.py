@@ -363,7 +363,8 @@ def test_node_opening_a_connection_per_call_keeps_concurrent_traces_apart(py_ser
 def test_node_pool_reused_10ms_after_each_response_carries_every_callers_trace(py_server, procs):
     """A pooled connection reused soon after its response (here 10 ms, 100 requests/s) is
     injected again: the agent re-arms it between the two, so it must have seen the response
-    by then (at its idle 16-ms drain pace, 3 in 4 of these requests went without)."""
+    by then. Once re-armed, each reply wakes the agent; until the first re-arm (at its idle
+    drain pace of up to 16 ms) a few requests go without (3 in 4 did, before the wakeup)."""
     import http.client
     import secrets
     import time
@@ -397,7 +398,7 @@ def test_node_pool_reused_10ms_after_each_response_carries_every_callers_trace(p
             # Not injected: the backend starts a trace of its own, never joins another.
             assert "parent_span_id" not in b or not b["parent_span_id"], (path, b)
     assert joined == agent.final_count("tapir.inject.injected"), agent.err[-40:]
-    assert joined >= n - 4, (joined, agent.final_count("tapir.inject.rearm.busy"))
+    assert joined >= n - 8, (joined, agent.final_count("tapir.inject.rearm.busy"))
 
 
 def test_no_stall_through_rearmed_nginx_upstream_keepalive_4mib(py_server, procs, tmp_path):

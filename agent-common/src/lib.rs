@@ -299,7 +299,8 @@ pub struct TraceIds {
     pub kind: u8,
     pub origin: u8,
     pub has_parent: u8,
-    /// 1 when this request was sent with a `traceparent` Tapir inserted.
+    /// Non-zero when this request was sent with a `traceparent` Tapir inserted:
+    /// [`INJECTED_REARMED`] on a kept-alive connection the agent re-armed, else 1.
     pub injected: u8,
     pub _pad: [u8; 3],
 }
@@ -355,10 +356,15 @@ pub const CONN_GAP: u16 = 2048;
 /// A client connection opened while its thread handled a request: the kernel's
 /// `TAPIR_BIRTH_CTX` holds that SERVER span for the connection's first request.
 pub const CONN_BORN: u16 = 4096;
-/// An injected request was written on this client connection: the record of the next read
-/// wakes the agent at once, so that it can re-arm injection between the reply and the
+/// An injected request was written on this re-armed client connection: the record of the
+/// next read wakes the agent at once, so that it can re-arm injection between the reply and the
 /// connection's next request.
 pub const CONN_WAKE_ON_REPLY: u16 = 8192;
+/// [`TraceIds::injected`] of a request on a connection the agent re-armed: its reply wakes
+/// the agent ([`CONN_WAKE_ON_REPLY`]). Not the first request of a connection: most
+/// connections that carry one request are closed after it, and a wakeup per connection
+/// tripled the agent's CPU per connection under `Connection: close` load.
+pub const INJECTED_REARMED: u8 = 2;
 
 /// [`ConnEvent::protocol`]: a TLS handshake record (content type 22, version 3.x).
 pub const OPAQUE_TLS: u8 = 1;

@@ -12,9 +12,9 @@
 //! too, and says so in `INJ_REARM`; the RTT callback stays enabled for that until the agent
 //! asks for a socket that never pauses between requests to be retired.
 use agent_common::{
-    inject_counter as c, InjSockKey as SockKey, InjSockState as SockState, TraceIds, INJ_JUDGED,
-    INJ_PENDING, INJ_REARM_ARMED, INJ_REARM_RETIRE, INJ_RELEASED, INJ_RETIRED, MAX_CAPTURE,
-    TRACE_CLIENT,
+    inject_counter as c, InjSockKey as SockKey, InjSockState as SockState, TraceIds,
+    INJECTED_REARMED, INJ_JUDGED, INJ_PENDING, INJ_REARM_ARMED, INJ_REARM_RETIRE, INJ_RELEASED,
+    INJ_RETIRED, MAX_CAPTURE, TRACE_CLIENT,
 };
 use aya_ebpf::{
     bindings::{
@@ -389,7 +389,7 @@ fn try_sk_msg(ctx: &SkMsgContext) -> Option<()> {
     let mut ids = TraceIds {
         kind: TRACE_CLIENT,
         span_id: new_span_id(),
-        injected: 1,
+        injected: if first { 1 } else { INJECTED_REARMED },
         ..TraceIds::default()
     };
     if first {

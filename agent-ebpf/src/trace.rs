@@ -3,8 +3,9 @@
 //! while that context is open becomes its CLIENT child. The ids travel to userspace in the
 //! data event and (see `inject.rs`) onto the wire, so both always agree.
 use agent_common::{
-    counter, ConnState, TraceIds, COMPAT_SCAN_BYTES, CONN_BORN, CONN_WAKE_ON_REPLY, MAX_CAPTURE,
-    ORIGIN_HEADER, ORIGIN_NEW, ORIGIN_THREAD, TRACE_CLIENT, TRACE_SERVER, TRACE_SERVER_PARENT,
+    counter, ConnState, TraceIds, COMPAT_SCAN_BYTES, CONN_BORN, CONN_WAKE_ON_REPLY,
+    INJECTED_REARMED, MAX_CAPTURE, ORIGIN_HEADER, ORIGIN_NEW, ORIGIN_THREAD, TRACE_CLIENT,
+    TRACE_SERVER, TRACE_SERVER_PARENT,
 };
 use aya_ebpf::{helpers::bpf_get_prandom_u32, macros::map, maps::LruHashMap};
 
@@ -645,8 +646,8 @@ pub fn on_connect(pid_tgid: u64, key: u64) -> bool {
     BIRTH_CTX.insert(&key, &opener, 0).is_ok()
 }
 
-/// Ids for a request the thread writes: those an sk_msg program just put on the wire (the
-/// connection's reply then wakes the agent), else
+/// Ids for a request the thread writes: those an sk_msg program just put on the wire (on a
+/// re-armed connection the reply then wakes the agent), else
 /// the request's own `traceparent`, else a child of the SERVER span the connection was
 /// opened in (its first request) or of the thread's, else new.
 #[inline(always)]
@@ -667,7 +668,8 @@ pub fn on_client_request(
     } else {
         None
     };
-    if on_client_request_from(pid_tgid, data, n, ids, birth) {
+    on_client_request_from(pid_tgid, data, n, ids, birth);
+    if ids.injected == INJECTED_REARMED {
         conn.flags |= CONN_WAKE_ON_REPLY;
     }
     if born {
@@ -682,12 +684,12 @@ fn on_client_request_from(
     n: u64,
     ids: &mut TraceIds,
     birth: Option<&TraceIds>,
-) -> bool {
+) {
     if let Some(out) = OUT_CTX.get_ptr(pid_tgid) {
         // SAFETY: pointer from a successful lookup, read before the entry is removed.
         unsafe { core::ptr::copy_nonoverlapping(out, ids as *mut TraceIds, 1) };
         let _ = OUT_CTX.remove(pid_tgid);
-        return true;
+        return;
     }
     ids.kind = TRACE_CLIENT;
     let found = find_traceparent(data, n, &mut ids.trace_id, &mut ids.span_id, &mut ids.flags);
@@ -709,11 +711,10 @@ fn on_client_request_from(
                 }
             }
         }
-        return false;
+        return;
     }
     ids.span_id = new_span_id();
     child_of(parent, ids);
-    false
 }
 
 /// Makes `ids` a child of the thread's open SERVER span, or the root of a new trace.
