@@ -81,28 +81,11 @@ pub fn tapir_exit_connect(ctx: TracePointContext) -> u32 {
     if !track_new(tgid, fd, Role::Client) {
         return 0;
     }
-    remember_opener(pid_tgid, ConnKey { tgid, fd });
+    on_connect(pid_tgid, ConnKey { tgid, fd });
     if debug_on() {
         debug!(&ctx, "tapir: pid {} connected tcp fd {}", tgid, fd);
     }
     0
-}
-
-/// The SERVER span the thread is handling, if any, is the parent of the first request of
-/// the connection it just opened (see `trace::BIRTH_CTX`).
-#[inline(always)]
-fn remember_opener(pid_tgid: u64, key: ConnKey) {
-    let Some(state) = CONNS.get_ptr_mut(key) else {
-        return;
-    };
-    // SAFETY: pointer from a successful lookup.
-    let state = unsafe { &mut *state };
-    if on_connect(
-        pid_tgid,
-        birth_key(pid_tgid, state.local_port, state.remote_port),
-    ) {
-        state.flags |= CONN_BORN;
-    }
 }
 
 /// Forgets `fd` of the current process, reporting the close of a tracked connection.

@@ -3,7 +3,7 @@
 //! while that context is open becomes its CLIENT child. The ids travel to userspace in the
 //! data event and (see `inject.rs`) onto the wire, so both always agree.
 use agent_common::{
-    counter, ConnState, TraceIds, COMPAT_SCAN_BYTES, CONN_BORN, CONN_WAKE_ON_REPLY,
+    counter, ConnKey, ConnState, TraceIds, COMPAT_SCAN_BYTES, CONN_BORN, CONN_WAKE_ON_REPLY,
     INJECTED_REARMED, MAX_CAPTURE, ORIGIN_HEADER, ORIGIN_NEW, ORIGIN_THREAD, TRACE_CLIENT,
     TRACE_SERVER, TRACE_SERVER_PARENT,
 };
@@ -11,7 +11,7 @@ use aya_ebpf::{helpers::bpf_get_prandom_u32, macros::map, maps::LruHashMap};
 
 use crate::{
     looping::repeat,
-    maps::{count, DataScratch, CPU_STATE, SCRATCH, SCRATCH_BYTES},
+    maps::{count, DataScratch, CONNS, CPU_STATE, SCRATCH, SCRATCH_BYTES},
 };
 
 /// pid_tgid → the SERVER span the thread is handling (between request read and response
@@ -627,14 +627,19 @@ fn open_server(pid_tgid: u64) -> Option<&'static TraceIds> {
     (ids.kind == TRACE_SERVER).then_some(ids)
 }
 
-/// The thread just opened a client connection: if it is handling a
-/// request, that SERVER span becomes the parent of the connection's first request.
-/// Returns whether it was remembered.
+/// The thread just opened the client connection `conn`: if it is handling a request, that
+/// SERVER span becomes the parent of the connection's first request (`CONN_BORN`). The
+/// thread's context is looked at first: most threads that connect serve nothing.
 #[inline(always)]
-pub fn on_connect(pid_tgid: u64, key: u64) -> bool {
+pub fn on_connect(pid_tgid: u64, conn: ConnKey) {
     let Some(server) = open_server(pid_tgid) else {
-        return false;
+        return;
     };
+    let Some(state) = CONNS.get_ptr_mut(conn) else {
+        return;
+    };
+    // SAFETY: pointer from a successful lookup.
+    let state = unsafe { &mut *state };
     let mut opener = Opener {
         ids: TraceIds::default(),
         tid: pid_tgid as u32,
@@ -643,7 +648,10 @@ pub fn on_connect(pid_tgid: u64, key: u64) -> bool {
     // SAFETY: a map value and a stack value never overlap (an assignment became a memmove
     // call).
     unsafe { core::ptr::copy_nonoverlapping(server, &mut opener.ids, 1) };
-    BIRTH_CTX.insert(&key, &opener, 0).is_ok()
+    let key = birth_key(pid_tgid, state.local_port, state.remote_port);
+    if BIRTH_CTX.insert(&key, &opener, 0).is_ok() {
+        state.flags |= CONN_BORN;
+    }
 }
 
 /// Ids for a request the thread writes: those an sk_msg program just put on the wire (on a
