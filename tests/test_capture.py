@@ -531,36 +531,30 @@ def test_http2_over_tls_is_named_as_such(procs, tmp_path, client):
     ]), said
 
 
-def test_tls_and_http2_are_counted_and_named_not_captured(py_server, tmp_path):
-    """HTTPS with the TLS probes off (--no-tls), and HTTP/2 without TLS, cannot be read as
-    HTTP/1.x: each such connection is counted at both ends, each program and port is named
-    once in a warning, and none of it becomes an exchange, while plain HTTP beside them
-    still does."""
+def test_tls_is_counted_and_named_not_captured_without_the_probes(py_server, tmp_path):
+    """HTTPS with the TLS probes off (--no-tls) cannot be read: each such connection is
+    counted at both ends, each program and port is named once in a warning, and none of
+    it becomes an exchange, while plain HTTP beside it still does. (HTTP/2 without TLS is
+    read: tests/test_http2.py.)"""
     pem = self_signed_pem(tmp_path)
     tls_server, tls_port = py_server("--tls", pem)
-    h2_server, h2_port = py_server()
     _, plain_port = py_server()
-    agent = watch(tls_port, h2_port, plain_port, extra=["--no-tls"])
+    agent = watch(tls_port, plain_port, extra=["--no-tls"])
     for i in range(3):
         r = curl("-k", "-o", "/dev/null", "-w", "%{http_code}", f"https://127.0.0.1:{tls_port}/secret/{i}")
         assert r.stdout == "200"
-    # http.server answers the HTTP/2 preface with an HTTP/1.1 505, which curl then rejects.
-    curl("--http2-prior-knowledge", f"http://127.0.0.1:{h2_port}/h2", check=False)
     assert curl(f"http://127.0.0.1:{plain_port}/plain").stdout.strip() == "ok"
     got = finish(agent)
     assert sorted((e["kind"], e["url.path"], e["server.port"]) for e in got) == [
         ("client", "/plain", plain_port),
         ("server", "/plain", plain_port),
     ]
-    # Both ends of each connection: three HTTPS connections, one HTTP/2 connection.
+    # Both ends of each of the three HTTPS connections.
     assert agent.final_count("tapir.connections.unreadable.tls") == 6, agent.err[-30:]
-    assert agent.final_count("tapir.connections.unreadable.http2") == 2, agent.err[-30:]
     said = [l.split("not captured: ", 1)[1] for l in agent.err if "not captured: " in l]
     expected = [
         rf"python[\d.]* \(pid {tls_server.pid}\) serves TLS on port {tls_port};",
         rf"curl \(pid \d+\) talks TLS to 127\.0\.0\.1:{tls_port};",
-        rf"python[\d.]* \(pid {h2_server.pid}\) serves HTTP/2 without TLS \(h2c, gRPC\) on port {h2_port};",
-        rf"curl \(pid \d+\) talks HTTP/2 without TLS \(h2c, gRPC\) to 127\.0\.0\.1:{h2_port};",
     ]
     # Each once: three curl processes to one port are one program and port.
     assert sorted(p for p in expected if any(re.match(p, l) for l in said)) == sorted(expected), said

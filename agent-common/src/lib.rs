@@ -76,7 +76,7 @@ pub const MAX_CAPTURE: usize = 8192;
 /// Default number of payload bytes copied per syscall.
 pub const DEFAULT_CAPTURE: u32 = MAX_CAPTURE as u32;
 /// At most this many iovec entries are copied from readv/writev/recvmsg/sendmsg.
-pub const MAX_IOVECS: usize = 8;
+pub const MAX_IOVECS: usize = 32;
 
 /// Head bytes of one read that the compat programs (kernels without bpf_loop, whose loops
 /// the verifier walks step by step) scan for a `traceparent` and for the head's end.
@@ -318,8 +318,8 @@ pub struct ConnKey {
 
 /// [`ConnState::flags`]: the fd is a TCP socket that is tracked.
 pub const CONN_TCP: u16 = 1;
-/// The connection has carried something that starts like HTTP/1.x: its later chunks
-/// (header continuations, bodies) are reported too.
+/// The connection has carried something that starts like HTTP/1.x (or speaks HTTP/2,
+/// [`CONN_HTTP2`]): its later chunks (header continuations, bodies) are reported too.
 pub const CONN_HTTP: u16 = 2;
 /// The connection's HTTP port is already in the injection port set (saves a lookup per
 /// request).
@@ -360,6 +360,10 @@ pub const CONN_BORN: u16 = 4096;
 /// next read wakes the agent at once, so that it can re-arm injection between the reply and the
 /// connection's next request.
 pub const CONN_WAKE_ON_REPLY: u16 = 8192;
+/// The connection speaks HTTP/2 (it started with the client preface, or its server's
+/// first write was a SETTINGS frame): every call's bytes are copied up to the capture,
+/// with no HTTP/1.x head or body logic and no trace-context work.
+pub const CONN_HTTP2: u16 = 16384;
 /// [`TraceIds::injected`] of a request on a connection the agent re-armed: its reply wakes
 /// the agent ([`CONN_WAKE_ON_REPLY`]). Not the first request of a connection: most
 /// connections that carry one request are closed after it, and a wakeup per connection

@@ -2,9 +2,9 @@
 //! follow HTTP/1.x, copy a call's head (or, of a body, a few bytes) and its last bytes.
 use agent_common::{
     counter, syscall, EventKind, Role, TraceIds, CONN_BODY_IN, CONN_BODY_OUT, CONN_GAP,
-    CONN_HEAD_AT_LINE, CONN_HEAD_OPEN, CONN_HTTP, CONN_OPAQUE, CONN_PORT_LEARNED, CONN_TLS,
-    CONN_TLS_HTTP, CONN_TLS_OPAQUE, CONN_WAKE_ON_REPLY, DATA_AFTER_GAP, DIR_EGRESS, DIR_INGRESS,
-    MAX_CAPTURE, MAX_IOVECS, OPAQUE_HTTP2, OPAQUE_TLS, TAIL_BYTES,
+    CONN_HEAD_AT_LINE, CONN_HEAD_OPEN, CONN_HTTP, CONN_HTTP2, CONN_OPAQUE, CONN_PORT_LEARNED,
+    CONN_TLS, CONN_TLS_HTTP, CONN_TLS_OPAQUE, CONN_WAKE_ON_REPLY, DATA_AFTER_GAP, DIR_EGRESS,
+    DIR_INGRESS, MAX_CAPTURE, MAX_IOVECS, OPAQUE_HTTP2, OPAQUE_TLS, TAIL_BYTES,
 };
 #[cfg(not(feature = "compat"))]
 use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs};
@@ -301,6 +301,20 @@ fn first_bytes(addr: u64, len: u64) -> FirstBytes {
     }
 }
 
+/// Whether the call's first bytes are an HTTP/2 SETTINGS frame on stream 0 (a server's
+/// first frame): length < 64 KiB, type 4, flags 0 (not an ACK), stream 0.
+#[inline(always)]
+fn is_settings_frame(addr: u64, len: u64) -> bool {
+    if len < 9 {
+        return false;
+    }
+    // SAFETY: bpf_probe_read_user tolerates any address.
+    let Ok(b) = (unsafe { bpf_probe_read_user(addr as *const [u8; 9]) }) else {
+        return false;
+    };
+    b[0] == 0 && b[3] == 4 && b[4] == 0 && b[5] == 0 && b[6] == 0 && b[7] == 0 && b[8] == 0
+}
+
 #[inline(always)]
 fn emit_data<const SHAPE: u8>(
     p: &PendingIo,
@@ -340,6 +354,20 @@ fn emit_data<const SHAPE: u8>(
         let (addr, len) = first_segment::<SHAPE>(p, total)?;
         match first_bytes(addr, len.min(total)) {
             FirstBytes::Http => state.flags |= CONN_HTTP,
+            // h2c: read as it is (the agent parses its frames).
+            FirstBytes::Opaque(OPAQUE_HTTP2) => {
+                state.flags |= CONN_HTTP | CONN_HTTP2;
+                report_opaque(p, state, OPAQUE_HTTP2);
+            }
+            // An h2c server speaks first: its SETTINGS, before it reads the preface.
+            FirstBytes::NotHttp
+                if state.role == Role::Server as u8
+                    && p.direction == DIR_EGRESS
+                    && is_settings_frame(addr, len.min(total)) =>
+            {
+                state.flags |= CONN_HTTP | CONN_HTTP2;
+                report_opaque(p, state, OPAQUE_HTTP2);
+            }
             FirstBytes::Opaque(protocol) => {
                 state.flags |= CONN_OPAQUE;
                 if protocol == OPAQUE_TLS {
@@ -395,6 +423,18 @@ fn emit_data<const SHAPE: u8>(
                 ..Gather::default()
             },
         );
+    }
+    if state.flags & CONN_HTTP2 != 0 {
+        // Frames are read by the agent: header blocks anywhere in the call matter.
+        let copied = copy_upto::<SHAPE>(scratch, p, 0, want);
+        let hdr = &mut scratch.hdr;
+        hdr.tail_len = 0;
+        hdr.captured = copied as u32;
+        // SAFETY: a field of this CPU's scratch record (read back as below).
+        let captured = unsafe { core::ptr::read_volatile(&hdr.captured) } as u64;
+        clear_ids(&mut hdr.trace);
+        submit(scratch, p, total, captured, &mut state.flags, false);
+        return Some(());
     }
     // Bodies are not wanted, only their size and a chunked body's framing, which their
     // first and last bytes mostly show. The first HEAD_PROBE bytes are copied (one helper

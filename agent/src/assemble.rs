@@ -1,4 +1,5 @@
-//! Adapts kernel data events to the HTTP/1.x stream parser of one connection.
+//! Adapts kernel data events to the HTTP stream parser of one connection (HTTP/1.x, or
+//! HTTP/2 once the kernel said the connection speaks it).
 use std::collections::VecDeque;
 
 use agent_common::{
@@ -7,7 +8,7 @@ use agent_common::{
 
 use crate::{
     capture::events::DataEvent,
-    http::{Chunk, Direction, Exchange, Http1Stream},
+    http::{Chunk, Direction, Exchange, Http1Stream, Http2Stream, StreamStats},
     stats::Stats,
 };
 
@@ -16,6 +17,8 @@ const MAX_PENDING_IDS: usize = 64;
 
 pub struct ConnAssembler {
     stream: Http1Stream,
+    /// Set once the connection turned out to speak HTTP/2: it then reads every chunk.
+    h2: Option<Box<Http2Stream>>,
     /// (timestamp of the request's first chunk, ids the kernel gave it), oldest first.
     pending_ids: VecDeque<(u64, TraceIds)>,
 }
@@ -55,8 +58,21 @@ impl ConnAssembler {
             } else {
                 Http1Stream::new()
             },
+            h2: None,
             pending_ids: VecDeque::new(),
         }
+    }
+
+    /// The connection speaks HTTP/2 (the kernel saw its preface, or its server's first
+    /// SETTINGS): its chunks go to the HTTP/2 parser from now on.
+    pub fn use_http2(&mut self) {
+        if self.h2.is_none() {
+            self.h2 = Some(Box::default());
+        }
+    }
+
+    pub fn is_http2(&self) -> bool {
+        self.h2.is_some()
     }
 
     /// Pairs finished exchanges with the ids recorded at their request's first chunk
@@ -100,11 +116,26 @@ impl ConnAssembler {
         if self.pending_ids.is_empty() {
             self.pending_ids = VecDeque::new();
         }
-        self.stream.release_idle_buffers();
+        match &mut self.h2 {
+            Some(h2) => h2.release_idle_buffers(),
+            None => self.stream.release_idle_buffers(),
+        }
     }
 
     /// Feeds one data event; drop counts go to `stats`.
     pub fn on_data(&mut self, d: &DataEvent<'_>, out: &mut Completed, stats: &Stats) {
+        if let Some(h2) = &mut self.h2 {
+            // No kernel ids: the kernel follows trace context in HTTP/1.x only.
+            if d.header.flags & DATA_AFTER_GAP != 0 {
+                h2.on_gap();
+            }
+            if let Err(e) = h2.on_chunk(&chunk_of(d), &mut out.exchanges) {
+                tracing::trace!(error = %e, "http/2 chunk ignored");
+            }
+            self.attach_ids(out);
+            self.flush_stats(stats);
+            return;
+        }
         if d.header.flags & DATA_AFTER_GAP != 0 {
             // The ids of requests that will not be paired go with them.
             self.pending_ids.clear();
@@ -120,18 +151,7 @@ impl ConnAssembler {
             self.pending_ids
                 .push_back((d.header.header.ts_ns, d.header.trace));
         }
-        let chunk = Chunk {
-            direction: if d.header.direction == DIR_INGRESS {
-                Direction::Ingress
-            } else {
-                Direction::Egress
-            },
-            data: d.payload,
-            total: d.header.total as usize,
-            tail: d.tail(),
-            ts_ns: d.header.header.ts_ns,
-        };
-        if let Err(e) = self.stream.on_chunk(&chunk, &mut out.exchanges) {
+        if let Err(e) = self.stream.on_chunk(&chunk_of(d), &mut out.exchanges) {
             tracing::trace!(error = %e, "http stream reset");
         }
         self.attach_ids(out);
@@ -142,23 +162,43 @@ impl ConnAssembler {
     /// exit) was seen, so that requests left without response failed then; else the agent
     /// only lets go of it (see [`Http1Stream::on_forget`]).
     pub fn on_close(&mut self, ts_ns: u64, seen_closing: bool, out: &mut Completed, stats: &Stats) {
-        if seen_closing {
-            self.stream.on_close(ts_ns, &mut out.exchanges);
-        } else {
-            self.stream.on_forget(ts_ns, &mut out.exchanges);
+        match (&mut self.h2, seen_closing) {
+            (Some(h2), true) => h2.on_close(ts_ns, &mut out.exchanges),
+            (Some(h2), false) => h2.on_forget(),
+            (None, true) => self.stream.on_close(ts_ns, &mut out.exchanges),
+            (None, false) => self.stream.on_forget(ts_ns, &mut out.exchanges),
         }
         self.attach_ids(out);
         self.flush_stats(stats);
     }
 
     fn flush_stats(&mut self, stats: &Stats) {
-        if self.stream.stats().total_drops() > 0 {
-            stats.add_stream(&self.stream.take_stats());
+        let taken: Option<StreamStats> = match &mut self.h2 {
+            Some(h2) => (h2.stats().total_drops() > 0).then(|| h2.take_stats()),
+            None => (self.stream.stats().total_drops() > 0).then(|| self.stream.take_stats()),
+        };
+        if let Some(taken) = taken {
+            stats.add_stream(&taken);
         }
     }
 
     pub fn stream(&self) -> &Http1Stream {
         &self.stream
+    }
+}
+
+/// The chunk a data event carries.
+fn chunk_of<'a>(d: &'a DataEvent<'_>) -> Chunk<'a> {
+    Chunk {
+        direction: if d.header.direction == DIR_INGRESS {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        },
+        data: d.payload,
+        total: d.header.total as usize,
+        tail: d.tail(),
+        ts_ns: d.header.header.ts_ns,
     }
 }
 

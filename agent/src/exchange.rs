@@ -5,7 +5,7 @@ use serde_json::{json, Value};
 
 use crate::{
     clock::MonoToWall,
-    http::{Exchange, ExchangeRole, HttpVersion},
+    http::{Exchange, ExchangeRole},
     pipeline::Endpoints,
     process::ProcessInfo,
 };
@@ -69,15 +69,26 @@ impl CapturedExchange {
     }
 
     pub fn protocol_version(&self) -> &'static str {
-        match self.http.version {
-            HttpVersion::Http10 => "1.0",
-            HttpVersion::Http11 => "1.1",
-        }
+        self.http.version.as_str()
     }
 
     /// The `tapir watch --json` record.
     pub fn to_json(&self) -> Value {
         let (server, client) = self.server_client();
+        let mut record = self.http_json(server, client);
+        if let (Some(call), Some(fields)) = (self.http.grpc, record.as_object_mut()) {
+            let (method, _) = crate::otel::rpc::method(&self.http, call);
+            fields.insert("rpc.system.name".into(), crate::otel::rpc::SYSTEM.into());
+            fields.insert("rpc.method".into(), method.into());
+            let status = call.status.map(|code| {
+                crate::otel::rpc::status_name(code).map_or_else(|| code.to_string(), String::from)
+            });
+            fields.insert("rpc.response.status_code".into(), status.into());
+        }
+        record
+    }
+
+    fn http_json(&self, server: (std::net::IpAddr, u16), client: (std::net::IpAddr, u16)) -> Value {
         json!({
             "kind": if self.is_server() { "server" } else { "client" },
             "process.pid": self.process.pid,

@@ -273,7 +273,15 @@ impl<S: ExchangeSink> Pipeline<S> {
         if !conn.wanted {
             return;
         }
-        let what = if what == Unreadable::Http2 && (conn.tls || conn.tls_unconfirmed) {
+        if what == Unreadable::Http2 && !conn.tls && !conn.tls_unconfirmed {
+            // h2c: read frame by frame from here on.
+            if !conn.http.is_http2() {
+                Stats::inc(&self.stats.conns_http2);
+                conn.http.use_http2();
+            }
+            return;
+        }
+        let what = if what == Unreadable::Http2 {
             // Inside TLS, through the probes: the TLS was read, what it carries is not.
             conn.tls_read(&self.stats);
             Unreadable::Http2OverTls

@@ -15,6 +15,8 @@ pub enum ExchangeRole {
 pub enum HttpVersion {
     Http10,
     Http11,
+    /// HTTP/2 (h2c, or h2 read through the TLS probes).
+    Http2,
 }
 
 impl HttpVersion {
@@ -23,6 +25,7 @@ impl HttpVersion {
         match self {
             Self::Http10 => "1.0",
             Self::Http11 => "1.1",
+            Self::Http2 => "2",
         }
     }
 }
@@ -35,6 +38,8 @@ pub enum Failure {
     NoResponse,
     /// The connection closed in the middle of the response.
     ResponseCutShort,
+    /// HTTP/2: an end reset the stream (`RST_STREAM`) before the response ended.
+    StreamReset,
 }
 
 impl Failure {
@@ -44,11 +49,20 @@ impl Failure {
         match self {
             Self::NoResponse => "connection_closed",
             Self::ResponseCutShort => "response_incomplete",
+            Self::StreamReset => "stream_reset",
         }
     }
 }
 
-/// One HTTP/1.x request and its final response.
+/// A gRPC call (an HTTP/2 request whose `content-type` is `application/grpc…`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GrpcCall {
+    /// The `grpc-status` the server sent (in trailers, or in a trailers-only response);
+    /// `None` when none was seen.
+    pub status: Option<u8>,
+}
+
+/// One HTTP request and its final response (HTTP/1.x, or one HTTP/2 stream).
 ///
 /// Only the fields below are kept from the traffic; every other header is never copied.
 #[derive(Clone, Debug, PartialEq)]
@@ -88,4 +102,6 @@ pub struct Exchange {
     pub keep_alive: bool,
     /// The connection ended before the response did.
     pub failure: Option<Failure>,
+    /// Set for gRPC calls: they become RPC spans and metrics.
+    pub grpc: Option<GrpcCall>,
 }

@@ -12,6 +12,7 @@
 //! - [`cursor`]: a read position over one syscall's partly captured bytes.
 //! - [`stream`]: the per-connection state machine ([`Http1Stream`]); `pairing` keeps its
 //!   requests in line for their responses.
+//! - [`h2`]: the same for HTTP/2 connections ([`Http2Stream`]).
 //! - [`exchange`], [`stats`]: what comes out.
 //!
 //! Approximations, by design:
@@ -27,6 +28,7 @@ pub mod chunk;
 pub mod chunked;
 pub mod cursor;
 pub mod exchange;
+pub mod h2;
 pub mod head;
 mod pairing;
 pub mod stats;
@@ -38,6 +40,7 @@ mod proptests;
 mod tests;
 
 pub use chunk::{Chunk, Direction};
-pub use exchange::{Exchange, ExchangeRole, Failure, HttpVersion};
+pub use exchange::{Exchange, ExchangeRole, Failure, GrpcCall, HttpVersion};
+pub use h2::Http2Stream;
 pub use stats::{DropReason, StreamStats};
 pub use stream::{Http1Stream, StreamConfig, StreamError};

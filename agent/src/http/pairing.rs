@@ -250,6 +250,7 @@ mod tests {
                 request_head_truncated: false,
                 keep_alive: false,
                 failure: None,
+                grpc: None,
             }),
         }
     }

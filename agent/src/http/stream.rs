@@ -500,6 +500,7 @@ fn parsed_request(
         request_head_truncated: truncated,
         keep_alive: false,
         failure: None,
+        grpc: None,
     };
     // A request body is chunked or has a length; anything else means no body.
     let body = match (
@@ -533,7 +534,7 @@ fn parsed_response(head: &ResponseHead<'_>) -> ParsedHead {
         (false, _, None) => BodyLength::UntilClose,
     };
     let keep_alive = match head.version {
-        HttpVersion::Http11 => fields.connection != ConnectionOption::Close,
+        HttpVersion::Http11 | HttpVersion::Http2 => fields.connection != ConnectionOption::Close,
         HttpVersion::Http10 => fields.connection == ConnectionOption::KeepAlive,
     };
     ParsedHead::Response {

@@ -160,6 +160,7 @@ fn a_request_and_its_response_make_one_exchange() {
             request_head_truncated: false,
             keep_alive: true,
             failure: None,
+            grpc: None,
         }
     );
     assert_eq!(c.stream.role(), Some(ExchangeRole::Server));

@@ -21,6 +21,7 @@ pub mod prometheus;
 pub mod queue;
 pub mod resource;
 pub mod route;
+pub mod rpc;
 pub mod sampler;
 pub mod span;
 pub mod text;

@@ -14,9 +14,9 @@ use opentelemetry::{
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SpanData, SpanEvents, SpanLinks};
 use opentelemetry_semantic_conventions::attribute as sc;
 
-use super::{text::StackText, tracecontext::parse_traceparent};
+use super::{rpc, text::StackText, tracecontext::parse_traceparent};
 use crate::exchange::CapturedExchange;
-use crate::http::Failure;
+use crate::http::{Failure, GrpcCall};
 
 /// Methods the semantic conventions know by default; others are reported as `_OTHER`.
 const DEFAULT_KNOWN_METHODS: [&str; 9] = [
@@ -100,6 +100,8 @@ pub enum ErrorType {
     Status(u16),
     /// The connection ended before the response did.
     Failure(Failure),
+    /// A gRPC status that is an error at this end (its name as text).
+    Grpc(u8),
 }
 
 /// The exchange's `error.type`, if it failed: the connection ended before the response
@@ -111,11 +113,42 @@ pub fn error_type(server: bool, status: u16, failure: Option<Failure>) -> Option
     }
 }
 
+/// The `error.type` of a gRPC call, if it failed: the connection or the stream ended
+/// before the response did, its `grpc-status` is an error for its end, or (no
+/// `grpc-status`: a proxy answered) its HTTP status is.
+pub fn grpc_error_type(
+    server: bool,
+    status: u16,
+    failure: Option<Failure>,
+    call: GrpcCall,
+) -> Option<ErrorType> {
+    if let Some(f) = failure {
+        return Some(ErrorType::Failure(f));
+    }
+    match call.status {
+        Some(code) => rpc::is_error(server, code).then_some(ErrorType::Grpc(code)),
+        None => is_error(server, status).then_some(ErrorType::Status(status)),
+    }
+}
+
+/// The exchange's `error.type` (gRPC's rules for a gRPC call, HTTP's otherwise).
+pub fn exchange_error_type(ex: &CapturedExchange) -> Option<ErrorType> {
+    let http = &ex.http;
+    match http.grpc {
+        Some(call) => grpc_error_type(ex.is_server(), http.status, http.failure, call),
+        None => error_type(ex.is_server(), http.status, http.failure),
+    }
+}
+
 impl std::fmt::Display for ErrorType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Status(code) => write!(f, "{code}"),
             Self::Failure(failure) => f.write_str(failure.as_str()),
+            Self::Grpc(code) => match rpc::status_name(*code) {
+                Some(name) => f.write_str(name),
+                None => write!(f, "{code}"),
+            },
         }
     }
 }
@@ -195,9 +228,10 @@ fn trace_state_of(ex: &CapturedExchange) -> TraceState {
 }
 
 /// Chooses the ids of an exchange's span: kernel-given ids when there are some (see
-/// [`kernel_ids`]); else the trace of a valid incoming `traceparent` (its span becomes our
-/// parent, its `tracestate` is kept); else a new trace. The span id is new unless the
-/// kernel gave one.
+/// [`kernel_ids`]); else, for a SERVER, the trace of a valid incoming `traceparent` (its
+/// span becomes our parent, its `tracestate` is kept), for a CLIENT the ids of the
+/// `traceparent` it sent; else a new trace. The span id is new unless the kernel or the
+/// CLIENT's header gave one.
 pub fn span_context_for(ex: &CapturedExchange, kernel: Option<KernelIds>) -> SpanIds {
     if let Some(k) = kernel {
         return SpanIds {
@@ -216,6 +250,17 @@ pub fn span_context_for(ex: &CapturedExchange, kernel: Option<KernelIds>) -> Spa
     let ids = RandomIdGenerator::default();
     let span_id = new_span_id(&ids);
     match ex.http.traceparent.as_deref().and_then(parse_traceparent) {
+        // A caller that wrote its own context names its own call with it: those are the
+        // CLIENT span's ids, as the kernel takes them for HTTP/1.x (the peer's SERVER
+        // span becomes their child).
+        Some(tp) if !ex.is_server() => SpanIds {
+            trace_id: tp.trace_id,
+            span_id: tp.span_id,
+            parent_span_id: SpanId::INVALID,
+            parent_sampled: Some(tp.sampled),
+            parent_is_remote: false,
+            trace_state: trace_state_of(ex),
+        },
         Some(tp) => SpanIds {
             trace_id: tp.trace_id,
             span_id,
@@ -391,11 +436,31 @@ pub fn build_span(
 ) -> SpanData {
     let server = ex.is_server();
     let http = &ex.http;
-    let (method, original) = normalize_method(&http.method);
-    let (srv_addr, srv_port) = server_address(ex);
-    let peer = ex.endpoints.remote;
-
     let mut attrs = Vec::with_capacity(16);
+    if let Some(call) = http.grpc {
+        // An RPC span: `rpc.*` in place of the HTTP request's attributes.
+        let (rpc_method, rpc_original) = rpc::method(http, call);
+        attrs.push(KeyValue::new(sc::RPC_SYSTEM_NAME, rpc::SYSTEM));
+        attrs.push(KeyValue::new(sc::RPC_METHOD, rpc_method.to_string()));
+        if let Some(o) = rpc_original {
+            attrs.push(KeyValue::new(sc::RPC_METHOD_ORIGINAL, o.to_string()));
+        }
+        if let Some(code) = call.status {
+            attrs.push(KeyValue::new(
+                sc::RPC_RESPONSE_STATUS_CODE,
+                ErrorType::Grpc(code).to_string(),
+            ));
+        }
+        return finish_span(
+            ex,
+            ids,
+            rpc_method.to_string(),
+            attrs,
+            grpc_error_type(server, http.status, http.failure, call),
+            scope,
+        );
+    }
+    let (method, original) = normalize_method(&http.method);
     attrs.push(KeyValue::new(sc::HTTP_REQUEST_METHOD, method));
     if let Some(o) = original {
         attrs.push(KeyValue::new(
@@ -409,6 +474,7 @@ pub fn build_span(
         attrs.push(KeyValue::new(sc::URL_PATH, http.path.to_string()));
         attrs.push(KeyValue::new(sc::URL_SCHEME, ex.scheme()));
     } else {
+        let (srv_addr, srv_port) = server_address(ex);
         let mut full = String::new();
         url_full_prefix(&mut full, ex.scheme(), &srv_addr, srv_port);
         full.push_str(url_full_path(&http.path));
@@ -423,6 +489,29 @@ pub fn build_span(
     if let Some(r) = route {
         attrs.push(KeyValue::new(sc::HTTP_ROUTE, r.to_string()));
     }
+    // The conventions name spans of unknown methods "HTTP".
+    let name_method = if original.is_some() { "HTTP" } else { method };
+    let name = match route {
+        Some(r) => format!("{name_method} {r}"),
+        None => name_method.to_string(),
+    };
+    let error_type = error_type(server, http.status, http.failure);
+    finish_span(ex, ids, name, attrs, error_type, scope)
+}
+
+/// The rest of [`build_span`]: the connection's attributes, the error, the span itself.
+fn finish_span(
+    ex: &CapturedExchange,
+    ids: &SpanIds,
+    name: String,
+    mut attrs: Vec<KeyValue>,
+    error_type: Option<ErrorType>,
+    scope: &InstrumentationScope,
+) -> SpanData {
+    let server = ex.is_server();
+    let http = &ex.http;
+    let (srv_addr, srv_port) = server_address(ex);
+    let peer = ex.endpoints.remote;
     attrs.push(KeyValue::new(sc::SERVER_ADDRESS, srv_addr));
     attrs.push(KeyValue::new(sc::SERVER_PORT, i64::from(srv_port)));
     if server {
@@ -437,18 +526,10 @@ pub fn build_span(
     if let Some(ua) = http.user_agent.as_ref().filter(|_| server) {
         attrs.push(KeyValue::new(sc::USER_AGENT_ORIGINAL, ua.to_string()));
     }
-    let error_type = error_type(server, http.status, http.failure);
     let error = error_type.is_some();
     if let Some(e) = error_type {
         attrs.push(KeyValue::new(sc::ERROR_TYPE, e.to_string()));
     }
-
-    // The conventions name spans of unknown methods "HTTP".
-    let name_method = if original.is_some() { "HTTP" } else { method };
-    let name = match route {
-        Some(r) => format!("{name_method} {r}"),
-        None => name_method.to_string(),
-    };
     SpanData {
         span_context: SpanContext::new(
             ids.trace_id,
@@ -542,6 +623,7 @@ pub(crate) mod tests {
                 request_head_truncated: false,
                 keep_alive: true,
                 failure: None,
+                grpc: None,
             },
             process: Arc::new(ProcessInfo {
                 pid: 77,
@@ -818,6 +900,21 @@ pub(crate) mod tests {
             span.span_context.trace_state().get("congo"),
             Some("t61rcWkgMzE")
         );
+
+        // A CLIENT that sent its own context: its ids are the span's.
+        let mut client = ex.clone();
+        client.http.role = ExchangeRole::Client;
+        let ids = span_context_for(&client, None);
+        assert_eq!(
+            (ids.trace_id, ids.span_id, ids.parent_span_id),
+            (
+                TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+                SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+                SpanId::INVALID
+            )
+        );
+        assert_eq!(ids.parent_sampled, Some(false));
+        assert!(!ids.parent_is_remote);
 
         // An invalid traceparent starts a new trace (and its tracestate is ignored).
         ex.http.traceparent =

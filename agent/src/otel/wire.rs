@@ -14,13 +14,14 @@ use opentelemetry_semantic_conventions::attribute as sc;
 use prost::encoding::encoded_len_varint;
 
 use super::{
+    rpc,
     span::{
-        error_type, normalize_method, server_address_in, url_full_path, url_full_prefix, ErrorType,
-        SpanIds,
+        error_type, grpc_error_type, normalize_method, server_address_in, url_full_path,
+        url_full_prefix, ErrorType, SpanIds,
     },
     text::StackText,
 };
-use crate::exchange::CapturedExchange;
+use crate::{exchange::CapturedExchange, http::GrpcCall};
 
 // Wire types.
 const VARINT: u32 = 0;
@@ -459,42 +460,17 @@ fn encode_span_to(
     route: Option<&str>,
     conn: &ConnAttrs,
 ) {
-    let server = ex.is_server();
     let http = &ex.http;
-    let (method, original) = normalize_method(&http.method);
-    let error_type = error_type(server, http.status, http.failure);
-    let error = error_type.is_some();
-
-    // Ids are copied even when zero, as the transform does.
-    put_bytes(out, SPAN_TRACE_ID, &ids.trace_id.to_bytes());
-    put_bytes(out, SPAN_SPAN_ID, &ids.span_id.to_bytes());
-    put_trace_state(out, &ids.trace_state);
-    if ids.parent_span_id != SpanId::INVALID {
-        put_bytes(out, SPAN_PARENT_SPAN_ID, &ids.parent_span_id.to_bytes());
+    if let Some(call) = http.grpc {
+        return encode_rpc_span_to(out, ex, ids, conn, call);
     }
-
+    let server = ex.is_server();
+    let (method, original) = normalize_method(&http.method);
     // The conventions name spans of unknown methods "HTTP".
     let name_method = if original.is_some() { "HTTP" } else { method };
-    let name_len = name_method.len() + route.map_or(0, |r| 1 + r.len());
-    put_len_prefix(out, SPAN_NAME, name_len);
-    out.bytes(name_method.as_bytes());
-    if let Some(r) = route {
-        out.byte(b' ');
-        out.bytes(r.as_bytes());
-    }
-
-    put_key(out, SPAN_KIND, VARINT);
-    put_varint(out, if server { KIND_SERVER } else { KIND_CLIENT });
-    // fixed64, absent when 0 like any proto3 default; the end is never before the start.
-    let start = ex.start_unix_ns;
-    let end = ex.end_unix_ns.max(start);
-    if start != 0 {
-        put_key(out, SPAN_START, FIXED64);
-        out.bytes(&start.to_le_bytes());
-    }
-    if end != 0 {
-        put_key(out, SPAN_END, FIXED64);
-        out.bytes(&end.to_le_bytes());
+    match route {
+        Some(r) => put_span_head(out, ex, ids, &[name_method, " ", r]),
+        None => put_span_head(out, ex, ids, &[name_method]),
     }
 
     // Attributes in build_span's order.
@@ -522,12 +498,97 @@ fn encode_span_to(
     if let Some(r) = route {
         put_attr_str(out, a, sc::HTTP_ROUTE, r.as_bytes());
     }
+    put_span_tail(
+        out,
+        ids,
+        conn,
+        error_type(server, http.status, http.failure),
+    );
+}
+
+/// A gRPC call's span: named by its method, `rpc.*` in place of the HTTP attributes.
+fn encode_rpc_span_to(
+    out: &mut impl Out,
+    ex: &CapturedExchange,
+    ids: &SpanIds,
+    conn: &ConnAttrs,
+    call: GrpcCall,
+) {
+    let http = &ex.http;
+    let (method, original) = rpc::method(http, call);
+    put_span_head(out, ex, ids, &[method]);
+    let a = SPAN_ATTRIBUTES;
+    put_attr_str(out, a, sc::RPC_SYSTEM_NAME, rpc::SYSTEM.as_bytes());
+    put_attr_str(out, a, sc::RPC_METHOD, method.as_bytes());
+    if let Some(o) = original {
+        put_attr_str(out, a, sc::RPC_METHOD_ORIGINAL, o.as_bytes());
+    }
+    if let Some(code) = call.status {
+        let name = rpc::status_name(code);
+        let number = StackText::decimal(u16::from(code));
+        let text = name.map_or(number.as_bytes(), str::as_bytes);
+        put_attr_str(out, a, sc::RPC_RESPONSE_STATUS_CODE, text);
+    }
+    let error = grpc_error_type(ex.is_server(), http.status, http.failure, call);
+    put_span_tail(out, ids, conn, error);
+}
+
+/// A span's ids, name (`name` concatenated), kind and times.
+fn put_span_head(out: &mut impl Out, ex: &CapturedExchange, ids: &SpanIds, name: &[&str]) {
+    // Ids are copied even when zero, as the transform does.
+    put_bytes(out, SPAN_TRACE_ID, &ids.trace_id.to_bytes());
+    put_bytes(out, SPAN_SPAN_ID, &ids.span_id.to_bytes());
+    put_trace_state(out, &ids.trace_state);
+    if ids.parent_span_id != SpanId::INVALID {
+        put_bytes(out, SPAN_PARENT_SPAN_ID, &ids.parent_span_id.to_bytes());
+    }
+    put_len_prefix(out, SPAN_NAME, name.iter().map(|p| p.len()).sum());
+    for part in name {
+        out.bytes(part.as_bytes());
+    }
+
+    put_key(out, SPAN_KIND, VARINT);
+    put_varint(
+        out,
+        if ex.is_server() {
+            KIND_SERVER
+        } else {
+            KIND_CLIENT
+        },
+    );
+    // fixed64, absent when 0 like any proto3 default; the end is never before the start.
+    let start = ex.start_unix_ns;
+    let end = ex.end_unix_ns.max(start);
+    if start != 0 {
+        put_key(out, SPAN_START, FIXED64);
+        out.bytes(&start.to_le_bytes());
+    }
+    if end != 0 {
+        put_key(out, SPAN_END, FIXED64);
+        out.bytes(&end.to_le_bytes());
+    }
+}
+
+/// The connection's attributes, `error.type`, the status and the flags that end a span.
+fn put_span_tail(
+    out: &mut impl Out,
+    ids: &SpanIds,
+    conn: &ConnAttrs,
+    error_type: Option<ErrorType>,
+) {
+    let a = SPAN_ATTRIBUTES;
     out.bytes(&conn.encoded);
+    let error = error_type.is_some();
     match error_type {
         Some(ErrorType::Status(code)) => {
             put_attr_str(out, a, sc::ERROR_TYPE, StackText::decimal(code).as_bytes())
         }
         Some(ErrorType::Failure(f)) => put_attr_str(out, a, sc::ERROR_TYPE, f.as_str().as_bytes()),
+        Some(ErrorType::Grpc(code)) => {
+            let number = StackText::decimal(u16::from(code));
+            let text = rpc::status_name(code).map_or(number.as_bytes(), str::as_bytes);
+            put_attr_str(out, a, sc::ERROR_TYPE, text)
+        }
         None => {}
     }
 
@@ -731,7 +792,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        http::{ExchangeRole, HttpVersion},
+        http::{ExchangeRole, Failure, HttpVersion},
         otel::{
             resource,
             span::{
@@ -909,6 +970,35 @@ mod tests {
                 ex.http.tracestate = Some("k=v".into());
                 ex.trace = Some(t);
                 all.push(ex);
+            }
+            // HTTP/2, and gRPC calls: every status, unknown ones, none; failures; paths
+            // that name no method.
+            let mut ex = exchange(role, "GET", "/h2", 200);
+            ex.http.version = HttpVersion::Http2;
+            all.push(ex);
+            let grpc = |path: &str, status: Option<u8>, http_status: u16| {
+                let mut ex = exchange(role, "POST", path, http_status);
+                ex.http.version = HttpVersion::Http2;
+                ex.http.grpc = Some(GrpcCall { status });
+                ex
+            };
+            for code in (0..=17).chain([255]) {
+                all.push(grpc("/helloworld.Greeter/SayHello", Some(code), 200));
+            }
+            for http_status in [0, 200, 404, 503] {
+                all.push(grpc("/pkg.S/M", None, http_status));
+            }
+            for failure in [
+                Failure::NoResponse,
+                Failure::ResponseCutShort,
+                Failure::StreamReset,
+            ] {
+                let mut ex = grpc("/pkg.S/M", Some(0), 200);
+                ex.http.failure = Some(failure);
+                all.push(ex);
+            }
+            for path in ["", "/", "/only", "//m", "/ü/😀"] {
+                all.push(grpc(path, Some(0), 200));
             }
         }
         all

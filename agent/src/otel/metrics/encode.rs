@@ -14,7 +14,11 @@ use opentelemetry_semantic_conventions::{attribute as sc, metric as sm};
 use prost::Message as _;
 
 use super::series::{Hist, SeriesKey, Snap, BOUNDS};
-use crate::otel::span::{error_type, scope};
+use crate::http::GrpcCall;
+use crate::otel::{
+    rpc,
+    span::{error_type, grpc_error_type, scope, ErrorType},
+};
 
 /// `otel.metric.overflow`: the one attribute of an overflow series.
 pub const OVERFLOW_ATTRIBUTE: &str = "otel.metric.overflow";
@@ -147,8 +151,56 @@ const INSTRUMENTS: [[Instrument; 3]; 2] = [
     ],
 ];
 
-fn instruments(server: bool) -> &'static [Instrument; 3] {
-    &INSTRUMENTS[usize::from(!server)]
+/// A gRPC call's duration, server then client (the RPC conventions' only required
+/// metric; body sizes stay with HTTP).
+const RPC_INSTRUMENTS: [Instrument; 2] = [
+    Instrument {
+        name: sm::RPC_SERVER_CALL_DURATION,
+        unit: "s",
+        description: "Duration of RPCs served (gRPC).",
+    },
+    Instrument {
+        name: sm::RPC_CLIENT_CALL_DURATION,
+        unit: "s",
+        description: "Duration of RPCs made (gRPC).",
+    },
+];
+
+/// The instruments of a series: HTTP's three, or an RPC's duration.
+fn instruments(server: bool, rpc: bool) -> &'static [Instrument] {
+    let i = usize::from(!server);
+    if rpc {
+        std::slice::from_ref(&RPC_INSTRUMENTS[i])
+    } else {
+        &INSTRUMENTS[i]
+    }
+}
+
+/// The attributes of a gRPC call's series.
+fn rpc_attributes(key: &SeriesKey, call: GrpcCall) -> Vec<KeyValue> {
+    let s = |v: &str| any_value::Value::StringValue(v.to_string());
+    let mut a = Vec::with_capacity(6);
+    a.push(kv(sc::RPC_SYSTEM_NAME, s(rpc::SYSTEM)));
+    if let Some(m) = &key.route {
+        a.push(kv(sc::RPC_METHOD, s(m)));
+    }
+    if let Some(code) = call.status {
+        a.push(kv(
+            sc::RPC_RESPONSE_STATUS_CODE,
+            s(&ErrorType::Grpc(code).to_string()),
+        ));
+    }
+    if let Some(e) = grpc_error_type(key.server, key.status, key.failure, call) {
+        a.push(kv(sc::ERROR_TYPE, s(&e.to_string())));
+    }
+    if let Some((addr, port)) = &key.server_address {
+        a.push(kv(sc::SERVER_ADDRESS, s(addr)));
+        a.push(kv(
+            sc::SERVER_PORT,
+            any_value::Value::IntValue(i64::from(*port)),
+        ));
+    }
+    a
 }
 
 /// The attributes of a series, in the order and with the types an SDK-instrumented server
@@ -156,6 +208,9 @@ fn instruments(server: bool) -> &'static [Instrument; 3] {
 fn attributes(key: &SeriesKey) -> Vec<KeyValue> {
     if key.overflow {
         return vec![kv(OVERFLOW_ATTRIBUTE, any_value::Value::BoolValue(true))];
+    }
+    if let Some(call) = key.grpc {
+        return rpc_attributes(key, call);
     }
     let s = |v: &str| any_value::Value::StringValue(v.to_string());
     let mut a = Vec::with_capacity(8);
@@ -192,13 +247,16 @@ fn attributes(key: &SeriesKey) -> Vec<KeyValue> {
 pub(super) fn http_metrics(snaps: &[Snap], delta: bool, now_ns: u64) -> Vec<Metric> {
     let temporality = aggregation(delta);
     let mut metrics = Vec::with_capacity(6);
-    for server in [true, false] {
-        let mine: Vec<&Snap> = snaps.iter().filter(|s| s.key.server == server).collect();
+    for (server, rpc) in [(true, false), (false, false), (true, true), (false, true)] {
+        let mine: Vec<&Snap> = snaps
+            .iter()
+            .filter(|s| s.key.server == server && s.key.grpc.is_some() == rpc)
+            .collect();
         if mine.is_empty() {
             continue;
         }
         let attrs: Vec<Vec<KeyValue>> = mine.iter().map(|s| attributes(&s.key)).collect();
-        for (i, inst) in instruments(server).iter().enumerate() {
+        for (i, inst) in instruments(server, rpc).iter().enumerate() {
             let data_points = mine
                 .iter()
                 .zip(&attrs)
@@ -285,6 +343,70 @@ mod tests {
             span::tests::exchange,
         },
     };
+
+    /// gRPC calls are RPC durations by method and status, with gRPC's errors per end;
+    /// nothing of them in the HTTP histograms.
+    #[test]
+    fn grpc_calls_are_rpc_durations_by_method_and_status() {
+        let r = registry(16);
+        let call = |role, path: &str, status: Option<u8>| {
+            let mut ex = exchange(role, "POST", path, 200);
+            ex.http.version = crate::http::HttpVersion::Http2;
+            ex.http.grpc = Some(GrpcCall { status });
+            ex
+        };
+        let s = ExchangeRole::Server;
+        let c = ExchangeRole::Client;
+        let all = [
+            call(s, "/pkg.S/A", Some(0)),
+            call(s, "/pkg.S/A", Some(0)),
+            call(s, "/pkg.S/A", Some(5)),
+            call(s, "/pkg.S/B", Some(14)),
+            call(s, "/pkg.S/Nope", Some(12)),
+            call(c, "/pkg.S/A", Some(5)),
+        ];
+        let e = r.entry(&all[0].process);
+        for ex in &all {
+            r.record(&e, ex, Some("/ignored"));
+        }
+        let req = r.collect().unwrap();
+        assert_eq!(histogram_count(&req, "http.server.request.duration"), 0);
+        assert_eq!(histogram_count(&req, "http.client.request.duration"), 0);
+        let text = |p: &HistogramDataPoint, k: &str| match attr(&p.attributes, k) {
+            Some(any_value::Value::StringValue(v)) => v.clone(),
+            _ => String::new(),
+        };
+        let rows = |name: &str| {
+            let mut rows: Vec<_> = hist_points(&req, name)
+                .iter()
+                .map(|p| {
+                    assert_eq!(text(p, "rpc.system.name"), "grpc");
+                    let row = [
+                        text(p, "rpc.method"),
+                        text(p, "rpc.response.status_code"),
+                        text(p, "error.type"),
+                    ];
+                    (row, p.count)
+                })
+                .collect();
+            rows.sort();
+            rows
+        };
+        let row = |m: &str, st: &str, e: &str, n| ([m.into(), st.into(), e.into()], n);
+        assert_eq!(
+            rows("rpc.server.call.duration"),
+            [
+                row("_OTHER", "UNIMPLEMENTED", "UNIMPLEMENTED", 1),
+                row("pkg.S/A", "NOT_FOUND", "", 1),
+                row("pkg.S/A", "OK", "", 2),
+                row("pkg.S/B", "UNAVAILABLE", "UNAVAILABLE", 1),
+            ]
+        );
+        assert_eq!(
+            rows("rpc.client.call.duration"),
+            [row("pkg.S/A", "NOT_FOUND", "NOT_FOUND", 1)]
+        );
+    }
 
     /// Exchanges whose connection ended first are their own series: no status code when
     /// none came, `error.type` saying why; an answered one is not merged into them.

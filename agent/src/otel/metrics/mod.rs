@@ -381,6 +381,12 @@ impl Registry {
             return;
         };
         let server = ex.is_server();
+        let grpc = ex.http.grpc;
+        // A gRPC call's series is its method's.
+        let route = match grpc {
+            Some(call) => Some(super::rpc::method(&ex.http, call).0),
+            None => route,
+        };
         let view = KeyView {
             server,
             overflow: false,
@@ -391,6 +397,7 @@ impl Registry {
             scheme: ex.scheme(),
             route,
             server_address,
+            grpc,
         };
         let values = [
             ex.duration_ns() as f64 / 1e9,

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use hashbrown::HashTable;
 
-use crate::http::Failure;
+use crate::http::{Failure, GrpcCall};
 
 /// Duration buckets (seconds) of the stable HTTP semantic conventions.
 pub const DURATION_BUCKETS: [f64; 14] = [
@@ -79,8 +79,11 @@ pub(super) struct KeyView<'a> {
     pub(super) failure: Option<Failure>,
     pub(super) version: &'static str,
     pub(super) scheme: &'static str,
+    /// For a gRPC call's series, its `rpc.method`.
     pub(super) route: Option<&'a str>,
     pub(super) server_address: Option<(&'a str, u16)>,
+    /// A gRPC call's series: an RPC metric, not an HTTP one.
+    pub(super) grpc: Option<GrpcCall>,
 }
 
 impl KeyView<'static> {
@@ -95,6 +98,7 @@ impl KeyView<'static> {
             scheme: "",
             route: None,
             server_address: None,
+            grpc: None,
         }
     }
 }
@@ -113,6 +117,7 @@ pub(super) struct SeriesKey {
     pub(super) scheme: &'static str,
     pub(super) route: Option<Arc<str>>,
     pub(super) server_address: Option<(Arc<str>, u16)>,
+    pub(super) grpc: Option<GrpcCall>,
 }
 
 impl SeriesKey {
@@ -127,6 +132,7 @@ impl SeriesKey {
             scheme: self.scheme,
             route: self.route.as_deref(),
             server_address: self.server_address.as_ref().map(|(a, p)| (&**a, *p)),
+            grpc: self.grpc,
         }
     }
 
@@ -141,6 +147,7 @@ impl SeriesKey {
             scheme: v.scheme,
             route: v.route.map(Arc::from),
             server_address: v.server_address.map(|(a, p)| (Arc::from(a), p)),
+            grpc: v.grpc,
         }
     }
 }

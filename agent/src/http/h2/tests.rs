@@ -1,0 +1,501 @@
+use proptest::prelude::*;
+
+use super::frame::*;
+use super::*;
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn settings() -> Vec<u8> {
+    frame(0x4, 0, 0, &[0, 3, 0, 0, 0, 100])
+}
+
+/// One end's HPACK encoder and the bytes it wrote.
+struct Writer {
+    enc: loona_hpack::Encoder<'static>,
+}
+
+impl Writer {
+    fn new() -> Self {
+        Self {
+            enc: loona_hpack::Encoder::new(),
+        }
+    }
+
+    fn headers(&mut self, stream: u32, flags: u8, fields: &[(&str, &str)]) -> Vec<u8> {
+        let block = self
+            .enc
+            .encode(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+        frame(HEADERS, flags | FLAG_END_HEADERS, stream, &block)
+    }
+}
+
+const TP: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+fn grpc_request(w: &mut Writer, stream: u32) -> Vec<u8> {
+    let mut b = w.headers(
+        stream,
+        0,
+        &[
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/helloworld.Greeter/SayHello"),
+            (":authority", "localhost:50051"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            ("user-agent", "grpc-python/1.70"),
+            ("traceparent", TP),
+        ],
+    );
+    b.extend(frame(
+        DATA,
+        FLAG_END_STREAM,
+        stream,
+        &[0, 0, 0, 0, 3, 1, 2, 3],
+    ));
+    b
+}
+
+fn grpc_response(w: &mut Writer, stream: u32, status: &str) -> Vec<u8> {
+    let mut b = w.headers(
+        stream,
+        0,
+        &[(":status", "200"), ("content-type", "application/grpc")],
+    );
+    b.extend(frame(DATA, 0, stream, &[0, 0, 0, 0, 2, 9, 9]));
+    b.extend(w.headers(stream, FLAG_END_STREAM, &[("grpc-status", status)]));
+    b
+}
+
+fn chunk(direction: Direction, data: &[u8], ts_ns: u64) -> Chunk<'_> {
+    Chunk::complete(direction, data, ts_ns)
+}
+
+fn feed(s: &mut Http2Stream, direction: Direction, data: &[u8], ts_ns: u64) -> Vec<Exchange> {
+    let mut out = Vec::new();
+    s.on_chunk(&chunk(direction, data, ts_ns), &mut out)
+        .expect("valid chunk");
+    out
+}
+
+/// The server's view of one gRPC call: preface and request in, response out.
+fn server_call() -> (Vec<u8>, Vec<u8>) {
+    let (mut client, mut server) = (Writer::new(), Writer::new());
+    let mut inbound = PREFACE.to_vec();
+    inbound.extend(settings());
+    inbound.extend(grpc_request(&mut client, 1));
+    let mut outbound = settings();
+    outbound.extend(grpc_response(&mut server, 1, "0"));
+    (inbound, outbound)
+}
+
+#[test]
+fn a_grpc_call_seen_by_its_server() {
+    let (inbound, outbound) = server_call();
+    let mut s = Http2Stream::new();
+    assert!(feed(&mut s, Direction::Ingress, &inbound, 10).is_empty());
+    let out = feed(&mut s, Direction::Egress, &outbound, 20);
+    assert_eq!(out.len(), 1);
+    let ex = &out[0];
+    assert_eq!(ex.role, ExchangeRole::Server);
+    assert_eq!(ex.method, "POST");
+    assert_eq!(ex.path, "/helloworld.Greeter/SayHello");
+    assert_eq!(ex.query, None);
+    assert_eq!(ex.version, HttpVersion::Http2);
+    assert_eq!(ex.status, 200);
+    assert_eq!(ex.host.as_deref(), Some("localhost:50051"));
+    assert_eq!(ex.user_agent.as_deref(), Some("grpc-python/1.70"));
+    assert_eq!(ex.traceparent.as_deref(), Some(TP));
+    assert_eq!(ex.grpc, Some(GrpcCall { status: Some(0) }));
+    assert_eq!((ex.start_ns, ex.response_start_ns, ex.end_ns), (10, 20, 20));
+    assert_eq!((ex.request_body_bytes, ex.response_body_bytes), (8, 7));
+    assert_eq!(ex.failure, None);
+    assert_eq!(s.stats().total_drops(), 0);
+    assert_eq!(s.calls_in_flight(), 0);
+}
+
+#[test]
+fn a_call_seen_by_its_client_and_a_server_that_spoke_first() {
+    let (mut client, mut server) = (Writer::new(), Writer::new());
+    let mut s = Http2Stream::new();
+    // Servers send their SETTINGS as soon as they accept.
+    assert!(feed(&mut s, Direction::Ingress, &settings(), 1).is_empty());
+    let mut outbound = PREFACE.to_vec();
+    outbound.extend(settings());
+    outbound.extend(grpc_request(&mut client, 1));
+    assert!(feed(&mut s, Direction::Egress, &outbound, 2).is_empty());
+    let out = feed(
+        &mut s,
+        Direction::Ingress,
+        &grpc_response(&mut server, 1, "5"),
+        3,
+    );
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].role, ExchangeRole::Client);
+    assert_eq!(out[0].grpc, Some(GrpcCall { status: Some(5) }));
+}
+
+#[test]
+fn every_byte_in_its_own_call_gives_the_same_exchange() {
+    let (inbound, outbound) = server_call();
+    let mut whole = Http2Stream::new();
+    feed(&mut whole, Direction::Ingress, &inbound, 10);
+    let expected = feed(&mut whole, Direction::Egress, &outbound, 20);
+    let mut s = Http2Stream::new();
+    let mut out = Vec::new();
+    for b in inbound.chunks(1) {
+        out.extend(feed(&mut s, Direction::Ingress, b, 10));
+    }
+    for b in outbound.chunks(1) {
+        out.extend(feed(&mut s, Direction::Egress, b, 20));
+    }
+    assert_eq!(out, expected);
+}
+
+#[test]
+fn concurrent_streams_complete_in_their_own_order_and_share_the_table() {
+    let (mut client, mut server) = (Writer::new(), Writer::new());
+    let mut s = Http2Stream::new();
+    let mut inbound = PREFACE.to_vec();
+    // The second request's fields come from the table the first one filled.
+    inbound.extend(grpc_request(&mut client, 1));
+    inbound.extend(grpc_request(&mut client, 3));
+    inbound.extend(client.headers(
+        5,
+        FLAG_END_STREAM,
+        &[(":method", "GET"), (":path", "/p?q=1"), (":authority", "h")],
+    ));
+    feed(&mut s, Direction::Ingress, &inbound, 1);
+    assert_eq!(s.calls_in_flight(), 3);
+    let mut out = feed(
+        &mut s,
+        Direction::Egress,
+        &grpc_response(&mut server, 3, "0"),
+        2,
+    );
+    out.extend(feed(
+        &mut s,
+        Direction::Egress,
+        &server.headers(5, FLAG_END_STREAM, &[(":status", "404")]),
+        3,
+    ));
+    out.extend(feed(
+        &mut s,
+        Direction::Egress,
+        &grpc_response(&mut server, 1, "2"),
+        4,
+    ));
+    let seen: Vec<_> = out
+        .iter()
+        .map(|e| {
+            (
+                e.path.as_str(),
+                e.status,
+                e.grpc.and_then(|g| g.status),
+                e.end_ns,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("/helloworld.Greeter/SayHello", 200, Some(0), 2),
+            ("/p", 404, None, 3),
+            ("/helloworld.Greeter/SayHello", 200, Some(2), 4),
+        ]
+    );
+    assert_eq!(out[1].query.as_deref(), Some("q=1"));
+    assert_eq!(out[0].traceparent.as_deref(), Some(TP));
+}
+
+#[test]
+fn a_block_in_continuation_frames_with_padding_and_priority() {
+    let mut client = Writer::new();
+    let block = client.enc.encode([
+        (&b":method"[..], &b"GET"[..]),
+        (b":path", b"/split"),
+        (b":authority", b"example"),
+    ]);
+    let (a, b) = block.split_at(block.len() / 2);
+    let mut first = vec![3u8]; // pad length
+    first.extend([0, 0, 0, 0, 16]); // priority
+    first.extend(a);
+    first.extend([0, 0, 0]);
+    let mut inbound = PREFACE.to_vec();
+    inbound.extend(frame(
+        HEADERS,
+        FLAG_PADDED | FLAG_PRIORITY | FLAG_END_STREAM,
+        1,
+        &first,
+    ));
+    inbound.extend(frame(CONTINUATION, FLAG_END_HEADERS, 1, b));
+    let mut s = Http2Stream::new();
+    feed(&mut s, Direction::Ingress, &inbound, 1);
+    let mut server = Writer::new();
+    let out = feed(
+        &mut s,
+        Direction::Egress,
+        &server.headers(1, FLAG_END_STREAM, &[(":status", "204")]),
+        2,
+    );
+    assert_eq!(out.len(), 1);
+    assert_eq!((out[0].path.as_str(), out[0].status), ("/split", 204));
+    assert_eq!(out[0].host.as_deref(), Some("example"));
+    assert_eq!(out[0].grpc, None);
+}
+
+#[test]
+fn informational_responses_and_request_trailers_are_not_the_response() {
+    let (mut client, mut server) = (Writer::new(), Writer::new());
+    let mut s = Http2Stream::new();
+    let mut inbound = PREFACE.to_vec();
+    inbound.extend(client.headers(1, 0, &[(":method", "PUT"), (":path", "/u")]));
+    inbound.extend(frame(DATA, 0, 1, b"abc"));
+    inbound.extend(client.headers(1, FLAG_END_STREAM, &[("x-checksum", "1")]));
+    feed(&mut s, Direction::Ingress, &inbound, 1);
+    let mut outbound = server.headers(1, 0, &[(":status", "100")]);
+    outbound.extend(server.headers(1, 0, &[(":status", "201")]));
+    outbound.extend(frame(DATA, FLAG_END_STREAM, 1, b"ok"));
+    let out = feed(&mut s, Direction::Egress, &outbound, 2);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].status, 201);
+    assert_eq!(
+        (out[0].request_body_bytes, out[0].response_body_bytes),
+        (3, 2)
+    );
+}
+
+#[test]
+fn uncaptured_body_bytes_are_counted_and_passed_over() {
+    let (mut client, mut server) = (Writer::new(), Writer::new());
+    let mut s = Http2Stream::new();
+    let mut inbound = PREFACE.to_vec();
+    inbound.extend(client.headers(1, FLAG_END_STREAM, &[(":method", "GET"), (":path", "/big")]));
+    feed(&mut s, Direction::Ingress, &inbound, 1);
+    // A 20 KB DATA frame of which the first 100 bytes were captured.
+    let mut out_bytes = server.headers(1, 0, &[(":status", "200")]);
+    let data_frame = frame(DATA, FLAG_END_STREAM, 1, &vec![7u8; 20_000]);
+    let captured = out_bytes.len() + 100;
+    out_bytes.extend(&data_frame);
+    let mut out = Vec::new();
+    let c = Chunk {
+        direction: Direction::Egress,
+        data: &out_bytes[..captured],
+        total: out_bytes.len(),
+        tail: &[],
+        ts_ns: 5,
+    };
+    s.on_chunk(&c, &mut out).expect("valid chunk");
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].response_body_bytes, 20_000);
+    assert_eq!(out[0].end_ns, 5);
+    assert_eq!(s.stats().total_drops(), 0);
+}
+
+#[test]
+fn an_uncaptured_header_block_gives_the_connection_up_and_counts_it() {
+    let (mut client, mut server) = (Writer::new(), Writer::new());
+    let mut s = Http2Stream::new();
+    let mut inbound = PREFACE.to_vec();
+    inbound.extend(grpc_request(&mut client, 1));
+    inbound.extend(grpc_request(&mut client, 3));
+    feed(&mut s, Direction::Ingress, &inbound, 1);
+    // The trailers that end stream 1 lie beyond the capture.
+    let response = grpc_response(&mut server, 1, "0");
+    let mut out = Vec::new();
+    let c = Chunk {
+        direction: Direction::Egress,
+        data: &response[..response.len() - 5],
+        total: response.len(),
+        tail: &[],
+        ts_ns: 2,
+    };
+    s.on_chunk(&c, &mut out).expect("valid chunk");
+    assert!(out.is_empty());
+    // The connection and its two calls.
+    assert_eq!(s.stats().drops(DropReason::HeadTruncated), 3);
+    assert_eq!(s.calls_in_flight(), 0);
+    // Nothing after is read.
+    let more = grpc_response(&mut server, 3, "0");
+    assert!(feed(&mut s, Direction::Egress, &more, 3).is_empty());
+}
+
+#[test]
+fn a_reset_stream_and_a_close_end_calls_as_failures() {
+    let (mut client, mut server) = (Writer::new(), Writer::new());
+    let mut s = Http2Stream::new();
+    let mut inbound = PREFACE.to_vec();
+    inbound.extend(grpc_request(&mut client, 1));
+    inbound.extend(grpc_request(&mut client, 3));
+    inbound.extend(grpc_request(&mut client, 5));
+    feed(&mut s, Direction::Ingress, &inbound, 1);
+    let out = feed(
+        &mut s,
+        Direction::Ingress,
+        &frame(RST_STREAM, 0, 1, &[0, 0, 0, 8]),
+        2,
+    );
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].failure, Some(Failure::StreamReset));
+    assert_eq!(out[0].end_ns, 2);
+    let headers_only = server.headers(3, 0, &[(":status", "200")]);
+    assert!(feed(&mut s, Direction::Egress, &headers_only, 3).is_empty());
+    let mut out = Vec::new();
+    s.on_close(9, &mut out);
+    let failures: Vec<_> = out
+        .iter()
+        .map(|e| (e.failure, e.status, e.end_ns))
+        .collect();
+    assert_eq!(
+        failures,
+        [
+            (Some(Failure::ResponseCutShort), 200, 9),
+            (Some(Failure::NoResponse), 0, 9)
+        ]
+    );
+}
+
+#[test]
+fn trailers_only_responses_and_unknown_streams() {
+    let (mut client, mut server) = (Writer::new(), Writer::new());
+    let mut s = Http2Stream::new();
+    let mut inbound = PREFACE.to_vec();
+    inbound.extend(grpc_request(&mut client, 1));
+    feed(&mut s, Direction::Ingress, &inbound, 1);
+    let unknown = server.headers(7, FLAG_END_STREAM, &[(":status", "200")]);
+    assert!(feed(&mut s, Direction::Egress, &unknown, 2).is_empty());
+    assert_eq!(s.stats().drops(DropReason::UnmatchedResponse), 1);
+    let only = server.headers(
+        1,
+        FLAG_END_STREAM,
+        &[
+            (":status", "200"),
+            ("content-type", "application/grpc"),
+            ("grpc-status", "12"),
+        ],
+    );
+    let out = feed(&mut s, Direction::Egress, &only, 3);
+    assert_eq!(out[0].grpc, Some(GrpcCall { status: Some(12) }));
+}
+
+#[test]
+fn streams_beyond_the_limit_are_counted() {
+    let mut client = Writer::new();
+    let mut s = Http2Stream::new();
+    let mut inbound = PREFACE.to_vec();
+    for i in 0..=MAX_CALLS as u32 {
+        inbound.extend(client.headers(2 * i + 1, 0, &[(":method", "GET"), (":path", "/")]));
+    }
+    feed(&mut s, Direction::Ingress, &inbound, 1);
+    assert_eq!(s.calls_in_flight(), MAX_CALLS);
+    assert_eq!(s.stats().drops(DropReason::PipelineOverflow), 1);
+    s.on_forget();
+    assert_eq!(s.stats().drops(DropReason::NoResponse), MAX_CALLS as u64);
+}
+
+#[test]
+fn bad_bytes_give_the_connection_up() {
+    // Not the preface after its first byte.
+    let mut s = Http2Stream::new();
+    feed(&mut s, Direction::Ingress, b"PRI * HTTP/1.1\r\n", 1);
+    assert_eq!(s.stats().drops(DropReason::Malformed), 1);
+    // A CONTINUATION without a block, an undecodable block, a block too large.
+    for bytes in [
+        frame(CONTINUATION, FLAG_END_HEADERS, 1, b"x"),
+        frame(
+            HEADERS,
+            FLAG_END_HEADERS,
+            1,
+            &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+        ),
+        frame(HEADERS, 0, 1, &vec![0u8; MAX_BLOCK + 1]),
+        frame(HEADERS, FLAG_END_HEADERS, 0, &[0x82]),
+    ] {
+        let mut s = Http2Stream::new();
+        feed(&mut s, Direction::Ingress, &bytes, 1);
+        assert_eq!(s.stats().total_drops(), 1, "{bytes:?}");
+    }
+    // A huge table asked for.
+    let mut s = Http2Stream::new();
+    feed(
+        &mut s,
+        Direction::Ingress,
+        &frame(HEADERS, FLAG_END_HEADERS, 1, &[0x3f, 0xe1, 0xff, 0x7f]),
+        1,
+    );
+    assert_eq!(s.stats().drops(DropReason::Malformed), 1);
+}
+
+#[test]
+fn idle_connections_give_their_buffers_back() {
+    let (inbound, outbound) = server_call();
+    let mut s = Http2Stream::new();
+    feed(&mut s, Direction::Ingress, &inbound, 1);
+    feed(&mut s, Direction::Egress, &outbound, 2);
+    s.release_idle_buffers();
+    assert!(s
+        .halves
+        .iter()
+        .all(|h| h.block.capacity() == 0 && h.payload.capacity() == 0));
+}
+
+proptest! {
+    #[test]
+    fn random_bytes_never_panic(
+        chunks in prop::collection::vec((any::<bool>(), prop::collection::vec(any::<u8>(), 0..200), 0usize..300), 0..20),
+        preface in any::<bool>(),
+    ) {
+        let mut s = Http2Stream::new();
+        if preface {
+            feed(&mut s, Direction::Ingress, PREFACE, 0);
+        }
+        let mut out = Vec::new();
+        for (i, (ingress, data, extra)) in chunks.iter().enumerate() {
+            let c = Chunk {
+                direction: if *ingress { Direction::Ingress } else { Direction::Egress },
+                data,
+                total: data.len() + extra,
+                tail: &[],
+                ts_ns: i as u64,
+            };
+            s.on_chunk(&c, &mut out).expect("valid chunk");
+        }
+        s.on_close(99, &mut out);
+        prop_assert!(out.len() <= MAX_CALLS * 2);
+    }
+
+    #[test]
+    fn any_split_of_a_conversation_gives_the_same_exchanges(
+        cuts in prop::collection::vec(1usize..40, 1..30),
+    ) {
+        let (mut client, mut server) = (Writer::new(), Writer::new());
+        let mut inbound = PREFACE.to_vec();
+        let mut outbound = settings();
+        for id in [1u32, 3, 5] {
+            inbound.extend(grpc_request(&mut client, id));
+            outbound.extend(grpc_response(&mut server, id, "0"));
+        }
+        let mut whole = Http2Stream::new();
+        feed(&mut whole, Direction::Ingress, &inbound, 1);
+        let expected = feed(&mut whole, Direction::Egress, &outbound, 1);
+        prop_assert_eq!(expected.len(), 3);
+        let mut s = Http2Stream::new();
+        let mut out = Vec::new();
+        for (dir, bytes) in [(Direction::Ingress, &inbound), (Direction::Egress, &outbound)] {
+            let mut at = 0;
+            let mut i = 0;
+            while at < bytes.len() {
+                let n = cuts[i % cuts.len()].min(bytes.len() - at);
+                out.extend(feed(&mut s, dir, &bytes[at..at + n], 1));
+                at += n;
+                i += 1;
+            }
+        }
+        prop_assert_eq!(out, expected);
+    }
+}
