@@ -347,8 +347,9 @@ pub const CONN_TLS: u16 = 256;
 /// The plaintext of the TLS connection, seen through libssl, has carried HTTP/1.x (what
 /// [`CONN_HTTP`] is for the bytes on the socket).
 pub const CONN_TLS_HTTP: u16 = 512;
-/// The plaintext of the TLS connection started with the HTTP/2 preface (ALPN h2): reported
-/// once ([`EventKind::ConnOpaque`]), then its SSL calls are skipped.
+/// The plaintext of the TLS connection started with what Tapir does not read (a TLS
+/// record inside TLS): its SSL calls are skipped. (HTTP/2 inside TLS is read:
+/// [`CONN_TLS_HTTP`] with [`CONN_HTTP2`].)
 pub const CONN_TLS_OPAQUE: u16 = 1024;
 /// A data record of the connection could not be queued (its ring was full): the next one
 /// that is carries [`DATA_AFTER_GAP`].

@@ -301,6 +301,15 @@ fn first_bytes(addr: u64, len: u64) -> FirstBytes {
     }
 }
 
+/// The plaintext of a TLS connection turned out to be HTTP/2.
+#[inline(always)]
+fn tls_http2(p: &PendingIo, state: &mut agent_common::ConnState) {
+    state.flags |= CONN_TLS_HTTP | CONN_HTTP2;
+    if p.fd != NO_FD {
+        report_opaque(p, state, OPAQUE_HTTP2);
+    }
+}
+
 /// Whether the call's first bytes are an HTTP/2 SETTINGS frame on stream 0 (a server's
 /// first frame): length < 64 KiB, type 4, flags 0 (not an ACK), stream 0.
 #[inline(always)]
@@ -331,6 +340,16 @@ fn emit_data<const SHAPE: u8>(
             }
             match first_bytes(p.buf, total) {
                 FirstBytes::Http => state.flags |= CONN_TLS_HTTP,
+                // HTTP/2 inside TLS (h2): read like h2c. Said once, as for h2c (for a write
+                // whose socket is not known yet, when it is: tls.rs).
+                FirstBytes::Opaque(OPAQUE_HTTP2) => tls_http2(p, state),
+                FirstBytes::NotHttp
+                    if state.role == Role::Server as u8
+                        && p.direction == DIR_EGRESS
+                        && is_settings_frame(p.buf, total) =>
+                {
+                    tls_http2(p, state)
+                }
                 FirstBytes::Opaque(protocol) => {
                     // HTTP/2 inside TLS: said once, like h2c (not for a write whose socket
                     // is not known yet).
@@ -433,7 +452,9 @@ fn emit_data<const SHAPE: u8>(
         // SAFETY: a field of this CPU's scratch record (read back as below).
         let captured = unsafe { core::ptr::read_volatile(&hdr.captured) } as u64;
         clear_ids(&mut hdr.trace);
-        submit(scratch, p, total, captured, &mut state.flags, false);
+        // TLS plaintext whose socket is not known yet waits for it (tls.rs).
+        let hold = tls_plaintext && p.fd == NO_FD;
+        submit(scratch, p, total, captured, &mut state.flags, hold);
         return Some(());
     }
     // Bodies are not wanted, only their size and a chunked body's framing, which their

@@ -16,8 +16,8 @@
 //! next write to a TLS socket that has carried no plaintext yet, the request's ciphertext,
 //! names the socket ([`release_pending`]); its response's read then binds the `SSL*`.
 use agent_common::{
-    counter, syscall, ConnState, DataEventHeader, EventKind, Role, CONN_BODY_OUT, CONN_TLS,
-    CONN_TLS_HTTP, CONN_TLS_OPAQUE, DIR_EGRESS, DIR_INGRESS, OPAQUE_HTTP2,
+    counter, syscall, ConnState, DataEventHeader, EventKind, Role, CONN_BODY_OUT, CONN_HTTP2,
+    CONN_TLS, CONN_TLS_HTTP, CONN_TLS_OPAQUE, DIR_EGRESS, DIR_INGRESS, OPAQUE_HTTP2,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
@@ -181,10 +181,10 @@ fn release_pending(pid_tgid: u64, t: &mut TlsThread, fd: u32, conn: &mut ConnSta
         let _ = TLS_PENDING.remove(&pid_tgid);
         return;
     }
-    conn.flags |= t.pending.flags & (CONN_TLS_HTTP | CONN_TLS_OPAQUE | CONN_BODY_OUT);
-    if t.pending.flags & CONN_TLS_OPAQUE != 0 {
-        // HTTP/2 inside TLS (a Node gRPC client): said once, as for a known socket (the
-        // other opaque start, a TLS record, does not come out of a TLS library).
+    conn.flags |= t.pending.flags & (CONN_TLS_HTTP | CONN_TLS_OPAQUE | CONN_HTTP2 | CONN_BODY_OUT);
+    if t.pending.flags & CONN_HTTP2 != 0 {
+        // HTTP/2 inside TLS (a Node gRPC client's preface): said once, as for a known
+        // socket, before the record.
         let role = Role::from_u8(conn.role);
         emit_conn(
             EventKind::ConnOpaque,

@@ -7,8 +7,8 @@ use std::{
 };
 
 use agent_common::{
-    ConnEvent, ConnTuple, Role, AF_INET, DIR_EGRESS, DIR_INGRESS, TRACEPARENT_HEADER_LEN,
-    TRACE_CLIENT,
+    ConnEvent, ConnTuple, Role, AF_INET, DIR_EGRESS, DIR_INGRESS, OPAQUE_HTTP2,
+    TRACEPARENT_HEADER_LEN, TRACE_CLIENT,
 };
 use aya::maps::{MapData, PerCpuArray};
 
@@ -259,34 +259,38 @@ impl<S: ExchangeSink> Pipeline<S> {
         }
     }
 
-    /// The kernel found a connection speaking TLS or HTTP/2: count it, say it once.
+    /// The kernel found a connection speaking TLS (count it, say it once) or HTTP/2 (read
+    /// its frames from now on).
     fn on_opaque(&mut self, ev: &ConnEvent) {
-        let Some(what) = Unreadable::from_protocol(ev.protocol) else {
+        let what = Unreadable::from_protocol(ev.protocol);
+        if what.is_none() && ev.protocol != OPAQUE_HTTP2 {
             Stats::inc(&self.stats.records_malformed);
             return;
-        };
+        }
         let key = (ev.header.tgid, ev.header.fd);
         let Some(conn) = self.conns.get_mut(&key).filter(|c| c.sock_id == ev.sock_id) else {
+            tracing::debug!(
+                pid = key.0,
+                fd = key.1,
+                protocol = ev.protocol,
+                "notice for an unknown connection"
+            );
             Stats::inc(&self.stats.data_unknown_conn);
             return;
         };
         if !conn.wanted {
             return;
         }
-        if what == Unreadable::Http2 && !conn.tls && !conn.tls_unconfirmed {
-            // h2c: read frame by frame from here on.
+        let Some(what) = what else {
+            // HTTP/2, h2c or inside TLS (through the probes: the TLS is read).
+            if conn.tls || conn.tls_unconfirmed {
+                conn.tls_read(&self.stats);
+            }
             if !conn.http.is_http2() {
                 Stats::inc(&self.stats.conns_http2);
                 conn.http.use_http2();
             }
             return;
-        }
-        let what = if what == Unreadable::Http2 {
-            // Inside TLS, through the probes: the TLS was read, what it carries is not.
-            conn.tls_read(&self.stats);
-            Unreadable::Http2OverTls
-        } else {
-            what
         };
         if what == Unreadable::Tls && self.tls_probes {
             // Its plaintext may come through the probes (when the process uses the probed
@@ -319,10 +323,12 @@ impl<S: ExchangeSink> Pipeline<S> {
     fn on_data(&mut self, d: &DataEvent<'_>) {
         let key = (d.header.header.tgid, d.header.header.fd);
         let Some(conn) = self.conns.get_mut(&key) else {
+            tracing::debug!(pid = key.0, fd = key.1, "data for an unknown connection");
             Stats::inc(&self.stats.data_unknown_conn);
             return;
         };
         if conn.sock_id != d.header.sock_id {
+            tracing::debug!(pid = key.0, fd = key.1, "data for an unknown socket");
             Stats::inc(&self.stats.data_unknown_conn);
             return;
         }
@@ -570,7 +576,7 @@ mod tests {
         [
             s.conns_tls_read.load(Ordering::Relaxed),
             s.conns_unreadable_tls.load(Ordering::Relaxed),
-            s.conns_unreadable_http2.load(Ordering::Relaxed),
+            s.conns_http2.load(Ordering::Relaxed),
         ]
     }
 
@@ -620,7 +626,7 @@ mod tests {
     }
 
     #[test]
-    fn http2_inside_tls_counts_the_tls_as_read() {
+    fn http2_inside_tls_is_read_and_counts_the_tls_as_read() {
         let (mut p, stats) = pipeline(true);
         p.on_record(&conn(EventKind::ConnOpen, 0));
         p.on_record(&conn(EventKind::ConnOpaque, OPAQUE_TLS));

@@ -73,12 +73,9 @@ counters! {
     /// TLS connections (counted at each end seen) whose plaintext is read through the
     /// libssl probes.
     conns_tls_read => "tapir.connections.tls",
-    /// Connections that speak HTTP/2 without TLS (h2c, gRPC), seen from their start: read
-    /// frame by frame (counted at each end seen).
+    /// Connections that speak HTTP/2 (h2c, or h2 inside TLS read through the probes; gRPC),
+    /// seen from their start: read frame by frame (counted at each end seen).
     conns_http2 => "tapir.connections.http2",
-    /// Connections that carry HTTP/2 inside TLS read through the probes (h2, gRPC over
-    /// TLS): Tapir reads HTTP/2 without TLS only.
-    conns_unreadable_http2 => "tapir.connections.unreadable.http2",
     /// Data (or TLS/HTTP/2 notice) records for a connection the agent did not know (fd
     /// reused, table evicted).
     data_unknown_conn => "tapir.events.unknown_connection",

@@ -1,11 +1,11 @@
 //! Connections Tapir sees but cannot read: TLS (encrypted inside the process, before the
-//! socket) whose plaintext does not come through the libssl probes, and HTTP/2 (binary
-//! frames). The kernel reports each one once, from its first bytes (a TLS one is judged
-//! when it ends, if the probes are on); they are counted, and said once per program, role
-//! and port, so that spans missing for them have a stated reason instead of silence.
+//! socket) whose plaintext does not come through the libssl probes. The kernel reports
+//! each one once, from its first bytes (judged when it ends, if the probes are on); they
+//! are counted, and said once per program, role and port, so that spans missing for them
+//! have a stated reason instead of silence.
 use std::{collections::HashSet, sync::atomic::AtomicU64};
 
-use agent_common::{Role, OPAQUE_HTTP2, OPAQUE_TLS};
+use agent_common::{Role, OPAQUE_TLS};
 
 use crate::{
     pipeline::{fmt_addr, Endpoints},
@@ -15,18 +15,14 @@ use crate::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Unreadable {
     Tls,
-    Http2,
-    /// HTTP/2 inside TLS read through the libssl probes (ALPN h2): the kernel reports it as
-    /// HTTP/2; the pipeline knows the connection is TLS.
-    Http2OverTls,
 }
 
 impl Unreadable {
-    /// From `ConnEvent::protocol`; `None` for a value this agent does not know.
+    /// From `ConnEvent::protocol`; `None` for a value that is not unreadable (HTTP/2 is
+    /// read) or that this agent does not know.
     pub fn from_protocol(protocol: u8) -> Option<Self> {
         match protocol {
             OPAQUE_TLS => Some(Self::Tls),
-            OPAQUE_HTTP2 => Some(Self::Http2),
             _ => None,
         }
     }
@@ -34,8 +30,6 @@ impl Unreadable {
     fn describe(self) -> &'static str {
         match self {
             Self::Tls => "TLS",
-            Self::Http2 => "HTTP/2 without TLS (h2c, gRPC)",
-            Self::Http2OverTls => "HTTP/2 over TLS (h2, gRPC)",
         }
     }
 
@@ -47,7 +41,6 @@ impl Unreadable {
                  OpenSSL it carries and exports, as Node.js does), which this one does not \
                  use, or not with --no-tls"
             }
-            Self::Http2 | Self::Http2OverTls => "Tapir reads HTTP/1.x only",
         }
     }
 
@@ -55,7 +48,6 @@ impl Unreadable {
     pub fn counter(self, stats: &Stats) -> &AtomicU64 {
         match self {
             Self::Tls => &stats.conns_unreadable_tls,
-            Self::Http2 | Self::Http2OverTls => &stats.conns_unreadable_http2,
         }
     }
 
@@ -63,7 +55,6 @@ impl Unreadable {
     fn metric(self) -> &'static str {
         match self {
             Self::Tls => "tapir.connections.unreadable.tls",
-            Self::Http2 | Self::Http2OverTls => "tapir.connections.unreadable.http2",
         }
     }
 }
@@ -148,10 +139,7 @@ mod tests {
     #[test]
     fn protocols_from_the_kernel() {
         assert_eq!(Unreadable::from_protocol(OPAQUE_TLS), Some(Unreadable::Tls));
-        assert_eq!(
-            Unreadable::from_protocol(OPAQUE_HTTP2),
-            Some(Unreadable::Http2)
-        );
+        assert_eq!(Unreadable::from_protocol(agent_common::OPAQUE_HTTP2), None);
         assert_eq!(Unreadable::from_protocol(0), None);
         assert_eq!(Unreadable::from_protocol(200), None);
     }
@@ -159,17 +147,14 @@ mod tests {
     #[test]
     fn notices_name_the_metric_their_counter_is_exported_as() {
         let stats = Stats::default();
-        for what in [Unreadable::Tls, Unreadable::Http2, Unreadable::Http2OverTls] {
-            Stats::inc(what.counter(&stats));
-            let exported: Vec<_> = stats
-                .snapshot()
-                .into_iter()
-                .filter(|(_, v)| *v == 1)
-                .collect();
-            assert_eq!(exported, [(what.metric(), 1)]);
-            what.counter(&stats)
-                .store(0, std::sync::atomic::Ordering::Relaxed);
-        }
+        let what = Unreadable::Tls;
+        Stats::inc(what.counter(&stats));
+        let exported: Vec<_> = stats
+            .snapshot()
+            .into_iter()
+            .filter(|(_, v)| *v == 1)
+            .collect();
+        assert_eq!(exported, [(what.metric(), 1)]);
     }
 
     #[test]
@@ -218,12 +203,9 @@ mod tests {
             Role::Client,
             50002,
             8443,
-            Unreadable::Http2,
+            Unreadable::Tls,
         ));
-        assert!(client.is_some_and(|c| c.contains(
-            "curl (pid 42) talks HTTP/2 without TLS (h2c, gRPC) to 127.0.0.1:8443; Tapir reads \
-             HTTP/1.x only, so"
-        )));
+        assert!(client.is_some_and(|c| c.contains("curl (pid 42) talks TLS to 127.0.0.1:8443;")));
         let unknown = n.notice(&sighting(
             "java",
             Role::Unknown,
