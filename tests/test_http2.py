@@ -148,3 +148,29 @@ def test_h2c_requests_from_curl_to_node_are_http_exchanges(procs, tmp_path):
     assert all("rpc.method" not in e for e in got)
     assert not any("secret" in str(e) for e in got)
     assert agent.final_count("tapir.connections.http2") == 6, agent.err[-30:]
+
+
+def test_a_response_larger_than_the_capture_gives_its_connection_up_and_says_so(procs):
+    """A 100 KB gRPC response is written at once (headers, body and trailers in one call):
+    its trailers lie beyond what the kernel copies, so the connection's header state cannot
+    be followed. Tapir drops that call and counts it, never decodes later headers against a
+    wrong table, and reads the next connection again."""
+    server, port = grpc_server(procs)
+    agent = watch(port)
+    first = procs([PY, GRPC, "call", str(port), "SayHello", "Big", "SayHello"])
+    assert first.wait_exit() == 0, first.err
+    second = procs([PY, GRPC, "call", str(port), "SayHello"])
+    assert second.wait_exit() == 0, second.err
+    assert first.out == ["OK"] * 3 and second.out == ["OK"]
+    got = finish(agent)
+    hello, big = "helloworld.Greeter/SayHello", "helloworld.Greeter/Big"
+    of = lambda kind, pid: [e["rpc.method"] for e in got if e["kind"] == kind and e["process.pid"] == pid]  # noqa: E731
+    # The server wrote the big response in one call: its side of the first connection
+    # ends with the first call. Both ends of the next connection are read again.
+    assert sorted(of("server", server.pid)) == [hello, hello], got
+    assert of("client", second.pid) == [hello], got
+    # The client read it in pieces (all seen), or at once (given up there).
+    assert of("client", first.pid) in ([hello, big, hello], [hello]), got
+    # The connection and its call in flight, at the server's end.
+    assert agent.final_count("tapir.http.dropped", "head_truncated") >= 2, agent.err[-30:]
+    assert all(e["rpc.response.status_code"] == "OK" for e in got)

@@ -249,7 +249,7 @@ pub struct DataEventHeader {
     pub syscall: u8,
     /// Valid bytes in `tail` (0 when the whole payload was captured).
     pub tail_len: u8,
-    /// [`DATA_AFTER_GAP`].
+    /// [`DATA_AFTER_GAP`], [`DATA_HTTP2`].
     pub flags: u8,
     pub _pad: [u8; 4],
     /// The last bytes moved when they were not captured: enough to see the end of a
@@ -263,6 +263,9 @@ pub struct DataEventHeader {
 /// ring was full): the agent cannot pair what was in flight, and resumes at the next
 /// message start.
 pub const DATA_AFTER_GAP: u8 = 1;
+/// [`DataEventHeader::flags`]: the connection speaks HTTP/2 ([`CONN_HTTP2`]): the agent
+/// reads its frames.
+pub const DATA_HTTP2: u8 = 2;
 
 /// [`TraceIds::kind`]: no ids (not a request start).
 pub const TRACE_NONE: u8 = 0;
@@ -363,7 +366,8 @@ pub const CONN_BORN: u16 = 4096;
 pub const CONN_WAKE_ON_REPLY: u16 = 8192;
 /// The connection speaks HTTP/2 (it started with the client preface, or its server's
 /// first write was a SETTINGS frame): every call's bytes are copied up to the capture,
-/// with no HTTP/1.x head or body logic and no trace-context work.
+/// with no HTTP/1.x head or body logic and no trace-context work, in records flagged
+/// [`DATA_HTTP2`].
 pub const CONN_HTTP2: u16 = 16384;
 /// [`TraceIds::injected`] of a request on a connection the agent re-armed: its reply wakes
 /// the agent ([`CONN_WAKE_ON_REPLY`]). Not the first request of a connection: most

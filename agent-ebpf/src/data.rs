@@ -3,8 +3,8 @@
 use agent_common::{
     counter, syscall, EventKind, Role, TraceIds, CONN_BODY_IN, CONN_BODY_OUT, CONN_GAP,
     CONN_HEAD_AT_LINE, CONN_HEAD_OPEN, CONN_HTTP, CONN_HTTP2, CONN_OPAQUE, CONN_PORT_LEARNED,
-    CONN_TLS, CONN_TLS_HTTP, CONN_TLS_OPAQUE, CONN_WAKE_ON_REPLY, DATA_AFTER_GAP, DIR_EGRESS,
-    DIR_INGRESS, MAX_CAPTURE, MAX_IOVECS, OPAQUE_HTTP2, OPAQUE_TLS, TAIL_BYTES,
+    CONN_TLS, CONN_TLS_HTTP, CONN_TLS_OPAQUE, CONN_WAKE_ON_REPLY, DATA_AFTER_GAP, DATA_HTTP2,
+    DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE, MAX_IOVECS, OPAQUE_HTTP2, OPAQUE_TLS, TAIL_BYTES,
 };
 #[cfg(not(feature = "compat"))]
 use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs};
@@ -301,15 +301,6 @@ fn first_bytes(addr: u64, len: u64) -> FirstBytes {
     }
 }
 
-/// The plaintext of a TLS connection turned out to be HTTP/2.
-#[inline(always)]
-fn tls_http2(p: &PendingIo, state: &mut agent_common::ConnState) {
-    state.flags |= CONN_TLS_HTTP | CONN_HTTP2;
-    if p.fd != NO_FD {
-        report_opaque(p, state, OPAQUE_HTTP2);
-    }
-}
-
 /// Whether the call's first bytes are an HTTP/2 SETTINGS frame on stream 0 (a server's
 /// first frame): length < 64 KiB, type 4, flags 0 (not an ACK), stream 0.
 #[inline(always)]
@@ -340,15 +331,14 @@ fn emit_data<const SHAPE: u8>(
             }
             match first_bytes(p.buf, total) {
                 FirstBytes::Http => state.flags |= CONN_TLS_HTTP,
-                // HTTP/2 inside TLS (h2): read like h2c. Said once, as for h2c (for a write
-                // whose socket is not known yet, when it is: tls.rs).
-                FirstBytes::Opaque(OPAQUE_HTTP2) => tls_http2(p, state),
+                // HTTP/2 inside TLS (h2): read like h2c, its records flagged.
+                FirstBytes::Opaque(OPAQUE_HTTP2) => state.flags |= CONN_TLS_HTTP | CONN_HTTP2,
                 FirstBytes::NotHttp
                     if state.role == Role::Server as u8
                         && p.direction == DIR_EGRESS
                         && is_settings_frame(p.buf, total) =>
                 {
-                    tls_http2(p, state)
+                    state.flags |= CONN_TLS_HTTP | CONN_HTTP2
                 }
                 FirstBytes::Opaque(protocol) => {
                     // HTTP/2 inside TLS: said once, like h2c (not for a write whose socket
@@ -373,19 +363,15 @@ fn emit_data<const SHAPE: u8>(
         let (addr, len) = first_segment::<SHAPE>(p, total)?;
         match first_bytes(addr, len.min(total)) {
             FirstBytes::Http => state.flags |= CONN_HTTP,
-            // h2c: read as it is (the agent parses its frames).
-            FirstBytes::Opaque(OPAQUE_HTTP2) => {
-                state.flags |= CONN_HTTP | CONN_HTTP2;
-                report_opaque(p, state, OPAQUE_HTTP2);
-            }
+            // h2c: read as it is (the agent parses its frames), its records flagged.
+            FirstBytes::Opaque(OPAQUE_HTTP2) => state.flags |= CONN_HTTP | CONN_HTTP2,
             // An h2c server speaks first: its SETTINGS, before it reads the preface.
             FirstBytes::NotHttp
                 if state.role == Role::Server as u8
                     && p.direction == DIR_EGRESS
                     && is_settings_frame(addr, len.min(total)) =>
             {
-                state.flags |= CONN_HTTP | CONN_HTTP2;
-                report_opaque(p, state, OPAQUE_HTTP2);
+                state.flags |= CONN_HTTP | CONN_HTTP2
             }
             FirstBytes::Opaque(protocol) => {
                 state.flags |= CONN_OPAQUE;
@@ -586,7 +572,7 @@ fn submit(
         hold_record(p.pid_tgid, hdr);
         return;
     }
-    hdr.flags = gap_flag(*conn_flags);
+    hdr.flags = data_flags(*conn_flags);
     // Masked so that the verifier sees `size` never exceed the scratch record.
     let size = core::mem::size_of::<agent_common::DataEventHeader>() as u64
         + (core::hint::black_box(captured.min(MAX_CAPTURE as u64)) & (2 * MAX_CAPTURE as u64 - 1));
@@ -598,14 +584,21 @@ fn submit(
     note_output(ring_output_waking(scratch, size, wake), conn_flags);
 }
 
-/// [`DATA_AFTER_GAP`] when a record of the connection was lost since the last one sent.
+/// A data record's flags: [`DATA_AFTER_GAP`] when a record of the connection was lost
+/// since the last one sent, [`DATA_HTTP2`] when the connection speaks HTTP/2.
 #[inline(always)]
-pub fn gap_flag(conn_flags: u16) -> u8 {
-    if conn_flags & CONN_GAP != 0 {
+pub fn data_flags(conn_flags: u16) -> u8 {
+    let gap = if conn_flags & CONN_GAP != 0 {
         DATA_AFTER_GAP
     } else {
         0
-    }
+    };
+    let http2 = if conn_flags & CONN_HTTP2 != 0 {
+        DATA_HTTP2
+    } else {
+        0
+    };
+    gap | http2
 }
 
 /// Counts a data record's fate (`rc` of the ring output) and keeps the connection's

@@ -16,8 +16,8 @@
 //! next write to a TLS socket that has carried no plaintext yet, the request's ciphertext,
 //! names the socket ([`release_pending`]); its response's read then binds the `SSL*`.
 use agent_common::{
-    counter, syscall, ConnState, DataEventHeader, EventKind, Role, CONN_BODY_OUT, CONN_HTTP2,
-    CONN_TLS, CONN_TLS_HTTP, CONN_TLS_OPAQUE, DIR_EGRESS, DIR_INGRESS, OPAQUE_HTTP2,
+    counter, syscall, ConnState, DataEventHeader, CONN_BODY_OUT, CONN_HTTP2, CONN_TLS,
+    CONN_TLS_HTTP, CONN_TLS_OPAQUE, DIR_EGRESS, DIR_INGRESS,
 };
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user},
@@ -27,7 +27,7 @@ use aya_ebpf::{
 };
 
 use crate::{
-    conn::{current_gen, emit_conn, lookup_tcp},
+    conn::{current_gen, lookup_tcp},
     data::emit_tls_plaintext,
     maps::{agent_tgid, count, ring_output, SCRATCH_BYTES},
 };
@@ -181,20 +181,9 @@ fn release_pending(pid_tgid: u64, t: &mut TlsThread, fd: u32, conn: &mut ConnSta
         let _ = TLS_PENDING.remove(&pid_tgid);
         return;
     }
+    // HTTP/2's preface (a Node gRPC client) hands over CONN_HTTP2: this record and the
+    // connection's next are flagged DATA_HTTP2.
     conn.flags |= t.pending.flags & (CONN_TLS_HTTP | CONN_TLS_OPAQUE | CONN_HTTP2 | CONN_BODY_OUT);
-    if t.pending.flags & CONN_HTTP2 != 0 {
-        // HTTP/2 inside TLS (a Node gRPC client's preface): said once, as for a known
-        // socket, before the record.
-        let role = Role::from_u8(conn.role);
-        emit_conn(
-            EventKind::ConnOpaque,
-            fd,
-            conn.sock_id,
-            role,
-            false,
-            OPAQUE_HTTP2,
-        );
-    }
     let Some(rec) = TLS_PENDING.get_ptr_mut(&pid_tgid) else {
         return;
     };
@@ -207,7 +196,7 @@ fn release_pending(pid_tgid: u64, t: &mut TlsThread, fd: u32, conn: &mut ConnSta
     // Masked so that the verifier sees `size` never exceed the record.
     let size = core::mem::size_of::<DataEventHeader>()
         + (core::hint::black_box(captured) & (2 * PENDING_BYTES - 1)).min(PENDING_BYTES);
-    rec.hdr.flags = crate::data::gap_flag(conn.flags);
+    rec.hdr.flags = crate::data::data_flags(conn.flags);
     crate::data::note_output(ring_output(rec, size as u64), &mut conn.flags);
     let _ = TLS_PENDING.remove(&pid_tgid);
 }

@@ -7,7 +7,7 @@ use std::{
 };
 
 use agent_common::{
-    ConnEvent, ConnTuple, Role, AF_INET, DIR_EGRESS, DIR_INGRESS, OPAQUE_HTTP2,
+    ConnEvent, ConnTuple, Role, AF_INET, DATA_HTTP2, DIR_EGRESS, DIR_INGRESS, OPAQUE_HTTP2,
     TRACEPARENT_HEADER_LEN, TRACE_CLIENT,
 };
 use aya::maps::{MapData, PerCpuArray};
@@ -259,8 +259,7 @@ impl<S: ExchangeSink> Pipeline<S> {
         }
     }
 
-    /// The kernel found a connection speaking TLS (count it, say it once) or HTTP/2 (read
-    /// its frames from now on).
+    /// The kernel found a connection speaking TLS: count it, say it once.
     fn on_opaque(&mut self, ev: &ConnEvent) {
         let what = Unreadable::from_protocol(ev.protocol);
         if what.is_none() && ev.protocol != OPAQUE_HTTP2 {
@@ -282,14 +281,7 @@ impl<S: ExchangeSink> Pipeline<S> {
             return;
         }
         let Some(what) = what else {
-            // HTTP/2, h2c or inside TLS (through the probes: the TLS is read).
-            if conn.tls || conn.tls_unconfirmed {
-                conn.tls_read(&self.stats);
-            }
-            if !conn.http.is_http2() {
-                Stats::inc(&self.stats.conns_http2);
-                conn.http.use_http2();
-            }
+            // HTTP/2 comes as data records flagged DATA_HTTP2.
             return;
         };
         if what == Unreadable::Tls && self.tls_probes {
@@ -339,6 +331,11 @@ impl<S: ExchangeSink> Pipeline<S> {
         let h = &d.header;
         if agent_common::syscall::is_tls(h.syscall) && !conn.tls {
             conn.tls_read(&self.stats);
+        }
+        if h.flags & DATA_HTTP2 != 0 && !conn.http.is_http2() {
+            // Its frames are read from now on (h2c, or h2 through the TLS probes).
+            Stats::inc(&self.stats.conns_http2);
+            conn.http.use_http2();
         }
         if h.direction == DIR_EGRESS {
             let injected = h.trace.kind == TRACE_CLIENT && h.trace.injected != 0;
@@ -492,8 +489,7 @@ mod tests {
     use std::sync::{atomic::Ordering, Arc};
 
     use agent_common::{
-        syscall, ConnEvent, ConnTuple, DataEventHeader, EventHeader, EventKind, AF_INET,
-        OPAQUE_HTTP2, OPAQUE_TLS,
+        syscall, ConnEvent, ConnTuple, DataEventHeader, EventHeader, EventKind, AF_INET, OPAQUE_TLS,
     };
 
     use super::*;
@@ -541,6 +537,10 @@ mod tests {
     }
 
     fn data(call: u8, direction: u8, payload: &[u8], ts_ns: u64) -> Vec<u8> {
+        flagged_data(call, direction, payload, ts_ns, 0)
+    }
+
+    fn flagged_data(call: u8, direction: u8, payload: &[u8], ts_ns: u64, flags: u8) -> Vec<u8> {
         let mut v = bytes(&DataEventHeader {
             header: EventHeader {
                 kind: EventKind::Data as u8,
@@ -554,6 +554,7 @@ mod tests {
             captured: payload.len() as u32,
             direction,
             syscall: call,
+            flags,
             ..Default::default()
         });
         v.extend_from_slice(payload);
@@ -625,13 +626,37 @@ mod tests {
         assert_eq!(counts(&stats), [0, 1, 0], "not counted twice");
     }
 
+    /// A frame: length, type, flags, stream, payload.
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
     #[test]
     fn http2_inside_tls_is_read_and_counts_the_tls_as_read() {
         let (mut p, stats) = pipeline(true);
         p.on_record(&conn(EventKind::ConnOpen, 0));
         p.on_record(&conn(EventKind::ConnOpaque, OPAQUE_TLS));
+        // Other notices are not protocols Tapir cannot read.
         p.on_record(&conn(EventKind::ConnOpaque, OPAQUE_HTTP2));
+        assert_eq!(counts(&stats), [0, 0, 0]);
+        let mut request = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        let block = loona_hpack::Encoder::new()
+            .encode([(&b":method"[..], &b"GET"[..]), (b":path", b"/h2")]);
+        request.extend(frame(1, 0x5, 1, &block));
+        let block = loona_hpack::Encoder::new().encode([(&b":status"[..], &b"200"[..])]);
+        let response = frame(1, 0x5, 1, &block);
+        for (call, dir, bytes, ts) in [
+            (syscall::SSL_READ, DIR_INGRESS, &request, 10),
+            (syscall::SSL_WRITE, DIR_EGRESS, &response, 15),
+        ] {
+            p.on_record(&flagged_data(call, dir, bytes, ts, DATA_HTTP2));
+        }
         p.on_record(&conn(EventKind::ConnClose, 0));
+        assert_eq!(p.sink.0, [("/h2".into(), "https")]);
         assert_eq!(counts(&stats), [1, 0, 1]);
     }
 

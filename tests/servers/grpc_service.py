@@ -2,7 +2,8 @@
 
     python3 grpc_service.py serve PORT
         serves helloworld.Greeter: SayHello answers b"hi " + the request, Fail aborts
-        with UNAVAILABLE, Slow sleeps 0.2 s first; no protobuf, raw bytes.
+        with UNAVAILABLE, Slow sleeps 0.2 s first, Big answers 100,000 bytes; no
+        protobuf, raw bytes.
     python3 grpc_service.py call PORT METHOD[:TRACEPARENT] ...
         one unary call per argument, in order, on one channel (one connection); prints
         each call's status name ("OK", "UNAVAILABLE", ...).
@@ -25,12 +26,16 @@ def serve(port):
         time.sleep(0.2)
         return request
 
+    def big(request, context):
+        return b"x" * 100_000
+
     handler = grpc.method_handlers_generic_handler(
         "helloworld.Greeter",
         {
             "SayHello": grpc.unary_unary_rpc_method_handler(say_hello),
             "Fail": grpc.unary_unary_rpc_method_handler(fail),
             "Slow": grpc.unary_unary_rpc_method_handler(slow),
+            "Big": grpc.unary_unary_rpc_method_handler(big),
         },
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))

@@ -49,6 +49,17 @@ impl ExchangeSink for Printer {
     }
 }
 
+/// ` grpc=NAME` for a gRPC call whose status came.
+fn grpc_status(ex: &CapturedExchange) -> String {
+    match ex.http.grpc.and_then(|call| call.status) {
+        Some(code) => match tapir::otel::rpc::status_name(code) {
+            Some(name) => format!(" grpc={name}"),
+            None => format!(" grpc={code}"),
+        },
+        None => String::new(),
+    }
+}
+
 fn human_line(ex: &CapturedExchange) -> String {
     let (server, client) = ex.server_client();
     let secs = ex.start_unix_ns / 1_000_000_000;
@@ -71,7 +82,7 @@ fn human_line(ex: &CapturedExchange) -> String {
             Some(f) if ex.http.status != 0 => format!("{} {}", ex.http.status, f.as_str()),
             Some(f) => f.as_str().to_string(),
             None => ex.http.status.to_string(),
-        },
+        } + &grpc_status(ex),
         dur = ex.duration_ns() as f64 / 1e6,
         peer = fmt_addr(peer),
     )

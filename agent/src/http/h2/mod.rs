@@ -40,9 +40,10 @@ const MAX_TABLE: usize = 64 * 1024;
 pub struct Http2Stream {
     /// Ingress, egress.
     halves: [Half; 2],
+    /// Calls in flight by stream id (the exchange's role says which direction carries
+    /// its request: a SERVER's come in).
     calls: HashMap<u32, Exchange>,
-    /// Which direction each call's request came from is its role: a SERVER's requests
-    /// come in.
+    /// Given up: nothing more is read.
     lost: bool,
     stats: StreamStats,
 }
