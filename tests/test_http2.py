@@ -5,6 +5,7 @@ agent at both ends of each connection, exported to a real OTLP receiver.
 Every test filters the agent by its own ports, stops the agent (which flushes what is
 pending) and then asserts on exactly what arrived.
 """
+import re
 import sys
 import time
 
@@ -171,6 +172,10 @@ def test_a_response_larger_than_the_capture_gives_its_connection_up_and_says_so(
     assert of("client", second.pid) == [hello], got
     # The client read it in pieces (all seen), or at once (given up there).
     assert of("client", first.pid) in ([hello, big, hello], [hello]), got
-    # The connection and its call in flight, at the server's end.
+    # The connection and its call in flight, at the server's end; said once, with why.
     assert agent.final_count("tapir.http.dropped", "head_truncated") >= 2, agent.err[-30:]
+    assert agent.final_count("tapir.connections.http2_given_up") in (1, 2), agent.err[-30:]
+    said = [l.split("not captured: ", 1)[1] for l in agent.err if "not captured: " in l]
+    pattern = rf"python[\d.]* \(pid {server.pid}\) serves HTTP/2 on port {port}; a header block lay beyond"
+    assert any(re.match(pattern, l) for l in said), said
     assert all(e["rpc.response.status_code"] == "OK" for e in got)

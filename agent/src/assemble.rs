@@ -75,6 +75,11 @@ impl ConnAssembler {
         self.h2.is_some()
     }
 
+    /// Why its HTTP/2 parser gave the connection up, once (see [`Http2Stream::take_loss`]).
+    pub fn take_http2_loss(&mut self) -> Option<crate::http::DropReason> {
+        self.h2.as_mut().and_then(|h2| h2.take_loss())
+    }
+
     /// Pairs finished exchanges with the ids recorded at their request's first chunk
     /// (exchanges complete in request order, so stale entries are skipped from the front).
     fn attach_ids(&mut self, out: &mut Completed) {

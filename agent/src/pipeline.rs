@@ -349,6 +349,10 @@ impl<S: ExchangeSink> Pipeline<S> {
             conn.received += u64::from(h.total);
         }
         conn.http.on_data(d, &mut self.completed, &self.stats);
+        if let Some(reason) = conn.http.take_http2_loss() {
+            let what = Unreadable::Http2GivenUp(reason);
+            Self::unreadable(&mut self.unreadable, &self.stats, conn, what);
+        }
         let done = &mut self.completed;
         // A client read a whole response that keeps the connection: its socket may take the
         // next request's header.

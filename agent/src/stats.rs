@@ -76,6 +76,10 @@ counters! {
     /// Connections that speak HTTP/2 (h2c, or h2 inside TLS read through the probes; gRPC),
     /// seen from their start: read frame by frame (counted at each end seen).
     conns_http2 => "tapir.connections.http2",
+    /// HTTP/2 connections whose header blocks could no longer be followed (one lay beyond
+    /// the capture, records were lost, or it could not be decoded): their later calls are
+    /// not seen.
+    conns_http2_given_up => "tapir.connections.http2_given_up",
     /// Data (or TLS/HTTP/2 notice) records for a connection the agent did not know (fd
     /// reused, table evicted).
     data_unknown_conn => "tapir.events.unknown_connection",

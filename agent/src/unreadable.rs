@@ -1,13 +1,15 @@
 //! Connections Tapir sees but cannot read: TLS (encrypted inside the process, before the
-//! socket) whose plaintext does not come through the libssl probes. The kernel reports
-//! each one once, from its first bytes (judged when it ends, if the probes are on); they
-//! are counted, and said once per program, role and port, so that spans missing for them
-//! have a stated reason instead of silence.
+//! socket) whose plaintext does not come through the libssl probes (the kernel reports
+//! each one once, from its first bytes; judged when it ends, if the probes are on), and
+//! HTTP/2 connections given up part way (a header block lost: HPACK's state is gone).
+//! They are counted, and said once per program, role and port, so that spans missing for
+//! them have a stated reason instead of silence.
 use std::{collections::HashSet, sync::atomic::AtomicU64};
 
 use agent_common::{Role, OPAQUE_TLS};
 
 use crate::{
+    http::DropReason,
     pipeline::{fmt_addr, Endpoints},
     stats::Stats,
 };
@@ -15,6 +17,8 @@ use crate::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Unreadable {
     Tls,
+    /// HTTP/2 given up for this reason (see `http::h2`).
+    Http2GivenUp(DropReason),
 }
 
 impl Unreadable {
@@ -30,6 +34,7 @@ impl Unreadable {
     fn describe(self) -> &'static str {
         match self {
             Self::Tls => "TLS",
+            Self::Http2GivenUp(_) => "HTTP/2",
         }
     }
 
@@ -41,6 +46,25 @@ impl Unreadable {
                  OpenSSL it carries and exports, as Node.js does), which this one does not \
                  use, or not with --no-tls"
             }
+            Self::Http2GivenUp(DropReason::HeadTruncated) => {
+                "a header block lay beyond what Tapir copies of a call (--capture-bytes, at \
+                 most 8 KiB, and 32 buffers: a large message written at once with its \
+                 headers or trailers), and HTTP/2's header compression cannot be followed \
+                 past a lost block"
+            }
+            Self::Http2GivenUp(DropReason::CaptureGap) => {
+                "records of a connection were lost (the agent fell behind), and HTTP/2's \
+                 header compression cannot be followed past a lost block"
+            }
+            Self::Http2GivenUp(_) => "a header block could not be decoded",
+        }
+    }
+
+    /// What it means for the spans.
+    fn consequence(self) -> &'static str {
+        match self {
+            Self::Tls => "these connections give no spans or metrics",
+            Self::Http2GivenUp(_) => "such a connection gives no spans or metrics after it",
         }
     }
 
@@ -48,6 +72,7 @@ impl Unreadable {
     pub fn counter(self, stats: &Stats) -> &AtomicU64 {
         match self {
             Self::Tls => &stats.conns_unreadable_tls,
+            Self::Http2GivenUp(_) => &stats.conns_http2_given_up,
         }
     }
 
@@ -55,6 +80,7 @@ impl Unreadable {
     fn metric(self) -> &'static str {
         match self {
             Self::Tls => "tapir.connections.unreadable.tls",
+            Self::Http2GivenUp(_) => "tapir.connections.http2_given_up",
         }
     }
 }
@@ -108,9 +134,10 @@ impl Notices {
             ),
         };
         Some(format!(
-            "not captured: {whose}; {}, so these connections give no spans or metrics \
-             (counted in {}; said once per program and port)",
+            "not captured: {whose}; {}, so {} (counted in {}; said once per program and \
+             port)",
             s.what.why(),
+            s.what.consequence(),
             s.what.metric()
         ))
     }
@@ -147,14 +174,20 @@ mod tests {
     #[test]
     fn notices_name_the_metric_their_counter_is_exported_as() {
         let stats = Stats::default();
-        let what = Unreadable::Tls;
-        Stats::inc(what.counter(&stats));
-        let exported: Vec<_> = stats
-            .snapshot()
-            .into_iter()
-            .filter(|(_, v)| *v == 1)
-            .collect();
-        assert_eq!(exported, [(what.metric(), 1)]);
+        for what in [
+            Unreadable::Tls,
+            Unreadable::Http2GivenUp(DropReason::HeadTruncated),
+        ] {
+            Stats::inc(what.counter(&stats));
+            let exported: Vec<_> = stats
+                .snapshot()
+                .into_iter()
+                .filter(|(_, v)| *v == 1)
+                .collect();
+            assert_eq!(exported, [(what.metric(), 1)]);
+            what.counter(&stats)
+                .store(0, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     #[test]
@@ -214,6 +247,29 @@ mod tests {
             Unreadable::Tls,
         ));
         assert!(unknown.is_some_and(|c| c.contains("127.0.0.1:8080 <-> 127.0.0.1:40000")));
+    }
+
+    #[test]
+    fn http2_given_up_says_why() {
+        let mut n = Notices::default();
+        let what = Unreadable::Http2GivenUp(DropReason::HeadTruncated);
+        let line = n.notice(&sighting("python3", Role::Server, 50051, 40000, what));
+        assert_eq!(
+            line.as_deref(),
+            Some(
+                "not captured: python3 (pid 42) serves HTTP/2 on port 50051; a header block \
+                 lay beyond what Tapir copies of a call (--capture-bytes, at most 8 KiB, and \
+                 32 buffers: a large message written at once with its headers or trailers), \
+                 and HTTP/2's header compression cannot be followed past a lost block, so \
+                 such a connection gives no spans or metrics after it (counted in \
+                 tapir.connections.http2_given_up; said once per program and port)"
+            )
+        );
+        // Another reason is another notice.
+        let gap = Unreadable::Http2GivenUp(DropReason::CaptureGap);
+        assert!(n
+            .notice(&sighting("python3", Role::Server, 50051, 40001, gap))
+            .is_some_and(|l| l.contains("records of a connection were lost")));
     }
 
     #[test]

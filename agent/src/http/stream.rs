@@ -49,6 +49,23 @@ pub enum StreamError {
     TailTooLong(usize),
 }
 
+impl Chunk<'_> {
+    /// A chunk the kernel side can produce: no more captured bytes than moved, a tail no
+    /// longer than the kernel's.
+    pub fn check(&self) -> Result<(), StreamError> {
+        if self.data.len() > self.total {
+            return Err(StreamError::CapturedExceedsTotal {
+                captured: self.data.len(),
+                total: self.total,
+            });
+        }
+        if self.tail.len() > TAIL_BYTES {
+            return Err(StreamError::TailTooLong(self.tail.len()));
+        }
+        Ok(())
+    }
+}
+
 /// HTTP/1.x state of one TCP connection. See the module docs.
 #[derive(Debug, Default)]
 pub struct Http1Stream {
@@ -86,15 +103,7 @@ impl Http1Stream {
         chunk: &Chunk<'_>,
         out: &mut Vec<Exchange>,
     ) -> Result<(), StreamError> {
-        if chunk.data.len() > chunk.total {
-            return Err(StreamError::CapturedExceedsTotal {
-                captured: chunk.data.len(),
-                total: chunk.total,
-            });
-        }
-        if chunk.tail.len() > TAIL_BYTES {
-            return Err(StreamError::TailTooLong(chunk.tail.len()));
-        }
+        chunk.check()?;
         if self.pairing.upgraded || chunk.total == 0 {
             return Ok(());
         }

@@ -64,31 +64,16 @@ pub fn method(ex: &Exchange, call: GrpcCall) -> (&str, Option<&str>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::{ExchangeRole, HttpVersion};
+    use crate::{
+        http::{ExchangeRole, HttpVersion},
+        otel::span::tests::exchange,
+    };
 
     fn call(path: &str) -> Exchange {
-        Exchange {
-            role: ExchangeRole::Server,
-            method: "POST".into(),
-            path: path.into(),
-            query: None,
-            version: HttpVersion::Http2,
-            status: 200,
-            host: None,
-            user_agent: None,
-            traceparent: None,
-            tracestate: None,
-            traceparent_duplicated: false,
-            start_ns: 1,
-            response_start_ns: 2,
-            end_ns: 3,
-            request_body_bytes: 0,
-            response_body_bytes: 0,
-            request_head_truncated: false,
-            keep_alive: true,
-            failure: None,
-            grpc: Some(GrpcCall::default()),
-        }
+        let mut ex = exchange(ExchangeRole::Server, "POST", path, 200).http;
+        ex.version = HttpVersion::Http2;
+        ex.grpc = Some(GrpcCall::default());
+        ex
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub struct Http2Stream {
     calls: HashMap<u32, Exchange>,
     /// Given up: nothing more is read.
     lost: bool,
+    /// Why it was given up, until the caller takes it ([`Http2Stream::take_loss`]).
+    loss: Option<DropReason>,
     stats: StreamStats,
 }
 
@@ -351,6 +353,7 @@ impl Http2Stream {
             halves: Default::default(),
             calls: HashMap::new(),
             lost: false,
+            loss: None,
             stats: StreamStats::default(),
         }
     }
@@ -361,12 +364,7 @@ impl Http2Stream {
         chunk: &Chunk<'_>,
         out: &mut Vec<Exchange>,
     ) -> Result<(), StreamError> {
-        if chunk.data.len() > chunk.total {
-            return Err(StreamError::CapturedExceedsTotal {
-                captured: chunk.data.len(),
-                total: chunk.total,
-            });
-        }
+        chunk.check()?;
         let dir = chunk.direction;
         let mut data = chunk.data;
         while !data.is_empty() && !self.lost {
@@ -532,6 +530,7 @@ impl Http2Stream {
             "http/2 connection no longer followed"
         );
         self.lost = true;
+        self.loss = Some(reason);
         self.stats.record(reason);
         for _ in self.calls.drain() {
             self.stats.record(reason);
@@ -582,6 +581,11 @@ impl Http2Stream {
 
     pub fn stats(&self) -> &StreamStats {
         &self.stats
+    }
+
+    /// Why the connection was given up, once: `Some` the first time it is asked after.
+    pub fn take_loss(&mut self) -> Option<DropReason> {
+        self.loss.take()
     }
 
     pub fn take_stats(&mut self) -> StreamStats {
