@@ -1,5 +1,6 @@
 //! read/write-family syscalls on tracked TCP connections: at exit, when the bytes are or
-//! follow HTTP/1.x, copy a call's head (or, of a body, a few bytes) and its last bytes.
+//! follow HTTP/1.x, copy a call's head (or, of a body, a few bytes) and its last bytes; on
+//! an HTTP/2 connection, copy every call up to the capture.
 use agent_common::{
     counter, syscall, EventKind, Role, TraceIds, CONN_BODY_IN, CONN_BODY_OUT, CONN_GAP,
     CONN_HEAD_AT_LINE, CONN_HEAD_OPEN, CONN_HTTP, CONN_HTTP2, CONN_OPAQUE, CONN_PORT_LEARNED,
@@ -340,13 +341,9 @@ fn emit_data<const SHAPE: u8>(
                 {
                     state.flags |= CONN_TLS_HTTP | CONN_HTTP2
                 }
-                FirstBytes::Opaque(protocol) => {
-                    // HTTP/2 inside TLS: said once, like h2c (not for a write whose socket
-                    // is not known yet).
+                // What looks like a TLS record inside TLS: nothing Tapir reads.
+                FirstBytes::Opaque(_) => {
                     state.flags |= CONN_TLS_OPAQUE;
-                    if p.fd != NO_FD {
-                        report_opaque(p, state, protocol);
-                    }
                     return None;
                 }
                 FirstBytes::NotHttp | FirstBytes::Undecided => return None,
