@@ -80,9 +80,9 @@ impl CapturedExchange {
             let (method, _) = crate::otel::rpc::method(&self.http, call);
             fields.insert("rpc.system.name".into(), crate::otel::rpc::SYSTEM.into());
             fields.insert("rpc.method".into(), method.into());
-            let status = call.status.map(|code| {
-                crate::otel::rpc::status_name(code).map_or_else(|| code.to_string(), String::from)
-            });
+            let status = call
+                .status
+                .map(|code| crate::otel::rpc::status_text(code).as_str().to_string());
             fields.insert("rpc.response.status_code".into(), status.into());
         }
         record

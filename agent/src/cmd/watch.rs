@@ -52,10 +52,7 @@ impl ExchangeSink for Printer {
 /// ` grpc=NAME` for a gRPC call whose status came.
 fn grpc_status(ex: &CapturedExchange) -> String {
     match ex.http.grpc.and_then(|call| call.status) {
-        Some(code) => match tapir::otel::rpc::status_name(code) {
-            Some(name) => format!(" grpc={name}"),
-            None => format!(" grpc={code}"),
-        },
+        Some(code) => format!(" grpc={}", tapir::otel::rpc::status_text(code).as_str()),
         None => String::new(),
     }
 }

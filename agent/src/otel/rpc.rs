@@ -1,5 +1,6 @@
 //! gRPC calls as the RPC semantic conventions describe them: the span name and `rpc.*`
 //! attributes, and which statuses are errors at which end.
+use super::text::StackText;
 use crate::http::{Exchange, GrpcCall};
 
 /// `rpc.system.name` of a gRPC call.
@@ -33,6 +34,15 @@ const UNIMPLEMENTED: u8 = 12;
 /// The name of a status code; `None` for a number gRPC does not define.
 pub fn status_name(code: u8) -> Option<&'static str> {
     STATUS_NAMES.get(usize::from(code)).copied()
+}
+
+/// `rpc.response.status_code` of a status: its name, or its number for one gRPC does not
+/// define. On the stack: the span encoder must not allocate.
+pub fn status_text(code: u8) -> StackText {
+    match status_name(code) {
+        Some(name) => StackText::str(name),
+        None => StackText::decimal(u16::from(code)),
+    }
 }
 
 /// Whether a call that ended with `code` failed at its `server` end or its client's:
@@ -83,6 +93,9 @@ mod tests {
         assert_eq!(status_name(12), Some("UNIMPLEMENTED"));
         assert_eq!(status_name(16), Some("UNAUTHENTICATED"));
         assert_eq!(status_name(17), None);
+        assert_eq!(status_text(14).as_str(), "UNAVAILABLE");
+        assert_eq!(status_text(17).as_str(), "17");
+        assert_eq!(status_text(255).as_str(), "255");
     }
 
     #[test]

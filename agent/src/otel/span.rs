@@ -131,24 +131,12 @@ pub fn grpc_error_type(
     }
 }
 
-/// The exchange's `error.type` (gRPC's rules for a gRPC call, HTTP's otherwise).
-pub fn exchange_error_type(ex: &CapturedExchange) -> Option<ErrorType> {
-    let http = &ex.http;
-    match http.grpc {
-        Some(call) => grpc_error_type(ex.is_server(), http.status, http.failure, call),
-        None => error_type(ex.is_server(), http.status, http.failure),
-    }
-}
-
 impl std::fmt::Display for ErrorType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Status(code) => write!(f, "{code}"),
             Self::Failure(failure) => f.write_str(failure.as_str()),
-            Self::Grpc(code) => match rpc::status_name(*code) {
-                Some(name) => f.write_str(name),
-                None => write!(f, "{code}"),
-            },
+            Self::Grpc(code) => f.write_str(rpc::status_text(*code).as_str()),
         }
     }
 }

@@ -45,6 +45,13 @@ impl StackText {
         t
     }
 
+    /// `s`, a short name (gRPC's status names); empty if it is over 48 bytes.
+    pub fn str(s: &str) -> Self {
+        let mut t = Self::empty();
+        let _ = fmt::Write::write_str(&mut t, s);
+        t
+    }
+
     pub fn decimal(v: u16) -> Self {
         let mut t = Self::empty();
         t.decimal_into(v);
@@ -76,7 +83,7 @@ impl StackText {
         }
     }
 
-    /// ASCII: only digits, dots and `Display`'s IPv6 text are ever written.
+    /// ASCII: only digits, dots, `Display`'s IPv6 text and gRPC status names are written.
     pub fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len]
     }

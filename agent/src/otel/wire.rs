@@ -524,10 +524,8 @@ fn encode_rpc_span_to(
         put_attr_str(out, a, sc::RPC_METHOD_ORIGINAL, o.as_bytes());
     }
     if let Some(code) = call.status {
-        let name = rpc::status_name(code);
-        let number = StackText::decimal(u16::from(code));
-        let text = name.map_or(number.as_bytes(), str::as_bytes);
-        put_attr_str(out, a, sc::RPC_RESPONSE_STATUS_CODE, text);
+        let text = rpc::status_text(code);
+        put_attr_str(out, a, sc::RPC_RESPONSE_STATUS_CODE, text.as_bytes());
     }
     let error = grpc_error_type(ex.is_server(), http.status, http.failure, call);
     put_span_tail(out, ids, conn, error);
@@ -585,9 +583,7 @@ fn put_span_tail(
         }
         Some(ErrorType::Failure(f)) => put_attr_str(out, a, sc::ERROR_TYPE, f.as_str().as_bytes()),
         Some(ErrorType::Grpc(code)) => {
-            let number = StackText::decimal(u16::from(code));
-            let text = rpc::status_name(code).map_or(number.as_bytes(), str::as_bytes);
-            put_attr_str(out, a, sc::ERROR_TYPE, text)
+            put_attr_str(out, a, sc::ERROR_TYPE, rpc::status_text(code).as_bytes())
         }
         None => {}
     }
