@@ -7,7 +7,7 @@ use std::{
 };
 
 use agent_common::{
-    ConnEvent, ConnTuple, Role, AF_INET, DATA_HTTP2, DIR_EGRESS, DIR_INGRESS, OPAQUE_HTTP2,
+    ConnEvent, ConnTuple, Role, AF_INET, DATA_HTTP2, DIR_EGRESS, DIR_INGRESS,
     TRACEPARENT_HEADER_LEN, TRACE_CLIENT,
 };
 use aya::maps::{MapData, PerCpuArray};
@@ -261,11 +261,10 @@ impl<S: ExchangeSink> Pipeline<S> {
 
     /// The kernel found a connection speaking TLS: count it, say it once.
     fn on_opaque(&mut self, ev: &ConnEvent) {
-        let what = Unreadable::from_protocol(ev.protocol);
-        if what.is_none() && ev.protocol != OPAQUE_HTTP2 {
+        let Some(what) = Unreadable::from_protocol(ev.protocol) else {
             Stats::inc(&self.stats.records_malformed);
             return;
-        }
+        };
         let key = (ev.header.tgid, ev.header.fd);
         let Some(conn) = self.conns.get_mut(&key).filter(|c| c.sock_id == ev.sock_id) else {
             tracing::debug!(
@@ -280,10 +279,6 @@ impl<S: ExchangeSink> Pipeline<S> {
         if !conn.wanted {
             return;
         }
-        let Some(what) = what else {
-            // HTTP/2 comes as data records flagged DATA_HTTP2.
-            return;
-        };
         if what == Unreadable::Tls && self.tls_probes {
             // Its plaintext may come through the probes (when the process uses the probed
             // libssl): judged when it does, or when the connection ends without any.
@@ -644,8 +639,6 @@ mod tests {
         let (mut p, stats) = pipeline(true);
         p.on_record(&conn(EventKind::ConnOpen, 0));
         p.on_record(&conn(EventKind::ConnOpaque, OPAQUE_TLS));
-        // Other notices are not protocols Tapir cannot read.
-        p.on_record(&conn(EventKind::ConnOpaque, OPAQUE_HTTP2));
         assert_eq!(counts(&stats), [0, 0, 0]);
         let mut request = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
         let block = loona_hpack::Encoder::new()
