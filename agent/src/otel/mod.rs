@@ -398,7 +398,13 @@ impl SpanArena {
 impl Ingest {
     fn handle(&mut self, ex: &CapturedExchange) {
         let entry = self.registry.entry_cached(&ex.process, &mut self.entries);
-        let route = self.routes.route(&entry.service_name, &ex.http.path);
+        // A gRPC call is named by its method (`otel::rpc`), not by a route: it takes no
+        // slot of the service's routes.
+        let route = if ex.http.grpc.is_some() {
+            None
+        } else {
+            self.routes.route(&entry.service_name, &ex.http.path)
+        };
         if route.as_ref().is_some_and(|r| r.overflow) {
             OtelStats::add(&self.stats.routes_overflow, 1);
         }
