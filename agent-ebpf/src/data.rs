@@ -302,6 +302,20 @@ fn first_bytes(addr: u64, len: u64) -> FirstBytes {
     }
 }
 
+/// Whether a connection's first telling bytes start HTTP/2: the client preface, or, from
+/// the server of an accepted connection, a first write that is a SETTINGS frame (servers
+/// speak first, before they read the preface).
+#[inline(always)]
+fn starts_http2(first: &FirstBytes, p: &PendingIo, role: u8, addr: u64, len: u64) -> bool {
+    match first {
+        FirstBytes::Opaque(protocol) => *protocol == OPAQUE_HTTP2,
+        FirstBytes::NotHttp => {
+            role == Role::Server as u8 && p.direction == DIR_EGRESS && is_settings_frame(addr, len)
+        }
+        FirstBytes::Http | FirstBytes::Undecided => false,
+    }
+}
+
 /// Whether the call's first bytes are an HTTP/2 SETTINGS frame on stream 0 (a server's
 /// first frame): length < 64 KiB, type 4, flags 0 (not an ACK), stream 0.
 #[inline(always)]
@@ -324,8 +338,7 @@ fn emit_data<const SHAPE: u8>(
     tls_plaintext: bool,
 ) -> Option<()> {
     if tls_plaintext {
-        // What a TLS library decrypted: looked at until it starts like HTTP/1.x (HTTP/2
-        // over TLS never does).
+        // What a TLS library decrypted: looked at until it starts like HTTP/1.x or HTTP/2.
         if state.flags & CONN_TLS_HTTP == 0 {
             if state.flags & CONN_TLS_OPAQUE != 0 {
                 return None;
@@ -333,12 +346,7 @@ fn emit_data<const SHAPE: u8>(
             match first_bytes(p.buf, total) {
                 FirstBytes::Http => state.flags |= CONN_TLS_HTTP,
                 // HTTP/2 inside TLS (h2): read like h2c, its records flagged.
-                FirstBytes::Opaque(OPAQUE_HTTP2) => state.flags |= CONN_TLS_HTTP | CONN_HTTP2,
-                FirstBytes::NotHttp
-                    if state.role == Role::Server as u8
-                        && p.direction == DIR_EGRESS
-                        && is_settings_frame(p.buf, total) =>
-                {
+                first if starts_http2(&first, p, state.role, p.buf, total) => {
                     state.flags |= CONN_TLS_HTTP | CONN_HTTP2
                 }
                 // What looks like a TLS record inside TLS: nothing Tapir reads.
@@ -350,10 +358,10 @@ fn emit_data<const SHAPE: u8>(
             }
         }
     } else if state.flags & CONN_HTTP == 0 {
-        // Only connections that have carried HTTP/1.x are reported; everything else costs
-        // one lookup and this check, and a look at its first bytes until they tell: TLS
-        // and HTTP/2 are reported once (so that users learn what is not seen), then they
-        // and other protocols are skipped.
+        // Only connections that have carried HTTP/1.x or speak HTTP/2 are reported;
+        // everything else costs one lookup and this check, and a look at its first bytes
+        // until they tell: TLS is reported once (so that users learn what is not seen),
+        // then it and other protocols are skipped.
         if state.flags & CONN_OPAQUE != 0 {
             return None;
         }
@@ -361,13 +369,7 @@ fn emit_data<const SHAPE: u8>(
         match first_bytes(addr, len.min(total)) {
             FirstBytes::Http => state.flags |= CONN_HTTP,
             // h2c: read as it is (the agent parses its frames), its records flagged.
-            FirstBytes::Opaque(OPAQUE_HTTP2) => state.flags |= CONN_HTTP | CONN_HTTP2,
-            // An h2c server speaks first: its SETTINGS, before it reads the preface.
-            FirstBytes::NotHttp
-                if state.role == Role::Server as u8
-                    && p.direction == DIR_EGRESS
-                    && is_settings_frame(addr, len.min(total)) =>
-            {
+            first if starts_http2(&first, p, state.role, addr, len.min(total)) => {
                 state.flags |= CONN_HTTP | CONN_HTTP2
             }
             FirstBytes::Opaque(protocol) => {
