@@ -249,7 +249,7 @@ pub struct DataEventHeader {
     pub syscall: u8,
     /// Valid bytes in `tail` (0 when the whole payload was captured).
     pub tail_len: u8,
-    /// [`DATA_AFTER_GAP`], [`DATA_HTTP2`].
+    /// [`DATA_AFTER_GAP`], [`DATA_HTTP2`], [`DATA_H2_SPARSE`].
     pub flags: u8,
     pub _pad: [u8; 4],
     /// The last bytes moved when they were not captured: enough to see the end of a
@@ -266,6 +266,14 @@ pub const DATA_AFTER_GAP: u8 = 1;
 /// [`DataEventHeader::flags`]: the connection speaks HTTP/2 ([`CONN_HTTP2`]): the agent
 /// reads its frames.
 pub const DATA_HTTP2: u8 = 2;
+/// [`DataEventHeader::flags`], with [`DATA_HTTP2`]: a call larger than the capture, walked
+/// frame by frame by the kernel. The payload is the call's bytes without any DATA frame's
+/// payload (every frame header and every other frame's payload, in order, up to the
+/// capture); `tail[..4]` (u32 LE) is how many payload bytes of the frame under way were
+/// still to come when the call started, `tail[4]` how many of a frame header's 9 bytes
+/// had been moved, `tail[5]` non-zero when that frame is DATA (`tail_len` 6). A walk cut
+/// short leaves the payload short of the call's non-DATA bytes.
+pub const DATA_H2_SPARSE: u8 = 4;
 
 /// [`TraceIds::kind`]: no ids (not a request start).
 pub const TRACE_NONE: u8 = 0;

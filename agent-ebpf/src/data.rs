@@ -4,8 +4,9 @@
 use agent_common::{
     counter, syscall, EventKind, Role, TraceIds, CONN_BODY_IN, CONN_BODY_OUT, CONN_GAP,
     CONN_HEAD_AT_LINE, CONN_HEAD_OPEN, CONN_HTTP, CONN_HTTP2, CONN_OPAQUE, CONN_PORT_LEARNED,
-    CONN_TLS, CONN_TLS_HTTP, CONN_TLS_OPAQUE, CONN_WAKE_ON_REPLY, DATA_AFTER_GAP, DATA_HTTP2,
-    DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE, MAX_IOVECS, OPAQUE_HTTP2, OPAQUE_TLS, TAIL_BYTES,
+    CONN_TLS, CONN_TLS_HTTP, CONN_TLS_OPAQUE, CONN_WAKE_ON_REPLY, DATA_AFTER_GAP, DATA_H2_SPARSE,
+    DATA_HTTP2, DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE, MAX_IOVECS, OPAQUE_HTTP2, OPAQUE_TLS,
+    TAIL_BYTES,
 };
 #[cfg(not(feature = "compat"))]
 use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs};
@@ -18,6 +19,7 @@ use aya_ebpf::{
 
 use crate::{
     conn::{current_gen, emit_conn, header_of, lookup_tcp},
+    h2,
     inject::learn_http_port,
     looping::repeat,
     maps::{
@@ -316,6 +318,16 @@ fn starts_http2(first: &FirstBytes, p: &PendingIo, role: u8, addr: u64, len: u64
     }
 }
 
+/// Of a call that starts HTTP/2: the direction whose bytes start with the client preface
+/// (this call's, or, when it is the server's first SETTINGS, the server's ingress).
+#[inline(always)]
+fn preface_direction(first: &FirstBytes, p: &PendingIo) -> u8 {
+    match first {
+        FirstBytes::Opaque(_) => p.direction,
+        _ => DIR_INGRESS,
+    }
+}
+
 /// Whether the call's first bytes are an HTTP/2 SETTINGS frame on stream 0 (a server's
 /// first frame): length < 64 KiB, type 4, flags 0 (not an ACK), stream 0.
 #[inline(always)]
@@ -347,7 +359,8 @@ fn emit_data<const SHAPE: u8>(
                 FirstBytes::Http => state.flags |= CONN_TLS_HTTP,
                 // HTTP/2 inside TLS (h2): read like h2c, its records flagged.
                 first if starts_http2(&first, p, state.role, p.buf, total) => {
-                    state.flags |= CONN_TLS_HTTP | CONN_HTTP2
+                    state.flags |= CONN_TLS_HTTP | CONN_HTTP2;
+                    h2::start(state.sock_id, preface_direction(&first, p));
                 }
                 // What looks like a TLS record inside TLS: nothing Tapir reads.
                 FirstBytes::Opaque(_) => {
@@ -370,7 +383,8 @@ fn emit_data<const SHAPE: u8>(
             FirstBytes::Http => state.flags |= CONN_HTTP,
             // h2c: read as it is (the agent parses its frames), its records flagged.
             first if starts_http2(&first, p, state.role, addr, len.min(total)) => {
-                state.flags |= CONN_HTTP | CONN_HTTP2
+                state.flags |= CONN_HTTP | CONN_HTTP2;
+                h2::start(state.sock_id, preface_direction(&first, p));
             }
             FirstBytes::Opaque(protocol) => {
                 state.flags |= CONN_OPAQUE;
@@ -429,17 +443,29 @@ fn emit_data<const SHAPE: u8>(
         );
     }
     if state.flags & CONN_HTTP2 != 0 {
-        // Frames are read by the agent: header blocks anywhere in the call matter.
-        let copied = copy_upto::<SHAPE>(scratch, p, 0, want);
+        // Frames are read by the agent: header blocks anywhere in the call matter. TLS
+        // plaintext whose socket is not known yet waits for it (tls.rs), unwalked.
+        let hold = tls_plaintext && p.fd == NO_FD;
+        let conn = if hold {
+            None
+        } else {
+            h2::framing(state.sock_id)
+        };
+        let buf = (SHAPE == SHAPE_BUF).then_some(p.buf);
+        let (copied, sparse) =
+            h2::copy_call(scratch, conn, p.direction, buf, total, want, |scratch| {
+                copy_upto::<SHAPE>(scratch, p, 0, want)
+            });
         let hdr = &mut scratch.hdr;
-        hdr.tail_len = 0;
+        if !sparse {
+            hdr.tail_len = 0;
+        }
         hdr.captured = copied as u32;
         // SAFETY: a field of this CPU's scratch record (read back as below).
         let captured = unsafe { core::ptr::read_volatile(&hdr.captured) } as u64;
         clear_ids(&mut hdr.trace);
-        // TLS plaintext whose socket is not known yet waits for it (tls.rs).
-        let hold = tls_plaintext && p.fd == NO_FD;
-        submit(scratch, p, total, captured, &mut state.flags, hold);
+        let extra = if sparse { DATA_H2_SPARSE } else { 0 };
+        submit(scratch, p, total, captured, &mut state.flags, hold, extra);
         return Some(());
     }
     // Bodies are not wanted, only their size and a chunked body's framing, which their
@@ -534,6 +560,7 @@ fn emit_data<const SHAPE: u8>(
         captured,
         &mut state.flags,
         tls_plaintext && p.fd == NO_FD,
+        0,
     );
     Some(())
 }
@@ -546,12 +573,12 @@ fn emit_count_only(scratch: &mut DataScratch, p: &PendingIo, total: u64, conn_fl
     hdr.captured = 0;
     hdr.tail_len = 0;
     clear_ids(&mut hdr.trace);
-    submit(scratch, p, total, 0, conn_flags, false);
+    submit(scratch, p, total, 0, conn_flags, false, 0);
 }
 
 /// Stamps this CPU's data record with the call (`total` bytes moved), sends its header and
-/// the first `captured` bytes of its payload, and counts the outcome; or, `hold`, keeps it
-/// for the thread's write that names its socket.
+/// the first `captured` bytes of its payload (with `extra` flags), and counts the outcome;
+/// or, `hold`, keeps it for the thread's write that names its socket.
 #[inline(always)]
 fn submit(
     scratch: &mut DataScratch,
@@ -560,6 +587,7 @@ fn submit(
     captured: u64,
     conn_flags: &mut u16,
     hold: bool,
+    extra: u8,
 ) {
     let hdr = &mut scratch.hdr;
     hdr.header = header_of(p.pid_tgid, EventKind::Data, p.fd);
@@ -571,7 +599,7 @@ fn submit(
         hold_record(p.pid_tgid, hdr);
         return;
     }
-    hdr.flags = data_flags(*conn_flags);
+    hdr.flags = data_flags(*conn_flags) | extra;
     // Masked so that the verifier sees `size` never exceed the scratch record.
     let size = core::mem::size_of::<agent_common::DataEventHeader>() as u64
         + (core::hint::black_box(captured.min(MAX_CAPTURE as u64)) & (2 * MAX_CAPTURE as u64 - 1));
@@ -819,7 +847,7 @@ fn follow_head(
 /// failure). Offset and length pass through `black_box` and a mask so that the verifier
 /// sees explicit bounds (off < MAX, len < 2×MAX) and the write stays inside 3×MAX.
 #[inline(always)]
-fn copy_user(dst: &mut [u8; SCRATCH_BYTES], off: u64, src: u64, len: u64) -> u64 {
+pub fn copy_user(dst: &mut [u8; SCRATCH_BYTES], off: u64, src: u64, len: u64) -> u64 {
     let len = len.min(MAX_CAPTURE as u64);
     let off = core::hint::black_box(off) & (MAX_CAPTURE as u64 - 1);
     let len = core::hint::black_box(len) & (2 * MAX_CAPTURE as u64 - 1);

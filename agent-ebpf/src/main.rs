@@ -6,6 +6,7 @@
 
 mod conn;
 mod data;
+mod h2;
 mod inject;
 mod lifecycle;
 mod looping;

@@ -296,6 +296,8 @@ pub struct DataScratch {
     pub iovecs: [[u64; 2]; agent_common::MAX_IOVECS],
     /// The copy of a vectored call's segments, step by step (see data.rs).
     pub gather: Gather,
+    /// The walk of an HTTP/2 call's frames (see h2.rs).
+    pub h2: crate::h2::H2Walk,
 }
 
 /// Inputs and running results of copying a vectored call's segments.

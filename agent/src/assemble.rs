@@ -3,12 +3,13 @@
 use std::collections::VecDeque;
 
 use agent_common::{
-    TraceIds, DATA_AFTER_GAP, DIR_INGRESS, TRACE_NONE, TRACE_SERVER, TRACE_SERVER_PARENT,
+    TraceIds, DATA_AFTER_GAP, DATA_H2_SPARSE, DIR_INGRESS, TRACE_NONE, TRACE_SERVER,
+    TRACE_SERVER_PARENT,
 };
 
 use crate::{
     capture::events::DataEvent,
-    http::{Chunk, Direction, Exchange, Http1Stream, Http2Stream, StreamStats},
+    http::{Chunk, Direction, Exchange, Http1Stream, Http2Stream, StreamStats, WalkStart},
     stats::Stats,
 };
 
@@ -134,7 +135,19 @@ impl ConnAssembler {
             if d.header.flags & DATA_AFTER_GAP != 0 {
                 h2.on_gap();
             }
-            if let Err(e) = h2.on_chunk(&chunk_of(d), &mut out.exchanges) {
+            let chunk = chunk_of(d);
+            let result = if d.header.flags & DATA_H2_SPARSE == 0 {
+                h2.on_chunk(&chunk, &mut out.exchanges)
+            } else {
+                match WalkStart::from_tail(d.tail()) {
+                    Some(start) => h2.on_sparse_chunk(&chunk, start, &mut out.exchanges),
+                    None => {
+                        h2.on_gap();
+                        Ok(())
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::trace!(error = %e, "http/2 chunk ignored");
             }
             self.attach_ids(out);

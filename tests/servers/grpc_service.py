@@ -2,8 +2,8 @@
 
     python3 grpc_service.py serve PORT
         serves helloworld.Greeter: SayHello answers b"hi " + the request, Fail aborts
-        with UNAVAILABLE, Slow sleeps 0.2 s first, Big answers 100,000 bytes; no
-        protobuf, raw bytes.
+        with UNAVAILABLE, Slow sleeps 0.2 s first, Big answers 100,000 bytes, Meta
+        answers with 3,200 bytes of trailing metadata; no protobuf, raw bytes.
     python3 grpc_service.py call PORT METHOD[:TRACEPARENT] ...
         one unary call per argument, in order, on one channel (one connection); prints
         each call's status name ("OK", "UNAVAILABLE", ...).
@@ -29,6 +29,11 @@ def serve(port):
     def big(request, context):
         return b"x" * 100_000
 
+    def meta(request, context):
+        # Hex digits: HPACK's Huffman code shrinks them little, so the block stays large.
+        context.set_trailing_metadata((("x-detail", "0123456789abcdef" * 200),))
+        return request
+
     handler = grpc.method_handlers_generic_handler(
         "helloworld.Greeter",
         {
@@ -36,6 +41,7 @@ def serve(port):
             "Fail": grpc.unary_unary_rpc_method_handler(fail),
             "Slow": grpc.unary_unary_rpc_method_handler(slow),
             "Big": grpc.unary_unary_rpc_method_handler(big),
+            "Meta": grpc.unary_unary_rpc_method_handler(meta),
         },
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))

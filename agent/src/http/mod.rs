@@ -41,6 +41,6 @@ mod tests;
 
 pub use chunk::{Chunk, Direction};
 pub use exchange::{Exchange, ExchangeRole, Failure, GrpcCall, HttpVersion};
-pub use h2::Http2Stream;
+pub use h2::{Http2Stream, WalkStart};
 pub use stats::{DropReason, StreamStats};
 pub use stream::{Http1Stream, StreamConfig, StreamError};

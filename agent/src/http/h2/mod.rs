@@ -65,6 +65,38 @@ impl Default for Http2Stream {
     }
 }
 
+/// Where the kernel's walk of a call began: payload bytes of the frame under way still to
+/// come, header bytes already moved, and whether that frame is DATA (see
+/// [`agent_common::DATA_H2_SPARSE`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WalkStart {
+    pub left: u32,
+    pub have: u8,
+    pub data: bool,
+}
+
+impl WalkStart {
+    /// From a sparse record's `tail`; `None` unless it holds the 6 bytes the kernel writes.
+    pub fn from_tail(tail: &[u8]) -> Option<Self> {
+        let [a, b, c, d, have, data] = *tail else {
+            return None;
+        };
+        Some(Self {
+            left: u32::from_le_bytes([a, b, c, d]),
+            have,
+            data: data != 0,
+        })
+    }
+
+    /// The same position: the kind of frame matters only inside one (the kernel keeps the
+    /// last frame's between frames).
+    fn agrees(self, kernel: WalkStart) -> bool {
+        self.left == kernel.left
+            && self.have == kernel.have
+            && (self.left == 0 || self.data == kernel.data)
+    }
+}
+
 /// What a frame that completed means for the calls.
 #[derive(Debug)]
 enum Event {
@@ -195,9 +227,7 @@ impl Half {
     /// Reads `data` up to the end of one frame at most (the rest is left in `data`);
     /// returns what a frame that completed means.
     fn feed(&mut self, data: &mut &[u8], ts_ns: u64) -> Result<Option<Event>, DropReason> {
-        if std::mem::take(&mut self.fresh) && data.first() == Some(&PREFACE[0]) {
-            self.preface_left = PREFACE.len();
-        }
+        self.begin(data);
         if self.preface_left > 0 {
             let at = PREFACE.len() - self.preface_left;
             let n = self.preface_left.min(data.len());
@@ -247,6 +277,44 @@ impl Half {
             self.complete(h)
         } else {
             Ok(None)
+        }
+    }
+
+    /// The first bytes this way tell whether it starts with the client preface.
+    fn begin(&mut self, data: &[u8]) {
+        if std::mem::take(&mut self.fresh) && data.first() == Some(&PREFACE[0]) {
+            self.preface_left = PREFACE.len();
+        }
+    }
+
+    /// Where this direction stands, as the kernel's walk counts it.
+    fn position(&self) -> WalkStart {
+        if self.preface_left > 0 {
+            return WalkStart {
+                left: self.preface_left as u32,
+                have: 0,
+                data: false,
+            };
+        }
+        match self.frame {
+            Some(h) => WalkStart {
+                left: self.left as u32,
+                have: 0,
+                data: h.kind == frame::DATA,
+            },
+            None => WalkStart {
+                left: 0,
+                have: self.hdr_len as u8,
+                data: false,
+            },
+        }
+    }
+
+    /// Payload bytes still to come of the DATA frame under way (0 when none is).
+    fn data_left(&self) -> usize {
+        match self.frame {
+            Some(h) if h.kind == frame::DATA => self.left,
+            _ => 0,
         }
     }
 
@@ -382,6 +450,56 @@ impl Http2Stream {
         if missing > 0 && !self.lost {
             let step = self.half(dir).skip(missing);
             self.apply(dir, step, chunk.ts_ns, out);
+        }
+        Ok(())
+    }
+
+    /// Applies a call the kernel walked ([`agent_common::DATA_H2_SPARSE`]): `chunk.data`
+    /// holds its bytes without DATA payloads, and `start` is where the kernel's walk began,
+    /// which must be where this side stands (else the kernel guessed a frame boundary
+    /// wrong, and the record cannot be read).
+    pub fn on_sparse_chunk(
+        &mut self,
+        chunk: &Chunk<'_>,
+        start: WalkStart,
+        out: &mut Vec<Exchange>,
+    ) -> Result<(), StreamError> {
+        chunk.check()?;
+        if self.lost {
+            return Ok(());
+        }
+        let dir = chunk.direction;
+        let half = self.half(dir);
+        half.begin(chunk.data);
+        if !half.position().agrees(start) {
+            tracing::debug!(kernel = ?start, here = ?half.position(), "http/2 framing differs");
+            self.lose(DropReason::HeadTruncated);
+            return Ok(());
+        }
+        let mut data = chunk.data;
+        let mut moved = 0;
+        while moved < chunk.total && !self.lost {
+            let body = self.half(dir).data_left();
+            let step = if body > 0 {
+                // Not in the record: passed over.
+                let n = body.min(chunk.total - moved);
+                moved += n;
+                self.half(dir).skip(n)
+            } else if data.is_empty() {
+                // The walk stopped short of the call's end (too many frames or buffers, or
+                // a header block larger than the capture).
+                Err(DropReason::HeadTruncated)
+            } else {
+                let before = data.len();
+                let step = self.half(dir).feed(&mut data, chunk.ts_ns);
+                moved += before - data.len();
+                step
+            };
+            self.apply(dir, step, chunk.ts_ns, out);
+        }
+        if !data.is_empty() && !self.lost {
+            // More kept bytes than the call moved outside DATA payloads.
+            self.lose(DropReason::Malformed);
         }
         Ok(())
     }

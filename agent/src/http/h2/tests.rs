@@ -444,7 +444,287 @@ fn idle_connections_give_their_buffers_back() {
         .all(|h| h.block.capacity() == 0 && h.payload.capacity() == 0));
 }
 
+/// A model of the kernel's walk (agent-ebpf/src/h2.rs) over one direction: calls up to
+/// the capture are sent whole; a larger one without its DATA payloads, with where the
+/// walk started.
+struct KernelWalk {
+    /// The walk could not follow a call: calls are then only copied up to the capture.
+    lost: bool,
+    left: usize,
+    have: usize,
+    head: [u8; 4],
+    data: bool,
+}
+
+impl KernelWalk {
+    fn new(preface: bool) -> Self {
+        Self {
+            lost: false,
+            left: if preface { PREFACE.len() } else { 0 },
+            have: 0,
+            head: [0; 4],
+            data: false,
+        }
+    }
+
+    /// The record the kernel sends for `call`: its payload, and `Some(start)` if sparse.
+    fn call(&mut self, call: &[u8], capture: usize) -> (Vec<u8>, Option<WalkStart>) {
+        if self.lost {
+            return (call[..call.len().min(capture)].to_vec(), None);
+        }
+        let sparse = call.len() > capture;
+        let start = WalkStart {
+            left: self.left as u32,
+            have: self.have as u8,
+            data: self.data,
+        };
+        let mut kept = Vec::new();
+        let mut pos = 0;
+        while pos < call.len() {
+            if self.left > 0 {
+                let n = self.left.min(call.len() - pos);
+                if !(sparse && self.data) {
+                    if sparse && kept.len() + n > capture {
+                        self.lost = true;
+                        break;
+                    }
+                    kept.extend_from_slice(&call[pos..pos + n]);
+                }
+                pos += n;
+                self.left -= n;
+                continue;
+            }
+            let n = (HEADER_LEN - self.have).min(call.len() - pos);
+            if sparse && kept.len() + n > capture {
+                self.lost = true;
+                break;
+            }
+            for k in self.have..(self.have + n).min(4) {
+                self.head[k] = call[pos + k - self.have];
+            }
+            kept.extend_from_slice(&call[pos..pos + n]);
+            pos += n;
+            self.have += n;
+            if self.have == HEADER_LEN {
+                let h = self.head;
+                self.left = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+                self.data = h[3] == DATA;
+                self.have = 0;
+            }
+        }
+        (kept, sparse.then_some(start))
+    }
+}
+
+/// Applies what the kernel sends for `call`.
+fn feed_walked(
+    s: &mut Http2Stream,
+    walk: &mut KernelWalk,
+    direction: Direction,
+    call: &[u8],
+    capture: usize,
+    out: &mut Vec<Exchange>,
+) {
+    let (kept, start) = walk.call(call, capture);
+    let c = Chunk {
+        direction,
+        data: &kept,
+        total: call.len(),
+        tail: &[],
+        ts_ns: 1,
+    };
+    match start {
+        Some(start) => s.on_sparse_chunk(&c, start, out),
+        None => s.on_chunk(&c, out),
+    }
+    .expect("valid chunk");
+}
+
+/// A conversation with large responses: a 40 KB message in three DATA frames, then its
+/// trailers, for each of three calls.
+fn large_conversation() -> (Vec<u8>, Vec<u8>) {
+    let (mut client, mut server) = (Writer::new(), Writer::new());
+    let mut inbound = PREFACE.to_vec();
+    inbound.extend(settings());
+    let mut outbound = settings();
+    for (i, id) in [1u32, 3, 5].into_iter().enumerate() {
+        inbound.extend(grpc_request(&mut client, id));
+        outbound.extend(server.headers(
+            id,
+            0,
+            &[(":status", "200"), ("content-type", "application/grpc")],
+        ));
+        for part in [16_384, 16_384, 7_232] {
+            outbound.extend(frame(DATA, 0, id, &vec![i as u8; part]));
+        }
+        outbound.extend(server.headers(id, FLAG_END_STREAM, &[("grpc-status", "0")]));
+    }
+    (inbound, outbound)
+}
+
+#[test]
+fn a_large_response_walked_by_the_kernel_is_read_whole() {
+    let (inbound, outbound) = large_conversation();
+    let mut whole = Http2Stream::new();
+    feed(&mut whole, Direction::Ingress, &inbound, 1);
+    let expected = feed(&mut whole, Direction::Egress, &outbound, 1);
+    assert_eq!(expected.len(), 3);
+    assert_eq!(expected[2].response_body_bytes, 40_000);
+    // Written at once: one sparse record of every frame header and both header blocks.
+    let mut s = Http2Stream::new();
+    let mut out = Vec::new();
+    let mut walk_in = KernelWalk::new(true);
+    let mut walk_out = KernelWalk::new(false);
+    feed_walked(
+        &mut s,
+        &mut walk_in,
+        Direction::Ingress,
+        &inbound,
+        8192,
+        &mut out,
+    );
+    let (kept, start) = KernelWalk::new(false).call(&outbound, 8192);
+    assert!(kept.len() < 1024, "{} bytes kept", kept.len());
+    assert_eq!(
+        start,
+        Some(WalkStart {
+            left: 0,
+            have: 0,
+            data: false
+        })
+    );
+    feed_walked(
+        &mut s,
+        &mut walk_out,
+        Direction::Egress,
+        &outbound,
+        8192,
+        &mut out,
+    );
+    assert_eq!(out, expected);
+    assert_eq!(s.stats().total_drops(), 0);
+}
+
+#[test]
+fn a_walk_that_starts_elsewhere_than_the_parser_gives_the_connection_up() {
+    let (inbound, outbound) = large_conversation();
+    let mut s = Http2Stream::new();
+    feed(&mut s, Direction::Ingress, &inbound, 1);
+    let mut out = Vec::new();
+    // The kernel guessed a frame boundary (an entry made mid-stream) inside a DATA frame.
+    let cut = outbound.len() - 30_000;
+    feed(&mut s, Direction::Egress, &outbound[..cut], 1);
+    let (kept, _) = KernelWalk::new(false).call(&outbound[cut..], 8192);
+    let c = Chunk {
+        direction: Direction::Egress,
+        data: &kept,
+        total: outbound.len() - cut,
+        tail: &[],
+        ts_ns: 2,
+    };
+    let start = WalkStart {
+        left: 0,
+        have: 0,
+        data: false,
+    };
+    s.on_sparse_chunk(&c, start, &mut out).expect("valid chunk");
+    assert!(out.is_empty());
+    assert_eq!(s.take_loss(), Some(DropReason::HeadTruncated));
+}
+
+#[test]
+fn a_walk_cut_short_or_overlong_gives_the_connection_up() {
+    let (inbound, outbound) = large_conversation();
+    // Cut short, the last trailers are missing; overlong, every call is read first.
+    for (trim, extra, reason, read) in [
+        (5, 0, DropReason::HeadTruncated, 2),
+        (0, 3, DropReason::Malformed, 3),
+    ] {
+        let mut s = Http2Stream::new();
+        feed(&mut s, Direction::Ingress, &inbound, 1);
+        let (mut kept, start) = KernelWalk::new(false).call(&outbound, 8192);
+        kept.truncate(kept.len() - trim);
+        kept.extend(std::iter::repeat_n(0u8, extra));
+        let c = Chunk {
+            direction: Direction::Egress,
+            data: &kept,
+            total: outbound.len(),
+            tail: &[],
+            ts_ns: 2,
+        };
+        let mut out = Vec::new();
+        s.on_sparse_chunk(&c, start.expect("sparse"), &mut out)
+            .expect("valid chunk");
+        assert_eq!(s.take_loss(), Some(reason), "trim {trim} extra {extra}");
+        assert_eq!(out.len(), read);
+    }
+}
+
+#[test]
+fn a_sparse_tail_is_read_back() {
+    assert_eq!(
+        WalkStart::from_tail(&[0x10, 0x27, 0, 0, 3, 1]),
+        Some(WalkStart {
+            left: 10_000,
+            have: 3,
+            data: true
+        })
+    );
+    assert_eq!(WalkStart::from_tail(&[1, 2, 3]), None);
+    assert_eq!(WalkStart::from_tail(&[]), None);
+}
+
 proptest! {
+    #[test]
+    fn any_split_walked_by_the_kernel_gives_the_same_exchanges(
+        cuts in prop::collection::vec(1usize..40_000, 1..12),
+        capture in prop::sample::select(vec![1024usize, 8192]),
+    ) {
+        let (inbound, outbound) = large_conversation();
+        let mut whole = Http2Stream::new();
+        feed(&mut whole, Direction::Ingress, &inbound, 1);
+        let expected = feed(&mut whole, Direction::Egress, &outbound, 1);
+        let mut s = Http2Stream::new();
+        let mut out = Vec::new();
+        let mut i = 0;
+        for (dir, bytes, preface) in [
+            (Direction::Ingress, &inbound, true),
+            (Direction::Egress, &outbound, false),
+        ] {
+            let mut walk = KernelWalk::new(preface);
+            let mut at = 0;
+            while at < bytes.len() {
+                let n = cuts[i % cuts.len()].min(bytes.len() - at);
+                feed_walked(&mut s, &mut walk, dir, &bytes[at..at + n], capture, &mut out);
+                at += n;
+                i += 1;
+            }
+        }
+        prop_assert_eq!(s.stats().total_drops(), 0);
+        prop_assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn random_sparse_records_never_panic(
+        chunks in prop::collection::vec((any::<bool>(), prop::collection::vec(any::<u8>(), 0..200), 0usize..30_000, any::<u32>(), 0u8..12, any::<bool>()), 0..20),
+    ) {
+        let mut s = Http2Stream::new();
+        let mut out = Vec::new();
+        for (i, (ingress, data, extra, left, have, is_data)) in chunks.iter().enumerate() {
+            let c = Chunk {
+                direction: if *ingress { Direction::Ingress } else { Direction::Egress },
+                data,
+                total: data.len() + extra,
+                tail: &[],
+                ts_ns: i as u64,
+            };
+            let start = WalkStart { left: *left % 100, have: *have, data: *is_data };
+            s.on_sparse_chunk(&c, start, &mut out).expect("valid chunk");
+        }
+        s.on_close(99, &mut out);
+        prop_assert!(out.len() <= MAX_CALLS * 2);
+    }
+
     #[test]
     fn random_bytes_never_panic(
         chunks in prop::collection::vec((any::<bool>(), prop::collection::vec(any::<u8>(), 0..200), 0usize..300), 0..20),
