@@ -503,16 +503,24 @@ def test_http2_over_tls_is_read_through_the_probes(procs, tmp_path, client):
     """HTTP/2 inside TLS (nginx with http2; curl picking h2 by ALPN, or Node's http2 client,
     whose OpenSSL writes the preface through a memory BIO before it reads anything) is read
     through the TLS probes: each request is an https exchange of HTTP version 2 at both
-    ends, and each connection is counted as TLS read and as HTTP/2."""
+    ends, and each connection is counted as TLS read and as HTTP/2. curl fetches a 200 KB
+    file between two small requests on its connection: TLS records of 16 KiB, larger than
+    what the kernel copies, whose frames it follows, so the request after it is read too."""
     key, cert = self_signed(tmp_path)
+    (tmp_path / "big.bin").write_bytes(b"b" * 200_000)
     port = free_port()
     nginx(procs, tmp_path, port,
-          f"ssl_certificate {cert}; ssl_certificate_key {key}; location / {{ return 200 'ok'; }}",
+          f"ssl_certificate {cert}; ssl_certificate_key {key}; location / {{ return 200 'ok'; }}"
+          f" location = /big {{ alias {tmp_path}/big.bin; }}",
           listen_extra="ssl http2")
     agent = watch(port)
+    expected = [("/h2", 2)]
     if client == "curl":
-        r = curl("-k", "--http2", "-o", "/dev/null", "-w", "%{http_version}", f"https://127.0.0.1:{port}/h2")
-        assert r.stdout == "2"
+        urls = [f"https://127.0.0.1:{port}{path}" for path in ("/h2", "/big", "/h2")]
+        r = curl("-k", "--http2", *["-o", "/dev/null"] * 3, "-w", "%{http_version}%{num_connects}\n", *urls)
+        # One connection: the first transfer made it, the others reused it.
+        assert r.stdout.split() == ["21", "20", "20"], r.stdout
+        expected = [("/h2", 2), ("/big", 200_000), ("/h2", 2)]
     else:
         require("node")
         node = procs(["node", TESTS / "servers/node_h2_client.js", f"https://127.0.0.1:{port}/h2"])
@@ -524,10 +532,11 @@ def test_http2_over_tls_is_read_through_the_probes(procs, tmp_path, client):
          e["http.response.status_code"], e["network.protocol.version"], e["http.response.body.size"])
         for e in got
     )
-    assert rows == sorted([
-        ("client", client, "/h2", "https", 200, "2", 2),
-        ("server", "nginx", "/h2", "https", 200, "2", 2),
-    ]), (got, agent.err[-30:])
+    assert rows == sorted(
+        (kind, name, path, "https", 200, "2", size)
+        for kind, name in (("client", client), ("server", "nginx"))
+        for path, size in expected
+    ), (got, agent.err[-30:])
     assert agent.final_count("tapir.connections.tls") == 2, agent.err[-30:]
     assert agent.final_count("tapir.connections.http2") == 2, agent.err[-30:]
     assert agent.final_count("tapir.connections.unreadable.tls") == 0, agent.err[-30:]
