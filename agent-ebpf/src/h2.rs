@@ -216,10 +216,13 @@ fn scan_frames(data: &[u8; SCRATCH_BYTES], total: u64, f: H2Framing) -> (u64, H2
     f.left -= pos as u32;
     let mut i = 0;
     while i < SCAN_FRAMES && f.left == 0 && pos + FRAME_HEADER as u64 <= total {
-        let len = (byte_at(data, pos) as u64) << 16
-            | (byte_at(data, pos + 1) as u64) << 8
-            | byte_at(data, pos + 2) as u64;
-        f.data = (byte_at(data, pos + 3) == DATA) as u8;
+        // Through `black_box`, so that LLVM keeps `byte_at`'s masks (6.1's verifier needs
+        // them; it cannot bound `pos` by `total`).
+        let p = core::hint::black_box(pos);
+        let len = (byte_at(data, p) as u64) << 16
+            | (byte_at(data, p + 1) as u64) << 8
+            | byte_at(data, p + 2) as u64;
+        f.data = (byte_at(data, p + 3) == DATA) as u8;
         let end = pos + FRAME_HEADER as u64 + len;
         if end > total {
             f.left = (end - total) as u32;

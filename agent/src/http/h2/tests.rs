@@ -83,6 +83,14 @@ fn feed(s: &mut Http2Stream, direction: Direction, data: &[u8], ts_ns: u64) -> V
     out
 }
 
+/// The exchanges of a server that read `inbound` in one call (at `in_ns`), then wrote
+/// `outbound` in one (at `out_ns`).
+fn read_whole(inbound: &[u8], in_ns: u64, outbound: &[u8], out_ns: u64) -> Vec<Exchange> {
+    let mut whole = Http2Stream::new();
+    assert!(feed(&mut whole, Direction::Ingress, inbound, in_ns).is_empty());
+    feed(&mut whole, Direction::Egress, outbound, out_ns)
+}
+
 /// The server's view of one gRPC call: preface and request in, response out.
 fn server_call() -> (Vec<u8>, Vec<u8>) {
     let (mut client, mut server) = (Writer::new(), Writer::new());
@@ -143,9 +151,7 @@ fn a_call_seen_by_its_client_and_a_server_that_spoke_first() {
 #[test]
 fn every_byte_in_its_own_call_gives_the_same_exchange() {
     let (inbound, outbound) = server_call();
-    let mut whole = Http2Stream::new();
-    feed(&mut whole, Direction::Ingress, &inbound, 10);
-    let expected = feed(&mut whole, Direction::Egress, &outbound, 20);
+    let expected = read_whole(&inbound, 10, &outbound, 20);
     let mut s = Http2Stream::new();
     let mut out = Vec::new();
     for b in inbound.chunks(1) {
@@ -565,9 +571,7 @@ fn large_conversation() -> (Vec<u8>, Vec<u8>) {
 #[test]
 fn a_large_response_walked_by_the_kernel_is_read_whole() {
     let (inbound, outbound) = large_conversation();
-    let mut whole = Http2Stream::new();
-    feed(&mut whole, Direction::Ingress, &inbound, 1);
-    let expected = feed(&mut whole, Direction::Egress, &outbound, 1);
+    let expected = read_whole(&inbound, 1, &outbound, 1);
     assert_eq!(expected.len(), 3);
     assert_eq!(expected[2].response_body_bytes, 40_000);
     // Written at once: one sparse record of every frame header and both header blocks.
@@ -681,9 +685,7 @@ proptest! {
         capture in prop::sample::select(vec![1024usize, 8192]),
     ) {
         let (inbound, outbound) = large_conversation();
-        let mut whole = Http2Stream::new();
-        feed(&mut whole, Direction::Ingress, &inbound, 1);
-        let expected = feed(&mut whole, Direction::Egress, &outbound, 1);
+        let expected = read_whole(&inbound, 1, &outbound, 1);
         let mut s = Http2Stream::new();
         let mut out = Vec::new();
         let mut i = 0;
@@ -760,9 +762,7 @@ proptest! {
             inbound.extend(grpc_request(&mut client, id));
             outbound.extend(grpc_response(&mut server, id, "0"));
         }
-        let mut whole = Http2Stream::new();
-        feed(&mut whole, Direction::Ingress, &inbound, 1);
-        let expected = feed(&mut whole, Direction::Egress, &outbound, 1);
+        let expected = read_whole(&inbound, 1, &outbound, 1);
         prop_assert_eq!(expected.len(), 3);
         let mut s = Http2Stream::new();
         let mut out = Vec::new();
