@@ -32,13 +32,13 @@ const PREFACE_LEN: u32 = 24;
 /// Frame type 0: its payload is body, never copied from a large call.
 const DATA: u8 = 0;
 
-/// Pieces of a walk per `bpf_loop` step: a piece reads (part of) one frame header, passes
-/// (part of) one payload, or moves to the next iovec. Each step is a call, and a return
-/// is dear under SRSO's Safe RET: a step per piece cost a gRPC call ~2 µs of kernel time.
-const PIECES_PER_STEP: u32 = 8;
-/// Steps of one walk (256 pieces, about 128 frames). Walks that need more are left
-/// incomplete (the agent then gives the connection up, as it does without the walk).
-const WALK_STEPS: u32 = 32;
+/// Pieces of one walk, one per `bpf_loop` step: a piece reads (part of) one frame header,
+/// passes (part of) one payload, or moves to the next iovec; about 128 frames. Walks that
+/// need more are left incomplete (the agent then gives the connection up, as it does
+/// without the walk). Only calls larger than the capture are walked (the others are
+/// scanned, [`scan_frames`]); more pieces per step cost start-up more than they saved (the
+/// verifier walks each step's every path: 8 per step doubled the data programs' count).
+const WALK_STEPS: u32 = 256;
 
 /// Where one direction of an HTTP/2 connection stands between calls.
 #[repr(C)]
@@ -254,9 +254,8 @@ fn walk() {
 #[cfg(feature = "compat")]
 fn walk() {}
 
-/// One step of a walk (see [`H2Walk`]): up to [`PIECES_PER_STEP`] pieces, on the state in
-/// place (a copy on the stack put the read programs' call chain over the 512 bytes of
-/// stack).
+/// One step of a walk (see [`H2Walk`]): one piece, on the state in place (a copy on the
+/// stack put the read programs' call chain over the 512 bytes of stack).
 extern "C" fn walk_step(_i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return 1;
@@ -268,12 +267,11 @@ extern "C" fn walk_step(_i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
         h2: w,
         ..
     } = unsafe { &mut *scratch };
-    for _ in 0..PIECES_PER_STEP {
-        if !piece(w, data, iovecs) || w.pos >= w.total {
-            return 1;
-        }
+    if piece(w, data, iovecs) && w.pos < w.total {
+        0
+    } else {
+        1
     }
-    0
 }
 
 /// One piece of a walk: (a part of) a frame header, (a part of) a payload, or a move to the
