@@ -18,6 +18,8 @@
 use agent_common::{DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE, MAX_IOVECS};
 use aya_ebpf::{macros::map, maps::LruHashMap};
 
+#[cfg(not(feature = "compat"))]
+use crate::looping::repeat;
 use crate::{
     data::copy_user,
     maps::{DataScratch, SCRATCH, SCRATCH_BYTES},
@@ -239,17 +241,7 @@ fn scan_frames(data: &[u8; SCRATCH_BYTES], total: u64, f: H2Framing) -> (u64, H2
 #[cfg(not(feature = "compat"))]
 #[inline(always)]
 fn walk() {
-    let mut arg = 0u64;
-    // SAFETY: `walk_step` and the context (one u64 on this stack) follow bpf_loop's
-    // contract.
-    unsafe {
-        aya_ebpf::helpers::generated::bpf_loop(
-            WALK_STEPS,
-            walk_step as *mut core::ffi::c_void,
-            &mut arg as *mut u64 as *mut core::ffi::c_void,
-            0,
-        )
-    };
+    repeat!(tapir_compat_h2_walk, walk_step, 0, WALK_STEPS, 0);
 }
 #[cfg(feature = "compat")]
 fn walk() {}

@@ -678,6 +678,21 @@ fn a_sparse_tail_is_read_back() {
     assert_eq!(WalkStart::from_tail(&[]), None);
 }
 
+/// The `i`th chunk of a random test: `data` captured, `extra` bytes more moved.
+fn partial_chunk(ingress: bool, data: &[u8], extra: usize, i: usize) -> Chunk<'_> {
+    Chunk {
+        direction: if ingress {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        },
+        data,
+        total: data.len() + extra,
+        tail: &[],
+        ts_ns: i as u64,
+    }
+}
+
 proptest! {
     #[test]
     fn any_split_walked_by_the_kernel_gives_the_same_exchanges(
@@ -713,13 +728,7 @@ proptest! {
         let mut s = Http2Stream::new();
         let mut out = Vec::new();
         for (i, (ingress, data, extra, left, have, is_data)) in chunks.iter().enumerate() {
-            let c = Chunk {
-                direction: if *ingress { Direction::Ingress } else { Direction::Egress },
-                data,
-                total: data.len() + extra,
-                tail: &[],
-                ts_ns: i as u64,
-            };
+            let c = partial_chunk(*ingress, data, *extra, i);
             let start = WalkStart { left: *left % 100, have: *have, data: *is_data };
             s.on_sparse_chunk(&c, start, &mut out).expect("valid chunk");
         }
@@ -738,13 +747,7 @@ proptest! {
         }
         let mut out = Vec::new();
         for (i, (ingress, data, extra)) in chunks.iter().enumerate() {
-            let c = Chunk {
-                direction: if *ingress { Direction::Ingress } else { Direction::Egress },
-                data,
-                total: data.len() + extra,
-                tail: &[],
-                ts_ns: i as u64,
-            };
+            let c = partial_chunk(*ingress, data, *extra, i);
             s.on_chunk(&c, &mut out).expect("valid chunk");
         }
         s.on_close(99, &mut out);
