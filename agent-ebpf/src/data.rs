@@ -360,7 +360,11 @@ fn emit_data<const SHAPE: u8>(
                 // HTTP/2 inside TLS (h2): read like h2c, its records flagged.
                 first if starts_http2(&first, p, state.role, p.buf, total) => {
                     state.flags |= CONN_TLS_HTTP | CONN_HTTP2;
-                    h2::start(state.sock_id, preface_direction(&first, p));
+                    // A held write's state is the thread's, not a socket's: its socket's
+                    // framing is made at that socket's next call (h2::framing).
+                    if p.fd != NO_FD {
+                        h2::start(state.sock_id, preface_direction(&first, p));
+                    }
                 }
                 // What looks like a TLS record inside TLS: nothing Tapir reads.
                 FirstBytes::Opaque(_) => {
