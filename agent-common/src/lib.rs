@@ -368,19 +368,25 @@ pub const CONN_GAP: u16 = 2048;
 /// A client connection opened while its thread handled a request: the kernel's
 /// `TAPIR_BIRTH_CTX` holds that SERVER span for the connection's first request.
 pub const CONN_BORN: u16 = 4096;
-/// An injected request was written on this re-armed client connection: the record of the
-/// next read wakes the agent at once, so that it can re-arm injection between the reply and the
-/// connection's next request.
+/// The record of this client connection's next read wakes the agent at once, so that it
+/// can re-arm injection between the reply and the connection's next request: the request
+/// just written was injected on a re-armed connection, or is the first not injected after
+/// one that was (the agent was late to re-arm; [`CONN_LAST_INJECTED`]).
 pub const CONN_WAKE_ON_REPLY: u16 = 8192;
 /// The connection speaks HTTP/2 (it started with the client preface, or its server's
 /// first write was a SETTINGS frame): every call's bytes are copied up to the capture,
 /// with no HTTP/1.x head or body logic and no trace-context work, in records flagged
 /// [`DATA_HTTP2`].
 pub const CONN_HTTP2: u16 = 16384;
+/// The last request written on this client connection was injected. The first after it
+/// that is not wakes the agent with its reply ([`CONN_WAKE_ON_REPLY`]): once per miss,
+/// so a connection that never pauses (never re-armed) wakes nobody.
+pub const CONN_LAST_INJECTED: u16 = 32768;
 /// [`TraceIds::injected`] of a request on a connection the agent re-armed: its reply wakes
 /// the agent ([`CONN_WAKE_ON_REPLY`]). Not the first request of a connection: most
 /// connections that carry one request are closed after it, and a wakeup per connection
-/// tripled the agent's CPU per connection under `Connection: close` load.
+/// tripled the agent's CPU per connection under `Connection: close` load (a pooled one's
+/// second request wakes it if it was not injected: [`CONN_LAST_INJECTED`]).
 pub const INJECTED_REARMED: u8 = 2;
 
 /// [`ConnEvent::protocol`]: a TLS handshake record (content type 22, version 3.x).

@@ -3,9 +3,9 @@
 //! while that context is open becomes its CLIENT child. The ids travel to userspace in the
 //! data event and (see `inject.rs`) onto the wire, so both always agree.
 use agent_common::{
-    counter, ConnKey, ConnState, TraceIds, COMPAT_SCAN_BYTES, CONN_BORN, CONN_WAKE_ON_REPLY,
-    INJECTED_REARMED, MAX_CAPTURE, ORIGIN_HEADER, ORIGIN_NEW, ORIGIN_THREAD, TRACE_CLIENT,
-    TRACE_SERVER, TRACE_SERVER_PARENT,
+    counter, ConnKey, ConnState, TraceIds, COMPAT_SCAN_BYTES, CONN_BORN, CONN_LAST_INJECTED,
+    CONN_WAKE_ON_REPLY, INJECTED_REARMED, MAX_CAPTURE, ORIGIN_HEADER, ORIGIN_NEW, ORIGIN_THREAD,
+    TRACE_CLIENT, TRACE_SERVER, TRACE_SERVER_PARENT,
 };
 use aya_ebpf::{helpers::bpf_get_prandom_u32, macros::map, maps::LruHashMap};
 
@@ -677,8 +677,17 @@ pub fn on_client_request(
         None
     };
     on_client_request_from(pid_tgid, data, n, ids, birth);
-    if ids.injected == INJECTED_REARMED {
+    // The agent re-arms injection when it sees the reply: woken for it on a re-armed
+    // connection, and once after a miss, so that one late re-arm costs one request, not
+    // every request until the agent's next drain happens to come in time.
+    let missed = ids.injected == 0 && conn.flags & CONN_LAST_INJECTED != 0;
+    if ids.injected == INJECTED_REARMED || missed {
         conn.flags |= CONN_WAKE_ON_REPLY;
+    }
+    if ids.injected != 0 {
+        conn.flags |= CONN_LAST_INJECTED;
+    } else {
+        conn.flags &= !CONN_LAST_INJECTED;
     }
     if born {
         let _ = BIRTH_CTX.remove(&key);

@@ -333,6 +333,7 @@ impl<S: ExchangeSink> Pipeline<S> {
             conn.http.use_http2();
         }
         if h.direction == DIR_EGRESS {
+            conn.rearm.on_write(h.header.ts_ns);
             let injected = h.trace.kind == TRACE_CLIENT && h.trace.injected != 0;
             conn.sent += u64::from(h.total)
                 + if injected {
@@ -363,6 +364,7 @@ impl<S: ExchangeSink> Pipeline<S> {
                     endpoints: conn.endpoints,
                     sent: conn.sent,
                     received: conn.received,
+                    read_ns: h.header.ts_ns,
                 };
                 rearm.try_rearm(&c, &mut conn.rearm);
             }

@@ -65,19 +65,39 @@ pub struct Candidate {
     /// headers included), and in, since it was opened.
     pub sent: u64,
     pub received: u64,
+    /// When the response was read (kernel time).
+    pub read_ns: u64,
 }
 
-/// Per-connection backoff: a connection found busy (its process writes its next request
-/// before the pipeline sees the last response) is tried on every 2nd, 4th … 1024th response
-/// only, until it is found idle again; one the kernel retired is not tried again.
+/// Per-connection backoff: a connection found busy because it does not pause (its process
+/// writes its next request right after it reads a response, before any agent could re-arm
+/// it) is tried on every 2nd, 4th … 1024th response only, until it is found idle again; one
+/// the kernel retired is not tried again. A busy try is judged by the request that made it
+/// busy: when that came [`PAUSE_NS`] or more after the response, the agent was late (a
+/// drain that came after the connection's pause, on a busy host), not the connection
+/// quick, and the next response is tried as usual.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Backoff {
     skip: u8,
-    wait: u16,
     never: bool,
+    wait: u16,
+    /// When the response of a busy try was read, in µs (2^10 ns, wrapping; 0: none):
+    /// judged at the connection's next write ([`Backoff::on_write`]).
+    busy_read_us: u32,
 }
 
 const MAX_SKIP: u8 = 10;
+
+/// A client that waits this long between reading a response and writing its next request
+/// pauses long enough for a prompt re-arm (the kernel wakes the agent for the reply, which
+/// is then passed on within a millisecond or so).
+const PAUSE_NS: u64 = 2_000_000;
+
+/// A kernel timestamp in the units of [`Backoff::busy_read_us`].
+fn micros(ts_ns: u64) -> u32 {
+    // Truncated on purpose: only differences below an hour are taken.
+    ((ts_ns >> 10) as u32).max(1)
+}
 
 impl Backoff {
     /// Busy at every try, as far apart as tries get.
@@ -97,16 +117,33 @@ impl Backoff {
         }
     }
 
-    fn after(&mut self, outcome: Outcome) {
+    fn back_off(&mut self) {
+        self.skip = (self.skip + 1).min(MAX_SKIP);
+        self.wait = (1u16 << self.skip) - 1;
+    }
+
+    /// `read_ns`: when the response the try followed was read.
+    fn after(&mut self, outcome: Outcome, read_ns: u64) {
         match outcome {
+            Outcome::Busy => self.busy_read_us = micros(read_ns),
             // Not eligible now (still claimed, never claimed): rarely better later.
-            Outcome::Busy | Outcome::NotEligible => {
-                self.skip = (self.skip + 1).min(MAX_SKIP);
-                self.wait = (1u16 << self.skip) - 1;
-            }
+            Outcome::NotEligible => self.back_off(),
             Outcome::Retired => self.never = true,
             Outcome::Rearmed => *self = Self::default(),
             _ => {}
+        }
+    }
+
+    /// The connection wrote at `ts_ns` (kernel time): if a busy try awaits judgement, this
+    /// is the request that made it busy.
+    pub fn on_write(&mut self, ts_ns: u64) {
+        if self.busy_read_us == 0 {
+            return;
+        }
+        let gap_us = micros(ts_ns).wrapping_sub(self.busy_read_us);
+        self.busy_read_us = 0;
+        if u64::from(gap_us) << 10 < PAUSE_NS {
+            self.back_off();
         }
     }
 }
@@ -193,7 +230,7 @@ impl Rearm {
             return None;
         }
         let outcome = self.attempt(c, backoff.at_max());
-        backoff.after(outcome);
+        backoff.after(outcome, c.read_ns);
         let counter = match outcome {
             Outcome::Rearmed => &self.stats.rearm_done,
             Outcome::Busy => &self.stats.rearm_busy,
@@ -505,16 +542,25 @@ mod tests {
         .idle_at(100, 250));
     }
 
+    /// Drives a backoff through `responses` responses, each followed by the next request
+    /// `gap_ns` later, every try busy; returns the responses tried.
+    fn busy_tries(b: &mut Backoff, responses: u64, gap_ns: u64) -> Vec<u64> {
+        let mut tried = Vec::new();
+        for i in 0..responses {
+            let read = 5_000_000_000 + i * 50_000_000;
+            if b.due() {
+                tried.push(i);
+                b.after(Outcome::Busy, read);
+            }
+            b.on_write(read + gap_ns);
+        }
+        tried
+    }
+
     #[test]
     fn busy_connections_back_off_to_every_1024th_response() {
         let mut b = Backoff::default();
-        let mut tried = Vec::new();
-        for i in 0..5000 {
-            if b.due() {
-                tried.push(i);
-                b.after(Outcome::Busy);
-            }
-        }
+        let tried = busy_tries(&mut b, 5000, 20_000);
         assert_eq!(&tried[..7], &[0, 2, 6, 14, 30, 62, 126]);
         let gaps: Vec<_> = tried.windows(2).map(|w| w[1] - w[0]).collect();
         assert_eq!(gaps.iter().max(), Some(&1024), "{tried:?}");
@@ -522,12 +568,46 @@ mod tests {
             b.at_max(),
             "busy at every try: the next busy try retires it"
         );
-        b.after(Outcome::Rearmed);
+        b.after(Outcome::Rearmed, 0);
         assert!(b.due() && b.due(), "found idle: tried every time again");
-        b.after(Outcome::OverBudget);
+        b.after(Outcome::OverBudget, 0);
         assert!(b.due());
-        b.after(Outcome::Retired);
+        b.after(Outcome::Retired, 0);
         assert!((0..5000).all(|_| !b.due()), "retired: never again");
+    }
+
+    #[test]
+    fn a_busy_try_after_which_the_client_paused_was_the_agent_late() {
+        let mut b = Backoff::default();
+        let tried = busy_tries(&mut b, 50, PAUSE_NS + 100_000);
+        assert_eq!(tried, (0..50).collect::<Vec<_>>(), "every response tried");
+        assert!(!b.at_max());
+        // Just under the pause: the connection is quick, it backs off.
+        let mut b = Backoff::default();
+        assert_eq!(busy_tries(&mut b, 7, PAUSE_NS - 2_000), [0, 2, 6]);
+        // A write with no busy try pending changes nothing; one judges one try only.
+        let mut b = Backoff::default();
+        b.on_write(1);
+        assert!(b.due());
+        b.after(Outcome::Busy, 1 << 40);
+        b.on_write((1 << 40) + 1000);
+        b.on_write((1 << 40) + 2000);
+        assert!(!b.due() && b.due(), "backed off once");
+    }
+
+    #[test]
+    fn pause_judgement_survives_the_microsecond_clock_wrapping() {
+        // A response read just before the 2^42 ns (~73 min) truncation wraps, and a
+        // request written 3 ms later, after it wrapped: still a pause.
+        let read = (1u64 << 42) - 1_000_000;
+        let mut b = Backoff::default();
+        b.after(Outcome::Busy, read);
+        b.on_write(read + 3_000_000);
+        assert!(b.due(), "paused: tried at the next response");
+        let mut b = Backoff::default();
+        b.after(Outcome::Busy, read);
+        b.on_write(read + 10_000);
+        assert!(!b.due(), "quick: backed off");
     }
 
     #[test]
