@@ -249,7 +249,7 @@ pub struct DataEventHeader {
     pub syscall: u8,
     /// Valid bytes in `tail` (0 when the whole payload was captured).
     pub tail_len: u8,
-    /// [`DATA_AFTER_GAP`], [`DATA_HTTP2`], [`DATA_H2_SPARSE`].
+    /// [`DATA_AFTER_GAP`], [`DATA_HTTP2`], [`DATA_H2_SPARSE`], [`DATA_RESP`].
     pub flags: u8,
     pub _pad: [u8; 4],
     /// The last bytes moved when they were not captured: enough to see the end of a
@@ -274,6 +274,9 @@ pub const DATA_HTTP2: u8 = 2;
 /// had been moved, `tail[5]` non-zero when that frame is DATA (`tail_len` 6). A walk cut
 /// short leaves the payload short of the call's non-DATA bytes.
 pub const DATA_H2_SPARSE: u8 = 4;
+/// [`DataEventHeader::flags`]: the connection speaks RESP (Redis) as its client
+/// ([`PROTO_RESP`]): the agent reads commands and replies.
+pub const DATA_RESP: u8 = 8;
 
 /// [`TraceIds::kind`]: no ids (not a request start).
 pub const TRACE_NONE: u8 = 0;
@@ -389,6 +392,11 @@ pub const CONN_LAST_INJECTED: u16 = 32768;
 /// second request wakes it if it was not injected: [`CONN_LAST_INJECTED`]).
 pub const INJECTED_REARMED: u8 = 2;
 
+/// [`ConnState::proto`]: a client connection whose first write was a RESP array (a Redis
+/// command, `*<count>\r\n`): every call is copied up to the capture, in records flagged
+/// [`DATA_RESP`]; each write gets CLIENT ids (a child of the thread's SERVER span).
+pub const PROTO_RESP: u8 = 1;
+
 /// [`ConnEvent::protocol`]: a TLS handshake record (content type 22, version 3.x).
 pub const OPAQUE_TLS: u8 = 1;
 /// [`ConnEvent::protocol`]: the HTTP/2 connection preface (`PRI * HTTP/2.0`), i.e. HTTP/2
@@ -402,7 +410,8 @@ pub struct ConnState {
     pub sock_id: u64,
     pub flags: u16,
     pub role: u8,
-    pub _pad: u8,
+    /// What a connection that is not HTTP speaks and Tapir reads: [`PROTO_RESP`], or 0.
+    pub proto: u8,
     /// The process's fd generation when this was cached (see the kernel's PROC_GEN map).
     pub gen: u32,
     /// Host-order ports of the connection (port learning for traceparent injection).

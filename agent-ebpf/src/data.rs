@@ -5,8 +5,8 @@ use agent_common::{
     counter, syscall, EventKind, Role, TraceIds, CONN_BODY_IN, CONN_BODY_OUT, CONN_GAP,
     CONN_HEAD_AT_LINE, CONN_HEAD_OPEN, CONN_HTTP, CONN_HTTP2, CONN_OPAQUE, CONN_PORT_LEARNED,
     CONN_TLS, CONN_TLS_HTTP, CONN_TLS_OPAQUE, CONN_WAKE_ON_REPLY, DATA_AFTER_GAP, DATA_H2_SPARSE,
-    DATA_HTTP2, DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE, MAX_IOVECS, OPAQUE_HTTP2, OPAQUE_TLS,
-    TAIL_BYTES,
+    DATA_HTTP2, DATA_RESP, DIR_EGRESS, DIR_INGRESS, MAX_CAPTURE, MAX_IOVECS, OPAQUE_HTTP2,
+    OPAQUE_TLS, PROTO_RESP, TAIL_BYTES,
 };
 #[cfg(not(feature = "compat"))]
 use aya_ebpf::helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs};
@@ -29,8 +29,8 @@ use crate::{
     tls::{hold_record, note_tls_fd, NO_FD},
     trace::{
         body_start, byte_at, ends_with_empty_line, is_method_prefix, is_request_start,
-        is_response_start, on_client_request, on_server_head_continued, on_server_request,
-        on_server_response, span_head, HeadScan,
+        is_response_start, on_client_request, on_resp_command, on_server_head_continued,
+        on_server_request, on_server_response, span_head, HeadScan,
     },
 };
 
@@ -278,6 +278,8 @@ enum FirstBytes {
     /// Too few bytes to tell, unreadable, or what may be a method Tapir does not know (or
     /// a PROXY protocol line before a request).
     Undecided,
+    /// A RESP array (`*` and a digit): a Redis command when a client writes it.
+    Resp,
 }
 
 #[inline(always)]
@@ -294,6 +296,8 @@ fn first_bytes(addr: u64, len: u64) -> FirstBytes {
     } else if b[0] == 0x16 && b[1] == 3 && b[2] <= 4 {
         // A TLS handshake record (ClientHello or ServerHello): content type 22, version 3.x.
         FirstBytes::Opaque(OPAQUE_TLS)
+    } else if b[0] == b'*' && b[1].is_ascii_digit() {
+        FirstBytes::Resp
     } else if &b == b"PRI " {
         // The HTTP/2 preface, "PRI * HTTP/2.0": h2c, gRPC without TLS.
         FirstBytes::Opaque(OPAQUE_HTTP2)
@@ -314,7 +318,7 @@ fn starts_http2(first: &FirstBytes, p: &PendingIo, role: u8, addr: u64, len: u64
         FirstBytes::NotHttp => {
             role == Role::Server as u8 && p.direction == DIR_EGRESS && is_settings_frame(addr, len)
         }
-        FirstBytes::Http | FirstBytes::Undecided => false,
+        FirstBytes::Http | FirstBytes::Undecided | FirstBytes::Resp => false,
     }
 }
 
@@ -371,10 +375,10 @@ fn emit_data<const SHAPE: u8>(
                     state.flags |= CONN_TLS_OPAQUE;
                     return None;
                 }
-                FirstBytes::NotHttp | FirstBytes::Undecided => return None,
+                FirstBytes::NotHttp | FirstBytes::Undecided | FirstBytes::Resp => return None,
             }
         }
-    } else if state.flags & CONN_HTTP == 0 {
+    } else if state.flags & CONN_HTTP == 0 && state.proto != PROTO_RESP {
         // Only connections that have carried HTTP/1.x or speak HTTP/2 are reported;
         // everything else costs one lookup and this check, and a look at its first bytes
         // until they tell: TLS is reported once (so that users learn what is not seen),
@@ -401,14 +405,18 @@ fn emit_data<const SHAPE: u8>(
                 report_opaque(p, state, protocol);
                 return None;
             }
+            // A client that connected while Tapir runs writes a Redis command first.
+            FirstBytes::Resp if state.role == Role::Client as u8 && p.direction == DIR_EGRESS => {
+                state.proto = PROTO_RESP;
+            }
             // Seen from its start (accepted or connected while Tapir runs), the connection
             // speaks another protocol; first seen in use, it may be in the middle of a body.
-            FirstBytes::NotHttp if state.role != Role::Unknown as u8 => {
+            FirstBytes::NotHttp | FirstBytes::Resp if state.role != Role::Unknown as u8 => {
                 state.flags |= CONN_OPAQUE;
                 count(counter::OTHER_PROTOCOL);
                 return None;
             }
-            FirstBytes::NotHttp | FirstBytes::Undecided => {
+            FirstBytes::NotHttp | FirstBytes::Undecided | FirstBytes::Resp => {
                 // A TLS connection first seen in use (no handshake): its bytes say nothing
                 // Tapir can read, but a thread inside an SSL call moved them.
                 if tls_on() && note_tls_fd(p.pid_tgid, p.fd, false, None) {
@@ -446,11 +454,13 @@ fn emit_data<const SHAPE: u8>(
             },
         );
     }
-    if state.flags & CONN_HTTP2 != 0 {
+    let resp = state.proto == PROTO_RESP;
+    if state.flags & CONN_HTTP2 != 0 || resp {
         // Frames are read by the agent: header blocks anywhere in the call matter. TLS
-        // plaintext whose socket is not known yet waits for it (tls.rs), unwalked.
+        // plaintext whose socket is not known yet waits for it (tls.rs), unwalked. RESP
+        // (Redis) is copied the same way, up to the capture, without framing.
         let hold = tls_plaintext && p.fd == NO_FD;
-        let conn = if hold {
+        let conn = if hold || resp {
             None
         } else {
             h2::framing(state.sock_id)
@@ -468,7 +478,16 @@ fn emit_data<const SHAPE: u8>(
         // SAFETY: a field of this CPU's scratch record (read back as below).
         let captured = unsafe { core::ptr::read_volatile(&hdr.captured) } as u64;
         clear_ids(&mut hdr.trace);
-        let extra = if sparse { DATA_H2_SPARSE } else { 0 };
+        let extra = if resp {
+            if p.direction == DIR_EGRESS {
+                on_resp_command(p.pid_tgid, &mut hdr.trace);
+            }
+            DATA_RESP
+        } else if sparse {
+            DATA_H2_SPARSE
+        } else {
+            0
+        };
         submit(scratch, p, total, captured, &mut state.flags, hold, extra);
         return Some(());
     }

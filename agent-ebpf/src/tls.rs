@@ -79,7 +79,7 @@ const NO_CONN: ConnState = ConnState {
     sock_id: 0,
     flags: 0,
     role: 0,
-    _pad: 0,
+    proto: 0,
     gen: 0,
     local_port: 0,
     remote_port: 0,

@@ -734,6 +734,15 @@ fn on_client_request_from(
     child_of(parent, ids);
 }
 
+/// CLIENT ids for a Redis command a thread writes: a child of the SERVER span the thread
+/// is handling, else the root of a new trace (nothing is injected: RESP has no headers).
+#[inline(always)]
+pub fn on_resp_command(pid_tgid: u64, ids: &mut TraceIds) {
+    ids.kind = TRACE_CLIENT;
+    ids.span_id = new_span_id();
+    thread_parent(pid_tgid, ids);
+}
+
 /// Makes `ids` a child of the thread's open SERVER span, or the root of a new trace.
 #[inline(always)]
 pub fn thread_parent(pid_tgid: u64, ids: &mut TraceIds) {

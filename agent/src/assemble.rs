@@ -7,6 +7,8 @@ use agent_common::{
     TRACE_SERVER_PARENT,
 };
 
+use crate::redis::RespStream;
+
 use crate::{
     capture::events::DataEvent,
     http::{Chunk, Direction, Exchange, Http1Stream, Http2Stream, StreamStats, WalkStart},
@@ -20,6 +22,8 @@ pub struct ConnAssembler {
     stream: Http1Stream,
     /// Set once the connection turned out to speak HTTP/2: it then reads every chunk.
     h2: Option<Box<Http2Stream>>,
+    /// Set once the kernel said the connection is a Redis client's: the same.
+    resp: Option<Box<RespStream>>,
     /// (timestamp of the request's first chunk, ids the kernel gave it), oldest first.
     pending_ids: VecDeque<(u64, TraceIds)>,
 }
@@ -60,6 +64,7 @@ impl ConnAssembler {
                 Http1Stream::new()
             },
             h2: None,
+            resp: None,
             pending_ids: VecDeque::new(),
         }
     }
@@ -74,6 +79,18 @@ impl ConnAssembler {
 
     pub fn is_http2(&self) -> bool {
         self.h2.is_some()
+    }
+
+    /// The connection is a Redis client's (the kernel saw it write a RESP command first):
+    /// its chunks go to the RESP parser from now on.
+    pub fn use_resp(&mut self) {
+        if self.resp.is_none() {
+            self.resp = Some(Box::default());
+        }
+    }
+
+    pub fn is_resp(&self) -> bool {
+        self.resp.is_some()
     }
 
     /// Why its HTTP/2 parser gave the connection up, once (see [`Http2Stream::take_loss`]).
@@ -122,14 +139,31 @@ impl ConnAssembler {
         if self.pending_ids.is_empty() {
             self.pending_ids = VecDeque::new();
         }
-        match &mut self.h2 {
-            Some(h2) => h2.release_idle_buffers(),
-            None => self.stream.release_idle_buffers(),
+        match (&mut self.h2, &mut self.resp) {
+            (Some(h2), _) => h2.release_idle_buffers(),
+            (None, Some(resp)) => resp.release_idle_buffers(),
+            (None, None) => self.stream.release_idle_buffers(),
         }
     }
 
     /// Feeds one data event; drop counts go to `stats`.
     pub fn on_data(&mut self, d: &DataEvent<'_>, out: &mut Completed, stats: &Stats) {
+        if self.resp.is_some() {
+            let gap = d.header.flags & DATA_AFTER_GAP != 0;
+            if gap {
+                self.pending_ids.clear();
+            }
+            self.note_ids(d);
+            if let Some(resp) = &mut self.resp {
+                if gap {
+                    resp.on_gap();
+                }
+                resp.on_chunk(&chunk_of(d), &mut out.exchanges);
+            }
+            self.attach_ids(out);
+            self.flush_stats(stats);
+            return;
+        }
         if let Some(h2) = &mut self.h2 {
             // No kernel ids: the kernel follows trace context in HTTP/1.x only.
             if d.header.flags & DATA_AFTER_GAP != 0 {
@@ -159,6 +193,16 @@ impl ConnAssembler {
             self.pending_ids.clear();
             self.stream.on_gap();
         }
+        self.note_ids(d);
+        if let Err(e) = self.stream.on_chunk(&chunk_of(d), &mut out.exchanges) {
+            tracing::trace!(error = %e, "http stream reset");
+        }
+        self.attach_ids(out);
+        self.flush_stats(stats);
+    }
+
+    /// Keeps the ids the kernel gave a request start (or a late `traceparent`).
+    fn note_ids(&mut self, d: &DataEvent<'_>) {
         let trace = &d.header.trace;
         if trace.kind == TRACE_SERVER_PARENT {
             self.adopt_late_parent(trace);
@@ -169,17 +213,21 @@ impl ConnAssembler {
             self.pending_ids
                 .push_back((d.header.header.ts_ns, d.header.trace));
         }
-        if let Err(e) = self.stream.on_chunk(&chunk_of(d), &mut out.exchanges) {
-            tracing::trace!(error = %e, "http stream reset");
-        }
-        self.attach_ids(out);
-        self.flush_stats(stats);
     }
 
     /// The connection ended at `ts_ns`: `seen_closing` when its close (or its process's
     /// exit) was seen, so that requests left without response failed then; else the agent
     /// only lets go of it (see [`Http1Stream::on_forget`]).
     pub fn on_close(&mut self, ts_ns: u64, seen_closing: bool, out: &mut Completed, stats: &Stats) {
+        if let Some(resp) = &mut self.resp {
+            match seen_closing {
+                true => resp.on_close(ts_ns, &mut out.exchanges),
+                false => resp.on_forget(),
+            }
+            self.attach_ids(out);
+            self.flush_stats(stats);
+            return;
+        }
         match (&mut self.h2, seen_closing) {
             (Some(h2), true) => h2.on_close(ts_ns, &mut out.exchanges),
             (Some(h2), false) => h2.on_forget(),
@@ -191,9 +239,12 @@ impl ConnAssembler {
     }
 
     fn flush_stats(&mut self, stats: &Stats) {
-        let taken: Option<StreamStats> = match &mut self.h2 {
-            Some(h2) => (h2.stats().total_drops() > 0).then(|| h2.take_stats()),
-            None => (self.stream.stats().total_drops() > 0).then(|| self.stream.take_stats()),
+        let taken: Option<StreamStats> = match (&mut self.h2, &mut self.resp) {
+            (Some(h2), _) => (h2.stats().total_drops() > 0).then(|| h2.take_stats()),
+            (None, Some(resp)) => (resp.stats().total_drops() > 0).then(|| resp.take_stats()),
+            (None, None) => {
+                (self.stream.stats().total_drops() > 0).then(|| self.stream.take_stats())
+            }
         };
         if let Some(taken) = taken {
             stats.add_stream(&taken);

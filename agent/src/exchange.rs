@@ -75,6 +75,9 @@ impl CapturedExchange {
     /// The `tapir watch --json` record.
     pub fn to_json(&self) -> Value {
         let (server, client) = self.server_client();
+        if let Some(call) = self.http.redis {
+            return self.redis_json(call, server, client);
+        }
         let mut record = self.http_json(server, client);
         if let (Some(call), Some(fields)) = (self.http.grpc, record.as_object_mut()) {
             let (method, _) = crate::otel::rpc::method(&self.http, call);
@@ -86,6 +89,34 @@ impl CapturedExchange {
             fields.insert("rpc.response.status_code".into(), status.into());
         }
         record
+    }
+
+    /// A Redis call's record: `db.*` in place of the HTTP fields.
+    fn redis_json(
+        &self,
+        call: crate::redis::RedisCall,
+        server: (std::net::IpAddr, u16),
+        client: (std::net::IpAddr, u16),
+    ) -> Value {
+        let error = crate::otel::span::redis_error_type(self.http.failure, call);
+        json!({
+            "kind": if self.is_server() { "server" } else { "client" },
+            "process.pid": self.process.pid,
+            "process.executable.name": self.process.exe_name,
+            "db.system.name": crate::otel::span::REDIS,
+            "db.operation.name": self.http.method,
+            "db.response.status_code": call.error.map(|p| p.to_string()),
+            "error.type": error.map(|e| e.to_string()),
+            "server.address": server.0.to_string(),
+            "server.port": server.1,
+            "client.address": client.0.to_string(),
+            "client.port": client.1,
+            "start_time_unix_nano": self.start_unix_ns,
+            "duration_ns": self.duration_ns(),
+            "trace_id": self.trace.map(|t| hex(&t.trace_id)),
+            "span_id": self.trace.map(|t| hex(&t.span_id)),
+            "parent_span_id": self.trace.and_then(|t| (t.has_parent != 0).then(|| hex(&t.parent_span_id))),
+        })
     }
 
     fn http_json(&self, server: (std::net::IpAddr, u16), client: (std::net::IpAddr, u16)) -> Value {

@@ -23,6 +23,7 @@ pub mod probes;
 pub mod process;
 pub mod program_stats;
 pub mod rearm;
+pub mod redis;
 pub mod sched;
 pub mod select;
 pub mod self_usage;

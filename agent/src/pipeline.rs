@@ -7,7 +7,7 @@ use std::{
 };
 
 use agent_common::{
-    ConnEvent, ConnTuple, Role, AF_INET, DATA_HTTP2, DIR_EGRESS, DIR_INGRESS,
+    ConnEvent, ConnTuple, Role, AF_INET, DATA_HTTP2, DATA_RESP, DIR_EGRESS, DIR_INGRESS,
     TRACEPARENT_HEADER_LEN, TRACE_CLIENT,
 };
 use aya::maps::{MapData, PerCpuArray};
@@ -327,6 +327,10 @@ impl<S: ExchangeSink> Pipeline<S> {
         if agent_common::syscall::is_tls(h.syscall) && !conn.tls {
             conn.tls_read(&self.stats);
         }
+        if h.flags & DATA_RESP != 0 && !conn.http.is_resp() {
+            Stats::inc(&self.stats.conns_redis);
+            conn.http.use_resp();
+        }
         if h.flags & DATA_HTTP2 != 0 && !conn.http.is_http2() {
             // Its frames are read from now on (h2c, or h2 through the TLS probes).
             Stats::inc(&self.stats.conns_http2);
@@ -356,7 +360,12 @@ impl<S: ExchangeSink> Pipeline<S> {
         let reused = done.last().is_some_and(|ex| ex.keep_alive);
         // Not over TLS: the byte counts compared are the socket's, and injection writes
         // plaintext headers.
-        if reused && h.direction == DIR_INGRESS && conn.role == Role::Client && !conn.tls {
+        if reused
+            && h.direction == DIR_INGRESS
+            && conn.role == Role::Client
+            && !conn.tls
+            && !conn.http.is_resp()
+        {
             if let Some(rearm) = &mut self.rearm {
                 let c = crate::rearm::Candidate {
                     tgid: h.header.tgid,

@@ -80,6 +80,9 @@ counters! {
     /// the capture, records were lost, or it could not be decoded): their later calls are
     /// not seen.
     conns_http2_given_up => "tapir.connections.http2_given_up",
+    /// Redis client connections (the client connected while Tapir ran and wrote a RESP
+    /// command first): each command becomes a CLIENT span.
+    conns_redis => "tapir.connections.redis",
     /// Data (or TLS/HTTP/2 notice) records for a connection the agent did not know (fd
     /// reused, table evicted).
     data_unknown_conn => "tapir.events.unknown_connection",

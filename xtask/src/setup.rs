@@ -111,6 +111,7 @@ const DEBIAN_TOOLS: &[(&str, &str)] = &[
     ("curl", "curl"),
     ("openssl", "openssl"),
     ("nginx", "nginx"),
+    ("redis-server", "redis-server"),
     ("ip", "iproute2"),
     ("qemu-system-x86_64", "qemu-system-x86"),
     ("busybox", "busybox-static"),

@@ -73,12 +73,18 @@ fn human_line(ex: &CapturedExchange) -> String {
         name = ex.process.exe_name,
         kind = if ex.is_server() { "server" } else { "client" },
         method = ex.http.method,
-        path = ex.http.path,
-        status = match ex.http.failure {
+        path = if ex.http.redis.is_some() {
+            "redis"
+        } else {
+            &ex.http.path
+        },
+        status = match (ex.http.failure, ex.http.redis) {
             // The status seen, if any, then why the exchange ended early.
-            Some(f) if ex.http.status != 0 => format!("{} {}", ex.http.status, f.as_str()),
-            Some(f) => f.as_str().to_string(),
-            None => ex.http.status.to_string(),
+            (Some(f), _) if ex.http.status != 0 => format!("{} {}", ex.http.status, f.as_str()),
+            (Some(f), _) => f.as_str().to_string(),
+            // A Redis reply: its error's prefix, if it was one.
+            (None, Some(call)) => call.error.map_or("ok".to_string(), |p| p.to_string()),
+            (None, None) => ex.http.status.to_string(),
         } + &grpc_status(ex),
         dur = ex.duration_ns() as f64 / 1e6,
         peer = fmt_addr(peer),

@@ -104,4 +104,7 @@ pub struct Exchange {
     pub failure: Option<Failure>,
     /// Set for gRPC calls: they become RPC spans and metrics.
     pub grpc: Option<GrpcCall>,
+    /// Set for Redis commands (`method` is the command): they become database spans and
+    /// metrics.
+    pub redis: Option<crate::redis::RedisCall>,
 }

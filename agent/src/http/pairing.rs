@@ -251,6 +251,7 @@ mod tests {
                 keep_alive: false,
                 failure: None,
                 grpc: None,
+                redis: None,
             }),
         }
     }

@@ -510,6 +510,7 @@ fn parsed_request(
         keep_alive: false,
         failure: None,
         grpc: None,
+        redis: None,
     };
     // A request body is chunked or has a length; anything else means no body.
     let body = match (

@@ -161,6 +161,7 @@ fn a_request_and_its_response_make_one_exchange() {
             keep_alive: true,
             failure: None,
             grpc: None,
+            redis: None,
         }
     );
     assert_eq!(c.stream.role(), Some(ExchangeRole::Server));

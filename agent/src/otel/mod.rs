@@ -398,9 +398,9 @@ impl SpanArena {
 impl Ingest {
     fn handle(&mut self, ex: &CapturedExchange) {
         let entry = self.registry.entry_cached(&ex.process, &mut self.entries);
-        // A gRPC call is named by its method (`otel::rpc`), not by a route: it takes no
-        // slot of the service's routes.
-        let route = if ex.http.grpc.is_some() {
+        // A gRPC call is named by its method (`otel::rpc`), a Redis call by its command,
+        // not by a route: they take no slot of the service's routes.
+        let route = if ex.http.grpc.is_some() || ex.http.redis.is_some() {
             None
         } else {
             self.routes.route(&entry.service_name, &ex.http.path)

@@ -17,6 +17,7 @@ use opentelemetry_semantic_conventions::attribute as sc;
 use super::{rpc, text::StackText, tracecontext::parse_traceparent};
 use crate::exchange::CapturedExchange;
 use crate::http::{Failure, GrpcCall};
+use crate::redis::{ErrorPrefix, RedisCall};
 
 /// Methods the semantic conventions know by default; others are reported as `_OTHER`.
 const DEFAULT_KNOWN_METHODS: [&str; 9] = [
@@ -93,6 +94,9 @@ fn is_error(server: bool, status: u16) -> bool {
     }
 }
 
+/// `db.system.name` of Redis calls.
+pub const REDIS: &str = "redis";
+
 /// What `error.type` says of a failed exchange.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorType {
@@ -102,6 +106,8 @@ pub enum ErrorType {
     Failure(Failure),
     /// A gRPC status that is an error at this end (its name as text).
     Grpc(u8),
+    /// A database's error code (Redis: the error's prefix, `ERR`, `WRONGTYPE`).
+    Db(ErrorPrefix),
 }
 
 /// The exchange's `error.type`, if it failed: the connection ended before the response
@@ -131,12 +137,22 @@ pub fn grpc_error_type(
     }
 }
 
+/// The `error.type` of a Redis call, if it failed: the connection ended before its reply
+/// did, or the reply was an error (its prefix, also `db.response.status_code`).
+pub fn redis_error_type(failure: Option<Failure>, call: RedisCall) -> Option<ErrorType> {
+    match failure {
+        Some(f) => Some(ErrorType::Failure(f)),
+        None => call.error.map(ErrorType::Db),
+    }
+}
+
 impl std::fmt::Display for ErrorType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Status(code) => write!(f, "{code}"),
             Self::Failure(failure) => f.write_str(failure.as_str()),
             Self::Grpc(code) => f.write_str(rpc::status_text(*code).as_str()),
+            Self::Db(prefix) => f.write_str(prefix.as_str()),
         }
     }
 }
@@ -425,6 +441,28 @@ pub fn build_span(
     let server = ex.is_server();
     let http = &ex.http;
     let mut attrs = Vec::with_capacity(16);
+    if let Some(call) = http.redis {
+        // A database span: named by the command.
+        attrs.push(KeyValue::new(sc::DB_SYSTEM_NAME, REDIS));
+        attrs.push(KeyValue::new(
+            sc::DB_OPERATION_NAME,
+            http.method.to_string(),
+        ));
+        if let Some(prefix) = call.error {
+            attrs.push(KeyValue::new(
+                sc::DB_RESPONSE_STATUS_CODE,
+                prefix.as_str().to_string(),
+            ));
+        }
+        return finish_span(
+            ex,
+            ids,
+            http.method.to_string(),
+            attrs,
+            redis_error_type(http.failure, call),
+            scope,
+        );
+    }
     if let Some(call) = http.grpc {
         // An RPC span: `rpc.*` in place of the HTTP request's attributes.
         let (rpc_method, rpc_original) = rpc::method(http, call);
@@ -507,10 +545,12 @@ fn finish_span(
     }
     attrs.push(KeyValue::new(sc::NETWORK_PEER_ADDRESS, ip_string(peer.0)));
     attrs.push(KeyValue::new(sc::NETWORK_PEER_PORT, i64::from(peer.1)));
-    attrs.push(KeyValue::new(
-        sc::NETWORK_PROTOCOL_VERSION,
-        http.version.as_str(),
-    ));
+    if http.redis.is_none() {
+        attrs.push(KeyValue::new(
+            sc::NETWORK_PROTOCOL_VERSION,
+            http.version.as_str(),
+        ));
+    }
     if let Some(ua) = http.user_agent.as_ref().filter(|_| server) {
         attrs.push(KeyValue::new(sc::USER_AGENT_ORIGINAL, ua.to_string()));
     }
@@ -612,6 +652,7 @@ pub(crate) mod tests {
                 keep_alive: true,
                 failure: None,
                 grpc: None,
+                redis: None,
             },
             process: Arc::new(ProcessInfo {
                 pid: 77,

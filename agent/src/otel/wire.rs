@@ -16,12 +16,12 @@ use prost::encoding::encoded_len_varint;
 use super::{
     rpc,
     span::{
-        error_type, grpc_error_type, normalize_method, server_address_in, url_full_path,
-        url_full_prefix, ErrorType, SpanIds,
+        self, error_type, grpc_error_type, normalize_method, redis_error_type, server_address_in,
+        url_full_path, url_full_prefix, ErrorType, SpanIds,
     },
     text::StackText,
 };
-use crate::{exchange::CapturedExchange, http::GrpcCall};
+use crate::{exchange::CapturedExchange, http::GrpcCall, redis::RedisCall};
 
 // Wire types.
 const VARINT: u32 = 0;
@@ -445,8 +445,10 @@ impl ConnAttrs {
         }
         put_attr_str(out, a, sc::NETWORK_PEER_ADDRESS, remote_ip.as_bytes());
         put_attr_int(out, a, sc::NETWORK_PEER_PORT, i64::from(peer.1));
-        let version = http.version.as_str();
-        put_attr_str(out, a, sc::NETWORK_PROTOCOL_VERSION, version.as_bytes());
+        if http.redis.is_none() {
+            let version = http.version.as_str();
+            put_attr_str(out, a, sc::NETWORK_PROTOCOL_VERSION, version.as_bytes());
+        }
         if let Some(ua) = http.user_agent.as_deref().filter(|_| server) {
             put_attr_str(out, a, sc::USER_AGENT_ORIGINAL, ua.as_bytes());
         }
@@ -461,6 +463,9 @@ fn encode_span_to(
     conn: &ConnAttrs,
 ) {
     let http = &ex.http;
+    if let Some(call) = http.redis {
+        return encode_db_span_to(out, ex, ids, conn, call);
+    }
     if let Some(call) = http.grpc {
         return encode_rpc_span_to(out, ex, ids, conn, call);
     }
@@ -531,6 +536,30 @@ fn encode_rpc_span_to(
     put_span_tail(out, ids, conn, error);
 }
 
+/// A Redis call's span: named by its command, `db.*` in place of the HTTP attributes.
+fn encode_db_span_to(
+    out: &mut impl Out,
+    ex: &CapturedExchange,
+    ids: &SpanIds,
+    conn: &ConnAttrs,
+    call: RedisCall,
+) {
+    let operation = ex.http.method.as_str();
+    put_span_head(out, ex, ids, &[operation]);
+    let a = SPAN_ATTRIBUTES;
+    put_attr_str(out, a, sc::DB_SYSTEM_NAME, span::REDIS.as_bytes());
+    put_attr_str(out, a, sc::DB_OPERATION_NAME, operation.as_bytes());
+    if let Some(prefix) = call.error {
+        put_attr_str(
+            out,
+            a,
+            sc::DB_RESPONSE_STATUS_CODE,
+            prefix.as_str().as_bytes(),
+        );
+    }
+    put_span_tail(out, ids, conn, redis_error_type(ex.http.failure, call));
+}
+
 /// A span's ids, name (`name` concatenated), kind and times.
 fn put_span_head(out: &mut impl Out, ex: &CapturedExchange, ids: &SpanIds, name: &[&str]) {
     // Ids are copied even when zero, as the transform does.
@@ -584,6 +613,9 @@ fn put_span_tail(
         Some(ErrorType::Failure(f)) => put_attr_str(out, a, sc::ERROR_TYPE, f.as_str().as_bytes()),
         Some(ErrorType::Grpc(code)) => {
             put_attr_str(out, a, sc::ERROR_TYPE, rpc::status_text(code).as_bytes())
+        }
+        Some(ErrorType::Db(prefix)) => {
+            put_attr_str(out, a, sc::ERROR_TYPE, prefix.as_str().as_bytes())
         }
         None => {}
     }
@@ -997,6 +1029,23 @@ mod tests {
                 all.push(grpc(path, Some(0), 200));
             }
         }
+        // Redis calls (always a client's): answered, errors, failures.
+        let redis = |op: &str, error: Option<&[u8]>, failure: Option<Failure>| {
+            let mut ex = exchange(ExchangeRole::Client, op, "", 0);
+            ex.http.redis = Some(RedisCall {
+                error: error.and_then(crate::redis::ErrorPrefix::new),
+            });
+            ex.http.failure = failure;
+            // No Host header: server.address is the peer's address.
+            ex.http.host = None;
+            ex.http.user_agent = None;
+            ex
+        };
+        all.push(redis("GET", None, None));
+        all.push(redis("_OTHER", Some(b"ERR"), None));
+        all.push(redis("LPUSH", Some(b"WRONGTYPE"), None));
+        all.push(redis("BLPOP", None, Some(Failure::NoResponse)));
+        all.push(redis("GET", None, Some(Failure::ResponseCutShort)));
         all
     }
 

@@ -596,6 +596,7 @@ impl Http2Stream {
                 keep_alive: true,
                 failure: None,
                 grpc: fields.grpc.then(GrpcCall::default),
+                redis: None,
             };
             self.calls.insert(stream, call);
             return;

@@ -17,8 +17,9 @@ use super::series::{Hist, SeriesKey, Snap, BOUNDS};
 use crate::http::GrpcCall;
 use crate::otel::{
     rpc,
-    span::{error_type, grpc_error_type, scope, ErrorType},
+    span::{error_type, grpc_error_type, redis_error_type, scope, ErrorType, REDIS},
 };
+use crate::redis::RedisCall;
 
 /// `otel.metric.overflow`: the one attribute of an overflow series.
 pub const OVERFLOW_ATTRIBUTE: &str = "otel.metric.overflow";
@@ -166,14 +167,64 @@ const RPC_INSTRUMENTS: [Instrument; 2] = [
     },
 ];
 
-/// The instruments of a series: HTTP's three, or an RPC's duration.
-fn instruments(server: bool, rpc: bool) -> &'static [Instrument] {
-    let i = usize::from(!server);
-    if rpc {
-        std::slice::from_ref(&RPC_INSTRUMENTS[i])
-    } else {
-        &INSTRUMENTS[i]
+/// A database call's duration (the conventions' only required database metric; Redis
+/// calls are always a client's).
+const DB_INSTRUMENTS: [Instrument; 1] = [Instrument {
+    name: sm::DB_CLIENT_OPERATION_DURATION,
+    unit: "s",
+    description: "Duration of database client operations (Redis).",
+}];
+
+/// Which conventions a series follows.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Http,
+    Rpc,
+    Db,
+}
+
+impl Family {
+    fn of(key: &SeriesKey) -> Self {
+        match (key.grpc, key.redis) {
+            (Some(_), _) => Self::Rpc,
+            (None, Some(_)) => Self::Db,
+            (None, None) => Self::Http,
+        }
     }
+}
+
+/// The instruments of a series: HTTP's three, or an RPC's or a database call's duration.
+fn instruments(server: bool, family: Family) -> &'static [Instrument] {
+    let i = usize::from(!server);
+    match family {
+        Family::Http => &INSTRUMENTS[i],
+        Family::Rpc => std::slice::from_ref(&RPC_INSTRUMENTS[i]),
+        Family::Db => &DB_INSTRUMENTS,
+    }
+}
+
+/// The attributes of a Redis call's series.
+fn db_attributes(key: &SeriesKey, call: RedisCall) -> Vec<KeyValue> {
+    let s = |v: &str| any_value::Value::StringValue(v.to_string());
+    let mut a = Vec::with_capacity(6);
+    a.push(kv(sc::DB_SYSTEM_NAME, s(REDIS)));
+    if let Some(op) = &key.route {
+        a.push(kv(sc::DB_OPERATION_NAME, s(op)));
+    }
+    if let Some(prefix) = call.error {
+        a.push(kv(sc::DB_RESPONSE_STATUS_CODE, s(prefix.as_str())));
+    }
+    if let Some(e) = redis_error_type(key.failure, call) {
+        a.push(kv(sc::ERROR_TYPE, s(&e.to_string())));
+    }
+    if let Some((addr, port)) = &key.server_address {
+        a.push(kv(sc::SERVER_ADDRESS, s(addr)));
+        a.push(kv(
+            sc::SERVER_PORT,
+            any_value::Value::IntValue(i64::from(*port)),
+        ));
+    }
+    a
 }
 
 /// The attributes of a gRPC call's series.
@@ -212,6 +263,9 @@ fn attributes(key: &SeriesKey) -> Vec<KeyValue> {
     if let Some(call) = key.grpc {
         return rpc_attributes(key, call);
     }
+    if let Some(call) = key.redis {
+        return db_attributes(key, call);
+    }
     let s = |v: &str| any_value::Value::StringValue(v.to_string());
     let mut a = Vec::with_capacity(8);
     a.push(kv(sc::HTTP_REQUEST_METHOD, s(key.method)));
@@ -247,16 +301,22 @@ fn attributes(key: &SeriesKey) -> Vec<KeyValue> {
 pub(super) fn http_metrics(snaps: &[Snap], delta: bool, now_ns: u64) -> Vec<Metric> {
     let temporality = aggregation(delta);
     let mut metrics = Vec::with_capacity(6);
-    for (server, rpc) in [(true, false), (false, false), (true, true), (false, true)] {
+    for (server, family) in [
+        (true, Family::Http),
+        (false, Family::Http),
+        (true, Family::Rpc),
+        (false, Family::Rpc),
+        (false, Family::Db),
+    ] {
         let mine: Vec<&Snap> = snaps
             .iter()
-            .filter(|s| s.key.server == server && s.key.grpc.is_some() == rpc)
+            .filter(|s| s.key.server == server && Family::of(&s.key) == family)
             .collect();
         if mine.is_empty() {
             continue;
         }
         let attrs: Vec<Vec<KeyValue>> = mine.iter().map(|s| attributes(&s.key)).collect();
-        for (i, inst) in instruments(server, rpc).iter().enumerate() {
+        for (i, inst) in instruments(server, family).iter().enumerate() {
             let data_points = mine
                 .iter()
                 .zip(&attrs)
@@ -405,6 +465,64 @@ mod tests {
         assert_eq!(
             rows("rpc.client.call.duration"),
             [row("pkg.S/A", "NOT_FOUND", "NOT_FOUND", 1)]
+        );
+    }
+
+    /// Redis calls are database durations by command and error: nothing of them in the
+    /// HTTP histograms.
+    #[test]
+    fn redis_calls_are_db_durations_by_command_and_error() {
+        let r = registry(16);
+        let call = |op: &str, error: Option<&[u8]>, failure| {
+            let mut ex = exchange(ExchangeRole::Client, op, "", 0);
+            ex.http.redis = Some(RedisCall {
+                error: error.and_then(crate::redis::ErrorPrefix::new),
+            });
+            ex.http.failure = failure;
+            // No Host header: server.address is the peer's address.
+            ex.http.host = None;
+            ex.http.user_agent = None;
+            ex
+        };
+        let all = [
+            call("GET", None, None),
+            call("GET", None, None),
+            call("LPUSH", Some(b"WRONGTYPE"), None),
+            call("BLPOP", None, Some(crate::http::Failure::NoResponse)),
+        ];
+        let e = r.entry(&all[0].process);
+        for ex in &all {
+            r.record(&e, ex, Some("/ignored"));
+        }
+        let req = r.collect().unwrap();
+        assert_eq!(histogram_count(&req, "http.client.request.duration"), 0);
+        let text = |p: &HistogramDataPoint, k: &str| match attr(&p.attributes, k) {
+            Some(any_value::Value::StringValue(v)) => v.clone(),
+            _ => String::new(),
+        };
+        let mut rows: Vec<_> = hist_points(&req, "db.client.operation.duration")
+            .iter()
+            .map(|p| {
+                assert_eq!(text(p, "db.system.name"), "redis");
+                assert_eq!(text(p, "server.address"), "10.0.0.1");
+                assert!(attr(&p.attributes, "http.request.method").is_none());
+                let row = [
+                    text(p, "db.operation.name"),
+                    text(p, "db.response.status_code"),
+                    text(p, "error.type"),
+                ];
+                (row, p.count)
+            })
+            .collect();
+        rows.sort();
+        let row = |m: &str, st: &str, e: &str, n| ([m.into(), st.into(), e.into()], n);
+        assert_eq!(
+            rows,
+            [
+                row("BLPOP", "", "connection_closed", 1),
+                row("GET", "", "", 2),
+                row("LPUSH", "WRONGTYPE", "WRONGTYPE", 1),
+            ]
         );
     }
 

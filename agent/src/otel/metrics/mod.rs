@@ -382,22 +382,30 @@ impl Registry {
         };
         let server = ex.is_server();
         let grpc = ex.http.grpc;
-        // A gRPC call's series is its method's.
-        let route = match grpc {
-            Some(call) => Some(super::rpc::method(&ex.http, call).0),
-            None => route,
+        let redis = ex.http.redis;
+        // A gRPC call's series is its method's, a Redis call's its command's.
+        let route = match (grpc, redis) {
+            (Some(call), _) => Some(super::rpc::method(&ex.http, call).0),
+            (None, Some(_)) => Some(ex.http.method.as_str()),
+            (None, None) => route,
         };
+        let http = redis.is_none();
         let view = KeyView {
             server,
             overflow: false,
-            method: normalize_method(&ex.http.method).0,
+            method: if http {
+                normalize_method(&ex.http.method).0
+            } else {
+                ""
+            },
             status: ex.http.status,
             failure: ex.http.failure,
-            version: ex.http.version.as_str(),
-            scheme: ex.scheme(),
+            version: if http { ex.http.version.as_str() } else { "" },
+            scheme: if http { ex.scheme() } else { "" },
             route,
             server_address,
             grpc,
+            redis,
         };
         let values = [
             ex.duration_ns() as f64 / 1e9,

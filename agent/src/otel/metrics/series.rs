@@ -5,6 +5,7 @@ use std::sync::Arc;
 use hashbrown::HashTable;
 
 use crate::http::{Failure, GrpcCall};
+use crate::redis::RedisCall;
 
 /// Duration buckets (seconds) of the stable HTTP semantic conventions.
 pub const DURATION_BUCKETS: [f64; 14] = [
@@ -84,6 +85,8 @@ pub(super) struct KeyView<'a> {
     pub(super) server_address: Option<(&'a str, u16)>,
     /// A gRPC call's series: an RPC metric, not an HTTP one.
     pub(super) grpc: Option<GrpcCall>,
+    /// A Redis call's series (its command in `route`): a database metric.
+    pub(super) redis: Option<RedisCall>,
 }
 
 impl KeyView<'static> {
@@ -99,6 +102,7 @@ impl KeyView<'static> {
             route: None,
             server_address: None,
             grpc: None,
+            redis: None,
         }
     }
 }
@@ -118,6 +122,7 @@ pub(super) struct SeriesKey {
     pub(super) route: Option<Arc<str>>,
     pub(super) server_address: Option<(Arc<str>, u16)>,
     pub(super) grpc: Option<GrpcCall>,
+    pub(super) redis: Option<RedisCall>,
 }
 
 impl SeriesKey {
@@ -133,6 +138,7 @@ impl SeriesKey {
             route: self.route.as_deref(),
             server_address: self.server_address.as_ref().map(|(a, p)| (&**a, *p)),
             grpc: self.grpc,
+            redis: self.redis,
         }
     }
 
@@ -148,6 +154,7 @@ impl SeriesKey {
             route: v.route.map(Arc::from),
             server_address: v.server_address.map(|(a, p)| (Arc::from(a), p)),
             grpc: v.grpc,
+            redis: v.redis,
         }
     }
 }
