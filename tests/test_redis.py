@@ -117,8 +117,9 @@ def test_redis_calls_made_while_serving_a_request_are_its_children_over_otlp(otl
         r = curl("-s", "-H", f"traceparent: 00-{TRACE}-{PARENT}-01", f"http://127.0.0.1:{port}/visit/{name}")
         assert r.stdout == "1", r.stdout
     assert curl("-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}/fail").stdout == "500"
+    assert curl("-s", f"http://127.0.0.1:{port}/batch").stdout == "1"
     is_app = lambda s: s["resource"].get("process.pid") == app.pid  # noqa: E731
-    otlp.wait_spans(lambda s: is_app(s) and s["kind"] == "CLIENT", n=9, timeout=TIMEOUT)
+    otlp.wait_spans(lambda s: is_app(s) and s["kind"] == "CLIENT", n=16, timeout=TIMEOUT)
     otlp.wait_metrics(lambda m: m["name"] == "db.client.operation.duration", timeout=TIMEOUT)
     finish(agent)
 
@@ -128,15 +129,19 @@ def test_redis_calls_made_while_serving_a_request_are_its_children_over_otlp(otl
     clients = sorted(
         (s for s in otlp.spans() if is_app(s) and s["kind"] == "CLIENT"), key=lambda s: s["start_time_unix_nano"]
     )
-    assert [s["attributes"]["url.path"] for s in servers] == ["/visit/ann", "/visit/bob", "/fail"]
-    # Before it served anything: its handshake and set-up, roots of their own.
-    setup, clients = clients[:4], clients[4:]
-    assert [s["name"] for s in setup] == ["CLIENT", "CLIENT", "PING", "SET"], setup
+    assert [s["attributes"]["url.path"] for s in servers] == ["/visit/ann", "/visit/bob", "/fail", "/batch"]
+    # Before it served anything: its connections' handshakes and set-up, roots of their own.
+    setup, clients = clients[:7], clients[7:]
+    assert [s["name"] for s in setup] == ["CLIENT", "CLIENT", "PING", "SET", "CLIENT", "CLIENT", "PING"], setup
     assert all(s["parent_span_id"] == "" for s in setup), setup
-    assert len({s["trace_id"] for s in setup}) == 4
-    assert [s["name"] for s in clients] == ["INCRBY", "GET", "INCRBY", "GET", "LPUSH"]
-    # Each command is a child of the request its thread was serving.
-    owners = [0, 0, 1, 1, 2]
+    assert len({s["trace_id"] for s in setup}) == 7
+    assert [s["name"] for s in clients] == [
+        "INCRBY", "GET", "INCRBY", "GET", "LPUSH", "MULTI", "INCRBY", "EXPIRE", "EXEC",
+    ]  # fmt: skip
+    # Each command is a child of the request its thread was serving, those of a
+    # transaction written at once too.
+    owners = [0, 0, 1, 1, 2, 3, 3, 3, 3]
+    assert len({c["span_id"] for c in clients}) == len(clients)
     for c, i in zip(clients, owners):
         srv = servers[i]
         assert c["trace_id"] == srv["trace_id"] and c["parent_span_id"] == srv["span_id"], (c, srv)
@@ -148,25 +153,28 @@ def test_redis_calls_made_while_serving_a_request_are_its_children_over_otlp(otl
         assert a["network.peer.address"] == "127.0.0.1" and a["network.peer.port"] == rport, a
         assert "network.protocol.version" not in a and "url.full" not in a, a
     assert servers[0]["trace_id"] == servers[1]["trace_id"] == TRACE, "the callers' trace continues"
-    failed = clients[-1]
+    failed = clients[4]
     assert failed["attributes"]["db.response.status_code"] == "WRONGTYPE"
     assert failed["attributes"]["error.type"] == "WRONGTYPE"
     assert failed["status_code"] == "ERROR", failed
-    assert all("error.type" not in c["attributes"] and c["status_code"] == "UNSET" for c in clients[:-1])
+    assert all("error.type" not in c["attributes"] and c["status_code"] == "UNSET" for c in clients if c is not failed)
 
     points = {}
     for p in otlp.latest_points("db.client.operation.duration", lambda p: p["attributes"].get("server.port") == rport):
         a = p["attributes"]
         points[(a["db.operation.name"], a.get("db.response.status_code"), a.get("error.type"))] = p["count"]
         assert a["db.system.name"] == "redis", a
-    # The handshake's two, whether this server knows `CLIENT SETINFO` or not.
-    assert sum(n for (op, _, _), n in points.items() if op == "CLIENT") == 2, points
+    # The handshakes' four, whether this server knows `CLIENT SETINFO` or not.
+    assert sum(n for (op, _, _), n in points.items() if op == "CLIENT") == 4, points
     points = {k: n for k, n in points.items() if k[0] != "CLIENT"}
     assert points == {
-        ("PING", None, None): 1,
+        ("PING", None, None): 2,
         ("SET", None, None): 1,
-        ("INCRBY", None, None): 2,
+        ("INCRBY", None, None): 3,
         ("GET", None, None): 2,
         ("LPUSH", "WRONGTYPE", "WRONGTYPE"): 1,
+        ("MULTI", None, None): 1,
+        ("EXPIRE", None, None): 1,
+        ("EXEC", None, None): 1,
     }
     assert not otlp.latest_points("http.client.request.duration", lambda p: p["attributes"].get("server.port") == rport)

@@ -26,6 +26,9 @@ pub struct ConnAssembler {
     resp: Option<Box<RespStream>>,
     /// (timestamp of the request's first chunk, ids the kernel gave it), oldest first.
     pending_ids: VecDeque<(u64, TraceIds)>,
+    /// Redis: the last command that got the kernel's ids (one set per write), with its
+    /// timestamp; the commands the same write pipelined after it are its siblings.
+    last_resp_ids: Option<(u64, TraceIds)>,
 }
 
 /// A finished exchange and the trace ids the kernel chose for it (if it saw its start).
@@ -66,6 +69,7 @@ impl ConnAssembler {
             h2: None,
             resp: None,
             pending_ids: VecDeque::new(),
+            last_resp_ids: None,
         }
     }
 
@@ -109,11 +113,31 @@ impl ConnAssembler {
             {
                 self.pending_ids.pop_front();
             }
-            let ids = match self.pending_ids.front() {
+            let mut ids = match self.pending_ids.front() {
                 Some((ts, _)) if *ts == ex.start_ns => self.pending_ids.pop_front().map(|(_, i)| i),
                 _ => None,
             };
+            if self.resp.is_some() {
+                ids = self.resp_sibling_ids(ex.start_ns, ids);
+            }
             out.ids.push(ids);
+        }
+    }
+
+    /// A Redis command's ids: the kernel's, or, for a command pipelined in the same write
+    /// as one that got them (`MULTI … EXEC`, a pipeline), a sibling's: same trace and
+    /// parent, a span id of its own.
+    fn resp_sibling_ids(&mut self, start_ns: u64, ids: Option<TraceIds>) -> Option<TraceIds> {
+        match (ids, self.last_resp_ids) {
+            (Some(ids), _) => {
+                self.last_resp_ids = Some((start_ns, ids));
+                Some(ids)
+            }
+            (None, Some((ts, first))) if ts == start_ns => Some(TraceIds {
+                span_id: crate::otel::span::random_span_id(),
+                ..first
+            }),
+            (None, _) => None,
         }
     }
 
@@ -492,5 +516,60 @@ mod tests {
         let done: Vec<_> = out.drain().collect();
         assert_eq!(done.len(), 1);
         assert!(done[0].1.is_none());
+    }
+
+    /// A Redis pipeline in one write: the kernel gives the write one set of ids; the
+    /// commands after the first are its siblings (same trace and parent, span ids of
+    /// their own). A later write's command gets that write's ids.
+    #[test]
+    fn pipelined_redis_commands_are_siblings_of_the_first() {
+        let mut a = ConnAssembler::new(true);
+        let mut out = Completed::default();
+        let send = |a: &mut ConnAssembler, out: &mut Completed, dir, ts, payload: &[u8], span| {
+            let mut header = chunk_header(dir, ts, payload);
+            header.flags = agent_common::DATA_RESP;
+            if let Some(b) = span {
+                header.trace.kind = agent_common::TRACE_CLIENT;
+                header.trace.trace_id = [7; 16];
+                header.trace.span_id = [b; 8];
+                header.trace.parent_span_id = [9; 8];
+                header.trace.has_parent = 1;
+            }
+            a.use_resp();
+            a.on_data(&DataEvent { header, payload }, out, &Stats::default());
+        };
+        let multi = b"*1\r\n$5\r\nMULTI\r\n*2\r\n$4\r\nINCR\r\n$1\r\nn\r\n*1\r\n$4\r\nEXEC\r\n";
+        send(&mut a, &mut out, DIR_EGRESS, 10, multi, Some(1));
+        send(
+            &mut a,
+            &mut out,
+            DIR_INGRESS,
+            11,
+            b"+OK\r\n+QUEUED\r\n*1\r\n:1\r\n",
+            None,
+        );
+        send(
+            &mut a,
+            &mut out,
+            DIR_EGRESS,
+            12,
+            b"*1\r\n$4\r\nPING\r\n",
+            Some(2),
+        );
+        send(&mut a, &mut out, DIR_INGRESS, 13, b"+PONG\r\n", None);
+        let done: Vec<_> = out.drain().collect();
+        let names: Vec<_> = done.iter().map(|(e, _)| e.method.as_str()).collect();
+        assert_eq!(names, ["MULTI", "INCR", "EXEC", "PING"]);
+        let ids: Vec<TraceIds> = done.iter().map(|(_, i)| i.expect("ids")).collect();
+        assert_eq!(ids[0].span_id, [1; 8]);
+        assert_eq!(ids[3].span_id, [2; 8]);
+        for i in &ids[..3] {
+            assert_eq!(
+                (i.trace_id, i.parent_span_id, i.has_parent),
+                ([7; 16], [9; 8], 1)
+            );
+        }
+        let spans: std::collections::HashSet<_> = ids.iter().map(|i| i.span_id).collect();
+        assert_eq!(spans.len(), 4, "every command its own span id");
     }
 }

@@ -499,36 +499,37 @@ impl RespStream {
     /// Commands or replies could not be followed: what waits is dropped, and replies are
     /// taken up again after the next command.
     fn lose(&mut self, e: ParseError) {
-        let reason = match e {
+        self.stats.record(match e {
             ParseError::Malformed => DropReason::Malformed,
             ParseError::Uncaptured => DropReason::HeadTruncated,
-        };
-        self.stats.record(reason);
-        for _ in self.pending.drain(..) {
-            self.stats.record(DropReason::NoResponse);
-        }
-        self.commands.reset();
-        self.replies.reset();
-        self.replies_lost = true;
+        });
+        self.start_over(DropReason::NoResponse);
     }
 
+    /// The client subscribed: nothing after this answers a command.
     fn let_go(&mut self) {
-        for _ in self.pending.drain(..) {
-            self.stats.record(DropReason::NoResponse);
-        }
+        self.start_over(DropReason::NoResponse);
         self.let_go = true;
-        self.commands.reset();
-        self.replies.reset();
     }
 
     /// Records of the connection were lost (a full ring).
     pub fn on_gap(&mut self) {
-        for _ in self.pending.drain(..) {
-            self.stats.record(DropReason::CaptureGap);
-        }
+        self.start_over(DropReason::CaptureGap);
+    }
+
+    /// Drops (and counts) the commands waiting, and reads replies again only after the
+    /// next command.
+    fn start_over(&mut self, reason: DropReason) {
+        self.drop_pending(reason);
         self.commands.reset();
         self.replies.reset();
         self.replies_lost = true;
+    }
+
+    fn drop_pending(&mut self, reason: DropReason) {
+        for _ in self.pending.drain(..) {
+            self.stats.record(reason);
+        }
     }
 
     /// The connection closed at `ts_ns`: commands without a reply failed then.
@@ -554,9 +555,7 @@ impl RespStream {
 
     /// The agent lets go of the connection without seeing it end.
     pub fn on_forget(&mut self) {
-        for _ in self.pending.drain(..) {
-            self.stats.record(DropReason::NoResponse);
-        }
+        self.drop_pending(DropReason::NoResponse);
     }
 
     pub fn release_idle_buffers(&mut self) {

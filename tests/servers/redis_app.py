@@ -4,8 +4,11 @@ by Tapir: its Redis commands should become CLIENT spans under the request being 
 Routes:
   /visit/<name>   INCR visits:<name> (INCRBY on the wire), then GET it: 200, the count
   /fail           LPUSH on a string key: Redis answers WRONGTYPE, the service 500
+  /batch          a transaction in one write (MULTI, INCRBY, EXPIRE, EXEC) on a pooled
+                  connection
 Usage: redis_app.py PORT REDIS_PORT
-Connects (and says who it is: redis-py's CLIENT SETINFO) before it listens.
+Connects both its connections (each says who it is: redis-py's CLIENT SETINFO, then PING)
+before it listens.
 """
 import http.server
 import sys
@@ -18,6 +21,8 @@ def main():
     db = redis.Redis(host="127.0.0.1", port=redis_port, single_connection_client=True)
     db.ping()
     db.set("a-string", "x")
+    pool = redis.Redis(host="127.0.0.1", port=redis_port)
+    pool.ping()  # its one connection, idle in the pool for /batch
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -31,6 +36,11 @@ def main():
                 key = "visits:" + self.path.rsplit("/", 1)[1]
                 db.incr(key)
                 body = db.get(key)
+            elif self.path == "/batch":
+                with pool.pipeline(transaction=True) as pipe:
+                    pipe.incr("batches")
+                    pipe.expire("batches", 60)
+                    body = str(pipe.execute()[0]).encode()
             elif self.path == "/fail":
                 try:
                     db.lpush("a-string", "y")

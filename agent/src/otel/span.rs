@@ -284,6 +284,11 @@ pub fn span_context_for(ex: &CapturedExchange, kernel: Option<KernelIds>) -> Spa
     }
 }
 
+/// A fresh span id, in wire order (for ids the agent derives from the kernel's).
+pub fn random_span_id() -> [u8; 8] {
+    new_span_id(&RandomIdGenerator::default()).to_bytes()
+}
+
 fn new_span_id(g: &RandomIdGenerator) -> SpanId {
     loop {
         let id = g.new_span_id();
