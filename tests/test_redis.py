@@ -178,3 +178,7 @@ def test_redis_calls_made_while_serving_a_request_are_its_children_over_otlp(otl
         ("EXEC", None, None): 1,
     }
     assert not otlp.latest_points("http.client.request.duration", lambda p: p["attributes"].get("server.port") == rport)
+    # `--port` made the Redis port an injection port: the kernel claimed both of the app's
+    # connections, and retired them once they turned out to be Redis (their
+    # acknowledgements then stop running its RTT callback).
+    assert agent.final_count("tapir.inject.retired") == 2, agent.err[-30:]

@@ -330,6 +330,17 @@ impl<S: ExchangeSink> Pipeline<S> {
         if h.flags & DATA_RESP != 0 && !conn.http.is_resp() {
             Stats::inc(&self.stats.conns_redis);
             conn.http.use_resp();
+            if let Some(rearm) = &mut self.rearm {
+                // Claimed for injection (its port was given): no header to inject into.
+                rearm.retire_not_http(&crate::rearm::Candidate {
+                    tgid: h.header.tgid,
+                    fd: h.header.fd,
+                    endpoints: conn.endpoints,
+                    sent: 0,
+                    received: 0,
+                    read_ns: 0,
+                });
+            }
         }
         if h.flags & DATA_HTTP2 != 0 && !conn.http.is_http2() {
             // Its frames are read from now on (h2c, or h2 through the TLS probes).

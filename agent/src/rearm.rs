@@ -243,6 +243,35 @@ impl Rearm {
         Some(outcome)
     }
 
+    /// The client connection turned out to speak something other than HTTP (Redis):
+    /// nothing will be injected into it, so if the kernel claimed it (its port was an
+    /// injection port) it is asked to retire it, and its acknowledgements stop running the
+    /// RTT callback (~0.2 µs each). Rate-limited with the re-arms.
+    pub fn retire_not_http(&mut self, c: &Candidate) -> Outcome {
+        if !self.budget.take(Instant::now()) {
+            return Outcome::OverBudget;
+        }
+        let Some(sock) = self.socket_of(c.tgid, c.fd) else {
+            return Outcome::Gone;
+        };
+        let Some((key, endpoints)) = socket_key(sock.as_raw_fd()) else {
+            return Outcome::Gone;
+        };
+        if !same_connection(&endpoints, &c.endpoints) {
+            return Outcome::Gone;
+        }
+        match self.state.get(&key, 0) {
+            Ok(s) if s.done == INJ_RETIRED => Outcome::Retired,
+            Ok(_) => match self.rearm.insert(key, INJ_REARM_RETIRE, BPF_ANY) {
+                Ok(()) => Outcome::Retired,
+                Err(_) => Outcome::Failed,
+            },
+            // Never claimed: nothing to stop.
+            Err(MapError::KeyNotFound) => Outcome::NotEligible,
+            Err(_) => Outcome::Failed,
+        }
+    }
+
     /// A process exited: its pidfd is closed.
     pub fn forget(&mut self, tgid: u32) {
         self.pidfds.pop(&tgid);
