@@ -26,9 +26,6 @@ pub struct ConnAssembler {
     resp: Option<Box<RespStream>>,
     /// (timestamp of the request's first chunk, ids the kernel gave it), oldest first.
     pending_ids: VecDeque<(u64, TraceIds)>,
-    /// Redis: the last command that got the kernel's ids (one set per write), with its
-    /// timestamp; the commands the same write pipelined after it are its siblings.
-    last_resp_ids: Option<(u64, TraceIds)>,
 }
 
 /// A finished exchange and the trace ids the kernel chose for it (if it saw its start).
@@ -69,7 +66,6 @@ impl ConnAssembler {
             h2: None,
             resp: None,
             pending_ids: VecDeque::new(),
-            last_resp_ids: None,
         }
     }
 
@@ -117,27 +113,10 @@ impl ConnAssembler {
                 Some((ts, _)) if *ts == ex.start_ns => self.pending_ids.pop_front().map(|(_, i)| i),
                 _ => None,
             };
-            if self.resp.is_some() {
-                ids = self.resp_sibling_ids(ex.start_ns, ids);
+            if let Some(resp) = &mut self.resp {
+                ids = resp.command_ids(ex.start_ns, ids);
             }
             out.ids.push(ids);
-        }
-    }
-
-    /// A Redis command's ids: the kernel's, or, for a command pipelined in the same write
-    /// as one that got them (`MULTI … EXEC`, a pipeline), a sibling's: same trace and
-    /// parent, a span id of its own.
-    fn resp_sibling_ids(&mut self, start_ns: u64, ids: Option<TraceIds>) -> Option<TraceIds> {
-        match (ids, self.last_resp_ids) {
-            (Some(ids), _) => {
-                self.last_resp_ids = Some((start_ns, ids));
-                Some(ids)
-            }
-            (None, Some((ts, first))) if ts == start_ns => Some(TraceIds {
-                span_id: crate::otel::span::random_span_id(),
-                ..first
-            }),
-            (None, _) => None,
         }
     }
 

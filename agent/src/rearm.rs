@@ -81,9 +81,10 @@ pub struct Backoff {
     skip: u8,
     never: bool,
     wait: u16,
-    /// When the response of a busy try was read, in µs (2^10 ns, wrapping; 0: none):
-    /// judged at the connection's next write ([`Backoff::on_write`]).
-    busy_read_us: u32,
+    /// When the response of a busy try was read, in ticks of 2^16 ns (65.5 µs, wrapping
+    /// every 4.3 s; 0: none): judged at the connection's next write ([`Backoff::on_write`]).
+    /// Two bytes: every tracked connection has one.
+    busy_read: u16,
 }
 
 const MAX_SKIP: u8 = 10;
@@ -93,10 +94,14 @@ const MAX_SKIP: u8 = 10;
 /// is then passed on within a millisecond or so).
 const PAUSE_NS: u64 = 2_000_000;
 
-/// A kernel timestamp in the units of [`Backoff::busy_read_us`].
-fn micros(ts_ns: u64) -> u32 {
-    // Truncated on purpose: only differences below an hour are taken.
-    ((ts_ns >> 10) as u32).max(1)
+/// Bits of a kernel timestamp dropped for [`Backoff::busy_read`].
+const TICK_SHIFT: u32 = 16;
+
+/// A kernel timestamp in the units of [`Backoff::busy_read`].
+fn ticks(ts_ns: u64) -> u16 {
+    // Truncated on purpose: only short differences are taken (a pause longer than the
+    // wrap that lands within PAUSE_NS of it backs off once more than it should).
+    ((ts_ns >> TICK_SHIFT) as u16).max(1)
 }
 
 impl Backoff {
@@ -125,7 +130,7 @@ impl Backoff {
     /// `read_ns`: when the response the try followed was read.
     fn after(&mut self, outcome: Outcome, read_ns: u64) {
         match outcome {
-            Outcome::Busy => self.busy_read_us = micros(read_ns),
+            Outcome::Busy => self.busy_read = ticks(read_ns),
             // Not eligible now (still claimed, never claimed): rarely better later.
             Outcome::NotEligible => self.back_off(),
             Outcome::Retired => self.never = true,
@@ -137,12 +142,12 @@ impl Backoff {
     /// The connection wrote at `ts_ns` (kernel time): if a busy try awaits judgement, this
     /// is the request that made it busy.
     pub fn on_write(&mut self, ts_ns: u64) {
-        if self.busy_read_us == 0 {
+        if self.busy_read == 0 {
             return;
         }
-        let gap_us = micros(ts_ns).wrapping_sub(self.busy_read_us);
-        self.busy_read_us = 0;
-        if u64::from(gap_us) << 10 < PAUSE_NS {
+        let gap = ticks(ts_ns).wrapping_sub(self.busy_read);
+        self.busy_read = 0;
+        if u64::from(gap) << TICK_SHIFT < PAUSE_NS {
             self.back_off();
         }
     }
@@ -608,12 +613,12 @@ mod tests {
     #[test]
     fn a_busy_try_after_which_the_client_paused_was_the_agent_late() {
         let mut b = Backoff::default();
-        let tried = busy_tries(&mut b, 50, PAUSE_NS + 100_000);
+        let tried = busy_tries(&mut b, 50, PAUSE_NS + 200_000);
         assert_eq!(tried, (0..50).collect::<Vec<_>>(), "every response tried");
         assert!(!b.at_max());
         // Just under the pause: the connection is quick, it backs off.
         let mut b = Backoff::default();
-        assert_eq!(busy_tries(&mut b, 7, PAUSE_NS - 2_000), [0, 2, 6]);
+        assert_eq!(busy_tries(&mut b, 7, PAUSE_NS - 200_000), [0, 2, 6]);
         // A write with no busy try pending changes nothing; one judges one try only.
         let mut b = Backoff::default();
         b.on_write(1);
@@ -625,10 +630,10 @@ mod tests {
     }
 
     #[test]
-    fn pause_judgement_survives_the_microsecond_clock_wrapping() {
-        // A response read just before the 2^42 ns (~73 min) truncation wraps, and a
+    fn pause_judgement_survives_the_tick_clock_wrapping() {
+        // A response read just before the 2^32 ns (~4.3 s) truncation wraps, and a
         // request written 3 ms later, after it wrapped: still a pause.
-        let read = (1u64 << 42) - 1_000_000;
+        let read = (1u64 << 32) - 1_000_000;
         let mut b = Backoff::default();
         b.after(Outcome::Busy, read);
         b.on_write(read + 3_000_000);

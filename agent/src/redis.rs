@@ -10,6 +10,7 @@
 //! connection is let go of from then on.
 use std::collections::VecDeque;
 
+use agent_common::TraceIds;
 use compact_str::CompactString;
 
 use crate::http::{
@@ -32,42 +33,63 @@ pub struct RedisCall {
     pub error: Option<ErrorPrefix>,
 }
 
-/// An error's prefix: an upper-case word of at most [`ErrorPrefix::MAX`] bytes, kept
-/// inline so that calls and metric keys stay `Copy`.
+/// The error prefixes Redis itself sends (its source's `-ERR`, `-WRONGTYPE`, … replies and
+/// Redis Cluster's redirections).
+const KNOWN_PREFIXES: [&str; 27] = [
+    "ERR",
+    "WRONGTYPE",
+    "NOSCRIPT",
+    "BUSY",
+    "BUSYKEY",
+    "LOADING",
+    "READONLY",
+    "MOVED",
+    "ASK",
+    "TRYAGAIN",
+    "CLUSTERDOWN",
+    "CROSSSLOT",
+    "MASTERDOWN",
+    "NOAUTH",
+    "WRONGPASS",
+    "NOPERM",
+    "EXECABORT",
+    "NOREPLICAS",
+    "MISCONF",
+    "OOM",
+    "NOPROTO",
+    "UNBLOCKED",
+    "BUSYGROUP",
+    "NOGROUP",
+    "NOTBUSY",
+    "UNKILLABLE",
+    "NOTREADY",
+];
+
+/// An error reply's prefix, one of [`KNOWN_PREFIXES`] (others, a module's own, count as
+/// Redis's generic `ERR`: a server cannot make up metric series). One byte: every
+/// exchange in flight carries the field.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ErrorPrefix {
-    len: u8,
-    bytes: [u8; Self::MAX],
-}
+pub struct ErrorPrefix(u8);
 
 impl ErrorPrefix {
-    pub const MAX: usize = 32;
-
-    /// `word` if it is a prefix (upper-case letters, digits, `_`; at most `MAX` bytes).
+    /// `word` if it is one of the known prefixes.
     pub fn new(word: &[u8]) -> Option<Self> {
-        let valid = !word.is_empty()
-            && word.len() <= Self::MAX
-            && word
-                .iter()
-                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || *b == b'_');
-        valid.then(|| {
-            let mut bytes = [0; Self::MAX];
-            bytes[..word.len()].copy_from_slice(word);
-            Self {
-                len: word.len() as u8,
-                bytes,
-            }
-        })
+        KNOWN_PREFIXES
+            .iter()
+            .position(|p| p.as_bytes() == word)
+            .map(|i| Self(i as u8))
     }
 
     /// `ERR`, Redis's generic prefix.
     pub fn generic() -> Self {
-        Self::new(b"ERR").unwrap_or_default()
+        Self(0)
     }
 
-    pub fn as_str(&self) -> &str {
-        // Only ASCII is ever stored.
-        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or("ERR")
+    pub fn as_str(&self) -> &'static str {
+        KNOWN_PREFIXES
+            .get(usize::from(self.0))
+            .copied()
+            .unwrap_or("ERR")
     }
 }
 
@@ -372,8 +394,8 @@ fn count(digits: &[u8]) -> Result<Option<u64>, ParseError> {
     ))
 }
 
-/// An error's prefix (its first word when that is upper case, as Redis's are: `ERR`,
-/// `WRONGTYPE`; else `ERR`), and whether it says the command is unknown.
+/// An error's prefix (its first word when Redis knows it: `ERR`, `WRONGTYPE`; else `ERR`),
+/// and whether it says the command is unknown.
 fn error_prefix(message: &[u8]) -> (ErrorPrefix, bool) {
     let word = message.split(|&b| b == b' ').next().unwrap_or_default();
     let prefix = ErrorPrefix::new(word).unwrap_or_else(ErrorPrefix::generic);
@@ -423,6 +445,9 @@ pub struct RespStream {
     let_go: bool,
     stats: StreamStats,
     values: Vec<Value>,
+    /// The last command that got the kernel's ids (one set per write), with its
+    /// timestamp: the commands the same write pipelined after it are its siblings.
+    last_ids: Option<(u64, TraceIds)>,
 }
 
 impl Default for RespStream {
@@ -435,6 +460,7 @@ impl Default for RespStream {
             let_go: false,
             stats: StreamStats::default(),
             values: Vec::new(),
+            last_ids: None,
         }
     }
 }
@@ -494,6 +520,23 @@ impl RespStream {
             }
         }
         self.values = values;
+    }
+
+    /// A command's ids: the kernel's (`ids`, for the first command of a write), or, for a
+    /// command pipelined in the same write as one that got them (`MULTI … EXEC`, a
+    /// pipeline), a sibling's: same trace and parent, a span id of its own.
+    pub fn command_ids(&mut self, start_ns: u64, ids: Option<TraceIds>) -> Option<TraceIds> {
+        match (ids, self.last_ids) {
+            (Some(ids), _) => {
+                self.last_ids = Some((start_ns, ids));
+                Some(ids)
+            }
+            (None, Some((ts, first))) if ts == start_ns => Some(TraceIds {
+                span_id: crate::otel::span::random_span_id(),
+                ..first
+            }),
+            (None, _) => None,
+        }
     }
 
     /// Commands or replies could not be followed: what waits is dropped, and replies are

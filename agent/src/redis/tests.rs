@@ -400,3 +400,15 @@ proptest! {
         prop_assert_eq!(s.stats().total_drops(), 0);
     }
 }
+
+#[test]
+fn error_prefixes_are_redis_own_else_err() {
+    let prefix = |m: &[u8]| error_prefix(m).0.as_str();
+    assert_eq!(prefix(b"MOVED 3999 127.0.0.1:6381"), "MOVED");
+    assert_eq!(prefix(b"CLUSTERDOWN The cluster is down"), "CLUSTERDOWN");
+    assert_eq!(prefix(b"MYMODULE something went wrong"), "ERR");
+    assert_eq!(prefix(b"lowercase message"), "ERR");
+    assert_eq!(prefix(b""), "ERR");
+    // Kept in one byte: an exchange in flight carries it.
+    assert_eq!(std::mem::size_of::<Option<RedisCall>>(), 2);
+}
