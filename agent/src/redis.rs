@@ -13,9 +13,7 @@ use std::collections::VecDeque;
 use agent_common::TraceIds;
 use compact_str::CompactString;
 
-use crate::http::{
-    Chunk, Direction, DropReason, Exchange, ExchangeRole, Failure, HttpVersion, StreamStats,
-};
+use crate::http::{Chunk, Direction, DropReason, Exchange, ExchangeRole, Failure, StreamStats};
 
 /// Commands sent and not answered yet, at most (pipelining).
 const MAX_PENDING: usize = 256;
@@ -621,27 +619,14 @@ impl RespStream {
 fn exchange(command: Value, reply: Value, failure: Option<Failure>) -> Exchange {
     let error = if failure.is_some() { None } else { reply.error };
     Exchange {
-        role: ExchangeRole::Client,
         method: operation_name(&command.name, reply.unknown_command),
-        path: CompactString::default(),
-        query: None,
-        version: HttpVersion::Http11,
-        status: 0,
-        host: None,
-        user_agent: None,
-        traceparent: None,
-        tracestate: None,
-        traceparent_duplicated: false,
         start_ns: command.start_ns,
         response_start_ns: reply.start_ns,
         end_ns: reply.end_ns,
-        request_body_bytes: 0,
-        response_body_bytes: 0,
-        request_head_truncated: false,
         keep_alive: true,
         failure,
-        grpc: None,
         redis: Some(RedisCall { error }),
+        ..Exchange::empty(ExchangeRole::Client)
     }
 }
 

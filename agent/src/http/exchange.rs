@@ -108,3 +108,32 @@ pub struct Exchange {
     /// metrics.
     pub redis: Option<crate::redis::RedisCall>,
 }
+
+impl Exchange {
+    /// An exchange with nothing known but its role (the fields a parser fills start so).
+    pub fn empty(role: ExchangeRole) -> Self {
+        Self {
+            role,
+            method: CompactString::default(),
+            path: CompactString::default(),
+            query: None,
+            version: HttpVersion::Http11,
+            status: 0,
+            host: None,
+            user_agent: None,
+            traceparent: None,
+            tracestate: None,
+            traceparent_duplicated: false,
+            start_ns: 0,
+            response_start_ns: 0,
+            end_ns: 0,
+            request_body_bytes: 0,
+            response_body_bytes: 0,
+            request_head_truncated: false,
+            keep_alive: false,
+            failure: None,
+            grpc: None,
+            redis: None,
+        }
+    }
+}

@@ -231,27 +231,9 @@ mod tests {
             head_request: false,
             connect: false,
             exchange: Some(Exchange {
-                role: ExchangeRole::Server,
                 method: "GET".into(),
                 path: path.into(),
-                query: None,
-                version: super::super::HttpVersion::Http11,
-                status: 0,
-                host: None,
-                user_agent: None,
-                traceparent: None,
-                tracestate: None,
-                traceparent_duplicated: false,
-                start_ns: 0,
-                response_start_ns: 0,
-                end_ns: 0,
-                request_body_bytes: 0,
-                response_body_bytes: 0,
-                request_head_truncated: false,
-                keep_alive: false,
-                failure: None,
-                grpc: None,
-                redis: None,
+                ..Exchange::empty(ExchangeRole::Server)
             }),
         }
     }

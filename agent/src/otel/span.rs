@@ -619,6 +619,23 @@ pub(crate) mod tests {
         None,
     ];
 
+    /// A Redis call of a client to 10.0.0.1:8080: `error`, a reply's prefix.
+    pub(crate) fn redis_exchange(
+        op: &str,
+        error: Option<&[u8]>,
+        failure: Option<Failure>,
+    ) -> CapturedExchange {
+        let mut ex = exchange(ExchangeRole::Client, op, "", 0);
+        ex.http.redis = Some(RedisCall {
+            error: error.and_then(ErrorPrefix::new),
+        });
+        ex.http.failure = failure;
+        // No Host header: server.address is the peer's address.
+        ex.http.host = None;
+        ex.http.user_agent = None;
+        ex
+    }
+
     pub(crate) fn exchange(
         role: ExchangeRole,
         method: &str,

@@ -1030,17 +1030,7 @@ mod tests {
             }
         }
         // Redis calls (always a client's): answered, errors, failures.
-        let redis = |op: &str, error: Option<&[u8]>, failure: Option<Failure>| {
-            let mut ex = exchange(ExchangeRole::Client, op, "", 0);
-            ex.http.redis = Some(RedisCall {
-                error: error.and_then(crate::redis::ErrorPrefix::new),
-            });
-            ex.http.failure = failure;
-            // No Host header: server.address is the peer's address.
-            ex.http.host = None;
-            ex.http.user_agent = None;
-            ex
-        };
+        let redis = crate::otel::span::tests::redis_exchange;
         all.push(redis("GET", None, None));
         all.push(redis("_OTHER", Some(b"ERR"), None));
         all.push(redis("LPUSH", Some(b"WRONGTYPE"), None));

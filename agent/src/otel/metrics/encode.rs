@@ -217,14 +217,22 @@ fn db_attributes(key: &SeriesKey, call: RedisCall) -> Vec<KeyValue> {
     if let Some(e) = redis_error_type(key.failure, call) {
         a.push(kv(sc::ERROR_TYPE, s(&e.to_string())));
     }
+    push_server_address(&mut a, key);
+    a
+}
+
+/// A CLIENT series' `server.address` and `server.port`.
+fn push_server_address(a: &mut Vec<KeyValue>, key: &SeriesKey) {
     if let Some((addr, port)) = &key.server_address {
-        a.push(kv(sc::SERVER_ADDRESS, s(addr)));
+        a.push(kv(
+            sc::SERVER_ADDRESS,
+            any_value::Value::StringValue(addr.to_string()),
+        ));
         a.push(kv(
             sc::SERVER_PORT,
             any_value::Value::IntValue(i64::from(*port)),
         ));
     }
-    a
 }
 
 /// The attributes of a gRPC call's series.
@@ -244,13 +252,7 @@ fn rpc_attributes(key: &SeriesKey, call: GrpcCall) -> Vec<KeyValue> {
     if let Some(e) = grpc_error_type(key.server, key.status, key.failure, call) {
         a.push(kv(sc::ERROR_TYPE, s(&e.to_string())));
     }
-    if let Some((addr, port)) = &key.server_address {
-        a.push(kv(sc::SERVER_ADDRESS, s(addr)));
-        a.push(kv(
-            sc::SERVER_PORT,
-            any_value::Value::IntValue(i64::from(*port)),
-        ));
-    }
+    push_server_address(&mut a, key);
     a
 }
 
@@ -286,13 +288,7 @@ fn attributes(key: &SeriesKey) -> Vec<KeyValue> {
             any_value::Value::StringValue(e.to_string()),
         ));
     }
-    if let Some((addr, port)) = &key.server_address {
-        a.push(kv(sc::SERVER_ADDRESS, s(addr)));
-        a.push(kv(
-            sc::SERVER_PORT,
-            any_value::Value::IntValue(i64::from(*port)),
-        ));
-    }
+    push_server_address(&mut a, key);
     a
 }
 
@@ -400,7 +396,7 @@ mod tests {
         http::ExchangeRole,
         otel::{
             metrics::{testutil::*, unix_now_ns, DURATION_BUCKETS, SIZE_BUCKETS},
-            span::tests::exchange,
+            span::tests::{exchange, redis_exchange},
         },
     };
 
@@ -473,17 +469,7 @@ mod tests {
     #[test]
     fn redis_calls_are_db_durations_by_command_and_error() {
         let r = registry(16);
-        let call = |op: &str, error: Option<&[u8]>, failure| {
-            let mut ex = exchange(ExchangeRole::Client, op, "", 0);
-            ex.http.redis = Some(RedisCall {
-                error: error.and_then(crate::redis::ErrorPrefix::new),
-            });
-            ex.http.failure = failure;
-            // No Host header: server.address is the peer's address.
-            ex.http.host = None;
-            ex.http.user_agent = None;
-            ex
-        };
+        let call = redis_exchange;
         let all = [
             call("GET", None, None),
             call("GET", None, None),
