@@ -1,5 +1,5 @@
-//! Adapts kernel data events to the HTTP stream parser of one connection (HTTP/1.x, or
-//! HTTP/2 once the kernel said the connection speaks it).
+//! Adapts kernel data events to the parser of one connection: HTTP/1.x, or HTTP/2 or
+//! Redis (RESP) once the kernel said the connection speaks it.
 use std::collections::VecDeque;
 
 use agent_common::{
@@ -7,11 +7,10 @@ use agent_common::{
     TRACE_SERVER_PARENT,
 };
 
-use crate::redis::RespStream;
-
 use crate::{
     capture::events::DataEvent,
     http::{Chunk, Direction, Exchange, Http1Stream, Http2Stream, StreamStats, WalkStart},
+    redis::RespStream,
     stats::Stats,
 };
 
@@ -20,12 +19,17 @@ const MAX_PENDING_IDS: usize = 64;
 
 pub struct ConnAssembler {
     stream: Http1Stream,
-    /// Set once the connection turned out to speak HTTP/2: it then reads every chunk.
-    h2: Option<Box<Http2Stream>>,
-    /// Set once the kernel said the connection is a Redis client's: the same.
-    resp: Option<Box<RespStream>>,
+    /// Set once the kernel said the connection speaks HTTP/2 or is a Redis client's: that
+    /// parser then reads every chunk.
+    other: Option<Box<OtherProtocol>>,
     /// (timestamp of the request's first chunk, ids the kernel gave it), oldest first.
     pending_ids: VecDeque<(u64, TraceIds)>,
+}
+
+/// What reads a connection that is not HTTP/1.x.
+enum OtherProtocol {
+    Http2(Http2Stream),
+    Resp(RespStream),
 }
 
 /// A finished exchange and the trace ids the kernel chose for it (if it saw its start).
@@ -63,8 +67,7 @@ impl ConnAssembler {
             } else {
                 Http1Stream::new()
             },
-            h2: None,
-            resp: None,
+            other: None,
             pending_ids: VecDeque::new(),
         }
     }
@@ -72,30 +75,33 @@ impl ConnAssembler {
     /// The connection speaks HTTP/2 (the kernel saw its preface, or its server's first
     /// SETTINGS): its chunks go to the HTTP/2 parser from now on.
     pub fn use_http2(&mut self) {
-        if self.h2.is_none() {
-            self.h2 = Some(Box::default());
+        if self.other.is_none() {
+            self.other = Some(Box::new(OtherProtocol::Http2(Http2Stream::default())));
         }
     }
 
     pub fn is_http2(&self) -> bool {
-        self.h2.is_some()
+        matches!(self.other.as_deref(), Some(OtherProtocol::Http2(_)))
     }
 
     /// The connection is a Redis client's (the kernel saw it write a RESP command first):
     /// its chunks go to the RESP parser from now on.
     pub fn use_resp(&mut self) {
-        if self.resp.is_none() {
-            self.resp = Some(Box::default());
+        if self.other.is_none() {
+            self.other = Some(Box::new(OtherProtocol::Resp(RespStream::default())));
         }
     }
 
     pub fn is_resp(&self) -> bool {
-        self.resp.is_some()
+        matches!(self.other.as_deref(), Some(OtherProtocol::Resp(_)))
     }
 
     /// Why its HTTP/2 parser gave the connection up, once (see [`Http2Stream::take_loss`]).
     pub fn take_http2_loss(&mut self) -> Option<crate::http::DropReason> {
-        self.h2.as_mut().and_then(|h2| h2.take_loss())
+        match self.other.as_deref_mut() {
+            Some(OtherProtocol::Http2(h2)) => h2.take_loss(),
+            _ => None,
+        }
     }
 
     /// Pairs finished exchanges with the ids recorded at their request's first chunk
@@ -113,28 +119,11 @@ impl ConnAssembler {
                 Some((ts, _)) if *ts == ex.start_ns => self.pending_ids.pop_front().map(|(_, i)| i),
                 _ => None,
             };
-            if let Some(resp) = &mut self.resp {
+            if let Some(OtherProtocol::Resp(resp)) = self.other.as_deref_mut() {
                 ids = resp.command_ids(ex.start_ns, ids);
             }
             out.ids.push(ids);
         }
-    }
-
-    /// The `traceparent` of the request whose head is being read (the newest request
-    /// start) arrived in a later read: that SERVER span continues the caller's trace.
-    fn adopt_late_parent(&mut self, late: &TraceIds) {
-        let Some((_, ids)) = self.pending_ids.back_mut() else {
-            return;
-        };
-        // The kernel names the span whose head it followed by its first four bytes.
-        if ids.kind != TRACE_SERVER || late.span_id[..4] != ids.span_id[..4] {
-            return;
-        }
-        ids.trace_id = late.trace_id;
-        ids.parent_span_id = late.parent_span_id;
-        ids.flags = late.flags;
-        ids.has_parent = 1;
-        ids.origin = late.origin;
     }
 
     /// Frees buffers kept from earlier messages, if nothing is in flight (idle connection).
@@ -142,98 +131,72 @@ impl ConnAssembler {
         if self.pending_ids.is_empty() {
             self.pending_ids = VecDeque::new();
         }
-        match (&mut self.h2, &mut self.resp) {
-            (Some(h2), _) => h2.release_idle_buffers(),
-            (None, Some(resp)) => resp.release_idle_buffers(),
-            (None, None) => self.stream.release_idle_buffers(),
+        match self.other.as_deref_mut() {
+            Some(OtherProtocol::Http2(h2)) => h2.release_idle_buffers(),
+            Some(OtherProtocol::Resp(resp)) => resp.release_idle_buffers(),
+            None => self.stream.release_idle_buffers(),
         }
     }
 
     /// Feeds one data event; drop counts go to `stats`.
     pub fn on_data(&mut self, d: &DataEvent<'_>, out: &mut Completed, stats: &Stats) {
-        if self.resp.is_some() {
-            let gap = d.header.flags & DATA_AFTER_GAP != 0;
-            if gap {
-                self.pending_ids.clear();
-            }
-            self.note_ids(d);
-            if let Some(resp) = &mut self.resp {
+        let gap = d.header.flags & DATA_AFTER_GAP != 0;
+        match self.other.as_deref_mut() {
+            Some(OtherProtocol::Http2(h2)) => {
+                // No kernel ids: the kernel follows trace context in HTTP/1.x only.
                 if gap {
+                    h2.on_gap();
+                }
+                let chunk = chunk_of(d);
+                let result = if d.header.flags & DATA_H2_SPARSE == 0 {
+                    h2.on_chunk(&chunk, &mut out.exchanges)
+                } else {
+                    match WalkStart::from_tail(d.tail()) {
+                        Some(start) => h2.on_sparse_chunk(&chunk, start, &mut out.exchanges),
+                        None => {
+                            h2.on_gap();
+                            Ok(())
+                        }
+                    }
+                };
+                if let Err(e) = result {
+                    tracing::trace!(error = %e, "http/2 chunk ignored");
+                }
+            }
+            Some(OtherProtocol::Resp(resp)) => {
+                if gap {
+                    // The ids of commands that will not be paired go with them.
+                    self.pending_ids.clear();
                     resp.on_gap();
                 }
+                note_ids(&mut self.pending_ids, d);
                 resp.on_chunk(&chunk_of(d), &mut out.exchanges);
             }
-            self.attach_ids(out);
-            self.flush_stats(stats);
-            return;
-        }
-        if let Some(h2) = &mut self.h2 {
-            // No kernel ids: the kernel follows trace context in HTTP/1.x only.
-            if d.header.flags & DATA_AFTER_GAP != 0 {
-                h2.on_gap();
-            }
-            let chunk = chunk_of(d);
-            let result = if d.header.flags & DATA_H2_SPARSE == 0 {
-                h2.on_chunk(&chunk, &mut out.exchanges)
-            } else {
-                match WalkStart::from_tail(d.tail()) {
-                    Some(start) => h2.on_sparse_chunk(&chunk, start, &mut out.exchanges),
-                    None => {
-                        h2.on_gap();
-                        Ok(())
-                    }
+            None => {
+                if gap {
+                    // The ids of requests that will not be paired go with them.
+                    self.pending_ids.clear();
+                    self.stream.on_gap();
                 }
-            };
-            if let Err(e) = result {
-                tracing::trace!(error = %e, "http/2 chunk ignored");
+                note_ids(&mut self.pending_ids, d);
+                if let Err(e) = self.stream.on_chunk(&chunk_of(d), &mut out.exchanges) {
+                    tracing::trace!(error = %e, "http stream reset");
+                }
             }
-            self.attach_ids(out);
-            self.flush_stats(stats);
-            return;
-        }
-        if d.header.flags & DATA_AFTER_GAP != 0 {
-            // The ids of requests that will not be paired go with them.
-            self.pending_ids.clear();
-            self.stream.on_gap();
-        }
-        self.note_ids(d);
-        if let Err(e) = self.stream.on_chunk(&chunk_of(d), &mut out.exchanges) {
-            tracing::trace!(error = %e, "http stream reset");
         }
         self.attach_ids(out);
         self.flush_stats(stats);
-    }
-
-    /// Keeps the ids the kernel gave a request start (or a late `traceparent`).
-    fn note_ids(&mut self, d: &DataEvent<'_>) {
-        let trace = &d.header.trace;
-        if trace.kind == TRACE_SERVER_PARENT {
-            self.adopt_late_parent(trace);
-        } else if trace.kind != TRACE_NONE {
-            if self.pending_ids.len() >= MAX_PENDING_IDS {
-                self.pending_ids.pop_front();
-            }
-            self.pending_ids
-                .push_back((d.header.header.ts_ns, d.header.trace));
-        }
     }
 
     /// The connection ended at `ts_ns`: `seen_closing` when its close (or its process's
     /// exit) was seen, so that requests left without response failed then; else the agent
     /// only lets go of it (see [`Http1Stream::on_forget`]).
     pub fn on_close(&mut self, ts_ns: u64, seen_closing: bool, out: &mut Completed, stats: &Stats) {
-        if let Some(resp) = &mut self.resp {
-            match seen_closing {
-                true => resp.on_close(ts_ns, &mut out.exchanges),
-                false => resp.on_forget(),
-            }
-            self.attach_ids(out);
-            self.flush_stats(stats);
-            return;
-        }
-        match (&mut self.h2, seen_closing) {
-            (Some(h2), true) => h2.on_close(ts_ns, &mut out.exchanges),
-            (Some(h2), false) => h2.on_forget(),
+        match (self.other.as_deref_mut(), seen_closing) {
+            (Some(OtherProtocol::Http2(h2)), true) => h2.on_close(ts_ns, &mut out.exchanges),
+            (Some(OtherProtocol::Http2(h2)), false) => h2.on_forget(),
+            (Some(OtherProtocol::Resp(resp)), true) => resp.on_close(ts_ns, &mut out.exchanges),
+            (Some(OtherProtocol::Resp(resp)), false) => resp.on_forget(),
             (None, true) => self.stream.on_close(ts_ns, &mut out.exchanges),
             (None, false) => self.stream.on_forget(ts_ns, &mut out.exchanges),
         }
@@ -242,12 +205,14 @@ impl ConnAssembler {
     }
 
     fn flush_stats(&mut self, stats: &Stats) {
-        let taken: Option<StreamStats> = match (&mut self.h2, &mut self.resp) {
-            (Some(h2), _) => (h2.stats().total_drops() > 0).then(|| h2.take_stats()),
-            (None, Some(resp)) => (resp.stats().total_drops() > 0).then(|| resp.take_stats()),
-            (None, None) => {
-                (self.stream.stats().total_drops() > 0).then(|| self.stream.take_stats())
+        let taken: Option<StreamStats> = match self.other.as_deref_mut() {
+            Some(OtherProtocol::Http2(h2)) => {
+                (h2.stats().total_drops() > 0).then(|| h2.take_stats())
             }
+            Some(OtherProtocol::Resp(resp)) => {
+                (resp.stats().total_drops() > 0).then(|| resp.take_stats())
+            }
+            None => (self.stream.stats().total_drops() > 0).then(|| self.stream.take_stats()),
         };
         if let Some(taken) = taken {
             stats.add_stream(&taken);
@@ -257,6 +222,36 @@ impl ConnAssembler {
     pub fn stream(&self) -> &Http1Stream {
         &self.stream
     }
+}
+
+/// Keeps the ids the kernel gave a request start (or a late `traceparent`).
+fn note_ids(pending: &mut VecDeque<(u64, TraceIds)>, d: &DataEvent<'_>) {
+    let trace = &d.header.trace;
+    if trace.kind == TRACE_SERVER_PARENT {
+        adopt_late_parent(pending, trace);
+    } else if trace.kind != TRACE_NONE {
+        if pending.len() >= MAX_PENDING_IDS {
+            pending.pop_front();
+        }
+        pending.push_back((d.header.header.ts_ns, d.header.trace));
+    }
+}
+
+/// The `traceparent` of the request whose head is being read (the newest request start)
+/// arrived in a later read: that SERVER span continues the caller's trace.
+fn adopt_late_parent(pending: &mut VecDeque<(u64, TraceIds)>, late: &TraceIds) {
+    let Some((_, ids)) = pending.back_mut() else {
+        return;
+    };
+    // The kernel names the span whose head it followed by its first four bytes.
+    if ids.kind != TRACE_SERVER || late.span_id[..4] != ids.span_id[..4] {
+        return;
+    }
+    ids.trace_id = late.trace_id;
+    ids.parent_span_id = late.parent_span_id;
+    ids.flags = late.flags;
+    ids.has_parent = 1;
+    ids.origin = late.origin;
 }
 
 /// The chunk a data event carries.

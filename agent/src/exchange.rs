@@ -72,41 +72,14 @@ impl CapturedExchange {
         self.http.version.as_str()
     }
 
-    /// The `tapir watch --json` record.
+    /// The `tapir watch --json` record: what every exchange has, then its protocol's
+    /// fields.
     pub fn to_json(&self) -> Value {
         let (server, client) = self.server_client();
-        if let Some(call) = self.http.redis {
-            return self.redis_json(call, server, client);
-        }
-        let mut record = self.http_json(server, client);
-        if let (Some(call), Some(fields)) = (self.http.grpc, record.as_object_mut()) {
-            let (method, _) = crate::otel::rpc::method(&self.http, call);
-            fields.insert("rpc.system.name".into(), crate::otel::rpc::SYSTEM.into());
-            fields.insert("rpc.method".into(), method.into());
-            let status = call
-                .status
-                .map(|code| crate::otel::rpc::status_text(code).as_str().to_string());
-            fields.insert("rpc.response.status_code".into(), status.into());
-        }
-        record
-    }
-
-    /// A Redis call's record: `db.*` in place of the HTTP fields.
-    fn redis_json(
-        &self,
-        call: crate::redis::RedisCall,
-        server: (std::net::IpAddr, u16),
-        client: (std::net::IpAddr, u16),
-    ) -> Value {
-        let error = crate::otel::span::redis_error_type(self.http.failure, call);
-        json!({
+        let mut record = json!({
             "kind": if self.is_server() { "server" } else { "client" },
             "process.pid": self.process.pid,
             "process.executable.name": self.process.exe_name,
-            "db.system.name": crate::otel::span::REDIS,
-            "db.operation.name": self.http.method,
-            "db.response.status_code": call.error.map(|p| p.to_string()),
-            "error.type": error.map(|e| e.to_string()),
             "server.address": server.0.to_string(),
             "server.port": server.1,
             "client.address": client.0.to_string(),
@@ -116,32 +89,50 @@ impl CapturedExchange {
             "trace_id": self.trace.map(|t| hex(&t.trace_id)),
             "span_id": self.trace.map(|t| hex(&t.span_id)),
             "parent_span_id": self.trace.and_then(|t| (t.has_parent != 0).then(|| hex(&t.parent_span_id))),
+        });
+        let protocol = match self.http.redis {
+            Some(call) => self.redis_json(call),
+            None => self.http_json(),
+        };
+        if let (Some(fields), Value::Object(more)) = (record.as_object_mut(), protocol) {
+            fields.extend(more);
+        }
+        record
+    }
+
+    /// A Redis call's fields: `db.*` in place of the HTTP ones.
+    fn redis_json(&self, call: crate::redis::RedisCall) -> Value {
+        let error = crate::otel::span::redis_error_type(self.http.failure, call);
+        json!({
+            "db.system.name": crate::otel::span::REDIS,
+            "db.operation.name": self.http.method,
+            "db.response.status_code": call.error.map(|p| p.to_string()),
+            "error.type": error.map(|e| e.to_string()),
         })
     }
 
-    fn http_json(&self, server: (std::net::IpAddr, u16), client: (std::net::IpAddr, u16)) -> Value {
-        json!({
-            "kind": if self.is_server() { "server" } else { "client" },
-            "process.pid": self.process.pid,
-            "process.executable.name": self.process.exe_name,
+    /// An HTTP exchange's fields, and a gRPC call's.
+    fn http_json(&self) -> Value {
+        let mut fields = json!({
             "http.request.method": self.http.method,
             "url.path": self.http.path,
             "url.scheme": self.scheme(),
             "http.response.status_code": (self.http.status != 0).then_some(self.http.status),
             "error.type": self.http.failure.map(|f| f.as_str()),
-            "server.address": server.0.to_string(),
-            "server.port": server.1,
-            "client.address": client.0.to_string(),
-            "client.port": client.1,
             "network.protocol.version": self.protocol_version(),
-            "start_time_unix_nano": self.start_unix_ns,
-            "duration_ns": self.duration_ns(),
             "http.request.body.size": self.http.request_body_bytes,
             "http.response.body.size": self.http.response_body_bytes,
-            "trace_id": self.trace.map(|t| hex(&t.trace_id)),
-            "span_id": self.trace.map(|t| hex(&t.span_id)),
-            "parent_span_id": self.trace.and_then(|t| (t.has_parent != 0).then(|| hex(&t.parent_span_id))),
-        })
+        });
+        if let (Some(call), Some(more)) = (self.http.grpc, fields.as_object_mut()) {
+            let (method, _) = crate::otel::rpc::method(&self.http, call);
+            more.insert("rpc.system.name".into(), crate::otel::rpc::SYSTEM.into());
+            more.insert("rpc.method".into(), method.into());
+            let status = call
+                .status
+                .map(|code| crate::otel::rpc::status_text(code).as_str().to_string());
+            more.insert("rpc.response.status_code".into(), status.into());
+        }
+        fields
     }
 }
 

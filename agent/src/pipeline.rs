@@ -332,14 +332,7 @@ impl<S: ExchangeSink> Pipeline<S> {
             conn.http.use_resp();
             if let Some(rearm) = &mut self.rearm {
                 // Claimed for injection (its port was given): no header to inject into.
-                rearm.retire_not_http(&crate::rearm::Candidate {
-                    tgid: h.header.tgid,
-                    fd: h.header.fd,
-                    endpoints: conn.endpoints,
-                    sent: 0,
-                    received: 0,
-                    read_ns: 0,
-                });
+                rearm.retire_not_http(h.header.tgid, h.header.fd, &conn.endpoints);
             }
         }
         if h.flags & DATA_HTTP2 != 0 && !conn.http.is_http2() {

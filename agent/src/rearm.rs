@@ -248,23 +248,18 @@ impl Rearm {
         Some(outcome)
     }
 
-    /// The client connection turned out to speak something other than HTTP (Redis):
-    /// nothing will be injected into it, so if the kernel claimed it (its port was an
-    /// injection port) it is asked to retire it, and its acknowledgements stop running the
-    /// RTT callback (~0.2 µs each). Rate-limited with the re-arms.
-    pub fn retire_not_http(&mut self, c: &Candidate) -> Outcome {
+    /// The client connection `fd` of `tgid` turned out to speak something other than HTTP
+    /// (Redis): nothing will be injected into it, so if the kernel claimed it (its port was
+    /// an injection port) it is asked to retire it, and its acknowledgements stop running
+    /// the RTT callback (~0.2 µs each). Rate-limited with the re-arms.
+    pub fn retire_not_http(&mut self, tgid: u32, fd: u32, endpoints: &Endpoints) -> Outcome {
         if !self.budget.take(Instant::now()) {
             return Outcome::OverBudget;
         }
-        let Some(sock) = self.socket_of(c.tgid, c.fd) else {
-            return Outcome::Gone;
+        let (_sock, key) = match self.tracked_socket(tgid, fd, endpoints) {
+            Ok(found) => found,
+            Err(outcome) => return outcome,
         };
-        let Some((key, endpoints)) = socket_key(sock.as_raw_fd()) else {
-            return Outcome::Gone;
-        };
-        if !same_connection(&endpoints, &c.endpoints) {
-            return Outcome::Gone;
-        }
         match self.state.get(&key, 0) {
             Ok(s) if s.done == INJ_RETIRED => Outcome::Retired,
             Ok(_) => match self.rearm.insert(key, INJ_REARM_RETIRE, BPF_ANY) {
@@ -275,6 +270,23 @@ impl Rearm {
             Err(MapError::KeyNotFound) => Outcome::NotEligible,
             Err(_) => Outcome::Failed,
         }
+    }
+
+    /// Our copy of the process's socket `fd` and its sockhash key, if it is still the
+    /// tracked connection (`Gone` otherwise).
+    fn tracked_socket(
+        &mut self,
+        tgid: u32,
+        fd: u32,
+        endpoints: &Endpoints,
+    ) -> Result<(OwnedFd, InjSockKey), Outcome> {
+        let sock = self.socket_of(tgid, fd).ok_or(Outcome::Gone)?;
+        // Not connected any more, or not a TCP socket.
+        let (key, found) = socket_key(sock.as_raw_fd()).ok_or(Outcome::Gone)?;
+        if !same_connection(&found, endpoints) {
+            return Err(Outcome::Gone);
+        }
+        Ok((sock, key))
     }
 
     /// A process exited: its pidfd is closed.
@@ -292,15 +304,10 @@ impl Rearm {
             tracing::debug!(pid = c.tgid, fd = c.fd, why, "re-arming injection failed");
             Outcome::Failed
         };
-        let Some(sock) = self.socket_of(c.tgid, c.fd) else {
-            return Outcome::Gone;
+        let (sock, key) = match self.tracked_socket(c.tgid, c.fd, &c.endpoints) {
+            Ok(found) => found,
+            Err(outcome) => return outcome,
         };
-        let Some((key, endpoints)) = socket_key(sock.as_raw_fd()) else {
-            return Outcome::Gone; // not connected any more, or not a TCP socket
-        };
-        if !same_connection(&endpoints, &c.endpoints) {
-            return Outcome::Gone;
-        }
         match self.state.get(&key, 0) {
             Ok(s) if s.done == INJ_RELEASED => {}
             Ok(s) if s.done == INJ_RETIRED => return Outcome::Retired,
